@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules for fuseport.v1 (see the .proto files here)."""

@@ -1,0 +1,183 @@
+from fuseport.v1 import graph_pb2 as _graph_pb2
+from fuseport.v1 import values_pb2 as _values_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Path(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PATH_UNSPECIFIED: _ClassVar[Path]
+    PATH_FUSED: _ClassVar[Path]
+    PATH_FALLBACK: _ClassVar[Path]
+
+class FallbackReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FALLBACK_REASON_UNSPECIFIED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_REQUESTED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_COMPILING: _ClassVar[FallbackReason]
+    FALLBACK_REASON_COMPILE_FAILED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_UNSUPPORTED: _ClassVar[FallbackReason]
+    FALLBACK_REASON_MIXED_DEVICES: _ClassVar[FallbackReason]
+    FALLBACK_REASON_RUNTIME_ERROR: _ClassVar[FallbackReason]
+    FALLBACK_REASON_RECOMPILE_LIMIT: _ClassVar[FallbackReason]
+    FALLBACK_REASON_DISABLED: _ClassVar[FallbackReason]
+
+class CompileState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPILE_STATE_UNSPECIFIED: _ClassVar[CompileState]
+    COMPILE_STATE_COMPILING: _ClassVar[CompileState]
+    COMPILE_STATE_READY: _ClassVar[CompileState]
+    COMPILE_STATE_FAILED: _ClassVar[CompileState]
+PATH_UNSPECIFIED: Path
+PATH_FUSED: Path
+PATH_FALLBACK: Path
+FALLBACK_REASON_UNSPECIFIED: FallbackReason
+FALLBACK_REASON_REQUESTED: FallbackReason
+FALLBACK_REASON_COMPILING: FallbackReason
+FALLBACK_REASON_COMPILE_FAILED: FallbackReason
+FALLBACK_REASON_UNSUPPORTED: FallbackReason
+FALLBACK_REASON_MIXED_DEVICES: FallbackReason
+FALLBACK_REASON_RUNTIME_ERROR: FallbackReason
+FALLBACK_REASON_RECOMPILE_LIMIT: FallbackReason
+FALLBACK_REASON_DISABLED: FallbackReason
+COMPILE_STATE_UNSPECIFIED: CompileState
+COMPILE_STATE_COMPILING: CompileState
+COMPILE_STATE_READY: CompileState
+COMPILE_STATE_FAILED: CompileState
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("graph",)
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("key", "created")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    created: bool
+    def __init__(self, key: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ExecuteOptions(_message.Message):
+    __slots__ = ("wait_for_compile",)
+    WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
+    wait_for_compile: bool
+    def __init__(self, wait_for_compile: _Optional[bool] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("key", "options", "stack")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    options: ExecuteOptions
+    stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
+    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("decode_us", "queue_us", "run_us", "encode_us")
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    RUN_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_US_FIELD_NUMBER: _ClassVar[int]
+    decode_us: int
+    queue_us: int
+    run_us: int
+    encode_us: int
+    def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., run_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
+
+class ExecuteResponse(_message.Message):
+    __slots__ = ("path", "reason", "detail", "stack", "timings")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    path: Path
+    reason: FallbackReason
+    detail: str
+    stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
+    timings: Timings
+    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("key", "include_source")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    include_source: bool
+    def __init__(self, key: _Optional[int] = ..., include_source: _Optional[bool] = ...) -> None: ...
+
+class ArgSpecInfo(_message.Message):
+    __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source")
+    ARG_SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FUSED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    arg_spec: str
+    state: CompileState
+    error: str
+    compile_seconds: float
+    fused_runs: int
+    fallback_runs: int
+    source: str
+    def __init__(self, arg_spec: _Optional[str] = ..., state: _Optional[_Union[CompileState, str]] = ..., error: _Optional[str] = ..., compile_seconds: _Optional[float] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class KernelInfo(_message.Message):
+    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_NODES_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    FUSED_RUNS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_RUNS_FIELD_NUMBER: _ClassVar[int]
+    ARG_SPECS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
+    num_outputs: int
+    num_nodes: int
+    ops: _containers.RepeatedScalarFieldContainer[str]
+    fused_runs: int
+    fallback_runs: int
+    arg_specs: _containers.RepeatedCompositeFieldContainer[ArgSpecInfo]
+    device: str
+    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("kernel",)
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    kernel: KernelInfo
+    def __init__(self, kernel: _Optional[_Union[KernelInfo, _Mapping]] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("kernels",)
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
+    kernels: _containers.RepeatedCompositeFieldContainer[KernelInfo]
+    def __init__(self, kernels: _Optional[_Iterable[_Union[KernelInfo, _Mapping]]] = ...) -> None: ...
+
+class UnregisterRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    def __init__(self, key: _Optional[int] = ...) -> None: ...
+
+class UnregisterResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""What client and server share: the stack codec, the graph IR, keys and errors."""

@@ -1,0 +1,598 @@
+"""The stack codec: torch values <-> the protobuf wire format of values.proto.
+
+Two ways in and out, one set of rules:
+
+* Execute and Fallback messages are framed here by hand (`encode_execute_*`,
+  `decode_execute_*`). The bytes are ordinary protobuf for service.proto, so
+  clients in other languages use their generated stubs; but Python's protobuf
+  copies every `bytes` field on construct, serialize and parse (3-4x the cost
+  of the raw bytes at 1 MiB and above), so tensors are written straight from
+  tensor memory into the one output buffer, and read back in place: a decoded
+  tensor is a view into the received message, with no copy.
+* Everything else (graph constants, small messages) goes through the generated
+  classes with `tensor_to_proto` / `tensor_from_proto`.
+
+Both paths validate through `_make_tensor`: a known dtype, dims >= 0, a rank
+of at most 64, and product(shape) * itemsize == len(data) (Python integers, so
+a shape of [2**62, 2**62] is an error, never an allocation). Errors are
+`InvalidStack` and name the position: ``stack[2]: float32 tensor of shape
+[4, 4] needs 64 bytes, got 60``.
+
+Writers align the data of top-level tensors to 16 bytes inside the message
+(with the Tensor.alignment filler field) so that decoded tensors are aligned
+wherever the message buffer is (CPython's bytes payloads are 16-aligned).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from fuseport.wire import _pb, dtypes
+from fuseport.wire.errors import InvalidStack, ResourceExhausted
+
+__all__ = [
+    "ExecuteRequest",
+    "ExecuteResponse",
+    "MAX_DEPTH",
+    "MAX_RANK",
+    "StackValue",
+    "decode_execute_request",
+    "decode_execute_response",
+    "decode_stack",
+    "encode_execute_request",
+    "encode_execute_response",
+    "encode_stack",
+    "tensor_from_proto",
+    "tensor_to_proto",
+    "value_from_proto",
+    "value_to_proto",
+]
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    raise ImportError("fuseport's codec assumes a little-endian host")
+
+StackValue = Union[torch.Tensor, int, float, bool, str, None, list]  # noqa: UP007
+
+MAX_DEPTH = 32
+MAX_RANK = 64
+_ALIGN = 16
+
+Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007
+
+# Wire types of the protobuf encoding.
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+# Field numbers, as in values.proto and service.proto.
+_V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
+_T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA = 1, 2, 3, 4
+_REQ_STACK = 3
+_RESP_STACK, _RESP_TIMINGS = 4, 5
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _varint(n: int) -> bytes:
+    n &= 0xFFFF_FFFF_FFFF_FFFF  # int64 on the wire is two's complement
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _varint_len(n: int) -> int:
+    n &= 0xFFFF_FFFF_FFFF_FFFF
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _tag(field: int, wire_type: int) -> bytes:
+    return _varint((field << 3) | wire_type)
+
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _tensor_bytes(t: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The dtype code and a dense CPU tensor whose memory is the wire bytes."""
+    code = dtypes.code_for(t.dtype)
+    if code is None:
+        raise InvalidStack(f"dtype {t.dtype} cannot travel on the wire")
+    if t.layout != torch.strided:
+        raise InvalidStack(f"only strided tensors can travel, not {t.layout}")
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return code, t
+
+
+def _memory_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a dense CPU tensor, without copying (caller keeps `t` alive)."""
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+
+
+class _Writer:
+    """Collects chunks of one message; tensor memory is joined only once, at the end."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes | memoryview] = []
+        self.size = 0
+        self._keep: list[torch.Tensor] = []  # tensors whose memory is in `chunks`
+
+    def put(self, b: bytes | memoryview) -> None:
+        self.chunks.append(b)
+        self.size += len(b)
+
+    def getvalue(self, limit: int | None = None) -> bytes:
+        if limit is not None and self.size > limit:
+            raise ResourceExhausted(
+                f"message of {self.size} bytes is over the limit of {limit} bytes"
+            )
+        out = b"".join(self.chunks)
+        self._keep.clear()
+        return out
+
+    # Values -------------------------------------------------------------
+
+    def value_field(self, field: int, value: Any, where: str, depth: int = 0) -> None:
+        """Writes `value` as field `field` (a Value message), aligning tensor data."""
+        if isinstance(value, torch.Tensor):
+            self._tensor_value_field(field, value, where)
+            return
+        body = _value_body(value, where, depth)
+        self.put(_tag(field, _LEN) + _varint(len(body)) + body)
+
+    def _tensor_value_field(self, field: int, t: torch.Tensor, where: str) -> None:
+        code, t = _tensor_bytes_checked(t, where)
+        data = _memory_of(t)
+        n = len(data)
+        pre = _tensor_prefix(code, t.shape)
+        data_head = _tag(_T_DATA, _LEN) + _varint(n) if n else b""
+        field_tag = _tag(field, _LEN)
+        # Pick the filler so that the tensor bytes start at an aligned offset.
+        for filler in _FILLERS if n else (b"",):
+            tensor_len = len(pre) + len(filler) + len(data_head) + n
+            value_len = 1 + _varint_len(tensor_len) + tensor_len
+            head = len(field_tag) + _varint_len(value_len) + 1 + _varint_len(tensor_len)
+            if (self.size + head + len(pre) + len(filler) + len(data_head)) % _ALIGN == 0:
+                break
+        self.put(
+            field_tag
+            + _varint(value_len)
+            + _tag(_V_TENSOR, _LEN)
+            + _varint(tensor_len)
+            + pre
+            + filler
+            + data_head
+        )
+        if n:
+            self._keep.append(t)
+            self.put(data)
+
+
+# Filler fields of every size from 0 to 2 * _ALIGN + 2 bytes (tag, length, zeros).
+_FILLERS = (b"",) + tuple(_tag(_T_ALIGN, _LEN) + bytes([k]) + bytes(k) for k in range(2 * _ALIGN))
+
+
+def _tensor_bytes_checked(t: torch.Tensor, where: str) -> tuple[int, torch.Tensor]:
+    try:
+        return _tensor_bytes(t)
+    except InvalidStack as e:
+        raise InvalidStack(f"{where}: {e}") from None
+
+
+def _tensor_prefix(code: int, shape: Sequence[int]) -> bytes:
+    out = _tag(_T_DTYPE, _VARINT) + _varint(code)
+    if len(shape):
+        dims = b"".join(_varint(d) for d in shape)
+        out += _tag(_T_SHAPE, _LEN) + _varint(len(dims)) + dims
+    return out
+
+
+def _value_body(value: Any, where: str, depth: int) -> bytes:
+    """A Value message without alignment (used for scalars and inside lists)."""
+    if isinstance(value, torch.Tensor):
+        code, t = _tensor_bytes_checked(value, where)
+        data = _memory_of(t)
+        tensor = _tensor_prefix(code, t.shape)
+        if len(data):
+            tensor += _tag(_T_DATA, _LEN) + _varint(len(data)) + bytes(data)
+        return _tag(_V_TENSOR, _LEN) + _varint(len(tensor)) + tensor
+    if value is None:
+        return _tag(_V_NONE, _LEN) + b"\x00"
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return _tag(_V_BOOL, _VARINT) + (b"\x01" if value else b"\x00")
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise InvalidStack(f"{where}: int {value} does not fit in int64")
+        return _tag(_V_INT, _VARINT) + _varint(value)
+    if isinstance(value, float):
+        return _tag(_V_FLOAT, _I64) + _DOUBLE.pack(value)
+    if isinstance(value, str):
+        raw = value.encode("utf-8")
+        return _tag(_V_STRING, _LEN) + _varint(len(raw)) + raw
+    if isinstance(value, (list, tuple)):
+        if depth >= MAX_DEPTH:
+            raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
+        items = b"".join(
+            _tag(1, _LEN) + _varint(len(b)) + b
+            for b in (_value_body(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
+        )
+        return _tag(_V_LIST, _LEN) + _varint(len(items)) + items
+    raise InvalidStack(f"{where}: a {type(value).__name__} cannot travel on the wire")
+
+
+def encode_stack(values: Sequence[StackValue], field: int = 1) -> bytes:
+    """A `Stack` message (or, with another field number, repeated Value fields)."""
+    w = _Writer()
+    for i, v in enumerate(values):
+        w.value_field(field, v, f"stack[{i}]")
+    return w.getvalue()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _WritableAlias:
+    """A writable view of a received `bytes` message, so decoded tensors need no copy.
+
+    gRPC hands each received message to us as a fresh `bytes` object that nothing
+    else references. Tensors decoded from it alias its memory; making the alias
+    writable (through ctypes, CPython's object layout) spares both a copy and
+    torch's warning about read-only buffers, and is safe because no one else can
+    see that object. Each tensor's storage holds the alias and the alias holds the
+    message, so the memory lives as long as any tensor does.
+    """
+
+    _HEADER = bytes.__basicsize__ - 1  # offset of the payload in a PyBytesObject
+
+    def __init__(self, buf: Buffer) -> None:
+        self._buf: Any
+        if isinstance(buf, bytes) and sys.implementation.name == "cpython":
+            self._buf = (ctypes.c_char * len(buf)).from_address(id(buf) + self._HEADER)
+            # torch.frombuffer keeps the ctypes array alive; the array keeps the message.
+            self._buf.owner = buf
+        elif isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly):
+            self._buf = buf
+        else:  # elsewhere, a copy is the safe choice
+            self._buf = bytearray(buf)
+
+    def tensor(self, dtype: torch.dtype, shape: list[int], offset: int, nbytes: int) -> torch.Tensor:
+        flat = torch.frombuffer(self._buf, dtype=torch.uint8, count=nbytes, offset=offset)
+        return flat.view(dtype).view(shape)
+
+
+class _StackIndex:
+    """The `where` of a message's top-level fields: the stack index of the value
+    being read, so that a truncated message says ``stack[3]: ...``."""
+
+    def __init__(self, values: list[Any]) -> None:
+        self._values = values
+
+    def __str__(self) -> str:
+        return f"stack[{len(self._values)}]"
+
+
+class _Reader:
+    """A bounds-checked protobuf reader over one message buffer."""
+
+    def __init__(self, buf: Buffer) -> None:
+        self.buf = buf
+        self.view = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
+        self._alias: _WritableAlias | None = None
+
+    @property
+    def alias(self) -> _WritableAlias:
+        if self._alias is None:
+            self._alias = _WritableAlias(self.buf)
+        return self._alias
+
+    def varint(self, pos: int, end: int, where: str | _StackIndex) -> tuple[int, int]:
+        result = shift = 0
+        view = self.view
+        while True:
+            if pos >= end:
+                raise InvalidStack(f"{where}: message ends inside a varint")
+            b = view[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result & 0xFFFF_FFFF_FFFF_FFFF, pos
+            shift += 7
+            if shift >= 70:
+                raise InvalidStack(f"{where}: varint longer than 10 bytes")
+
+    def fields(
+        self, pos: int, end: int, where: str | _StackIndex
+    ) -> Iterable[tuple[int, int, int, int]]:
+        """Yields (field, wire_type, start, stop) of each field; for VARINT/I64/I32
+        start is the value's position and stop its end; for LEN, the payload."""
+        while pos < end:
+            key, pos = self.varint(pos, end, where)
+            field, wt = key >> 3, key & 7
+            if field == 0:
+                raise InvalidStack(f"{where}: field number 0 is invalid")
+            if wt == _VARINT:
+                _, stop = self.varint(pos, end, where)
+            elif wt == _I64:
+                stop = pos + 8
+            elif wt == _I32:
+                stop = pos + 4
+            elif wt == _LEN:
+                n, pos = self.varint(pos, end, where)
+                stop = pos + n
+            else:
+                raise InvalidStack(f"{where}: unsupported wire type {wt} (field {field})")
+            if stop > end:
+                raise InvalidStack(f"{where}: field {field} runs past the end of the message")
+            yield field, wt, pos, stop
+            pos = stop
+
+    def value(self, start: int, end: int, where: str, depth: int = 0) -> StackValue:
+        kind: tuple[str, Any] | None = None
+        for field, wt, a, b in self.fields(start, end, where):
+            expected = _VALUE_WIRE_TYPES.get(field)
+            if expected is None:
+                continue  # unknown field: ignored, as protobuf does
+            if wt != expected:
+                raise InvalidStack(f"{where}: value field {field} has wire type {wt}, expected {expected}")
+            kind = (field, a, b)  # type: ignore[assignment]
+        if kind is None:
+            raise InvalidStack(f"{where}: value has no kind set")
+        field, a, b = kind  # type: ignore[misc]
+        if field == _V_TENSOR:
+            return self.tensor(a, b, where)
+        if field == _V_INT:
+            n, _ = self.varint(a, b, where)
+            return n - (1 << 64) if n >= 1 << 63 else n
+        if field == _V_FLOAT:
+            return _DOUBLE.unpack_from(self.view, a)[0]
+        if field == _V_BOOL:
+            n, _ = self.varint(a, b, where)
+            return n != 0
+        if field == _V_STRING:
+            try:
+                return bytes(self.view[a:b]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidStack(f"{where}: string is not valid UTF-8") from None
+        if field == _V_NONE:
+            return None
+        # _V_LIST
+        if depth >= MAX_DEPTH:
+            raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
+        items: list[StackValue] = []
+        for f, wt, ia, ib in self.fields(a, b, where):
+            if f != 1:
+                continue
+            if wt != _LEN:
+                raise InvalidStack(f"{where}: list item has wire type {wt}")
+            items.append(self.value(ia, ib, f"{where}[{len(items)}]", depth + 1))
+        return items
+
+    def tensor(self, start: int, end: int, where: str) -> torch.Tensor:
+        code = 0
+        shape: list[int] = []
+        data = (0, 0)
+        for field, wt, a, b in self.fields(start, end, where):
+            if field == _T_DTYPE and wt == _VARINT:
+                code, _ = self.varint(a, b, where)
+            elif field == _T_SHAPE and wt == _LEN:  # packed
+                pos = a
+                while pos < b:
+                    d, pos = self.varint(pos, b, where)
+                    shape.append(d)
+                    if len(shape) > MAX_RANK:
+                        # Here, not later: a list of dims costs ~15x their wire size.
+                        raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+            elif field == _T_SHAPE and wt == _VARINT:  # unpacked, also valid protobuf
+                d, _ = self.varint(a, b, where)
+                shape.append(d)
+                if len(shape) > MAX_RANK:
+                    raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+            elif field == _T_DATA and wt == _LEN:
+                data = (a, b - a)
+            elif field in (_T_DTYPE, _T_SHAPE, _T_DATA):
+                raise InvalidStack(f"{where}: tensor field {field} has wire type {wt}")
+        shape = [d - (1 << 64) if d >= 1 << 63 else d for d in shape]
+        offset, nbytes = data
+        return _make_tensor(code, shape, nbytes, where, lambda dt, n: self.alias.tensor(dt, shape, offset, n))
+
+
+_VALUE_WIRE_TYPES = {
+    _V_TENSOR: _LEN,
+    _V_INT: _VARINT,
+    _V_FLOAT: _I64,
+    _V_BOOL: _VARINT,
+    _V_STRING: _LEN,
+    _V_NONE: _LEN,
+    _V_LIST: _LEN,
+}
+
+
+def _make_tensor(
+    code: int,
+    shape: list[int],
+    nbytes: int,
+    where: str,
+    build: Callable[[torch.dtype, int], torch.Tensor],
+) -> torch.Tensor:
+    """Validates a tensor's header against its byte length, then builds it."""
+    dtype = dtypes.dtype_for(code)
+    if dtype is None:
+        raise InvalidStack(f"{where}: unknown dtype enum {code}")
+    if len(shape) > MAX_RANK:
+        raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+    for i, d in enumerate(shape):
+        if d < 0:
+            raise InvalidStack(f"{where}: dim {i} of shape {shape} is negative")
+    need = math.prod(shape) * dtypes.itemsize_for(code)
+    if need != nbytes:
+        raise InvalidStack(
+            f"{where}: {dtypes.name_for(code)} tensor of shape {shape} needs {need} bytes, got {nbytes}"
+        )
+    if need == 0:
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except RuntimeError:  # no elements, but strides past int64: [0, 2**62, 2**62]
+            raise InvalidStack(f"{where}: shape {shape} is too large") from None
+    t = build(dtype, nbytes)
+    if dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
+        raise InvalidStack(f"{where}: bool tensor holds bytes other than 0 and 1")
+    return t
+
+
+def decode_stack(buf: Buffer, field: int = 1) -> list[StackValue]:
+    """The values of a `Stack` message (or of repeated Value fields `field`)."""
+    r = _Reader(buf)
+    out: list[StackValue] = []
+    for f, wt, a, b in r.fields(0, len(r.view), _StackIndex(out)):
+        if f == field:
+            if wt != _LEN:
+                raise InvalidStack(f"stack[{len(out)}]: wire type {wt}, expected a message")
+            out.append(r.value(a, b, f"stack[{len(out)}]"))
+    return out
+
+
+# --------------------------------------------------------------------------- Execute messages
+
+
+@dataclass(frozen=True)
+class ExecuteRequest:
+    key: int
+    stack: list[StackValue]
+    wait_for_compile: bool = False
+
+
+@dataclass(frozen=True)
+class ExecuteResponse:
+    stack: list[StackValue]
+    path: int  # _pb.service.Path
+    reason: int  # _pb.service.FallbackReason
+    detail: str
+    timings: _pb.service.Timings
+
+
+def _split(buf: Buffer, stack_field: int) -> tuple[_Reader, bytes, list[tuple[int, int]]]:
+    """Separates a message's stack fields from the rest (parsed by protobuf)."""
+    r = _Reader(buf)
+    rest: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    pos, end = 0, len(r.view)
+    for f, wt, a, b in r.fields(0, end, _StackIndex(spans)):
+        if f == stack_field:
+            if wt != _LEN:
+                raise InvalidStack(f"stack[{len(spans)}]: wire type {wt}, expected a message")
+            spans.append((a, b))
+        else:
+            rest.append(bytes(r.view[pos:b]))
+        pos = b
+    return r, b"".join(rest), spans
+
+
+def encode_execute_request(
+    key: int, stack: Sequence[StackValue], wait_for_compile: bool = False, limit: int | None = None
+) -> bytes:
+    head = _pb.service.ExecuteRequest(key=key)
+    if wait_for_compile:
+        head.options.wait_for_compile = True
+    w = _Writer()
+    w.put(head.SerializeToString())
+    for i, v in enumerate(stack):
+        w.value_field(_REQ_STACK, v, f"stack[{i}]")
+    return w.getvalue(limit)
+
+
+def decode_execute_request(buf: Buffer) -> ExecuteRequest:
+    r, rest, spans = _split(buf, _REQ_STACK)
+    try:
+        head = _pb.service.ExecuteRequest.FromString(rest)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidStack(f"request: cannot parse: {e}") from None
+    stack = [r.value(a, b, f"stack[{i}]") for i, (a, b) in enumerate(spans)]
+    return ExecuteRequest(key=head.key, stack=stack, wait_for_compile=head.options.wait_for_compile)
+
+
+def encode_execute_response(
+    stack: Sequence[StackValue],
+    path: int,
+    reason: int,
+    detail: str,
+    timings: _pb.service.Timings,
+    limit: int | None = None,
+    clock: Callable[[], int] | None = None,
+) -> bytes:
+    """Frames an ExecuteResponse. With `clock` (ns), the encode time is measured
+    and written into `timings` last, so that it covers the encoding itself."""
+    start = clock() if clock else 0
+    w = _Writer()
+    w.put(_pb.service.ExecuteResponse(path=path, reason=reason, detail=detail).SerializeToString())
+    for i, v in enumerate(stack):
+        w.value_field(_RESP_STACK, v, f"stack[{i}]")
+    if w.size > (limit if limit is not None else w.size):
+        w.getvalue(limit)  # raises ResourceExhausted
+    if clock:
+        timings.encode_us = (clock() - start) // 1000
+    tail = timings.SerializeToString()
+    w.put(_tag(_RESP_TIMINGS, _LEN) + _varint(len(tail)) + tail)
+    return w.getvalue(limit)
+
+
+def decode_execute_response(buf: Buffer) -> ExecuteResponse:
+    r, rest, spans = _split(buf, _RESP_STACK)
+    try:
+        head = _pb.service.ExecuteResponse.FromString(rest)
+    except Exception as e:
+        raise InvalidStack(f"response: cannot parse: {e}") from None
+    stack = [r.value(a, b, f"stack[{i}]") for i, (a, b) in enumerate(spans)]
+    return ExecuteResponse(
+        stack=stack, path=head.path, reason=head.reason, detail=head.detail, timings=head.timings
+    )
+
+
+# --------------------------------------------------------------------------- generated classes
+
+
+def tensor_to_proto(t: torch.Tensor, where: str = "tensor") -> _pb.values.Tensor:
+    code, dense = _tensor_bytes_checked(t, where)
+    return _pb.values.Tensor(dtype=code, shape=list(dense.shape), data=bytes(_memory_of(dense)))
+
+
+def tensor_from_proto(msg: _pb.values.Tensor, where: str = "tensor") -> torch.Tensor:
+    data = msg.data  # a fresh bytes object that only we hold: safe to alias ...
+    if len(data) < 2:  # ... unless CPython shares it (b"" and 1-byte bytes are singletons)
+        data = bytearray(data)
+    shape = list(msg.shape)
+    return _make_tensor(
+        msg.dtype,
+        shape,
+        len(data),
+        where,
+        lambda dt, n: _WritableAlias(data).tensor(dt, shape, 0, n),
+    )
+
+
+def value_to_proto(value: StackValue, where: str = "value") -> _pb.values.Value:
+    return _pb.values.Value.FromString(_value_body(value, where, 0))
+
+
+def value_from_proto(msg: _pb.values.Value, where: str = "value") -> StackValue:
+    body = msg.SerializeToString()
+    return _Reader(body).value(0, len(body), where)

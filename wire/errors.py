@@ -1,0 +1,150 @@
+"""The one exception tree of fuseport, and the tables that carry it over gRPC.
+
+    FuseportError
+    ├── InvalidArgument            INVALID_ARGUMENT
+    │   ├── InvalidStack           a stack that cannot be decoded
+    │   ├── InvalidGraph           a graph that cannot be decoded or rebuilt
+    │   │   └── OpNotAllowed       an op outside the allowlist
+    │   ├── CaptureError           (client side) a function that cannot be captured
+    │   ├── SignatureMismatch      inputs that do not match the kernel's inputs
+    │   └── ExecutionFailed        the kernel raised on these inputs
+    ├── KernelNotFound             NOT_FOUND
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED
+    ├── Unavailable                UNAVAILABLE (shutting down, unreachable)
+    └── InternalError              INTERNAL
+
+The server maps an error to its status code with `status_for`; the error's class
+name travels in the trailing metadata under `ERROR_METADATA_KEY`, so the client
+(`error_from_status`) raises the same class, or the code's base class for a name
+it does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+__all__ = [
+    "ERROR_METADATA_KEY",
+    "CaptureError",
+    "DeadlineExceeded",
+    "ExecutionFailed",
+    "FuseportError",
+    "InternalError",
+    "InvalidArgument",
+    "InvalidGraph",
+    "InvalidStack",
+    "KernelNotFound",
+    "OpNotAllowed",
+    "ResourceExhausted",
+    "SignatureMismatch",
+    "Unavailable",
+    "error_from_status",
+    "status_for",
+]
+
+ERROR_METADATA_KEY = "fuseport-error"
+
+
+class FuseportError(Exception):
+    """Base of every error fuseport raises on purpose."""
+
+
+class InvalidArgument(FuseportError):
+    """The request is wrong; sending it again will fail again."""
+
+
+class InvalidStack(InvalidArgument):
+    """A stack (or one of its values) cannot be decoded."""
+
+
+class InvalidGraph(InvalidArgument):
+    """A graph cannot be decoded or rebuilt."""
+
+
+class OpNotAllowed(InvalidGraph):
+    """A graph names an op outside the allowlist."""
+
+
+class CaptureError(InvalidArgument):
+    """A function or module cannot be captured as a graph."""
+
+
+class SignatureMismatch(InvalidArgument):
+    """The inputs on the stack do not match the kernel's declared inputs."""
+
+
+class ExecutionFailed(InvalidArgument):
+    """The kernel raised on the given inputs (shapes that do not broadcast, ...)."""
+
+
+class KernelNotFound(FuseportError):
+    """No kernel is registered under the key."""
+
+    def __init__(self, message: str, key: int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ResourceExhausted(FuseportError):
+    """Out of device memory, or a message over the size limit."""
+
+
+class DeadlineExceeded(FuseportError):
+    """The call's deadline passed."""
+
+
+class Unavailable(FuseportError):
+    """The server is shutting down or cannot be reached; safe to retry."""
+
+
+class InternalError(FuseportError):
+    """Something unexpected; the server log has the details."""
+
+
+# The one status table. Subclasses inherit their base's code (see status_for).
+_STATUS: dict[type[FuseportError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    KernelNotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    InternalError: grpc.StatusCode.INTERNAL,
+}
+
+# The reverse table, derived so that the two can never disagree. CANCELLED and
+# the codes fuseport never sends map to the nearest meaning for a caller.
+_ERROR_FOR_CODE: dict[grpc.StatusCode, type[FuseportError]] = {
+    code: cls for cls, code in _STATUS.items()
+}
+_ERROR_FOR_CODE[grpc.StatusCode.CANCELLED] = Unavailable
+
+
+def _subclasses(cls: type[FuseportError]) -> Iterable[type[FuseportError]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _subclasses(sub)
+
+
+_BY_NAME: dict[str, type[FuseportError]] = {c.__name__: c for c in _subclasses(FuseportError)}
+
+
+def status_for(error: FuseportError) -> grpc.StatusCode:
+    """The status code for an error: that of its nearest class in the table."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_status(
+    code: grpc.StatusCode, message: str, error_name: str | None = None
+) -> FuseportError:
+    """The typed error a client raises for a status code (and the server's class name)."""
+    base = _ERROR_FOR_CODE.get(code, InternalError)
+    cls = _BY_NAME.get(error_name or "", base)
+    if not issubclass(cls, base):  # a name that contradicts the code: trust the code
+        cls = base
+    return cls(message)
