@@ -43,6 +43,7 @@ __all__ = [
     "ExecuteResponse",
     "MAX_DEPTH",
     "MAX_RANK",
+    "MAX_VALUES",
     "StackValue",
     "decode_execute_request",
     "decode_execute_response",
@@ -63,6 +64,10 @@ StackValue = Union[torch.Tensor, int, float, bool, str, None, list]  # noqa: UP0
 
 MAX_DEPTH = 32
 MAX_RANK = 64
+# Values per stack, lists included: a decoded value costs far more memory than
+# its bytes (200k empty tensors in 1.7 MB of message took 76 MB), so the count
+# is bounded, not only the message size.
+MAX_VALUES = 65536
 _ALIGN = 16
 
 Buffer = Union[bytes, bytearray, memoryview]  # noqa: UP007
@@ -72,7 +77,7 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 # Field numbers, as in values.proto and service.proto.
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
-_T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA = 1, 2, 3, 4
+_T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
 _REQ_STACK = 3
 _RESP_STACK, _RESP_TIMINGS = 4, 5
 
@@ -102,8 +107,11 @@ def _tag(field: int, wire_type: int) -> bytes:
 _DOUBLE = struct.Struct("<d")
 
 
-def _tensor_bytes(t: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """The dtype code and a dense CPU tensor whose memory is the wire bytes."""
+def _tensor_bytes(t: torch.Tensor) -> tuple[int, torch.Tensor, tuple[int, ...]]:
+    """The dtype code, a contiguous CPU tensor whose memory is the wire bytes,
+    and the dim order (empty for row-major). A dense tensor in another memory
+    order (a transpose, channels-last) travels as its memory, uncopied, with
+    the order of its dims, so the server sees the layout the caller has."""
     code = dtypes.code_for(t.dtype)
     if code is None:
         raise InvalidStack(f"dtype {t.dtype} cannot travel on the wire")
@@ -116,9 +124,15 @@ def _tensor_bytes(t: torch.Tensor) -> tuple[int, torch.Tensor]:
         t = t.resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return code, t
+    if t.is_contiguous():
+        return code, t, ()
+    # Dense in some memory order exactly when its dims, sorted by stride,
+    # form a contiguous tensor.
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    memory = t.permute(order)
+    if memory.is_contiguous():
+        return code, memory, order
+    return code, t.contiguous(), ()
 
 
 def _memory_of(t: torch.Tensor) -> memoryview:
@@ -161,10 +175,10 @@ class _Writer:
         self.put(_tag(field, _LEN) + _varint(len(body)) + body)
 
     def _tensor_value_field(self, field: int, t: torch.Tensor, where: str) -> None:
-        code, t = _tensor_bytes_checked(t, where)
+        code, t, order = _tensor_bytes_checked(t, where)
         data = _memory_of(t)
         n = len(data)
-        pre = _tensor_prefix(code, t.shape)
+        pre = _tensor_prefix(code, t, order)
         data_head = _tag(_T_DATA, _LEN) + _varint(n) if n else b""
         field_tag = _tag(field, _LEN)
         # Pick the filler so that the tensor bytes start at an aligned offset.
@@ -192,27 +206,30 @@ class _Writer:
 _FILLERS = (b"",) + tuple(_tag(_T_ALIGN, _LEN) + bytes([k]) + bytes(k) for k in range(2 * _ALIGN))
 
 
-def _tensor_bytes_checked(t: torch.Tensor, where: str) -> tuple[int, torch.Tensor]:
+def _tensor_bytes_checked(t: torch.Tensor, where: str) -> tuple[int, torch.Tensor, tuple[int, ...]]:
     try:
         return _tensor_bytes(t)
     except InvalidStack as e:
         raise InvalidStack(f"{where}: {e}") from None
 
 
-def _tensor_prefix(code: int, shape: Sequence[int]) -> bytes:
+def _tensor_prefix(code: int, memory: torch.Tensor, order: tuple[int, ...]) -> bytes:
+    """dtype, the logical shape and (when not row-major) the dim order."""
     out = _tag(_T_DTYPE, _VARINT) + _varint(code)
-    if len(shape):
-        dims = b"".join(_varint(d) for d in shape)
-        out += _tag(_T_SHAPE, _LEN) + _varint(len(dims)) + dims
+    shape = [memory.shape[order.index(d)] for d in range(memory.dim())] if order else list(memory.shape)
+    for field, items in ((_T_SHAPE, shape), (_T_ORDER, order)):
+        if items:
+            packed = b"".join(_varint(d) for d in items)
+            out += _tag(field, _LEN) + _varint(len(packed)) + packed
     return out
 
 
 def _value_body(value: Any, where: str, depth: int) -> bytes:
     """A Value message without alignment (used for scalars and inside lists)."""
     if isinstance(value, torch.Tensor):
-        code, t = _tensor_bytes_checked(value, where)
+        code, t, order = _tensor_bytes_checked(value, where)
         data = _memory_of(t)
-        tensor = _tensor_prefix(code, t.shape)
+        tensor = _tensor_prefix(code, t, order)
         if len(data):
             tensor += _tag(_T_DATA, _LEN) + _varint(len(data)) + bytes(data)
         return _tag(_V_TENSOR, _LEN) + _varint(len(tensor)) + tensor
@@ -298,6 +315,7 @@ class _Reader:
         self.buf = buf
         self.view = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
         self._alias: _WritableAlias | None = None
+        self.count = 0  # values decoded so far, against MAX_VALUES
 
     @property
     def alias(self) -> _WritableAlias:
@@ -347,6 +365,9 @@ class _Reader:
             pos = stop
 
     def value(self, start: int, end: int, where: str, depth: int = 0) -> StackValue:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise InvalidStack(f"{where}: a stack may hold at most {MAX_VALUES} values")
         kind: tuple[str, Any] | None = None
         for field, wt, a, b in self.fields(start, end, where):
             expected = _VALUE_WIRE_TYPES.get(field)
@@ -389,31 +410,33 @@ class _Reader:
 
     def tensor(self, start: int, end: int, where: str) -> torch.Tensor:
         code = 0
-        shape: list[int] = []
+        dims: dict[int, list[int]] = {_T_SHAPE: [], _T_ORDER: []}
         data = (0, 0)
         for field, wt, a, b in self.fields(start, end, where):
             if field == _T_DTYPE and wt == _VARINT:
                 code, _ = self.varint(a, b, where)
-            elif field == _T_SHAPE and wt == _LEN:  # packed
+            elif field in dims and wt in (_LEN, _VARINT):  # packed, or unpacked: both valid
+                items = dims[field]
                 pos = a
-                while pos < b:
+                while pos < b:  # a VARINT field's span holds exactly one varint
                     d, pos = self.varint(pos, b, where)
-                    shape.append(d)
-                    if len(shape) > MAX_RANK:
+                    items.append(d - (1 << 64) if d >= 1 << 63 else d)
+                    if len(items) > MAX_RANK:
                         # Here, not later: a list of dims costs ~15x their wire size.
                         raise InvalidStack(f"{where}: rank over {MAX_RANK}")
-            elif field == _T_SHAPE and wt == _VARINT:  # unpacked, also valid protobuf
-                d, _ = self.varint(a, b, where)
-                shape.append(d)
-                if len(shape) > MAX_RANK:
-                    raise InvalidStack(f"{where}: rank over {MAX_RANK}")
             elif field == _T_DATA and wt == _LEN:
                 data = (a, b - a)
-            elif field in (_T_DTYPE, _T_SHAPE, _T_DATA):
+            elif field in (_T_DTYPE, _T_SHAPE, _T_DATA, _T_ORDER):
                 raise InvalidStack(f"{where}: tensor field {field} has wire type {wt}")
-        shape = [d - (1 << 64) if d >= 1 << 63 else d for d in shape]
         offset, nbytes = data
-        return _make_tensor(code, shape, nbytes, where, lambda dt, n: self.alias.tensor(dt, shape, offset, n))
+        return _make_tensor(
+            code,
+            dims[_T_SHAPE],
+            dims[_T_ORDER],
+            nbytes,
+            where,
+            lambda dt, n, memory_shape: self.alias.tensor(dt, memory_shape, offset, n),
+        )
 
 
 _VALUE_WIRE_TYPES = {
@@ -430,16 +453,20 @@ _VALUE_WIRE_TYPES = {
 def _make_tensor(
     code: int,
     shape: list[int],
+    order: list[int],
     nbytes: int,
     where: str,
-    build: Callable[[torch.dtype, int], torch.Tensor],
+    build: Callable[[torch.dtype, int, list[int]], torch.Tensor],
 ) -> torch.Tensor:
-    """Validates a tensor's header against its byte length, then builds it."""
+    """Validates a tensor's header against its byte length, then builds it:
+    `build(dtype, nbytes, memory_shape)` gives the tensor in memory order."""
     dtype = dtypes.dtype_for(code)
     if dtype is None:
         raise InvalidStack(f"{where}: unknown dtype enum {code}")
     if len(shape) > MAX_RANK:
         raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+    if order and sorted(order) != list(range(len(shape))):
+        raise InvalidStack(f"{where}: dim_order {order} is not a permutation of the {len(shape)} dims")
     for i, d in enumerate(shape):
         if d < 0:
             raise InvalidStack(f"{where}: dim {i} of shape {shape} is negative")
@@ -453,9 +480,11 @@ def _make_tensor(
             return torch.empty(shape, dtype=dtype)
         except RuntimeError:  # no elements, but strides past int64: [0, 2**62, 2**62]
             raise InvalidStack(f"{where}: shape {shape} is too large") from None
-    t = build(dtype, nbytes)
+    t = build(dtype, nbytes, [shape[d] for d in order] if order else shape)
     if dtype == torch.bool and bool((t.view(torch.uint8) > 1).any()):
         raise InvalidStack(f"{where}: bool tensor holds bytes other than 0 and 1")
+    if order:
+        t = t.permute([order.index(d) for d in range(len(order))])
     return t
 
 
@@ -571,21 +600,23 @@ def decode_execute_response(buf: Buffer) -> ExecuteResponse:
 
 
 def tensor_to_proto(t: torch.Tensor, where: str = "tensor") -> _pb.values.Tensor:
-    code, dense = _tensor_bytes_checked(t, where)
-    return _pb.values.Tensor(dtype=code, shape=list(dense.shape), data=bytes(_memory_of(dense)))
+    code, memory, order = _tensor_bytes_checked(t, where)
+    msg = _pb.values.Tensor.FromString(_tensor_prefix(code, memory, order))
+    msg.data = bytes(_memory_of(memory))
+    return msg
 
 
 def tensor_from_proto(msg: _pb.values.Tensor, where: str = "tensor") -> torch.Tensor:
     data = msg.data  # a fresh bytes object that only we hold: safe to alias ...
     if len(data) < 2:  # ... unless CPython shares it (b"" and 1-byte bytes are singletons)
         data = bytearray(data)
-    shape = list(msg.shape)
     return _make_tensor(
         msg.dtype,
-        shape,
+        list(msg.shape),
+        list(msg.dim_order),
         len(data),
         where,
-        lambda dt, n: _WritableAlias(data).tensor(dt, shape, 0, n),
+        lambda dt, n, memory_shape: _WritableAlias(data).tensor(dt, memory_shape, 0, n),
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66useport/v1/values.proto\x12\x0b\x66useport.v1\"[\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.fuseport.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\talignment\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x0b\n\tNoneValue\".\n\tValueList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value\"\xec\x01\n\x05Value\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x13.fuseport.v1.TensorH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nnone_value\x18\x06 \x01(\x0b\x32\x16.fuseport.v1.NoneValueH\x00\x12,\n\nlist_value\x18\x07 \x01(\x0b\x32\x16.fuseport.v1.ValueListH\x00\x42\x06\n\x04kind\"+\n\x05Stack\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value*\x84\x04\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x11\n\rDTYPE_FLOAT16\x10\x07\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x08\x12\x11\n\rDTYPE_FLOAT32\x10\t\x12\x11\n\rDTYPE_FLOAT64\x10\n\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0b\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0c\x12\x10\n\x0c\x44TYPE_UINT16\x10\r\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0e\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11\x12\x19\n\x15\x44TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44TYPE_FLOAT8_E5M2FNUZ\x10\x13\x12\x18\n\x14\x44TYPE_FLOAT8_E8M0FNU\x10\x14\x12\x13\n\x0f\x44TYPE_COMPLEX32\x10\x15\x12\x1a\n\x16\x44TYPE_FLOAT4_E2M1FN_X2\x10\x16\x12\x0f\n\x0b\x44TYPE_BITS8\x10\x17\x12\x10\n\x0c\x44TYPE_BITS16\x10\x18\x42\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66useport/v1/values.proto\x12\x0b\x66useport.v1\"n\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.fuseport.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\talignment\x18\x03 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\tdim_order\x18\x05 \x03(\x03\"\x0b\n\tNoneValue\".\n\tValueList\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value\"\xec\x01\n\x05Value\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x13.fuseport.v1.TensorH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12,\n\nnone_value\x18\x06 \x01(\x0b\x32\x16.fuseport.v1.NoneValueH\x00\x12,\n\nlist_value\x18\x07 \x01(\x0b\x32\x16.fuseport.v1.ValueListH\x00\x42\x06\n\x04kind\"+\n\x05Stack\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value*\x84\x04\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nDTYPE_BOOL\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x12\x0e\n\nDTYPE_INT8\x10\x03\x12\x0f\n\x0b\x44TYPE_INT16\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0f\n\x0b\x44TYPE_INT64\x10\x06\x12\x11\n\rDTYPE_FLOAT16\x10\x07\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x08\x12\x11\n\rDTYPE_FLOAT32\x10\t\x12\x11\n\rDTYPE_FLOAT64\x10\n\x12\x13\n\x0f\x44TYPE_COMPLEX64\x10\x0b\x12\x14\n\x10\x44TYPE_COMPLEX128\x10\x0c\x12\x10\n\x0c\x44TYPE_UINT16\x10\r\x12\x10\n\x0c\x44TYPE_UINT32\x10\x0e\x12\x10\n\x0c\x44TYPE_UINT64\x10\x0f\x12\x17\n\x13\x44TYPE_FLOAT8_E4M3FN\x10\x10\x12\x15\n\x11\x44TYPE_FLOAT8_E5M2\x10\x11\x12\x19\n\x15\x44TYPE_FLOAT8_E4M3FNUZ\x10\x12\x12\x19\n\x15\x44TYPE_FLOAT8_E5M2FNUZ\x10\x13\x12\x18\n\x14\x44TYPE_FLOAT8_E8M0FNU\x10\x14\x12\x13\n\x0f\x44TYPE_COMPLEX32\x10\x15\x12\x1a\n\x16\x44TYPE_FLOAT4_E2M1FN_X2\x10\x16\x12\x0f\n\x0b\x44TYPE_BITS8\x10\x17\x12\x10\n\x0c\x44TYPE_BITS16\x10\x18\x42\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,16 +32,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuseport.v1.values_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026fuseport/v1;fuseportv1'
-  _globals['_DTYPE']._serialized_start=480
-  _globals['_DTYPE']._serialized_end=996
+  _globals['_DTYPE']._serialized_start=499
+  _globals['_DTYPE']._serialized_end=1015
   _globals['_TENSOR']._serialized_start=41
-  _globals['_TENSOR']._serialized_end=132
-  _globals['_NONEVALUE']._serialized_start=134
-  _globals['_NONEVALUE']._serialized_end=145
-  _globals['_VALUELIST']._serialized_start=147
-  _globals['_VALUELIST']._serialized_end=193
-  _globals['_VALUE']._serialized_start=196
-  _globals['_VALUE']._serialized_end=432
-  _globals['_STACK']._serialized_start=434
-  _globals['_STACK']._serialized_end=477
+  _globals['_TENSOR']._serialized_end=151
+  _globals['_NONEVALUE']._serialized_start=153
+  _globals['_NONEVALUE']._serialized_end=164
+  _globals['_VALUELIST']._serialized_start=166
+  _globals['_VALUELIST']._serialized_end=212
+  _globals['_VALUE']._serialized_start=215
+  _globals['_VALUE']._serialized_end=451
+  _globals['_STACK']._serialized_start=453
+  _globals['_STACK']._serialized_end=496
 # @@protoc_insertion_point(module_scope)

@@ -61,16 +61,18 @@ DTYPE_BITS8: DType
 DTYPE_BITS16: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "alignment", "data")
+    __slots__ = ("dtype", "shape", "alignment", "data", "dim_order")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    DIM_ORDER_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     alignment: bytes
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., alignment: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
+    dim_order: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., alignment: _Optional[bytes] = ..., data: _Optional[bytes] = ..., dim_order: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NoneValue(_message.Message):
     __slots__ = ()

@@ -1,0 +1,281 @@
+"""The `fuseport` command: serve, health, list, describe, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+TARGET_ENV = "FUSEPORT_TARGET"
+
+
+def _default_target() -> str:
+    return os.environ.get(TARGET_ENV) or "127.0.0.1:50051"
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--target",
+        default=None,
+        help=f"server address host:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fuseport.server.settings import Settings
+
+    parser = argparse.ArgumentParser(
+        prog="fuseport", description="Fused PyTorch kernels behind a gRPC port."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server until SIGTERM/SIGINT. Every flag is also an environment "
+        "variable FUSEPORT_<NAME> (flags win).",
+    )
+    for f in dataclasses.fields(Settings):
+        kind = str(f.type)
+        flag_type: Any = int if kind == "int" else float if kind == "float" else Path if "Path" in kind else str
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        serve.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=flag_type,
+            default=None,
+            help=f"{f.metadata.get('help', '')} [env FUSEPORT_{f.name.upper()}; default {default}]",
+        )
+
+    health = sub.add_parser(
+        "health", help="check a server's health (exit 0 when SERVING)",
+        description="Exit status 0 when the server reports SERVING, 1 otherwise: usable as a "
+        "container health check.",
+    )
+    _add_target(health)
+    health.add_argument("--service", default="", help="service name to check (default: the server)")
+
+    lst = sub.add_parser("list", help="list registered kernels")
+    _add_target(lst)
+
+    describe = sub.add_parser("describe", help="show a kernel: inputs, ArgSpecs, fused kernel source")
+    _add_target(describe)
+    describe.add_argument("key", type=int, help="the kernel's key")
+    describe.add_argument("--no-source", action="store_true", help="leave out generated kernel source")
+
+    demo = sub.add_parser(
+        "demo",
+        help="register a small kernel and run it, fused and unfused",
+        description="Registers a small kernel, runs Execute (waiting for the fused kernel) and "
+        "Fallback, and prints the results and which path ran. Without --target it starts a "
+        "server of its own (on the GPU if there is one, else the CPU) and stops it afterwards.",
+    )
+    demo.add_argument("--target", default=None, help="use this server instead of starting one")
+    demo.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default: 300)")
+
+    bench = sub.add_parser(
+        "bench", help="benchmark against the transport floor",
+        description="Runs the benchmark suite (see docs/perf.md).",
+        add_help=False,
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (--help)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command
+    if command == "serve":
+        return _serve(args)
+    if command == "bench":
+        from fuseport.bench.run import main as bench_main
+
+        return bench_main(args.args)
+    if command == "demo":
+        return _demo(args)
+
+    from fuseport.client import Client, FuseportError
+
+    target = args.target or _default_target()
+    try:
+        with Client(target, timeout=args.timeout) as c:
+            if command == "health":
+                status = c.health(args.service)
+                print(status)
+                return 0 if status == "SERVING" else 1
+            if command == "list":
+                return _list(c)
+            return _describe(c, args.key, not args.no_source)
+    except FuseportError as e:
+        print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fuseport.server import Settings, serve
+
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = Settings.load(flags)
+    except ValueError as e:
+        print(f"fuseport serve: {e}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+def _signature(info: Any) -> str:
+    from fuseport.wire import _pb
+
+    parts = []
+    for i in info.inputs:
+        kind = _pb.graph.InputKind.Name(i.kind).removeprefix("INPUT_KIND_").lower()
+        if kind == "tensor":
+            dtype = _pb.values.DType.Name(i.dtype).removeprefix("DTYPE_").lower()
+            shape = ",".join("?" if d < 0 else str(d) for d in i.shape)
+            parts.append(f"{i.name}: {dtype}[{shape}]")
+        else:
+            parts.append(f"{i.name}: {kind}{' (static)' if i.static else ''}")
+    return f"({', '.join(parts)}) -> {info.num_outputs} output(s)"
+
+
+def _list(c: Any) -> int:
+    kernels = c.list()
+    if not kernels:
+        print("no kernels registered")
+    for k in kernels:
+        print(f"{k.key:>20}  {_signature(k)}  nodes={k.num_nodes} fused={k.fused_runs} fallback={k.fallback_runs}")
+    return 0
+
+
+def _describe(c: Any, key: int, source: bool) -> int:
+    from fuseport.wire import _pb
+
+    info = c.describe(key, include_source=source)
+    print(f"key:       {info.key}")
+    print(f"device:    {info.device}")
+    print(f"signature: {_signature(info)}")
+    print(f"ops:       {', '.join(info.ops)}")
+    print(f"runs:      fused={info.fused_runs} fallback={info.fallback_runs}")
+    for a in info.arg_specs:
+        state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
+        print(f"\nArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
+              f"fused={a.fused_runs} fallback={a.fallback_runs}")
+        if a.error:
+            print(f"  error: {a.error}")
+        if a.source:
+            print("  ---- generated source ----")
+            print(a.source)
+    return 0
+
+
+@contextlib.contextmanager
+def _local_server() -> Iterator[str]:
+    """A `fuseport serve` of our own on a free port, ready (health SERVING) on entry."""
+    from fuseport.client import Client, FuseportError
+
+    with tempfile.TemporaryDirectory(prefix="fuseport-demo-") as tmp:
+        port_file = Path(tmp) / "port"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fuseport.client.cli", "serve", "--port", "0",
+             "--port-file", str(port_file), "--store-dir", str(Path(tmp) / "store")],
+        )
+        try:
+            print("starting a local server ...", file=sys.stderr)
+            deadline = time.monotonic() + 120
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the local server did not start (see its log above)")
+                time.sleep(0.1)
+            target = f"127.0.0.1:{port_file.read_text().strip()}"
+            with Client(target, timeout=5) as c:
+                while True:
+                    try:
+                        if c.health() == "SERVING":
+                            break
+                    except FuseportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the local server never became healthy")
+                    time.sleep(0.1)
+            yield target
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.target:
+        return _run_demo(args.target, args.timeout)
+    with _local_server() as target:
+        return _run_demo(target, args.timeout)
+
+
+def _run_demo(target: str, timeout: float) -> int:
+    import torch
+
+    from fuseport.client import Client
+
+    def kernel(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.nn.functional.gelu(x * y + alpha).sum(dim=-1)
+
+    x, y = torch.randn(4, 8), torch.randn(4, 8)
+    with Client(target, timeout=timeout) as c:
+        print(f"server {target}: {c.health()}")
+        key = c.register(kernel, [x, y, 0.5])
+        print(f"registered kernel {key}: gelu(x * y + alpha).sum(-1)")
+        stack = ["below the inputs", x, y, 2.0]
+        res = _with_progress(c, key, lambda: c.execute_detailed(key, stack, wait=True))
+        expected = kernel(x, y, 2.0)
+        print(f"Execute  -> path={res.path} stack={_show(res.stack)}")
+        print(f"            server timings (us): run={res.timings.run_us} total={res.timings.total_us}")
+        fb = c.fallback_detailed(key, stack)
+        print(f"Fallback -> path={fb.path} reason={fb.reason} stack={_show(fb.stack)}")
+        ok = torch.allclose(res.stack[-1], expected, atol=1e-5) and torch.allclose(fb.stack[-1], expected, atol=1e-5)
+        print("results match eager PyTorch" if ok else "RESULTS DIFFER FROM EAGER PYTORCH")
+        print(f"see the fused kernel's source: fuseport describe {key} --target {target}")
+        return 0 if ok else 1
+
+
+def _with_progress(c: Any, key: int, call: Any) -> Any:
+    """Runs `call` while printing compile progress, so a long compile is not silence."""
+    done = threading.Event()
+    result: list[Any] = []
+
+    def worker() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            result.append(e)
+        done.set()
+
+    threading.Thread(target=worker, daemon=True).start()
+    start = time.monotonic()
+    while not done.wait(1.0):
+        print(f"  compiling the fused kernel ... {time.monotonic() - start:.0f} s", file=sys.stderr)
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _show(stack: list[Any]) -> str:
+    import torch
+
+    return "[" + ", ".join(
+        f"tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v) for v in stack
+    ) + "]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The Python client: Client (blocking) and AsyncClient (asyncio), one behaviour."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fuseport.wire import _pb, codec
+from fuseport.wire.capture import capture
+from fuseport.wire.errors import ERROR_METADATA_KEY, FuseportError, KernelNotFound, error_from_status
+
+__all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+_SERVICE = "fuseport.v1.KernelService"
+
+# Every fuseport call is idempotent (keys are content addresses, kernels are
+# pure), so gRPC may retry all of them when the server is briefly unavailable.
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of one call went, in microseconds. `total_us` is what the
+    client saw, from encoding the request to decoding the response."""
+
+    decode_us: int
+    queue_us: int
+    run_us: int
+    encode_us: int
+    total_us: int
+
+
+@dataclass(frozen=True)
+class ExecuteResult:
+    stack: list[Any]
+    path: str  # "fused" or "fallback"
+    reason: str  # "" when fused, else e.g. "compiling", "compile_failed", "requested"
+    detail: str
+    timings: Timings
+
+
+def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        *extra,
+    ]
+
+
+def _translate(e: grpc.RpcError) -> FuseportError:
+    """The typed error for a failed call (the server names its class in metadata)."""
+    name = None
+    trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for k, v in trailing or ():
+        if k == ERROR_METADATA_KEY:
+            name = v
+    return error_from_status(e.code(), e.details() or "", name)
+
+
+def _result(raw: bytes, started: int) -> ExecuteResult:
+    resp = codec.decode_execute_response(raw)
+    t = resp.timings
+    reason = _pb.service.FallbackReason.Name(resp.reason).removeprefix("FALLBACK_REASON_").lower()
+    return ExecuteResult(
+        stack=resp.stack,
+        path="fused" if resp.path == _pb.service.PATH_FUSED else "fallback",
+        reason="" if reason == "unspecified" else reason,
+        detail=resp.detail,
+        timings=Timings(t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000),
+    )
+
+
+class _Base:
+    """What both clients share: options, the graph cache, request building."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._credentials = credentials
+        self._options = _channel_options(max_message_bytes, options)
+        self._max = max_message_bytes
+        # Graphs this client registered, so that a server that lost them (a
+        # restart without its store, another replica) can be healed.
+        self._graphs: dict[int, _pb.graph.Graph] = {}
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @staticmethod
+    def _graph_of(fn_or_graph: Any, example_inputs: Sequence[Any] | None) -> _pb.graph.Graph:
+        if isinstance(fn_or_graph, _pb.graph.Graph):
+            return fn_or_graph
+        if example_inputs is None:
+            raise TypeError("register(fn_or_module, example_inputs): example inputs are needed to capture")
+        return capture(fn_or_graph, list(example_inputs))
+
+    def _execute_request(self, key: int, stack: Sequence[Any], wait: bool) -> bytes:
+        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max)
+
+    def _should_heal(self, e: FuseportError, key: int) -> bool:
+        return isinstance(e, KernelNotFound) and key in self._graphs
+
+
+class Client(_Base):
+    """A blocking client. Use as a context manager, or call close().
+
+    >>> with Client("127.0.0.1:50051") as c:            # doctest: +SKIP
+    ...     key = c.register(lambda x, y: x * y + 1, [torch.ones(4), torch.ones(4)])
+    ...     c.execute(key, [torch.ones(4), torch.full((4,), 2.0)])
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self.channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self.channel = grpc.secure_channel(target, self._credentials, options=self._options)
+        self._methods = {
+            name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
+            for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
+        }
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
+        try:
+            return self._methods[method](request, timeout=self._timeout(timeout))  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+
+    def register(
+        self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
+    ) -> int:
+        """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it."""
+        graph = self._graph_of(fn_or_module, example_inputs)
+        raw = self._call("Register", _pb.service.RegisterRequest(graph=graph).SerializeToString(), timeout)
+        key = _pb.service.RegisterResponse.FromString(raw).key
+        self._graphs[key] = graph
+        return key
+
+    def execute_detailed(
+        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+    ) -> ExecuteResult:
+        """Execute, with which path ran, why, and where the time went."""
+        return self._run("Execute", key, stack, wait, timeout)
+
+    def fallback_detailed(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> ExecuteResult:
+        return self._run("Fallback", key, stack, False, timeout)
+
+    def execute(self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None) -> list[Any]:
+        """The resulting stack: the kernel's inputs on top are replaced by its outputs."""
+        return self.execute_detailed(key, stack, wait=wait, timeout=timeout).stack
+
+    def fallback(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        return self.fallback_detailed(key, stack, timeout=timeout).stack
+
+    def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
+        started = time.perf_counter_ns()
+        request = self._execute_request(key, stack, wait)
+        try:
+            raw = self._call(method, request, timeout)
+        except FuseportError as e:
+            if not self._should_heal(e, key):
+                raise
+            log.info("server lost kernel %d; registering it again", key)
+            self._call("Register", _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString(), timeout)
+            raw = self._call(method, request, timeout)
+        return _result(raw, started)
+
+    def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
+        raw = self._call("Describe", _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString(), timeout)
+        return _pb.service.DescribeResponse.FromString(raw).kernel
+
+    def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+        raw = self._call("List", b"", timeout)
+        return list(_pb.service.ListResponse.FromString(raw).kernels)
+
+    def unregister(self, key: int, *, timeout: float | None = None) -> bool:
+        raw = self._call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString(), timeout)
+        self._graphs.pop(key, None)
+        return _pb.service.UnregisterResponse.FromString(raw).removed
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's health status name: "SERVING", "NOT_SERVING", ..."""
+        try:
+            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncClient(_Base):
+    """The same client for asyncio: every method is a coroutine.
+
+    >>> async with AsyncClient("127.0.0.1:50051") as c:  # doctest: +SKIP
+    ...     out = await c.execute(key, [x, y])
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+        super().__init__(target, **kwargs)
+        if self._credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        self._methods = {
+            name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
+            for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
+        }
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
+        try:
+            return await self._methods[method](request, timeout=self._timeout(timeout))  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+
+    async def register(
+        self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
+    ) -> int:
+        graph = self._graph_of(fn_or_module, example_inputs)
+        raw = await self._call("Register", _pb.service.RegisterRequest(graph=graph).SerializeToString(), timeout)
+        key = _pb.service.RegisterResponse.FromString(raw).key
+        self._graphs[key] = graph
+        return key
+
+    async def execute_detailed(
+        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+    ) -> ExecuteResult:
+        return await self._run("Execute", key, stack, wait, timeout)
+
+    async def fallback_detailed(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> ExecuteResult:
+        return await self._run("Fallback", key, stack, False, timeout)
+
+    async def execute(
+        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        return (await self.execute_detailed(key, stack, wait=wait, timeout=timeout)).stack
+
+    async def fallback(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
+        return (await self.fallback_detailed(key, stack, timeout=timeout)).stack
+
+    async def _run(
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
+    ) -> ExecuteResult:
+        started = time.perf_counter_ns()
+        request = self._execute_request(key, stack, wait)
+        try:
+            raw = await self._call(method, request, timeout)
+        except FuseportError as e:
+            if not self._should_heal(e, key):
+                raise
+            log.info("server lost kernel %d; registering it again", key)
+            await self._call(
+                "Register", _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString(), timeout
+            )
+            raw = await self._call(method, request, timeout)
+        return _result(raw, started)
+
+    async def describe(
+        self, key: int, *, include_source: bool = False, timeout: float | None = None
+    ) -> _pb.service.KernelInfo:
+        raw = await self._call(
+            "Describe", _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString(), timeout
+        )
+        return _pb.service.DescribeResponse.FromString(raw).kernel
+
+    async def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+        raw = await self._call("List", b"", timeout)
+        return list(_pb.service.ListResponse.FromString(raw).kernels)
+
+    async def unregister(self, key: int, *, timeout: float | None = None) -> bool:
+        raw = await self._call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString(), timeout)
+        self._graphs.pop(key, None)
+        return _pb.service.UnregisterResponse.FromString(raw).removed
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+            )
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

@@ -1,0 +1,120 @@
+"""Device placement: picking the device, moving stacks to it and back, and OOM handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+__all__ = ["Placement", "is_out_of_memory", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+# Host-to-device copies go through pinned memory in chunks of this size, so
+# that the CPU copy of one chunk overlaps the DMA of the previous one
+# (pageable copies ran at 8 GB/s on an H100 host, pinned ones at 55 GB/s).
+_STAGING_CHUNK = 8 << 20
+# Below this, a plain copy is cheaper than arranging a staged one.
+_STAGING_MIN = 256 << 10
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", 0)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu or cuda[:N], not {name!r}")
+    return device
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    # The CPU allocator raises a plain RuntimeError.
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+
+class Placement:
+    """Moves request values onto the serving device and results back to the host.
+
+    On CUDA every worker thread has its own stream, so concurrent requests
+    overlap their copies and kernels; a request synchronises only its stream.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def request_scope(self) -> Iterator[None]:
+        """Runs the body on this thread's stream (a no-op on CPU)."""
+        if not self.cuda:
+            yield
+            return
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            yield
+
+    def to_device(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._tensor_to_device(value)
+        if isinstance(value, list):
+            return [self.to_device(v) for v in value]
+        return value
+
+    def to_host(self, value: Any) -> Any:
+        """Results back on the host; call inside request_scope, then `synchronize`."""
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                return value
+            out = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            out.copy_(value, non_blocking=True)
+            return out
+        if isinstance(value, (list, tuple)):
+            return [self.to_host(v) for v in value]
+        return value
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def release_memory(self) -> None:
+        """After an out-of-memory error: give cached blocks back to the driver."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+    def _tensor_to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.device:
+            return t
+        if not self.cuda or t.device.type != "cpu":
+            return t.to(self.device)
+        nbytes = t.numel() * t.element_size()
+        if nbytes < _STAGING_MIN or not t.is_contiguous():
+            return t.to(self.device, non_blocking=False)
+        # Staged and chunked: memcpy chunk i+1 into pinned memory while chunk i
+        # is in flight. The pinned block comes from torch's caching host
+        # allocator, which keeps it from reuse until the stream is past it.
+        src = t.reshape(-1).view(torch.uint8)
+        staging = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        for start in range(0, nbytes, _STAGING_CHUNK):
+            stop = min(start + _STAGING_CHUNK, nbytes)
+            staging[start:stop].copy_(src[start:stop])
+            dst[start:stop].copy_(staging[start:stop], non_blocking=True)
+        return dst.view(t.dtype).view(t.shape)

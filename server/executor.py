@@ -1,0 +1,320 @@
+"""Running kernels: ArgSpecs, the bounded cache of fused kernels, background compiles, fallback.
+
+Like the legacy fuser's runFusion, a fused kernel is looked up by the ArgSpec of
+the inputs (per tensor: dtype, rank, memory order and which dims are 0 or 1;
+per scalar: its kind; plus the device). Sizes are not part of it: kernels are
+compiled with dynamic shapes. A new ArgSpec starts a compile on the compile
+thread and the request runs the fallback meanwhile (unless it asked to wait).
+Whatever stops the fused kernel from running (compile error, recompile limit,
+an error at run time that the fallback does not share) is recorded on the
+ArgSpec's entry and served by the fallback from then on.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+import torch
+
+from fuseport.server.devices import Placement, is_out_of_memory
+from fuseport.server.registry import KernelSpec
+from fuseport.wire import _pb
+from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
+from fuseport.wire.graph import build_module
+
+__all__ = ["ArgSpec", "Entry", "Executor", "State", "arg_spec_of"]
+
+log = logging.getLogger(__name__)
+
+Path = _pb.service.Path
+Reason = _pb.service.FallbackReason
+
+_DTYPE_SHORT = {
+    torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "b8", torch.complex64: "c64", torch.complex128: "c128",
+}  # fmt: skip
+
+
+def _configure_compiler() -> None:
+    # A guard failure past the recompile limit must raise, not silently run
+    # eager code that we would report as FUSED.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # Equal sizes in the first call must not become an equality guard (duck
+    # shaping): a (4, 4) input would otherwise recompile for (4, 8).
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """What a fused kernel is specialised on. `inputs` holds, per input, either
+    (dtype, rank, dim order, size classes) for a tensor or the scalar's kind."""
+
+    device: str
+    inputs: tuple[Any, ...]
+
+    def __str__(self) -> str:
+        parts = []
+        for item in self.inputs:
+            if isinstance(item, str):
+                parts.append(item)
+                continue
+            dtype, _rank, order, sizes = item
+            name = _DTYPE_SHORT.get(dtype, str(dtype).removeprefix("torch."))
+            layout = "c" if order == tuple(range(len(order))) else "p" + "".join(map(str, order))
+            parts.append(f"{name}[{','.join(sizes)}]{layout}")
+        return f"{self.device}; " + ", ".join(parts)
+
+
+def _dim_order(t: torch.Tensor) -> tuple[int, ...]:
+    """Dims from outermost to innermost in memory; size-1 dims keep their place."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d)))
+
+
+def arg_spec_of(args: Sequence[Any], device: torch.device) -> ArgSpec:
+    items: list[Any] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            sizes = tuple("0" if s == 0 else "1" if s == 1 else "n" for s in a.shape)
+            items.append((a.dtype, a.dim(), _dim_order(a), sizes))
+        else:
+            items.append(type(a).__name__)
+    return ArgSpec(device=str(device), inputs=tuple(items))
+
+
+class State(enum.Enum):
+    COMPILING = _pb.service.COMPILE_STATE_COMPILING
+    READY = _pb.service.COMPILE_STATE_READY
+    FAILED = _pb.service.COMPILE_STATE_FAILED
+
+
+@dataclass(eq=False)
+class Entry:
+    """One fused kernel (or the memory of why there is none) for (key, ArgSpec)."""
+
+    key: int
+    arg_spec: ArgSpec
+    state: State = State.COMPILING
+    fn: Callable[..., Any] | None = None
+    reason: int = Reason.FALLBACK_REASON_COMPILING
+    error: str = ""
+    source: str = ""
+    compile_seconds: float = 0.0
+    fused_runs: int = 0
+    fallback_runs: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def fail(self, reason: int, error: str) -> None:
+        self.fn = None
+        self.reason = reason
+        self.error = error
+        self.state = State.FAILED
+
+
+@dataclass
+class Outcome:
+    outputs: list[Any]
+    path: int
+    reason: int = Reason.FALLBACK_REASON_UNSPECIFIED
+    detail: str = ""
+
+
+def _short(e: BaseException) -> str:
+    """First line of an exception, for responses (full text goes to the log)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+class Executor:
+    def __init__(
+        self,
+        placement: Placement,
+        compile_mode: str = "default",
+        max_kernels: int = 256,
+        max_arg_specs: int = 16,
+    ) -> None:
+        _configure_compiler()
+        self.placement = placement
+        self.compile_mode = compile_mode
+        self.max_kernels = max_kernels
+        self.max_arg_specs = max_arg_specs
+        self._entries: OrderedDict[tuple[int, ArgSpec], Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._counts: dict[int, list[int]] = {}
+        # One compile at a time: Dynamo compiles under a global lock anyway, and
+        # a single thread keeps compiles from starving request threads.
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
+
+    # ------------------------------------------------------------------ running
+
+    def run(
+        self,
+        spec: KernelSpec,
+        args: list[Any],
+        *,
+        fused: bool,
+        wait: bool = False,
+        deadline: float | None = None,
+    ) -> Outcome:
+        """Runs `spec` on device-resident `args`: fused when it can, else the fallback."""
+        if not fused:
+            return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
+        if self.compile_mode == "off":
+            return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) > 1:
+            detail = "inputs on " + ", ".join(sorted(map(str, devices)))
+            return self._fallback(spec, args, Reason.FALLBACK_REASON_MIXED_DEVICES, detail, None)
+
+        entry = self._entry(spec, args)
+        if entry.state is State.COMPILING and wait:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not entry.done.wait(timeout):
+                raise DeadlineExceeded(f"deadline passed while kernel {spec.key} compiled")
+        if entry.state is not State.READY or entry.fn is None:
+            detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
+            return self._fallback(spec, args, entry.reason, detail, entry)
+        try:
+            outputs = entry.fn(*args)
+        except Exception as e:
+            if is_out_of_memory(e):
+                self._out_of_memory(spec, e)
+            return self._after_fused_error(spec, args, entry, e)
+        entry.fused_runs += 1
+        self._count(spec.key, fused=True)
+        return Outcome(list(outputs), Path.PATH_FUSED)
+
+    def _after_fused_error(self, spec: KernelSpec, args: list[Any], entry: Entry, e: Exception) -> Outcome:
+        if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+            reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
+        else:
+            reason = Reason.FALLBACK_REASON_RUNTIME_ERROR
+        # If the fallback fails too, the inputs are at fault (shapes that do
+        # not broadcast, ...) and the kernel stays in service.
+        outcome = self._fallback(spec, args, reason, _short(e), entry)
+        entry.fail(reason, _short(e))
+        log.info("kernel %d [%s]: fused kernel failed, using the fallback: %s", spec.key, entry.arg_spec, _short(e))
+        log.debug("fused failure", exc_info=e)
+        return outcome
+
+    def _fallback(
+        self, spec: KernelSpec, args: list[Any], reason: int, detail: str, entry: Entry | None
+    ) -> Outcome:
+        try:
+            outputs = spec.fallback(*args)
+        except Exception as e:
+            if is_out_of_memory(e):
+                self._out_of_memory(spec, e)
+            raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {_short(e)}") from e
+        if entry is not None:
+            entry.fallback_runs += 1
+        self._count(spec.key, fused=False)
+        if reason not in (Reason.FALLBACK_REASON_REQUESTED,):
+            log.info("kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)
+        return Outcome(list(outputs), Path.PATH_FALLBACK, reason, detail)
+
+    def _out_of_memory(self, spec: KernelSpec, e: BaseException) -> None:
+        self.placement.release_memory()
+        raise ResourceExhausted(
+            f"{self.placement.device} out of memory running kernel {spec.key}; memory was released: {_short(e)}"
+        ) from e
+
+    def _count(self, key: int, *, fused: bool) -> None:
+        counts = self._counts.setdefault(key, [0, 0])
+        counts[0 if fused else 1] += 1
+
+    # ------------------------------------------------------------------ cache
+
+    def _entry(self, spec: KernelSpec, args: list[Any]) -> Entry:
+        arg_spec = arg_spec_of(args, self.placement.device)
+        ident = (spec.key, arg_spec)
+        with self._lock:
+            entry = self._entries.get(ident)
+            if entry is not None:
+                self._entries.move_to_end(ident)
+                return entry
+            entry = Entry(spec.key, arg_spec)
+            self._entries[ident] = entry
+            self._evict(spec.key)
+        log.info("kernel %d: compiling for [%s]", spec.key, arg_spec)
+        self._compiler.submit(self._compile, spec, entry, args)
+        return entry
+
+    def _evict(self, key: int) -> None:
+        """Drops least recently used entries past the bounds (never one compiling)."""
+        per_key = [k for k in self._entries if k[0] == key]
+        for bound, candidates in (
+            (self.max_arg_specs, per_key),
+            (self.max_kernels, list(self._entries)),
+        ):
+            excess = len(candidates) - bound
+            for ident in candidates:
+                if excess <= 0:
+                    break
+                if self._entries[ident].state is not State.COMPILING:
+                    log.info("kernel %d: evicting compiled kernel for [%s]", ident[0], ident[1])
+                    del self._entries[ident]
+                    excess -= 1
+
+    def _compile(self, spec: KernelSpec, entry: Entry, sample: list[Any]) -> None:
+        start = time.perf_counter()
+        sources: list[str] = []
+        try:
+            # A module of its own: Dynamo keeps its cache on the module's code,
+            # so each ArgSpec has its own guards and its own recompile budget.
+            module = build_module(spec.graph, self.placement.device)
+            mode = None if self.compile_mode == "default" else self.compile_mode
+            fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
+            from torch._inductor.graph import GraphLowering
+
+            with (
+                mock.patch.object(GraphLowering, "save_output_code", sources.append),
+                self.placement.request_scope(),
+            ):
+                fn(*sample)
+                self.placement.synchronize()
+            entry.fn = fn
+            entry.source = "\n\n".join(sources)
+            entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
+            entry.state = State.READY
+            log.info("kernel %d: compiled for [%s] in %.1f s", spec.key, entry.arg_spec, time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
+            if is_out_of_memory(e):
+                self.placement.release_memory()
+            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
+            log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
+            log.debug("compile failure", exc_info=e)
+        finally:
+            entry.compile_seconds = time.perf_counter() - start
+            entry.done.set()
+
+    # ------------------------------------------------------------------ inspection
+
+    def entries(self, key: int) -> list[Entry]:
+        with self._lock:
+            return [e for (k, _), e in self._entries.items() if k == key]
+
+    def counts(self, key: int) -> tuple[int, int]:
+        fused, fallback = self._counts.get(key, (0, 0))
+        return fused, fallback
+
+    def forget(self, key: int) -> None:
+        """Frees every compiled kernel of `key` (Unregister)."""
+        with self._lock:
+            for ident in [i for i in self._entries if i[0] == key]:
+                del self._entries[ident]
+        self._counts.pop(key, None)
+
+    def shutdown(self) -> None:
+        self._compiler.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,109 @@
+"""Server settings: one frozen object, built from defaults < FUSEPORT_* environment < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMPILE_MODES", "Settings", "default_store_dir"]
+
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead", "off")
+
+ENV_PREFIX = "FUSEPORT_"
+
+
+def default_store_dir() -> Path:
+    """Where registered kernels live when nobody says: the user's cache directory."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fuseport" / "store"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `fuseport serve` can be told. Each field is also FUSEPORT_<NAME>."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 in containers"})
+    port: int = field(default=50051, metadata={"help": "port to bind; 0 picks a free one"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (first CUDA device, else cpu), cpu, cuda or cuda:N"}
+    )
+    store_dir: Path = field(
+        default_factory=default_store_dir,
+        metadata={"help": "directory holding registered graphs (survives restarts)"},
+    )
+    max_message_bytes: int = field(
+        default=1 << 30,
+        metadata={"help": "largest request or response in bytes (protobuf's ceiling is 2 GiB)"},
+    )
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "torch.compile mode for fused kernels: " + ", ".join(COMPILE_MODES)},
+    )
+    max_kernels: int = field(
+        default=256, metadata={"help": "compiled kernels kept in memory (LRU over all keys)"}
+    )
+    max_arg_specs: int = field(
+        default=16, metadata={"help": "compiled kernels kept per key (LRU over its ArgSpecs)"}
+    )
+    workers: int = field(default=8, metadata={"help": "threads that decode, run and encode requests"})
+    grace_seconds: float = field(
+        default=10.0, metadata={"help": "on SIGTERM, time given to in-flight calls"}
+    )
+    log_level: str = field(default="info", metadata={"help": "debug logs one line per request"})
+    port_file: Path | None = field(
+        default=None, metadata={"help": "write the bound port here once serving (for tooling)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {self.port}")
+        if not 0 < self.max_message_bytes <= 2**31 - 1:
+            raise ValueError("max_message_bytes must be in 1..2147483647 (protobuf's 2 GiB ceiling)")
+        for name in ("max_kernels", "max_arg_specs", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.grace_seconds < 0:
+            raise ValueError("grace_seconds must be >= 0")
+
+    @classmethod
+    def load(
+        cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults, then FUSEPORT_* variables from `environ`, then `flags` (None = not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                try:
+                    values[f.name] = _parse(f, raw)
+                except ValueError as e:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {e}") from None
+        for name, value in (flags or {}).items():
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if "Path" in kind:
+        return Path(raw)
+    return raw

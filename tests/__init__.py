@@ -1,0 +1,1 @@
+"""fuseport test suite."""

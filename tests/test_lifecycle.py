@@ -1,0 +1,283 @@
+"""Errors, persistence, concurrency, shutdown and interoperability, against real servers."""
+
+from __future__ import annotations
+
+import signal
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fuseport.client import (
+    Client,
+    DeadlineExceeded,
+    ExecutionFailed,
+    KernelNotFound,
+    OpNotAllowed,
+    ResourceExhausted,
+    SignatureMismatch,
+    Unavailable,
+    capture,
+)
+from fuseport.wire import _pb
+
+from .conftest import ServerProcess, start_server
+
+
+def _status(exc: pytest.ExceptionInfo) -> grpc.StatusCode:
+    cause = exc.value.__cause__
+    assert isinstance(cause, grpc.RpcError), "typed errors are raised from the grpc.RpcError"
+    return cause.code()
+
+
+def _double(x):
+    return x * 2
+
+
+# ---------------------------------------------------------------- errors keep the server serving
+
+
+def test_unknown_key_is_not_found_and_next_call_succeeds(client: Client) -> None:
+    with pytest.raises(KernelNotFound, match="no kernel with key 123; register it first") as e:
+        client.execute(123, [torch.ones(2)])
+    assert _status(e) is grpc.StatusCode.NOT_FOUND
+    key = client.register(_double, [torch.ones(2)])
+    torch.testing.assert_close(client.fallback(key, [torch.ones(2)])[0], torch.full((2,), 2.0))
+
+
+def test_malformed_stack_is_invalid_argument_naming_the_element(server: ServerProcess, client: Client) -> None:
+    key = client.register(_double, [torch.ones(4, 4)])
+    bad = _pb.service.ExecuteRequest(
+        key=key,
+        stack=[
+            _pb.values.Value(int_value=1),
+            _pb.values.Value(tensor=_pb.values.Tensor(dtype=_pb.values.DTYPE_FLOAT32, shape=[4, 4], data=bytes(60))),
+        ],
+    ).SerializeToString()
+    with grpc.insecure_channel(server.target) as ch:
+        call = ch.unary_unary("/fuseport.v1.KernelService/Execute")
+        with pytest.raises(grpc.RpcError) as e:
+            call(bad, timeout=30)
+    assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "stack[1]: float32 tensor of shape [4, 4] needs 64 bytes, got 60"
+    assert ("fuseport-error", "InvalidStack") in e.value.trailing_metadata()
+    torch.testing.assert_close(client.fallback(key, [torch.ones(4, 4)])[0], torch.full((4, 4), 2.0))
+
+
+def test_disallowed_op_is_rejected_naming_the_op(client: Client) -> None:
+    graph = capture(_double, [torch.ones(3)])
+    graph.nodes[0].op = "aten::_foreach_add.Scalar"
+    with pytest.raises(OpNotAllowed, match="aten::_foreach_add.Scalar") as e:
+        client.register(graph)
+    assert _status(e) is grpc.StatusCode.INVALID_ARGUMENT
+    graph.nodes[0].op = "builtins::eval"
+    with pytest.raises(OpNotAllowed, match="builtins::eval"):
+        client.register(graph)
+    assert client.health() == "SERVING"
+
+
+def test_wrong_arity_kind_and_dtype_name_the_input(client: Client) -> None:
+    def f(x, alpha):
+        return x * alpha
+
+    key = client.register(f, [torch.ones(3), 2.0])
+    with pytest.raises(SignatureMismatch, match="takes 2 inputs but the stack holds 1"):
+        client.execute(key, [torch.ones(3)])
+    with pytest.raises(SignatureMismatch, match=r"stack\[1\].*'alpha'.*expected a float, got a str"):
+        client.execute(key, [torch.ones(3), "two"])
+    with pytest.raises(SignatureMismatch, match=r"stack\[0\].*expected a float32 tensor, got int64"):
+        client.execute(key, [torch.ones(3, dtype=torch.int64), 2.0])
+
+
+def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -> None:
+    def f(x, y):
+        return x + y
+
+    key = client.register(f, [torch.ones(4), torch.ones(4)])
+    with pytest.raises(ExecutionFailed, match="failed on these inputs"):
+        client.execute(key, [torch.ones(4), torch.ones(5)], wait=True)
+    torch.testing.assert_close(client.execute(key, [torch.ones(4), torch.ones(4)])[0], torch.full((4,), 2.0))
+
+
+def test_out_of_memory_is_resource_exhausted_and_server_keeps_serving(client: Client) -> None:
+    def blow_up(x):
+        # 2**21 x 2**20 float32 = 8 TiB: no allocator can satisfy it.
+        return x.reshape(1, -1).expand(2**21, -1) * 2
+
+    key = client.register(blow_up, [torch.ones(2**20)])
+    with pytest.raises(ResourceExhausted, match="out of memory") as e:
+        client.fallback(key, [torch.ones(2**20)])
+    assert _status(e) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.health() == "SERVING"
+    key2 = client.register(_double, [torch.ones(2)])
+    torch.testing.assert_close(client.fallback(key2, [torch.ones(2)])[0], torch.full((2,), 2.0))
+
+
+def test_deadline_exceeded_while_waiting_for_compile(client: Client) -> None:
+    def f(x):
+        return torch.erf(x) * 7 + 3
+
+    key = client.register(f, [torch.randn(9)])
+    with pytest.raises(DeadlineExceeded) as e:
+        client.execute(key, [torch.randn(9)], wait=True, timeout=0.05)
+    assert _status(e) is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.execute_detailed(key, [torch.randn(9)]).stack[0].shape == (9,)
+
+
+def test_unregister_frees_and_the_client_heals_a_lost_kernel(server: ServerProcess, client: Client) -> None:
+    def f(x):
+        return x.abs() + 4
+
+    key = client.register(f, [torch.randn(3)])
+    store_file = server.store_dir / f"{key & (2**64 - 1):016x}.pb"
+    assert store_file.exists()
+    with Client(server.target) as other:  # someone else removes it
+        assert other.unregister(key) is True
+        assert other.unregister(key) is False
+        with pytest.raises(KernelNotFound):
+            other.execute(key, [torch.randn(3)])
+    assert not store_file.exists()
+    x = torch.randn(3)
+    # This client registered it, so it registers it again and retries once.
+    torch.testing.assert_close(client.execute(key, [x])[0], f(x))
+
+
+def test_unreachable_server_raises_unavailable() -> None:
+    with Client("127.0.0.1:1", timeout=5) as c:
+        with pytest.raises(Unavailable):
+            c.list()
+
+
+# ---------------------------------------------------------------- interop, health, reflection
+
+
+def test_generated_stubs_and_plain_protobuf_talk_to_the_server(server: ServerProcess, client: Client) -> None:
+    """What a client in another language does: its own generated code, no fuseport codec."""
+    from fuseport.v1 import service_pb2, service_pb2_grpc, values_pb2
+
+    key = client.register(_double, [torch.ones(2, 2)])
+    x = torch.arange(4, dtype=torch.float32).reshape(2, 2)
+    request = service_pb2.ExecuteRequest(
+        key=key,
+        options=service_pb2.ExecuteOptions(wait_for_compile=True),
+        stack=[
+            values_pb2.Value(string_value="below"),
+            values_pb2.Value(tensor=values_pb2.Tensor(dtype=values_pb2.DTYPE_FLOAT32, shape=[2, 2], data=struct.pack("<4f", *x.flatten().tolist()))),
+        ],
+    )
+    with grpc.insecure_channel(server.target) as ch:
+        resp = service_pb2_grpc.KernelServiceStub(ch).Execute(request, timeout=120)
+    assert resp.path == service_pb2.PATH_FUSED
+    assert resp.stack[0].string_value == "below"
+    out = resp.stack[1].tensor
+    assert list(out.shape) == [2, 2] and out.dtype == values_pb2.DTYPE_FLOAT32
+    assert torch.equal(torch.frombuffer(bytearray(out.data), dtype=torch.float32).reshape(2, 2), x * 2)
+
+
+def test_reflection_lists_the_services(server: ServerProcess) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.target) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"fuseport.v1.KernelService", "grpc.health.v1.Health"} <= services
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_concurrent_register_of_one_graph_gives_one_key_and_one_spec(server: ServerProcess, client: Client) -> None:
+    def f(x):
+        return torch.tanh(x) * 5
+
+    graph = capture(f, [torch.randn(6)])
+    barrier = threading.Barrier(8)
+
+    def register(_: int) -> int:
+        with Client(server.target, timeout=60) as c:
+            barrier.wait()
+            return c.register(graph)
+
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(register, range(8)))
+    assert len(keys) == 1
+    key = keys.pop()
+    assert [k.key for k in client.list()].count(key) == 1
+    name = f"{key & (2**64 - 1):016x}.pb"
+    assert [p.name for p in server.store_dir.iterdir()].count(name) == 1
+    assert not [p for p in server.store_dir.iterdir() if p.name.startswith(".tmp")]
+
+
+# ---------------------------------------------------------------- persistence and shutdown
+
+
+def test_restart_after_kill_keeps_every_registered_key(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = start_server(tmp_path / "a", store)
+    functions = [lambda x: x + 1, lambda x: x * x, lambda x: torch.exp(x) - 1]
+    with Client(first.target, timeout=60) as c:
+        keys = [c.register(fn, [torch.randn(4)]) for fn in functions]
+    first.stop(signal.SIGKILL)  # no chance to flush anything after Register returned
+    second = start_server(tmp_path / "b", store)
+    try:
+        with Client(second.target, timeout=60) as c:
+            assert sorted(k.key for k in c.list()) == sorted(keys)
+            x = torch.randn(4)
+            for fn, key in zip(functions, keys):
+                torch.testing.assert_close(c.fallback(key, [x])[0], fn(x))
+    finally:
+        second.stop()
+
+
+def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(tmp_path: Path) -> None:
+    server = start_server(tmp_path, None, "--grace-seconds", "120")
+    try:
+        with Client(server.target, timeout=120) as c:
+            def f(x):
+                return torch.sinh(x) * 11
+
+            key = c.register(f, [torch.randn(3)])
+            x = torch.randn(3)
+            with ThreadPoolExecutor(1) as pool:
+                # In flight: it waits for a compile that takes seconds.
+                pending = pool.submit(c.execute_detailed, key, [x], wait=True)
+                deadline = time.monotonic() + 60
+                # The call is in flight once the server lists its ArgSpec as compiling.
+                while not c.describe(key).arg_specs:
+                    assert not pending.done(), pending.result()
+                    assert time.monotonic() < deadline, "the Execute never reached the server"
+                server.proc.send_signal(signal.SIGTERM)
+                result = pending.result(timeout=120)
+            assert result.path == "fused"
+            torch.testing.assert_close(result.stack[0], f(x))
+        assert server.proc.wait(timeout=60) == 0
+        with Client(server.target, timeout=5) as c, pytest.raises(Unavailable):
+            c.list()
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_message_over_the_limit_is_resource_exhausted_with_the_limit(tmp_path: Path) -> None:
+    server = start_server(tmp_path, None, "--max-message-bytes", "1000000")
+    try:
+        with Client(server.target, timeout=60) as c:
+            key = c.register(_double, [torch.ones(4)])
+            with pytest.raises(ResourceExhausted, match="1000000"):
+                # Over the server's limit: the client's own limit is higher.
+                c.execute(key, [torch.ones(300_000)])
+            torch.testing.assert_close(c.fallback(key, [torch.ones(4)])[0], torch.full((4,), 2.0))
+            # A response over the limit: the request fits, the result does not.
+            def grow(x):
+                return x.repeat(4)
+
+            key2 = c.register(grow, [torch.ones(4)])
+            with pytest.raises(ResourceExhausted, match="1000000"):
+                c.fallback(key2, [torch.ones(100_000)])
+            assert c.health() == "SERVING"
+    finally:
+        server.stop()
+
