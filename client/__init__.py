@@ -6,9 +6,12 @@
         out = c.execute(key, [x, y])
 """
 
-from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
-from fuseport.wire.capture import capture
-from fuseport.wire.errors import (
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fuseport.wire._lazy import lazy_exports
+from fuseport.wire.errors import (  # cheap: no torch
     CaptureError,
     DeadlineExceeded,
     ExecutionFailed,
@@ -23,7 +26,11 @@ from fuseport.wire.errors import (
     SignatureMismatch,
     Unavailable,
 )
-from fuseport.wire.keys import key_for
+
+if TYPE_CHECKING:
+    from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
+    from fuseport.wire.capture import capture
+    from fuseport.wire.keys import key_for
 
 __all__ = [
     "AsyncClient",
@@ -46,3 +53,16 @@ __all__ = [
     "capture",
     "key_for",
 ]
+
+# Imported on first use: they bring torch, which `fuseport health` does without.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AsyncClient": "fuseport.client.client",
+        "Client": "fuseport.client.client",
+        "ExecuteResult": "fuseport.client.client",
+        "Timings": "fuseport.client.client",
+        "capture": "fuseport.wire.capture",
+        "key_for": "fuseport.wire.keys",
+    },
+)

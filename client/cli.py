@@ -105,21 +105,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "demo":
         return _demo(args)
 
+    target = args.target or _default_target()
+    if command == "health":
+        return _health(target, args.service, args.timeout)
+
     from fuseport.client import Client, FuseportError
 
-    target = args.target or _default_target()
     try:
         with Client(target, timeout=args.timeout) as c:
-            if command == "health":
-                status = c.health(args.service)
-                print(status)
-                return 0 if status == "SERVING" else 1
             if command == "list":
                 return _list(c)
             return _describe(c, args.key, not args.no_source)
     except FuseportError as e:
         print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _health(target: str, service: str, timeout: float) -> int:
+    """The health check, with nothing but grpc: a container runs it every few
+    seconds, and importing torch would cost more than the check itself."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(target) as channel:
+            resp = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+    except grpc.RpcError as e:
+        print(f"fuseport health: {target}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -236,7 +254,7 @@ def _run_demo(target: str, timeout: float) -> int:
         key = c.register(kernel, [x, y, 0.5])
         print(f"registered kernel {key}: gelu(x * y + alpha).sum(-1)")
         stack = ["below the inputs", x, y, 2.0]
-        res = _with_progress(c, key, lambda: c.execute_detailed(key, stack, wait=True))
+        res = _with_progress(lambda: c.execute_detailed(key, stack, wait=True))
         expected = kernel(x, y, 2.0)
         print(f"Execute  -> path={res.path} stack={_show(res.stack)}")
         print(f"            server timings (us): run={res.timings.run_us} total={res.timings.total_us}")
@@ -244,11 +262,14 @@ def _run_demo(target: str, timeout: float) -> int:
         print(f"Fallback -> path={fb.path} reason={fb.reason} stack={_show(fb.stack)}")
         ok = torch.allclose(res.stack[-1], expected, atol=1e-5) and torch.allclose(fb.stack[-1], expected, atol=1e-5)
         print("results match eager PyTorch" if ok else "RESULTS DIFFER FROM EAGER PYTORCH")
-        print(f"see the fused kernel's source: fuseport describe {key} --target {target}")
+        source = next((a.source for a in c.describe(key, include_source=True).arg_specs if a.source), "")
+        lines = source.strip().splitlines()
+        print(f"the fused kernel's generated source ({len(lines)} lines; `fuseport describe {key}` shows it all):")
+        print("\n".join("    " + line for line in lines[:12]) + ("\n    ..." if len(lines) > 12 else ""))
         return 0 if ok else 1
 
 
-def _with_progress(c: Any, key: int, call: Any) -> Any:
+def _with_progress(call: Any) -> Any:
     """Runs `call` while printing compile progress, so a long compile is not silence."""
     done = threading.Event()
     result: list[Any] = []

@@ -3,8 +3,27 @@
     from fuseport.server import Settings, create_server, serve
 """
 
-from fuseport.server.app import Server, create_server, serve
-from fuseport.server.core import Core, Result
-from fuseport.server.settings import Settings
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fuseport.wire._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from fuseport.server.app import Server, create_server, serve
+    from fuseport.server.core import Core, Result
+    from fuseport.server.settings import Settings
 
 __all__ = ["Core", "Result", "Server", "Settings", "create_server", "serve"]
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Core": "fuseport.server.core",
+        "Result": "fuseport.server.core",
+        "Server": "fuseport.server.app",
+        "create_server": "fuseport.server.app",
+        "serve": "fuseport.server.app",
+        "Settings": "fuseport.server.settings",
+    },
+)

@@ -51,7 +51,8 @@ def wait_until_serving(target: str, timeout: float = 120) -> None:
 
 
 def start_server(tmp: Path, store_dir: Path | None = None, *args: str, port: int = 0) -> ServerProcess:
-    """Starts `fuseport serve` on 127.0.0.1 (CPU), returns once it is SERVING."""
+    """Starts `fuseport serve` on 127.0.0.1, returns once it is SERVING. The device
+    is the CPU unless `args` names another (the last flag wins)."""
     tmp.mkdir(parents=True, exist_ok=True)
     store_dir = store_dir or tmp / "store"
     port_file = tmp / "port"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On the GPU machine, in one call: the `gpu` tests, then `fuseport bench` on CUDA.
+# Prepare here with scripts/gpu_prepare.sh; run there with `.whl` carried, e.g.
+#   device run --carry .whl -- bash scripts/gpu_check.sh
+# Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site
+# The tests import fuseport from the wheel, not from this tree.
+cd /tmp
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, grpc; print("torch", torch.__version__, "grpc", grpc.__version__)' | tee -a "$OUT/gpu.txt"
+rc=0
+python3 -m pytest -m gpu -q -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" 2>&1 | tee "$OUT/gpu-tests.log"
+rc=${PIPESTATUS[0]}
+python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
+exit $(( rc || PIPESTATUS[0] ))

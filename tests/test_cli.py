@@ -1,0 +1,51 @@
+"""The `fuseport` command against a real server: health, list, describe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from fuseport.client import Client
+
+from .conftest import ServerProcess
+
+
+def fuseport(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fuseport.client.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_health_exits_zero_when_serving_and_one_when_unreachable(server: ServerProcess) -> None:
+    ok = fuseport("health", "--target", server.target)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING"
+    down = fuseport("health", "--target", "127.0.0.1:1", "--timeout", "2")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_health_check_does_not_import_torch(server: ServerProcess) -> None:
+    code = (
+        "import sys; from fuseport.client.cli import main; "
+        f"rc = main(['health', '--target', '{server.target}']); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split()[-2:] == ["0", "False"], out.stderr
+
+
+def test_list_and_describe_show_the_kernel_and_its_source(server: ServerProcess, client: Client) -> None:
+    def f(x):
+        return torch.log1p(x.abs()) * 3
+
+    key = client.register(f, [torch.randn(8)])
+    client.execute(key, [torch.randn(8)], wait=True)
+    listed = fuseport("list", "--target", server.target)
+    assert listed.returncode == 0 and str(key) in listed.stdout and "x: float32[?]" in listed.stdout
+    described = fuseport("describe", str(key), "--target", server.target)
+    assert described.returncode == 0
+    assert "ready" in described.stdout and "generated source" in described.stdout
+    assert "aten::log1p.default" in described.stdout
+    missing = fuseport("describe", "42", "--target", server.target)
+    assert missing.returncode == 1 and "KernelNotFound" in missing.stderr
