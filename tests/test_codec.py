@@ -1065,3 +1065,14 @@ def test_decode_rejects_more_than_max_values() -> None:
     many = codec.encode_stack([[None] * codec.MAX_VALUES])
     with pytest.raises(InvalidStack, match=f"at most {codec.MAX_VALUES} values"):
         codec.decode_stack(many)
+
+
+
+def test_message_aliases_use_power_of_two_ctypes_lengths() -> None:
+    # ctypes caches every array type forever; a type per message length would
+    # leak in a long-running server, so alias lengths are rounded up.
+    sizes = range(1, 5000, 7)
+    lengths = {len(codec._WritableAlias(bytes(n))._buf) for n in sizes}
+    assert all(length & (length - 1) == 0 for length in lengths)
+    assert len(lengths) <= 13 < len(sizes)
+    assert all(len(codec._WritableAlias(bytes(n))._buf) >= n for n in sizes)

@@ -284,7 +284,12 @@ class _WritableAlias:
     def __init__(self, buf: Buffer) -> None:
         self._buf: Any
         if isinstance(buf, bytes) and sys.implementation.name == "cpython":
-            self._buf = (ctypes.c_char * len(buf)).from_address(id(buf) + self._HEADER)
+            # ctypes caches every array type it makes, forever: one per message
+            # length would leak in a long-running server. Lengths rounded up to a
+            # power of two give at most 64 types; only the validated spans inside
+            # the real message are ever read or written.
+            nominal = 1 << (len(buf) - 1).bit_length() if buf else 1
+            self._buf = (ctypes.c_char * nominal).from_address(id(buf) + self._HEADER)
             # torch.frombuffer keeps the ctypes array alive; the array keeps the message.
             self._buf.owner = buf
         elif isinstance(buf, bytearray) or (isinstance(buf, memoryview) and not buf.readonly):
