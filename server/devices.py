@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -69,6 +69,25 @@ class Placement:
             stream = self._local.stream = torch.cuda.Stream(self.device)
         with torch.cuda.device(self.device), torch.cuda.stream(stream):
             yield
+
+    def share(self, values: list[Any]) -> Callable[[], None]:
+        """Hands tensors made on this thread's stream to another thread: returns
+        what that thread calls (inside its request_scope) before using them. It
+        waits for the copies to land, and tells the allocator that its stream
+        uses them too, so their memory is not reused while it reads."""
+        if not self.cuda:
+            return lambda: None
+        ready = torch.cuda.Event()
+        ready.record()
+        tensors = [v for v in values if isinstance(v, torch.Tensor) and v.is_cuda]
+
+        def receive() -> None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for t in tensors:
+                t.record_stream(stream)
+
+        return receive
 
     def to_device(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):

@@ -248,7 +248,7 @@ class Executor:
             self._entries[ident] = entry
             self._evict(spec.key)
         log.info("kernel %d: compiling for [%s]", spec.key, arg_spec)
-        self._compiler.submit(self._compile, spec, entry, args)
+        self._compiler.submit(self._compile, spec, entry, args, self.placement.share(args))
         return entry
 
     def _evict(self, key: int) -> None:
@@ -267,7 +267,8 @@ class Executor:
                     del self._entries[ident]
                     excess -= 1
 
-    def _compile(self, spec: KernelSpec, entry: Entry, sample: list[Any]) -> None:
+    def _compile(self, spec: KernelSpec, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
+        """Compiles by running the kernel once on the request's own inputs."""
         start = time.perf_counter()
         sources: list[str] = []
         try:
@@ -282,6 +283,7 @@ class Executor:
                 mock.patch.object(GraphLowering, "save_output_code", sources.append),
                 self.placement.request_scope(),
             ):
+                receive()
                 fn(*sample)
                 self.placement.synchronize()
             entry.fn = fn

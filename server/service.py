@@ -77,20 +77,18 @@ class KernelService:
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._pool, fn, request, deadline, arrived)
             except FuseportError as e:
-                await self._abort(context, e, e)
+                await self._abort(context, e)
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 log.exception("unexpected error in %s", fn.__name__)
-                await self._abort(context, InternalError("internal error; see the server log"), e)
+                await self._abort(context, InternalError("internal error; see the server log"))
             raise AssertionError("unreachable")  # context.abort raises
 
         call.__name__ = fn.__name__
         return call
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: FuseportError, cause: BaseException) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, error: FuseportError) -> None:
         code = status_for(error)
-        if code is grpc.StatusCode.INTERNAL:
-            pass  # already logged with its traceback
-        else:
+        if code is not grpc.StatusCode.INTERNAL:  # an INTERNAL one is logged with its traceback
             log.info("%s: %s", code.name, error)
         await context.abort(code, str(error), trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__),))
 

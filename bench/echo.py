@@ -1,0 +1,137 @@
+"""The transport floor: a raw gRPC echo server and client that move the same bytes as fuseport.
+
+The server is a grpc.aio server built with the same options as fuseport's
+(`fuseport.server.app.Server`: 1 GiB message limits, no SO_REUSEPORT), whose
+one method takes and returns raw bytes: no deserializer, no serializer, no
+worker thread. Whatever fuseport's Execute costs above this is fuseport's own.
+
+Run it as a process of its own, so that it has a GIL of its own, like the
+fuseport server it stands beside:
+
+    python -m fuseport.bench.echo --port-file F [--host 127.0.0.1] [--port 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+__all__ = ["ECHO_METHOD", "echo_channel", "echo_server", "echo_stub", "main"]
+
+log = logging.getLogger(__name__)
+
+ECHO_METHOD = "/fuseport.bench.Echo/Echo"
+MAX_MESSAGE_BYTES = 1 << 30
+
+
+def _server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    # The same list as fuseport.server.app.Server: a floor built any other way
+    # would measure a different transport.
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def _serve(host: str, port: int, port_file: Path | None, max_message_bytes: int) -> None:
+    server = grpc.aio.server(options=_server_options(max_message_bytes))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "fuseport.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+            ),
+        )
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(f"{bound}\n")
+        tmp.replace(port_file)  # readers never see a half-written file
+    log.info("echo server on %s:%d", host, bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fuseport.bench.echo", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port-file", type=Path, default=None)
+    p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args.host, args.port, args.port_file, args.max_message_bytes))
+    return 0
+
+
+def echo_channel(target: str) -> grpc.Channel:
+    """A channel with exactly the options fuseport's Client gives its own."""
+    from fuseport.client.client import DEFAULT_MAX_MESSAGE_BYTES, _channel_options
+
+    return grpc.insecure_channel(target, options=_channel_options(DEFAULT_MAX_MESSAGE_BYTES, ()))
+
+
+def echo_stub(channel: grpc.Channel) -> Callable[..., bytes]:
+    """The echo method, bytes in and bytes out (no serializers: identity)."""
+    return channel.unary_unary(ECHO_METHOD)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def echo_server(timeout: float = 60.0) -> Iterator[tuple[str, int]]:
+    """An echo server process on 127.0.0.1 and a free port: yields (target, pid)."""
+    with tempfile.TemporaryDirectory(prefix="fuseport-echo-") as tmp:
+        port_file = Path(tmp) / "port"
+        log_path = Path(tmp) / "echo.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fuseport.bench.echo", "--port-file", str(port_file)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + timeout
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the echo server did not start:\n{log_path.read_text(errors='replace')}")
+                time.sleep(0.05)
+            target = f"127.0.0.1:{port_file.read_text().strip()}"
+            with grpc.insecure_channel(target) as ch:
+                # One call with wait_for_ready: the port file is written after start.
+                echo_stub(ch)(b"x", timeout=timeout, wait_for_ready=True)
+            yield target, proc.pid
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

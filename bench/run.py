@@ -1,0 +1,251 @@
+"""`fuseport bench`: the benchmark suite, each number next to the floor it is compared to.
+
+Sections (docs: the issue this implements, and each module's docstring):
+
+* transport   Execute and Fallback of `x + 0` against a raw gRPC echo of the
+              same bytes, 1 KiB to 256 MiB; the server's own overhead on a
+              small call; page-fault cost on large payloads.
+* device      fused against unfused run time of a pointwise chain, a softmax
+              and an MLP; the pointwise chain against the memory floor.
+* concurrency 1, 4, 16 client processes against fuseport and the echo.
+* compile     first-call compile time; latency of requests during a compile.
+
+Without --target it starts `fuseport serve` (and always an echo server) on
+127.0.0.1, and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SECTIONS", "main"]
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("transport", "device", "concurrency", "compile")
+DEFAULT_SIZES = "1K,64K,1M,16M,256M"
+QUICK_SIZES = "1K,64K"
+DEFAULT_CLIENTS = "1,4,16"
+QUICK_CLIENTS = "1,2"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuseport bench",
+        description="Benchmarks fuseport against its floors (a raw gRPC echo, eager PyTorch, "
+        "the memory bandwidth) and prints a table; writes JSON and, with matplotlib, a PNG.",
+    )
+    p.add_argument("--target", default=None,
+                   help="benchmark this server (host:port) instead of starting one; the echo server "
+                        "still runs here, so compare only on the same host")
+    p.add_argument("--device", default="auto",
+                   help="device for the server this starts: auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and iteration counts: checks that everything runs, measures little")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--sizes", default=None,
+                   help=f"transport payload sizes (default: {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="timed iterations per measurement, for every section (default: per section and size)")
+    p.add_argument("--clients", default=None,
+                   help=f"client process counts for concurrency (default: {DEFAULT_CLIENTS}; --quick: "
+                        f"{QUICK_CLIENTS})")
+    p.add_argument("--json", type=Path, default=Path("bench-results.json"), dest="json_path",
+                   help="where to write the results (default: bench-results.json)")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="PNG plot path, if matplotlib is installed (default: the JSON path with .png)")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the server this starts (repeatable), e.g. to try "
+                        "allocator settings: GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call (default: 600)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a target is missed")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        # `fuseport bench -- --quick`: the CLI passes its REMAINDER on, "--" included.
+        argv = argv[1:]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="bench %(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    from fuseport.bench.stats import parse_size
+
+    try:
+        sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown or not sections:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+        sizes = tuple(parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(","))
+        clients = tuple(int(c) for c in (args.clients or (QUICK_CLIENTS if args.quick else DEFAULT_CLIENTS)).split(","))
+        if any(c < 1 for c in clients):
+            raise ValueError("--clients must be positive")
+        if args.iterations is not None and args.iterations < 1:
+            raise ValueError("--iterations must be at least 1")
+        server_env = dict(_env_pair(e) for e in args.server_env)
+    except ValueError as e:
+        print(f"fuseport bench: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, sections, sizes, clients, server_env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--server-env wants NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def _run(
+    args: argparse.Namespace,
+    sections: list[str],
+    sizes: tuple[int, ...],
+    clients: tuple[int, ...],
+    server_env: dict[str, str],
+) -> int:
+    # torch warns at import when numpy is absent; the benchmark never needs it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
+
+    from fuseport.bench import compiling, concurrency, device, transport
+    from fuseport.bench.context import Context, Options, fuseport_server
+    from fuseport.bench.echo import echo_server
+    from fuseport.bench.kernels import identity
+    from fuseport.bench.report import print_table, write_json, write_plot
+    from fuseport.bench.stats import Row
+    from fuseport.client import Client
+
+    runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
+               "compile": compiling.run}
+    options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
+                      timeout=args.timeout)
+    started = time.perf_counter()
+    notes: list[str] = []
+    result: dict[str, Any] = {"sections": {}, "errors": {}}
+    rows: list[Row] = []
+    with contextlib.ExitStack() as stack:
+        if args.target:
+            target, server_pid = args.target, None
+            notes.append(f"note: server {target} given with --target; the echo floor runs on this host")
+        else:
+            log.info("starting fuseport serve --device %s", args.device)
+            target, server_pid = stack.enter_context(fuseport_server(args.device, server_env))
+        echo_target, echo_pid = stack.enter_context(echo_server())
+        client = stack.enter_context(Client(target, timeout=args.timeout))
+        # Registering is cheap; its Describe tells which device the server runs on.
+        probe = client.register(identity, [torch.zeros(1024, dtype=torch.uint8)])
+        server_device = torch.device(client.describe(probe).device)
+        local_device = _local_device(server_device, target)
+        if local_device is None:
+            notes.append(f"note: in-process measurements skipped: {server_device} of {target} is not on this host")
+        ctx = Context(options, client, target, echo_target, server_pid, echo_pid, server_device, local_device)
+        result["settings"] = {
+            "target": target,
+            "started_server": args.target is None,
+            "device_flag": args.device,
+            "server_env": server_env,
+            "server_device": str(server_device),
+            "local_device": str(local_device) if local_device is not None else None,
+            "quick": args.quick,
+            "sections": sections,
+            "sizes": list(sizes),
+            "iterations": args.iterations,
+            "clients": list(clients),
+        }
+        result["machine"] = _machine(local_device)
+        for name in sections:
+            t0 = time.perf_counter()
+            log.info("section %s", name)
+            try:
+                section = runners[name](ctx)
+            except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
+                log.exception("section %s failed", name)
+                result["errors"][name] = f"{type(e).__name__}: {e}"
+                notes.append(f"ERROR: section {name} failed: {type(e).__name__}: {e}")
+                continue
+            section.data["wall_s"] = time.perf_counter() - t0
+            rows.extend(section.rows)
+            result["sections"][name] = {"rows": [r.to_json() for r in section.rows], **section.data}
+    result["wall_seconds"] = time.perf_counter() - started
+    if "machine" in result:
+        result["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
+    result["rows"] = [r.to_json() for r in rows]
+    result["summary"] = {s: sum(r.status == s for r in rows) for s in ("PASS", "MISS", "n/a", "info")}
+
+    write_json(args.json_path, result)
+    notes.append(f"results: {args.json_path}")
+    if not args.no_plot:
+        plot = args.plot or args.json_path.with_suffix(".png")
+        why = write_plot(plot, result)
+        notes.append(f"plot: {plot}" if why is None else f"plot: not written: {why}")
+    print_table(result, rows, notes)
+    if result["errors"]:
+        return 1
+    if args.strict and result["summary"]["MISS"]:
+        return 3
+    return 0
+
+
+def _local_device(server_device: Any, target: str) -> Any:
+    """The server's device, if it is this host's too (in-process comparisons run there)."""
+    import torch
+
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0"):
+        return None
+    if server_device.type == "cuda":
+        if not torch.cuda.is_available() or (server_device.index or 0) >= torch.cuda.device_count():
+            return None
+    return server_device
+
+
+def _machine(local_device: Any) -> dict[str, Any]:
+    import grpc
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    on_cuda = local_device is not None and local_device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device_name": torch.cuda.get_device_name(local_device) if on_cuda else cpu,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "grpc": grpc.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        # Other work on the host skews every number; a load above the CPU count says so.
+        "loadavg_1min_at_start": os.getloadavg()[0],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
