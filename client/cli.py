@@ -34,7 +34,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fuseport.server.settings import Settings
+    from fuseport.server.settings import Settings, parse_bool
 
     parser = argparse.ArgumentParser(
         prog="fuseport", description="Fused PyTorch kernels behind a gRPC port."
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(Settings):
         kind = str(f.type)
-        flag_type: Any = int if kind == "int" else float if kind == "float" else Path if "Path" in kind else str
+        flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(kind, Path if "Path" in kind else str)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         serve.add_argument(
             "--" + f.name.replace("_", "-"),

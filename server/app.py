@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 from pathlib import Path
@@ -95,10 +96,31 @@ def _write_port(path: Path, port: int) -> None:
     tmp.replace(path)  # readers never see a half-written file
 
 
+def keep_host_memory() -> bool:
+    """Tells glibc to keep freed memory for reuse. By default it hands blocks of
+    32 MiB and more back to the OS, and the next message's buffer page-faults
+    its way in again: a fresh 256 MiB buffer filled at 4 GB/s here against 28
+    GB/s for a reused one, a third of a 256 MiB Execute. One arena, no mmap'd
+    blocks and no trimming took the server's faults per such call from 340k to 0.
+    Must run before the server starts its threads."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        log.info("not glibc: host memory settings left as they are")
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from malloc.h
+    return all(
+        libc.mallopt(param, value)
+        for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
+    )
+
+
 def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.keep_host_memory and not keep_host_memory():
+        log.warning("could not set glibc's malloc options; large messages will page-fault")
     asyncio.run(_serve(settings))

@@ -155,6 +155,11 @@ class Executor:
         # One compile at a time: Dynamo compiles under a global lock anyway, and
         # a single thread keeps compiles from starving request threads.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
+        if compile_mode != "off":
+            # Inductor's first compile in a process imports and builds much (the
+            # C++ header on CPU: 10-20 s); done now, in the background, it does
+            # not stall the first real compile or requests behind it.
+            self._compiler.submit(self._warm_up)
 
     # ------------------------------------------------------------------ running
 
@@ -204,7 +209,13 @@ class Executor:
         # not broadcast, ...) and the kernel stays in service.
         outcome = self._fallback(spec, args, reason, _short(e), entry)
         entry.fail(reason, _short(e))
-        log.info("kernel %d [%s]: fused kernel failed, using the fallback: %s", spec.key, entry.arg_spec, _short(e))
+        log.warning(
+            "kernel %d [%s]: fused kernel failed where the fallback did not; this ArgSpec "
+            "is served by the fallback from now on: %s",
+            spec.key,
+            entry.arg_spec,
+            _short(e),
+        )
         log.debug("fused failure", exc_info=e)
         return outcome
 
@@ -300,6 +311,17 @@ class Executor:
         finally:
             entry.compile_seconds = time.perf_counter() - start
             entry.done.set()
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        try:
+            with self.placement.request_scope():
+                x = torch.ones(8, device=self.placement.device)
+                torch.compile(lambda t: t * 2 + 1, dynamic=True, fullgraph=True)(x)
+                self.placement.synchronize()
+            log.info("compiler warmed up in %.1f s", time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - a real compile will report the problem
+            log.warning("compiler warm-up failed: %s", _short(e))
 
     # ------------------------------------------------------------------ inspection
 

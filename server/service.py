@@ -30,6 +30,11 @@ SERVICE_NAME = _pb.service.DESCRIPTOR.services_by_name["KernelService"].full_nam
 
 T = TypeVar("T")
 
+# Calls at most this large, to kernels whose last run took less than this,
+# run on the event loop thread (see KernelService._run_inline).
+_INLINE_MAX_BYTES = 64 << 10
+_INLINE_MAX_RUN_US = 300
+
 
 def _parse(cls: type[T], data: bytes) -> T:
     try:
@@ -40,12 +45,15 @@ def _parse(cls: type[T], data: bytes) -> T:
 
 class KernelService:
     """Every method takes and returns raw bytes: decoding and encoding run on a
-    worker thread (so large messages never block the event loop) and are timed."""
+    worker thread (so large messages never block the event loop) and are timed;
+    small Execute/Fallback calls to quick kernels run on the event loop itself."""
 
     def __init__(self, core: Core, workers: int, max_message_bytes: int) -> None:
         self.core = core
         self.limit = max_message_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
+        self._runners = (self._execute, self._fallback)
+        self._run_us: dict[tuple[int, bool], int] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {
@@ -75,10 +83,12 @@ class KernelService:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
                 loop = asyncio.get_running_loop()
+                if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
+                    return await self._run_small(loop, request, deadline, fused=fn == self._execute)
                 return await loop.run_in_executor(self._pool, fn, request, deadline, arrived)
             except FuseportError as e:
                 await self._abort(context, e)
-            except Exception as e:  # noqa: BLE001 - the last line of defence
+            except Exception:  # noqa: BLE001 - the last line of defence
                 log.exception("unexpected error in %s", fn.__name__)
                 await self._abort(context, InternalError("internal error; see the server log"))
             raise AssertionError("unreachable")  # context.abort raises
@@ -105,17 +115,41 @@ class KernelService:
     def _fallback(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
         return self._run(request, deadline, arrived, fused=False)
 
+    async def _run_small(
+        self, loop: asyncio.AbstractEventLoop, request: bytes, deadline: float | None, *, fused: bool
+    ) -> bytes:
+        """A small call is decoded right here on the event loop; if its kernel's
+        last run was quick it also runs here, since handing it to a worker and
+        back costs more (about 200 us) than the work. A call that asks to wait
+        for a compile, or a slow kernel, goes to a worker."""
+        started = time.perf_counter_ns()
+        req = codec.decode_execute_request(request)
+        decode_ns = time.perf_counter_ns() - started
+        last = self._run_us.get((req.key, fused), _INLINE_MAX_RUN_US)
+        if not req.wait_for_compile and last < _INLINE_MAX_RUN_US:
+            return self._finish(req, decode_ns, 0, deadline, fused)
+        queued = time.perf_counter_ns()
+        return await loop.run_in_executor(
+            self._pool, lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, fused)
+        )
+
     def _run(self, request: bytes, deadline: float | None, arrived: int, *, fused: bool) -> bytes:
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
         del request  # the decoded tensors keep what they need of it
-        decoded = time.perf_counter_ns()
+        return self._finish(req, time.perf_counter_ns() - started, started - arrived, deadline, fused)
+
+    def _finish(
+        self, req: codec.ExecuteRequest, decode_ns: int, queue_ns: int, deadline: float | None, fused: bool
+    ) -> bytes:
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline
         )
+        # The latest run time decides whether the next small call runs inline.
+        self._run_us[(req.key, fused)] = result.run_us
         timings = _pb.service.Timings(
-            decode_us=(decoded - started) // 1000,
-            queue_us=(started - arrived) // 1000,
+            decode_us=decode_ns // 1000,
+            queue_us=queue_ns // 1000,
             run_us=result.run_us,
         )
         out = codec.encode_execute_response(

@@ -50,6 +50,13 @@ class Settings:
         default=16, metadata={"help": "compiled kernels kept per key (LRU over its ArgSpecs)"}
     )
     workers: int = field(default=8, metadata={"help": "threads that decode, run and encode requests"})
+    keep_host_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "keep freed host memory for the next message instead of returning it to the OS "
+            "(no page faults on large messages; resident memory stays at its peak)"
+        },
+    )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, time given to in-flight calls"}
     )
@@ -98,8 +105,19 @@ class Settings:
         return f"{self.host}:{self.port}"
 
 
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {raw!r}")
+
+
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = str(f.type)
+    if kind == "bool":
+        return parse_bool(raw)
     if kind == "int":
         return int(raw)
     if kind == "float":

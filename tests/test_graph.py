@@ -583,3 +583,14 @@ def test_uninitialised_allocations_come_back_zeroed() -> None:
     del garbage
     out = build_module(graph, torch.device("cpu"))(torch.randn(4))
     assert torch.equal(out[0], torch.zeros(256, 256))
+
+
+def test_capture_from_several_threads_at_once() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def f(x, alpha):
+        return torch.tanh(x) * alpha
+
+    with ThreadPoolExecutor(4) as pool:
+        graphs = list(pool.map(lambda _: capture(f, [torch.randn(3), 0.5]), range(4)))
+    assert len({key_for(g) for g in graphs}) == 1

@@ -47,6 +47,7 @@ import inspect
 import logging
 import math
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -117,12 +118,22 @@ class _Wrapper(torch.nn.Module):
         return self.inner(*args)
 
 
+# torch.export is not thread-safe (concurrent traces fail with "... is not
+# tracked with proxy"), so captures take turns.
+_EXPORT_LOCK = threading.Lock()
+
+
 def capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
     """Traces `fn` on `example_inputs` (tensors, ints, floats, bools) into a Graph message.
 
     Raises CaptureError naming the problem, or OpNotAllowed naming an op
-    outside the allowlist.
+    outside the allowlist. Safe to call from several threads (they take turns).
     """
+    with _EXPORT_LOCK:
+        return _capture(fn, example_inputs)
+
+
+def _capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
     inputs = list(example_inputs)
     kinds = [_kind_of(v, i) for i, v in enumerate(inputs)]
     names = _preferred_names(fn, len(inputs))

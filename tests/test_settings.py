@@ -1,0 +1,54 @@
+"""Settings: defaults < FUSEPORT_* environment < flags, one frozen object."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from fuseport.client.cli import _parser
+from fuseport.server.settings import Settings
+
+
+def test_defaults_are_the_embedded_local_server() -> None:
+    s = Settings.load(environ={})
+    assert (s.host, s.port, s.device) == ("127.0.0.1", 50051, "auto")
+    assert s.store_dir.parts[-2:] == ("fuseport", "store")
+    assert s.max_message_bytes == 1 << 30 and s.keep_host_memory is True
+
+
+def test_environment_overrides_defaults_and_flags_override_environment() -> None:
+    env = {"FUSEPORT_PORT": "6000", "FUSEPORT_DEVICE": "cpu", "FUSEPORT_GRACE_SECONDS": "2.5",
+           "FUSEPORT_STORE_DIR": "/srv/k", "FUSEPORT_KEEP_HOST_MEMORY": "off"}  # fmt: skip
+    s = Settings.load({"port": 7000, "host": None}, environ=env)
+    assert s.port == 7000 and s.device == "cpu" and s.grace_seconds == 2.5
+    assert s.store_dir == Path("/srv/k") and s.keep_host_memory is False and s.host == "127.0.0.1"
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FUSEPORT_PORT": "http"}, "FUSEPORT_PORT='http'"),
+        ({"FUSEPORT_PORT": "70000"}, "port must be in 0..65535"),
+        ({"FUSEPORT_COMPILE_MODE": "fast"}, "compile_mode must be one of"),
+        ({"FUSEPORT_MAX_MESSAGE_BYTES": str(2**31)}, "2 GiB"),
+        ({"FUSEPORT_KEEP_HOST_MEMORY": "maybe"}, "expected true or false"),
+    ],
+)
+def test_bad_values_name_the_variable_or_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Settings.load(environ=env)
+
+
+def test_every_setting_is_a_serve_flag() -> None:
+    args = _parser().parse_args(["serve", "--port", "0", "--keep-host-memory", "false", "--grace-seconds", "1"])
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    assert set(flags) == {f.name for f in dataclasses.fields(Settings)}
+    s = Settings.load(flags, environ={})
+    assert s.port == 0 and s.keep_host_memory is False and s.grace_seconds == 1.0
