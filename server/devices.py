@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 _STAGING_CHUNK = 8 << 20
 # Below this, a plain copy is cheaper than arranging a staged one.
 _STAGING_MIN = 256 << 10
+
+_SAME_SCOPE = contextlib.nullcontext()  # stateless, so one serves every request
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,17 +60,17 @@ class Placement:
         self.cuda = device.type == "cuda"
         self._local = threading.local()
 
-    @contextlib.contextmanager
-    def request_scope(self) -> Iterator[None]:
-        """Runs the body on this thread's stream (a no-op on CPU)."""
-        if not self.cuda:
-            yield
-            return
-        stream = getattr(self._local, "stream", None)
-        if stream is None:
-            stream = self._local.stream = torch.cuda.Stream(self.device)
-        with torch.cuda.device(self.device), torch.cuda.stream(stream):
-            yield
+    def request_scope(self) -> contextlib.AbstractContextManager[None]:
+        """Puts this thread on a stream of its own, the first time (a no-op on CPU).
+
+        The thread stays on it: entering torch.cuda.device/stream contexts on
+        every request cost more than the kernel for small calls (about 100 us
+        on the H100 host)."""
+        if self.cuda and getattr(self._local, "stream", None) is None:
+            torch.cuda.set_device(self.device)
+            self._local.stream = torch.cuda.Stream(self.device)
+            torch.cuda.set_stream(self._local.stream)
+        return _SAME_SCOPE
 
     def share(self, values: list[Any]) -> Callable[[], None]:
         """Hands tensors made on this thread's stream to another thread: returns
@@ -101,6 +103,8 @@ class Placement:
         if isinstance(value, torch.Tensor):
             if value.device.type == "cpu":
                 return value
+            if value.numel() * value.element_size() < _STAGING_MIN:
+                return value.cpu()  # a plain copy beats allocating pinned memory
             out = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             out.copy_(value, non_blocking=True)
             return out
@@ -109,8 +113,9 @@ class Placement:
         return value
 
     def synchronize(self) -> None:
+        """Waits for this thread's stream (call after request_scope)."""
         if self.cuda:
-            torch.cuda.current_stream(self.device).synchronize()
+            self._local.stream.synchronize()
 
     def release_memory(self) -> None:
         """After an out-of-memory error: give cached blocks back to the driver."""

@@ -39,7 +39,7 @@ def chain(x, y):
 
 
 def test_pointwise_chain_runs_fused_on_cuda_with_triton_source(gpu: Client) -> None:
-    key = gpu.register(chain, [torch.randn(64), torch.randn(64)])
+    key = gpu.register(chain, [torch.randn(8, 8), torch.randn(8, 8)])
     x, y = torch.randn(1000, 33), torch.randn(1000, 33)
     res = gpu.execute_detailed(key, [x, y], wait=True)
     assert res.path == "fused", (res.reason, res.detail)

@@ -181,13 +181,19 @@ class _Writer:
         pre = _tensor_prefix(code, t, order)
         data_head = _tag(_T_DATA, _LEN) + _varint(n) if n else b""
         field_tag = _tag(field, _LEN)
-        # Pick the filler so that the tensor bytes start at an aligned offset.
-        for filler in _FILLERS if n else (b"",):
-            tensor_len = len(pre) + len(filler) + len(data_head) + n
+        # Pick the filler so that the tensor bytes start at an aligned offset:
+        # grow it by what is missing until the varint lengths it changes settle.
+        fixed = len(pre) + len(data_head) + n
+        size = 0
+        for _ in range(8):
+            tensor_len = fixed + size
             value_len = 1 + _varint_len(tensor_len) + tensor_len
-            head = len(field_tag) + _varint_len(value_len) + 1 + _varint_len(tensor_len)
-            if (self.size + head + len(pre) + len(filler) + len(data_head)) % _ALIGN == 0:
+            start = self.size + len(field_tag) + _varint_len(value_len) + 1 + _varint_len(tensor_len)
+            missing = -(start + len(pre) + size + len(data_head)) % _ALIGN if n else 0
+            if not missing:
                 break
+            size += missing + (_ALIGN if size + missing == 1 else 0)  # a filler field is >= 2 bytes
+        filler = _tag(_T_ALIGN, _LEN) + bytes([size - 2]) + bytes(size - 2) if size else b""
         self.put(
             field_tag
             + _varint(value_len)
@@ -201,9 +207,6 @@ class _Writer:
             self._keep.append(t)
             self.put(data)
 
-
-# Filler fields of every size from 0 to 2 * _ALIGN + 2 bytes (tag, length, zeros).
-_FILLERS = (b"",) + tuple(_tag(_T_ALIGN, _LEN) + bytes([k]) + bytes(k) for k in range(2 * _ALIGN))
 
 
 def _tensor_bytes_checked(t: torch.Tensor, where: str) -> tuple[int, torch.Tensor, tuple[int, ...]]:

@@ -1,0 +1,71 @@
+"""Where the server's time goes on a small Execute, in process (no gRPC): decode,
+each step of Core.execute, encode. Usage: python scripts/profile_small.py [cpu|cuda]"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+
+import torch
+
+from fuseport.server.core import Core
+from fuseport.server.settings import Settings
+from fuseport.wire import _pb, codec
+from fuseport.wire.capture import capture
+
+
+def main() -> None:
+    device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    with tempfile.TemporaryDirectory() as tmp:
+        core = Core(Settings(device=device, store_dir=tmp))
+        key, _ = core.register(capture(lambda x: x + 0, [torch.zeros(256)]))
+        x = torch.randn(256)
+        request = codec.encode_execute_request(key, [x])
+        req = codec.decode_execute_request(request)
+        core.execute(key, req.stack, wait=True)
+        n = 2000
+
+        def timeit(label, fn):
+            for _ in range(50):
+                fn()
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            print(f"{label:>28}: {(time.perf_counter_ns() - start) / n / 1000:8.1f} us")
+
+        timeit("decode", lambda: codec.decode_execute_request(request))
+        timeit("core.execute", lambda: core.execute(key, req.stack))
+        res = core.execute(key, req.stack)
+        t = _pb.service.Timings()
+        timeit("encode", lambda: codec.encode_execute_response(res.stack, res.path, 0, "", t, clock=time.perf_counter_ns))
+        spec = core.registry.get(key)
+        args = core.placement.to_device(req.stack)
+        entry = core.executor._entry(spec, args)
+        timeit("to_device", lambda: core.placement.to_device(req.stack))
+        timeit("fused fn only", lambda: entry.fn(*args))
+        timeit("fallback gm only", lambda: spec.fallback(*args))
+        timeit("executor.run", lambda: core.executor.run(spec, args, fused=True))
+        out = entry.fn(*args)
+
+        def back():
+            with core.placement.request_scope():
+                core.placement.to_host(list(out))
+                core.placement.synchronize()
+
+        timeit("scope+to_host+sync", back)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            r = codec.decode_execute_request(request)
+            res = core.execute(key, r.stack)
+            codec.encode_execute_response(res.stack, res.path, 0, "", t, clock=time.perf_counter_ns)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        core.close()
+
+
+if __name__ == "__main__":
+    main()
