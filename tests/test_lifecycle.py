@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import struct
 import threading
@@ -118,9 +119,17 @@ def test_out_of_memory_is_resource_exhausted_and_server_keeps_serving(client: Cl
     torch.testing.assert_close(client.fallback(key2, [torch.ones(2)])[0], torch.full((2,), 2.0))
 
 
+def _uncached_constant() -> float:
+    """A constant no earlier run compiled: Inductor's on-disk cache cannot make
+    the compile instant, so it is still running when the test needs it to be."""
+    return 1 + random.random()
+
+
 def test_deadline_exceeded_while_waiting_for_compile(client: Client) -> None:
+    c = _uncached_constant()
+
     def f(x):
-        return torch.erf(x) * 7 + 3
+        return torch.erf(x) * c + 3
 
     key = client.register(f, [torch.randn(9)])
     with pytest.raises(DeadlineExceeded) as e:
@@ -237,8 +246,10 @@ def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(tmp_path: Path) -
     server = start_server(tmp_path, None, "--grace-seconds", "120")
     try:
         with Client(server.target, timeout=120) as c:
+            scale = _uncached_constant()
+
             def f(x):
-                return torch.sinh(x) * 11
+                return torch.sinh(x) * scale
 
             key = c.register(f, [torch.randn(3)])
             x = torch.randn(3)
