@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
 from pathlib import Path
@@ -14,6 +13,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fuseport.server.core import Core
+from fuseport.server.hostmem import keep_host_memory
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
 
@@ -94,25 +94,6 @@ def _write_port(path: Path, port: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{port}\n")
     tmp.replace(path)  # readers never see a half-written file
-
-
-def keep_host_memory() -> bool:
-    """Tells glibc to keep freed memory for reuse. By default it hands blocks of
-    32 MiB and more back to the OS, and the next message's buffer page-faults
-    its way in again: a fresh 256 MiB buffer filled at 4 GB/s here against 28
-    GB/s for a reused one, a third of a 256 MiB Execute. One arena, no mmap'd
-    blocks and no trimming took the server's faults per such call from 340k to 0.
-    Must run before the server starts its threads."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        log.info("not glibc: host memory settings left as they are")
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from malloc.h
-    return all(
-        libc.mallopt(param, value)
-        for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-    )
 
 
 def serve(settings: Settings) -> None:

@@ -1,0 +1,29 @@
+"""Host memory: keeping freed blocks for reuse so large messages stop page-faulting."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+__all__ = ["keep_host_memory"]
+
+log = logging.getLogger(__name__)
+
+
+def keep_host_memory() -> bool:
+    """Tells glibc to keep freed memory for reuse. By default it hands blocks of
+    32 MiB and more back to the OS, and the next message's buffer page-faults
+    its way in again: a fresh 256 MiB buffer filled at 4 GB/s here against 28
+    GB/s for a reused one, a third of a 256 MiB Execute. One arena, no mmap'd
+    blocks and no trimming took the server's faults per such call from 340k to 0.
+    Must run before the server starts its threads."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        log.info("not glibc: host memory settings left as they are")
+        return False
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # from malloc.h
+    return all(
+        libc.mallopt(param, value)
+        for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
+    )
