@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from fuseport.server.hostmem import keep_host_memory
+from fuseport.wire.hostmem import keep_host_memory
 
 __all__ = ["ECHO_METHOD", "echo_channel", "echo_server", "echo_stub", "main"]
 

@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # This process is the client of both the echo and fuseport; with the host
+    # memory setting both servers have, its large buffers stop page-faulting too.
+    from fuseport.wire.hostmem import keep_host_memory
+
+    keep_host_memory()
     from fuseport.bench.stats import parse_size
 
     try:

@@ -26,6 +26,7 @@ from fuseport.wire.errors import (  # cheap: no torch
     SignatureMismatch,
     Unavailable,
 )
+from fuseport.wire.hostmem import keep_host_memory
 
 if TYPE_CHECKING:
     from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
@@ -51,6 +52,7 @@ __all__ = [
     "Timings",
     "Unavailable",
     "capture",
+    "keep_host_memory",
     "key_for",
 ]
 

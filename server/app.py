@@ -13,9 +13,9 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fuseport.server.core import Core
-from fuseport.server.hostmem import keep_host_memory
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
+from fuseport.wire.hostmem import keep_host_memory
 
 __all__ = ["Server", "create_server", "serve"]
 

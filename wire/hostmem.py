@@ -1,4 +1,4 @@
-"""Host memory: keeping freed blocks for reuse so large messages stop page-faulting."""
+"""Host memory: keeping freed blocks for reuse so large messages stop page-faulting (server and client)."""
 
 from __future__ import annotations
 
