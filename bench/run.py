@@ -237,7 +237,7 @@ def _machine(local_device: Any) -> dict[str, Any]:
                 break
     on_cuda = local_device is not None and local_device.type == "cuda"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device_name": torch.cuda.get_device_name(local_device) if on_cuda else cpu,
         "cpu": cpu,
         "cpu_count": os.cpu_count(),

@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         "Fallback, and prints the results and which path ran. Without --target it starts a "
         "server of its own (on the GPU if there is one, else the CPU) and stops it afterwards.",
     )
-    demo.add_argument("--target", default=None, help="use this server instead of starting one")
+    demo.add_argument(
+        "--target", default=None, help=f"use this server (default: ${TARGET_ENV}) instead of starting one"
+    )
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default: 300)")
 
     # Listed for --help only: main() hands `bench ...` to the benchmark's own parser.
@@ -233,8 +235,9 @@ def _local_server() -> Iterator[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.target:
-        return _run_demo(args.target, args.timeout)
+    target = args.target or os.environ.get(TARGET_ENV)
+    if target:
+        return _run_demo(target, args.timeout)
     with _local_server() as target:
         return _run_demo(target, args.timeout)
 

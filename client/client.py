@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _SERVICE = "fuseport.v1.KernelService"
+_RETRY_BUFFER_BYTES = 16 << 20
 
 # Every fuseport call is idempotent (keys are content addresses, kernels are
 # pure), so gRPC may retry all of them when the server is briefly unavailable.
@@ -72,6 +73,9 @@ def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _SERVICE_CONFIG),
+        # gRPC retries a call only while its request fits this buffer (256 KiB
+        # by default): 16 MiB covers most calls without holding large ones twice.
+        ("grpc.per_rpc_retry_buffer_size", _RETRY_BUFFER_BYTES),
         *extra,
     ]
 
@@ -137,6 +141,51 @@ class _Base:
     def _should_heal(self, e: FuseportError, key: int) -> bool:
         return isinstance(e, KernelNotFound) and key in self._graphs
 
+    # Requests and their parsers, shared by both clients (which differ only in
+    # how they wait for the call).
+
+    def _register_call(
+        self, fn_or_graph: Any, example_inputs: Sequence[Any] | None
+    ) -> tuple[bytes, Callable[[bytes], int]]:
+        graph = self._graph_of(fn_or_graph, example_inputs)
+
+        def registered(raw: bytes) -> int:
+            key = _pb.service.RegisterResponse.FromString(raw).key
+            self._graphs[key] = graph
+            return key
+
+        return _pb.service.RegisterRequest(graph=graph).SerializeToString(), registered
+
+    def _heal_request(self, key: int) -> bytes:
+        return _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString()
+
+    @staticmethod
+    def _describe_request(key: int, include_source: bool) -> bytes:
+        return _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString()
+
+    @staticmethod
+    def _described(raw: bytes) -> _pb.service.KernelInfo:
+        return _pb.service.DescribeResponse.FromString(raw).kernel
+
+    @staticmethod
+    def _listed(raw: bytes) -> list[_pb.service.KernelInfo]:
+        return list(_pb.service.ListResponse.FromString(raw).kernels)
+
+    def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
+        def unregistered(raw: bytes) -> bool:
+            self._graphs.pop(key, None)
+            return _pb.service.UnregisterResponse.FromString(raw).removed
+
+        return _pb.service.UnregisterRequest(key=key).SerializeToString(), unregistered
+
+    @staticmethod
+    def _health_request(service: str) -> health_pb2.HealthCheckRequest:
+        return health_pb2.HealthCheckRequest(service=service)
+
+    @staticmethod
+    def _status(resp: health_pb2.HealthCheckResponse) -> str:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
 
 class Client(_Base):
     """A blocking client. Use as a context manager, or call close().
@@ -177,11 +226,8 @@ class Client(_Base):
         self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
     ) -> int:
         """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it."""
-        graph = self._graph_of(fn_or_module, example_inputs)
-        raw = self._call("Register", _pb.service.RegisterRequest(graph=graph).SerializeToString(), timeout)
-        key = _pb.service.RegisterResponse.FromString(raw).key
-        self._graphs[key] = graph
-        return key
+        request, registered = self._register_call(fn_or_module, example_inputs)
+        return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
         self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
@@ -208,30 +254,27 @@ class Client(_Base):
             if not self._should_heal(e, key):
                 raise
             log.info("server lost kernel %d; registering it again", key)
-            self._call("Register", _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString(), timeout)
+            self._call("Register", self._heal_request(key), timeout)
             raw = self._call(method, request, timeout)
         return _result(raw, started)
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
-        raw = self._call("Describe", _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString(), timeout)
-        return _pb.service.DescribeResponse.FromString(raw).kernel
+        """Signature, every ArgSpec with its state, run counts, generated source."""
+        return self._described(self._call("Describe", self._describe_request(key, include_source), timeout))
 
     def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
-        raw = self._call("List", b"", timeout)
-        return list(_pb.service.ListResponse.FromString(raw).kernels)
+        return self._listed(self._call("List", b"", timeout))
 
     def unregister(self, key: int, *, timeout: float | None = None) -> bool:
-        raw = self._call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString(), timeout)
-        self._graphs.pop(key, None)
-        return _pb.service.UnregisterResponse.FromString(raw).removed
+        request, unregistered = self._unregister_call(key)
+        return unregistered(self._call("Unregister", request, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's health status name: "SERVING", "NOT_SERVING", ..."""
         try:
-            resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
+            return self._status(self._health.Check(self._health_request(service), timeout=self._timeout(timeout)))
         except grpc.RpcError as e:
             raise _translate(e) from e
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 class AsyncClient(_Base):
@@ -271,11 +314,8 @@ class AsyncClient(_Base):
     async def register(
         self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
     ) -> int:
-        graph = self._graph_of(fn_or_module, example_inputs)
-        raw = await self._call("Register", _pb.service.RegisterRequest(graph=graph).SerializeToString(), timeout)
-        key = _pb.service.RegisterResponse.FromString(raw).key
-        self._graphs[key] = graph
-        return key
+        request, registered = self._register_call(fn_or_module, example_inputs)
+        return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(
         self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
@@ -304,34 +344,24 @@ class AsyncClient(_Base):
             if not self._should_heal(e, key):
                 raise
             log.info("server lost kernel %d; registering it again", key)
-            await self._call(
-                "Register", _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString(), timeout
-            )
+            await self._call("Register", self._heal_request(key), timeout)
             raw = await self._call(method, request, timeout)
         return _result(raw, started)
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None
     ) -> _pb.service.KernelInfo:
-        raw = await self._call(
-            "Describe", _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString(), timeout
-        )
-        return _pb.service.DescribeResponse.FromString(raw).kernel
+        return self._described(await self._call("Describe", self._describe_request(key, include_source), timeout))
 
     async def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
-        raw = await self._call("List", b"", timeout)
-        return list(_pb.service.ListResponse.FromString(raw).kernels)
+        return self._listed(await self._call("List", b"", timeout))
 
     async def unregister(self, key: int, *, timeout: float | None = None) -> bool:
-        raw = await self._call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString(), timeout)
-        self._graphs.pop(key, None)
-        return _pb.service.UnregisterResponse.FromString(raw).removed
+        request, unregistered = self._unregister_call(key)
+        return unregistered(await self._call("Unregister", request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         try:
-            resp = await self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
-            )
+            return self._status(await self._health.Check(self._health_request(service), timeout=self._timeout(timeout)))
         except grpc.RpcError as e:
             raise _translate(e) from e
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

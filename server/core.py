@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from fuseport.server.devices import Placement, resolve_device
+from fuseport.server.devices import Placement, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import KernelSpec, Registry
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb, dtypes
-from fuseport.wire.errors import SignatureMismatch
+from fuseport.wire.errors import ResourceExhausted, SignatureMismatch
 
 __all__ = ["Core", "Result"]
 
@@ -75,12 +75,21 @@ class Core:
             _check_input(spec, i, stack[base + i], base + i) for i in range(n)
         ]
         start = time.perf_counter_ns()
-        with self.placement.request_scope():
-            outcome: Outcome = self.executor.run(
-                spec, self.placement.to_device(args), fused=fused, wait=wait, deadline=deadline
-            )
-            outputs = self.placement.to_host(outcome.outputs)
-            self.placement.synchronize()
+        try:
+            with self.placement.request_scope():
+                outcome: Outcome = self.executor.run(
+                    spec, self.placement.to_device(args), fused=fused, wait=wait, deadline=deadline
+                )
+                outputs = self.placement.to_host(outcome.outputs)
+                self.placement.synchronize()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            # Out of memory moving inputs or results (the executor handles its own).
+            self.placement.release_memory()
+            raise ResourceExhausted(
+                f"{self.device} out of memory moving data for kernel {key}; memory was released"
+            ) from e
         run_us = (time.perf_counter_ns() - start) // 1000
         return Result(below + outputs, outcome.path, outcome.reason, outcome.detail, run_us)
 
@@ -91,8 +100,10 @@ class Core:
         return [self._info(s, False, with_arg_specs=False) for s in self.registry.specs()]
 
     def unregister(self, key: int) -> bool:
+        # Registry first: once the key is gone no new request can compile for it.
+        removed = self.registry.remove(key)
         self.executor.forget(key)
-        return self.registry.remove(key)
+        return removed
 
     def close(self) -> None:
         self.executor.shutdown()

@@ -12,6 +12,7 @@ ArgSpec's entry and served by the fallback from then on.
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import threading
@@ -29,7 +30,6 @@ from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.server.registry import KernelSpec
 from fuseport.wire import _pb
 from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
-from fuseport.wire.graph import build_module
 
 __all__ = ["ArgSpec", "Entry", "Executor", "State", "arg_spec_of"]
 
@@ -177,27 +177,22 @@ class Executor:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
-        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
-        if len(devices) > 1:
-            detail = "inputs on " + ", ".join(sorted(map(str, devices)))
-            return self._fallback(spec, args, Reason.FALLBACK_REASON_MIXED_DEVICES, detail, None)
-
         entry = self._entry(spec, args)
         if entry.state is State.COMPILING and wait:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
                 raise DeadlineExceeded(f"deadline passed while kernel {spec.key} compiled")
-        if entry.state is not State.READY or entry.fn is None:
+        fn = entry.fn  # once: another thread may fail the entry meanwhile
+        if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
             return self._fallback(spec, args, entry.reason, detail, entry)
         try:
-            outputs = entry.fn(*args)
+            outputs = fn(*args)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
             return self._after_fused_error(spec, args, entry, e)
-        entry.fused_runs += 1
-        self._count(spec.key, fused=True)
+        self._count(spec.key, entry, fused=True)
         return Outcome(list(outputs), Path.PATH_FUSED)
 
     def _after_fused_error(self, spec: KernelSpec, args: list[Any], entry: Entry, e: Exception) -> Outcome:
@@ -228,9 +223,7 @@ class Executor:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
             raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {_short(e)}") from e
-        if entry is not None:
-            entry.fallback_runs += 1
-        self._count(spec.key, fused=False)
+        self._count(spec.key, entry, fused=False)
         if reason not in (Reason.FALLBACK_REASON_REQUESTED,):
             log.info("kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)
         return Outcome(list(outputs), Path.PATH_FALLBACK, reason, detail)
@@ -241,9 +234,15 @@ class Executor:
             f"{self.placement.device} out of memory running kernel {spec.key}; memory was released: {_short(e)}"
         ) from e
 
-    def _count(self, key: int, *, fused: bool) -> None:
-        counts = self._counts.setdefault(key, [0, 0])
-        counts[0 if fused else 1] += 1
+    def _count(self, key: int, entry: Entry | None, *, fused: bool) -> None:
+        with self._lock:  # += from several threads would lose counts
+            counts = self._counts.setdefault(key, [0, 0])
+            counts[0 if fused else 1] += 1
+            if entry is not None:
+                if fused:
+                    entry.fused_runs += 1
+                else:
+                    entry.fallback_runs += 1
 
     # ------------------------------------------------------------------ cache
 
@@ -264,11 +263,9 @@ class Executor:
 
     def _evict(self, key: int) -> None:
         """Drops least recently used entries past the bounds (never one compiling)."""
-        per_key = [k for k in self._entries if k[0] == key]
-        for bound, candidates in (
-            (self.max_arg_specs, per_key),
-            (self.max_kernels, list(self._entries)),
-        ):
+        for bound, only_key in ((self.max_arg_specs, True), (self.max_kernels, False)):
+            # Listed afresh for each bound: the first pass may have removed some.
+            candidates = [k for k in self._entries if not only_key or k[0] == key]
             excess = len(candidates) - bound
             for ident in candidates:
                 if excess <= 0:
@@ -285,7 +282,8 @@ class Executor:
         try:
             # A module of its own: Dynamo keeps its cache on the module's code,
             # so each ArgSpec has its own guards and its own recompile budget.
-            module = build_module(spec.graph, self.placement.device)
+            # Built on the fallback module, it shares its weights (no copies).
+            module = torch.fx.GraphModule(spec.fallback, copy.deepcopy(spec.fallback.graph))
             mode = None if self.compile_mode == "default" else self.compile_mode
             fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
             from torch._inductor.graph import GraphLowering
@@ -305,12 +303,30 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
             if is_out_of_memory(e):
                 self.placement.release_memory()
-            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
-            log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
-            log.debug("compile failure", exc_info=e)
+            if self._inputs_at_fault(spec, sample):
+                # The request's inputs were bad (shapes that do not broadcast):
+                # that says nothing of the kernel. Forget the entry so that the
+                # next request for this ArgSpec compiles again.
+                with self._lock:
+                    if self._entries.get((spec.key, entry.arg_spec)) is entry:
+                        del self._entries[(spec.key, entry.arg_spec)]
+                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {_short(e)}")
+            else:
+                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
+                log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
+                log.debug("compile failure", exc_info=e)
         finally:
             entry.compile_seconds = time.perf_counter() - start
             entry.done.set()
+
+    def _inputs_at_fault(self, spec: KernelSpec, sample: list[Any]) -> bool:
+        try:
+            with self.placement.request_scope():
+                spec.fallback(*sample)
+                self.placement.synchronize()
+        except Exception:  # noqa: BLE001 - any failure of the unfused graph blames the inputs
+            return True
+        return False
 
     def _warm_up(self) -> None:
         start = time.perf_counter()
@@ -341,4 +357,10 @@ class Executor:
         self._counts.pop(key, None)
 
     def shutdown(self) -> None:
+        """Stops compiling; calls waiting for a compile get the fallback at once."""
         self._compiler.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            waiting = [e for e in self._entries.values() if e.state is State.COMPILING]
+        for entry in waiting:
+            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, "the server is shutting down")
+            entry.done.set()

@@ -102,7 +102,11 @@ def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -
     key = client.register(f, [torch.ones(4), torch.ones(4)])
     with pytest.raises(ExecutionFailed, match="failed on these inputs"):
         client.execute(key, [torch.ones(4), torch.ones(5)], wait=True)
-    torch.testing.assert_close(client.execute(key, [torch.ones(4), torch.ones(4)])[0], torch.full((4,), 2.0))
+    # The bad request was the one the kernel first compiled with; that must not
+    # keep good requests of the same ArgSpec off the fused kernel.
+    res = client.execute_detailed(key, [torch.ones(4), torch.ones(4)], wait=True)
+    assert res.path == "fused", (res.reason, res.detail)
+    torch.testing.assert_close(res.stack[0], torch.full((4,), 2.0))
 
 
 def test_out_of_memory_is_resource_exhausted_and_server_keeps_serving(client: Client) -> None:

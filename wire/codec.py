@@ -557,13 +557,18 @@ def encode_execute_request(
     return w.getvalue(limit)
 
 
-def decode_execute_request(buf: Buffer) -> ExecuteRequest:
-    r, rest, spans = _split(buf, _REQ_STACK)
+def _decode_execute(buf: Buffer, stack_field: int, cls: Any, what: str) -> tuple[Any, list[StackValue]]:
+    """The message's other fields (parsed by protobuf) and its decoded stack."""
+    r, rest, spans = _split(buf, stack_field)
     try:
-        head = _pb.service.ExecuteRequest.FromString(rest)
+        head = cls.FromString(rest)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise InvalidStack(f"request: cannot parse: {e}") from None
-    stack = [r.value(a, b, f"stack[{i}]") for i, (a, b) in enumerate(spans)]
+        raise InvalidStack(f"{what}: cannot parse: {e}") from None
+    return head, [r.value(a, b, f"stack[{i}]") for i, (a, b) in enumerate(spans)]
+
+
+def decode_execute_request(buf: Buffer) -> ExecuteRequest:
+    head, stack = _decode_execute(buf, _REQ_STACK, _pb.service.ExecuteRequest, "request")
     return ExecuteRequest(key=head.key, stack=stack, wait_for_compile=head.options.wait_for_compile)
 
 
@@ -583,8 +588,6 @@ def encode_execute_response(
     w.put(_pb.service.ExecuteResponse(path=path, reason=reason, detail=detail).SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_RESP_STACK, v, f"stack[{i}]")
-    if w.size > (limit if limit is not None else w.size):
-        w.getvalue(limit)  # raises ResourceExhausted
     if clock:
         timings.encode_us = (clock() - start) // 1000
     tail = timings.SerializeToString()
@@ -593,12 +596,7 @@ def encode_execute_response(
 
 
 def decode_execute_response(buf: Buffer) -> ExecuteResponse:
-    r, rest, spans = _split(buf, _RESP_STACK)
-    try:
-        head = _pb.service.ExecuteResponse.FromString(rest)
-    except Exception as e:
-        raise InvalidStack(f"response: cannot parse: {e}") from None
-    stack = [r.value(a, b, f"stack[{i}]") for i, (a, b) in enumerate(spans)]
+    head, stack = _decode_execute(buf, _RESP_STACK, _pb.service.ExecuteResponse, "response")
     return ExecuteResponse(
         stack=stack, path=head.path, reason=head.reason, detail=head.detail, timings=head.timings
     )
