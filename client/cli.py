@@ -150,8 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fuseport serve: {e}", file=sys.stderr)
         return 2
-    serve(settings)
-    return 0
+    return serve(settings)
 
 
 def _signature(info: Any) -> str:

@@ -77,7 +77,12 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     return server, server.port
 
 
-async def _serve(settings: Settings) -> None:
+# Exit status when the device failed (a CUDA error that poisons the context):
+# the supervisor should start a fresh process.
+EXIT_DEVICE_FAILED = 3
+
+
+async def _serve(settings: Settings) -> int:
     server, port = await create_server(settings)
     await server.start()
     if settings.port_file is not None:
@@ -86,8 +91,17 @@ async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed = False
+
+    def device_failed() -> None:  # called from a worker thread
+        nonlocal failed
+        failed = True
+        loop.call_soon_threadsafe(stop.set)
+
+    server.core.on_device_failure = device_failed
     await stop.wait()
     await server.stop()
+    return EXIT_DEVICE_FAILED if failed else 0
 
 
 def _write_port(path: Path, port: int) -> None:
@@ -96,12 +110,13 @@ def _write_port(path: Path, port: int) -> None:
     tmp.replace(path)  # readers never see a half-written file
 
 
-def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT."""
+def serve(settings: Settings) -> int:
+    """Runs until SIGTERM or SIGINT (exit status 0), or until the device fails
+    (EXIT_DEVICE_FAILED). Returns the exit status."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if settings.keep_host_memory and not keep_host_memory():
         log.warning("could not set glibc's malloc options; large messages will page-fault")
-    asyncio.run(_serve(settings))
+    return asyncio.run(_serve(settings))

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from fuseport.server.devices import Placement, is_out_of_memory, resolve_device
+from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import KernelSpec, Registry
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb, dtypes
-from fuseport.wire.errors import ResourceExhausted, SignatureMismatch
+from fuseport.wire.errors import InternalError, ResourceExhausted, SignatureMismatch
 
 __all__ = ["Core", "Result"]
 
@@ -46,6 +47,8 @@ class Core:
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
         )
+        # Set by the app: called (from a worker thread) when the device fails.
+        self.on_device_failure: Callable[[], None] | None = None
         self.registry.load()
 
     # ------------------------------------------------------------------ RPCs
@@ -83,6 +86,8 @@ class Core:
                 outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()
         except Exception as e:
+            if is_device_failure(e):
+                self._device_failed(e)
             if not is_out_of_memory(e):
                 raise
             # Out of memory moving inputs or results (the executor handles its own).
@@ -107,6 +112,17 @@ class Core:
 
     def close(self) -> None:
         self.executor.shutdown()
+
+    def _device_failed(self, e: BaseException) -> None:
+        """The device is unusable for this process: say so, and have the server
+        stop (health NOT_SERVING, drain, exit non-zero) so that its supervisor
+        starts a fresh one. Registered kernels are on disk and survive that."""
+        log.error("device %s failed; this server must restart: %s", self.device, e)
+        if self.on_device_failure is not None:
+            self.on_device_failure()
+        raise InternalError(
+            f"device {self.device} failed and this server is restarting: {str(e).splitlines()[0]}"
+        ) from e
 
     # ------------------------------------------------------------------ helpers
 

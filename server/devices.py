@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Placement", "is_out_of_memory", "resolve_device"]
+__all__ = ["Placement", "is_device_failure", "is_out_of_memory", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,19 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda[:N], not {name!r}")
     return device
+
+
+def is_device_failure(e: BaseException | None) -> bool:
+    """A CUDA error that leaves the context unusable (a device-side assert, an
+    illegal address): every later call on this process would fail too."""
+    while e is not None:
+        accelerator_error = getattr(torch, "AcceleratorError", ())
+        if isinstance(e, accelerator_error) or (
+            isinstance(e, RuntimeError) and "CUDA error" in str(e) and not is_out_of_memory(e)
+        ):
+            return True
+        e = e.__cause__
+    return False
 
 
 def is_out_of_memory(e: BaseException) -> bool:

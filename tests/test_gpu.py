@@ -101,3 +101,23 @@ def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: 
 
     key2 = gpu.register(small, [torch.ones(4)])
     assert torch.equal(gpu.execute(key2, [torch.ones(4)], wait=True)[0], torch.full((4,), 2.0))
+
+
+def test_device_failure_stops_the_server_so_it_is_restarted(tmp_path) -> None:
+    """A device-side assert poisons the CUDA context: the server must not keep
+    saying SERVING. It answers INTERNAL, drains and exits with status 3."""
+    from fuseport.client import InternalError
+
+    server = start_server(tmp_path, None, "--device", "cuda")
+    try:
+        with Client(server.target, timeout=120) as c:
+            def gather(x, i):
+                return x[i]
+
+            key = c.register(gather, [torch.randn(8), torch.tensor([1, 2])])
+            with pytest.raises(InternalError, match="restarting"):
+                c.fallback(key, [torch.randn(8), torch.tensor([1, 1 << 40])])
+        assert server.proc.wait(timeout=120) == 3
+        assert "must restart" in server.log()
+    finally:
+        server.stop()
