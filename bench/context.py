@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +84,7 @@ def fuseport_server(
 ) -> Iterator[tuple[str, int]]:
     """`fuseport serve` on 127.0.0.1 and a free port, with a fresh store; yields
     (target, pid) once gRPC health says SERVING. `env` is added to its environment."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
     with tempfile.TemporaryDirectory(prefix="fuseport-bench-") as tmp:
         port_file = Path(tmp) / "port"
@@ -104,22 +101,8 @@ def fuseport_server(
             return "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
 
         try:
-            deadline = time.monotonic() + timeout
-            while not port_file.exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"fuseport serve exited with {proc.returncode}:\n{tail()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"fuseport serve did not bind in {timeout:.0f} s:\n{tail()}")
-                time.sleep(0.05)
-            target = f"127.0.0.1:{port_file.read_text().strip()}"
-            with grpc.insecure_channel(target) as ch:
-                stream = health_pb2_grpc.HealthStub(ch).Watch(
-                    health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True
-                )
-                for resp in stream:
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        stream.cancel()
-                        break
+            target = f"127.0.0.1:{read_port_file(proc, port_file, 'fuseport serve', timeout, tail)}"
+            wait_until_serving(target, timeout)
             log.info("fuseport server %s (pid %d, device %s, log %s)", target, proc.pid, device, log_path)
             yield target, proc.pid
         except BaseException:
@@ -127,10 +110,4 @@ def fuseport_server(
                 log.error("server log:\n%s", tail())
             raise
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, timeout=30)

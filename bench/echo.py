@@ -21,13 +21,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from fuseport.wire._local import read_port_file, stop_process, write_port_file
 from fuseport.wire.hostmem import keep_host_memory
 
 __all__ = ["ECHO_METHOD", "echo_channel", "echo_server", "echo_stub", "main"]
@@ -66,9 +66,7 @@ async def _serve(host: str, port: int, port_file: Path | None, max_message_bytes
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
     if port_file is not None:
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(f"{bound}\n")
-        tmp.replace(port_file)  # readers never see a half-written file
+        write_port_file(port_file, bound)
     log.info("echo server on %s:%d", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,24 +116,16 @@ def echo_server(timeout: float = 60.0) -> Iterator[tuple[str, int]]:
                 stderr=subprocess.STDOUT,
             )
         try:
-            deadline = time.monotonic() + timeout
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the echo server did not start:\n{log_path.read_text(errors='replace')}")
-                time.sleep(0.05)
-            target = f"127.0.0.1:{port_file.read_text().strip()}"
+            port = read_port_file(
+                proc, port_file, "the echo server", timeout, lambda: log_path.read_text(errors="replace")
+            )
+            target = f"127.0.0.1:{port}"
             with grpc.insecure_channel(target) as ch:
                 # One call with wait_for_ready: the port file is written after start.
                 echo_stub(ch)(b"x", timeout=timeout, wait_for_ready=True)
             yield target, proc.pid
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, timeout=10)
 
 
 if __name__ == "__main__":

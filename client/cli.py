@@ -201,7 +201,7 @@ def _describe(c: Any, key: int, source: bool) -> int:
 @contextlib.contextmanager
 def _local_server() -> Iterator[str]:
     """A `fuseport serve` of our own on a free port, ready (health SERVING) on entry."""
-    from fuseport.client import Client, FuseportError
+    from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
     with tempfile.TemporaryDirectory(prefix="fuseport-demo-") as tmp:
         port_file = Path(tmp) / "port"
@@ -211,26 +211,11 @@ def _local_server() -> Iterator[str]:
         )
         try:
             print("starting a local server ...", file=sys.stderr)
-            deadline = time.monotonic() + 120
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the local server did not start (see its log above)")
-                time.sleep(0.1)
-            target = f"127.0.0.1:{port_file.read_text().strip()}"
-            with Client(target, timeout=5) as c:
-                while True:
-                    try:
-                        if c.health() == "SERVING":
-                            break
-                    except FuseportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the local server never became healthy")
-                    time.sleep(0.1)
+            target = f"127.0.0.1:{read_port_file(proc, port_file, 'the local server (see its log above)')}"
+            wait_until_serving(target)
             yield target
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_process(proc)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from fuseport.server.core import Core
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
+from fuseport.wire._local import write_port_file
 from fuseport.wire.hostmem import keep_host_memory
 
 __all__ = ["Server", "create_server", "serve"]
@@ -86,7 +86,7 @@ async def _serve(settings: Settings) -> int:
     server, port = await create_server(settings)
     await server.start()
     if settings.port_file is not None:
-        _write_port(settings.port_file, port)
+        write_port_file(settings.port_file, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -102,12 +102,6 @@ async def _serve(settings: Settings) -> int:
     await stop.wait()
     await server.stop()
     return EXIT_DEVICE_FAILED if failed else 0
-
-
-def _write_port(path: Path, port: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(path)  # readers never see a half-written file
 
 
 def serve(settings: Settings) -> int:

@@ -6,16 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseport.client import Client
+from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
 
 @dataclass
@@ -33,21 +31,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-
-def wait_until_serving(target: str, timeout: float = 120) -> None:
-    """Blocks on the health Watch stream until the server says SERVING."""
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        stream = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
-        for resp in stream:
-            if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                stream.cancel()
-                return
-    raise TimeoutError(f"{target} never reported SERVING")
+        return stop_process(self.proc, timeout, sig)
 
 
 def start_server(tmp: Path, store_dir: Path | None = None, *args: str, port: int = 0) -> ServerProcess:
@@ -66,16 +50,8 @@ def start_server(tmp: Path, store_dir: Path | None = None, *args: str, port: int
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    # The port is known only once bound; the file is written atomically after start.
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError(f"server did not bind:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    server = ServerProcess(proc, int(port_file.read_text()), store_dir, log_path)
+    port = read_port_file(proc, port_file, "fuseport serve", log=log_path.read_text)
+    server = ServerProcess(proc, port, store_dir, log_path)
     wait_until_serving(server.target)
     return server
 
