@@ -14,14 +14,12 @@ from fuseport.server.devices import Placement, is_device_failure, is_out_of_memo
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import KernelSpec, Registry
 from fuseport.server.settings import Settings
-from fuseport.wire import _pb, dtypes
+from fuseport.wire import _pb
 from fuseport.wire.errors import InternalError, ResourceExhausted, SignatureMismatch
 
 __all__ = ["Core", "Result"]
 
 log = logging.getLogger(__name__)
-
-_KIND = _pb.graph.InputKind
 
 
 @dataclass
@@ -152,18 +150,30 @@ class Core:
         return info
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# Scalar input kinds: what to call them, and which Python values they accept.
+_SCALARS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("a bool", lambda v: isinstance(v, bool)),
+    "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+}
+
+
 def _check_input(spec: KernelSpec, i: int, value: Any, pos: int) -> Any:
-    """The stack value for input `i`, checked against the declared input."""
-    decl = spec.graph.inputs[i]
+    """The stack value for input `i`, checked against the declared input
+    (the signature was validated when the graph was registered)."""
+    decl = spec.signature.inputs[i]
     where = f"stack[{pos}] (input {i} {decl.name!r} of kernel {spec.key})"
-    kind = decl.kind
-    if kind == _KIND.INPUT_KIND_TENSOR:
+    if decl.kind == "tensor":
+        assert decl.dtype is not None and decl.shape is not None
         if not isinstance(value, torch.Tensor):
             raise SignatureMismatch(f"{where}: expected a tensor, got {_kind_name(value)}")
-        want = dtypes.dtype_for(decl.dtype)
-        if value.dtype != want:
+        if value.dtype != decl.dtype:
             raise SignatureMismatch(
-                f"{where}: expected a {dtypes.name_for(decl.dtype)} tensor, got {str(value.dtype).removeprefix('torch.')}"
+                f"{where}: expected a {_dtype_name(decl.dtype)} tensor, got {_dtype_name(value.dtype)}"
             )
         if len(decl.shape) != value.dim():
             raise SignatureMismatch(f"{where}: expected rank {len(decl.shape)}, got shape {list(value.shape)}")
@@ -173,38 +183,22 @@ def _check_input(spec: KernelSpec, i: int, value: Any, pos: int) -> Any:
                     f"{where}: dim {d} must be {w} (the graph was specialised on it), got shape {list(value.shape)}"
                 )
         return value
-    if kind == _KIND.INPUT_KIND_BOOL:
-        ok = isinstance(value, bool)
-        expected = "a bool"
-    elif kind == _KIND.INPUT_KIND_INT:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        expected = "an int"
-    elif kind == _KIND.INPUT_KIND_FLOAT:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        expected = "a float"
-        value = float(value) if ok else value
-    else:
-        raise SignatureMismatch(f"{where}: the kernel declares an input of unknown kind {kind}")
-    if not ok:
+    expected, accepts = _SCALARS[decl.kind]
+    if not accepts(value):
         raise SignatureMismatch(f"{where}: expected {expected}, got {_kind_name(value)}")
-    if decl.static:
-        static = _static_value(decl)
-        if value != static:
-            raise SignatureMismatch(
-                f"{where}: this input is static (the graph was specialised on it when captured): "
-                f"only {static!r} is accepted, got {value!r}; register the kernel again with this value"
-            )
+    if decl.kind == "float":
+        value = float(value)
+    if decl.static and value != decl.static_value:
+        raise SignatureMismatch(
+            f"{where}: this input is static (the graph was specialised on it when captured): "
+            f"only {decl.static_value!r} is accepted, got {value!r}; register the kernel again with this value"
+        )
     return value
-
-
-def _static_value(decl: _pb.graph.GraphInput) -> Any:
-    which = decl.static_value.WhichOneof("kind")
-    return getattr(decl.static_value, which) if which else None
 
 
 def _kind_name(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor"
+        return f"a {_dtype_name(value.dtype)} tensor"
     if value is None:
         return "None"
     return f"a {type(value).__name__}"

@@ -95,6 +95,16 @@ def test_wrong_arity_kind_and_dtype_name_the_input(client: Client) -> None:
         client.execute(key, [torch.ones(3, dtype=torch.int64), 2.0])
 
 
+def test_static_input_accepts_only_its_captured_value(client: Client) -> None:
+    def f(x, double):
+        return x * 2 if double else x + 0
+
+    key = client.register(f, [torch.ones(3), True])  # a bool shapes the graph: static
+    torch.testing.assert_close(client.execute(key, [torch.ones(3), True])[0], torch.full((3,), 2.0))
+    with pytest.raises(SignatureMismatch, match=r"stack\[1\].*'double'.*static.*only True is accepted, got False"):
+        client.execute(key, [torch.ones(3), False])
+
+
 def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -> None:
     def f(x, y):
         return x + y
