@@ -594,3 +594,84 @@ def test_capture_from_several_threads_at_once() -> None:
     with ThreadPoolExecutor(4) as pool:
         graphs = list(pool.map(lambda _: capture(f, [torch.randn(3), 0.5]), range(4)))
     assert len({key_for(g) for g in graphs}) == 1
+
+
+# ---------------------------------------------------------------- size conditions
+
+
+def _dim(i: int = 0, d: int = 0) -> _pb.graph.SizeExpr:
+    return _pb.graph.SizeExpr(dim=_pb.graph.SizeRef(input=i, dim=d))
+
+
+def _int(v: int) -> _pb.graph.SizeExpr:
+    return _pb.graph.SizeExpr(int_value=v)
+
+
+def _op(kind: int, *args: _pb.graph.SizeExpr) -> _pb.graph.SizeExpr:
+    return _pb.graph.SizeExpr(op=_pb.graph.SizeOp(kind=kind, args=args))
+
+
+def _with_condition(cond: _pb.graph.SizeExpr, inputs: Sequence[_pb.graph.GraphInput] | None = None) -> _pb.graph.Graph:
+    return _graph_of(inputs=inputs, conditions=[cond])
+
+
+def _nested_not(levels: int) -> _pb.graph.SizeExpr:
+    e = _dim()
+    for _ in range(levels):
+        e = _op(_pb.graph.SIZE_OP_NOT, e)
+    return e
+
+
+MALFORMED_SIGNATURES = [
+    pytest.param(_pb.graph.Graph(), "no outputs", id="empty-graph"),
+    pytest.param(_with_condition(_dim(5)), r"conditions\[0\]: dim reference to input 5", id="dim-of-missing-input"),
+    pytest.param(_with_condition(_dim(0, 3)), r"dim 3 of input 0, which has rank 1", id="dim-past-rank"),
+    pytest.param(_with_condition(_pb.graph.SizeExpr(scalar=0)), "not an int input", id="scalar-ref-to-tensor"),
+    pytest.param(_with_condition(_op(_pb.graph.SIZE_OP_EQ, _dim())), "SIZE_OP_EQ takes 2 arguments, got 1", id="arity"),
+    pytest.param(_with_condition(_op(_pb.graph.SIZE_OP_ADD, _dim())), "takes at least 2 arguments", id="nary-arity"),
+    pytest.param(_with_condition(_op(99, _dim(), _dim())), "unknown size op 99", id="unknown-op"),
+    pytest.param(_with_condition(_pb.graph.SizeExpr()), "empty size expression", id="empty-expression"),
+    pytest.param(_with_condition(_nested_not(40)), "nested over 32 deep", id="too-deep"),
+    pytest.param(
+        _with_condition(_op(_pb.graph.SIZE_OP_ADD, *([_dim()] * 5000))), "more than 4096 nodes", id="too-many-nodes"
+    ),
+]
+
+
+@pytest.mark.parametrize(("graph", "message"), MALFORMED_SIGNATURES)
+def test_malformed_conditions_and_empty_graphs_are_rejected(graph: _pb.graph.Graph, message: str) -> None:
+    with pytest.raises(InvalidGraph, match=message):
+        signature_of(graph)
+
+
+def test_conditions_evaluate_exactly_and_overflow_fails_them() -> None:
+    ge4 = _op(_pb.graph.SIZE_OP_LE, _int(4), _dim())
+    sig = signature_of(_with_condition(ge4))
+    (cond,) = sig.conditions
+    assert cond.text == "x.shape[0] >= 4"
+    assert cond.holds([torch.empty(4)]) and not cond.holds([torch.empty(3)])
+    assert cond.values([torch.empty(3)], ["x"]) == "x.shape[0] = 3"
+    # x * 2**62 * 2**62 * 2**62 > 0 needs integers far past int64: refused, never computed at length.
+    huge = _op(_pb.graph.SIZE_OP_LT, _int(0), _op(_pb.graph.SIZE_OP_MUL, _dim(), *([_int(2**62)] * 3)))
+    assert not signature_of(_with_condition(huge)).conditions[0].holds([torch.empty(5)])
+    by_zero = _op(_pb.graph.SIZE_OP_EQ, _op(_pb.graph.SIZE_OP_MOD, _dim(), _int(0)), _int(0))
+    assert not signature_of(_with_condition(by_zero)).conditions[0].holds([torch.empty(5)])
+
+
+def test_captured_conditions_read_as_python() -> None:
+    def f(x, y, n):
+        return x.view(-1, 2) + y if n > 2 else x.sum()
+
+    graph = capture(f, [ex(8), ex(4, 2), 5])
+    texts = [c.text for c in signature_of(graph).conditions]
+    assert {"x.shape[0] % 2 == 0", "x.shape[0] // 2 == y.shape[0]", "n >= 3"} <= set(texts), texts
+    assert signature_of(graph).inputs[2].static is False
+
+
+def test_docs_name_every_removed_and_random_op() -> None:
+    from fuseport.wire.ops import RANDOM_OPS, REMOVED_OPS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "allowlist.md").read_text()
+    for op in (*REMOVED_OPS, *RANDOM_OPS):
+        assert f"`{op}`" in text, f"docs/allowlist.md does not name {op}"
+        assert op not in ALLOWED_OPS or op in RANDOM_OPS

@@ -1,40 +1,46 @@
 """Capture: a Python function or nn.Module plus example inputs -> a Graph message of core ATen ops.
 
+What a captured graph guarantees: it computes what the function computes for
+every stack that satisfies its inputs (kind, dtype, rank, fixed sizes, static
+values) and its `conditions`, and the server refuses every other stack. Nothing
+export specialised on is lost: a branch on a size, a scalar or a shape equality
+becomes a condition (or a static value), never a silently baked-in path.
+
 How a capture runs:
 
-1. The function (or module) is traced with ``torch.export.export``, every dim
-   of every tensor input marked ``Dim.AUTO`` (sizes that export cannot keep
-   symbolic are specialised and show up as fixed sizes in the input's shape
-   pattern). ``run_decompositions()`` lowers the program to core ATen, and
-   ops it keeps whole that are outside the allowlist are decomposed further
-   where torch has a decomposition. If the trace or the conversion below
-   fails (float arithmetic on symbolic sizes, say), it all runs again with
-   static shapes.
+1. The function (or module) is traced with ``torch.export.export``: every dim
+   of every tensor input is ``Dim.AUTO``, and so is every int input (it becomes
+   a symbol like a size). ``run_decompositions()`` lowers the program to core
+   ATen, and ops outside the allowlist are decomposed further where torch can.
+   If that fails, it is tried again with int inputs static, then with static
+   shapes (everything exact).
 2. Parameters, buffers and lifted tensor constants become `Graph.constants`;
-   user inputs become `GraphInput`s: tensors with dtype and shape pattern (a
-   symbolic dim is -1, a specialised one its size), Python int/float/bool
-   become INPUT_KIND_INT/FLOAT/BOOL.
-3. Nodes whose results nothing uses are dropped; that removes export's
-   assertions (``aten::_assert_scalar``, ``aten::_assert_tensor_metadata``,
-   ``sym_constrain_range*``), which would pin devices and dtypes: the server
-   checks inputs itself. The size conditions they held (a dim at least 2,
-   two dims equal) are lost with them: GraphInput has no field for them. ``operator.getitem`` on an op's tuple or list result
-   is folded into that node's `outputs` (one name per element, "" for
-   unused ones); Python arithmetic on sizes becomes ``sym::add`` etc.
+   user inputs become `GraphInput`s (a dim export kept symbolic is -1, one it
+   specialised is its size; an int export specialised is static).
+3. What export proved becomes `Graph.conditions`, over input sizes and int
+   inputs: each symbol's range (``x.shape[0] >= 2``: export assumes symbolic
+   sizes are not 0 or 1, so those get a variant of their own), equalities
+   between dims (``y.shape[0] == x.shape[0]``), and every guard the trace took
+   (``x.shape[0] >= 4`` for ``if x.shape[0] > 3``, ``x.shape[0] % 2 == 0`` for a
+   view). A guard capture cannot express makes that attempt fail (step 1).
+4. Nodes whose results nothing uses are dropped (export's assertion nodes among
+   them: their conditions are in `conditions`). ``operator.getitem`` on a tuple
+   result is folded into the node's `outputs`; Python arithmetic on sizes
+   becomes ``sym::add`` etc.
 
-Scalar inputs. torch.export bakes Python numbers into the graph: ``x * alpha``
-traced with ``alpha=0.5`` becomes ``mul(x, 0.5)``. To keep a scalar an input,
-the function is traced once more per int/float input, with that input changed
-(a float v becomes ``v * 1.37 + 0.61``, an int n becomes ``n + 1``). If both
-graphs have the same structure and differ only in constants that are exactly
-the example value in the first graph and the changed value in the second, at
-the same positions, those positions become refs to the input. Otherwise (the
-second trace fails, the structure changes, or a constant changes in another
-way, e.g. ``2 * alpha`` was folded) the input is marked ``static`` with its
-example value as ``static_value``, and the server accepts only that value.
-Bool inputs are always static. One changed value cannot see everything: a
-branch on the scalar that both values take the same way (``if alpha > 0``) is
-baked in silently.
+Float inputs. Export bakes Python floats into the graph (``x * alpha`` traced
+with 0.5 becomes ``mul(x, 0.5)``) and records no guard on them, so a branch on
+a float (``if alpha > 0``) would be invisible. A float therefore stays an input
+only when a second trace, with the float passed as a 0-dim float64 tensor,
+succeeds and has the same structure as the first with that tensor exactly where
+the first has the value. Any control flow on the value fails that trace (export
+cannot branch on tensor data) and any arithmetic on it changes the structure;
+either way the input becomes *static*: the graph accepts only that value, and
+the client captures a new variant for another. Bool inputs are always static.
+
+What stays outside the guarantee: code that branches on the Python *type* of
+a scalar input (``isinstance(alpha, float)``) can take another path under
+tracing than when called with a plain number.
 
 Errors: anything that cannot be captured raises CaptureError naming the
 problem, except an op outside the allowlist, which raises OpNotAllowed naming
@@ -47,20 +53,23 @@ import inspect
 import logging
 import math
 import operator
-import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
+import sympy
 import torch
 import torch.fx
 from torch._decomp import decomposition_table
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from fuseport.wire import _pb, dtypes, keys, ops
+from fuseport.wire._tracing import TRACE_LOCK
 from fuseport.wire.codec import tensor_to_proto
 from fuseport.wire.errors import CaptureError, FuseportError, OpNotAllowed
+from fuseport.wire.sizes import compile_conditions
 
 __all__ = ["capture"]
 
@@ -118,18 +127,29 @@ class _Wrapper(torch.nn.Module):
         return self.inner(*args)
 
 
-# torch.export is not thread-safe (concurrent traces fail with "... is not
-# tracked with proxy"), so captures take turns.
-_EXPORT_LOCK = threading.Lock()
+@dataclass(frozen=True)
+class _Attempt:
+    what: str
+    dynamic_dims: bool
+    dynamic_ints: bool
+
+
+# Most general first; each later one gives up something the previous could not keep.
+_ATTEMPTS = (
+    _Attempt("symbolic sizes and int inputs", True, True),
+    _Attempt("symbolic sizes, static int inputs", True, False),
+    _Attempt("static shapes", False, False),
+)
 
 
 def capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
     """Traces `fn` on `example_inputs` (tensors, ints, floats, bools) into a Graph message.
 
     Raises CaptureError naming the problem, or OpNotAllowed naming an op
-    outside the allowlist. Safe to call from several threads (they take turns).
+    outside the allowlist. Safe to call from several threads, and beside
+    torch.compile in the same process: tracing takes turns (TRACE_LOCK).
     """
-    with _EXPORT_LOCK:
+    with TRACE_LOCK:
         return _capture(fn, example_inputs)
 
 
@@ -139,47 +159,55 @@ def _capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
     names = _preferred_names(fn, len(inputs))
     module = _Wrapper(fn)
 
-    try:
-        graph = _convert(_export(module, inputs, dynamic=True), kinds, names)
-        dynamic = True
-    except Exception as first:  # export raises many types; any failure means "try static"
-        # Static shapes also avoid what only symbolic sizes bring (float
-        # arithmetic on sizes, for one), so conversion failures retry too.
-        logger.info("dynamic-shape capture failed (%s); trying static shapes", _brief(first))
+    for n, attempt in enumerate(_ATTEMPTS):
+        last = n == len(_ATTEMPTS) - 1
         try:
-            ep = _export(module, inputs, dynamic=False)
+            ep = _export(module, inputs, kinds, attempt)
+        except Exception as e:  # export raises many types; any failure means "try the next"
+            if last:
+                raise CaptureError(f"torch.export cannot trace the function: {_brief(e)}") from e
+            logger.info("capture with %s failed (%s); trying the next", attempt.what, _brief(e))
+            continue
+        try:
+            graph = _Converter(ep, kinds, names).convert()
+            _check_own_inputs(graph, inputs)
+        except OpNotAllowed:
+            raise  # the same op shows up in every attempt
         except Exception as e:
-            raise CaptureError(f"torch.export cannot trace the function: {_brief(e)}") from e
-        graph = _convert(ep, kinds, names)
-        dynamic = False
+            if last:
+                if isinstance(e, CaptureError):
+                    raise
+                raise CaptureError(f"cannot convert the traced graph: {_brief(e)}") from e
+            logger.info("capture with %s failed (%s); trying the next", attempt.what, _brief(e))
+            continue
+        break
 
-    claims: dict[_Path, list[int]] = {}
-    static: dict[int, str] = {}
     for i, kind in enumerate(kinds):
-        if kind == _pb.graph.INPUT_KIND_TENSOR:
-            continue
         if kind == _pb.graph.INPUT_KIND_BOOL:
-            static[i] = "bool inputs are always static"
-            continue
-        paths, reason = _scalar_positions(module, inputs, kinds, names, graph, i, dynamic)
-        if paths is None:
-            static[i] = reason
-            continue
-        for path in paths:
-            claims.setdefault(path, []).append(i)
-    for owners in claims.values():
-        if len(owners) > 1:
-            for i in owners:
-                static[i] = "its value cannot be told apart from another input's"
-    for path, owners in claims.items():
-        if len(owners) == 1 and owners[0] not in static:
-            _arg_at(graph, path).ref = graph.inputs[owners[0]].name
-    for i, reason in sorted(static.items()):
-        inp = graph.inputs[i]
-        inp.static = True
-        setattr(inp.static_value, _VALUE_FIELD[inp.kind], inputs[i])
-        logger.info("input %d (%s) is static at %r: %s", i, inp.name, inputs[i], reason)
+            _make_static(graph, i, inputs[i], "bool inputs are always static")
+        elif kind == _pb.graph.INPUT_KIND_FLOAT:
+            positions, reason = _float_positions(module, inputs, kinds, names, graph, i, attempt)
+            if positions is None:
+                _make_static(graph, i, inputs[i], reason)
+            for path in positions or ():
+                _arg_at(graph, path).ref = graph.inputs[i].name
     return graph
+
+
+def _check_own_inputs(graph: _pb.graph.Graph, inputs: list[Any]) -> None:
+    """A capture must cover the inputs it was traced with. Export's ranges do
+    not always include them (it takes an int input to be >= 0, whatever the
+    example), and a graph that refuses its own example is no capture of it."""
+    for cond in compile_conditions(graph):
+        if not cond.holds(inputs):
+            raise CaptureError(f"export's condition {cond.text} excludes the example inputs")
+
+
+def _make_static(graph: _pb.graph.Graph, i: int, value: Any, reason: str) -> None:
+    inp = graph.inputs[i]
+    inp.static = True
+    setattr(inp.static_value, _VALUE_FIELD[inp.kind], value)
+    logger.info("input %d (%s) is static at %r: %s", i, inp.name, value, reason)
 
 
 def _kind_of(value: Any, i: int) -> int:
@@ -223,15 +251,16 @@ def _brief(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _export(module: torch.nn.Module, inputs: list[Any], dynamic: bool) -> ExportedProgram:
-    dynamic_shapes = None
-    if dynamic:
-        specs = tuple(
-            {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) and v.dim() else None
-            for v in inputs
-        )
-        dynamic_shapes = (specs,)  # one entry: the wrapper's *args
-    ep = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes)
+def _export(module: torch.nn.Module, inputs: list[Any], kinds: list[int], attempt: _Attempt) -> ExportedProgram:
+    specs: list[Any] = []
+    for v, kind in zip(inputs, kinds):
+        if kind == _pb.graph.INPUT_KIND_TENSOR and attempt.dynamic_dims and v.dim():
+            specs.append({d: Dim.AUTO for d in range(v.dim())})
+        elif kind == _pb.graph.INPUT_KIND_INT and attempt.dynamic_ints:
+            specs.append(Dim.AUTO)  # AUTO, not DYNAMIC: a value export must pin is pinned, not an error
+        else:
+            specs.append(None)
+    ep = torch.export.export(module, tuple(inputs), dynamic_shapes=(tuple(specs),))  # one entry: *args
     ep = ep.run_decompositions()
     # The core decompositions keep some ops whole (aten::linalg_vector_norm,
     # for one); lower those further where torch knows how, so the graph
@@ -257,84 +286,82 @@ def _ops_outside_allowlist(graph: torch.fx.Graph) -> set[torch._ops.OpOverload]:
     }
 
 
-def _perturbed(value: int | float) -> int | float | None:
-    """A second value for a scalar input, or None when there is no telling one."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return None
-        other = value * 1.37 + 0.61
-        return other if math.isfinite(other) and other != value else None
-    return value + 1 if value < _INT64_MAX else value - 1
-
-
-def _scalar_positions(
+def _float_positions(
     module: torch.nn.Module,
     inputs: list[Any],
     kinds: list[int],
     names: list[str],
     graph: _pb.graph.Graph,
     i: int,
-    dynamic: bool,
+    attempt: _Attempt,
 ) -> tuple[list[_Path] | None, str]:
-    """Where scalar input `i` appears in `graph`, or None and why it must be static."""
+    """Where float input `i` appears in `graph`, or None and why it must be static.
+
+    The probe: trace again with the float as a 0-dim float64 tensor. Export
+    cannot branch on a tensor's value, so success means no control flow
+    depends on it; the probe must then be `graph` with the tensor exactly where
+    `graph` holds the value (same ops, same constants, same conditions)."""
     value = inputs[i]
-    other = _perturbed(value)
-    if other is None:
-        return None, "no second value to trace with"
-    changed = list(inputs)
-    changed[i] = other
+    if not math.isfinite(value):
+        return None, "a NaN or infinite example cannot be told apart from constants"
+    probe_inputs = list(inputs)
+    probe_inputs[i] = torch.tensor(value, dtype=torch.float64)
+    probe_kinds = list(kinds)
+    probe_kinds[i] = _pb.graph.INPUT_KIND_TENSOR
     try:
-        second = _convert(_export(module, changed, dynamic), kinds, names)
-    except Exception as e:  # any failure to trace with another value pins the value
-        logger.debug("tracing with input %d = %r failed: %s", i, other, _brief(e))
-        return None, f"the function cannot be traced with {other!r}"
-    field = _VALUE_FIELD[kinds[i]]
-    paths = _differences(keys.canonicalize(graph), keys.canonicalize(second), field, value, other)
+        ep = _export(module, probe_inputs, probe_kinds, attempt)
+        probe = _Converter(ep, probe_kinds, names, check_ops=False).convert()
+    except Exception as e:  # any failure to trace the value as data pins it
+        logger.debug("probe of input %d as a tensor failed: %s", i, _brief(e))
+        return None, f"the function branches on it or needs it as a Python number ({_brief(e)})"
+    paths = _aligned(keys.canonicalize(graph), keys.canonicalize(probe), i, value)
     if paths is None:
         return None, "the graph depends on its value in a way that cannot be kept as an input"
     return paths, ""
 
 
-def _differences(
-    a: _pb.graph.Graph, b: _pb.graph.Graph, field: str, value: Any, other: Any
-) -> list[_Path] | None:
-    """Positions where `a` holds `value` and `b` holds `other`, if that is their only difference."""
-    if list(a.inputs) != list(b.inputs) or list(a.constants) != list(b.constants):
+def _aligned(real: _pb.graph.Graph, probe: _pb.graph.Graph, i: int, value: float) -> list[_Path] | None:
+    """Positions where `real` holds `value` and `probe` refers to input `i`, if
+    that (and an op's Scalar overload against its Tensor one) is their only difference."""
+    if len(real.inputs) != len(probe.inputs) or any(
+        a != b for k, (a, b) in enumerate(zip(real.inputs, probe.inputs)) if k != i
+    ):
         return None
-    if len(a.nodes) != len(b.nodes) or len(a.outputs) != len(b.outputs):
+    if list(real.constants) != list(probe.constants) or list(real.conditions) != list(probe.conditions):
         return None
+    if len(real.nodes) != len(probe.nodes) or len(real.outputs) != len(probe.outputs):
+        return None
+    ref = real.inputs[i].name  # canonical: "i<i>" in both
     paths: list[_Path] = []
 
     def same(x: _pb.graph.Argument, y: _pb.graph.Argument, path: _Path) -> bool:
         if x == y:
             return True
         kind = x.WhichOneof("kind")
-        if kind != y.WhichOneof("kind"):
-            return False
-        if kind == "list_value":
-            xs, ys = x.list_value.items, y.list_value.items
-            return len(xs) == len(ys) and all(
-                same(p, q, (*path, k)) for k, (p, q) in enumerate(zip(xs, ys))
-            )
-        if kind == field and getattr(x, field) == value and getattr(y, field) == other:
+        if kind == "float_value" and x.float_value == value and y.WhichOneof("kind") == "ref" and y.ref == ref:
             paths.append(path)
             return True
+        if kind == "list_value" and y.WhichOneof("kind") == "list_value":
+            xs, ys = x.list_value.items, y.list_value.items
+            return len(xs) == len(ys) and all(same(p, q, (*path, k)) for k, (p, q) in enumerate(zip(xs, ys)))
         return False
 
-    for n, (x, y) in enumerate(zip(a.nodes, b.nodes)):
-        if x.op != y.op or list(x.outputs) != list(y.outputs):
+    for n, (x, y) in enumerate(zip(real.nodes, probe.nodes)):
+        before = len(paths)
+        if list(x.outputs) != list(y.outputs) or len(x.args) != len(y.args):
             return None
-        if len(x.args) != len(y.args) or [k.name for k in x.kwargs] != [k.name for k in y.kwargs]:
+        if [k.name for k in x.kwargs] != [k.name for k in y.kwargs]:
             return None
-        for j, (p, q) in enumerate(zip(x.args, y.args)):
-            if not same(p, q, ("arg", n, j)):
-                return None
-        for j, (p, q) in enumerate(zip(x.kwargs, y.kwargs)):
-            if not same(p.value, q.value, ("kw", n, j)):
-                return None
-    for j, (p, q) in enumerate(zip(a.outputs, b.outputs)):
-        if not same(p, q, ("out", j)):
+        if not all(same(p, q, ("arg", n, j)) for j, (p, q) in enumerate(zip(x.args, y.args))):
             return None
+        if not all(same(p.value, q.value, ("kw", n, j)) for j, (p, q) in enumerate(zip(x.kwargs, y.kwargs))):
+            return None
+        # clamp.default(x, None, 0.5) against clamp.Tensor(x, None, t): the
+        # same op, taking the value as a Scalar where the probe passed a tensor.
+        if x.op != y.op and (x.op.partition(".")[0] != y.op.partition(".")[0] or len(paths) == before):
+            return None
+    if not all(same(p, q, ("out", j)) for j, (p, q) in enumerate(zip(real.outputs, probe.outputs))):
+        return None
     return paths
 
 
@@ -365,14 +392,20 @@ def _where(node: torch.fx.Node) -> str:
 class _Converter:
     """One ExportedProgram -> one Graph message."""
 
-    def __init__(self, ep: ExportedProgram, kinds: list[int], names: list[str]) -> None:
+    def __init__(self, ep: ExportedProgram, kinds: list[int], names: list[str], check_ops: bool = True) -> None:
         self.ep = ep
         self.kinds = kinds
         self.names = names
+        self.check_ops = check_ops  # off for probes, which are never sent
         self.graph = _pb.graph.Graph()
         self.values: dict[torch.fx.Node, _pb.graph.Argument] = {}
         # Nodes with a tuple or list result: their index in graph.nodes.
         self.multi: dict[torch.fx.Node, int] = {}
+        # Each symbol export used for a size or int input, and the first input
+        # dim or int input that holds it; later occurrences become equalities.
+        self.bound: dict[sympy.Symbol, _pb.graph.SizeExpr] = {}
+        self.equal: list[tuple[_pb.graph.SizeExpr, sympy.Expr]] = []
+        self.shape_env: Any = None
 
     def convert(self) -> _pb.graph.Graph:
         ep = self.ep
@@ -422,7 +455,76 @@ class _Converter:
         results = results if isinstance(results, (list, tuple)) else (results,)
         for j, value in enumerate(results):
             self.graph.outputs.append(self._arg(value, f"output {j}"))
+        self._conditions()
         return self.graph
+
+    # ------------------------------------------------------------------ conditions
+
+    def _bind(self, expr: sympy.Expr, ref: _pb.graph.SizeExpr) -> None:
+        if isinstance(expr, sympy.Symbol) and expr not in self.bound:
+            self.bound[expr] = ref
+        else:
+            self.equal.append((ref, expr))
+
+    def _conditions(self) -> None:
+        """Graph.conditions: every range, equality and guard export proved the graph under."""
+        env = self.shape_env
+        if env is None:
+            return
+        seen: set[bytes] = set()
+
+        def add(cond: _pb.graph.SizeExpr) -> None:
+            data = cond.SerializeToString(deterministic=True)
+            if data not in seen:
+                seen.add(data)
+                self.graph.conditions.append(cond)
+
+        for symbol, ref in self.bound.items():
+            vr = self.ep.range_constraints.get(symbol) or env.var_to_range.get(symbol)
+            if vr is None:
+                continue
+            lower, upper = _finite(vr.lower), _finite(vr.upper)
+            # Sizes are never negative: only a lower bound above 0 says anything.
+            if lower is not None and (ref.WhichOneof("kind") != "dim" or lower > 0):
+                add(_size_op(_pb.graph.SIZE_OP_LE, _size_int(lower), ref))
+            if upper is not None:
+                add(_size_op(_pb.graph.SIZE_OP_LE, ref, _size_int(upper)))
+        for ref, expr in self.equal:
+            add(_size_op(_pb.graph.SIZE_OP_EQ, ref, self._size(env.replace(expr))))
+        for guard in env.guards:
+            expr = env.replace(guard.expr)
+            if expr == sympy.true:
+                continue  # settled by a replacement (an equality now built into the inputs)
+            if expr == sympy.false:
+                raise CaptureError(f"export recorded a guard that cannot hold: {guard.expr}")
+            add(self._size(expr))
+
+    def _size(self, e: Any) -> _pb.graph.SizeExpr:
+        """A sympy expression over bound symbols -> SizeExpr; CaptureError for what it cannot say."""
+        if e == sympy.true or e == sympy.false:
+            return _size_int(int(e == sympy.true))
+        if isinstance(e, sympy.Integer):
+            return _size_int(int(e))
+        if isinstance(e, sympy.Symbol):
+            if e not in self.bound:
+                raise CaptureError(f"a condition uses {e}, which no input size or int input holds")
+            return self.bound[e]
+        name = type(e).__name__
+        if name in ("StrictLessThan", "StrictGreaterThan"):
+            # Integers only: a < b is a + 1 <= b, so "x > 3" and the range
+            # "x >= 4" come out the same and count once.
+            a, b = e.args if name == "StrictLessThan" else reversed(e.args)
+            return self._size(sympy.Le(a + 1, b, evaluate=False))
+        if name in _SYMPY_FLIPPED:
+            a, b = e.args
+            return _size_op(_SYMPY_FLIPPED[name], self._size(b), self._size(a))
+        if name in _SYMPY_OPS:
+            return _size_op(_SYMPY_OPS[name], *(self._size(a) for a in e.args))
+        if name in ("Pow", "PowByNatural"):
+            base, exp = e.args
+            if isinstance(exp, sympy.Integer) and 2 <= int(exp) <= 8:
+                return _size_op(_pb.graph.SIZE_OP_MUL, *([self._size(base)] * int(exp)))
+        raise CaptureError(f"cannot express the condition {e} (a {name})")
 
     def _user_input(self, node: torch.fx.Node, index: int, taken: set[str]) -> None:
         kind = self.kinds[index]
@@ -430,15 +532,35 @@ class _Converter:
         if name in taken and name != node.name or any(i.name == name for i in self.graph.inputs):
             name = node.name  # the signature's name clashes with a value's
         inp = self.graph.inputs.add(name=name, kind=kind)
+        val = node.meta.get("val")
         if kind == _pb.graph.INPUT_KIND_TENSOR:
-            val = node.meta.get("val")
             if not isinstance(val, torch.Tensor):
                 raise CaptureError(f"input {index}: export did not keep it as a tensor")
             code = dtypes.code_for(val.dtype)
             if code is None:
                 raise CaptureError(f"input {index}: dtype {val.dtype} cannot travel on the wire")
             inp.dtype = code
-            inp.shape.extend(int(d) if is_concrete_int(d) else -1 for d in val.shape)
+            if self.shape_env is None and isinstance(val, FakeTensor):
+                self.shape_env = val.fake_mode.shape_env
+            for d, size in enumerate(val.shape):
+                expr = _expr_of(size)
+                if isinstance(expr, sympy.Integer):
+                    inp.shape.append(int(expr))
+                else:
+                    inp.shape.append(-1)
+                    self._bind(expr, _pb.graph.SizeExpr(dim=_pb.graph.SizeRef(input=index, dim=d)))
+        elif kind == _pb.graph.INPUT_KIND_INT:
+            if not isinstance(val, (int, torch.SymInt)):
+                raise CaptureError(f"input {index}: export did not keep it as an int")
+            if self.shape_env is None and isinstance(val, torch.SymInt):
+                self.shape_env = val.node.shape_env
+            expr = _expr_of(val)
+            if isinstance(expr, sympy.Integer):
+                # Export pinned the value (or was told to): only it is accepted.
+                inp.static = True
+                inp.static_value.int_value = int(expr)
+            else:
+                self._bind(expr, _pb.graph.SizeExpr(scalar=index))
         self.values[node] = _pb.graph.Argument(ref=name)
 
     def _lifted(self, target: str | None) -> torch.Tensor:
@@ -476,7 +598,7 @@ class _Converter:
             return
         if isinstance(target, torch._ops.OpOverload):
             name = ops.op_name(target)
-            if not ops.is_allowed(name):
+            if self.check_ops and not ops.is_allowed(name):
                 raise OpNotAllowed(f"op {name!r} is not in the allowlist (at {_where(node)})")
             returns = target._schema.returns
             if len(returns) > 1:
@@ -567,5 +689,48 @@ class _Converter:
         raise CaptureError(f"{where}: a {type(value).__name__} argument cannot be captured")
 
 
-def _convert(ep: ExportedProgram, kinds: list[int], names: list[str]) -> _pb.graph.Graph:
-    return _Converter(ep, kinds, names).convert()
+def _expr_of(size: int | torch.SymInt) -> sympy.Expr:
+    """A size or int as export knows it (replacements applied): an Integer, a symbol or an expression."""
+    if isinstance(size, torch.SymInt):
+        return size.node.expr
+    return sympy.Integer(int(size))
+
+
+def _finite(bound: Any) -> int | None:
+    """A range bound as an int, or None for +-infinity (and bounds outside int64)."""
+    if not isinstance(bound, sympy.Integer):  # torch's int_oo calls itself finite
+        return None
+    value = int(bound)
+    return value if _INT64_MIN <= value <= _INT64_MAX else None
+
+
+def _size_int(value: int) -> _pb.graph.SizeExpr:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise CaptureError(f"a condition holds {value}, outside int64")
+    return _pb.graph.SizeExpr(int_value=value)
+
+
+def _size_op(kind: int, *args: _pb.graph.SizeExpr) -> _pb.graph.SizeExpr:
+    return _pb.graph.SizeExpr(op=_pb.graph.SizeOp(kind=kind, args=args))
+
+
+# sympy (and torch's sympy functions) by class name -> size op. Names, not
+# classes: torch moves these between modules from release to release.
+_SYMPY_OPS: dict[str, int] = {
+    "Add": _pb.graph.SIZE_OP_ADD,
+    "Mul": _pb.graph.SIZE_OP_MUL,
+    "FloorDiv": _pb.graph.SIZE_OP_FLOORDIV,
+    "CleanDiv": _pb.graph.SIZE_OP_FLOORDIV,  # exact division: floor division of a multiple
+    "Mod": _pb.graph.SIZE_OP_MOD,
+    "PythonMod": _pb.graph.SIZE_OP_MOD,
+    "Max": _pb.graph.SIZE_OP_MAX,
+    "Min": _pb.graph.SIZE_OP_MIN,
+    "Equality": _pb.graph.SIZE_OP_EQ,
+    "Unequality": _pb.graph.SIZE_OP_NE,
+    "LessThan": _pb.graph.SIZE_OP_LE,
+    "And": _pb.graph.SIZE_OP_AND,
+    "Or": _pb.graph.SIZE_OP_OR,
+    "Not": _pb.graph.SIZE_OP_NOT,
+}
+# a >= b is b <= a.
+_SYMPY_FLIPPED: dict[str, int] = {"GreaterThan": _pb.graph.SIZE_OP_LE}

@@ -26,6 +26,7 @@ import torch.fx
 from fuseport.wire import _pb, dtypes, ops
 from fuseport.wire.codec import MAX_DEPTH, MAX_RANK, tensor_from_proto
 from fuseport.wire.errors import FuseportError, InvalidGraph, OpNotAllowed
+from fuseport.wire.sizes import Condition, compile_conditions
 
 __all__ = [
     "InputSpec",
@@ -89,15 +90,21 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Signature:
-    """What a graph consumes from the stack (`inputs`, in order) and how many values it pushes."""
+    """What a graph consumes from the stack (`inputs`, in order), how many values
+    it pushes, and the size conditions a stack must meet (Graph.conditions)."""
 
     inputs: tuple[InputSpec, ...]
     num_outputs: int
+    conditions: tuple[Condition, ...] = ()
 
 
 def signature_of(graph: _pb.graph.Graph) -> Signature:
-    """The signature of a graph; raises InvalidGraph for malformed inputs."""
-    return Signature(inputs=_input_specs(graph), num_outputs=len(graph.outputs))
+    """The signature of a graph; raises InvalidGraph for malformed inputs or conditions."""
+    if not graph.outputs:
+        raise InvalidGraph("the graph has no outputs: there is nothing to run")
+    return Signature(
+        inputs=_input_specs(graph), num_outputs=len(graph.outputs), conditions=compile_conditions(graph)
+    )
 
 
 def graph_summary(graph: _pb.graph.Graph) -> list[str]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fuseport.v1 import values_pb2 as fuseport_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66useport/v1/graph.proto\x12\x0b\x66useport.v1\x1a\x18\x66useport/v1/values.proto\"\xaf\x01\n\nGraphInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.fuseport.v1.InputKind\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fuseport.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06static\x18\x05 \x01(\x08\x12+\n\x0cstatic_value\x18\x06 \x01(\x0b\x32\x15.fuseport.v1.Argument\"%\n\x06\x44\x65vice\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"4\n\x0c\x41rgumentList\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.fuseport.v1.Argument\"\x95\x03\n\x08\x41rgument\x12\r\n\x03ref\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x63onstant\x18\x02 \x01(\rH\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x06 \x01(\tH\x00\x12,\n\nnone_value\x18\x07 \x01(\x0b\x32\x16.fuseport.v1.NoneValueH\x00\x12/\n\nlist_value\x18\x08 \x01(\x0b\x32\x19.fuseport.v1.ArgumentListH\x00\x12#\n\x05\x64type\x18\t \x01(\x0e\x32\x12.fuseport.v1.DTypeH\x00\x12%\n\x06\x64\x65vice\x18\n \x01(\x0b\x32\x13.fuseport.v1.DeviceH\x00\x12\x32\n\rmemory_format\x18\x0b \x01(\x0e\x32\x19.fuseport.v1.MemoryFormatH\x00\x12%\n\x06layout\x18\x0c \x01(\x0e\x32\x13.fuseport.v1.LayoutH\x00\x42\x06\n\x04kind\"E\n\x0fKeywordArgument\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.fuseport.v1.Argument\"v\n\x04Node\x12\n\n\x02op\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x15.fuseport.v1.Argument\x12,\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1c.fuseport.v1.KeywordArgument\x12\x0f\n\x07outputs\x18\x04 \x03(\t\"\xa2\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12&\n\tconstants\x18\x02 \x03(\x0b\x32\x13.fuseport.v1.Tensor\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.fuseport.v1.Node\x12&\n\x07outputs\x18\x04 \x03(\x0b\x32\x15.fuseport.v1.Argument*}\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_KIND_TENSOR\x10\x01\x12\x12\n\x0eINPUT_KIND_INT\x10\x02\x12\x14\n\x10INPUT_KIND_FLOAT\x10\x03\x12\x13\n\x0fINPUT_KIND_BOOL\x10\x04*\xac\x01\n\x0cMemoryFormat\x12\x1d\n\x19MEMORY_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18MEMORY_FORMAT_CONTIGUOUS\x10\x01\x12\x1a\n\x16MEMORY_FORMAT_PRESERVE\x10\x02\x12\x1f\n\x1bMEMORY_FORMAT_CHANNELS_LAST\x10\x03\x12\"\n\x1eMEMORY_FORMAT_CHANNELS_LAST_3D\x10\x04*4\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x12\n\x0eLAYOUT_STRIDED\x10\x01\x42\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66useport/v1/graph.proto\x12\x0b\x66useport.v1\x1a\x18\x66useport/v1/values.proto\"\x81\x01\n\x08SizeExpr\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12#\n\x03\x64im\x18\x02 \x01(\x0b\x32\x14.fuseport.v1.SizeRefH\x00\x12\x10\n\x06scalar\x18\x03 \x01(\rH\x00\x12!\n\x02op\x18\x04 \x01(\x0b\x32\x13.fuseport.v1.SizeOpH\x00\x42\x06\n\x04kind\"%\n\x07SizeRef\x12\r\n\x05input\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"T\n\x06SizeOp\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.fuseport.v1.SizeOpKind\x12#\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x15.fuseport.v1.SizeExpr\"\xaf\x01\n\nGraphInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.fuseport.v1.InputKind\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.fuseport.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06static\x18\x05 \x01(\x08\x12+\n\x0cstatic_value\x18\x06 \x01(\x0b\x32\x15.fuseport.v1.Argument\"%\n\x06\x44\x65vice\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"4\n\x0c\x41rgumentList\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.fuseport.v1.Argument\"\x95\x03\n\x08\x41rgument\x12\r\n\x03ref\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x63onstant\x18\x02 \x01(\rH\x00\x12\x13\n\tint_value\x18\x03 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x04 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x06 \x01(\tH\x00\x12,\n\nnone_value\x18\x07 \x01(\x0b\x32\x16.fuseport.v1.NoneValueH\x00\x12/\n\nlist_value\x18\x08 \x01(\x0b\x32\x19.fuseport.v1.ArgumentListH\x00\x12#\n\x05\x64type\x18\t \x01(\x0e\x32\x12.fuseport.v1.DTypeH\x00\x12%\n\x06\x64\x65vice\x18\n \x01(\x0b\x32\x13.fuseport.v1.DeviceH\x00\x12\x32\n\rmemory_format\x18\x0b \x01(\x0e\x32\x19.fuseport.v1.MemoryFormatH\x00\x12%\n\x06layout\x18\x0c \x01(\x0e\x32\x13.fuseport.v1.LayoutH\x00\x42\x06\n\x04kind\"E\n\x0fKeywordArgument\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.fuseport.v1.Argument\"v\n\x04Node\x12\n\n\x02op\x18\x01 \x01(\t\x12#\n\x04\x61rgs\x18\x02 \x03(\x0b\x32\x15.fuseport.v1.Argument\x12,\n\x06kwargs\x18\x03 \x03(\x0b\x32\x1c.fuseport.v1.KeywordArgument\x12\x0f\n\x07outputs\x18\x04 \x03(\t\"\xcd\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12&\n\tconstants\x18\x02 \x03(\x0b\x32\x13.fuseport.v1.Tensor\x12 \n\x05nodes\x18\x03 \x03(\x0b\x32\x11.fuseport.v1.Node\x12&\n\x07outputs\x18\x04 \x03(\x0b\x32\x15.fuseport.v1.Argument\x12)\n\nconditions\x18\x05 \x03(\x0b\x32\x15.fuseport.v1.SizeExpr*}\n\tInputKind\x12\x1a\n\x16INPUT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11INPUT_KIND_TENSOR\x10\x01\x12\x12\n\x0eINPUT_KIND_INT\x10\x02\x12\x14\n\x10INPUT_KIND_FLOAT\x10\x03\x12\x13\n\x0fINPUT_KIND_BOOL\x10\x04*\xac\x01\n\x0cMemoryFormat\x12\x1d\n\x19MEMORY_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18MEMORY_FORMAT_CONTIGUOUS\x10\x01\x12\x1a\n\x16MEMORY_FORMAT_PRESERVE\x10\x02\x12\x1f\n\x1bMEMORY_FORMAT_CHANNELS_LAST\x10\x03\x12\"\n\x1eMEMORY_FORMAT_CHANNELS_LAST_3D\x10\x04*4\n\x06Layout\x12\x16\n\x12LAYOUT_UNSPECIFIED\x10\x00\x12\x12\n\x0eLAYOUT_STRIDED\x10\x01*\x82\x02\n\nSizeOpKind\x12\x17\n\x13SIZE_OP_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSIZE_OP_ADD\x10\x01\x12\x0f\n\x0bSIZE_OP_MUL\x10\x02\x12\x14\n\x10SIZE_OP_FLOORDIV\x10\x03\x12\x0f\n\x0bSIZE_OP_MOD\x10\x04\x12\x0f\n\x0bSIZE_OP_MIN\x10\x05\x12\x0f\n\x0bSIZE_OP_MAX\x10\x06\x12\x0e\n\nSIZE_OP_EQ\x10\x07\x12\x0e\n\nSIZE_OP_NE\x10\x08\x12\x0e\n\nSIZE_OP_LT\x10\t\x12\x0e\n\nSIZE_OP_LE\x10\n\x12\x0f\n\x0bSIZE_OP_AND\x10\x0b\x12\x0e\n\nSIZE_OP_OR\x10\x0c\x12\x0f\n\x0bSIZE_OP_NOT\x10\rB\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuseport.v1.graph_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026fuseport/v1;fuseportv1'
-  _globals['_INPUTKIND']._serialized_start=1101
-  _globals['_INPUTKIND']._serialized_end=1226
-  _globals['_MEMORYFORMAT']._serialized_start=1229
-  _globals['_MEMORYFORMAT']._serialized_end=1401
-  _globals['_LAYOUT']._serialized_start=1403
-  _globals['_LAYOUT']._serialized_end=1455
-  _globals['_GRAPHINPUT']._serialized_start=67
-  _globals['_GRAPHINPUT']._serialized_end=242
-  _globals['_DEVICE']._serialized_start=244
-  _globals['_DEVICE']._serialized_end=281
-  _globals['_ARGUMENTLIST']._serialized_start=283
-  _globals['_ARGUMENTLIST']._serialized_end=335
-  _globals['_ARGUMENT']._serialized_start=338
-  _globals['_ARGUMENT']._serialized_end=743
-  _globals['_KEYWORDARGUMENT']._serialized_start=745
-  _globals['_KEYWORDARGUMENT']._serialized_end=814
-  _globals['_NODE']._serialized_start=816
-  _globals['_NODE']._serialized_end=934
-  _globals['_GRAPH']._serialized_start=937
-  _globals['_GRAPH']._serialized_end=1099
+  _globals['_INPUTKIND']._serialized_start=1401
+  _globals['_INPUTKIND']._serialized_end=1526
+  _globals['_MEMORYFORMAT']._serialized_start=1529
+  _globals['_MEMORYFORMAT']._serialized_end=1701
+  _globals['_LAYOUT']._serialized_start=1703
+  _globals['_LAYOUT']._serialized_end=1755
+  _globals['_SIZEOPKIND']._serialized_start=1758
+  _globals['_SIZEOPKIND']._serialized_end=2016
+  _globals['_SIZEEXPR']._serialized_start=67
+  _globals['_SIZEEXPR']._serialized_end=196
+  _globals['_SIZEREF']._serialized_start=198
+  _globals['_SIZEREF']._serialized_end=235
+  _globals['_SIZEOP']._serialized_start=237
+  _globals['_SIZEOP']._serialized_end=321
+  _globals['_GRAPHINPUT']._serialized_start=324
+  _globals['_GRAPHINPUT']._serialized_end=499
+  _globals['_DEVICE']._serialized_start=501
+  _globals['_DEVICE']._serialized_end=538
+  _globals['_ARGUMENTLIST']._serialized_start=540
+  _globals['_ARGUMENTLIST']._serialized_end=592
+  _globals['_ARGUMENT']._serialized_start=595
+  _globals['_ARGUMENT']._serialized_end=1000
+  _globals['_KEYWORDARGUMENT']._serialized_start=1002
+  _globals['_KEYWORDARGUMENT']._serialized_end=1071
+  _globals['_NODE']._serialized_start=1073
+  _globals['_NODE']._serialized_end=1191
+  _globals['_GRAPH']._serialized_start=1194
+  _globals['_GRAPH']._serialized_end=1399
 # @@protoc_insertion_point(module_scope)

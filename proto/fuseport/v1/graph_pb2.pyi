@@ -28,6 +28,23 @@ class Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LAYOUT_UNSPECIFIED: _ClassVar[Layout]
     LAYOUT_STRIDED: _ClassVar[Layout]
+
+class SizeOpKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIZE_OP_UNSPECIFIED: _ClassVar[SizeOpKind]
+    SIZE_OP_ADD: _ClassVar[SizeOpKind]
+    SIZE_OP_MUL: _ClassVar[SizeOpKind]
+    SIZE_OP_FLOORDIV: _ClassVar[SizeOpKind]
+    SIZE_OP_MOD: _ClassVar[SizeOpKind]
+    SIZE_OP_MIN: _ClassVar[SizeOpKind]
+    SIZE_OP_MAX: _ClassVar[SizeOpKind]
+    SIZE_OP_EQ: _ClassVar[SizeOpKind]
+    SIZE_OP_NE: _ClassVar[SizeOpKind]
+    SIZE_OP_LT: _ClassVar[SizeOpKind]
+    SIZE_OP_LE: _ClassVar[SizeOpKind]
+    SIZE_OP_AND: _ClassVar[SizeOpKind]
+    SIZE_OP_OR: _ClassVar[SizeOpKind]
+    SIZE_OP_NOT: _ClassVar[SizeOpKind]
 INPUT_KIND_UNSPECIFIED: InputKind
 INPUT_KIND_TENSOR: InputKind
 INPUT_KIND_INT: InputKind
@@ -40,6 +57,48 @@ MEMORY_FORMAT_CHANNELS_LAST: MemoryFormat
 MEMORY_FORMAT_CHANNELS_LAST_3D: MemoryFormat
 LAYOUT_UNSPECIFIED: Layout
 LAYOUT_STRIDED: Layout
+SIZE_OP_UNSPECIFIED: SizeOpKind
+SIZE_OP_ADD: SizeOpKind
+SIZE_OP_MUL: SizeOpKind
+SIZE_OP_FLOORDIV: SizeOpKind
+SIZE_OP_MOD: SizeOpKind
+SIZE_OP_MIN: SizeOpKind
+SIZE_OP_MAX: SizeOpKind
+SIZE_OP_EQ: SizeOpKind
+SIZE_OP_NE: SizeOpKind
+SIZE_OP_LT: SizeOpKind
+SIZE_OP_LE: SizeOpKind
+SIZE_OP_AND: SizeOpKind
+SIZE_OP_OR: SizeOpKind
+SIZE_OP_NOT: SizeOpKind
+
+class SizeExpr(_message.Message):
+    __slots__ = ("int_value", "dim", "scalar", "op")
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    int_value: int
+    dim: SizeRef
+    scalar: int
+    op: SizeOp
+    def __init__(self, int_value: _Optional[int] = ..., dim: _Optional[_Union[SizeRef, _Mapping]] = ..., scalar: _Optional[int] = ..., op: _Optional[_Union[SizeOp, _Mapping]] = ...) -> None: ...
+
+class SizeRef(_message.Message):
+    __slots__ = ("input", "dim")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    input: int
+    dim: int
+    def __init__(self, input: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class SizeOp(_message.Message):
+    __slots__ = ("kind", "args")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    kind: SizeOpKind
+    args: _containers.RepeatedCompositeFieldContainer[SizeExpr]
+    def __init__(self, kind: _Optional[_Union[SizeOpKind, str]] = ..., args: _Optional[_Iterable[_Union[SizeExpr, _Mapping]]] = ...) -> None: ...
 
 class GraphInput(_message.Message):
     __slots__ = ("name", "kind", "dtype", "shape", "static", "static_value")
@@ -120,13 +179,15 @@ class Node(_message.Message):
     def __init__(self, op: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ..., kwargs: _Optional[_Iterable[_Union[KeywordArgument, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Graph(_message.Message):
-    __slots__ = ("inputs", "constants", "nodes", "outputs")
+    __slots__ = ("inputs", "constants", "nodes", "outputs", "conditions")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[GraphInput]
     constants: _containers.RepeatedCompositeFieldContainer[_values_pb2.Tensor]
     nodes: _containers.RepeatedCompositeFieldContainer[Node]
     outputs: _containers.RepeatedCompositeFieldContainer[Argument]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[GraphInput, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[_values_pb2.Tensor, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ...) -> None: ...
+    conditions: _containers.RepeatedCompositeFieldContainer[SizeExpr]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[GraphInput, _Mapping]]] = ..., constants: _Optional[_Iterable[_Union[_values_pb2.Tensor, _Mapping]]] = ..., nodes: _Optional[_Iterable[_Union[Node, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ..., conditions: _Optional[_Iterable[_Union[SizeExpr, _Mapping]]] = ...) -> None: ...
