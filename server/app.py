@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -15,11 +19,68 @@ from fuseport.server.core import Core
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
 from fuseport.wire._local import write_port_file
+from fuseport.wire.errors import ERROR_METADATA_KEY
 from fuseport.wire.hostmem import keep_host_memory
 
 __all__ = ["Server", "create_server", "serve"]
 
 log = logging.getLogger(__name__)
+
+
+class _Gate(grpc.GenericRpcHandler):
+    """The service's methods behind a gate: it counts the calls in flight and,
+    once closed, answers every call that has not started with UNAVAILABLE (it
+    never ran, so a retry is safe; the client's retry policy makes one).
+
+    A call counts from the start of its handler until gRPC has sent its status
+    (the context's done callback): when `idle()` returns, every response has
+    been handed to the transport."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._gated: dict[str, grpc.RpcMethodHandler] = {}
+        self.closed = False
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        gated = self._gated.get(details.method)
+        if gated is None:
+            handler = self._inner.service(details)
+            if handler is None:
+                return None  # not the service's: health, reflection, unknown
+            gated = self._gated[details.method] = self._gate(handler)
+        return gated
+
+    def _gate(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] | None = handler.unary_unary
+        if behaviour is None:
+            raise TypeError("every KernelService method is unary-unary")
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.closed:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the server is shutting down",
+                    trailing_metadata=((ERROR_METADATA_KEY, "Unavailable"),),
+                )
+            self.in_flight += 1
+            context.add_done_callback(self._finished)
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)
+
+    def _finished(self, _context: object) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Returns once no call is in flight (once closed, none starts)."""
+        while self.in_flight:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
 
 class Server:
@@ -38,7 +99,8 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.grpc.add_generic_rpc_handlers((self.service.handler(),))
+        self.gate = _Gate(self.service.handler())
+        self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -60,13 +122,40 @@ class Server:
             self.settings.store_dir,
         )
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING first (load balancers stop sending), then refuse new
-        calls and give in-flight ones `grace` seconds."""
+    async def drain(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING first (load balancers stop sending), then refuse
+        new calls with UNAVAILABLE and give in-flight ones up to `grace`
+        seconds. True if every call finished in time.
+
+        The gRPC server itself keeps running: see `_serve` for why a server
+        process ends without stopping it."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        log.info("shutting down: finishing in-flight calls (grace %.1f s)", grace)
-        await self.grpc.stop(grace)
+        self.gate.closed = True
+        log.info(
+            "shutting down: refusing new calls, finishing %d in flight (grace %.1f s)", self.gate.in_flight, grace
+        )
+        if self.gate.in_flight:
+            try:
+                await asyncio.wait_for(self.gate.idle(), grace)
+            except TimeoutError:
+                log.warning("%d calls still in flight after the grace period", self.gate.in_flight)
+                return False
+        return True
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain (see `drain`), then stop the gRPC server and the workers.
+
+        For a server embedded in a process that goes on. gRPC's own shutdown
+        still ends every call that has reached the server but no handler yet
+        with CANCELLED (grpc/grpc#41785), so a caller that goes on calling
+        through the drain can see one. A server process avoids that by ending
+        instead: see `_serve`."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.drain(grace)
+        await self.grpc.stop(max(0.0, deadline - loop.time()))
         self.service.close()
         self.core.close()
 
@@ -82,7 +171,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
 EXIT_DEVICE_FAILED = 3
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings) -> NoReturn:
     server, port = await create_server(settings)
     await server.start()
     if settings.port_file is not None:
@@ -100,17 +189,32 @@ async def _serve(settings: Settings) -> int:
 
     server.core.on_device_failure = device_failed
     await stop.wait()
-    await server.stop()
-    return EXIT_DEVICE_FAILED if failed else 0
+    await server.drain()
+    # The process ends here, the gRPC server still running: gRPC's own
+    # shutdown (grpc.aio.Server.stop) ends every call that has reached the
+    # server but not yet a handler with CANCELLED, never to be retried
+    # (grpc/grpc#41785), and under load there always are some. Ending the
+    # process closes the listening socket and every connection at once: a
+    # call still on its way fails with UNAVAILABLE, and a new one cannot
+    # connect (UNAVAILABLE too). Every call that started has finished (or had
+    # its grace period); nothing else needs an orderly stop (the store is
+    # written at Register).
+    status = EXIT_DEVICE_FAILED if failed else 0
+    log.info("exiting with status %d", status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings) -> NoReturn:
     """Runs until SIGTERM or SIGINT (exit status 0), or until the device fails
-    (EXIT_DEVICE_FAILED). Returns the exit status."""
+    (EXIT_DEVICE_FAILED), then drains and ends the process with that exit
+    status: it never returns (see `_serve`)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if settings.keep_host_memory and not keep_host_memory():
         log.warning("could not set glibc's malloc options; large messages will page-fault")
-    return asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings))
