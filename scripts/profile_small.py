@@ -12,6 +12,7 @@ import time
 import torch
 
 from fuseport.server.core import Core
+from fuseport.server.executor import _Run
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
@@ -21,7 +22,7 @@ def main() -> None:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         core = Core(Settings(device=device, store_dir=tmp))
-        key, _ = core.register(capture(lambda x: x + 0, [torch.zeros(256)]))
+        key, _, _ = core.register(capture(lambda x: x + 0, [torch.zeros(256)]))
         x = torch.randn(256)
         request = codec.encode_execute_request(key, [x])
         req = codec.decode_execute_request(request)
@@ -41,13 +42,14 @@ def main() -> None:
         res = core.execute(key, req.stack)
         t = _pb.service.Timings()
         timeit("encode", lambda: codec.encode_execute_response(res.stack, res.path, 0, "", t, clock=time.perf_counter_ns))
-        spec = core.registry.get(key)
+        variant = core.registry.get(key).variants[0]
         args = core.placement.to_device(req.stack)
-        entry = core.executor._entry(spec, args)
+        timeit("plan (cached)", lambda: variant.planner.plan(req.stack))
+        entry = core.executor._entry(_Run(key, variant), args)
         timeit("to_device", lambda: core.placement.to_device(req.stack))
         timeit("fused fn only", lambda: entry.fn(*args))
-        timeit("fallback gm only", lambda: spec.fallback(*args))
-        timeit("executor.run", lambda: core.executor.run(spec, args, fused=True))
+        timeit("fallback gm only", lambda: variant.fallback(*args))
+        timeit("executor.run", lambda: core.executor.run(key, variant, args, fused=True))
         out = entry.fn(*args)
 
         def back():

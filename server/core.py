@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
-from fuseport.server.registry import KernelSpec, Registry
+from fuseport.server.registry import Kernel, Registry, Variant
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
-from fuseport.wire.errors import InternalError, ResourceExhausted, SignatureMismatch
+from fuseport.wire.errors import (
+    ExecutionFailed,
+    InternalError,
+    NoMatchingVariant,
+    ResourceExhausted,
+    SignatureMismatch,
+)
+from fuseport.wire.graph import InputSpec
 
 __all__ = ["Core", "Result"]
 
@@ -24,21 +32,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Result:
-    """A finished Execute/Fallback: the new stack, which path ran and why."""
+    """A finished Execute/Fallback: the new stack, which path and variant ran and why."""
 
     stack: list[Any]
     path: int
     reason: int
     detail: str
     run_us: int
+    variant: int
 
 
 class Core:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
+        self.capacity = device_capacity(self.device)
         self.placement = Placement(self.device)
-        self.registry = Registry(settings.store_dir, self.device)
+        self.registry = Registry(settings.store_dir, self.device, max_variants=settings.max_variants)
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,
@@ -51,8 +61,9 @@ class Core:
 
     # ------------------------------------------------------------------ RPCs
 
-    def register(self, graph: _pb.graph.Graph) -> tuple[int, bool]:
-        return self.registry.register(graph)
+    def register(self, graph: _pb.graph.Graph, variant_of: int | None = None) -> tuple[int, bool, int]:
+        """(kernel key, created, the graph's own key)."""
+        return self.registry.register(graph, variant_of)
 
     def execute(
         self,
@@ -62,25 +73,38 @@ class Core:
         fused: bool = True,
         wait: bool = False,
         deadline: float | None = None,
+        variants: Sequence[int] = (),
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
-        stack, pushes its outputs; the values below come back untouched."""
-        spec = self.registry.get(key)
-        n = len(spec.signature.inputs)
+        stack, pushes its outputs; the values below come back untouched.
+
+        Before either path runs: the first variant (of `variants`, when given)
+        that covers the inputs is chosen, its plan for these sizes is checked
+        (shape errors, result size, index inputs), the same for both paths."""
+        kernel = self.registry.get(key)
+        n = kernel.arity
         if len(stack) < n:
             raise SignatureMismatch(
-                f"kernel {key} takes {n} inputs but the stack holds {len(stack)} values"
+                f"kernel {key} takes {n} input{'s' * (n != 1)} but the stack holds "
+                f"{len(stack)} value{'s' * (len(stack) != 1)}"
             )
         base = len(stack) - n
-        below, args = stack[:base], [
-            _check_input(spec, i, stack[base + i], base + i) for i in range(n)
-        ]
+        variant, args = _select(kernel, stack[base:], base, variants)
+        plan = variant.planner.plan(args)
+        if plan.error is not None:
+            raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
+        self._check_budget(key, plan)
+        try:
+            plan.check_inputs(args, variant.module)
+        except DataError as e:
+            raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
         start = time.perf_counter_ns()
         try:
             with self.placement.request_scope():
                 outcome: Outcome = self.executor.run(
-                    spec, self.placement.to_device(args), fused=fused, wait=wait, deadline=deadline
-                )
+                    key, variant, self.placement.to_device(args),
+                    fused=fused, unfused=plan.unfused, wait=wait, deadline=deadline,
+                )  # fmt: skip
                 outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()
         except Exception as e:
@@ -94,19 +118,36 @@ class Core:
                 f"{self.device} out of memory moving data for kernel {key}; memory was released"
             ) from e
         run_us = (time.perf_counter_ns() - start) // 1000
-        return Result(below + outputs, outcome.path, outcome.reason, outcome.detail, run_us)
+        return Result(stack[:base] + outputs, outcome.path, outcome.reason, outcome.detail, run_us, variant.key)
+
+    def _check_budget(self, key: int, plan: Plan) -> None:
+        """Refuses, before anything is allocated, what could only fail later."""
+        limit = self.settings.max_message_bytes
+        if plan.output_bytes is not None and plan.output_bytes > limit:
+            raise ResourceExhausted(
+                f"kernel {key}: the result would be {plan.output_bytes} bytes, over the message limit "
+                f"of {limit} bytes (--max-message-bytes); refused before running"
+            )
+        if plan.largest_bytes > self.capacity:
+            raise ResourceExhausted(
+                f"{self.device} out of memory for kernel {key}: {plan.largest_what} needs "
+                f"{plan.largest_bytes} bytes, more than the device's {self.capacity}; refused before running"
+            )
 
     def describe(self, key: int, include_source: bool = False) -> _pb.service.KernelInfo:
         return self._info(self.registry.get(key), include_source, with_arg_specs=True)
 
     def list(self) -> list[_pb.service.KernelInfo]:
-        return [self._info(s, False, with_arg_specs=False) for s in self.registry.specs()]
+        return [self._info(k, False, with_arg_specs=False) for k in self.registry.kernels()]
 
     def unregister(self, key: int) -> bool:
         # Registry first: once the key is gone no new request can compile for it.
-        removed = self.registry.remove(key)
-        self.executor.forget(key)
-        return removed
+        kernel = self.registry.remove(key)
+        if kernel is None:
+            return False
+        still_used = set(self.registry.variant_keys())
+        self.executor.forget(key, [v.key for v in kernel.variants if v.key not in still_used])
+        return True
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -124,20 +165,30 @@ class Core:
 
     # ------------------------------------------------------------------ helpers
 
-    def _info(self, spec: KernelSpec, include_source: bool, with_arg_specs: bool) -> _pb.service.KernelInfo:
-        fused, fallback = self.executor.counts(spec.key)
+    def _info(self, kernel: Kernel, include_source: bool, with_arg_specs: bool) -> _pb.service.KernelInfo:
+        fused, fallback = self.executor.counts(kernel.key)
+        first = kernel.variants[0]
         info = _pb.service.KernelInfo(
-            key=spec.key,
-            inputs=list(spec.graph.inputs),
-            num_outputs=len(spec.graph.outputs),
-            num_nodes=len(spec.graph.nodes),
-            ops=list(spec.ops),
+            key=kernel.key,
+            inputs=list(first.graph.inputs),
+            num_outputs=len(first.graph.outputs),
+            num_nodes=len(first.graph.nodes),
+            ops=sorted({op for v in kernel.variants for op in v.ops}),
             fused_runs=fused,
             fallback_runs=fallback,
             device=str(self.device),
+            random_ops=sorted({op for v in kernel.variants for op in v.random_ops}),
         )
-        if with_arg_specs:
-            for e in self.executor.entries(spec.key):
+        for v in kernel.variants:
+            info.variants.add(
+                variant=v.key,
+                inputs=list(v.graph.inputs),
+                conditions=[c.text for c in v.signature.conditions],
+                num_nodes=len(v.graph.nodes),
+            )
+            if not with_arg_specs:
+                continue
+            for e in self.executor.entries(v.key):
                 info.arg_specs.add(
                     arg_spec=str(e.arg_spec),
                     state=e.state.value,
@@ -146,8 +197,51 @@ class Core:
                     fused_runs=e.fused_runs,
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
+                    variant=v.key,
                 )
         return info
+
+
+def _select(kernel: Kernel, values: list[Any], base: int, allowed: Sequence[int]) -> tuple[Variant, list[Any]]:
+    """The first variant that covers `values` (the kernel's inputs, from stack
+    position `base`), and the values as it takes them; NoMatchingVariant naming
+    why each candidate does not."""
+    wanted = set(allowed)
+    candidates = [v for v in kernel.variants if not wanted or v.key in wanted]
+    if not candidates:
+        raise NoMatchingVariant(
+            f"kernel {kernel.key} has none of the {len(wanted)} variants this client runs; "
+            "the client captures one for these inputs"
+        )
+    failures: list[tuple[Variant, str]] = []
+    for v in candidates:
+        args, why = _match(kernel.key, v, values, base)
+        if why is None:
+            return v, args
+        failures.append((v, why))
+    if len(failures) == 1:
+        raise NoMatchingVariant(failures[0][1])
+    shown = "; ".join(f"variant {v.key}: {why}" for v, why in failures[:4])
+    more = f"; and {len(failures) - 4} more" if len(failures) > 4 else ""
+    raise NoMatchingVariant(f"no variant of kernel {kernel.key} covers these inputs: {shown}{more}")
+
+
+def _match(key: int, variant: Variant, values: list[Any], base: int) -> tuple[list[Any], str | None]:
+    sig = variant.signature
+    args = []
+    for i, (decl, value) in enumerate(zip(sig.inputs, values)):
+        value, why = _check_input(decl, value)
+        if why is not None:
+            return [], f"stack[{base + i}] (input {i} {decl.name!r} of kernel {key}): {why}"
+        args.append(value)
+    for cond in sig.conditions:
+        if not cond.holds(args):
+            names = [d.name for d in sig.inputs]
+            return [], (
+                f"kernel {key}: {cond.text} does not hold ({cond.values(args, names)}): "
+                "the graph was captured for inputs that meet it"
+            )
+    return args, None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -162,38 +256,33 @@ _SCALARS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 }
 
 
-def _check_input(spec: KernelSpec, i: int, value: Any, pos: int) -> Any:
-    """The stack value for input `i`, checked against the declared input
-    (the signature was validated when the graph was registered)."""
-    decl = spec.signature.inputs[i]
-    where = f"stack[{pos}] (input {i} {decl.name!r} of kernel {spec.key})"
+def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:
+    """The stack value as the input takes it, or why it does not fit the declared input."""
     if decl.kind == "tensor":
         assert decl.dtype is not None and decl.shape is not None
         if not isinstance(value, torch.Tensor):
-            raise SignatureMismatch(f"{where}: expected a tensor, got {_kind_name(value)}")
+            return value, f"expected a tensor, got {_kind_name(value)}"
         if value.dtype != decl.dtype:
-            raise SignatureMismatch(
-                f"{where}: expected a {_dtype_name(decl.dtype)} tensor, got {_dtype_name(value.dtype)}"
-            )
+            return value, f"expected a {_dtype_name(decl.dtype)} tensor, got {_dtype_name(value.dtype)}"
         if len(decl.shape) != value.dim():
-            raise SignatureMismatch(f"{where}: expected rank {len(decl.shape)}, got shape {list(value.shape)}")
+            return value, f"expected rank {len(decl.shape)}, got shape {list(value.shape)}"
         for d, (w, got) in enumerate(zip(decl.shape, value.shape)):
             if w >= 0 and w != got:
-                raise SignatureMismatch(
-                    f"{where}: dim {d} must be {w} (the graph was specialised on it), got shape {list(value.shape)}"
+                return value, (
+                    f"dim {d} must be {w} (the graph was specialised on it), got shape {list(value.shape)}"
                 )
-        return value
+        return value, None
     expected, accepts = _SCALARS[decl.kind]
     if not accepts(value):
-        raise SignatureMismatch(f"{where}: expected {expected}, got {_kind_name(value)}")
+        return value, f"expected {expected}, got {_kind_name(value)}"
     if decl.kind == "float":
         value = float(value)
     if decl.static and value != decl.static_value:
-        raise SignatureMismatch(
-            f"{where}: this input is static (the graph was specialised on it when captured): "
-            f"only {decl.static_value!r} is accepted, got {value!r}; register the kernel again with this value"
+        return value, (
+            f"this input is static (the graph was specialised on it when captured): "
+            f"only {decl.static_value!r} is accepted, got {value!r}"
         )
-    return value
+    return value, None
 
 
 def _kind_name(value: Any) -> str:

@@ -2,9 +2,10 @@
 
 Like the legacy fuser's runFusion, a fused kernel is looked up by the ArgSpec of
 the inputs (per tensor: dtype, rank, memory order and which dims are 0 or 1;
-per scalar: its kind; plus the device). Sizes are not part of it: kernels are
-compiled with dynamic shapes. A new ArgSpec starts a compile on the compile
-thread and the request runs the fallback meanwhile (unless it asked to wait).
+per int or bool: its kind; per float: its value; plus the device). Sizes are
+not part of it: kernels are compiled with dynamic shapes. A new ArgSpec starts
+a compile on the compile thread (at most _MAX_PENDING_COMPILES queued) and the
+request runs the fallback meanwhile (unless it asked to wait).
 Whatever stops the fused kernel from running (compile error, recompile limit,
 an error at run time that the fallback does not share) is recorded on the
 ArgSpec's entry and served by the fallback from then on.
@@ -26,9 +27,11 @@ from unittest import mock
 
 import torch
 
+from fuseport.server.checks import DataError
 from fuseport.server.devices import Placement, is_out_of_memory
-from fuseport.server.registry import KernelSpec
+from fuseport.server.registry import Variant
 from fuseport.wire import _pb
+from fuseport.wire._tracing import TRACE_LOCK
 from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
 
 __all__ = ["ArgSpec", "Entry", "Executor", "State", "arg_spec_of"]
@@ -38,6 +41,9 @@ log = logging.getLogger(__name__)
 Path = _pb.service.Path
 Reason = _pb.service.FallbackReason
 
+# Compiles queued at once; past it a new ArgSpec runs the fallback and asks again next time.
+_MAX_PENDING_COMPILES = 32
+
 _DTYPE_SHORT = {
     torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
     torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
@@ -45,7 +51,47 @@ _DTYPE_SHORT = {
 }  # fmt: skip
 
 
+# Ops whose Inductor lowering computes something else than the ATen kernel
+# does, found by tests/test_ops.py's differential runs (torch 2.13, CPU):
+# float remainder and fmod through a / b overflow for tiny divisors (1 % 1e-45
+# gave -inf, eager 0) and disagree on infinities (1 % inf: nan, eager 1); the
+# rounding modes of div disagree on zero and infinite divisors. Inductor calls
+# the ATen kernel for these instead (the rest of the graph still fuses).
+_EAGER_KERNELS = (
+    "div.Tensor_mode", "div.Scalar_mode", "remainder.Tensor", "remainder.Scalar", "fmod.Tensor", "fmod.Scalar",
+    # acosh(x) as log(x + sqrt(x*x - 1)) is inf past 1e19 (eager: 89.4 at 1e38);
+    # the sampler's decomposition reads NaN coordinates as 0.
+    "acosh.default", "grid_sampler_2d.default",
+)  # fmt: skip
+# Part of the key of Inductor's on-disk cache: code compiled before these
+# rules (by an older fuseport, or by plain torch) is never reused.
+_CACHE_TAG = "fuseport-kernels-3"
+_kernels_registered = False
+
+
+def _register_eager_kernels() -> None:
+    """Once per process: Inductor's lowering table is global."""
+    global _kernels_registered
+    if _kernels_registered:
+        return
+    from torch._inductor import decomposition, lowering
+
+    for name in _EAGER_KERNELS:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet), overload)
+        decomposition.decompositions.pop(op, None)
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+    _kernels_registered = True
+
+
 def _configure_compiler() -> None:
+    """Dynamo's settings for this thread (and asyncio task). torch's config
+    values set by assignment live in ContextVars: a setting made on one thread
+    is not seen by another, so every thread that compiles or calls a compiled
+    kernel (where a guard failure recompiles) runs this first; it costs one read
+    when the settings are already in place."""
+    if torch._dynamo.config.specialize_float:
+        return
     # A guard failure past the recompile limit must raise, not silently run
     # eager code that we would report as FUSED.
     torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -54,6 +100,14 @@ def _configure_compiler() -> None:
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False
+    # A float input compiled as a symbolic value can be silently baked in at
+    # the value of the first call (clamp(x * a, max=a) keeps the first a:
+    # pytorch/pytorch#194976, #197889; torch 2.11-2.14 on CPU and CUDA). So
+    # floats are compiled as constants, guarded, and the ArgSpec holds the
+    # value: each value compiles in the background like any new ArgSpec.
+    torch._dynamo.config.specialize_float = True
+    if hasattr(torch.compiler.config, "cache_key_tag"):
+        torch.compiler.config.cache_key_tag = _CACHE_TAG
 
 
 @dataclass(frozen=True)
@@ -88,6 +142,8 @@ def arg_spec_of(args: Sequence[Any], device: torch.device) -> ArgSpec:
         if isinstance(a, torch.Tensor):
             sizes = tuple("0" if s == 0 else "1" if s == 1 else "n" for s in a.shape)
             items.append((a.dtype, a.dim(), _dim_order(a), sizes))
+        elif isinstance(a, float):
+            items.append(f"float={a!r}")  # see _configure_compiler
         else:
             items.append(type(a).__name__)
     return ArgSpec(device=str(device), inputs=tuple(items))
@@ -101,9 +157,9 @@ class State(enum.Enum):
 
 @dataclass(eq=False)
 class Entry:
-    """One fused kernel (or the memory of why there is none) for (key, ArgSpec)."""
+    """One fused kernel (or the memory of why there is none) for (variant, ArgSpec)."""
 
-    key: int
+    key: int  # the variant's content key
     arg_spec: ArgSpec
     state: State = State.COMPILING
     fn: Callable[..., Any] | None = None
@@ -130,6 +186,18 @@ class Outcome:
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Which kernel a run counts for, and which of its variants runs."""
+
+    key: int
+    variant: Variant
+
+
+def _variant_name(spec: _Run) -> str:
+    return "it" if spec.variant.key == spec.key else f"variant {spec.variant.key}"
+
+
 def _short(e: BaseException) -> str:
     """First line of an exception, for responses (full text goes to the log)."""
     text = str(e).strip().splitlines()
@@ -144,6 +212,7 @@ class Executor:
         max_kernels: int = 256,
         max_arg_specs: int = 16,
     ) -> None:
+        _register_eager_kernels()
         _configure_compiler()
         self.placement = placement
         self.compile_mode = compile_mode
@@ -165,23 +234,31 @@ class Executor:
 
     def run(
         self,
-        spec: KernelSpec,
+        key: int,
+        variant: Variant,
         args: list[Any],
         *,
         fused: bool,
+        unfused: str = "",
         wait: bool = False,
         deadline: float | None = None,
     ) -> Outcome:
-        """Runs `spec` on device-resident `args`: fused when it can, else the fallback."""
+        """Runs `variant` of kernel `key` on device-resident `args`: fused when it
+        can, else the fallback. `unfused` says why these inputs must take the
+        unfused path (its data checks are the only ones that apply), if they must."""
+        spec = _Run(key, variant)
         if not fused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
+        _configure_compiler()
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
+        if unfused:
+            return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         entry = self._entry(spec, args)
         if entry.state is State.COMPILING and wait:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
-                raise DeadlineExceeded(f"deadline passed while kernel {spec.key} compiled")
+                raise DeadlineExceeded(f"deadline passed while kernel {key} compiled")
         fn = entry.fn  # once: another thread may fail the entry meanwhile
         if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
@@ -192,10 +269,10 @@ class Executor:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
             return self._after_fused_error(spec, args, entry, e)
-        self._count(spec.key, entry, fused=True)
+        self._count(key, entry, fused=True)
         return Outcome(list(outputs), Path.PATH_FUSED)
 
-    def _after_fused_error(self, spec: KernelSpec, args: list[Any], entry: Entry, e: Exception) -> Outcome:
+    def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
         if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
             reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
         else:
@@ -215,10 +292,10 @@ class Executor:
         return outcome
 
     def _fallback(
-        self, spec: KernelSpec, args: list[Any], reason: int, detail: str, entry: Entry | None
+        self, spec: _Run, args: list[Any], reason: int, detail: str, entry: Entry | None
     ) -> Outcome:
         try:
-            outputs = spec.fallback(*args)
+            outputs = spec.variant.fallback(*args)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
@@ -228,7 +305,7 @@ class Executor:
             log.info("kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)
         return Outcome(list(outputs), Path.PATH_FALLBACK, reason, detail)
 
-    def _out_of_memory(self, spec: KernelSpec, e: BaseException) -> None:
+    def _out_of_memory(self, spec: _Run, e: BaseException) -> None:
         self.placement.release_memory()
         raise ResourceExhausted(
             f"{self.placement.device} out of memory running kernel {spec.key}; memory was released: {_short(e)}"
@@ -246,18 +323,27 @@ class Executor:
 
     # ------------------------------------------------------------------ cache
 
-    def _entry(self, spec: KernelSpec, args: list[Any]) -> Entry:
+    def _entry(self, spec: _Run, args: list[Any]) -> Entry:
         arg_spec = arg_spec_of(args, self.placement.device)
-        ident = (spec.key, arg_spec)
+        vkey = spec.variant.key
+        ident = (vkey, arg_spec)
         with self._lock:
             entry = self._entries.get(ident)
             if entry is not None:
                 self._entries.move_to_end(ident)
                 return entry
-            entry = Entry(spec.key, arg_spec)
+            pending = sum(e.state is State.COMPILING for e in self._entries.values())
+            if pending >= _MAX_PENDING_COMPILES:
+                # Not stored: a later request of this ArgSpec tries again. Keeps
+                # a client that sends ever new ArgSpecs (a float input with a
+                # new value each call) from queueing compiles without end.
+                busy = Entry(vkey, arg_spec)
+                busy.fail(Reason.FALLBACK_REASON_COMPILING, f"{pending} compiles are queued; this one waits its turn")
+                return busy
+            entry = Entry(vkey, arg_spec)
             self._entries[ident] = entry
-            self._evict(spec.key)
-        log.info("kernel %d: compiling for [%s]", spec.key, arg_spec)
+            self._evict(vkey)
+        log.info("kernel %d: compiling %s for [%s]", spec.key, _variant_name(spec), arg_spec)
         self._compiler.submit(self._compile, spec, entry, args, self.placement.share(args))
         return entry
 
@@ -275,26 +361,37 @@ class Executor:
                     del self._entries[ident]
                     excess -= 1
 
-    def _compile(self, spec: KernelSpec, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
+    def _compile(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
         """Compiles by running the kernel once on the request's own inputs."""
         start = time.perf_counter()
         sources: list[str] = []
+        _configure_compiler()
         try:
             # A module of its own: Dynamo keeps its cache on the module's code,
             # so each ArgSpec has its own guards and its own recompile budget.
-            # Built on the fallback module, it shares its weights (no copies).
-            module = torch.fx.GraphModule(spec.fallback, copy.deepcopy(spec.fallback.graph))
+            # Built on the variant's module, it shares its weights (no copies).
+            built = spec.variant.module
+            module = torch.fx.GraphModule(built, copy.deepcopy(built.graph))
             mode = None if self.compile_mode == "default" else self.compile_mode
             fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
             from torch._inductor.graph import GraphLowering
 
             with (
+                TRACE_LOCK,
                 mock.patch.object(GraphLowering, "save_output_code", sources.append),
                 self.placement.request_scope(),
             ):
                 receive()
                 fn(*sample)
                 self.placement.synchronize()
+            refused = self._unfused_error(spec, sample)
+            if refused is not None and not isinstance(refused, DataError):
+                # Inductor computes where eager refuses the ArgSpec itself (a
+                # bitwise op on floats, softmax on ints): bits, not an answer.
+                # The error stands on both paths: this ArgSpec runs unfused.
+                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, f"the unfused graph refuses these inputs: {_short(refused)}")
+                log.info("kernel %d: [%s] runs unfused, which refuses it: %s", spec.key, entry.arg_spec, _short(refused))
+                return
             entry.fn = fn
             entry.source = "\n\n".join(sources)
             entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
@@ -303,13 +400,13 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
             if is_out_of_memory(e):
                 self.placement.release_memory()
-            if self._inputs_at_fault(spec, sample):
+            if self._unfused_error(spec, sample) is not None:
                 # The request's inputs were bad (shapes that do not broadcast):
                 # that says nothing of the kernel. Forget the entry so that the
                 # next request for this ArgSpec compiles again.
                 with self._lock:
-                    if self._entries.get((spec.key, entry.arg_spec)) is entry:
-                        del self._entries[(spec.key, entry.arg_spec)]
+                    if self._entries.get((entry.key, entry.arg_spec)) is entry:
+                        del self._entries[(entry.key, entry.arg_spec)]
                 entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {_short(e)}")
             else:
                 entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
@@ -319,19 +416,22 @@ class Executor:
             entry.compile_seconds = time.perf_counter() - start
             entry.done.set()
 
-    def _inputs_at_fault(self, spec: KernelSpec, sample: list[Any]) -> bool:
+    def _unfused_error(self, spec: _Run, sample: list[Any]) -> Exception | None:
+        """What the unfused graph raises on the compile's sample, if anything.
+        A DataError is about these values only; anything else about the ArgSpec."""
         try:
             with self.placement.request_scope():
-                spec.fallback(*sample)
+                spec.variant.fallback(*sample)
                 self.placement.synchronize()
-        except Exception:  # noqa: BLE001 - any failure of the unfused graph blames the inputs
-            return True
-        return False
+        except Exception as e:  # noqa: BLE001 - any failure of the unfused graph is the answer
+            return e
+        return None
 
     def _warm_up(self) -> None:
+        _configure_compiler()
         start = time.perf_counter()
         try:
-            with self.placement.request_scope():
+            with TRACE_LOCK, self.placement.request_scope():
                 x = torch.ones(8, device=self.placement.device)
                 torch.compile(lambda t: t * 2 + 1, dynamic=True, fullgraph=True)(x)
                 self.placement.synchronize()
@@ -341,18 +441,20 @@ class Executor:
 
     # ------------------------------------------------------------------ inspection
 
-    def entries(self, key: int) -> list[Entry]:
+    def entries(self, variant: int) -> list[Entry]:
+        """The ArgSpecs of one variant (by its content key)."""
         with self._lock:
-            return [e for (k, _), e in self._entries.items() if k == key]
+            return [e for (k, _), e in self._entries.items() if k == variant]
 
     def counts(self, key: int) -> tuple[int, int]:
         fused, fallback = self._counts.get(key, (0, 0))
         return fused, fallback
 
-    def forget(self, key: int) -> None:
-        """Frees every compiled kernel of `key` (Unregister)."""
+    def forget(self, key: int, variants: Sequence[int]) -> None:
+        """Frees the compiled kernels of `variants` and kernel `key`'s counts (Unregister)."""
+        gone = set(variants)
         with self._lock:
-            for ident in [i for i in self._entries if i[0] == key]:
+            for ident in [i for i in self._entries if i[0] in gone]:
                 del self._entries[ident]
         self._counts.pop(key, None)
 

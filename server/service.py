@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fuseport.server.core import Core
+from fuseport.server.devices import is_out_of_memory
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -19,6 +20,7 @@ from fuseport.wire.errors import (
     FuseportError,
     InternalError,
     InvalidArgument,
+    ResourceExhausted,
     status_for,
 )
 
@@ -88,7 +90,12 @@ class KernelService:
                 return await loop.run_in_executor(self._pool, fn, request, deadline, arrived)
             except FuseportError as e:
                 await self._abort(context, e)
-            except Exception:  # noqa: BLE001 - the last line of defence
+            except Exception as e:  # noqa: BLE001 - the last line of defence
+                if isinstance(e, MemoryError) or is_out_of_memory(e):
+                    # Anywhere on the request path: decoding, running, encoding.
+                    log.warning("%s: out of memory: %s", fn.__name__, e)
+                    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                    await self._abort(context, ResourceExhausted(f"out of memory in {fn.__name__.lstrip('_')}: {detail}"))
                 log.exception("unexpected error in %s", fn.__name__)
                 await self._abort(context, InternalError("internal error; see the server log"))
             raise AssertionError("unreachable")  # context.abort raises
@@ -106,8 +113,9 @@ class KernelService:
 
     def _register(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
         req = _parse(_pb.service.RegisterRequest, request)
-        key, created = self.core.register(req.graph)
-        return _pb.service.RegisterResponse(key=key, created=created).SerializeToString()
+        variant_of = req.variant_of if req.HasField("variant_of") else None
+        key, created, variant = self.core.register(req.graph, variant_of)
+        return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
         return self._run(request, deadline, arrived, fused=True)
@@ -143,7 +151,7 @@ class KernelService:
         self, req: codec.ExecuteRequest, decode_ns: int, queue_ns: int, deadline: float | None, fused: bool
     ) -> bytes:
         result = self.core.execute(
-            req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline
+            req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants
         )
         # The latest run time decides whether the next small call runs inline.
         self._run_us[(req.key, fused)] = result.run_us
@@ -160,6 +168,7 @@ class KernelService:
             timings,
             limit=self.limit,
             clock=time.perf_counter_ns,
+            variant=result.variant,
         )
         log.debug(
             "%s key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",

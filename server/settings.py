@@ -49,6 +49,10 @@ class Settings:
     max_arg_specs: int = field(
         default=16, metadata={"help": "compiled kernels kept per key (LRU over its ArgSpecs)"}
     )
+    max_variants: int = field(
+        default=64,
+        metadata={"help": "variants (captures for other ranks, sizes or static values) kept per kernel"},
+    )
     workers: int = field(default=8, metadata={"help": "threads that decode, run and encode requests"})
     keep_host_memory: bool = field(
         default=True,
@@ -72,7 +76,7 @@ class Settings:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         if not 0 < self.max_message_bytes <= 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647 (protobuf's 2 GiB ceiling)")
-        for name in ("max_kernels", "max_arg_specs", "workers"):
+        for name in ("max_kernels", "max_arg_specs", "max_variants", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.grace_seconds < 0:

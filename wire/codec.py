@@ -516,6 +516,7 @@ class ExecuteRequest:
     key: int
     stack: list[StackValue]
     wait_for_compile: bool = False
+    variants: tuple[int, ...] = ()  # the only variants the client runs; empty: any
 
 
 @dataclass(frozen=True)
@@ -525,6 +526,7 @@ class ExecuteResponse:
     reason: int  # _pb.service.FallbackReason
     detail: str
     timings: _pb.service.Timings
+    variant: int = 0
 
 
 def _split(buf: Buffer, stack_field: int) -> tuple[_Reader, bytes, list[tuple[int, int]]]:
@@ -545,11 +547,17 @@ def _split(buf: Buffer, stack_field: int) -> tuple[_Reader, bytes, list[tuple[in
 
 
 def encode_execute_request(
-    key: int, stack: Sequence[StackValue], wait_for_compile: bool = False, limit: int | None = None
+    key: int,
+    stack: Sequence[StackValue],
+    wait_for_compile: bool = False,
+    limit: int | None = None,
+    variants: Sequence[int] = (),
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if wait_for_compile:
         head.options.wait_for_compile = True
+    if variants:
+        head.options.variants.extend(variants)
     w = _Writer()
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
@@ -569,7 +577,12 @@ def _decode_execute(buf: Buffer, stack_field: int, cls: Any, what: str) -> tuple
 
 def decode_execute_request(buf: Buffer) -> ExecuteRequest:
     head, stack = _decode_execute(buf, _REQ_STACK, _pb.service.ExecuteRequest, "request")
-    return ExecuteRequest(key=head.key, stack=stack, wait_for_compile=head.options.wait_for_compile)
+    return ExecuteRequest(
+        key=head.key,
+        stack=stack,
+        wait_for_compile=head.options.wait_for_compile,
+        variants=tuple(head.options.variants),
+    )
 
 
 def encode_execute_response(
@@ -580,12 +593,14 @@ def encode_execute_response(
     timings: _pb.service.Timings,
     limit: int | None = None,
     clock: Callable[[], int] | None = None,
+    variant: int = 0,
 ) -> bytes:
     """Frames an ExecuteResponse. With `clock` (ns), the encode time is measured
     and written into `timings` last, so that it covers the encoding itself."""
     start = clock() if clock else 0
     w = _Writer()
-    w.put(_pb.service.ExecuteResponse(path=path, reason=reason, detail=detail).SerializeToString())
+    head = _pb.service.ExecuteResponse(path=path, reason=reason, detail=detail, variant=variant)
+    w.put(head.SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_RESP_STACK, v, f"stack[{i}]")
     if clock:
@@ -598,7 +613,12 @@ def encode_execute_response(
 def decode_execute_response(buf: Buffer) -> ExecuteResponse:
     head, stack = _decode_execute(buf, _RESP_STACK, _pb.service.ExecuteResponse, "response")
     return ExecuteResponse(
-        stack=stack, path=head.path, reason=head.reason, detail=head.detail, timings=head.timings
+        stack=stack,
+        path=head.path,
+        reason=head.reason,
+        detail=head.detail,
+        timings=head.timings,
+        variant=head.variant,
     )
 
 

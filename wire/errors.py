@@ -7,6 +7,7 @@
     │   │   └── OpNotAllowed       an op outside the allowlist
     │   ├── CaptureError           (client side) a function that cannot be captured
     │   ├── SignatureMismatch      inputs that do not match the kernel's inputs
+    │   │   └── NoMatchingVariant  right number of inputs, but no variant covers them
     │   └── ExecutionFailed        the kernel raised on these inputs
     ├── KernelNotFound             NOT_FOUND
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidGraph",
     "InvalidStack",
     "KernelNotFound",
+    "NoMatchingVariant",
     "OpNotAllowed",
     "ResourceExhausted",
     "SignatureMismatch",
@@ -74,6 +76,12 @@ class CaptureError(InvalidArgument):
 
 class SignatureMismatch(InvalidArgument):
     """The inputs on the stack do not match the kernel's declared inputs."""
+
+
+class NoMatchingVariant(SignatureMismatch):
+    """The stack has the kernel's number of inputs, but no variant of the kernel
+    covers them (kind, dtype, rank, a fixed size, a static value or a size
+    condition): a client that holds the function captures a variant for them."""
 
 
 class ExecutionFailed(InvalidArgument):

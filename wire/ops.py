@@ -60,6 +60,8 @@ __all__ = [
     "ALLOWED_OPS",
     "CAPTURE_OPS",
     "CORE_ATEN_OPS",
+    "RANDOM_OPS",
+    "REMOVED_OPS",
     "SYM_OPS",
     "is_allowed",
     "op_name",
@@ -279,7 +281,41 @@ SYM_OPS: Mapping[str, Callable[..., Any]] = MappingProxyType(
     }
 )
 
-ALLOWED_OPS: frozenset[str] = frozenset(CORE_ATEN_OPS) | frozenset(CAPTURE_OPS) | frozenset(SYM_OPS)
+_BACKWARD = (
+    "a training kernel: its index and statistics arguments come from its own forward "
+    "pass in autograd, so it does not check them (max_pool2d_with_indices_backward "
+    "segfaulted the server on an index of 1 << 40; embedding_dense_backward read past "
+    "its weights). Capturing an inference function never produces it."
+)
+
+# Core ops a graph may not name, and why (docs/allowlist.md lists them).
+REMOVED_OPS: Mapping[str, str] = MappingProxyType(
+    {
+        "aten::_adaptive_avg_pool2d_backward.default": _BACKWARD,
+        "aten::avg_pool2d_backward.default": _BACKWARD,
+        "aten::convolution_backward.default": _BACKWARD,
+        "aten::embedding_dense_backward.default": _BACKWARD,
+        "aten::max_pool2d_with_indices_backward.default": _BACKWARD,
+        "aten::native_group_norm_backward.default": _BACKWARD,
+        "aten::native_layer_norm_backward.default": _BACKWARD,
+        "aten::_embedding_bag.default": (
+            "its offsets are read without a bounds check on CUDA, and their validity "
+            "(sorted, within the indices) is data the server would have to scan; "
+            "F.embedding_bag is not produced by capture of common models"
+        ),
+    }
+)
+
+ALLOWED_OPS: frozenset[str] = (
+    frozenset(CORE_ATEN_OPS) - frozenset(REMOVED_OPS) | frozenset(CAPTURE_OPS) | frozenset(SYM_OPS)
+)
+
+# Ops whose results are random: the fused and the unfused path draw different
+# numbers from different generators, so their results differ by design.
+# Describe lists them for a kernel that uses them.
+RANDOM_OPS: frozenset[str] = frozenset(
+    {"aten::native_dropout.default", "aten::rand.default", "aten::randn.default", "aten::randperm.default"}
+)
 
 
 def is_allowed(name: str) -> bool:

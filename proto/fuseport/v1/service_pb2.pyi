@@ -51,24 +51,30 @@ COMPILE_STATE_READY: CompileState
 COMPILE_STATE_FAILED: CompileState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("graph",)
+    __slots__ = ("graph", "variant_of")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_OF_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+    variant_of: int
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., variant_of: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("key", "created")
+    __slots__ = ("key", "created", "variant")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     key: int
     created: bool
-    def __init__(self, key: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+    variant: int
+    def __init__(self, key: _Optional[int] = ..., created: _Optional[bool] = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile",)
+    __slots__ = ("wait_for_compile", "variants")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
-    def __init__(self, wait_for_compile: _Optional[bool] = ...) -> None: ...
+    variants: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, wait_for_compile: _Optional[bool] = ..., variants: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack")
@@ -93,18 +99,20 @@ class Timings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., run_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("path", "reason", "detail", "stack", "timings")
+    __slots__ = ("path", "reason", "detail", "stack", "timings", "variant")
     PATH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     path: Path
     reason: FallbackReason
     detail: str
     stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
     timings: Timings
-    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    variant: int
+    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., variant: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("key", "include_source")
@@ -115,7 +123,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, key: _Optional[int] = ..., include_source: _Optional[bool] = ...) -> None: ...
 
 class ArgSpecInfo(_message.Message):
-    __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source")
+    __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source", "variant")
     ARG_SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +131,7 @@ class ArgSpecInfo(_message.Message):
     FUSED_RUNS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_RUNS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     arg_spec: str
     state: CompileState
     error: str
@@ -130,10 +139,23 @@ class ArgSpecInfo(_message.Message):
     fused_runs: int
     fallback_runs: int
     source: str
-    def __init__(self, arg_spec: _Optional[str] = ..., state: _Optional[_Union[CompileState, str]] = ..., error: _Optional[str] = ..., compile_seconds: _Optional[float] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    variant: int
+    def __init__(self, arg_spec: _Optional[str] = ..., state: _Optional[_Union[CompileState, str]] = ..., error: _Optional[str] = ..., compile_seconds: _Optional[float] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., source: _Optional[str] = ..., variant: _Optional[int] = ...) -> None: ...
+
+class VariantInfo(_message.Message):
+    __slots__ = ("variant", "inputs", "conditions", "num_nodes")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_NODES_FIELD_NUMBER: _ClassVar[int]
+    variant: int
+    inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
+    conditions: _containers.RepeatedScalarFieldContainer[str]
+    num_nodes: int
+    def __init__(self, variant: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., conditions: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class KernelInfo(_message.Message):
-    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device")
+    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops")
     KEY_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +165,8 @@ class KernelInfo(_message.Message):
     FALLBACK_RUNS_FIELD_NUMBER: _ClassVar[int]
     ARG_SPECS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_OPS_FIELD_NUMBER: _ClassVar[int]
     key: int
     inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
     num_outputs: int
@@ -152,7 +176,9 @@ class KernelInfo(_message.Message):
     fallback_runs: int
     arg_specs: _containers.RepeatedCompositeFieldContainer[ArgSpecInfo]
     device: str
-    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ...) -> None: ...
+    variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
+    random_ops: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("kernel",)
