@@ -185,17 +185,31 @@ def _describe(c: Any, key: int, source: bool) -> int:
     print(f"device:    {info.device}")
     print(f"signature: {_signature(info)}")
     print(f"ops:       {', '.join(info.ops)}")
+    if info.random_ops:
+        print(f"random:    {', '.join(info.random_ops)} (fused and fallback draw different numbers)")
     print(f"runs:      fused={info.fused_runs} fallback={info.fallback_runs}")
-    for a in info.arg_specs:
-        state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
-        print(f"\nArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
-              f"fused={a.fused_runs} fallback={a.fallback_runs}")
-        if a.error:
-            print(f"  error: {a.error}")
-        if a.source:
-            print("  ---- generated source ----")
-            print(a.source)
+    for v in info.variants:
+        own = " (the kernel's own graph)" if v.variant == info.key else ""
+        print(f"\nvariant {v.variant}{own}: {_signature(_Inputs(v.inputs, info.num_outputs))}")
+        print(f"  conditions: {'; '.join(v.conditions) if v.conditions else 'none'}")
+        for a in (a for a in info.arg_specs if a.variant == v.variant):
+            state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
+            print(f"  ArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
+                  f"fused={a.fused_runs} fallback={a.fallback_runs}")
+            if a.error:
+                print(f"    error: {a.error}")
+            if a.source:
+                print("    ---- generated source ----")
+                print(a.source)
     return 0
+
+
+class _Inputs:
+    """What _signature reads, for a variant."""
+
+    def __init__(self, inputs: Any, num_outputs: int) -> None:
+        self.inputs = inputs
+        self.num_outputs = num_outputs
 
 
 @contextlib.contextmanager

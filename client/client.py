@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -14,7 +14,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
-from fuseport.wire.errors import ERROR_METADATA_KEY, FuseportError, KernelNotFound, error_from_status
+from fuseport.wire.errors import (
+    ERROR_METADATA_KEY,
+    FuseportError,
+    KernelNotFound,
+    NoMatchingVariant,
+    error_from_status,
+)
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
 
@@ -65,6 +71,20 @@ class ExecuteResult:
     reason: str  # "" when fused, else e.g. "compiling", "compile_failed", "requested"
     detail: str
     timings: Timings
+    variant: int  # content key of the variant that ran (the kernel's key for its own graph)
+
+
+@dataclass
+class _Known:
+    """A kernel this client registered: the function it was captured from (None
+    for a graph registered as such) and every graph it registered under the key."""
+
+    fn: Any
+    graphs: dict[int, _pb.graph.Graph] = field(default_factory=dict)  # variant key -> graph, in order
+
+    @property
+    def arity(self) -> int:
+        return len(next(iter(self.graphs.values())).inputs)
 
 
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -100,6 +120,7 @@ def _result(raw: bytes, started: int) -> ExecuteResult:
         reason="" if reason == "unspecified" else reason,
         detail=resp.detail,
         timings=Timings(t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000),
+        variant=resp.variant,
     )
 
 
@@ -120,9 +141,10 @@ class _Base:
         self._credentials = credentials
         self._options = _channel_options(max_message_bytes, options)
         self._max = max_message_bytes
-        # Graphs this client registered, so that a server that lost them (a
-        # restart without its store, another replica) can be healed.
-        self._graphs: dict[int, _pb.graph.Graph] = {}
+        # Kernels this client registered, so that a server that lost them (a
+        # restart without its store, another replica) can be healed, and new
+        # variants captured for stacks the registered ones do not cover.
+        self._known: dict[int, _Known] = {}
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -136,28 +158,69 @@ class _Base:
         return capture(fn_or_graph, list(example_inputs))
 
     def _execute_request(self, key: int, stack: Sequence[Any], wait: bool) -> bytes:
-        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max)
-
-    def _should_heal(self, e: FuseportError, key: int) -> bool:
-        return isinstance(e, KernelNotFound) and key in self._graphs
+        # A client that registered the kernel runs only the variants it
+        # registered itself: another client's graph under the same key is
+        # never trusted with this client's function.
+        known = self._known.get(key)
+        variants = list(known.graphs) if known else ()
+        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max, variants=variants)
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
 
     def _register_call(
-        self, fn_or_graph: Any, example_inputs: Sequence[Any] | None
+        self, fn_or_graph: Any, example_inputs: Sequence[Any] | None, variant_of: int | None = None
     ) -> tuple[bytes, Callable[[bytes], int]]:
         graph = self._graph_of(fn_or_graph, example_inputs)
+        fn = None if isinstance(fn_or_graph, _pb.graph.Graph) else fn_or_graph
+        return self._register_graph(graph, fn, variant_of)
 
+    def _register_graph(
+        self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None
+    ) -> tuple[bytes, Callable[[bytes], int]]:
         def registered(raw: bytes) -> int:
-            key = _pb.service.RegisterResponse.FromString(raw).key
-            self._graphs[key] = graph
-            return key
+            resp = _pb.service.RegisterResponse.FromString(raw)
+            known = self._known.setdefault(resp.key, _Known(fn))
+            if known.fn is None:
+                known.fn = fn
+            known.graphs[resp.variant] = graph
+            return resp.key
 
-        return _pb.service.RegisterRequest(graph=graph).SerializeToString(), registered
+        request = _pb.service.RegisterRequest(graph=graph)
+        if variant_of is not None:
+            request.variant_of = variant_of
+        return request.SerializeToString(), registered
 
-    def _heal_request(self, key: int) -> bytes:
-        return _pb.service.RegisterRequest(graph=self._graphs[key]).SerializeToString()
+    def _recovery(
+        self, e: FuseportError, key: int, stack: Sequence[Any]
+    ) -> list[tuple[bytes, Callable[[bytes], int]]] | None:
+        """The Register calls that let a failed Execute succeed when retried, or
+        None when there are none (the error stands).
+
+        * NOT_FOUND for a kernel this client registered: the server lost it
+          (a restart without its store, another replica): register every graph again.
+        * NoMatchingVariant for a kernel registered from a function: capture
+          the function again on these very inputs and add that variant.
+        """
+        known = self._known.get(key)
+        if known is None:
+            return None
+        if isinstance(e, KernelNotFound):
+            log.info("server lost kernel %d; registering it again", key)
+            graphs = list(known.graphs.items())
+            return [self._register_graph(g, known.fn, None if v == key else key) for v, g in graphs]
+        if isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
+            inputs = list(stack[len(stack) - known.arity :])
+            log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
+            try:
+                graph = capture(known.fn, inputs)
+            except FuseportError as capture_error:
+                # Inputs the function cannot take (a string for a float): the
+                # server's message says what is wrong with them.
+                log.info("kernel %d: cannot capture for these inputs: %s", key, capture_error)
+                return None
+            return [self._register_graph(graph, known.fn, key)]
+        return None
 
     @staticmethod
     def _describe_request(key: int, include_source: bool) -> bytes:
@@ -173,7 +236,7 @@ class _Base:
 
     def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
         def unregistered(raw: bytes) -> bool:
-            self._graphs.pop(key, None)
+            self._known.pop(key, None)
             return _pb.service.UnregisterResponse.FromString(raw).removed
 
         return _pb.service.UnregisterRequest(key=key).SerializeToString(), unregistered
@@ -223,10 +286,19 @@ class Client(_Base):
             raise _translate(e) from e
 
     def register(
-        self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
+        self,
+        fn_or_module: Any,
+        example_inputs: Sequence[Any] | None = None,
+        *,
+        variant_of: int | None = None,
+        timeout: float | None = None,
     ) -> int:
-        """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it."""
-        request, registered = self._register_call(fn_or_module, example_inputs)
+        """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it.
+
+        Returns the kernel's key. With `variant_of`, the graph becomes another
+        variant of that kernel (for stacks its variants do not cover); a client
+        that registered a function does this by itself when a stack needs it."""
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of)
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
@@ -247,15 +319,15 @@ class Client(_Base):
 
     def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
         started = time.perf_counter_ns()
-        request = self._execute_request(key, stack, wait)
         try:
-            raw = self._call(method, request, timeout)
+            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
-            if not self._should_heal(e, key):
+            steps = self._recovery(e, key, stack)
+            if steps is None:
                 raise
-            log.info("server lost kernel %d; registering it again", key)
-            self._call("Register", self._heal_request(key), timeout)
-            raw = self._call(method, request, timeout)
+            for request, registered in steps:
+                registered(self._call("Register", request, timeout))
+            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
@@ -312,9 +384,14 @@ class AsyncClient(_Base):
             raise _translate(e) from e
 
     async def register(
-        self, fn_or_module: Any, example_inputs: Sequence[Any] | None = None, *, timeout: float | None = None
+        self,
+        fn_or_module: Any,
+        example_inputs: Sequence[Any] | None = None,
+        *,
+        variant_of: int | None = None,
+        timeout: float | None = None,
     ) -> int:
-        request, registered = self._register_call(fn_or_module, example_inputs)
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(
@@ -337,15 +414,15 @@ class AsyncClient(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
-        request = self._execute_request(key, stack, wait)
         try:
-            raw = await self._call(method, request, timeout)
+            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
-            if not self._should_heal(e, key):
+            steps = self._recovery(e, key, stack)
+            if steps is None:
                 raise
-            log.info("server lost kernel %d; registering it again", key)
-            await self._call("Register", self._heal_request(key), timeout)
-            raw = await self._call(method, request, timeout)
+            for request, registered in steps:
+                registered(await self._call("Register", request, timeout))
+            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
 
     async def describe(

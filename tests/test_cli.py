@@ -47,5 +47,6 @@ def test_list_and_describe_show_the_kernel_and_its_source(server: ServerProcess,
     assert described.returncode == 0
     assert "ready" in described.stdout and "generated source" in described.stdout
     assert "aten::log1p.default" in described.stdout
+    assert "conditions: x.shape[0] >= 2" in described.stdout
     missing = fuseport("describe", "42", "--target", server.target)
     assert missing.returncode == 1 and "KernelNotFound" in missing.stderr

@@ -19,6 +19,7 @@ from fuseport.client import (
     DeadlineExceeded,
     ExecutionFailed,
     KernelNotFound,
+    NoMatchingVariant,
     OpNotAllowed,
     ResourceExhausted,
     SignatureMismatch,
@@ -86,34 +87,61 @@ def test_wrong_arity_kind_and_dtype_name_the_input(client: Client) -> None:
     def f(x, alpha):
         return x * alpha
 
-    key = client.register(f, [torch.ones(3), 2.0])
-    with pytest.raises(SignatureMismatch, match="takes 2 inputs but the stack holds 1"):
+    # Registered as a graph: the client has no function to capture a variant
+    # from, so what the server says about the inputs reaches the caller.
+    key = client.register(capture(f, [torch.ones(3), 2.0]))
+    with pytest.raises(SignatureMismatch, match="takes 2 inputs but the stack holds 1 value$"):
         client.execute(key, [torch.ones(3)])
-    with pytest.raises(SignatureMismatch, match=r"stack\[1\].*'alpha'.*expected a float, got a str"):
+    with pytest.raises(NoMatchingVariant, match=r"stack\[1\].*'alpha'.*expected a float, got a str"):
         client.execute(key, [torch.ones(3), "two"])
-    with pytest.raises(SignatureMismatch, match=r"stack\[0\].*expected a float32 tensor, got int64"):
+    with pytest.raises(NoMatchingVariant, match=r"stack\[0\].*expected a float32 tensor, got int64"):
         client.execute(key, [torch.ones(3, dtype=torch.int64), 2.0])
+
+
+def test_client_with_the_function_captures_a_variant_for_another_dtype(client: Client) -> None:
+    def f(x, alpha):
+        return x * alpha
+
+    key = client.register(f, [torch.ones(3), 2.0])
+    x = torch.arange(3)
+    out = client.execute(key, [x, 2.0])[0]
+    assert out.dtype == torch.float32 and torch.equal(out, f(x, 2.0))
+    # A string is no input of the function: nothing to capture, the server's word stands.
+    with pytest.raises(NoMatchingVariant, match=r"stack\[1\].*'alpha'.*expected a float, got a str"):
+        client.execute(key, [torch.ones(3), "two"])
 
 
 def test_static_input_accepts_only_its_captured_value(client: Client) -> None:
     def f(x, double):
         return x * 2 if double else x + 0
 
-    key = client.register(f, [torch.ones(3), True])  # a bool shapes the graph: static
+    graph = capture(f, [torch.ones(3), True])  # a bool shapes the graph: static
+    key = client.register(graph)
     torch.testing.assert_close(client.execute(key, [torch.ones(3), True])[0], torch.full((3,), 2.0))
-    with pytest.raises(SignatureMismatch, match=r"stack\[1\].*'double'.*static.*only True is accepted, got False"):
+    with pytest.raises(NoMatchingVariant, match=r"stack\[1\].*'double'.*static.*only True is accepted, got False"):
         client.execute(key, [torch.ones(3), False])
+    # With the function, the client captures the other value as a variant of the same key.
+    with Client(client.target, timeout=120) as c:
+        assert c.register(f, [torch.ones(3), True]) == key
+        torch.testing.assert_close(c.execute(key, [torch.ones(3), False])[0], torch.ones(3))
 
 
 def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -> None:
     def f(x, y):
         return x + y
 
-    key = client.register(f, [torch.ones(4), torch.ones(4)])
-    with pytest.raises(ExecutionFailed, match="failed on these inputs"):
+    # With its conditions, the graph refuses sizes that do not match by name.
+    key = client.register(capture(f, [torch.ones(4), torch.ones(4)]))
+    with pytest.raises(NoMatchingVariant, match=r"y.shape\[0\] == x.shape\[0\] does not hold \(y.shape\[0\] = 5"):
         client.execute(key, [torch.ones(4), torch.ones(5)], wait=True)
-    # The bad request was the one the kernel first compiled with; that must not
-    # keep good requests of the same ArgSpec off the fused kernel.
+    # A hand-made graph that claims no conditions: the shape error is found
+    # before either path runs (the same for both), never by a compile.
+    bare = capture(lambda x, y: x + y + 0, [torch.ones(4), torch.ones(4)])
+    del bare.conditions[:]
+    key = client.register(bare)
+    for run in (client.execute, client.fallback):
+        with pytest.raises(ExecutionFailed, match="failed on these inputs.*aten::add.Tensor"):
+            run(key, [torch.ones(4), torch.ones(5)])
     res = client.execute_detailed(key, [torch.ones(4), torch.ones(4)], wait=True)
     assert res.path == "fused", (res.reason, res.detail)
     torch.testing.assert_close(res.stack[0], torch.full((4,), 2.0))
@@ -121,13 +149,14 @@ def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -
 
 def test_out_of_memory_is_resource_exhausted_and_server_keeps_serving(client: Client) -> None:
     def blow_up(x):
-        # 2**21 x 2**20 float32 = 8 TiB: no allocator can satisfy it.
-        return x.reshape(1, -1).expand(2**21, -1) * 2
+        # 2**21 x 2**20 float32 = 8 TiB in the middle: no allocator can satisfy it.
+        return (x.reshape(1, -1).expand(2**21, -1) * 2).sum()
 
     key = client.register(blow_up, [torch.ones(2**20)])
-    with pytest.raises(ResourceExhausted, match="out of memory") as e:
-        client.fallback(key, [torch.ones(2**20)])
-    assert _status(e) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for run in (client.fallback, client.execute):
+        with pytest.raises(ResourceExhausted, match="out of memory.*8796093022208 bytes.*refused before running") as e:
+            run(key, [torch.ones(2**20)])
+        assert _status(e) is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.health() == "SERVING"
     key2 = client.register(_double, [torch.ones(2)])
     torch.testing.assert_close(client.fallback(key2, [torch.ones(2)])[0], torch.full((2,), 2.0))
@@ -242,9 +271,13 @@ def test_restart_after_kill_keeps_every_registered_key(tmp_path: Path) -> None:
     store = tmp_path / "store"
     first = start_server(tmp_path / "a", store)
     functions = [lambda x: x + 1, lambda x: x * x, lambda x: torch.exp(x) - 1]
-    with Client(first.target, timeout=60) as c:
-        keys = [c.register(fn, [torch.randn(4)]) for fn in functions]
-    first.stop(signal.SIGKILL)  # no chance to flush anything after Register returned
+    try:
+        with Client(first.target, timeout=60) as c:
+            keys = [c.register(fn, [torch.randn(4)]) for fn in functions]
+    finally:
+        first.stop(signal.SIGKILL)  # no chance to flush anything after Register returned
+    # What a crash mid-write leaves behind: read by nobody, removed at start.
+    (store / ".tmp-crashed.pb").write_bytes(b"half a graph")
     second = start_server(tmp_path / "b", store)
     try:
         with Client(second.target, timeout=60) as c:
@@ -252,6 +285,8 @@ def test_restart_after_kill_keeps_every_registered_key(tmp_path: Path) -> None:
             x = torch.randn(4)
             for fn, key in zip(functions, keys):
                 torch.testing.assert_close(c.fallback(key, [x])[0], fn(x))
+        assert not (store / ".tmp-crashed.pb").exists()
+        assert "removing .tmp-crashed.pb" in second.log()
     finally:
         second.stop()
 

@@ -1,0 +1,63 @@
+"""Capture and compile in one process: torch.export and torch.compile must take turns.
+
+Both push and pop process-wide tracing state. The server compiles on a thread
+of its own from the moment it starts (the warm-up), so a process that holds a
+Core and captures (these tests, the benchmark, a user's own test suite) once
+failed one run in three: "Trying to pop empty mode stack", then every later
+capture "Unable to cast NotImplemented to Tensor".
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from fuseport.server.core import Core
+from fuseport.server.settings import Settings
+from fuseport.wire.capture import capture
+from fuseport.wire.keys import key_for
+
+
+def _functions() -> list:
+    return [
+        lambda x: torch.sigmoid(x) * x + 1,
+        lambda x: (x * 2).softmax(-1),
+        lambda x: torch.cat([x, x.tanh()], dim=0).sum(0),
+        lambda x: x.view(-1, 2).relu() - 3,
+    ]
+
+
+def test_capture_while_the_server_compiles_in_the_same_process(tmp_path: Path) -> None:
+    example = [torch.randn(4, 6)]
+    expected = [key_for(capture(fn, example)) for fn in _functions()]
+    core = Core(Settings(device="cpu", store_dir=tmp_path))  # starts the warm-up compile on its thread
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def compile_new_kernels() -> None:
+        # One new kernel after another: the compile thread is busy the whole time.
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                scale = float(n)
+                key, _, _ = core.register(capture(lambda x, s=scale: x * s - 1, [torch.randn(3)]))
+                res = core.execute(key, [torch.randn(5)], wait=True)
+                assert res.path == 1, res.detail  # PATH_FUSED
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            failures.append(e)
+
+    worker = threading.Thread(target=compile_new_kernels)
+    worker.start()
+    try:
+        for _ in range(3):
+            keys = [key_for(capture(fn, example)) for fn in _functions()]
+            assert keys == expected
+    finally:
+        stop.set()
+        worker.join(timeout=300)
+        core.close()
+    assert not worker.is_alive()
+    assert not failures, failures
