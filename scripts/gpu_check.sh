@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
-# On the GPU machine, in one call: the `gpu` tests, then `fuseport bench` on CUDA.
+# On the GPU machine: the `gpu` tests, then `fuseport bench` on CUDA.
 # Prepare here with scripts/gpu_prepare.sh; run there with `.whl` carried, e.g.
-#   device run --carry .whl -- bash scripts/gpu_check.sh
+#   device run --carry .whl -- bash scripts/gpu_check.sh          # both
+#   device run --carry .whl -- bash scripts/gpu_check.sh tests    # or one part per call,
+#   device run --carry .whl -- bash scripts/gpu_check.sh bench    # each well inside 10 minutes
+#   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PART=${1:-all}
+shift || true
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 # The tests import fuseport from the wheel, not from this tree.
+REPO=$PWD
 cd /tmp
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, grpc; print("torch", torch.__version__, "grpc", grpc.__version__)' | tee -a "$OUT/gpu.txt"
+date -u | tee -a "$OUT/gpu.txt"
 rc=0
-python3 -m pytest -m gpu -q -p no:cacheprovider --rootdir "$OLDPWD" "$OLDPWD/tests" 2>&1 | tee "$OUT/gpu-tests.log"
-rc=${PIPESTATUS[0]}
-python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
-exit $(( rc || PIPESTATUS[0] ))
+if [[ $PART == all || $PART == tests ]]; then
+    paths=("${@:-tests}")
+    python3 -m pytest -m gpu -q -p no:cacheprovider --durations=10 --rootdir "$REPO" "${paths[@]/#/$REPO/}" 2>&1 \
+        | tee "$OUT/gpu-tests.log"
+    rc=${PIPESTATUS[0]}
+fi
+if [[ $PART == all || $PART == bench ]]; then
+    python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
+        --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+fi
+exit "$rc"

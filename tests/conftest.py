@@ -80,6 +80,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def cuda_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One CUDA server for the `gpu` tests of the session."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
+    s = start_server(tmp_path_factory.mktemp("cuda"), None, "--device", "cuda")
+    yield s
+    s.stop()
+
+
 @pytest.fixture()
 def client(server: ServerProcess) -> Iterator[Client]:
     with Client(server.target, timeout=120) as c:

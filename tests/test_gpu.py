@@ -14,23 +14,14 @@ import torch
 
 from fuseport.client import Client, ResourceExhausted
 
-from .conftest import ServerProcess, start_server
+from .conftest import ServerProcess
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
-    s = start_server(tmp_path_factory.mktemp("gpu"), None, "--device", "cuda")
-    yield s
-    s.stop()
-
-
 @pytest.fixture()
-def gpu(gpu_server: ServerProcess) -> Iterator[Client]:
-    with Client(gpu_server.target, timeout=300) as c:
+def gpu(cuda_server: ServerProcess) -> Iterator[Client]:
+    with Client(cuda_server.target, timeout=300) as c:
         yield c
 
 
@@ -67,7 +58,7 @@ def test_large_tensors_round_trip_through_pinned_staging(gpu: Client) -> None:
         assert torch.equal(res.stack[0], f(x))
 
 
-def test_concurrent_requests_on_their_own_streams_stay_correct(gpu: Client, gpu_server: ServerProcess) -> None:
+def test_concurrent_requests_on_their_own_streams_stay_correct(gpu: Client, cuda_server: ServerProcess) -> None:
     def f(x, y):
         return (x @ y).relu() + x.sum()
 
@@ -76,7 +67,7 @@ def test_concurrent_requests_on_their_own_streams_stay_correct(gpu: Client, gpu_
     inputs = [(torch.randn(256, 256), torch.randn(256, 256)) for _ in range(32)]
 
     def call(xy):
-        with Client(gpu_server.target, timeout=300) as c:
+        with Client(cuda_server.target, timeout=300) as c:
             return c.execute_detailed(key, list(xy))
 
     with ThreadPoolExecutor(8) as pool:
@@ -87,13 +78,25 @@ def test_concurrent_requests_on_their_own_streams_stay_correct(gpu: Client, gpu_
 
 def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: Client) -> None:
     def blow_up(x):
-        return x.reshape(1, -1).expand(2**21, -1) * 2  # 8 TiB
+        return (x.reshape(1, -1).expand(2**21, -1) * 2).sum()  # 8 TiB in the middle
 
     key = gpu.register(blow_up, [torch.ones(2**20)])
+    for run in (gpu.fallback, gpu.execute):
+        with pytest.raises(ResourceExhausted, match="out of memory.*refused before running"):
+            run(key, [torch.ones(2**20)])
+
+    # Three intermediates of 40% of the card each: every one fits, together
+    # they do not. Only running finds that out; the fallback keeps all three.
+    total = torch.cuda.get_device_properties(0).total_memory
+    cols = 2**16
+    rows = int(total * 0.4) // (4 * cols)
+
+    def peak(x):
+        return (x.expand(rows, -1) * 2 + x.expand(rows, -1) * 3 * (x.expand(rows, -1) * 4)).sum()
+
+    key = gpu.register(peak, [torch.ones(cols)])
     with pytest.raises(ResourceExhausted, match="out of memory"):
-        gpu.fallback(key, [torch.ones(2**20)])
-    with pytest.raises(ResourceExhausted, match="out of memory"):
-        gpu.execute(key, [torch.ones(2**20)], wait=True)
+        gpu.fallback(key, [torch.ones(cols)])
     assert gpu.health() == "SERVING"
 
     def small(x):
@@ -103,21 +106,62 @@ def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: 
     assert torch.equal(gpu.execute(key2, [torch.ones(4)], wait=True)[0], torch.full((4,), 2.0))
 
 
-def test_device_failure_stops_the_server_so_it_is_restarted(tmp_path) -> None:
-    """A device-side assert poisons the CUDA context: the server must not keep
-    saying SERVING. It answers INTERNAL, drains and exits with status 3."""
-    from fuseport.client import InternalError
+def test_index_out_of_range_on_cuda_is_invalid_argument_not_a_device_assert(gpu: Client) -> None:
+    """A device-side assert poisons the CUDA context for every client of the
+    process. Indices are checked before any kernel reads them: on the host for
+    graph inputs (the fused path stays fused), op by op on the unfused path for
+    indices the graph computes itself."""
+    from fuseport.client import ExecutionFailed
 
-    server = start_server(tmp_path, None, "--device", "cuda")
-    try:
-        with Client(server.target, timeout=120) as c:
-            def gather(x, i):
-                return x[i]
+    def gather(x, i):
+        return x[i] * 2
 
-            key = c.register(gather, [torch.randn(8), torch.tensor([1, 2])])
-            with pytest.raises(InternalError, match="restarting"):
-                c.fallback(key, [torch.randn(8), torch.tensor([1, 1 << 40])])
-        assert server.proc.wait(timeout=120) == 3
-        assert "must restart" in server.log()
-    finally:
-        server.stop()
+    key = gpu.register(gather, [torch.randn(8), torch.tensor([1, 2])])
+    x = torch.randn(8)
+    res = gpu.execute_detailed(key, [x, torch.tensor([0, 7])], wait=True)
+    assert res.path == "fused", (res.reason, res.detail)
+    torch.testing.assert_close(res.stack[0], x[torch.tensor([0, 7])] * 2)
+    for run in (gpu.execute, gpu.fallback):
+        with pytest.raises(ExecutionFailed, match="out of range"):
+            run(key, [x, torch.tensor([1, 1 << 40])])
+
+    def shifted(x, i):
+        return x[i + 1] * 2
+
+    key = gpu.register(shifted, [torch.randn(8), torch.tensor([1, 2])])
+    res = gpu.execute_detailed(key, [x, torch.tensor([0, 6])], wait=True)
+    assert res.path == "fallback" and res.reason == "unsupported", (res.reason, res.detail)
+    torch.testing.assert_close(res.stack[0], x[torch.tensor([1, 7])] * 2)
+    for run in (gpu.execute, gpu.fallback):
+        with pytest.raises(ExecutionFailed, match="out of range"):
+            run(key, [x, torch.tensor([0, 7])])
+    assert gpu.health() == "SERVING"
+    # The context is intact: a fused kernel still runs.
+    key = gpu.register(chain, [torch.randn(8), torch.randn(8)])
+    a, b = torch.randn(64), torch.randn(64)
+    torch.testing.assert_close(gpu.execute(key, [a, b], wait=True)[0], chain(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_float_inputs_on_cuda_use_the_value_of_each_call(gpu: Client) -> None:
+    """torch.compile baked the first value of a float used by clamp (pytorch#194976)."""
+
+    def f(x, a):
+        return torch.clamp(x * a + 1, max=a)
+
+    key = gpu.register(f, [torch.randn(4), 0.5])
+    x = torch.randn(4096)
+    for a in (-2.0, 0.25, 3.0):
+        res = gpu.execute_detailed(key, [x, a], wait=True)
+        assert res.path == "fused", (res.reason, res.detail)
+        torch.testing.assert_close(res.stack[0], f(x, a), rtol=1e-6, atol=1e-6)
+
+
+def test_variants_for_other_ranks_and_sizes_on_cuda(gpu: Client) -> None:
+    def f(x):
+        return x * 2 if x.shape[0] > 3 else x - 1
+
+    key = gpu.register(f, [torch.randn(4)])
+    for x in (torch.ones(2), torch.ones(6), torch.ones(3, 5), torch.ones(1)):
+        res = gpu.execute_detailed(key, [x], wait=True)
+        assert res.path == "fused", (res.reason, res.detail)
+        torch.testing.assert_close(res.stack[0], f(x))
