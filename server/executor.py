@@ -373,7 +373,6 @@ class Executor:
             built = spec.variant.module
             module = torch.fx.GraphModule(built, copy.deepcopy(built.graph))
             mode = None if self.compile_mode == "default" else self.compile_mode
-            fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
             from torch._inductor.graph import GraphLowering
 
             with (
@@ -381,6 +380,9 @@ class Executor:
                 mock.patch.object(GraphLowering, "save_output_code", sources.append),
                 self.placement.request_scope(),
             ):
+                # Inside the lock too: torch.compile made while another thread
+                # exports is ignored (export's flag is process-wide), silently.
+                fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
                 receive()
                 fn(*sample)
                 self.placement.synchronize()

@@ -46,6 +46,9 @@ def test_capture_while_the_server_compiles_in_the_same_process(tmp_path: Path) -
                 key, _, _ = core.register(capture(lambda x, s=scale: x * s - 1, [torch.randn(3)]))
                 res = core.execute(key, [torch.randn(5)], wait=True)
                 assert res.path == 1, res.detail  # PATH_FUSED
+                # ... and fused for real: a torch.compile made while another
+                # thread exports is silently ignored, and the eager module runs.
+                assert [e.source for e in core.executor.entries(key)] != [""], "compiled without Inductor"
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             failures.append(e)
 
