@@ -55,7 +55,7 @@ def _both_fail(client: Client, key: int, stack: list, error: type[FuseportError]
 @pytest.fixture(scope="module")
 def quiet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of this module's own, so that its memory is not another test's compile."""
-    s = start_server(tmp_path_factory.mktemp("hostile"))
+    s = start_server(tmp_path_factory.mktemp("hostile"), None, "--compile-mode", "off")
     yield s
     s.stop()
 

@@ -269,7 +269,8 @@ def test_concurrent_register_of_one_graph_gives_one_key_and_one_spec(server: Ser
 
 def test_restart_after_kill_keeps_every_registered_key(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    first = start_server(tmp_path / "a", store)
+    # No compiles: the store is the point, and restarts are quicker without the warm-up.
+    first = start_server(tmp_path / "a", store, "--compile-mode", "off")
     functions = [lambda x: x + 1, lambda x: x * x, lambda x: torch.exp(x) - 1]
     try:
         with Client(first.target, timeout=60) as c:
@@ -278,7 +279,7 @@ def test_restart_after_kill_keeps_every_registered_key(tmp_path: Path) -> None:
         first.stop(signal.SIGKILL)  # no chance to flush anything after Register returned
     # What a crash mid-write leaves behind: read by nobody, removed at start.
     (store / ".tmp-crashed.pb").write_bytes(b"half a graph")
-    second = start_server(tmp_path / "b", store)
+    second = start_server(tmp_path / "b", store, "--compile-mode", "off")
     try:
         with Client(second.target, timeout=60) as c:
             assert sorted(k.key for k in c.list()) == sorted(keys)
@@ -322,7 +323,7 @@ def test_sigterm_drains_an_in_flight_call_and_refuses_new_ones(tmp_path: Path) -
 
 
 def test_message_over_the_limit_is_resource_exhausted_with_the_limit(tmp_path: Path) -> None:
-    server = start_server(tmp_path, None, "--max-message-bytes", "1000000")
+    server = start_server(tmp_path, None, "--max-message-bytes", "1000000", "--compile-mode", "off")
     try:
         with Client(server.target, timeout=60) as c:
             key = c.register(_double, [torch.ones(4)])

@@ -176,7 +176,7 @@ def test_variants_survive_a_restart_with_their_store(tmp_path) -> None:
         return x * 2 if x.shape[0] > 3 else x - 1
 
     store = tmp_path / "store"
-    first = start_server(tmp_path / "a", store)
+    first = start_server(tmp_path / "a", store, "--compile-mode", "off")
     try:
         with Client(first.target, timeout=120) as c:
             key = c.register(f, [torch.randn(4)])
@@ -184,7 +184,7 @@ def test_variants_survive_a_restart_with_their_store(tmp_path) -> None:
             before = [v.variant for v in c.describe(key).variants]
     finally:
         first.stop()
-    second = start_server(tmp_path / "b", store)
+    second = start_server(tmp_path / "b", store, "--compile-mode", "off")
     try:
         with Client(second.target, timeout=120) as c:
             assert sorted(v.variant for v in c.describe(key).variants) == sorted(before)
