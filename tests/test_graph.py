@@ -21,11 +21,6 @@ from fuseport.wire.graph import InputSpec, build_module, graph_summary, signatur
 from fuseport.wire.keys import canonical_bytes, key_for
 from fuseport.wire.ops import ALLOWED_OPS, CORE_ATEN_OPS, resolve
 
-# torch.export's own deprecation noise, not ours.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning"
-)
-
 CPU = torch.device("cpu")
 NAN, INF = float("nan"), float("inf")
 
@@ -269,6 +264,37 @@ def test_capture_rejects_in_place_changes_to_inputs() -> None:
 
     with pytest.raises(CaptureError, match="in place"):
         capture(bump, [ex(3)])
+
+
+def test_branch_on_a_tensor_value_is_one_error_naming_the_users_line(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    def sign_dependent(x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # the line the error must name
+            return x * 2
+        return x - 1
+
+    line = sign_dependent.__code__.co_firstlineno + 1
+    with caplog.at_level("DEBUG", logger="torch"), pytest.raises(CaptureError) as info:
+        capture(sign_dependent, [ex(4)])
+    message = str(info.value)
+    assert f"{Path(__file__).name}:{line}" in message, message
+    assert "if x.sum() > 0:" in message and "torch.where" in message
+    assert "\n" not in message, "one line, not export's pages"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    # torch prints the partial graph to stderr and logs "Unable to find user code" for this.
+    out, err = capsys.readouterr()
+    assert "def forward" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage()[:80] for r in caplog.records]
+
+
+def test_capture_is_quiet_but_leaves_torch_warnings_alone_elsewhere(recwarn: pytest.WarningsRecorder) -> None:
+    capture(lambda x: torch.nn.functional.gelu(x) * 2, [ex(3)])
+    assert [str(w.message) for w in recwarn] == [], "capture passed torch's warnings on to the user"
+    # The same export and decompositions outside capture: torch's warning is not filtered away
+    # for good (2.13 emits it here; the assertion pins that capture above had something to hide).
+    torch.export.export(torch.nn.GELU(), (ex(3),)).run_decompositions()
+    assert any("LeafSpec" in str(w.message) for w in recwarn)
 
 
 def test_capture_rejects_unsupported_inputs() -> None:

@@ -49,10 +49,14 @@ the op (the error the server would give for the same graph).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import operator
+import os
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -64,6 +68,7 @@ from torch._decomp import decomposition_table
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from fuseport.wire import _pb, dtypes, keys, ops
 from fuseport.wire._tracing import TRACE_LOCK
@@ -124,7 +129,22 @@ class _Wrapper(torch.nn.Module):
         self.inner = inner
 
     def forward(self, *args: Any) -> Any:
-        return self.inner(*args)
+        try:
+            return self.inner(*args)
+        except GuardOnDataDependentSymNode as e:
+            # Replaced here, in the user's frame: for an exception that says
+            # "data-dependent", torch.export prints its partial graph to stderr.
+            raise _BranchOnData(_user_line(e)) from None
+
+
+class _BranchOnData(Exception):
+    """The traced function decided something on a tensor's values."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(
+            f"the function decides on a tensor's values{where}; a graph cannot branch on data. "
+            "Use torch.where, or pass the value as an int, float or bool input"
+        )
 
 
 @dataclass(frozen=True)
@@ -149,8 +169,30 @@ def capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
     outside the allowlist. Safe to call from several threads, and beside
     torch.compile in the same process: tracing takes turns (TRACE_LOCK).
     """
-    with TRACE_LOCK:
+    with TRACE_LOCK, _quiet_torch():
         return _capture(fn, example_inputs)
+
+
+# torch.export's own deprecation warning (torch 2.13 raises it from inside
+# export, twice a capture); it is torch's to fix, and the user can do nothing about it.
+_TORCH_NOISE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+# Logs, at WARNING, "Unable to find user code corresponding to {u0}" and the whole
+# traced graph for every data-dependent guard: CaptureError says it in one line.
+_SHAPES_LOGGER = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silences what torch says to nobody in particular while it traces, and only
+    then: the same warning from the user's own torch.export call still shows."""
+    level = _SHAPES_LOGGER.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCH_NOISE, category=FutureWarning)
+        _SHAPES_LOGGER.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            _SHAPES_LOGGER.setLevel(level)
 
 
 def _capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
@@ -165,6 +207,8 @@ def _capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
             ep = _export(module, inputs, kinds, attempt)
         except Exception as e:  # export raises many types; any failure means "try the next"
             if last:
+                if isinstance(e, _BranchOnData):
+                    raise CaptureError(str(e)) from None
                 raise CaptureError(f"torch.export cannot trace the function: {_brief(e)}") from e
             logger.info("capture with %s failed (%s); trying the next", attempt.what, _brief(e))
             continue
@@ -249,6 +293,24 @@ def _brief(e: BaseException) -> str:
     """An exception's type and first line: export's messages run to pages."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# Frames in these folders are the tracer's, not the user's.
+_LIBRARY_DIRS = tuple(
+    os.path.join(os.path.realpath(d), "")
+    for d in (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch, fuseport.wire
+)
+_STDLIB_DIR = os.path.join(os.path.realpath(os.path.dirname(contextlib.__file__)), "")
+
+
+def _user_line(e: BaseException) -> str:
+    """' at FILE:LINE (`code`)' of the innermost frame of `e` outside torch and fuseport."""
+    for frame in reversed(traceback.extract_tb(e.__traceback__)):
+        path = os.path.realpath(frame.filename)
+        stdlib = path.startswith(_STDLIB_DIR) and "-packages" not in path
+        if not (stdlib or path.startswith(_LIBRARY_DIRS)) and os.path.exists(path):
+            return f" at {frame.filename}:{frame.lineno}" + (f" (`{frame.line}`)" if frame.line else "")
+    return ""
 
 
 def _export(module: torch.nn.Module, inputs: list[Any], kinds: list[int], attempt: _Attempt) -> ExportedProgram:
