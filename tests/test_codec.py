@@ -42,7 +42,10 @@ values_pb2 = _pb.values
 
 # torch warns once per process when it first allocates a complex32 tensor (the
 # encoder's contiguous copy, an empty decoded one); that is torch's notice, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning"),
+    pytest.mark.compat,  # the wire format at the lowest and newest protobuf
+]
 
 WIRE_DTYPES: list[torch.dtype] = [
     dt for dt in (dtypes.dtype_for(code) for code in sorted(dtypes.DTYPE_NAMES)) if dt is not None

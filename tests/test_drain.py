@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 
 from fuseport.client import Client, capture
@@ -28,6 +29,7 @@ def _double(x):
     return x * 2
 
 
+@pytest.mark.compat  # gRPC's shutdown behaviour is what differs between versions
 def test_sigterm_under_load_ends_every_call_ok_or_unavailable(tmp_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
         capturing = pool.submit(capture, _double, [torch.randn(16)])  # the first capture takes seconds

@@ -44,6 +44,7 @@ def _double(x):
 # ---------------------------------------------------------------- errors keep the server serving
 
 
+@pytest.mark.compat
 def test_unknown_key_is_not_found_and_next_call_succeeds(client: Client) -> None:
     with pytest.raises(KernelNotFound, match="no kernel with key 123; register it first") as e:
         client.execute(123, [torch.ones(2)])
@@ -52,6 +53,7 @@ def test_unknown_key_is_not_found_and_next_call_succeeds(client: Client) -> None
     torch.testing.assert_close(client.fallback(key, [torch.ones(2)])[0], torch.full((2,), 2.0))
 
 
+@pytest.mark.compat
 def test_malformed_stack_is_invalid_argument_naming_the_element(server: ServerProcess, client: Client) -> None:
     key = client.register(_double, [torch.ones(4, 4)])
     bad = _pb.service.ExecuteRequest(
@@ -83,6 +85,7 @@ def test_disallowed_op_is_rejected_naming_the_op(client: Client) -> None:
     assert client.health() == "SERVING"
 
 
+@pytest.mark.compat
 def test_wrong_arity_kind_and_dtype_name_the_input(client: Client) -> None:
     def f(x, alpha):
         return x * alpha
@@ -147,6 +150,7 @@ def test_shapes_that_do_not_broadcast_fail_as_invalid_argument(client: Client) -
     torch.testing.assert_close(res.stack[0], torch.full((4,), 2.0))
 
 
+@pytest.mark.compat
 def test_out_of_memory_is_resource_exhausted_and_server_keeps_serving(client: Client) -> None:
     def blow_up(x):
         # 2**21 x 2**20 float32 = 8 TiB in the middle: no allocator can satisfy it.
@@ -168,6 +172,7 @@ def _uncached_constant() -> float:
     return 1 + random.random()
 
 
+@pytest.mark.compat
 def test_deadline_exceeded_while_waiting_for_compile(client: Client) -> None:
     c = _uncached_constant()
 
@@ -181,6 +186,7 @@ def test_deadline_exceeded_while_waiting_for_compile(client: Client) -> None:
     assert client.execute_detailed(key, [torch.randn(9)]).stack[0].shape == (9,)
 
 
+@pytest.mark.compat
 def test_unregister_frees_and_the_client_heals_a_lost_kernel(server: ServerProcess, client: Client) -> None:
     def f(x):
         return x.abs() + 4
@@ -199,6 +205,7 @@ def test_unregister_frees_and_the_client_heals_a_lost_kernel(server: ServerProce
     torch.testing.assert_close(client.execute(key, [x])[0], f(x))
 
 
+@pytest.mark.compat
 def test_unreachable_server_raises_unavailable() -> None:
     with Client("127.0.0.1:1", timeout=5) as c:
         with pytest.raises(Unavailable):
@@ -208,6 +215,7 @@ def test_unreachable_server_raises_unavailable() -> None:
 # ---------------------------------------------------------------- interop, health, reflection
 
 
+@pytest.mark.compat
 def test_generated_stubs_and_plain_protobuf_talk_to_the_server(server: ServerProcess, client: Client) -> None:
     """What a client in another language does: its own generated code, no fuseport codec."""
     from fuseport.v1 import service_pb2, service_pb2_grpc, values_pb2
@@ -231,6 +239,7 @@ def test_generated_stubs_and_plain_protobuf_talk_to_the_server(server: ServerPro
     assert torch.equal(torch.frombuffer(bytearray(out.data), dtype=torch.float32).reshape(2, 2), x * 2)
 
 
+@pytest.mark.compat
 def test_reflection_lists_the_services(server: ServerProcess) -> None:
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 

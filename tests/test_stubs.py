@@ -1,21 +1,44 @@
-"""Pins that the committed protobuf/gRPC stubs are exactly what proto/generate.py makes
-from the .proto files, and that the .proto files ship inside the fuseport.v1 package."""
+"""Pins that the committed protobuf/gRPC stubs are what proto/generate.py makes from the
+.proto files, with the pinned (oldest) generator, and that the .proto files ship inside the
+fuseport.v1 package.
+
+The generator runs here with whatever grpcio-tools is installed (pip picks the one that
+fits the protobuf runtime): what the stubs describe (each file's descriptor, the service's
+methods) must match for any version, and every byte must match when it is the pinned one,
+as in CI's lowest-versions venv.
+"""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import importlib.util
+import re
 import subprocess
 import sys
+import tomllib
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "proto" / "fuseport" / "v1"
 PROTOS = ("values.proto", "graph.proto", "service.proto")
 STUB_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
 REGENERATE = "run `python proto/generate.py` and commit the result"
+
+
+def _generate_script():  # proto/ is not a package; load the script as a module
+    spec = importlib.util.spec_from_file_location("fuseport_generate", REPO / "proto" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATE = _generate_script()
+pytestmark = pytest.mark.compat
 
 
 def _stubs(folder: Path) -> dict[str, bytes]:
@@ -26,12 +49,24 @@ def _stubs(folder: Path) -> dict[str, bytes]:
     }
 
 
+def _descriptor(pb2_source: bytes) -> descriptor_pb2.FileDescriptorProto:
+    """The FileDescriptorProto a *_pb2.py module registers, read without importing it."""
+    for node in ast.walk(ast.parse(pb2_source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
+            return descriptor_pb2.FileDescriptorProto.FromString(ast.literal_eval(node.args[0]))
+    raise AssertionError("no AddSerializedFile call in the module")
+
+
+def _routes(grpc_source: bytes) -> list[str]:
+    return sorted(set(re.findall(rb"'(/fuseport\.v1\.\w+/\w+)'", grpc_source)))
+
+
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the test extra) generates the stubs")
     out = tmp_path_factory.mktemp("stubs")
     subprocess.run(
-        [sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(out)],
+        [sys.executable, str(REPO / "proto" / "generate.py"), "--installed", "--out", str(out)],
         check=True,
         cwd=out,  # the script must not depend on the working directory
     )
@@ -55,8 +90,38 @@ def test_committed_stubs_match_the_proto_files(generated: Path) -> None:
     extra = sorted(committed.keys() - fresh.keys())
     assert not missing, f"stubs missing from proto/fuseport/v1: {missing}; {REGENERATE}"
     assert not extra, f"stale stubs in proto/fuseport/v1 that protoc does not make: {extra}; {REGENERATE}"
-    stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"committed stubs differ from the .proto files: {stale}; {REGENERATE}"
+    for name in fresh:
+        if name.endswith("_pb2.py"):
+            assert _descriptor(fresh[name]) == _descriptor(committed[name]), (
+                f"{name} describes another version of the .proto; {REGENERATE}"
+            )
+        elif name.endswith("_grpc.py"):
+            assert _routes(fresh[name]) == _routes(committed[name]), f"{name}: methods differ; {REGENERATE}"
+    if GENERATE.installed_generator() == GENERATE.GENERATOR:
+        stale = [name for name in fresh if fresh[name] != committed[name]]
+        assert not stale, f"committed stubs differ from the .proto files: {stale}; {REGENERATE}"
+
+
+def test_committed_stubs_come_from_the_oldest_generator() -> None:
+    """Newer protoc output checks the runtime version and would refuse protobuf 4 to 6."""
+    for name, source in _stubs(COMMITTED).items():
+        assert b"ValidateProtobufRuntimeVersion" not in source, f"{name}: made by a newer protoc; {REGENERATE}"
+        assert b"GRPC_GENERATED_VERSION" not in source, f"{name}: made by a newer grpcio-tools; {REGENERATE}"
+        if name.endswith("_pb2.py"):
+            assert f"# Protobuf Python Version: {GENERATE.GENCODE}\n".encode() in source, name
+
+
+def test_declared_floors_are_what_the_stubs_need_and_what_ci_installs() -> None:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(m.groups() for d in deps if (m := re.fullmatch(r"([\w.-]+)>=([\w.]+)(?:,<[\w.]+)?", d)))
+    assert floors["protobuf"] == GENERATE.GENCODE
+    for grpc_dist in ("grpcio", "grpcio-health-checking", "grpcio-reflection"):
+        assert floors[grpc_dist] == GENERATE.GENERATOR, grpc_dist
+    lines = (REPO / ".ci" / "lowest.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    floors.pop("torch")  # CI's CPU venvs take 2.13.0 from disk; 2.11 is the GPU machine's
+    assert {name: pins.get(name) for name in floors} == floors, ".ci/lowest.txt drifted from pyproject.toml"
+    assert pins["grpcio-tools"] == GENERATE.GENERATOR, "the lowest venv regenerates the stubs byte for byte"
 
 
 @pytest.mark.parametrize("proto", PROTOS)
@@ -64,7 +129,6 @@ def test_proto_files_ship_as_fuseport_v1_package_data(proto: str) -> None:
     found = resources.files("fuseport.v1") / proto
     assert found.is_file(), f"{proto} is not found through importlib.resources in fuseport.v1"
     assert found.read_bytes() == (COMMITTED / proto).read_bytes()
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["fuseport.v1"]
     assert any(fnmatch.fnmatch(proto, pat) for pat in patterns), (

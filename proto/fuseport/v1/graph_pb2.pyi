@@ -3,8 +3,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -114,7 +113,7 @@ class GraphInput(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     static: bool
     static_value: Argument
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., dtype: _Optional[_Union[_values_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., static: _Optional[bool] = ..., static_value: _Optional[_Union[Argument, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., dtype: _Optional[_Union[_values_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., static: bool = ..., static_value: _Optional[_Union[Argument, _Mapping]] = ...) -> None: ...
 
 class Device(_message.Message):
     __slots__ = ("type", "index")
@@ -156,7 +155,7 @@ class Argument(_message.Message):
     device: Device
     memory_format: MemoryFormat
     layout: Layout
-    def __init__(self, ref: _Optional[str] = ..., constant: _Optional[int] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: _Optional[bool] = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[_values_pb2.NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ArgumentList, _Mapping]] = ..., dtype: _Optional[_Union[_values_pb2.DType, str]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., memory_format: _Optional[_Union[MemoryFormat, str]] = ..., layout: _Optional[_Union[Layout, str]] = ...) -> None: ...
+    def __init__(self, ref: _Optional[str] = ..., constant: _Optional[int] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[_values_pb2.NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ArgumentList, _Mapping]] = ..., dtype: _Optional[_Union[_values_pb2.DType, str]] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., memory_format: _Optional[_Union[MemoryFormat, str]] = ..., layout: _Optional[_Union[Layout, str]] = ...) -> None: ...
 
 class KeywordArgument(_message.Message):
     __slots__ = ("name", "value")

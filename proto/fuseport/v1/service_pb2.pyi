@@ -4,8 +4,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -66,7 +65,7 @@ class RegisterResponse(_message.Message):
     key: int
     created: bool
     variant: int
-    def __init__(self, key: _Optional[int] = ..., created: _Optional[bool] = ..., variant: _Optional[int] = ...) -> None: ...
+    def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
     __slots__ = ("wait_for_compile", "variants")
@@ -74,7 +73,7 @@ class ExecuteOptions(_message.Message):
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, wait_for_compile: _Optional[bool] = ..., variants: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack")
@@ -120,7 +119,7 @@ class DescribeRequest(_message.Message):
     INCLUDE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     key: int
     include_source: bool
-    def __init__(self, key: _Optional[int] = ..., include_source: _Optional[bool] = ...) -> None: ...
+    def __init__(self, key: _Optional[int] = ..., include_source: bool = ...) -> None: ...
 
 class ArgSpecInfo(_message.Message):
     __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source", "variant")
@@ -206,4 +205,4 @@ class UnregisterResponse(_message.Message):
     __slots__ = ("removed",)
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     removed: bool
-    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+    def __init__(self, removed: bool = ...) -> None: ...
