@@ -145,6 +145,9 @@ class _Base:
         # restart without its store, another replica) can be healed, and new
         # variants captured for stacks the registered ones do not cover.
         self._known: dict[int, _Known] = {}
+        # Kernels this client unregistered itself: NOT_FOUND for one says so, and
+        # is not healed (registering it again would undo the user's own call).
+        self._unregistered: set[int] = set()
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -180,6 +183,7 @@ class _Base:
     ) -> tuple[bytes, Callable[[bytes], int]]:
         def registered(raw: bytes) -> int:
             resp = _pb.service.RegisterResponse.FromString(raw)
+            self._unregistered.discard(resp.key)
             known = self._known.setdefault(resp.key, _Known(fn))
             if known.fn is None:
                 known.fn = fn
@@ -204,6 +208,8 @@ class _Base:
         """
         known = self._known.get(key)
         if known is None:
+            if isinstance(e, KernelNotFound) and key in self._unregistered:
+                raise KernelNotFound(f"{e}: this client unregistered it; register it again to use it", key) from e
             return None
         if isinstance(e, KernelNotFound):
             log.info("server lost kernel %d; registering it again", key)
@@ -237,6 +243,7 @@ class _Base:
     def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
         def unregistered(raw: bytes) -> bool:
             self._known.pop(key, None)
+            self._unregistered.add(key)
             return _pb.service.UnregisterResponse.FromString(raw).removed
 
         return _pb.service.UnregisterRequest(key=key).SerializeToString(), unregistered

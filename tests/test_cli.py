@@ -1,13 +1,16 @@
-"""The `fuseport` command against a real server: health, list, describe."""
+"""The `fuseport` command against a real server: health, list, describe, demo."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from fuseport.client import Client
+from fuseport.client import Client, cli
+from fuseport.server.settings import Settings
 
 from .conftest import ServerProcess
 
@@ -50,3 +53,28 @@ def test_list_and_describe_show_the_kernel_and_its_source(server: ServerProcess,
     assert "conditions: x.shape[0] >= 2" in described.stdout
     missing = fuseport("describe", "42", "--target", server.target)
     assert missing.returncode == 1 and "KernelNotFound" in missing.stderr
+
+
+def test_demo_against_a_server_says_what_it_timed_and_suggests_a_command_that_works(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo = fuseport("demo", "--target", server.target)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert "results match eager PyTorch" in demo.stdout
+    assert "(run includes waiting for the compile)" in demo.stdout
+    assert "again, the kernel ready" in demo.stdout
+    suggested = re.search(r"`fuseport (describe -?\d+ --target \S+)` shows it all", demo.stdout)
+    assert suggested, demo.stdout
+    described = fuseport(*suggested.group(1).split())
+    assert described.returncode == 0 and "generated source" in described.stdout, described.stderr
+
+    # With a server of its own (gone when the demo ends) it suggests starting one that stays,
+    # at the address `fuseport serve` binds by default, and both commands parse.
+    assert cli._run_demo(server.target, 120, own_server=True) == 0
+    out = capsys.readouterr().out
+    assert "this demo's server stops now" in out
+    commands = re.search(r"^\s+fuseport (demo .+) && fuseport (describe .+)$", out, re.M)
+    assert commands, out
+    for command in commands.groups():
+        args = cli._parser().parse_args(command.split())
+        assert args.target == Settings().address

@@ -197,9 +197,12 @@ def test_unregister_frees_and_the_client_heals_a_lost_kernel(server: ServerProce
     with Client(server.target) as other:  # someone else removes it
         assert other.unregister(key) is True
         assert other.unregister(key) is False
-        with pytest.raises(KernelNotFound):
+        with pytest.raises(KernelNotFound, match="this client unregistered it"):
             other.execute(key, [torch.randn(3)])
     assert not store_file.exists()
+    with Client(server.target) as bystander, pytest.raises(KernelNotFound) as info:
+        bystander.execute(key, [torch.randn(3)])  # never knew it: a plain NOT_FOUND
+    assert "unregistered" not in str(info.value)
     x = torch.randn(3)
     # This client registered it, so it registers it again and retries once.
     torch.testing.assert_close(client.execute(key, [x])[0], f(x))
