@@ -13,7 +13,7 @@ import torch
 from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
-from fuseport.server.registry import Kernel, Registry, Variant
+from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
@@ -48,7 +48,16 @@ class Core:
         self.device = resolve_device(settings.device)
         self.capacity = device_capacity(self.device)
         self.placement = Placement(self.device)
-        self.registry = Registry(settings.store_dir, self.device, max_variants=settings.max_variants)
+        self.registry = Registry(
+            settings.store_dir,
+            self.device,
+            Quotas(
+                max_variants=settings.max_variants,
+                max_graph_bytes=settings.max_graph_bytes,
+                max_store_bytes=settings.max_store_bytes,
+                max_store_kernels=settings.max_store_kernels,
+            ),
+        )
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,
@@ -135,10 +144,11 @@ class Core:
             )
 
     def describe(self, key: int, include_source: bool = False) -> _pb.service.KernelInfo:
-        return self._info(self.registry.get(key), include_source, with_arg_specs=True)
+        kernel = self.registry.get(key)
+        return self._info(key, kernel.variants, include_source, with_arg_specs=True)
 
     def list(self) -> list[_pb.service.KernelInfo]:
-        return [self._info(k, False, with_arg_specs=False) for k in self.registry.kernels()]
+        return [self._info(key, variants, False, with_arg_specs=False) for key, variants in self.registry.kernels()]
 
     def unregister(self, key: int) -> bool:
         # Registry first: once the key is gone no new request can compile for it.
@@ -165,21 +175,23 @@ class Core:
 
     # ------------------------------------------------------------------ helpers
 
-    def _info(self, kernel: Kernel, include_source: bool, with_arg_specs: bool) -> _pb.service.KernelInfo:
-        fused, fallback = self.executor.counts(kernel.key)
-        first = kernel.variants[0]
+    def _info(
+        self, key: int, variants: Sequence[Variant | Summary], include_source: bool, with_arg_specs: bool
+    ) -> _pb.service.KernelInfo:
+        fused, fallback = self.executor.counts(key)
+        first = variants[0]
         info = _pb.service.KernelInfo(
-            key=kernel.key,
+            key=key,
             inputs=list(first.graph.inputs),
             num_outputs=len(first.graph.outputs),
             num_nodes=len(first.graph.nodes),
-            ops=sorted({op for v in kernel.variants for op in v.ops}),
+            ops=sorted({op for v in variants for op in v.ops}),
             fused_runs=fused,
             fallback_runs=fallback,
             device=str(self.device),
-            random_ops=sorted({op for v in kernel.variants for op in v.random_ops}),
+            random_ops=sorted({op for v in variants for op in v.random_ops}),
         )
-        for v in kernel.variants:
+        for v in variants:
             info.variants.add(
                 variant=v.key,
                 inputs=list(v.graph.inputs),

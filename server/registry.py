@@ -10,6 +10,13 @@ On disk, one file per graph, each written with fsync and rename: the kernel's
 own graph is ``<key>.pb``, each further variant ``<key>+<variant key>.pb``
 (keys as 16 unsigned hex digits). A ``.tmp-*`` file is what a crash left mid-write:
 it is removed at start.
+
+Start reads only the directory (an index of names and sizes), so start time and
+memory do not grow with the store: a kernel's graphs are read and built on its
+first use. List reads each graph not yet in use without building it, and keeps
+nothing. Quotas, each refused with RESOURCE_EXHAUSTED naming its flag before
+anything is built or written: the largest graph, the store's bytes, and its
+kernels (variants count towards the bytes only).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from fuseport.wire.errors import FuseportError, InvalidGraph, KernelNotFound, Re
 from fuseport.wire.graph import Signature, build_module, graph_summary, signature_of
 from fuseport.wire.keys import key_for
 
-__all__ = ["Kernel", "Registry", "Variant"]
+__all__ = ["Kernel", "Quotas", "Registry", "Summary", "Variant"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,17 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """What List shows of a stored graph, read without building it."""
+
+    key: int
+    graph: _pb.graph.Graph
+    signature: Signature
+    ops: tuple[str, ...]
+    random_ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Kernel:
     key: int
     variants: tuple[Variant, ...]  # in the order they are tried
@@ -62,6 +80,14 @@ class Kernel:
     @property
     def arity(self) -> int:
         return len(self.variants[0].signature.inputs)
+
+
+@dataclass(frozen=True)
+class Quotas:
+    max_variants: int = 64
+    max_graph_bytes: int = 512 << 20
+    max_store_bytes: int = 16 << 30
+    max_store_kernels: int = 10_000
 
 
 def _hex(key: int) -> str:
@@ -81,43 +107,69 @@ class Registry:
     makes atomic.
     """
 
-    def __init__(self, store_dir: Path, device: torch.device, max_variants: int = 64) -> None:
+    def __init__(self, store_dir: Path, device: torch.device, quotas: Quotas = Quotas()) -> None:
         self.dir = Path(store_dir)
         self.device = device
-        self.max_variants = max_variants
-        self._kernels: dict[int, Kernel] = {}
-        self._lock = threading.Lock()
+        self.quotas = quotas
+        self._kernels: dict[int, Kernel] = {}  # built: in use since start, or registered since
+        # Stored and not built yet: key -> its files, [(name, variant key)], its own first.
+        self._stored: dict[int, list[tuple[str, int]]] = {}
+        self._sizes: dict[str, int] = {}  # every file in the store -> its size
+        self._lock = threading.Lock()  # writes, and the first build of a stored kernel
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def load(self) -> int:
-        """Loads every stored graph; a damaged or misnamed file is logged and skipped."""
+        """Indexes the store (names and sizes; nothing is read). Returns the number of kernels."""
         for path in self.dir.glob(".tmp-*"):
             log.warning("removing %s: a write that a crash interrupted", path.name)
             path.unlink(missing_ok=True)
         names = sorted(p.name for p in self.dir.iterdir())
         for name in names:
-            m = _BASE.match(name)
-            if m and (variant := self._load(name, _signed(m.group(1)))):
-                self._kernels[variant.key] = Kernel(variant.key, (variant,))
+            if m := _BASE.match(name):
+                key = _signed(m.group(1))
+                self._stored[key] = [(name, key)]
+                self._sizes[name] = (self.dir / name).stat().st_size
         for name in names:
-            m = _VARIANT.match(name)
-            if not m:
+            if not (m := _VARIANT.match(name)):
                 continue
             key = _signed(m.group(1))
-            kernel = self._kernels.get(key)
-            if kernel is None:
+            if key not in self._stored:
                 log.warning("skipping stored variant %s: its kernel %d is not in the store", name, key)
                 continue
-            variant = self._load(name, _signed(m.group(2)))
-            if variant is not None:
-                self._kernels[key] = Kernel(key, (*kernel.variants, variant))
-        log.info("loaded %d kernels from %s", len(self._kernels), self.dir)
-        return len(self._kernels)
+            self._stored[key].append((name, _signed(m.group(2))))
+            self._sizes[name] = (self.dir / name).stat().st_size
+        log.info("indexed %d kernels (%d bytes) in %s", len(self._stored), sum(self._sizes.values()), self.dir)
+        return len(self._stored)
+
+    def _built(self, key: int) -> Kernel | None:
+        """The kernel, built now from the store if this is its first use; None if unknown."""
+        kernel = self._kernels.get(key)
+        if kernel is not None:
+            return kernel
+        if key not in self._stored:
+            # Built by another thread since the line above? It sets _kernels before it
+            # takes the key out of _stored, so this second look cannot miss it.
+            return self._kernels.get(key)
+        with self._lock:
+            files = self._stored.get(key)
+            if files is None:  # built (or removed) while we waited
+                return self._kernels.get(key)
+            variants = [v for name, vkey in files if (v := self._load(name, vkey)) is not None]
+            if not variants or variants[0].key != key:
+                del self._stored[key]  # its own graph is damaged: the kernel is not served
+                return None
+            kernel = Kernel(key, tuple(variants))
+            self._kernels[key] = kernel
+            del self._stored[key]
+        log.info("built kernel %d from the store (%d variants)", key, len(variants))
+        return kernel
+
+    def _read(self, name: str) -> _pb.graph.Graph:
+        return _pb.graph.Graph.FromString((self.dir / name).read_bytes())
 
     def _load(self, name: str, expected: int) -> Variant | None:
         try:
-            graph = _pb.graph.Graph.FromString((self.dir / name).read_bytes())
-            variant = self._build(graph)
+            variant = self._build(self._read(name))
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the server
             log.warning("skipping stored graph %s: %s", name, e)
             return None
@@ -128,18 +180,26 @@ class Registry:
 
     def register(self, graph: _pb.graph.Graph, variant_of: int | None = None) -> tuple[int, bool, int]:
         """Returns (kernel key, created, the graph's own key). Registering again does no work."""
+        size = graph.ByteSize()
+        if size > self.quotas.max_graph_bytes:
+            raise ResourceExhausted(
+                f"the graph is {size} bytes (constants included); this server takes graphs of at most "
+                f"{self.quotas.max_graph_bytes} bytes (--max-graph-bytes)"
+            )
         vkey = key_for(graph)
         key = vkey if variant_of is None else variant_of
-        kernel = self._kernels.get(key)
+        kernel = self._built(key)
         if kernel is not None and any(v.key == vkey for v in kernel.variants):
             return key, False, vkey
         if variant_of is not None and kernel is None:
             raise KernelNotFound(f"no kernel with key {key} to add a variant to; register it first", key)
+        self._check_quotas(kernel is None, size)
         variant = self._shared(vkey) or self._build(graph, vkey)
         with self._lock:
             kernel = self._kernels.get(key)  # again: registered while we waited for the lock?
             if kernel is not None and any(v.key == vkey for v in kernel.variants):
                 return key, False, vkey
+            self._check_quotas(kernel is None, size)
             if kernel is None:
                 self._persist(f"{_hex(key)}.pb", graph)
                 self._kernels[key] = Kernel(key, (variant,))
@@ -157,13 +217,27 @@ class Registry:
         )
         return key, True, vkey
 
+    def _check_quotas(self, new_kernel: bool, size: int) -> None:
+        count = len(self._kernels) + len(self._stored)
+        if new_kernel and count >= self.quotas.max_store_kernels:
+            raise ResourceExhausted(
+                f"the store holds {count} kernels, the most this server keeps (--max-store-kernels); "
+                "unregister some first"
+            )
+        used = sum(self._sizes.values())
+        if used + size > self.quotas.max_store_bytes:
+            raise ResourceExhausted(
+                f"the store holds {used} bytes and this graph is {size}: over the {self.quotas.max_store_bytes} "
+                "bytes this server keeps (--max-store-bytes); unregister some first"
+            )
+
     def _check_variant(self, kernel: Kernel, variant: Variant) -> None:
         n = len(variant.signature.inputs)
         if n != kernel.arity:
             raise InvalidGraph(
                 f"a variant of kernel {kernel.key} must take its {kernel.arity} inputs, this graph takes {n}"
             )
-        if len(kernel.variants) >= self.max_variants:
+        if len(kernel.variants) >= self.quotas.max_variants:
             raise ResourceExhausted(
                 f"kernel {kernel.key} has {len(kernel.variants)} variants, the most this server keeps "
                 f"(--max-variants); a function whose static inputs take many values makes one per value"
@@ -178,17 +252,23 @@ class Registry:
         return None
 
     def get(self, key: int) -> Kernel:
-        kernel = self._kernels.get(key)
+        kernel = self._built(key)
         if kernel is None:
             raise KernelNotFound(f"no kernel with key {key}; register it first", key)
         return kernel
 
     def remove(self, key: int) -> Kernel | None:
+        """Removes the kernel; returns it (as built, or as a Kernel of no variants if it was
+        never used), or None if there was none."""
         with self._lock:
             kernel = self._kernels.pop(key, None)
+            stored = self._stored.pop(key, None)
+            if kernel is None and stored is not None:
+                kernel = Kernel(key, ())
             paths = [self.dir / f"{_hex(key)}.pb", *self.dir.glob(f"{_hex(key)}+*.pb")]
             removed = False
             for path in paths:
+                self._sizes.pop(path.name, None)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed = True
@@ -196,11 +276,31 @@ class Registry:
                 _fsync_dir(self.dir)
         return kernel
 
-    def kernels(self) -> list[Kernel]:
-        return sorted(self._kernels.values(), key=lambda k: k.key)
+    def kernels(self) -> list[tuple[int, tuple[Variant | Summary, ...]]]:
+        """Every kernel, by key, with its graphs: as built, or for a kernel not used since
+        start, summaries of its stored graphs (read now and kept by nobody)."""
+        out = [(k.key, k.variants) for k in list(self._kernels.values())]
+        for key, files in list(self._stored.items()):
+            try:
+                out.append((key, tuple(self._summary(self._read(name), vkey) for name, vkey in files)))
+            except Exception as e:  # noqa: BLE001 - a damaged file is reported, and refused on use
+                log.warning("listing kernel %d: %s", key, e)
+        return sorted(out, key=lambda entry: entry[0])
 
     def variant_keys(self) -> Iterable[int]:
-        return {v.key for k in list(self._kernels.values()) for v in k.variants}
+        built = {v.key for k in list(self._kernels.values()) for v in k.variants}
+        return built | {vkey for files in list(self._stored.values()) for _, vkey in files}
+
+    @staticmethod
+    def _summary(graph: _pb.graph.Graph, key: int) -> Summary:
+        ops_used = tuple(graph_summary(graph))
+        return Summary(
+            key=key,
+            graph=graph,
+            signature=signature_of(graph),
+            ops=ops_used,
+            random_ops=tuple(op for op in ops_used if op in ops.RANDOM_OPS),
+        )
 
     def _build(self, graph: _pb.graph.Graph, key: int | None = None) -> Variant:
         try:
@@ -239,6 +339,7 @@ class Registry:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        self._sizes[name] = len(data)
         _fsync_dir(self.dir)
 
 

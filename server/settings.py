@@ -53,6 +53,14 @@ class Settings:
         default=64,
         metadata={"help": "variants (captures for other ranks, sizes or static values) kept per kernel"},
     )
+    max_graph_bytes: int = field(
+        default=512 << 20,
+        metadata={"help": "largest graph Register accepts, constants included (bytes)"},
+    )
+    max_store_bytes: int = field(
+        default=16 << 30, metadata={"help": "bytes of graphs the store keeps, all kernels and variants"}
+    )
+    max_store_kernels: int = field(default=10_000, metadata={"help": "kernels the store keeps"})
     workers: int = field(default=8, metadata={"help": "threads that decode, run and encode requests"})
     keep_host_memory: bool = field(
         default=True,
@@ -76,7 +84,10 @@ class Settings:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         if not 0 < self.max_message_bytes <= 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647 (protobuf's 2 GiB ceiling)")
-        for name in ("max_kernels", "max_arg_specs", "max_variants", "workers"):
+        for name in (
+            "max_kernels", "max_arg_specs", "max_variants", "max_graph_bytes", "max_store_bytes",
+            "max_store_kernels", "workers",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.grace_seconds < 0:

@@ -1,0 +1,103 @@
+"""The store: bounded (graph size, bytes, kernels: RESOURCE_EXHAUSTED naming the flag, the
+server keeps serving) and read lazily (start reads no graph; a kernel is built on first use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuseport.client import Client, capture
+from fuseport.wire.errors import KernelNotFound, ResourceExhausted
+
+from .conftest import ServerProcess, start_server
+
+
+class Scaled(torch.nn.Module):
+    """A kernel whose graph carries `n` float32 constants."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(seed)), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w[:1] + self.w.sum()
+
+
+def _rss(server: ServerProcess) -> int:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_graph_store_bytes_and_kernel_count_are_bounded(tmp_path: Path) -> None:
+    x = torch.randn(3)
+    small = [Scaled(4, seed) for seed in range(3)]
+    graphs = [capture(m, [x]) for m in small]  # the same size: only the constants' values differ
+    variant = capture(small[0], [torch.randn(2, 3)])  # another rank of the first
+    larger = capture(Scaled(64, 7), [x])  # 240 bytes more constants than a small one
+    big = capture(Scaled(8192, 9), [x])  # 32 KiB of constants
+    room = graphs[0].ByteSize() + variant.ByteSize() + graphs[1].ByteSize() + 64
+    server = start_server(
+        tmp_path, None, "--compile-mode", "off", "--max-graph-bytes", "16384",
+        "--max-store-bytes", str(room), "--max-store-kernels", "2",
+    )  # fmt: skip
+    try:
+        with Client(server.target, timeout=60) as c:
+            with pytest.raises(ResourceExhausted, match=r"this server takes graphs of at most 16384 bytes \(--max-graph-bytes\)"):
+                c.register(big)
+            k0 = c.register(graphs[0])
+            assert c.register(variant, variant_of=k0) == k0  # a variant is no new kernel
+            k1 = c.register(graphs[1])
+            with pytest.raises(ResourceExhausted, match=r"holds 2 kernels.*--max-store-kernels"):
+                c.register(graphs[2])
+            torch.testing.assert_close(c.execute(k0, [torch.ones(2, 3)])[0], small[0](torch.ones(2, 3)))
+            assert c.unregister(k1)
+            # A kernel slot is free again, and the bytes of one small graph, no more.
+            with pytest.raises(ResourceExhausted, match=r"--max-store-bytes"):
+                c.register(larger)
+            k2 = c.register(graphs[2])
+            torch.testing.assert_close(c.execute(k2, [x])[0], small[2](x))
+            assert sorted(k.key for k in c.list()) == sorted([k0, k2])
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
+def test_start_reads_no_graph_and_builds_a_kernel_on_first_use(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = start_server(tmp_path / "a", store, "--compile-mode", "off")
+    x = torch.randn(5)
+    modules = [Scaled(4 << 20, seed) for seed in range(3)]  # 16 MiB of constants each
+    try:
+        rss_empty = _rss(first)  # a server on an empty store, just started
+        with Client(first.target, timeout=120) as c:
+            keys = [c.register(m, [x]) for m in modules]
+    finally:
+        first.stop()
+    damaged = store / f"{keys[2] & (2**64 - 1):016x}.pb"
+    damaged.write_bytes(b"\x0a\xff not a graph")
+
+    second = start_server(tmp_path / "b", store, "--compile-mode", "off")
+    try:
+        # Built at start, the three graphs would hold 48 MiB of constants twice (message and module).
+        grown = _rss(second) - rss_empty
+        assert grown < 32 << 20, f"a server on a 48 MiB store started {grown >> 20} MiB larger"
+        assert "indexed 3 kernels" in second.log() and "built kernel" not in second.log()
+        assert "skipping stored graph" not in second.log()  # the damaged file is not even read yet
+        with Client(second.target, timeout=120) as c:
+            torch.testing.assert_close(c.execute(keys[0], [x])[0], modules[0](x))
+            assert f"built kernel {keys[0]} from the store" in second.log()
+            assert f"built kernel {keys[1]}" not in second.log()
+            # List reads what is not built (and builds nothing); the damaged one is left out.
+            listed = {k.key: k for k in c.list()}
+            assert sorted(listed) == sorted(keys[:2]) and listed[keys[1]].inputs[0].name == "x"
+            assert f"built kernel {keys[1]}" not in second.log()
+            with pytest.raises(KernelNotFound):
+                c.execute(keys[2], [x])
+            assert "skipping stored graph" in second.log()
+            torch.testing.assert_close(c.execute(keys[1], [x])[0], modules[1](x))
+    finally:
+        second.stop()
