@@ -299,7 +299,7 @@ def _demo(args: argparse.Namespace) -> int:
         return _run_demo(target, args.timeout, own_server=True, client={"token": ""})
 
 
-def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, Any]) -> int:
+def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, Any] | None = None) -> int:
     import torch
 
     from fuseport.client import Client
@@ -308,7 +308,7 @@ def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, A
         return torch.nn.functional.gelu(x * y + alpha).sum(dim=-1)
 
     x, y = torch.randn(4, 8), torch.randn(4, 8)
-    with Client(target, timeout=timeout, **client) as c:
+    with Client(target, timeout=timeout, **(client or {})) as c:
         print(f"server {target}: {c.health()}")
         key = c.register(kernel, [x, y, 0.5])
         print(f"registered kernel {key}: gelu(x * y + alpha).sum(-1)")
