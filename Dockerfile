@@ -1,7 +1,8 @@
 # fuseport server image: the gRPC kernel service on a CUDA GPU (CPU when none is given).
 #
 #   docker build -t fuseport .
-#   docker run --rm --init --gpus all -p 50051:50051 -v fuseport-data:/var/lib/fuseport fuseport
+#   docker run --rm --init --gpus all -p 50051:50051 -v fuseport-data:/var/lib/fuseport \
+#       -v "$PWD/tokens:/run/secrets/fuseport/tokens:ro" fuseport
 #
 # (--init puts a minimal init in front of the server to reap orphaned compiler
 # subprocesses; Python as PID 1 does not reap processes it did not start.)
@@ -55,9 +56,21 @@ RUN python -c 'import importlib.metadata as m; print("torch==" + m.version("torc
 # stale ones).
 # FUSEPORT_TARGET is where `fuseport health|list|describe` inside the container connect:
 # change it together with FUSEPORT_PORT.
+# Safe by default: a published port is reachable from other machines, so the server
+# needs tokens, read from a file mounted at this fixed path (lines of `TOKEN ROLE`,
+# roles admin and user; a Docker or Kubernetes Secret). Without the file the container
+# exits at once, saying so. TLS is one step more: mount a certificate and key and set
+# FUSEPORT_TLS_CERT/FUSEPORT_TLS_KEY, plus FUSEPORT_TLS_CA (the CA the health check
+# trusts; FUSEPORT_TLS_SERVER_NAME when the certificate does not name localhost). To
+# serve without any of it, on a network you trust, run with
+# `-e FUSEPORT_AUTH_TOKENS= -e FUSEPORT_INSECURE=1`. The health check needs no token.
+# DL3064 (sensitive data in ENV) is ignored on purpose: FUSEPORT_AUTH_TOKENS is the path
+# of the mounted secret, not a token; no secret is ever baked into the image.
+# hadolint ignore=DL3064
 ENV FUSEPORT_HOST=0.0.0.0 \
     FUSEPORT_PORT=50051 \
     FUSEPORT_TARGET=127.0.0.1:50051 \
+    FUSEPORT_AUTH_TOKENS=/run/secrets/fuseport/tokens \
     FUSEPORT_STORE_DIR=/var/lib/fuseport/store \
     TORCHINDUCTOR_CACHE_DIR=/var/lib/fuseport/inductor \
     TRITON_CACHE_DIR=/var/lib/fuseport/triton \

@@ -55,7 +55,7 @@ def main() -> int:
 
         from fuseport.client import Client
 
-        client = Client(cfg["fuseport"], timeout=cfg["timeout"])
+        client = Client(cfg["fuseport"], timeout=cfg["timeout"], **cfg.get("client", {}))
         closers.append(client.close)
         tensor = torch.full((cfg["payload"],), 7, dtype=torch.uint8)
         key = cfg["key"]
@@ -188,7 +188,8 @@ def run(ctx: Any) -> Section:
     key = ctx.identity_key()
     duration = 0.5 if opts.quick else 3.0
     count = opts.iterations or (200 if opts.quick else 20000)
-    cfg = {"echo": ctx.echo_target, "fuseport": ctx.target, "key": key, "payload": PAYLOAD, "timeout": opts.timeout}
+    cfg = {"echo": ctx.echo_target, "fuseport": ctx.target, "key": key, "payload": PAYLOAD, "timeout": opts.timeout,
+           "client": ctx.client_kwargs}
     log.info("concurrency: starting %d client processes", max(levels))
     clients = _Clients(max(levels), cfg)
     results: dict[str, list[dict[str, Any]]] = {"echo": [], "execute": []}

@@ -42,6 +42,8 @@ class Context:
     server_device: torch.device  # what the server reports (Describe)
     local_device: torch.device | None  # where in-process kernels run; None if not here
     cache: dict[str, Any] = field(default_factory=dict)
+    # The TLS arguments the benchmark's own Client got, for client processes it starts.
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def on_gpu(self) -> bool:

@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fuseport.client.cli import add_tls_flags, client_kwargs
+
 __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="environment variable for the server this starts (repeatable), e.g. to try "
                         "allocator settings: GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per call (default: 600)")
+    # For a --target behind TLS; the token comes from $FUSEPORT_TOKEN, as for every command.
+    add_tls_flags(p)
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a target is missed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -157,14 +161,17 @@ def _run(
             log.info("starting fuseport serve --device %s", args.device)
             target, server_pid = stack.enter_context(fuseport_server(args.device, server_env))
         echo_target, echo_pid = stack.enter_context(echo_server())
-        client = stack.enter_context(Client(target, timeout=args.timeout))
+        # The server this starts is plaintext on loopback: TLS flags are for --target.
+        tls = client_kwargs(args) if args.target else {}
+        client = stack.enter_context(Client(target, timeout=args.timeout, **tls))
         # Registering is cheap; its Describe tells which device the server runs on.
         probe = client.register(identity, [torch.zeros(1024, dtype=torch.uint8)])
         server_device = torch.device(client.describe(probe).device)
         local_device = _local_device(server_device, target)
         if local_device is None:
             notes.append(f"note: in-process measurements skipped: {server_device} of {target} is not on this host")
-        ctx = Context(options, client, target, echo_target, server_pid, echo_pid, server_device, local_device)
+        ctx = Context(options, client, target, echo_target, server_pid, echo_pid, server_device, local_device,
+                      client_kwargs=tls)
         result["settings"] = {
             "target": target,
             "started_server": args.target is None,

@@ -23,8 +23,10 @@ from fuseport.wire.errors import (  # cheap: no torch
     KernelNotFound,
     NoMatchingVariant,
     OpNotAllowed,
+    PermissionDenied,
     ResourceExhausted,
     SignatureMismatch,
+    Unauthenticated,
     Unavailable,
 )
 from fuseport.wire.hostmem import keep_host_memory
@@ -49,9 +51,11 @@ __all__ = [
     "KernelNotFound",
     "NoMatchingVariant",
     "OpNotAllowed",
+    "PermissionDenied",
     "ResourceExhausted",
     "SignatureMismatch",
     "Timings",
+    "Unauthenticated",
     "Unavailable",
     "capture",
     "keep_host_memory",

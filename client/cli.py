@@ -18,10 +18,43 @@ from typing import Any
 __all__ = ["main"]
 
 TARGET_ENV = "FUSEPORT_TARGET"
+# How the client commands reach a TLS server. Not FUSEPORT_TLS_CERT/KEY: those
+# are the server's own certificate, and both may be set in one container.
+TLS_CA_ENV = "FUSEPORT_TLS_CA"
+CLIENT_CERT_ENV = "FUSEPORT_CLIENT_TLS_CERT"
+CLIENT_KEY_ENV = "FUSEPORT_CLIENT_TLS_KEY"
+SERVER_NAME_ENV = "FUSEPORT_TLS_SERVER_NAME"
+# Every variable the client commands read (the server's are its settings').
+CLIENT_ENV = (TARGET_ENV, TLS_CA_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, SERVER_NAME_ENV, "FUSEPORT_TOKEN")
 
 
 def _default_target() -> str:
     return os.environ.get(TARGET_ENV) or "127.0.0.1:50051"
+
+
+def add_tls_flags(p: argparse.ArgumentParser) -> None:
+    """--tls-ca/--tls-cert/--tls-key/--tls-server-name, shared with `fuseport bench`."""
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help=f"speak TLS, trusting this CA bundle for the server's certificate (default: ${TLS_CA_ENV}; "
+                        "with only --tls-cert, the system's roots)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help=f"client certificate for a server that requires one (default: ${CLIENT_CERT_ENV})")
+    p.add_argument("--tls-key", default=None, metavar="PEM",
+                   help=f"private key of --tls-cert (default: ${CLIENT_KEY_ENV})")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="name the server's certificate must carry, when the target's host is another one "
+                        f"(default: ${SERVER_NAME_ENV})")
+
+
+def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's TLS arguments from the flags, else the environment. The
+    token comes from $FUSEPORT_TOKEN only: a flag would show it in `ps`."""
+    return {
+        "tls_ca": args.tls_ca or os.environ.get(TLS_CA_ENV) or None,
+        "tls_cert": args.tls_cert or os.environ.get(CLIENT_CERT_ENV) or None,
+        "tls_key": args.tls_key or os.environ.get(CLIENT_KEY_ENV) or None,
+        "tls_server_name": args.tls_server_name or os.environ.get(SERVER_NAME_ENV) or None,
+    }
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -31,6 +64,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
         help=f"server address host:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
+    add_tls_flags(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,11 +85,14 @@ def _parser() -> argparse.ArgumentParser:
         kind = str(f.type)
         flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(kind, Path if "Path" in kind else str)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        # A bool flag alone means true (`--insecure`); `--keep-host-memory false` still works.
+        bool_flag: dict[str, Any] = {"nargs": "?", "const": True} if kind == "bool" else {}
         serve.add_argument(
             "--" + f.name.replace("_", "-"),
             type=flag_type,
             default=None,
             help=f"{f.metadata.get('help', '')} [env FUSEPORT_{f.name.upper()}; default {default}]",
+            **bool_flag,
         )
 
     health = sub.add_parser(
@@ -85,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default=None, help=f"use this server (default: ${TARGET_ENV}) instead of starting one"
     )
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default: 300)")
+    add_tls_flags(demo)
 
     # Listed for --help only: main() hands `bench ...` to the benchmark's own parser.
     sub.add_parser("bench", help="benchmark against the transport floor (fuseport bench --help)")
@@ -108,28 +146,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target = args.target or _default_target()
     if command == "health":
-        return _health(target, args.service, args.timeout)
+        return _health(target, args.service, args.timeout, client_kwargs(args))
 
     from fuseport.client import Client, FuseportError
 
     try:
-        with Client(target, timeout=args.timeout) as c:
+        with Client(target, timeout=args.timeout, **client_kwargs(args)) as c:
             if command == "list":
                 return _list(c)
             return _describe(c, args.key, not args.no_source)
-    except FuseportError as e:
+    except (FuseportError, ValueError) as e:  # ValueError: an unreadable --tls-* file
         print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 
-def _health(target: str, service: str, timeout: float) -> int:
+def _health(target: str, service: str, timeout: float, tls: dict[str, Any]) -> int:
     """The health check, with nothing but grpc: a container runs it every few
-    seconds, and importing torch would cost more than the check itself."""
+    seconds, and importing torch would cost more than the check itself. Health
+    needs no token, so none is sent."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from fuseport.wire.security import channel_credentials, open_channel
+
     try:
-        with grpc.insecure_channel(target) as channel:
+        credentials = channel_credentials(tls["tls_ca"], tls["tls_cert"], tls["tls_key"])
+    except ValueError as e:
+        print(f"fuseport health: {e}", file=sys.stderr)
+        return 1
+    options = [("grpc.ssl_target_name_override", tls["tls_server_name"])] if tls["tls_server_name"] else []
+    try:
+        with open_channel(target, credentials, options) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
@@ -142,15 +189,22 @@ def _health(target: str, service: str, timeout: float) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fuseport.server import Settings, serve
+    # Settings and security first, without torch: a refusal (a bad value, a
+    # missing tokens file, an unguarded public port) is one line, at once.
+    from fuseport.server.security import Security
+    from fuseport.server.settings import Settings
 
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = Settings.load(flags)
+        # Read the TLS and token files now, so that a missing one is one line here.
+        security = Security.load(settings)
     except ValueError as e:
         print(f"fuseport serve: {e}", file=sys.stderr)
         return 2
-    return serve(settings)
+    from fuseport.server.app import serve
+
+    return serve(settings, security)
 
 
 def _signature(info: Any) -> str:
@@ -217,11 +271,16 @@ def _local_server() -> Iterator[str]:
     """A `fuseport serve` of our own on a free port, ready (health SERVING) on entry."""
     from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
+    # Private and short-lived: loopback only, plaintext, no tokens, whatever the
+    # environment configures for the real server (in the image it names tokens).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FUSEPORT_TLS_CERT", "FUSEPORT_TLS_KEY", "FUSEPORT_TLS_CLIENT_CA", "FUSEPORT_AUTH_TOKENS")}
     with tempfile.TemporaryDirectory(prefix="fuseport-demo-") as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fuseport.client.cli", "serve", "--port", "0",
+            [sys.executable, "-m", "fuseport.client.cli", "serve", "--host", "127.0.0.1", "--port", "0",
              "--port-file", str(port_file), "--store-dir", str(Path(tmp) / "store")],
+            env=env,
         )
         try:
             print("starting a local server ...", file=sys.stderr)
@@ -235,12 +294,12 @@ def _local_server() -> Iterator[str]:
 def _demo(args: argparse.Namespace) -> int:
     target = args.target or os.environ.get(TARGET_ENV)
     if target:
-        return _run_demo(target, args.timeout, own_server=False)
+        return _run_demo(target, args.timeout, own_server=False, client=client_kwargs(args))
     with _local_server() as target:
-        return _run_demo(target, args.timeout, own_server=True)
+        return _run_demo(target, args.timeout, own_server=True, client={"token": ""})
 
 
-def _run_demo(target: str, timeout: float, own_server: bool) -> int:
+def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, Any] | None = None) -> int:
     import torch
 
     from fuseport.client import Client
@@ -249,7 +308,7 @@ def _run_demo(target: str, timeout: float, own_server: bool) -> int:
         return torch.nn.functional.gelu(x * y + alpha).sum(dim=-1)
 
     x, y = torch.randn(4, 8), torch.randn(4, 8)
-    with Client(target, timeout=timeout) as c:
+    with Client(target, timeout=timeout, **(client or {})) as c:
         print(f"server {target}: {c.health()}")
         key = c.register(kernel, [x, y, 0.5])
         print(f"registered kernel {key}: gelu(x * y + alpha).sum(-1)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from fuseport.wire.errors import (
     KernelNotFound,
     NoMatchingVariant,
     error_from_status,
+)
+from fuseport.wire.security import (
+    bearer_metadata,
+    channel_credentials,
+    is_loopback,
+    open_channel,
+    token_from_env,
 )
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
@@ -133,13 +141,29 @@ class _Base:
         *,
         timeout: float | None = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._credentials = credentials
+        from_files = channel_credentials(tls_ca, tls_cert, tls_key)
+        if credentials is not None and from_files is not None:
+            raise ValueError("give either credentials= or tls_ca/tls_cert/tls_key, not both")
+        self._credentials = credentials or from_files
+        if tls_server_name:
+            # The name the server's certificate must carry, when it is not the
+            # target's host (a health check that reaches the server as 127.0.0.1).
+            options = [*options, ("grpc.ssl_target_name_override", tls_server_name)]
         self._options = _channel_options(max_message_bytes, options)
+        # None reads FUSEPORT_TOKEN; "" means no token whatever the environment says.
+        self._metadata = bearer_metadata(token_from_env() if token is None else token)
+        if self._metadata and self._credentials is None and not is_loopback(target.rsplit(":", 1)[0]):
+            log.warning("sending a token to %s without TLS: anyone on the path can read it", target)
         self._max = max_message_bytes
         # Kernels this client registered, so that a server that lost them (a
         # restart without its store, another replica) can be healed, and new
@@ -267,10 +291,7 @@ class Client(_Base):
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.secure_channel(target, self._credentials, options=self._options)
+        self.channel = open_channel(target, self._credentials, self._options)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -288,7 +309,9 @@ class Client(_Base):
 
     def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
         try:
-            return self._methods[method](request, timeout=self._timeout(timeout))  # type: ignore[no-any-return]
+            return self._methods[method](  # type: ignore[no-any-return]
+                request, timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
         except grpc.RpcError as e:
             raise _translate(e) from e
 
@@ -365,10 +388,7 @@ class AsyncClient(_Base):
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        if self._credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+        self.channel = open_channel(target, self._credentials, self._options, aio=True)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -386,7 +406,9 @@ class AsyncClient(_Base):
 
     async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
         try:
-            return await self._methods[method](request, timeout=self._timeout(timeout))  # type: ignore[no-any-return]
+            return await self._methods[method](  # type: ignore[no-any-return]
+                request, timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
         except grpc.RpcError as e:
             raise _translate(e) from e
 

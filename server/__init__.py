@@ -12,15 +12,17 @@ from fuseport.wire._lazy import lazy_exports
 if TYPE_CHECKING:
     from fuseport.server.app import Server, create_server, serve
     from fuseport.server.core import Core, Result
+    from fuseport.server.security import Security
     from fuseport.server.settings import Settings
 
-__all__ = ["Core", "Result", "Server", "Settings", "create_server", "serve"]
+__all__ = ["Core", "Result", "Security", "Server", "Settings", "create_server", "serve"]
 
 __getattr__ = lazy_exports(
     __name__,
     {
         "Core": "fuseport.server.core",
         "Result": "fuseport.server.core",
+        "Security": "fuseport.server.security",
         "Server": "fuseport.server.app",
         "create_server": "fuseport.server.app",
         "serve": "fuseport.server.app",

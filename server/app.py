@@ -16,11 +16,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from fuseport.server.core import Core
+from fuseport.server.security import Access, Security
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
 from fuseport.wire._local import write_port_file
-from fuseport.wire.errors import ERROR_METADATA_KEY
+from fuseport.wire.errors import ERROR_METADATA_KEY, status_for
 from fuseport.wire.hostmem import keep_host_memory
+from fuseport.wire.security import is_loopback
 
 __all__ = ["Server", "create_server", "serve"]
 
@@ -34,10 +36,15 @@ class _Gate(grpc.GenericRpcHandler):
 
     A call counts from the start of its handler until gRPC has sent its status
     (the context's done callback): when `idle()` returns, every response has
-    been handed to the transport."""
+    been handed to the transport.
 
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+    With `access`, a call must first carry a token whose role may call the
+    method (UNAUTHENTICATED / PERMISSION_DENIED otherwise). Only the service's
+    methods pass through here: health and reflection stay open for probes."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, access: Access | None = None) -> None:
         self._inner = inner
+        self._access = access
         self._gated: dict[str, grpc.RpcMethodHandler] = {}
         self.closed = False
         self.in_flight = 0
@@ -49,15 +56,27 @@ class _Gate(grpc.GenericRpcHandler):
             handler = self._inner.service(details)
             if handler is None:
                 return None  # not the service's: health, reflection, unknown
-            gated = self._gated[details.method] = self._gate(handler)
+            gated = self._gated[details.method] = self._gate(handler, details.method.rsplit("/", 1)[-1])
         return gated
 
-    def _gate(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _gate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] | None = handler.unary_unary
         if behaviour is None:
             raise TypeError("every KernelService method is unary-unary")
+        access = self._access
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if access is not None:
+                # Before anything else: a caller without a valid token learns
+                # nothing, not even that the server is draining.
+                refused = access.check(context.invocation_metadata(), method)
+                if refused is not None:
+                    log.info("%s: %s (peer %s): %s", status_for(refused).name, method, context.peer(), refused)
+                    await context.abort(
+                        status_for(refused),
+                        str(refused),
+                        trailing_metadata=((ERROR_METADATA_KEY, type(refused).__name__),),
+                    )
             if self.closed:
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
@@ -86,8 +105,9 @@ class _Gate(grpc.GenericRpcHandler):
 class Server:
     """A started-or-not fuseport server: the grpc.aio server plus what it serves."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, security: Security | None = None) -> None:
         self.settings = settings
+        self.security = Security.load(settings) if security is None else security
         self.core = Core(settings)
         self.service = KernelService(self.core, settings.workers, settings.max_message_bytes)
         self.health = HealthServicer()
@@ -99,14 +119,17 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.gate = _Gate(self.service.handler())
+        self.gate = _Gate(self.service.handler(), self.security.access)
         self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc,
         )
-        self.port = self.grpc.add_insecure_port(settings.address)
+        if self.security.tls is not None:
+            self.port = self.grpc.add_secure_port(settings.address, self.security.tls.credentials())
+        else:
+            self.port = self.grpc.add_insecure_port(settings.address)
         if self.port == 0:
             raise OSError(f"cannot bind {settings.address}")
 
@@ -115,12 +138,21 @@ class Server:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "fuseport serving on %s:%d (device %s, store %s)",
+            "fuseport serving on %s:%d (device %s, store %s; %s)",
             self.settings.host,
             self.port,
             self.core.device,
             self.settings.store_dir,
+            self.security.describe(),
         )
+        tls = self.security.tls
+        if not is_loopback(self.settings.host) and self.security.access is None and (tls is None or tls.client_ca is None):
+            # TLS alone encrypts but lets anyone connect; --insecure says so explicitly.
+            log.warning(
+                "%s is reachable from other machines and callers are not authenticated "
+                "(no --auth-tokens, no --tls-client-ca): anyone who connects may register and run graphs",
+                self.settings.host,
+            )
 
     async def drain(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING first (load balancers stop sending), then refuse
@@ -160,9 +192,11 @@ class Server:
         self.core.close()
 
 
-async def create_server(settings: Settings) -> tuple[Server, int]:
-    """A server bound to its port, not yet started: `await server.start()`."""
-    server = Server(settings)
+async def create_server(settings: Settings, security: Security | None = None) -> tuple[Server, int]:
+    """A server bound to its port, not yet started: `await server.start()`.
+
+    `security` (TLS, tokens) is read from the files the settings name unless given."""
+    server = Server(settings, security)
     return server, server.port
 
 
@@ -171,8 +205,8 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
 EXIT_DEVICE_FAILED = 3
 
 
-async def _serve(settings: Settings) -> NoReturn:
-    server, port = await create_server(settings)
+async def _serve(settings: Settings, security: Security | None) -> NoReturn:
+    server, port = await create_server(settings, security)
     await server.start()
     if settings.port_file is not None:
         write_port_file(settings.port_file, port)
@@ -180,6 +214,10 @@ async def _serve(settings: Settings) -> NoReturn:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.security.reloadable:
+        # The daemon convention for "reread your certificates and tokens". A
+        # server with neither keeps SIGHUP's default (the process ends), as before.
+        loop.add_signal_handler(signal.SIGHUP, server.security.reload)
     failed = False
 
     def device_failed() -> None:  # called from a worker thread
@@ -207,14 +245,19 @@ async def _serve(settings: Settings) -> NoReturn:
     os._exit(status)
 
 
-def serve(settings: Settings) -> NoReturn:
+def serve(settings: Settings, security: Security | None = None) -> NoReturn:
     """Runs until SIGTERM or SIGINT (exit status 0), or until the device fails
     (EXIT_DEVICE_FAILED), then drains and ends the process with that exit
-    status: it never returns (see `_serve`)."""
+    status: it never returns (see `_serve`). SIGHUP rereads the TLS files and
+    the tokens file, when there are any.
+
+    `security`: TLS and tokens as `Security.load(settings)` reads them (done
+    here when not given; a caller that loads it first can report a bad file
+    before anything starts)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if settings.keep_host_memory and not keep_host_memory():
         log.warning("could not set glibc's malloc options; large messages will page-fault")
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, security))

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fuseport.wire.security import is_loopback
+
 __all__ = ["COMPILE_MODES", "Settings", "default_store_dir"]
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead", "off")
@@ -76,6 +78,29 @@ class Settings:
     port_file: Path | None = field(
         default=None, metadata={"help": "write the bound port here once serving (for tooling)"}
     )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={"help": "server certificate chain (PEM); with --tls-key the port speaks TLS only; reread on SIGHUP"},
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "private key of --tls-cert (PEM)"})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={
+            "help": "CA bundle (PEM) that client certificates must chain to: makes a client "
+            "certificate required (mTLS); needs --tls-cert/--tls-key"
+        },
+    )
+    auth_tokens: Path | None = field(
+        default=None,
+        metadata={
+            "help": "file of 'TOKEN ROLE' lines (roles: admin, user; # comments): KernelService "
+            "calls then need 'authorization: Bearer TOKEN'; reread on SIGHUP"
+        },
+    )
+    insecure: bool = field(
+        default=False,
+        metadata={"help": "serve a non-loopback --host with neither TLS nor tokens (anyone who reaches it may call it)"},
+    )
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -92,6 +117,19 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (--tls-cert and --tls-key): give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (--tls-client-ca) needs the server's own --tls-cert and --tls-key")
+        # Safe by default: a port other machines can reach is not opened to
+        # anyone at all unless someone said so.
+        if not is_loopback(self.host) and not self.tls and self.auth_tokens is None and not self.insecure:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines, and the server would have neither TLS "
+                "nor tokens: anyone who can connect could register and run graphs. Give --tls-cert/--tls-key "
+                "(FUSEPORT_TLS_CERT/FUSEPORT_TLS_KEY), --auth-tokens (FUSEPORT_AUTH_TOKENS), or --insecure "
+                "(FUSEPORT_INSECURE=1) to accept it explicitly"
+            )
 
     @classmethod
     def load(
@@ -118,6 +156,10 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 def parse_bool(raw: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fuseport.client import Client
@@ -34,9 +35,16 @@ class ServerProcess:
         return stop_process(self.proc, timeout, sig)
 
 
-def start_server(tmp: Path, store_dir: Path | None = None, *args: str, port: int = 0) -> ServerProcess:
+def start_server(
+    tmp: Path,
+    store_dir: Path | None = None,
+    *args: str,
+    port: int = 0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> ServerProcess:
     """Starts `fuseport serve` on 127.0.0.1, returns once it is SERVING. The device
-    is the CPU unless `args` names another (the last flag wins)."""
+    is the CPU unless `args` names another (the last flag wins). `credentials`
+    to wait for a server started with --tls-cert/--tls-key (health needs no token)."""
     tmp.mkdir(parents=True, exist_ok=True)
     store_dir = store_dir or tmp / "store"
     port_file = tmp / "port"
@@ -52,7 +60,7 @@ def start_server(tmp: Path, store_dir: Path | None = None, *args: str, port: int
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     port = read_port_file(proc, port_file, "fuseport serve", log=log_path.read_text)
     server = ServerProcess(proc, port, store_dir, log_path)
-    wait_until_serving(server.target)
+    wait_until_serving(server.target, credentials=credentials)
     return server
 
 

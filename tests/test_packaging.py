@@ -155,7 +155,7 @@ def test_dockerfile_environment_configures_the_server_for_a_container() -> None:
     stage = _final_stage()
     ours = {k: v for k, v in stage.env.items() if k.startswith(ENV_PREFIX)}
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
-    unknown = set(ours) - known - {cli.TARGET_ENV}
+    unknown = set(ours) - known - set(cli.CLIENT_ENV)
     assert not unknown, f"the Dockerfile sets variables fuseport does not read: {sorted(unknown)}"
 
     settings = Settings.load(environ=ours)
@@ -169,6 +169,24 @@ def test_dockerfile_environment_configures_the_server_for_a_container() -> None:
     )
     for cache in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         assert cache in stage.env, f"{cache} is unset: the default may not be writable"
+
+
+def test_dockerfile_guards_its_public_port_with_tokens_from_a_mounted_secret() -> None:
+    from fuseport.server.settings import ENV_PREFIX, Settings
+
+    stage = _final_stage()
+    settings = Settings.load(environ={k: v for k, v in stage.env.items() if k.startswith(ENV_PREFIX)})
+    # Bound to every interface, so not open to everyone: tokens from a fixed path a
+    # Secret is mounted at (the server refuses to start without the file), and no
+    # --insecure that would quietly accept an unguarded port.
+    assert settings.auth_tokens is not None and _is_under(str(settings.auth_tokens), "/run/secrets")
+    assert settings.insecure is False
+    assert not any(_is_under(str(settings.auth_tokens), v) for v in stage.volumes), "tokens on the data volume"
+    # The health check is plaintext and tokenless: health stays open, and TLS is off
+    # unless the operator turns it on together with FUSEPORT_TLS_CA for the check.
+    assert not settings.tls and "FUSEPORT_TOKEN" not in stage.env
+    args = _cli_args(stage.healthcheck)
+    assert args.tls_ca is None and args.tls_cert is None
 
 
 def test_dockerfile_runs_as_an_unprivileged_user() -> None:

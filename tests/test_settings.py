@@ -52,3 +52,43 @@ def test_every_setting_is_a_serve_flag() -> None:
     assert set(flags) == {f.name for f in dataclasses.fields(Settings)}
     s = Settings.load(flags, environ={})
     assert s.port == 0 and s.keep_host_memory is False and s.grace_seconds == 1.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tls_cert": Path("s.crt")}, "tls_cert and tls_key go together"),
+        ({"tls_key": Path("s.key")}, "tls_cert and tls_key go together"),
+        ({"tls_client_ca": Path("ca.crt")}, "tls_client_ca .* needs the server's own --tls-cert and --tls-key"),
+    ],
+)
+def test_tls_files_that_do_not_make_a_whole_configuration_are_refused(changes: dict[str, Path], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(**changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "gpu-box", ""])
+def test_a_reachable_host_needs_tls_tokens_or_insecure(host: str) -> None:
+    with pytest.raises(ValueError, match="--tls-cert/--tls-key .*--auth-tokens .*--insecure"):
+        Settings(host=host)
+    for guard in ({"tls_cert": Path("s.crt"), "tls_key": Path("s.key")}, {"auth_tokens": Path("t")},
+                  {"insecure": True}):  # fmt: skip
+        assert Settings(host=host, **guard).host == host  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "[::1]", "localhost", "LocalHost"])
+def test_loopback_hosts_need_no_guard(host: str) -> None:
+    assert Settings(host=host).insecure is False
+
+
+def test_security_settings_come_from_environment_and_flags() -> None:
+    env = {"FUSEPORT_HOST": "0.0.0.0", "FUSEPORT_AUTH_TOKENS": "/run/secrets/t", "FUSEPORT_TLS_CERT": "/c",
+           "FUSEPORT_TLS_KEY": "/k", "FUSEPORT_TLS_CLIENT_CA": "/ca"}  # fmt: skip
+    s = Settings.load(environ=env)
+    assert (s.auth_tokens, s.tls_cert, s.tls_key, s.tls_client_ca) == tuple(map(Path, ("/run/secrets/t", "/c", "/k", "/ca")))
+    # An empty variable is unset: how the image's default tokens path is switched off.
+    with pytest.raises(ValueError, match="--insecure"):
+        Settings.load(environ={"FUSEPORT_HOST": "0.0.0.0", "FUSEPORT_AUTH_TOKENS": ""})
+    assert Settings.load(environ={"FUSEPORT_HOST": "0.0.0.0", "FUSEPORT_AUTH_TOKENS": "", "FUSEPORT_INSECURE": "1"}).insecure
+    args = _parser().parse_args(["serve", "--host", "0.0.0.0", "--insecure"])
+    assert args.insecure is True and Settings.load({"host": args.host, "insecure": args.insecure}, environ={}).insecure

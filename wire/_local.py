@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseport.wire.security import open_channel
+
 __all__ = ["read_port_file", "stop_process", "wait_until_serving", "write_port_file"]
 
 
@@ -46,9 +48,14 @@ def read_port_file(
     return int(path.read_text())
 
 
-def wait_until_serving(target: str, timeout: float = 120) -> None:
-    """Blocks on the gRPC health Watch stream until the server says SERVING."""
-    with grpc.insecure_channel(target) as channel:
+def wait_until_serving(
+    target: str, timeout: float = 120, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Blocks on the gRPC health Watch stream until the server says SERVING.
+
+    `credentials` for a TLS server (see `fuseport.wire.security.channel_credentials`);
+    health needs no token, so none is sent."""
+    with open_channel(target, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         stream = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
         for resp in stream:

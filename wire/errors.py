@@ -12,6 +12,8 @@
     ├── KernelNotFound             NOT_FOUND
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
+    ├── Unauthenticated            UNAUTHENTICATED (no token, or one the server does not know)
+    ├── PermissionDenied           PERMISSION_DENIED (the token's role may not call the method)
     ├── Unavailable                UNAVAILABLE (shutting down, unreachable)
     └── InternalError              INTERNAL
 
@@ -40,8 +42,10 @@ __all__ = [
     "KernelNotFound",
     "NoMatchingVariant",
     "OpNotAllowed",
+    "PermissionDenied",
     "ResourceExhausted",
     "SignatureMismatch",
+    "Unauthenticated",
     "Unavailable",
     "error_from_status",
     "status_for",
@@ -104,6 +108,16 @@ class DeadlineExceeded(FuseportError):
     """The call's deadline passed."""
 
 
+class Unauthenticated(FuseportError):
+    """The call carried no token, or one the server does not know (or no longer
+    knows: tokens are reloaded on SIGHUP). The message never repeats the token."""
+
+
+class PermissionDenied(FuseportError):
+    """The token is known, but its role may not call this method (a `user`
+    token calling Register or Unregister)."""
+
+
 class Unavailable(FuseportError):
     """The server is shutting down or cannot be reached; safe to retry."""
 
@@ -118,6 +132,8 @@ _STATUS: dict[type[FuseportError], grpc.StatusCode] = {
     KernelNotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     InternalError: grpc.StatusCode.INTERNAL,
 }
