@@ -1,4 +1,4 @@
-"""The `fuseport` command: serve, health, list, describe, demo, bench."""
+"""The `fuseport` command: serve, health, list, describe, stats, demo, bench."""
 
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fuseport.client.stats import DEFAULT_METRICS_URL
     from fuseport.server.settings import Settings, parse_bool
 
     parser = argparse.ArgumentParser(
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "variable FUSEPORT_<NAME> (flags win).",
     )
     for f in dataclasses.fields(Settings):
-        kind = str(f.type)
+        kind = str(f.type).removesuffix(" | None")
         flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(kind, Path if "Path" in kind else str)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # A bool flag alone means true (`--insecure`); `--keep-host-memory false` still works.
@@ -110,6 +111,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_target(describe)
     describe.add_argument("key", type=int, help="the kernel's key")
     describe.add_argument("--no-source", action="store_true", help="leave out generated kernel source")
+
+    stats = sub.add_parser(
+        "stats",
+        help="summarise a server's Prometheus metrics (requests, fused share, latency, compiles)",
+        description="Scrapes a server's metrics endpoint (`fuseport serve --metrics-port N`) and prints "
+        "requests, the fused share of Execute, p50/p99 latency estimated from histogram buckets, "
+        "compiles, kernels and memory.",
+    )
+    stats.add_argument(
+        "--metrics-url",
+        default=DEFAULT_METRICS_URL,
+        help=f"the server's metrics endpoint (default: {DEFAULT_METRICS_URL})",
+    )
+    stats.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for it (default: 10)")
 
     demo = sub.add_parser(
         "demo",
@@ -143,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if command == "demo":
         return _demo(args)
+    if command == "stats":
+        return _stats(args.metrics_url, args.timeout)
 
     target = args.target or _default_target()
     if command == "health":
@@ -186,6 +203,26 @@ def _health(target: str, service: str, timeout: float, tls: dict[str, Any]) -> i
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _stats(url: str, timeout: float) -> int:
+    import http.client
+
+    from fuseport.client.stats import scrape, summarize
+
+    try:
+        text = scrape(url, timeout)
+    # URLError and HTTPError are OSErrors; something that is not HTTP at all (a
+    # gRPC port) is an HTTPException.
+    except (OSError, http.client.HTTPException) as e:
+        print(f"fuseport stats: cannot read {url}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    try:
+        print(f"fuseport metrics at {url}\n{summarize(text)}")
+    except ValueError as e:
+        print(f"fuseport stats: {url}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

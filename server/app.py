@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +23,9 @@ from fuseport.wire._local import write_port_file
 from fuseport.wire.errors import ERROR_METADATA_KEY, status_for
 from fuseport.wire.hostmem import keep_host_memory
 from fuseport.wire.security import is_loopback
+
+if TYPE_CHECKING:
+    from fuseport.server.metrics import Metrics
 
 __all__ = ["Server", "create_server", "serve"]
 
@@ -132,8 +135,21 @@ class Server:
             self.port = self.grpc.add_insecure_port(settings.address)
         if self.port == 0:
             raise OSError(f"cannot bind {settings.address}")
+        self.metrics: Metrics | None = None
+        self.metrics_port: int | None = None
+        if settings.metrics_port is not None:
+            from fuseport.server.metrics import Metrics
+
+            self.metrics = Metrics(self.core)
+            self.service.observer = self.metrics
+            self.core.executor.events = self.metrics
+            self.metrics_port = self.metrics.bind(settings.host, settings.metrics_port)
 
     async def start(self) -> None:
+        if self.metrics is not None:
+            # Before health says SERVING: whoever waits for that can scrape at once.
+            self.metrics.serve()
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         await self.grpc.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -190,6 +206,8 @@ class Server:
         await self.grpc.stop(max(0.0, deadline - loop.time()))
         self.service.close()
         self.core.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def create_server(settings: Settings, security: Security | None = None) -> tuple[Server, int]:
@@ -209,7 +227,8 @@ async def _serve(settings: Settings, security: Security | None) -> NoReturn:
     server, port = await create_server(settings, security)
     await server.start()
     if settings.port_file is not None:
-        write_port_file(settings.port_file, port)
+        others = {} if server.metrics_port is None else {"metrics": server.metrics_port}
+        write_port_file(settings.port_file, port, others)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

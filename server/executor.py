@@ -34,7 +34,7 @@ from fuseport.wire import _pb
 from fuseport.wire._tracing import TRACE_LOCK
 from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
 
-__all__ = ["ArgSpec", "Entry", "Executor", "State", "arg_spec_of"]
+__all__ = ["ArgSpec", "Entry", "Executor", "ExecutorEvents", "State", "arg_spec_of"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,19 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
+class ExecutorEvents:
+    """What the executor tells as it happens, for whoever counts (server/metrics.py
+    overrides these); here they do nothing, so an executor without a listener
+    pays one call per compile or eviction. Called from the compile thread or
+    under the cache lock: they must be quick and must not raise."""
+
+    def compiled(self, seconds: float, ok: bool) -> None:
+        """A compile ended: a fused kernel is ready (ok) or the ArgSpec is served unfused."""
+
+    def evicted(self) -> None:
+        """A compiled kernel left the cache to keep it within its bounds."""
+
+
 class Executor:
     def __init__(
         self,
@@ -221,6 +234,7 @@ class Executor:
         self._entries: OrderedDict[tuple[int, ArgSpec], Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._counts: dict[int, list[int]] = {}
+        self.events = ExecutorEvents()
         # One compile at a time: Dynamo compiles under a global lock anyway, and
         # a single thread keeps compiles from starving request threads.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
@@ -359,6 +373,7 @@ class Executor:
                 if self._entries[ident].state is not State.COMPILING:
                     log.info("kernel %d: evicting compiled kernel for [%s]", ident[0], ident[1])
                     del self._entries[ident]
+                    self.events.evicted()
                     excess -= 1
 
     def _compile(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
@@ -417,6 +432,7 @@ class Executor:
         finally:
             entry.compile_seconds = time.perf_counter() - start
             entry.done.set()
+            self.events.compiled(entry.compile_seconds, entry.state is State.READY)
 
     def _unfused_error(self, spec: _Run, sample: list[Any]) -> Exception | None:
         """What the unfused graph raises on the compile's sample, if anything.
@@ -447,6 +463,12 @@ class Executor:
         """The ArgSpecs of one variant (by its content key)."""
         with self._lock:
             return [e for (k, _), e in self._entries.items() if k == variant]
+
+    def cache_states(self) -> dict[State, int]:
+        """How many cached entries are in each state (compiling, ready, failed)."""
+        with self._lock:
+            states = [e.state for e in self._entries.values()]
+        return {state: states.count(state) for state in State}
 
     def counts(self, key: int) -> tuple[int, int]:
         fused, fallback = self._counts.get(key, (0, 0))

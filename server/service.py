@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -24,7 +25,7 @@ from fuseport.wire.errors import (
     status_for,
 )
 
-__all__ = ["SERVICE_NAME", "KernelService"]
+__all__ = ["SERVICE_NAME", "CallObserver", "CallRecord", "KernelService"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,29 @@ T = TypeVar("T")
 # run on the event loop thread (see KernelService._run_inline).
 _INLINE_MAX_BYTES = 64 << 10
 _INLINE_MAX_RUN_US = 300
+
+
+@dataclass
+class CallRecord:
+    """What one call did, beyond its status: filled by Execute and Fallback once
+    a kernel ran (which path, why, the server-side timings of the response)."""
+
+    method: str
+    path: int = _pb.service.PATH_UNSPECIFIED
+    reason: int = _pb.service.FALLBACK_REASON_UNSPECIFIED
+    timings: _pb.service.Timings | None = None
+
+
+class CallObserver:
+    """Told of every call the servicer finished, at the point where its status
+    is decided (server/metrics.py counts them); does nothing here. Called on the
+    event loop: it must be quick and must not raise."""
+
+    def finished(
+        self, record: CallRecord, code: grpc.StatusCode, seconds: float, received: int, sent: int
+    ) -> None:
+        """`seconds` from the handler's start to the response (or error) being
+        ready; `received`/`sent` are the message sizes in bytes (0 sent on an error)."""
 
 
 def _parse(cls: type[T], data: bytes) -> T:
@@ -52,6 +76,7 @@ class KernelService:
 
     def __init__(self, core: Core, workers: int, max_message_bytes: int) -> None:
         self.core = core
+        self.observer = CallObserver()
         self.limit = max_message_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
         self._runners = (self._execute, self._fallback)
@@ -68,7 +93,7 @@ class KernelService:
         }
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
-            {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn)) for name, fn in methods.items()},
+            {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn, name)) for name, fn in methods.items()},
         )
 
     def close(self) -> None:
@@ -76,32 +101,46 @@ class KernelService:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _wrap(self, fn: Callable[[bytes, float | None, int], bytes]) -> Callable[..., Any]:
+    def _wrap(self, fn: Callable[[bytes, float | None, int, CallRecord], bytes], method: str) -> Callable[..., Any]:
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter_ns()
+            record = CallRecord(method)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
+            error: FuseportError
             try:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
                 loop = asyncio.get_running_loop()
                 if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
-                    return await self._run_small(loop, request, deadline, fused=fn == self._execute)
-                return await loop.run_in_executor(self._pool, fn, request, deadline, arrived)
+                    out = await self._run_small(loop, request, deadline, record, fused=fn == self._execute)
+                else:
+                    out = await loop.run_in_executor(self._pool, fn, request, deadline, arrived, record)
+                self._observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
+                return out
             except FuseportError as e:
-                await self._abort(context, e)
+                error = e
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 if isinstance(e, MemoryError) or is_out_of_memory(e):
                     # Anywhere on the request path: decoding, running, encoding.
                     log.warning("%s: out of memory: %s", fn.__name__, e)
                     detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                    await self._abort(context, ResourceExhausted(f"out of memory in {fn.__name__.lstrip('_')}: {detail}"))
-                log.exception("unexpected error in %s", fn.__name__)
-                await self._abort(context, InternalError("internal error; see the server log"))
+                    error = ResourceExhausted(f"out of memory in {fn.__name__.lstrip('_')}: {detail}")
+                else:
+                    log.exception("unexpected error in %s", fn.__name__)
+                    error = InternalError("internal error; see the server log")
+            self._observe(record, status_for(error), arrived, len(request), 0)
+            await self._abort(context, error)
             raise AssertionError("unreachable")  # context.abort raises
 
         call.__name__ = fn.__name__
         return call
+
+    def _observe(self, record: CallRecord, code: grpc.StatusCode, arrived: int, received: int, sent: int) -> None:
+        try:
+            self.observer.finished(record, code, (time.perf_counter_ns() - arrived) / 1e9, received, sent)
+        except Exception:  # noqa: BLE001 - counting must never fail a call
+            log.exception("call observer failed")
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: FuseportError) -> None:
         code = status_for(error)
@@ -111,20 +150,26 @@ class KernelService:
 
     # ------------------------------------------------------------------ methods
 
-    def _register(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
+    def _register(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.RegisterRequest, request)
         variant_of = req.variant_of if req.HasField("variant_of") else None
         key, created, variant = self.core.register(req.graph, variant_of)
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
-    def _execute(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
-        return self._run(request, deadline, arrived, fused=True)
+    def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        return self._run(request, deadline, arrived, record, fused=True)
 
-    def _fallback(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
-        return self._run(request, deadline, arrived, fused=False)
+    def _fallback(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        return self._run(request, deadline, arrived, record, fused=False)
 
     async def _run_small(
-        self, loop: asyncio.AbstractEventLoop, request: bytes, deadline: float | None, *, fused: bool
+        self,
+        loop: asyncio.AbstractEventLoop,
+        request: bytes,
+        deadline: float | None,
+        record: CallRecord,
+        *,
+        fused: bool,
     ) -> bytes:
         """A small call is decoded right here on the event loop; if its kernel's
         last run was quick it also runs here, since handing it to a worker and
@@ -135,20 +180,27 @@ class KernelService:
         decode_ns = time.perf_counter_ns() - started
         last = self._run_us.get((req.key, fused), _INLINE_MAX_RUN_US)
         if not req.wait_for_compile and last < _INLINE_MAX_RUN_US:
-            return self._finish(req, decode_ns, 0, deadline, fused)
+            return self._finish(req, decode_ns, 0, deadline, record, fused)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
-            self._pool, lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, fused)
+            self._pool,
+            lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused),
         )
 
-    def _run(self, request: bytes, deadline: float | None, arrived: int, *, fused: bool) -> bytes:
+    def _run(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord, *, fused: bool) -> bytes:
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
         del request  # the decoded tensors keep what they need of it
-        return self._finish(req, time.perf_counter_ns() - started, started - arrived, deadline, fused)
+        return self._finish(req, time.perf_counter_ns() - started, started - arrived, deadline, record, fused)
 
     def _finish(
-        self, req: codec.ExecuteRequest, decode_ns: int, queue_ns: int, deadline: float | None, fused: bool
+        self,
+        req: codec.ExecuteRequest,
+        decode_ns: int,
+        queue_ns: int,
+        deadline: float | None,
+        record: CallRecord,
+        fused: bool,
     ) -> bytes:
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants
@@ -170,6 +222,7 @@ class KernelService:
             clock=time.perf_counter_ns,
             variant=result.variant,
         )
+        record.path, record.reason, record.timings = result.path, result.reason, timings
         log.debug(
             "%s key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",
             "Execute" if fused else "Fallback",
@@ -182,15 +235,15 @@ class KernelService:
         )
         return out
 
-    def _describe(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
+    def _describe(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.DescribeRequest, request)
         info = self.core.describe(req.key, include_source=req.include_source)
         return _pb.service.DescribeResponse(kernel=info).SerializeToString()
 
-    def _list(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
+    def _list(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         _parse(_pb.service.ListRequest, request)
         return _pb.service.ListResponse(kernels=self.core.list()).SerializeToString()
 
-    def _unregister(self, request: bytes, deadline: float | None, arrived: int) -> bytes:
+    def _unregister(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.UnregisterRequest, request)
         return _pb.service.UnregisterResponse(removed=self.core.unregister(req.key)).SerializeToString()

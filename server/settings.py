@@ -101,12 +101,23 @@ class Settings:
         default=False,
         metadata={"help": "serve a non-loopback --host with neither TLS nor tokens (anyone who reaches it may call it)"},
     )
+    # Off unless asked: the endpoint is plain HTTP without authentication, so a
+    # second open port is the operator's choice. 0 picks a free port, as for --port.
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "serve Prometheus metrics over HTTP on this port, on --host (0 picks a free one; "
+            "unset: no metrics endpoint)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535, not {self.metrics_port}")
         if not 0 < self.max_message_bytes <= 2**31 - 1:
             raise ValueError("max_message_bytes must be in 1..2147483647 (protobuf's 2 GiB ceiling)")
         for name in (
@@ -172,7 +183,7 @@ def parse_bool(raw: str) -> bool:
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = str(f.type)
+    kind = str(f.type).removesuffix(" | None")  # optional: set means a value (unset is None)
     if kind == "bool":
         return parse_bool(raw)
     if kind == "int":

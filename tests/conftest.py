@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from fuseport.client import Client
-from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
+from fuseport.wire._local import read_named_port, read_port_file, stop_process, wait_until_serving
 
 
 @dataclass
@@ -23,6 +23,12 @@ class ServerProcess:
     port: int
     store_dir: Path
     log_path: Path
+    metrics_port: int | None = None  # with --metrics-port: the port its metrics endpoint bound
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.metrics_port is not None, "started without --metrics-port"
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def target(self) -> str:
@@ -59,7 +65,7 @@ def start_server(
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     port = read_port_file(proc, port_file, "fuseport serve", log=log_path.read_text)
-    server = ServerProcess(proc, port, store_dir, log_path)
+    server = ServerProcess(proc, port, store_dir, log_path, read_named_port(port_file, "metrics"))
     wait_until_serving(server.target, credentials=credentials)
     return server
 
@@ -82,8 +88,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server for the whole session: the first CPU compile is slow (10-20 s)."""
-    s = start_server(tmp_path_factory.mktemp("server"))
+    """One server for the whole session: the first CPU compile is slow (10-20 s).
+    Its metrics are on, so every test that uses it also runs the counting hooks
+    (test_metrics reads its compile counts)."""
+    s = start_server(tmp_path_factory.mktemp("server"), None, "--metrics-port", "0")
     yield s
     s.stop()
 

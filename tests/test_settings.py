@@ -26,6 +26,14 @@ def test_environment_overrides_defaults_and_flags_override_environment() -> None
     assert s.store_dir == Path("/srv/k") and s.keep_host_memory is False and s.host == "127.0.0.1"
 
 
+def test_metrics_are_off_unless_a_port_is_given_and_0_picks_one() -> None:
+    assert Settings.load(environ={}).metrics_port is None
+    assert Settings.load(environ={"FUSEPORT_METRICS_PORT": ""}).metrics_port is None
+    assert Settings.load(environ={"FUSEPORT_METRICS_PORT": "9090"}).metrics_port == 9090
+    args = _parser().parse_args(["serve", "--metrics-port", "0"])
+    assert Settings.load({"metrics_port": args.metrics_port}, environ={"FUSEPORT_METRICS_PORT": "9090"}).metrics_port == 0
+
+
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().port = 1  # type: ignore[misc]
@@ -39,6 +47,7 @@ def test_settings_are_frozen() -> None:
         ({"FUSEPORT_COMPILE_MODE": "fast"}, "compile_mode must be one of"),
         ({"FUSEPORT_MAX_MESSAGE_BYTES": str(2**31)}, "2 GiB"),
         ({"FUSEPORT_KEEP_HOST_MEMORY": "maybe"}, "expected true or false"),
+        ({"FUSEPORT_METRICS_PORT": "65536"}, "metrics_port must be in 0..65535"),
     ],
 )
 def test_bad_values_name_the_variable_or_setting(env: dict[str, str], message: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -17,13 +17,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseport.wire.security import open_channel
 
-__all__ = ["read_port_file", "stop_process", "wait_until_serving", "write_port_file"]
+__all__ = ["read_named_port", "read_port_file", "stop_process", "wait_until_serving", "write_port_file"]
 
 
-def write_port_file(path: Path, port: int) -> None:
+def write_port_file(path: Path, port: int, others: Mapping[str, int] | None = None) -> None:
+    """The gRPC port on the first line, as ever; then one `name=port` line for
+    each other port the server bound (`metrics=9090`), so that one atomic write
+    tells a reader every port once the file exists."""
+    lines = [str(port)] + [f"{name}={p}" for name, p in (others or {}).items()]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{port}\n")
+    tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)  # readers never see a half-written file
+
+
+def read_named_port(path: Path, name: str) -> int | None:
+    """The `name=port` line of a port file, if the server bound that port."""
+    for line in path.read_text().splitlines()[1:]:
+        key, _, value = line.partition("=")
+        if key == name:
+            return int(value)
+    return None
 
 
 def read_port_file(
@@ -45,7 +58,7 @@ def read_port_file(
             proc.kill()
             raise TimeoutError(f"{what} did not bind in {timeout:.0f} s:\n{log()}")
         time.sleep(0.05)
-    return int(path.read_text())
+    return int(path.read_text().splitlines()[0])
 
 
 def wait_until_serving(

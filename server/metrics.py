@@ -1,0 +1,218 @@
+"""Prometheus metrics of a server, and the HTTP endpoint that serves them (`--metrics-port`).
+
+Counting happens at the points that already exist: the servicer tells its
+`CallObserver` of every finished call (method, status code, path, reason,
+timings, bytes) and the executor its `ExecutorEvents` (compiles, evictions).
+What is a state rather than an event (kernels registered, cache entries,
+memory) is read when Prometheus scrapes. The README's "Metrics" section lists
+every metric; `fuseport stats` reads them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from fuseport.server.executor import ExecutorEvents
+from fuseport.server.service import CallObserver, CallRecord
+from fuseport.wire import _pb
+
+if TYPE_CHECKING:
+    from fuseport.server.core import Core
+
+__all__ = ["Metrics"]
+
+log = logging.getLogger(__name__)
+
+# Seconds. Small calls take tens of microseconds on the server, a large message or
+# a wait for a compile tens of seconds: the default buckets (5 ms to 10 s) would put
+# every small call in the first one.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+# A first CPU compile takes 10-20 s, a later one about a second; max-autotune minutes.
+COMPILE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+_STAGES = ("decode", "queue", "run", "encode")
+
+
+def _path_label(path: int) -> str:
+    """fused, fallback, or none (a call that ran no kernel: another method, or an error)."""
+    if path == _pb.service.PATH_UNSPECIFIED:
+        return "none"
+    return _pb.service.Path.Name(path).removeprefix("PATH_").lower()
+
+
+def _reason_label(reason: int) -> str:
+    """The README's names (requested, compiling, ...), none when no fallback ran."""
+    if reason == _pb.service.FALLBACK_REASON_UNSPECIFIED:
+        return "none"
+    return _pb.service.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
+
+
+class Metrics(CallObserver, ExecutorEvents):
+    """The metrics of one server, in a registry of its own (not prometheus_client's
+    global one: several servers in one process, as in tests, each count their own)."""
+
+    def __init__(self, core: Core) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "fuseport_requests", "KernelService calls finished, by method, path, fallback reason and status code",
+            ["method", "path", "reason", "code"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "fuseport_request_duration_seconds",
+            "Server-side time of a KernelService call, from its handler's start to its response or error",
+            ["method", "path"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stages = Histogram(
+            "fuseport_request_stage_seconds",
+            "Stages of a successful Execute or Fallback, as in the response's Timings: decode, queue, run, encode",
+            ["method", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.received = Counter(
+            "fuseport_received_bytes", "Request message bytes received, by method", ["method"], registry=r
+        )
+        self.sent = Counter(
+            "fuseport_sent_bytes", "Response message bytes sent, by method (0 for an error)", ["method"], registry=r
+        )
+        self.compiles = Counter(
+            "fuseport_compiles", "Kernel compiles finished, by outcome (ok: fused kernel ready; failed: served unfused)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.compile_seconds = Histogram(
+            "fuseport_compile_seconds", "Time of each kernel compile, whatever its outcome",
+            buckets=COMPILE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.evictions = Counter(
+            "fuseport_kernel_cache_evictions", "Compiled kernels dropped from the cache to keep it within its bounds",
+            registry=r,
+        )  # fmt: skip
+        # Present from the first scrape, at 0: a rate() needs the series before its first event.
+        for outcome in ("ok", "failed"):
+            self.compiles.labels(outcome)
+        r.register(_StateCollector(core))
+        # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
+        ProcessCollector(registry=r)
+        self._http: WSGIServer | None = None
+
+    # ------------------------------------------------------------------ hooks
+
+    def finished(
+        self, record: CallRecord, code: grpc.StatusCode, seconds: float, received: int, sent: int
+    ) -> None:
+        method, path = record.method, _path_label(record.path)
+        self.requests.labels(method, path, _reason_label(record.reason), code.name).inc()
+        self.duration.labels(method, path).observe(seconds)
+        self.received.labels(method).inc(received)
+        self.sent.labels(method).inc(sent)
+        t = record.timings
+        if t is not None:
+            for stage, us in zip(_STAGES, (t.decode_us, t.queue_us, t.run_us, t.encode_us)):
+                self.stages.labels(method, stage).observe(us / 1e6)
+
+    def compiled(self, seconds: float, ok: bool) -> None:
+        self.compiles.labels("ok" if ok else "failed").inc()
+        self.compile_seconds.observe(seconds)
+
+    def evicted(self) -> None:
+        self.evictions.inc()
+
+    # ------------------------------------------------------------------ endpoint
+
+    def bind(self, host: str, port: int) -> int:
+        """Binds the HTTP endpoint (0 picks a free port) and returns the port; it
+        answers once `serve` is called. Every path answers with the metrics."""
+        host = host.strip("[]")  # the gRPC address form of an IPv6 host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("_MetricsServer", (_HTTPServer,), {"address_family": family})
+        self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        return int(self._http.server_address[1])
+
+    def serve(self) -> None:
+        assert self._http is not None, "bind first"
+        threading.Thread(target=self._http.serve_forever, name="fuseport-metrics", daemon=True).start()
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per scrape: a slow scraper never holds up another."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer's own server_bind looks up the host's fully qualified name,
+        # a reverse DNS query that can take seconds where DNS is unreachable.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+        self.setup_environ()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """No line per scrape on stderr: Prometheus scrapes every few seconds."""
+
+
+class _StateCollector:
+    """What is read at scrape time: kernels registered, the compiled-kernel cache, memory."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def describe(self) -> list[Any]:
+        # Declared empty so that registering does not call collect() (and read the
+        # device) before the server has started.
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        kernels = self.core.registry.kernels()
+        yield GaugeMetricFamily("fuseport_registered_kernels", "Kernels registered (keys)", value=len(kernels))
+        yield GaugeMetricFamily(
+            "fuseport_registered_variants",
+            "Variants of all registered kernels (each kernel has at least one)",
+            value=sum(len(k.variants) for k in kernels),
+        )
+        cache = GaugeMetricFamily(
+            "fuseport_kernel_cache_entries",
+            "Entries of the compiled-kernel cache (one per variant and ArgSpec), by state",
+            labels=["state"],
+        )
+        for state, n in self.core.executor.cache_states().items():
+            cache.add_metric([state.name.lower()], n)
+        yield cache
+        yield GaugeMetricFamily(
+            "fuseport_kernel_cache_capacity",
+            "Entries the compiled-kernel cache keeps before evicting (--max-kernels)",
+            value=self.core.executor.max_kernels,
+        )
+        memory = GaugeMetricFamily(
+            "fuseport_device_memory_bytes",
+            "Memory of the serving CUDA device: allocated by tensors, reserved by the caching "
+            "allocator, total (no series on a CPU server)",
+            labels=["device", "kind"],
+        )
+        device = self.core.device
+        if device.type == "cuda":
+            name = str(device)
+            memory.add_metric([name, "allocated"], torch.cuda.memory_allocated(device))
+            memory.add_metric([name, "reserved"], torch.cuda.memory_reserved(device))
+            memory.add_metric([name, "total"], self.core.capacity)
+        yield memory
+
