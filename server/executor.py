@@ -225,8 +225,11 @@ class Executor:
         max_kernels: int = 256,
         max_arg_specs: int = 16,
     ) -> None:
-        _register_eager_kernels()
-        _configure_compiler()
+        if compile_mode != "off":
+            # Both import Dynamo and Inductor: seconds of CPU that a server which
+            # never compiles need not spend at start.
+            _register_eager_kernels()
+            _configure_compiler()
         self.placement = placement
         self.compile_mode = compile_mode
         self.max_kernels = max_kernels
@@ -263,9 +266,9 @@ class Executor:
         spec = _Run(key, variant)
         if not fused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
-        _configure_compiler()
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
+        _configure_compiler()
         if unfused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         entry = self._entry(spec, args)
