@@ -182,12 +182,12 @@ class _StateCollector:
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        kernels = self.core.registry.kernels()
-        yield GaugeMetricFamily("fuseport_registered_kernels", "Kernels registered (keys)", value=len(kernels))
+        kernels, variants = self.core.registry.counts()  # a scrape reads no stored graph
+        yield GaugeMetricFamily("fuseport_registered_kernels", "Kernels registered (keys)", value=kernels)
         yield GaugeMetricFamily(
             "fuseport_registered_variants",
             "Variants of all registered kernels (each kernel has at least one)",
-            value=sum(len(k.variants) for k in kernels),
+            value=variants,
         )
         cache = GaugeMetricFamily(
             "fuseport_kernel_cache_entries",

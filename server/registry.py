@@ -287,6 +287,11 @@ class Registry:
                 log.warning("listing kernel %d: %s", key, e)
         return sorted(out, key=lambda entry: entry[0])
 
+    def counts(self) -> tuple[int, int]:
+        """(kernels, variants), built or stored, without reading a file: for metrics."""
+        built, stored = list(self._kernels.values()), list(self._stored.values())
+        return len(built) + len(stored), sum(len(k.variants) for k in built) + sum(len(f) for f in stored)
+
     def variant_keys(self) -> Iterable[int]:
         built = {v.key for k in list(self._kernels.values()) for v in k.variants}
         return built | {vkey for files in list(self._stored.values()) for _, vkey in files}
