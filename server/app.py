@@ -277,6 +277,6 @@ def serve(settings: Settings, security: Security | None = None) -> NoReturn:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if settings.keep_host_memory and not keep_host_memory():
+    if settings.keep_host_memory and not keep_host_memory(settings.keep_host_memory_bytes):
         log.warning("could not set glibc's malloc options; large messages will page-fault")
     asyncio.run(_serve(settings, security))

@@ -68,7 +68,14 @@ class Settings:
         default=True,
         metadata={
             "help": "keep freed host memory for the next message instead of returning it to the OS "
-            "(no page faults on large messages; resident memory stays at its peak)"
+            "(no page faults on large messages), up to --keep-host-memory-bytes"
+        },
+    )
+    keep_host_memory_bytes: int = field(
+        default=1 << 30,
+        metadata={
+            "help": "most freed host memory kept for reuse (bytes, at most 2 GiB - 1); past it, "
+            "memory goes back to the OS"
         },
     )
     grace_seconds: float = field(
@@ -126,6 +133,8 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
+            raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
