@@ -102,7 +102,7 @@ class Core:
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan)
+        self._check_budget(key, plan, args)
         try:
             plan.check_inputs(args, variant.module)
         except DataError as e:
@@ -129,8 +129,22 @@ class Core:
         run_us = (time.perf_counter_ns() - start) // 1000
         return Result(stack[:base] + outputs, outcome.path, outcome.reason, outcome.detail, run_us, variant.key)
 
-    def _check_budget(self, key: int, plan: Plan) -> None:
-        """Refuses, before anything is allocated, what could only fail later."""
+    def _check_budget(self, key: int, plan: Plan, args: Sequence[Any]) -> None:
+        """Refuses, before anything is allocated, what could only fail later or
+        take more than one call may."""
+        budget = self.settings.max_call_bytes
+        if budget:
+            # What a call holds at least at once: its inputs, its results, and on the
+            # unfused path its largest intermediate beside them (planned on meta tensors).
+            inputs = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
+            needs = inputs + (plan.output_bytes or 0) + plan.largest_bytes
+            if needs > budget:
+                raise ResourceExhausted(
+                    f"kernel {key}: this call needs at least {needs} bytes (inputs {inputs}, results "
+                    f"{plan.output_bytes if plan.output_bytes is not None else 'unknown'}, largest tensor "
+                    f"{plan.largest_bytes}), over the {budget} bytes one call may use (--max-call-bytes); "
+                    "refused before running"
+                )
         limit = self.settings.max_message_bytes
         if plan.output_bytes is not None and plan.output_bytes > limit:
             raise ResourceExhausted(

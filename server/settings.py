@@ -55,6 +55,13 @@ class Settings:
         default=64,
         metadata={"help": "variants (captures for other ranks, sizes or static values) kept per kernel"},
     )
+    max_call_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "most memory one Execute/Fallback may need on the device, from its plan: inputs + "
+            "results + largest tensor (bytes; 0: only the device's own size limits it)"
+        },
+    )
     max_graph_bytes: int = field(
         default=512 << 20,
         metadata={"help": "largest graph Register accepts, constants included (bytes)"},
@@ -133,6 +140,8 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_call_bytes < 0:
+            raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
         if self.grace_seconds < 0:

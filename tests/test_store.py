@@ -1,5 +1,6 @@
 """The store: bounded (graph size, bytes, kernels: RESOURCE_EXHAUSTED naming the flag, the
-server keeps serving) and read lazily (start reads no graph; a kernel is built on first use)."""
+server keeps serving) and read lazily (start reads no graph; a kernel is built on first use).
+And the memory one call may use (--max-call-bytes)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _rss(server: ServerProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_graph_store_bytes_and_kernel_count_are_bounded(tmp_path: Path) -> None:
+def test_graph_store_bytes_kernel_count_and_call_memory_are_bounded(tmp_path: Path) -> None:
     x = torch.randn(3)
     small = [Scaled(4, seed) for seed in range(3)]
     graphs = [capture(m, [x]) for m in small]  # the same size: only the constants' values differ
@@ -42,7 +43,7 @@ def test_graph_store_bytes_and_kernel_count_are_bounded(tmp_path: Path) -> None:
     room = graphs[0].ByteSize() + variant.ByteSize() + graphs[1].ByteSize() + 64
     server = start_server(
         tmp_path, None, "--compile-mode", "off", "--max-graph-bytes", "16384",
-        "--max-store-bytes", str(room), "--max-store-kernels", "2",
+        "--max-store-bytes", str(room), "--max-store-kernels", "2", "--max-call-bytes", str(1 << 20),
     )  # fmt: skip
     try:
         with Client(server.target, timeout=60) as c:
@@ -60,6 +61,10 @@ def test_graph_store_bytes_and_kernel_count_are_bounded(tmp_path: Path) -> None:
                 c.register(larger)
             k2 = c.register(graphs[2])
             torch.testing.assert_close(c.execute(k2, [x])[0], small[2](x))
+            # 1.2 MB in and 1.2 MB out: over what one call may use, refused before it runs.
+            with pytest.raises(ResourceExhausted, match=r"needs at least \d+ bytes.*--max-call-bytes"):
+                c.fallback(k2, [torch.randn(300_000)])
+            torch.testing.assert_close(c.fallback(k2, [x])[0], small[2](x))
             assert sorted(k.key for k in c.list()) == sorted([k0, k2])
         assert "Traceback" not in server.log()
     finally:
