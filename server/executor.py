@@ -26,6 +26,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from fuseport.server.checks import DataError
 from fuseport.server.devices import Placement, is_out_of_memory
@@ -67,6 +68,11 @@ _EAGER_KERNELS = (
 # rules (by an older fuseport, or by plain torch) is never reused.
 _CACHE_TAG = "fuseport-kernels-3"
 _kernels_registered = False
+# While any thread of the process is inside a torch.fx trace (every compile has
+# some, every export is one), Dynamo refuses to run compiled code: it raises
+# this. That says nothing of the kernel: the call runs unfused, the ArgSpec stays.
+_NESTED_TRACE = "symbolically trace a dynamo-optimized function"
+_TRACING = "a compile in this process is tracing; this call ran unfused"
 
 
 def _register_eager_kernels() -> None:
@@ -280,13 +286,25 @@ class Executor:
         if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
             return self._fallback(spec, args, entry.reason, detail, entry)
+        if is_fx_tracing():
+            if not wait:
+                return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
+            # The caller waits for the fused kernel. fuseport's own traces (compiles,
+            # captures) hold TRACE_LOCK: taking it waits them out and keeps new ones off.
+            with TRACE_LOCK:
+                return self._call_fused(spec, args, entry, fn)
+        return self._call_fused(spec, args, entry, fn)
+
+    def _call_fused(self, spec: _Run, args: list[Any], entry: Entry, fn: Callable[..., Any]) -> Outcome:
         try:
             outputs = fn(*args)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
+            if is_fx_tracing() or _NESTED_TRACE in str(e):  # a trace began after the check
+                return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
             return self._after_fused_error(spec, args, entry, e)
-        self._count(key, entry, fused=True)
+        self._count(spec.key, entry, fused=True)
         return Outcome(list(outputs), Path.PATH_FUSED)
 
     def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
@@ -312,7 +330,7 @@ class Executor:
         self, spec: _Run, args: list[Any], reason: int, detail: str, entry: Entry | None
     ) -> Outcome:
         try:
-            outputs = spec.variant.fallback(*args)
+            outputs = spec.variant.fallback.forward(*args)  # not __call__: see _compile
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
@@ -400,7 +418,12 @@ class Executor:
             ):
                 # Inside the lock too: torch.compile made while another thread
                 # exports is ignored (export's flag is process-wide), silently.
-                fn = torch.compile(module, dynamic=True, fullgraph=True, mode=mode)
+                # The method, not the module: every torch.fx trace (in each compile,
+                # in each export) patches nn.Module.__call__ for the whole process
+                # while it runs, and a module called through it on another thread
+                # fails ("module is not installed as a submodule"). A run never
+                # calls a module, so no trace can reach it.
+                fn = torch.compile(module.forward, dynamic=True, fullgraph=True, mode=mode)
                 receive()
                 fn(*sample)
                 self.placement.synchronize()
@@ -442,7 +465,7 @@ class Executor:
         A DataError is about these values only; anything else about the ArgSpec."""
         try:
             with self.placement.request_scope():
-                spec.variant.fallback(*sample)
+                spec.variant.fallback.forward(*sample)
                 self.placement.synchronize()
         except Exception as e:  # noqa: BLE001 - any failure of the unfused graph is the answer
             return e
