@@ -112,7 +112,12 @@ class Server:
         self.settings = settings
         self.security = Security.load(settings) if security is None else security
         self.core = Core(settings)
-        self.service = KernelService(self.core, settings.workers, settings.max_message_bytes)
+        self.service = KernelService(
+            self.core,
+            settings.workers,
+            settings.max_message_bytes,
+            settings.keep_host_memory_bytes if settings.keep_host_memory else None,
+        )
         self.health = HealthServicer()
         self.grpc = grpc.aio.server(
             options=[

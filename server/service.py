@@ -24,6 +24,7 @@ from fuseport.wire.errors import (
     ResourceExhausted,
     status_for,
 )
+from fuseport.wire.hostmem import release_host_memory
 
 __all__ = ["SERVICE_NAME", "CallObserver", "CallRecord", "KernelService"]
 
@@ -74,8 +75,13 @@ class KernelService:
     worker thread (so large messages never block the event loop) and are timed;
     small Execute/Fallback calls to quick kernels run on the event loop itself."""
 
-    def __init__(self, core: Core, workers: int, max_message_bytes: int) -> None:
+    def __init__(
+        self, core: Core, workers: int, max_message_bytes: int, release_above: int | None = None
+    ) -> None:
         self.core = core
+        # A call that moved more than this many bytes hands freed host memory back
+        # once it is over (see wire.hostmem); None: memory is left to the allocator.
+        self.release_above = release_above
         self.observer = CallObserver()
         self.limit = max_message_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
@@ -117,6 +123,10 @@ class KernelService:
                 else:
                     out = await loop.run_in_executor(self._pool, fn, request, deadline, arrived, record)
                 self._observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
+                if self.release_above is not None and len(request) + len(out) > self.release_above:
+                    # Once the response is sent and its buffers dropped (the next turn
+                    # of the loop after the call is done), not while they are held.
+                    context.add_done_callback(lambda _: loop.call_soon(release_host_memory))
                 return out
             except FuseportError as e:
                 error = e

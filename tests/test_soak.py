@@ -20,7 +20,7 @@ import torch
 from fuseport.client import Client
 from fuseport.wire.errors import KernelNotFound, SignatureMismatch
 
-from .conftest import ServerProcess, start_server
+from .conftest import start_server
 
 SECONDS = float(os.environ.get("FUSEPORT_SOAK_SECONDS", "180"))
 WARM_UP = min(30.0, SECONDS / 6)
@@ -76,12 +76,6 @@ def _client(target: str, seed: int, seconds: float) -> dict[str, int]:
     return counts
 
 
-def _rss(server: ServerProcess) -> int:
-    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
 
 @pytest.mark.slow
 def test_mixed_soak_from_several_processes_keeps_memory_flat(tmp_path: Path) -> None:
@@ -99,9 +93,9 @@ def test_mixed_soak_from_several_processes_keeps_memory_flat(tmp_path: Path) -> 
             jobs = [pool.apply_async(_client, (server.target, seed, SECONDS)) for seed in range(CLIENTS)]
             # Part two: the load itself for a while (buffers and pools reach their size).
             time.sleep(WARM_UP)  # a point to measure at while the load runs, not a wait for readiness
-            warm = _rss(server)
+            warm = server.rss()
             results = [job.get(timeout=SECONDS + 600) for job in jobs]
-        end = _rss(server)
+        end = server.rss()
         totals: dict[str, int] = {}
         for r in results:
             for k, v in r.items():

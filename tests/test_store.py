@@ -12,7 +12,7 @@ import torch
 from fuseport.client import Client, capture
 from fuseport.wire.errors import KernelNotFound, ResourceExhausted
 
-from .conftest import ServerProcess, start_server
+from .conftest import start_server
 
 
 class Scaled(torch.nn.Module):
@@ -25,12 +25,6 @@ class Scaled(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.w[:1] + self.w.sum()
 
-
-def _rss(server: ServerProcess) -> int:
-    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_graph_store_bytes_kernel_count_and_call_memory_are_bounded(tmp_path: Path) -> None:
@@ -77,7 +71,7 @@ def test_start_reads_no_graph_and_builds_a_kernel_on_first_use(tmp_path: Path) -
     x = torch.randn(5)
     modules = [Scaled(4 << 20, seed) for seed in range(3)]  # 16 MiB of constants each
     try:
-        rss_empty = _rss(first)  # a server on an empty store, just started
+        rss_empty = first.rss()  # a server on an empty store, just started
         with Client(first.target, timeout=120) as c:
             keys = [c.register(m, [x]) for m in modules]
     finally:
@@ -88,7 +82,7 @@ def test_start_reads_no_graph_and_builds_a_kernel_on_first_use(tmp_path: Path) -
     second = start_server(tmp_path / "b", store, "--compile-mode", "off")
     try:
         # Built at start, the three graphs would hold 48 MiB of constants twice (message and module).
-        grown = _rss(second) - rss_empty
+        grown = second.rss() - rss_empty
         assert grown < 32 << 20, f"a server on a 48 MiB store started {grown >> 20} MiB larger"
         assert "indexed 3 kernels" in second.log() and "built kernel" not in second.log()
         assert "skipping stored graph" not in second.log()  # the damaged file is not even read yet

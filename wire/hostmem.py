@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-__all__ = ["keep_host_memory"]
+__all__ = ["keep_host_memory", "release_host_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +32,14 @@ def keep_host_memory(limit: int = MAX_KEEP) -> bool:
         libc.mallopt(param, value)
         for param, value in ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, min(limit, MAX_KEEP)))
     )
+
+
+def release_host_memory() -> bool:
+    """Hands every freed block back to the OS now (glibc's malloc_trim), wherever it
+    lies in the heap. The trim threshold alone returns only what is free at the heap's
+    top: a block freed below a live one stays resident. Called after a call larger
+    than the reuse budget: keeping its buffers would hold more than the budget."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
