@@ -42,6 +42,7 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow  # a minute of CPU: the whole quick bench; CI keeps to 15 minutes
 def test_quick_bench_writes_every_section_with_positive_numbers(quick_results: dict[str, Any]) -> None:
     assert quick_results["errors"] == {}
     assert set(quick_results["sections"]) == set(SECTIONS)
@@ -59,6 +60,7 @@ def test_quick_bench_writes_every_section_with_positive_numbers(quick_results: d
     assert machine["cpu_count"] >= 1 and machine["torch"] and machine["grpc"]
 
 
+@pytest.mark.slow  # a minute of CPU: the whole quick bench; CI keeps to 15 minutes
 def test_quick_bench_execute_rows_ran_the_fused_kernel(quick_results: dict[str, Any]) -> None:
     points = quick_results["sections"]["transport"]["points"]
     assert [p["size"] for p in points] == [1024, 64 << 10]
@@ -79,6 +81,7 @@ def test_quick_bench_execute_rows_ran_the_fused_kernel(quick_results: dict[str, 
     assert compile_["compile_s_server"] > 0
 
 
+@pytest.mark.slow  # a minute of CPU: the whole quick bench; CI keeps to 15 minutes
 def test_quick_bench_judges_the_issue_targets(quick_results: dict[str, Any]) -> None:
     judged = {r["name"]: r for r in quick_results["rows"] if r["target"]}
     assert judged["Execute 1 KiB p50"]["target"] == "<= 1.3x"
