@@ -35,6 +35,20 @@ def _write(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticC
     return pair
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
+    """What every certificate here shares: a random serial, valid from 5 minutes ago for a day."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
 class CA:
     """A self-signed CA written to `directory` as ca.crt/ca.key; `issue` signs leaves."""
 
@@ -42,15 +56,8 @@ class CA:
         # P-256 rather than RSA: a key takes microseconds, not a second of a 2-core CI machine.
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._name = _name(name)
-        now = datetime.datetime.now(datetime.UTC)
         self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(self._name)
-            .issuer_name(self._name)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            _builder(self._name, self._name, self._key)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -72,15 +79,8 @@ class CA:
     def issue(self, stem: str, common_name: str, *, server: bool, names: tuple[str, ...] = ()) -> Pair:
         """A leaf for 127.0.0.1, localhost and `names` (server) or a client identity, signed by this CA."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(self._name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            _builder(_name(common_name), self._name, key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(
