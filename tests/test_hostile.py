@@ -29,13 +29,6 @@ from ._graphs import one_op
 from .conftest import ServerProcess, start_server
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def _vm_size(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmSize:"):
@@ -219,12 +212,12 @@ def test_huge_expand_is_refused_before_it_is_computed(quiet: ServerProcess) -> N
     with Client(quiet.target, timeout=120) as c:
         graph, stack = one_op("aten::expand.default", [torch.ones(1, 1), [2**20, 2**20]])
         key = c.register(graph)
-        before = _rss(quiet.proc.pid)
+        before = quiet.rss()
         for run in (c.execute, c.fallback):
             with pytest.raises(ResourceExhausted, match="4398046511104 bytes, over the message limit") as e:
                 run(key, stack)
             assert e.value.__cause__.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert _rss(quiet.proc.pid) <= before * 1.1
+        assert quiet.rss() <= before * 1.1
         assert c.health() == "SERVING"
 
 
@@ -232,10 +225,10 @@ def test_result_over_the_message_limit_is_refused_before_it_is_computed(quiet: S
     """A 2 GiB result used to be computed in full before the 1 GiB limit refused it."""
     with Client(quiet.target, timeout=120) as c:
         key = c.register(lambda x: x.repeat(2**20, 1), [torch.ones(2, 256)])
-        before = _rss(quiet.proc.pid)
+        before = quiet.rss()
         with pytest.raises(ResourceExhausted, match="2147483648 bytes, over the message limit of 1073741824"):
             c.fallback(key, [torch.ones(2, 256)])
-        assert _rss(quiet.proc.pid) <= before * 1.1
+        assert quiet.rss() <= before * 1.1
 
 
 def test_allocation_failing_while_encoding_is_resource_exhausted(tmp_path: Path) -> None:
@@ -249,7 +242,7 @@ def test_allocation_failing_while_encoding_is_resource_exhausted(tmp_path: Path)
             small = c.register(lambda x: x + 1, [torch.ones(4)])
             assert torch.equal(c.fallback(small, [torch.ones(4)])[0], torch.full((4,), 2.0))  # warm every path
             pid = server.proc.pid
-            before = _rss(pid)
+            before = server.rss()
             # Room for 256 MiB more address space: the encoder's copy cannot fit.
             _, hard = resource.prlimit(pid, resource.RLIMIT_AS)
             resource.prlimit(pid, resource.RLIMIT_AS, (_vm_size(pid) + (256 << 20), hard))
@@ -257,7 +250,7 @@ def test_allocation_failing_while_encoding_is_resource_exhausted(tmp_path: Path)
                 with pytest.raises(ResourceExhausted, match="out of memory") as e:
                     c.fallback(key, stack)
                 assert e.value.__cause__.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert _rss(pid) <= before * 1.1
+                assert server.rss() <= before * 1.1
                 assert torch.equal(c.fallback(small, [torch.ones(4)])[0], torch.full((4,), 2.0))
             finally:
                 resource.prlimit(pid, resource.RLIMIT_AS, (hard, hard))
