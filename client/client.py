@@ -22,6 +22,7 @@ from fuseport.wire.errors import (
     NoMatchingVariant,
     error_from_status,
 )
+from fuseport.wire.keys import check_alias
 from fuseport.wire.security import (
     bearer_metadata,
     channel_credentials,
@@ -89,6 +90,7 @@ class _Known:
 
     fn: Any
     graphs: dict[int, _pb.graph.Graph] = field(default_factory=dict)  # variant key -> graph, in order
+    alias: str | None = None  # given at Register: a server that lost the kernel gets it again
 
     @property
     def arity(self) -> int:
@@ -196,14 +198,20 @@ class _Base:
     # how they wait for the call).
 
     def _register_call(
-        self, fn_or_graph: Any, example_inputs: Sequence[Any] | None, variant_of: int | None = None
+        self,
+        fn_or_graph: Any,
+        example_inputs: Sequence[Any] | None,
+        variant_of: int | None = None,
+        alias: str | None = None,
     ) -> tuple[bytes, Callable[[bytes], int]]:
+        if alias is not None:
+            check_alias(alias)  # before capturing: the server would refuse it anyway
         graph = self._graph_of(fn_or_graph, example_inputs)
         fn = None if isinstance(fn_or_graph, _pb.graph.Graph) else fn_or_graph
-        return self._register_graph(graph, fn, variant_of)
+        return self._register_graph(graph, fn, variant_of, alias)
 
     def _register_graph(
-        self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None
+        self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None, alias: str | None = None
     ) -> tuple[bytes, Callable[[bytes], int]]:
         def registered(raw: bytes) -> int:
             resp = _pb.service.RegisterResponse.FromString(raw)
@@ -211,12 +219,16 @@ class _Base:
             known = self._known.setdefault(resp.key, _Known(fn))
             if known.fn is None:
                 known.fn = fn
+            if alias is not None:
+                known.alias = alias
             known.graphs[resp.variant] = graph
             return resp.key
 
         request = _pb.service.RegisterRequest(graph=graph)
         if variant_of is not None:
             request.variant_of = variant_of
+        if alias is not None:
+            request.alias = alias
         return request.SerializeToString(), registered
 
     def _recovery(
@@ -238,7 +250,10 @@ class _Base:
         if isinstance(e, KernelNotFound):
             log.info("server lost kernel %d; registering it again", key)
             graphs = list(known.graphs.items())
-            return [self._register_graph(g, known.fn, None if v == key else key) for v, g in graphs]
+            return [
+                self._register_graph(g, known.fn, None if v == key else key, known.alias if v == key else None)
+                for v, g in graphs
+            ]
         if isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
@@ -321,14 +336,18 @@ class Client(_Base):
         example_inputs: Sequence[Any] | None = None,
         *,
         variant_of: int | None = None,
+        alias: str | None = None,
         timeout: float | None = None,
     ) -> int:
         """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it.
 
         Returns the kernel's key. With `variant_of`, the graph becomes another
         variant of that kernel (for stacks its variants do not cover); a client
-        that registered a function does this by itself when a stack needs it."""
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of)
+        that registered a function does this by itself when a stack needs it.
+        With `alias`, the kernel is also known by that name (the model name
+        KServe v2 clients call it by); InvalidAlias when it is malformed or
+        names another kernel."""
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
@@ -418,9 +437,10 @@ class AsyncClient(_Base):
         example_inputs: Sequence[Any] | None = None,
         *,
         variant_of: int | None = None,
+        alias: str | None = None,
         timeout: float | None = None,
     ) -> int:
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of)
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(

@@ -1,6 +1,7 @@
-"""Regenerates the committed protobuf and gRPC stubs of fuseport.v1 from the .proto files.
+"""Regenerates the committed protobuf and gRPC stubs of fuseport.v1 and fuseport.kserve from the .proto files.
 
 The stubs in proto/fuseport/v1/ (`*_pb2.py`, `*_pb2.pyi`, `service_pb2_grpc.py`)
+and proto/fuseport/kserve/ (the KServe v2 protocol, imported by the server only)
 are generated output and are never edited by hand: change the .proto, then run
 
     python proto/generate.py            # writes into proto/ (next to the sources)
@@ -38,6 +39,9 @@ PACKAGE = "fuseport/v1"
 # Only service.proto declares a service; the others get no (empty) _grpc module.
 PROTOS = ("values.proto", "graph.proto", "service.proto")
 GRPC_PROTOS = ("service.proto",)
+# The KServe v2 protocol (package `inference`), installed as fuseport.kserve.
+KSERVE_PACKAGE = "fuseport/kserve"
+KSERVE_PROTOS = ("grpc_service.proto",)
 GENERATOR = "1.62.3"  # grpcio-tools; its protoc writes "Protobuf Python Version: 4.25.1"
 GENCODE = "4.25.1"
 
@@ -49,9 +53,11 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     well_known = resources.files("grpc_tools") / "_proto"
     base = ["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}"]
+    protos = [f"{PACKAGE}/{p}" for p in PROTOS] + [f"{KSERVE_PACKAGE}/{p}" for p in KSERVE_PROTOS]
+    services = [f"{PACKAGE}/{p}" for p in GRPC_PROTOS] + [f"{KSERVE_PACKAGE}/{p}" for p in KSERVE_PROTOS]
     runs = [
-        [*base, f"--python_out={out}", f"--pyi_out={out}", *(f"{PACKAGE}/{p}" for p in PROTOS)],
-        [*base, f"--grpc_python_out={out}", *(f"{PACKAGE}/{p}" for p in GRPC_PROTOS)],
+        [*base, f"--python_out={out}", f"--pyi_out={out}", *protos],
+        [*base, f"--grpc_python_out={out}", *services],
     ]
     for args in runs:
         if protoc.main(args) != 0:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         type=Path,
         default=PROTO_ROOT,
-        help="root to write fuseport/v1/*.py under (default: proto/, the committed stubs)",
+        help="root to write fuseport/v1/*.py and fuseport/kserve/*.py under (default: proto/, the committed stubs)",
     )
     parser.add_argument(
         "--installed",

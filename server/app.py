@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from fuseport.server import kserve
 from fuseport.server.core import Core
 from fuseport.server.security import Access, Security
 from fuseport.server.service import SERVICE_NAME, KernelService
@@ -32,6 +33,20 @@ __all__ = ["Server", "create_server", "serve"]
 log = logging.getLogger(__name__)
 
 
+class _Services(grpc.GenericRpcHandler):
+    """The methods of several services, as one handler: what the gate guards."""
+
+    def __init__(self, *handlers: grpc.GenericRpcHandler) -> None:
+        self._handlers = handlers
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        for handler in self._handlers:
+            found = handler.service(details)
+            if found is not None:
+                return found
+        return None
+
+
 class _Gate(grpc.GenericRpcHandler):
     """The service's methods behind a gate: it counts the calls in flight and,
     once closed, answers every call that has not started with UNAVAILABLE (it
@@ -43,7 +58,8 @@ class _Gate(grpc.GenericRpcHandler):
 
     With `access`, a call must first carry a token whose role may call the
     method (UNAUTHENTICATED / PERMISSION_DENIED otherwise). Only the service's
-    methods pass through here: health and reflection stay open for probes."""
+    methods pass through here (KernelService's and the KServe v2 protocol's):
+    health and reflection stay open for probes."""
 
     def __init__(self, inner: grpc.GenericRpcHandler, access: Access | None = None) -> None:
         self._inner = inner
@@ -65,7 +81,7 @@ class _Gate(grpc.GenericRpcHandler):
     def _gate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] | None = handler.unary_unary
         if behaviour is None:
-            raise TypeError("every KernelService method is unary-unary")
+            raise TypeError("every gated method is unary-unary")
         access = self._access
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -127,11 +143,18 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        self.gate = _Gate(self.service.handler(), self.security.access)
+        # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
+        self.inference = kserve.InferenceService(self.service)
+        self.gate = _Gate(_Services(self.service.handler(), self.inference.handler()), self.security.access)
         self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                kserve.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.grpc,
         )
         if self.security.tls is not None:
@@ -156,7 +179,7 @@ class Server:
             self.metrics.serve()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         await self.grpc.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "fuseport serving on %s:%d (device %s, store %s; %s)",

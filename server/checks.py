@@ -411,7 +411,8 @@ class Plan:
     `error` is set when the graph cannot run on them (then nothing else
     counts). `output_bytes` is None where sizes depend on data (``nonzero``,
     ``.item()``) and planning stopped there. `unfused` says why the fused path
-    must not run these inputs ("" when it may)."""
+    must not run these inputs ("" when it may). `outputs` are the graph's
+    results as planned (meta tensors, Python numbers), None where `output_bytes` is."""
 
     error: str | None = None
     output_bytes: int | None = None
@@ -419,6 +420,7 @@ class Plan:
     largest_what: str = ""
     input_checks: tuple[_InputCheck, ...] = ()
     unfused: str = ""
+    outputs: tuple[Any, ...] | None = None
 
     def check_inputs(self, args: Sequence[Any], module: torch.nn.Module) -> None:
         """Makes the data checks of inputs (on the host) and constants; raises DataError."""
@@ -526,7 +528,8 @@ class Planner:
                 results = torch.fx.map_arg(node.args[0], env.__getitem__)
                 total = sum(t.numel() * t.element_size() for t in _tensors(results))
                 return Plan(output_bytes=total, largest_bytes=largest, largest_what=largest_what,
-                            input_checks=tuple(checks), unfused=unfused)  # fmt: skip
+                            input_checks=tuple(checks), unfused=unfused,
+                            outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,))  # fmt: skip
         return Plan(unfused=unfused)
 
     def _before_launch(self, c: _DataCheck, origin: dict[torch.fx.Node, tuple[str, Any]], checks: list[_InputCheck]) -> bool:

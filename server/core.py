@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +20,22 @@ from fuseport.wire import _pb
 from fuseport.wire.errors import (
     ExecutionFailed,
     InternalError,
+    KernelNotFound,
     NoMatchingVariant,
     ResourceExhausted,
     SignatureMismatch,
 )
-from fuseport.wire.graph import InputSpec
+from fuseport.wire.graph import InputSpec, Signature
 
 __all__ = ["Core", "Result"]
 
 log = logging.getLogger(__name__)
+
+_DECIMAL = re.compile(r"-?[0-9]{1,20}")
+# Sizes at which `Core.outputs` plans a graph, in pairs: an output dim that differs
+# between the two of a pair follows the inputs' sizes (-1). Several pairs, for
+# graphs whose conditions refuse the small ones.
+_EXAMPLE_SIZES = ((2, 3), (4, 5), (8, 9), (16, 17), (64, 65))
 
 
 @dataclass
@@ -64,15 +72,18 @@ class Core:
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
         )
+        self._outputs: dict[int, tuple[InputSpec | None, ...] | None] = {}  # variant key -> Core.outputs
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
         self.registry.load()
 
     # ------------------------------------------------------------------ RPCs
 
-    def register(self, graph: _pb.graph.Graph, variant_of: int | None = None) -> tuple[int, bool, int]:
+    def register(
+        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None
+    ) -> tuple[int, bool, int]:
         """(kernel key, created, the graph's own key)."""
-        return self.registry.register(graph, variant_of)
+        return self.registry.register(graph, variant_of, alias)
 
     def execute(
         self,
@@ -176,6 +187,37 @@ class Core:
     def close(self) -> None:
         self.executor.shutdown()
 
+    # ------------------------------------------------------------------ names and signatures
+
+    def resolve(self, name: str) -> int:
+        """The key of the kernel `name` stands for: its alias, or its key in decimal."""
+        key = self.registry.resolve(name)
+        if key is None and _DECIMAL.fullmatch(name) and -(1 << 63) <= int(name) < (1 << 63):
+            key = int(name)
+        if key is None or not self.registry.has(key):
+            shown = repr(name[:80] + ("..." if len(name) > 80 else ""))
+            raise KernelNotFound(f"no kernel named {shown}: neither an alias nor a registered key", key)
+        return key
+
+    def signature(self, key: int) -> Signature:
+        """The inputs of the kernel's own graph (its variants take as many)."""
+        return self.registry.get(key).variants[0].signature
+
+    def models(self) -> list[tuple[int, str | None, Signature]]:
+        """Every kernel: key, alias, signature of its own graph (stored graphs are read, not built)."""
+        return [(key, self.registry.alias_of(key), variants[0].signature) for key, variants in self.registry.kernels()]
+
+    def outputs(self, key: int) -> tuple[InputSpec | None, ...] | None:
+        """What the kernel's own graph returns, named output0, output1, ...: per output
+        its kind, and for a tensor its dtype and shape (-1 where the size follows the
+        inputs'), planned on meta tensors at example sizes; None for an output, or for
+        all, where planning cannot tell (sizes that depend on data, no example size
+        meets the graph's conditions)."""
+        variant = self.registry.get(key).variants[0]
+        if variant.key not in self._outputs:
+            self._outputs[variant.key] = _planned_outputs(variant)
+        return self._outputs[variant.key]
+
     def _device_failed(self, e: BaseException) -> None:
         """The device is unusable for this process: say so, and have the server
         stop (health NOT_SERVING, drain, exit non-zero) so that its supervisor
@@ -204,6 +246,7 @@ class Core:
             fallback_runs=fallback,
             device=str(self.device),
             random_ops=sorted({op for v in variants for op in v.random_ops}),
+            alias=self.registry.alias_of(key) or "",
         )
         for v in variants:
             info.variants.add(
@@ -226,6 +269,44 @@ class Core:
                     variant=v.key,
                 )
         return info
+
+
+def _example_args(sig: Signature, size: int) -> list[Any] | None:
+    args: list[Any] = []
+    for d in sig.inputs:
+        if d.kind == "tensor":
+            assert d.dtype is not None and d.shape is not None
+            args.append(torch.empty([size if s < 0 else s for s in d.shape], dtype=d.dtype, device="meta"))
+        elif d.static:
+            args.append(d.static_value)
+        else:
+            args.append({"int": size, "float": 1.0, "bool": False}[d.kind])
+    return args if all(c.holds(args) for c in sig.conditions) else None
+
+
+def _planned_outputs(variant: Variant) -> tuple[InputSpec | None, ...] | None:
+    for pair in _EXAMPLE_SIZES:
+        planned = []
+        for size in pair:
+            args = _example_args(variant.signature, size)
+            plan = None if args is None else variant.planner.plan(args)
+            if plan is None or plan.error is not None or plan.outputs is None:
+                break
+            planned.append(plan.outputs)
+        if len(planned) == 2:
+            return tuple(_merged(f"output{i}", a, b) for i, (a, b) in enumerate(zip(*planned)))
+    return None
+
+
+def _merged(name: str, a: Any, b: Any) -> InputSpec | None:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.dtype != b.dtype or a.dim() != b.dim():
+            return None
+        return InputSpec(name, "tensor", a.dtype, tuple(x if x == y else -1 for x, y in zip(a.shape, b.shape)))
+    for kind, cls in (("bool", bool), ("int", int), ("float", float)):
+        if type(a) is cls and type(b) is cls:
+            return InputSpec(name, kind)  # type: ignore[arg-type]
+    return None
 
 
 def _select(kernel: Kernel, values: list[Any], base: int, allowed: Sequence[int]) -> tuple[Variant, list[Any]]:

@@ -70,17 +70,17 @@ class Metrics(CallObserver, ExecutorEvents):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "fuseport_requests", "KernelService calls finished, by method, path, fallback reason and status code",
+            "fuseport_requests", "Calls finished (KernelService and KServe v2 methods), by method, path, fallback reason and status code",
             ["method", "path", "reason", "code"], registry=r,
         )  # fmt: skip
         self.duration = Histogram(
             "fuseport_request_duration_seconds",
-            "Server-side time of a KernelService call, from its handler's start to its response or error",
+            "Server-side time of a call (KernelService or KServe v2), from its handler's start to its response or error",
             ["method", "path"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.stages = Histogram(
             "fuseport_request_stage_seconds",
-            "Stages of a successful Execute or Fallback, as in the response's Timings: decode, queue, run, encode",
+            "Stages of a successful Execute, Fallback or ModelInfer, as in Execute's Timings: decode, queue, run, encode",
             ["method", "stage"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.received = Counter(

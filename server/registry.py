@@ -8,7 +8,8 @@ replaces one registered before it.
 
 On disk, one file per graph, each written with fsync and rename: the kernel's
 own graph is ``<key>.pb``, each further variant ``<key>+<variant key>.pb``
-(keys as 16 unsigned hex digits). A ``.tmp-*`` file is what a crash left mid-write:
+(keys as 16 unsigned hex digits). A kernel's alias is the name of an empty file,
+``<key>=<alias>.alias``, so that start still reads only the directory. A ``.tmp-*`` file is what a crash left mid-write:
 it is removed at start.
 
 Start reads only the directory (an index of names and sizes), so start time and
@@ -35,9 +36,9 @@ import torch
 
 from fuseport.server.checks import Planner, with_data_checks
 from fuseport.wire import _pb, ops
-from fuseport.wire.errors import FuseportError, InvalidGraph, KernelNotFound, ResourceExhausted
+from fuseport.wire.errors import FuseportError, InvalidAlias, InvalidGraph, KernelNotFound, ResourceExhausted
 from fuseport.wire.graph import Signature, build_module, graph_summary, signature_of
-from fuseport.wire.keys import key_for
+from fuseport.wire.keys import ALIAS_PATTERN, check_alias, key_for
 
 __all__ = ["Kernel", "Quotas", "Registry", "Summary", "Variant"]
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _BASE = re.compile(r"^([0-9a-f]{16})\.pb$")
 _VARIANT = re.compile(r"^([0-9a-f]{16})\+([0-9a-f]{16})\.pb$")
+_ALIAS_FILE = re.compile(rf"^([0-9a-f]{{16}})=({ALIAS_PATTERN})\.alias$")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class Registry:
         # Stored and not built yet: key -> its files, [(name, variant key)], its own first.
         self._stored: dict[int, list[tuple[str, int]]] = {}
         self._sizes: dict[str, int] = {}  # every file in the store -> its size
+        # Kernel aliases, both ways; changed under the lock, each dict entry set whole.
+        self._aliases: dict[str, int] = {}
+        self._alias_of: dict[int, str] = {}
         self._lock = threading.Lock()  # writes, and the first build of a stored kernel
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -138,6 +143,14 @@ class Registry:
                 continue
             self._stored[key].append((name, _signed(m.group(2))))
             self._sizes[name] = (self.dir / name).stat().st_size
+        for name in names:
+            if not (m := _ALIAS_FILE.match(name)):
+                continue
+            key, alias = _signed(m.group(1)), m.group(2)
+            if key not in self._stored or key in self._alias_of or alias in self._aliases:
+                log.warning("skipping alias file %s: no such kernel, or a second alias of it or for the name", name)
+                continue
+            self._aliases[alias], self._alias_of[key] = key, alias
         log.info("indexed %d kernels (%d bytes) in %s", len(self._stored), sum(self._sizes.values()), self.dir)
         return len(self._stored)
 
@@ -178,8 +191,42 @@ class Registry:
             return None
         return variant
 
-    def register(self, graph: _pb.graph.Graph, variant_of: int | None = None) -> tuple[int, bool, int]:
-        """Returns (kernel key, created, the graph's own key). Registering again does no work."""
+    def register(
+        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None
+    ) -> tuple[int, bool, int]:
+        """Returns (kernel key, created, the graph's own key). Registering again does no work.
+
+        `alias` names the kernel besides its key (InvalidAlias when malformed, when it
+        names another kernel, or when the kernel has another one): checked before
+        anything is built or written, and stored once the graph is."""
+        if alias is not None:
+            check_alias(alias)
+            self._check_alias(variant_of if variant_of is not None else key_for(graph), alias)
+        key, created, vkey = self._register(graph, variant_of)
+        if alias is not None and self._alias_of.get(key) != alias:
+            with self._lock:
+                self._check_alias(key, alias)  # again: taken while we registered?
+                _touch(self.dir, f"{_hex(key)}={alias}.alias")
+                self._aliases[alias], self._alias_of[key] = key, alias
+            log.info("kernel %d has the alias %r", key, alias)
+        return key, created, vkey
+
+    def _check_alias(self, key: int, alias: str) -> None:
+        owner = self._aliases.get(alias)
+        if owner is not None and owner != key:
+            raise InvalidAlias(f"alias {alias!r} names kernel {owner}; unregister it first or choose another")
+        current = self._alias_of.get(key)
+        if current is not None and current != alias:
+            raise InvalidAlias(f"kernel {key} has the alias {current!r}; a kernel has one alias")
+
+    def alias_of(self, key: int) -> str | None:
+        return self._alias_of.get(key)
+
+    def resolve(self, alias: str) -> int | None:
+        """The key an alias names, or None."""
+        return self._aliases.get(alias)
+
+    def _register(self, graph: _pb.graph.Graph, variant_of: int | None) -> tuple[int, bool, int]:
         size = graph.ByteSize()
         if size > self.quotas.max_graph_bytes:
             raise ResourceExhausted(
@@ -251,6 +298,11 @@ class Registry:
                     return v
         return None
 
+    def has(self, key: int) -> bool:
+        """Whether the key is registered (built or stored), without building it."""
+        # _stored first: a build sets _kernels before it takes the key out of _stored.
+        return key in self._stored or key in self._kernels
+
     def get(self, key: int) -> Kernel:
         kernel = self._built(key)
         if kernel is None:
@@ -263,9 +315,12 @@ class Registry:
         with self._lock:
             kernel = self._kernels.pop(key, None)
             stored = self._stored.pop(key, None)
+            alias = self._alias_of.pop(key, None)
+            if alias is not None:
+                self._aliases.pop(alias, None)
             if kernel is None and stored is not None:
                 kernel = Kernel(key, ())
-            paths = [self.dir / f"{_hex(key)}.pb", *self.dir.glob(f"{_hex(key)}+*.pb")]
+            paths = [self.dir / f"{_hex(key)}.pb", *self.dir.glob(f"{_hex(key)}+*.pb"), *self.dir.glob(f"{_hex(key)}=*.alias")]
             removed = False
             for path in paths:
                 self._sizes.pop(path.name, None)
@@ -346,6 +401,17 @@ class Registry:
             raise
         self._sizes[name] = len(data)
         _fsync_dir(self.dir)
+
+
+def _touch(directory: Path, name: str) -> None:
+    """An empty file whose name is what it records, durable like a graph: creating
+    it is atomic (it exists or not), so it needs no rename."""
+    fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(directory)
 
 
 def _fsync_dir(path: Path) -> None:

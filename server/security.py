@@ -1,7 +1,7 @@
 """Who may call the server: TLS credentials and bearer tokens with roles, both reloadable on SIGHUP.
 
 The servicer knows nothing of this: `app._Gate` asks `Access.check` before a
-KernelService method runs. Health and reflection are never gated (probes carry
+KernelService or KServe v2 method runs. Health and reflection are never gated (probes carry
 no token). Tokens are never logged and never put in an error message.
 """
 
@@ -22,15 +22,23 @@ from fuseport.server.settings import Settings
 from fuseport.wire.errors import FuseportError, PermissionDenied, Unauthenticated
 from fuseport.wire.security import AUTHORIZATION_KEY, BEARER
 
-__all__ = ["ROLES", "Access", "Security", "Tls", "load_tokens"]
+__all__ = ["INFERENCE_METHODS", "ROLES", "Access", "Security", "Tls", "load_tokens"]
 
 log = logging.getLogger(__name__)
 
-# What each role may call, by KernelService method name. `user` runs what is
-# registered; only `admin` changes what is registered.
+# The KServe v2 protocol's methods (server/kserve.py): ModelInfer runs a kernel,
+# as Execute does; the others only read, as Describe and List do. Every role may
+# call them all; none changes what is registered.
+INFERENCE_METHODS = frozenset(
+    {"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "RepositoryIndex"}
+)
+
+# What each role may call, by method name (KernelService's and the inference
+# protocol's names do not overlap). `user` runs what is registered; only
+# `admin` changes what is registered.
 ROLES: Mapping[str, frozenset[str]] = {
-    "admin": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}),
-    "user": frozenset({"Execute", "Fallback", "Describe", "List"}),
+    "admin": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}) | INFERENCE_METHODS,
+    "user": frozenset({"Execute", "Fallback", "Describe", "List"}) | INFERENCE_METHODS,
 }
 
 
@@ -105,7 +113,7 @@ class Access:
         return role
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> FuseportError | None:
-        """The error for a call to KernelService `method`, or None if it may proceed."""
+        """The error for a call to `method` (KernelService's or the inference protocol's), or None if it may proceed."""
         has_header = any(k == AUTHORIZATION_KEY for k, _ in metadata or ())
         role = self.role_of(metadata)
         if role is None:

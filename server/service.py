@@ -163,7 +163,8 @@ class KernelService:
     def _register(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.RegisterRequest, request)
         variant_of = req.variant_of if req.HasField("variant_of") else None
-        key, created, variant = self.core.register(req.graph, variant_of)
+        alias = req.alias if req.HasField("alias") else None
+        key, created, variant = self.core.register(req.graph, variant_of, alias)
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:

@@ -51,6 +51,7 @@ __all__ = [
     "encode_execute_request",
     "encode_execute_response",
     "encode_stack",
+    "tensor_from_bytes",
     "tensor_from_proto",
     "tensor_to_proto",
     "value_from_proto",
@@ -633,13 +634,22 @@ def tensor_to_proto(t: torch.Tensor, where: str = "tensor") -> _pb.values.Tensor
 
 
 def tensor_from_proto(msg: _pb.values.Tensor, where: str = "tensor") -> torch.Tensor:
-    data = msg.data  # a fresh bytes object that only we hold: safe to alias ...
-    if len(data) < 2:  # ... unless CPython shares it (b"" and 1-byte bytes are singletons)
-        data = bytearray(data)
+    return tensor_from_bytes(msg.dtype, list(msg.shape), msg.data, where, list(msg.dim_order))
+
+
+def tensor_from_bytes(
+    code: int, shape: list[int], data: bytes, where: str = "tensor", order: list[int] | None = None
+) -> torch.Tensor:
+    """A tensor over `data` (row-major, or in `order`), with every check of the
+    codec (rank, sizes, byte length, bool bytes). `data` must be a bytes object
+    that only the caller holds, as a protobuf field read once is: the tensor
+    aliases it, writable, without a copy."""
+    if len(data) < 2:  # CPython shares b"" and 1-byte bytes objects: never alias those
+        data = bytearray(data)  # type: ignore[assignment]
     return _make_tensor(
-        msg.dtype,
-        list(msg.shape),
-        list(msg.dim_order),
+        code,
+        shape,
+        order or [],
         len(data),
         where,
         lambda dt, n, memory_shape: _WritableAlias(data).tensor(dt, memory_shape, 0, n),

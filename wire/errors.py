@@ -8,7 +8,8 @@
     │   ├── CaptureError           (client side) a function that cannot be captured
     │   ├── SignatureMismatch      inputs that do not match the kernel's inputs
     │   │   └── NoMatchingVariant  right number of inputs, but no variant covers them
-    │   └── ExecutionFailed        the kernel raised on these inputs
+    │   ├── ExecutionFailed        the kernel raised on these inputs
+    │   └── InvalidAlias           a kernel alias that is malformed or names another kernel
     ├── KernelNotFound             NOT_FOUND
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
@@ -36,6 +37,7 @@ __all__ = [
     "ExecutionFailed",
     "FuseportError",
     "InternalError",
+    "InvalidAlias",
     "InvalidArgument",
     "InvalidGraph",
     "InvalidStack",
@@ -90,6 +92,11 @@ class NoMatchingVariant(SignatureMismatch):
 
 class ExecutionFailed(InvalidArgument):
     """The kernel raised on the given inputs (shapes that do not broadcast, ...)."""
+
+
+class InvalidAlias(InvalidArgument):
+    """A kernel alias (Register's `alias`) that is not 1 to 64 characters of the
+    allowed set, names another kernel, or would replace the kernel's alias."""
 
 
 class KernelNotFound(FuseportError):

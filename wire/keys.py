@@ -31,11 +31,30 @@ shape pattern, a static value) gives another.
 from __future__ import annotations
 
 import hashlib
+import re
 
 from fuseport.wire import _pb
-from fuseport.wire.errors import InvalidGraph
+from fuseport.wire.errors import InvalidAlias, InvalidGraph
 
-__all__ = ["KEY_DOMAIN", "canonical_bytes", "canonicalize", "key_for"]
+__all__ = ["ALIAS_PATTERN", "KEY_DOMAIN", "canonical_bytes", "canonicalize", "check_alias", "key_for"]
+
+# A kernel's alias (RegisterRequest.alias): a letter first, so that no alias reads
+# as a key in decimal (both name a KServe model); a set that is safe in a file
+# name, a URL path and a log line.
+ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_.\-]{0,63}"
+_ALIAS = re.compile(ALIAS_PATTERN)
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if it is well formed, else InvalidAlias (showing at most its start)."""
+    if not _ALIAS.fullmatch(alias):
+        shown = repr(alias[:40] + ("..." if len(alias) > 40 else ""))
+        raise InvalidAlias(
+            f"alias {shown} ({len(alias)} characters) is not 1 to 64 characters of a letter "
+            "followed by letters, digits, '_', '.' or '-'"
+        )
+    return alias
+
 
 # Prefixed to the canonical bytes so that a key can never equal the hash of
 # some other kind of message that happens to share the bytes.

@@ -50,12 +50,14 @@ COMPILE_STATE_READY: CompileState
 COMPILE_STATE_FAILED: CompileState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("graph", "variant_of")
+    __slots__ = ("graph", "variant_of", "alias")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     VARIANT_OF_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     variant_of: int
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., variant_of: _Optional[int] = ...) -> None: ...
+    alias: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., variant_of: _Optional[int] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("key", "created", "variant")
@@ -154,7 +156,7 @@ class VariantInfo(_message.Message):
     def __init__(self, variant: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., conditions: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class KernelInfo(_message.Message):
-    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops")
+    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops", "alias")
     KEY_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +168,7 @@ class KernelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     RANDOM_OPS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     key: int
     inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
     num_outputs: int
@@ -177,7 +180,8 @@ class KernelInfo(_message.Message):
     device: str
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     random_ops: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ...) -> None: ...
+    alias: str
+    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("kernel",)

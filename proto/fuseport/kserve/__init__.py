@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules of the KServe v2 inference protocol (package `inference`); imported by the server only."""
