@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default=None, help=f"use this server (default: ${TARGET_ENV}) instead of starting one"
     )
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default: 300)")
+    demo.add_argument(
+        "--alias", default=None, metavar="NAME",
+        help="register the demo kernel under this alias too: its model name for KServe v2 clients (tritonclient)",
+    )  # fmt: skip
     add_tls_flags(demo)
 
     # Listed for --help only: main() hands `bench ...` to the benchmark's own parser.
@@ -264,7 +268,8 @@ def _list(c: Any) -> int:
     if not kernels:
         print("no kernels registered")
     for k in kernels:
-        print(f"{k.key:>20}  {_signature(k)}  nodes={k.num_nodes} fused={k.fused_runs} fallback={k.fallback_runs}")
+        alias = f"  alias={k.alias}" if k.alias else ""
+        print(f"{k.key:>20}  {_signature(k)}  nodes={k.num_nodes} fused={k.fused_runs} fallback={k.fallback_runs}{alias}")
     return 0
 
 
@@ -273,6 +278,8 @@ def _describe(c: Any, key: int, source: bool) -> int:
 
     info = c.describe(key, include_source=source)
     print(f"key:       {info.key}")
+    if info.alias:
+        print(f"alias:     {info.alias} (its KServe v2 model name)")
     print(f"device:    {info.device}")
     print(f"signature: {_signature(info)}")
     print(f"ops:       {', '.join(info.ops)}")
@@ -329,14 +336,25 @@ def _local_server() -> Iterator[str]:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.alias is not None:
+        from fuseport.wire.errors import InvalidAlias
+        from fuseport.wire.keys import check_alias
+
+        try:
+            check_alias(args.alias)  # before a server starts
+        except InvalidAlias as e:
+            print(f"fuseport demo: {e}", file=sys.stderr)
+            return 2
     target = args.target or os.environ.get(TARGET_ENV)
     if target:
-        return _run_demo(target, args.timeout, own_server=False, client=client_kwargs(args))
+        return _run_demo(target, args.timeout, own_server=False, client=client_kwargs(args), alias=args.alias)
     with _local_server() as target:
-        return _run_demo(target, args.timeout, own_server=True, client={"token": ""})
+        return _run_demo(target, args.timeout, own_server=True, client={"token": ""}, alias=args.alias)
 
 
-def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, Any] | None = None) -> int:
+def _run_demo(
+    target: str, timeout: float, own_server: bool, client: dict[str, Any] | None = None, alias: str | None = None
+) -> int:
     import torch
 
     from fuseport.client import Client
@@ -347,8 +365,9 @@ def _run_demo(target: str, timeout: float, own_server: bool, client: dict[str, A
     x, y = torch.randn(4, 8), torch.randn(4, 8)
     with Client(target, timeout=timeout, **(client or {})) as c:
         print(f"server {target}: {c.health()}")
-        key = c.register(kernel, [x, y, 0.5])
-        print(f"registered kernel {key}: gelu(x * y + alpha).sum(-1)")
+        key = c.register(kernel, [x, y, 0.5], alias=alias)
+        named = f" (alias {alias!r}: its KServe v2 model name)" if alias else ""
+        print(f"registered kernel {key}{named}: gelu(x * y + alpha).sum(-1)")
         stack = ["below the inputs", x, y, 2.0]
         res = _with_progress(lambda: c.execute_detailed(key, stack, wait=True))
         expected = kernel(x, y, 2.0)
