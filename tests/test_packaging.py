@@ -256,7 +256,7 @@ def _package_dir(name: str) -> Path:
 
 def test_distribution_ships_typing_markers_and_proto_sources() -> None:
     wanted = [f"{p.replace('.', '/')}/py.typed" for p in TYPED_PACKAGES]
-    wanted += [f"fuseport/v1/{p}" for p in PROTOS]
+    wanted += [f"fuseport/v1/{p}" for p in PROTOS] + ["fuseport/kserve/grpc_service.proto"]
     for rel in wanted:
         package, _, filename = rel.rpartition("/")
         assert (_package_dir(package.replace("/", ".")) / filename).is_file(), f"{rel} is not installed"
@@ -268,7 +268,8 @@ def test_distribution_ships_typing_markers_and_proto_sources() -> None:
         package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
         for package in TYPED_PACKAGES:
             assert "py.typed" in package_data.get(package, []), f"{package} does not ship py.typed"
-        assert "*.proto" in package_data.get("fuseport.v1", []), "fuseport.v1 does not ship its .proto files"
+        for package in ("fuseport.v1", "fuseport.kserve"):
+            assert "*.proto" in package_data.get(package, []), f"{package} does not ship its .proto files"
     else:
         files = {str(f) for f in dist.files or []}
         missing = [rel for rel in wanted if rel not in files]

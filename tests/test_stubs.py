@@ -1,6 +1,6 @@
 """Pins that the committed protobuf/gRPC stubs are what proto/generate.py makes from the
 .proto files, with the pinned (oldest) generator, and that the .proto files ship inside the
-fuseport.v1 package.
+fuseport.v1 and fuseport.kserve (the KServe v2 protocol) packages.
 
 The generator runs here with whatever grpcio-tools is installed (pip picks the one that
 fits the protobuf runtime): what the stubs describe (each file's descriptor, the service's
@@ -26,6 +26,8 @@ from google.protobuf import descriptor_pb2
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "proto" / "fuseport" / "v1"
 PROTOS = ("values.proto", "graph.proto", "service.proto")
+# Each generated package: its folder under proto/, and its .proto files.
+PACKAGES = {"v1": PROTOS, "kserve": ("grpc_service.proto",)}
 STUB_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
 REGENERATE = "run `python proto/generate.py` and commit the result"
 
@@ -58,7 +60,7 @@ def _descriptor(pb2_source: bytes) -> descriptor_pb2.FileDescriptorProto:
 
 
 def _routes(grpc_source: bytes) -> list[str]:
-    return sorted(set(re.findall(rb"'(/fuseport\.v1\.\w+/\w+)'", grpc_source)))
+    return sorted(set(re.findall(rb"'(/(?:fuseport\.v1|inference)\.\w+/\w+)'", grpc_source)))
 
 
 @pytest.fixture(scope="module")
@@ -73,23 +75,25 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_generate_writes_only_fuseport_v1_stubs(generated: Path) -> None:
+def test_generate_writes_only_fuseport_v1_and_kserve_stubs(generated: Path) -> None:
     written = sorted(str(p.relative_to(generated)) for p in generated.rglob("*") if p.is_file())
     expected = sorted(
         [f"fuseport/v1/{name}_pb2.py" for name in ("values", "graph", "service")]
         + [f"fuseport/v1/{name}_pb2.pyi" for name in ("values", "graph", "service")]
         + ["fuseport/v1/service_pb2_grpc.py"]
+        + [f"fuseport/kserve/grpc_service_pb2{suffix}" for suffix in (".py", ".pyi", "_grpc.py")]
     )
     assert written == expected
 
 
-def test_committed_stubs_match_the_proto_files(generated: Path) -> None:
-    fresh = _stubs(generated / "fuseport" / "v1")
-    committed = _stubs(COMMITTED)
+@pytest.mark.parametrize("package", list(PACKAGES))
+def test_committed_stubs_match_the_proto_files(generated: Path, package: str) -> None:
+    fresh = _stubs(generated / "fuseport" / package)
+    committed = _stubs(REPO / "proto" / "fuseport" / package)
     missing = sorted(fresh.keys() - committed.keys())
     extra = sorted(committed.keys() - fresh.keys())
-    assert not missing, f"stubs missing from proto/fuseport/v1: {missing}; {REGENERATE}"
-    assert not extra, f"stale stubs in proto/fuseport/v1 that protoc does not make: {extra}; {REGENERATE}"
+    assert not missing, f"stubs missing from proto/fuseport/{package}: {missing}; {REGENERATE}"
+    assert not extra, f"stale stubs in proto/fuseport/{package} that protoc does not make: {extra}; {REGENERATE}"
     for name in fresh:
         if name.endswith("_pb2.py"):
             assert _descriptor(fresh[name]) == _descriptor(committed[name]), (
@@ -102,9 +106,10 @@ def test_committed_stubs_match_the_proto_files(generated: Path) -> None:
         assert not stale, f"committed stubs differ from the .proto files: {stale}; {REGENERATE}"
 
 
-def test_committed_stubs_come_from_the_oldest_generator() -> None:
+@pytest.mark.parametrize("package", list(PACKAGES))
+def test_committed_stubs_come_from_the_oldest_generator(package: str) -> None:
     """Newer protoc output checks the runtime version and would refuse protobuf 4 to 6."""
-    for name, source in _stubs(COMMITTED).items():
+    for name, source in _stubs(REPO / "proto" / "fuseport" / package).items():
         assert b"ValidateProtobufRuntimeVersion" not in source, f"{name}: made by a newer protoc; {REGENERATE}"
         assert b"GRPC_GENERATED_VERSION" not in source, f"{name}: made by a newer grpcio-tools; {REGENERATE}"
         if name.endswith("_pb2.py"):
@@ -124,15 +129,15 @@ def test_declared_floors_are_what_the_stubs_need_and_what_ci_installs() -> None:
     assert pins["grpcio-tools"] == GENERATE.GENERATOR, "the lowest venv regenerates the stubs byte for byte"
 
 
-@pytest.mark.parametrize("proto", PROTOS)
-def test_proto_files_ship_as_fuseport_v1_package_data(proto: str) -> None:
-    found = resources.files("fuseport.v1") / proto
-    assert found.is_file(), f"{proto} is not found through importlib.resources in fuseport.v1"
-    assert found.read_bytes() == (COMMITTED / proto).read_bytes()
+@pytest.mark.parametrize("package, proto", [(p, f) for p, files in PACKAGES.items() for f in files])
+def test_proto_files_ship_as_package_data(package: str, proto: str) -> None:
+    found = resources.files(f"fuseport.{package}") / proto
+    assert found.is_file(), f"{proto} is not found through importlib.resources in fuseport.{package}"
+    assert found.read_bytes() == (REPO / "proto" / "fuseport" / package / proto).read_bytes()
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["fuseport.v1"]
+    patterns = config["tool"]["setuptools"]["package-data"][f"fuseport.{package}"]
     assert any(fnmatch.fnmatch(proto, pat) for pat in patterns), (
-        f"pyproject.toml's package-data for fuseport.v1 ({patterns}) leaves {proto} out of wheels"
+        f"pyproject.toml's package-data for fuseport.{package} ({patterns}) leaves {proto} out of wheels"
     )
 
 
@@ -145,3 +150,17 @@ def test_generated_modules_import_under_fuseport_v1() -> None:
         values_pb2.DESCRIPTOR.name,
     ]
     assert hasattr(service_pb2_grpc, "KernelServiceStub")
+
+
+def test_inference_stubs_import_under_fuseport_kserve_with_the_protocol_names() -> None:
+    """The package and method paths are what KServe v2 clients call; the file name is
+    fuseport's own, so only the `inference.*` symbols meet tritonclient's (see the README)."""
+    from fuseport.kserve import grpc_service_pb2, grpc_service_pb2_grpc
+
+    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
+    assert grpc_service_pb2.DESCRIPTOR.name == "fuseport/kserve/grpc_service.proto"
+    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert [m.name for m in service.methods] == [
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "RepositoryIndex",
+    ]  # fmt: skip
+    assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceStub")
