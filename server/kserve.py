@@ -352,13 +352,13 @@ def _tensor(tensor: Any, raw: bytes | None, where: str) -> torch.Tensor:
     count = math.prod(shape)
     if len(items) != count:
         raise InvalidStack(f"{where}: shape {shape} has {count} elements, {field} holds {len(items)}")
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    wide = torch.tensor(list(items), dtype=torch.float64 if dtype.is_floating_point else torch.int64)
+    if count == 0:  # the codec's checks, shapes such as [0, 2**62, 2**62] included
+        return codec.tensor_from_bytes(code, shape, b"", where)
     if dtype == torch.uint64:
         # uint64_contents past 2**63 do not fit int64: read them as the bits they are.
-        wide = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in items], dtype=torch.int64)
-        return wide.view(torch.uint64).reshape(shape)
+        bits = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in items], dtype=torch.int64)
+        return bits.view(torch.uint64).reshape(shape)
+    wide = torch.tensor(list(items), dtype=torch.float64 if dtype.is_floating_point else torch.int64)
     if not dtype.is_floating_point and dtype != torch.bool:
         info = torch.iinfo(dtype)
         if bool((wide < info.min).any()) or bool((wide > info.max).any()):

@@ -202,6 +202,14 @@ HOSTILE = {
         _input(0, shape=[1 << 40, 1 << 40]),
         grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack", f"needs {(1 << 80) * 4} bytes, got 24",
     ),
+    "empty, strides past int64, typed": (
+        _typed_only(lambda r: (r.inputs[0].contents.ClearField("fp32_contents"), _input(0, shape=[0, 1 << 62, 1 << 62])(r))),
+        grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack", "is too large",
+    ),
+    "empty, strides past int64, raw": (
+        lambda r: (_input(0, shape=[0, 1 << 62, 1 << 62])(r), _raw_entry(0, b"")(r)),
+        grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack", "is too large",
+    ),
     "huge rank": (_input(0, shape=[1] * 65), grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack", "rank 65 is over 64"),
     "too many inputs": (_extra_input, grpc.StatusCode.INVALID_ARGUMENT, "SignatureMismatch", "takes 3 inputs ('x', 'y', 'alpha'), the request has 4"),
     "wrong input name": (_input(1, name="z"), grpc.StatusCode.INVALID_ARGUMENT, "SignatureMismatch", "input 'z': model 'tanh-mul.v1' has no such input"),
@@ -249,6 +257,16 @@ def test_malformed_protobuf_is_invalid_argument(served: Served) -> None:
     assert (code, error_class) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidArgument")
     assert details.startswith("malformed ModelInferRequest")
     _still_serves(served)
+
+
+def test_typed_uint64_contents_take_the_full_range() -> None:
+    """Past 2**63 (no int64 holds them): decoded as the bits they are, not an INTERNAL error."""
+    from fuseport.server.kserve import _tensor
+
+    tensor = pb.ModelInferRequest.InferInputTensor(name="u", datatype="UINT64", shape=[2])
+    tensor.contents.uint64_contents.extend([(1 << 64) - 1, 5])
+    decoded = _tensor(tensor, None, "input 'u'")
+    assert decoded.dtype == torch.uint64 and [int(v) for v in decoded.tolist()] == [(1 << 64) - 1, 5]
 
 
 def test_typed_int_contents_out_of_range_are_refused(served: Served) -> None:
