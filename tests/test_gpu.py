@@ -165,3 +165,29 @@ def test_variants_for_other_ranks_and_sizes_on_cuda(gpu: Client) -> None:
         res = gpu.execute_detailed(key, [x], wait=True)
         assert res.path == "fused", (res.reason, res.detail)
         torch.testing.assert_close(res.stack[0], f(x))
+
+
+def test_model_infer_runs_the_fused_kernel_on_cuda(gpu: Client, cuda_server: ServerProcess) -> None:
+    """KServe v2 ModelInfer on a CUDA server: bf16 raw contents in, the result equal to eager, and
+    once the fused kernel is ready (Execute with wait compiles it) ModelInfer runs it: the
+    kernel's fused-run count moves."""
+    import grpc
+
+    from fuseport.kserve import grpc_service_pb2 as pb
+    from fuseport.kserve import grpc_service_pb2_grpc as pb_grpc
+
+    examples = [torch.randn(8, 8, dtype=torch.bfloat16), torch.randn(8, 8, dtype=torch.bfloat16)]
+    key = gpu.register(chain, examples, alias="chain-bf16")
+    x, y = torch.randn(64, 33, dtype=torch.bfloat16), torch.randn(64, 33, dtype=torch.bfloat16)
+    assert gpu.execute_detailed(key, [x, y], wait=True).path == "fused"
+    before = gpu.describe(key).fused_runs
+    req = pb.ModelInferRequest(model_name="chain-bf16")
+    for name, t in (("x", x), ("y", y)):
+        req.inputs.add(name=name, datatype="BF16", shape=list(t.shape))
+        req.raw_input_contents.append(t.contiguous().view(torch.uint8).numpy().tobytes())
+    with grpc.insecure_channel(cuda_server.target) as channel:
+        resp = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=300)
+    assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [("output0", "BF16", [64, 33])]
+    out = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.bfloat16).reshape(64, 33)
+    torch.testing.assert_close(out, chain(x, y), rtol=2e-2, atol=2e-2)
+    assert gpu.describe(key).fused_runs == before + 1
