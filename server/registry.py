@@ -9,8 +9,8 @@ replaces one registered before it.
 On disk, one file per graph, each written with fsync and rename: the kernel's
 own graph is ``<key>.pb``, each further variant ``<key>+<variant key>.pb``
 (keys as 16 unsigned hex digits). A kernel's alias is the name of an empty file,
-``<key>=<alias>.alias``, so that start still reads only the directory. A ``.tmp-*`` file is what a crash left mid-write:
-it is removed at start.
+``<key>=<alias>.alias``, so that start still reads only the directory. A
+``.tmp-*`` file is what a crash left mid-write: it is removed at start.
 
 Start reads only the directory (an index of names and sizes), so start time and
 memory do not grow with the store: a kernel's graphs are read and built on its
@@ -206,6 +206,8 @@ class Registry:
         if alias is not None and self._alias_of.get(key) != alias:
             with self._lock:
                 self._check_alias(key, alias)  # again: taken while we registered?
+                if not self.has(key):  # unregistered meanwhile: no alias file for a kernel that is gone
+                    raise KernelNotFound(f"kernel {key} was unregistered while its alias was being set", key)
                 _touch(self.dir, f"{_hex(key)}={alias}.alias")
                 self._aliases[alias], self._alias_of[key] = key, alias
             log.info("kernel %d has the alias %r", key, alias)
