@@ -484,3 +484,17 @@ def test_only_the_server_imports_the_inference_stubs() -> None:
                 ):
                     importers.add(f"{folder}/{path.name} (server.kserve)")
     assert importers == {"server/kserve.py", "server/app.py (server.kserve)"}
+
+
+def test_a_client_that_heals_a_lost_kernel_gives_it_its_alias_again(served: Served) -> None:
+    """Another caller unregisters the kernel (as a restart without its store would lose it):
+    the registering client's next Execute registers it again, alias included."""
+    with Client(served.server.target, timeout=120) as c:
+        key = c.register(lambda t: t * 5, [torch.randn(3)], alias="healed")
+        stub = service_pb2_grpc.KernelServiceStub(served.channel)
+        assert stub.Unregister(service_pb2.UnregisterRequest(key=key), timeout=30).removed
+        assert not served.stub.ModelReady(pb.ModelReadyRequest(name="healed"), timeout=30).ready
+        x = torch.randn(3)
+        torch.testing.assert_close(c.execute(key, [x])[0], x * 5)
+        assert served.stub.ModelReady(pb.ModelReadyRequest(name="healed"), timeout=30).ready
+        assert c.unregister(key)
