@@ -88,7 +88,9 @@ def call_tritonclient(target: str, key: int) -> None:
             raise AssertionError("an unknown model ran")
     finally:
         client.close()
-    print("tritonclient: live, ready, metadata, repository index and ModelInfer by alias and by key agree with torch")
+    print(
+        "tritonclient: live, ready, metadata, repository index and ModelInfer by alias and by key agree with torch"
+    )
 
 
 def stubs_clash() -> None:
