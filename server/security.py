@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 # What each role may call, by KernelService method name. `user` runs what is
 # registered; only `admin` changes what is registered.
 ROLES: Mapping[str, frozenset[str]] = {
-    "admin": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}),
-    "user": frozenset({"Execute", "Fallback", "Describe", "List"}),
+    "admin": frozenset(
+        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister", "ExecuteStream", "FallbackStream"}
+    ),
+    "user": frozenset({"Execute", "Fallback", "Describe", "List", "ExecuteStream", "FallbackStream"}),
 }
 
 
