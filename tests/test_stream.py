@@ -162,7 +162,9 @@ def test_chunk_for_a_tensor_the_header_does_not_declare_is_refused(server: Serve
 def test_chunk_at_a_wrong_offset_is_refused(
     server: ServerProcess, key: int, chunks: list[tuple[int, int]], words: tuple[str, ...]
 ) -> None:
-    msgs = [header(key, [(F32, [4])])] + [data(0, off, bytes(n)) for off, n in chunks] + [end(len(chunks), 16)]
+    msgs = (
+        [header(key, [(F32, [4])])] + [data(0, off, bytes(n)) for off, n in chunks] + [end(len(chunks), 16)]
+    )
     refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, *words)
 
 
@@ -189,7 +191,9 @@ def test_data_before_the_header_is_refused(server: ServerProcess, key: int) -> N
 
 def test_second_header_is_refused(server: ServerProcess, key: int) -> None:
     h = header(key, [(F32, [4])])
-    refused(server, [h, h, data(0, 0, bytes(16)), end(1, 16)], grpc.StatusCode.INVALID_ARGUMENT, "a second header")
+    refused(
+        server, [h, h, data(0, 0, bytes(16)), end(1, 16)], grpc.StatusCode.INVALID_ARGUMENT, "a second header"
+    )
 
 
 def test_response_header_in_a_request_is_refused(server: ServerProcess, key: int) -> None:
@@ -201,11 +205,15 @@ def test_empty_stream_is_refused(server: ServerProcess, key: int) -> None:
     refused(server, [], grpc.StatusCode.INVALID_ARGUMENT, "ended before its header")
 
 
-def test_huge_declared_size_is_refused_before_allocation_naming_the_limit(server: ServerProcess, key: int) -> None:
+def test_huge_declared_size_is_refused_before_allocation_naming_the_limit(
+    server: ServerProcess, key: int
+) -> None:
     before = server.rss()
     shape = [1 << 20, 1 << 20, 1 << 20]  # 4 EiB of float32
     msgs = [header(key, [(F32, shape)]), data(0, 0, bytes(16))]
-    refused(server, msgs, grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-stream-bytes", "refused before allocating")
+    refused(
+        server, msgs, grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-stream-bytes", "refused before allocating"
+    )
     assert server.rss() - before < 64 << 20
     still_serves(server, key)
 
@@ -302,7 +310,9 @@ def _values() -> list[Any]:
 
 @pytest.mark.parametrize("method", ["execute", "fallback"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_stream_matches_unary_and_eager_bit_for_bit(server: ServerProcess, method: str, dtype: torch.dtype) -> None:
+def test_stream_matches_unary_and_eager_bit_for_bit(
+    server: ServerProcess, method: str, dtype: torch.dtype
+) -> None:
     x = (torch.randn(1 << 18) * 100).to(dtype)  # 0.5-1 MiB: several chunks of 64 KiB, one partial
     below = _values()
     with Client(server.target, stream_above=0, stream_chunk_bytes=(64 << 10) + 3) as streamed:
@@ -407,7 +417,9 @@ def test_3_gib_stack_round_trips_bit_exact_with_bounded_server_memory(tmp_path: 
             assert r.transport == "stream"
             assert torch.equal(r.stack[0], big) and torch.equal(r.stack[1], _double(x))
         ratio = (peak[0] - base) / big.numel()
-        print(f"3 GiB round trip: server RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB: {ratio:.2f}x the payload")
+        print(
+            f"3 GiB round trip: server RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB: {ratio:.2f}x the payload"
+        )
         assert peak[0] <= 1.5 * big.numel(), f"server peaked at {peak[0] >> 20} MiB for a 3 GiB stack"
     finally:
         s.stop()

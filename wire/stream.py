@@ -92,7 +92,9 @@ class Writer:
             code, memory, order = codec._tensor_bytes_checked(value, where)
             self._memory.append(memory)
             self.sizes.append(memory.numel() * memory.element_size())
-            return _pb.values.Value(tensor=_pb.values.Tensor.FromString(codec._tensor_prefix(code, memory, order)))
+            return _pb.values.Value(
+                tensor=_pb.values.Tensor.FromString(codec._tensor_prefix(code, memory, order))
+            )
         if isinstance(value, (list, tuple)):
             if depth >= codec.MAX_DEPTH:
                 raise InvalidStack(f"{where}: lists nest deeper than {codec.MAX_DEPTH} levels")
@@ -119,7 +121,9 @@ class Writer:
                 )
                 self.chunks_sent += 1
                 self.bytes_sent += len(piece)
-                yield b"".join((codec._tag(_C_DATA, _LEN), codec._varint(len(head) + len(piece)), head, piece))
+                yield b"".join(
+                    (codec._tag(_C_DATA, _LEN), codec._varint(len(head) + len(piece)), head, piece)
+                )
 
     def end(self, timings: _pb.service.Timings | None = None) -> bytes:
         end = _pb.service.StreamEnd(chunks=self.chunks_sent, bytes=self.bytes_sent)
@@ -265,19 +269,26 @@ class Assembler:
         if kind == "list_value":
             if depth >= codec.MAX_DEPTH:
                 raise InvalidStack(f"stream header: {where}: lists nest deeper than {codec.MAX_DEPTH} levels")
-            return [self._value(item, f"{where}[{i}]", depth + 1, counter) for i, item in enumerate(v.list_value.items)]
+            return [
+                self._value(item, f"{where}[{i}]", depth + 1, counter)
+                for i, item in enumerate(v.list_value.items)
+            ]
         return codec.value_from_proto(v, where)
 
     def _tensor(self, t: _pb.values.Tensor, where: str) -> _Slot:
         if t.data:
-            raise InvalidStack(f"stream header: {where}: tensor carries data; in a stream its bytes travel in data chunks")
+            raise InvalidStack(
+                f"stream header: {where}: tensor carries data; in a stream its bytes travel in data chunks"
+            )
         code, shape, order = t.dtype, list(t.shape), list(t.dim_order)
         if dtypes.dtype_for(code) is None:
             raise InvalidStack(f"stream header: {where}: unknown dtype enum {code}")
         if len(shape) > codec.MAX_RANK:
             raise InvalidStack(f"stream header: {where}: rank over {codec.MAX_RANK}")
         if order and sorted(order) != list(range(len(shape))):
-            raise InvalidStack(f"stream header: {where}: dim_order {order} is not a permutation of the {len(shape)} dims")
+            raise InvalidStack(
+                f"stream header: {where}: dim_order {order} is not a permutation of the {len(shape)} dims"
+            )
         if any(d < 0 for d in shape):
             raise InvalidStack(f"stream header: {where}: shape {shape} has a negative dim")
         nbytes = math.prod(shape) * dtypes.itemsize_for(code)  # Python ints: never overflows
