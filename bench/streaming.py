@@ -10,8 +10,8 @@ four calls from this process, in turn (the order rotates each iteration):
 * Execute stream: the same call through ExecuteStream/FallbackStream chunks.
 
 Then two sweeps that set the defaults: chunk sizes for a 64 MiB streamed call
-(wire.stream.CHUNK_BYTES), and unary against streamed Execute from 1 MiB to
-16 MiB (the client's DEFAULT_STREAM_ABOVE: where the stream starts to win).
+(wire.stream.CHUNK_BYTES), and unary against streamed Execute from 4 MiB to
+64 MiB (the client's DEFAULT_STREAM_ABOVE: where the stream starts to win).
 
 Targets (issue 10): 256 MiB streamed Execute <= 0.5x the unary echo's time and
 >= 0.8x the streaming echo's throughput; 16 MiB <= 1.0x the unary echo's time.
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SIZES = (16 << 20, 256 << 20)
 QUICK_SIZES = (1 << 20, 4 << 20)
 CHUNKS = (256 << 10, 1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20)
-THRESHOLDS = (1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20)
+THRESHOLDS = (4 << 20, 8 << 20, 16 << 20, 32 << 20, 64 << 20)
 
 
 def _iterations(size: int, ctx: Context) -> int:
@@ -187,7 +187,7 @@ def _threshold_sweep(ctx: Context, key: int, unary: Client, streamed: Client) ->
                 "unary": lambda t=tensor: unary.execute(key, [t]),
                 "stream": lambda t=tensor: streamed.execute(key, [t]),
             },
-            30 if size <= 4 << 20 else 15,
+            20 if size <= 8 << 20 else 8,
             warmup=3,
         )
         out.append({"size": size, **{k: summary(v)["p50_us"] for k, v in lat.items()}})

@@ -423,3 +423,43 @@ def test_3_gib_stack_round_trips_bit_exact_with_bounded_server_memory(tmp_path: 
         assert peak[0] <= 1.5 * big.numel(), f"server peaked at {peak[0] >> 20} MiB for a 3 GiB stack"
     finally:
         s.stop()
+
+
+# --------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
+
+
+@pytest.mark.gpu
+def test_device_sink_assembles_chunks_through_pinned_staging_bit_exact() -> None:
+    """Many chunks of uneven sizes through the two staging buffers: each reuse
+    waits for the copy before it, so no chunk is overwritten in flight."""
+    from fuseport.server.devices import DeviceSink
+
+    src = torch.randint(0, 256, ((48 << 20) + 5,), dtype=torch.uint8)
+    sink = DeviceSink(torch.device("cuda", 0), src.numel())
+    offset, step = 0, (3 << 20) + 1
+    while offset < src.numel():
+        n = min(step, src.numel() - offset)
+        sink.write(offset, src.data_ptr() + offset, n)
+        offset += n
+    out = sink.result()
+    assert out.is_cuda and torch.equal(out.cpu(), src)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_execute_and_fallback_on_cuda_match_unary_bit_for_bit(
+    cuda_server: ServerProcess, dtype: torch.dtype
+) -> None:
+    x = torch.randn((40 << 20) // 4 + 3).to(dtype)  # many chunks, the last one partial
+    below = [torch.randint(0, 255, ((8 << 20) + 1,), dtype=torch.uint8), "below"]
+    with Client(cuda_server.target, timeout=300, stream_above=0, stream_chunk_bytes=(1 << 20) + 7) as c:
+        k = c.register(_double, [x[:8]])
+        s = c.execute_detailed(k, [*below, x], wait=True)
+        f = c.fallback_detailed(k, [*below, x])
+    with Client(cuda_server.target, timeout=300, stream_above=None) as u:
+        unary = u.execute_detailed(k, [*below, x], wait=True)
+    assert (s.transport, f.transport, unary.transport) == ("stream", "stream", "unary")
+    assert s.path == unary.path == "fused", (s.reason, s.detail)
+    _same(s.stack, unary.stack)
+    _same(f.stack[:2], below)
+    torch.testing.assert_close(f.stack[2], s.stack[2])
