@@ -44,7 +44,7 @@ _RETRY_BUFFER_BYTES = 16 << 20
 # Measured on the 2-core CPU machine (docs/perf.md, "Streamed stacks"): below
 # it one unary message is as fast or faster; above it the stream wins, and grows
 # its lead with size (unary pays for the whole message at once, twice).
-DEFAULT_STREAM_ABOVE = 8 << 20
+DEFAULT_STREAM_ABOVE = 16 << 20
 
 # Every fuseport call is idempotent (keys are content addresses, kernels are
 # pure), so gRPC may retry all of them when the server is briefly unavailable.
