@@ -363,6 +363,19 @@ def test_async_client_streams_too(server: ServerProcess, key: int) -> None:
     assert torch.equal(e.stack[0], _double(x)) and torch.equal(f.stack[0], _double(x))
 
 
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+def test_streamed_call_heals_a_server_that_lost_the_kernel(server: ServerProcess) -> None:
+    x = torch.randn(1 << 16)
+    with Client(server.target, stream_above=0) as a, Client(server.target) as b:
+        k = a.register(_triple, [x])
+        assert b.unregister(k)  # as a restart without its store would
+        r = a.execute_detailed(k, [x])  # NOT_FOUND: registers again, streams again
+    assert r.transport == "stream" and torch.equal(r.stack[0], x * 3)
+
+
 def test_generated_classes_alone_speak_the_stream(server: ServerProcess, key: int) -> None:
     """What a client in another language does: the documented messages, nothing else."""
     x = torch.arange(3000, dtype=torch.float32)
