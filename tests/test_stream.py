@@ -201,6 +201,11 @@ def test_response_header_in_a_request_is_refused(server: ServerProcess, key: int
     refused(server, [msg, end(0, 0)], grpc.StatusCode.INVALID_ARGUMENT, "expected a request header")
 
 
+def test_message_after_the_end_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [header(key, [(F32, [4])]), data(0, 0, bytes(16)), end(1, 16), data(0, 16, bytes(4))]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "after the end")
+
+
 def test_empty_stream_is_refused(server: ServerProcess, key: int) -> None:
     refused(server, [], grpc.StatusCode.INVALID_ARGUMENT, "ended before its header")
 
