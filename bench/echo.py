@@ -30,11 +30,21 @@ import grpc
 from fuseport.wire._local import read_port_file, stop_process, write_port_file
 from fuseport.wire.hostmem import keep_host_memory
 
-__all__ = ["ECHO_METHOD", "echo_channel", "echo_server", "echo_stub", "main"]
+__all__ = [
+    "ECHO_METHOD",
+    "ECHO_STREAM_METHOD",
+    "echo_channel",
+    "echo_server",
+    "echo_stream_stub",
+    "echo_stub",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
 ECHO_METHOD = "/fuseport.bench.Echo/Echo"
+# The streaming floor: every message of the request stream comes straight back.
+ECHO_STREAM_METHOD = "/fuseport.bench.Echo/EchoStream"
 MAX_MESSAGE_BYTES = 1 << 30
 
 
@@ -52,12 +62,21 @@ async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
+async def _echo_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    async for message in requests:
+        yield message
+
+
 async def _serve(host: str, port: int, port_file: Path | None, max_message_bytes: int) -> None:
     server = grpc.aio.server(options=_server_options(max_message_bytes))
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(
-                "fuseport.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+                "fuseport.bench.Echo",
+                {
+                    "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+                    "EchoStream": grpc.stream_stream_rpc_method_handler(_echo_stream),
+                },
             ),
         )
     )
@@ -101,6 +120,11 @@ def echo_channel(target: str) -> grpc.Channel:
 def echo_stub(channel: grpc.Channel) -> Callable[..., bytes]:
     """The echo method, bytes in and bytes out (no serializers: identity)."""
     return channel.unary_unary(ECHO_METHOD)  # type: ignore[no-any-return]
+
+
+def echo_stream_stub(channel: grpc.Channel) -> Callable[..., Any]:
+    """The streaming echo: an iterator of bytes in, an iterator of the same bytes out."""
+    return channel.stream_stream(ECHO_STREAM_METHOD)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from fuseport.wire.security import (
     open_channel,
     token_from_env,
 )
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
 
@@ -40,6 +41,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _SERVICE = "fuseport.v1.KernelService"
 _RETRY_BUFFER_BYTES = 16 << 20
+# Stacks with at least this many tensor bytes go through ExecuteStream/FallbackStream.
+# Measured on the 2-core CPU machine (docs/perf.md, "Streamed stacks"): below
+# it one unary message is as fast or faster; above it the stream wins, and grows
+# its lead with size (unary pays for the whole message at once, twice).
+DEFAULT_STREAM_ABOVE = 16 << 20
 
 # Every fuseport call is idempotent (keys are content addresses, kernels are
 # pure), so gRPC may retry all of them when the server is briefly unavailable.
@@ -81,6 +87,9 @@ class ExecuteResult:
     detail: str
     timings: Timings
     variant: int  # content key of the variant that ran (the kernel's key for its own graph)
+    # How the stacks travelled: "unary" (one Execute/Fallback message each way) or
+    # "stream" (ExecuteStream/FallbackStream chunks, for large stacks).
+    transport: str = "unary"
 
 
 @dataclass
@@ -122,15 +131,35 @@ def _translate(e: grpc.RpcError) -> FuseportError:
 
 def _result(raw: bytes, started: int) -> ExecuteResult:
     resp = codec.decode_execute_response(raw)
-    t = resp.timings
-    reason = _pb.service.FallbackReason.Name(resp.reason).removeprefix("FALLBACK_REASON_").lower()
+    return _make_result(resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary")
+
+
+def _streamed_result(assembler: Assembler, started: int) -> ExecuteResult:
+    stack = assembler.finish()
+    h = assembler.header
+    assert assembler.ended is not None  # finish() says so
+    return _make_result(stack, h.path, h.reason, h.detail, assembler.ended.timings, h.variant, started, "stream")
+
+
+def _make_result(
+    stack: list[Any],
+    path: int,
+    reason_code: int,
+    detail: str,
+    t: _pb.service.Timings,
+    variant: int,
+    started: int,
+    transport: str,
+) -> ExecuteResult:
+    reason = _pb.service.FallbackReason.Name(reason_code).removeprefix("FALLBACK_REASON_").lower()
     return ExecuteResult(
-        stack=resp.stack,
-        path="fused" if resp.path == _pb.service.PATH_FUSED else "fallback",
+        stack=stack,
+        path="fused" if path == _pb.service.PATH_FUSED else "fallback",
         reason="" if reason == "unspecified" else reason,
-        detail=resp.detail,
+        detail=detail,
         timings=Timings(t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000),
-        variant=resp.variant,
+        variant=variant,
+        transport=transport,
     )
 
 
@@ -150,8 +179,15 @@ class _Base:
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        stream_above: int | None = DEFAULT_STREAM_ABOVE,
+        stream_chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
+        """`stream_above`: stacks with at least this many tensor bytes are sent
+        as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
+        large for one message; None sends every stack as one message."""
         self.target = target
+        self.stream_above = stream_above
+        self.stream_chunk_bytes = stream_chunk_bytes
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
@@ -193,6 +229,25 @@ class _Base:
         known = self._known.get(key)
         variants = list(known.graphs) if known else ()
         return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max, variants=variants)
+
+    def _streams(self, stack: Sequence[Any]) -> bool:
+        """Whether a stack goes as a stream: past the threshold, or too large
+        for one message (the stream has no such limit)."""
+        size = payload_bytes(stack)
+        return (self.stream_above is not None and size >= self.stream_above) or size > self._max - (1 << 20)
+
+    def _stream_requests(self, key: int, stack: Sequence[Any], wait: bool) -> Iterator[bytes]:
+        """The request stream: header, data chunks straight from the tensors, end."""
+        writer = Writer(list(stack), self.stream_chunk_bytes)
+        known = self._known.get(key)
+        header = _pb.service.StreamRequestHeader(key=key, stack=writer.header_stack, sizes=writer.sizes)
+        if wait:
+            header.options.wait_for_compile = True
+        if known:
+            header.options.variants.extend(known.graphs)
+        yield _pb.service.StackChunk(request=header).SerializeToString()
+        yield from writer.chunks()
+        yield writer.end()
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
@@ -311,6 +366,9 @@ class Client(_Base):
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
         }
+        self._stream_methods = {
+            name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
+        }
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -368,7 +426,10 @@ class Client(_Base):
 
     def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
         started = time.perf_counter_ns()
+        streamed = self._streams(stack)
         try:
+            if streamed:
+                return self._call_streamed(method, key, stack, wait, timeout, started)
             raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
             steps = self._recovery(e, key, stack)
@@ -376,8 +437,27 @@ class Client(_Base):
                 raise
             for request, registered in steps:
                 registered(self._call("Register", request, timeout))
+            if streamed:
+                return self._call_streamed(method, key, stack, wait, timeout, started)
             raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
+
+    def _call_streamed(
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int
+    ) -> ExecuteResult:
+        assembler = Assembler("response")
+        call = self._stream_methods[method](
+            self._stream_requests(key, stack, wait), timeout=self._timeout(timeout), metadata=self._metadata or None
+        )
+        try:
+            for raw in call:
+                assembler.feed(raw)
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        except BaseException:
+            call.cancel()  # a response this client cannot read: stop the server's work too
+            raise
+        return _streamed_result(assembler, started)
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
         """Signature, every ArgSpec with its state, run counts, generated source."""
@@ -411,6 +491,9 @@ class AsyncClient(_Base):
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
+        }
+        self._stream_methods = {
+            name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
         }
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -463,7 +546,10 @@ class AsyncClient(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
+        streamed = self._streams(stack)
         try:
+            if streamed:
+                return await self._call_streamed(method, key, stack, wait, timeout, started)
             raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
             steps = self._recovery(e, key, stack)
@@ -471,8 +557,27 @@ class AsyncClient(_Base):
                 raise
             for request, registered in steps:
                 registered(await self._call("Register", request, timeout))
+            if streamed:
+                return await self._call_streamed(method, key, stack, wait, timeout, started)
             raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
+
+    async def _call_streamed(
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int
+    ) -> ExecuteResult:
+        assembler = Assembler("response")
+        call = self._stream_methods[method](
+            self._stream_requests(key, stack, wait), timeout=self._timeout(timeout), metadata=self._metadata or None
+        )
+        try:
+            async for raw in call:
+                assembler.feed(raw)
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        except BaseException:
+            call.cancel()
+            raise
+        return _streamed_result(assembler, started)
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None

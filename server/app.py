@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -79,12 +79,15 @@ class _Gate(grpc.GenericRpcHandler):
         return gated
 
     def _gate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]] | None = handler.unary_unary
+        behaviour: Callable[[Any, grpc.aio.ServicerContext], Any] | None = handler.unary_unary
+        streams = behaviour is None
+        if streams:
+            behaviour = handler.stream_stream
         if behaviour is None:
-            raise TypeError("every gated method is unary-unary")
+            raise TypeError("gated methods are unary-unary or stream-stream")
         access = self._access
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def admit(context: grpc.aio.ServicerContext) -> None:
             if access is not None:
                 # Before anything else: a caller without a valid token learns
                 # nothing, not even that the server is draining.
@@ -104,6 +107,20 @@ class _Gate(grpc.GenericRpcHandler):
                 )
             self.in_flight += 1
             context.add_done_callback(self._finished)
+
+        if streams:
+
+            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admit(context)
+                async for response in behaviour(requests, context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await admit(context)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)
@@ -133,6 +150,7 @@ class Server:
             settings.workers,
             settings.max_message_bytes,
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
+            settings.stream_chunk_bytes,
         )
         self.health = HealthServicer()
         self.grpc = grpc.aio.server(

@@ -94,13 +94,16 @@ class Core:
         wait: bool = False,
         deadline: float | None = None,
         variants: Sequence[int] = (),
+        streamed: bool = False,
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
 
         Before either path runs: the first variant (of `variants`, when given)
         that covers the inputs is chosen, its plan for these sizes is checked
-        (shape errors, result size, index inputs), the same for both paths."""
+        (shape errors, result size, index inputs), the same for both paths.
+        A `streamed` call's result is bounded by --max-stream-bytes instead of
+        the message limit."""
         kernel = self.registry.get(key)
         n = kernel.arity
         if len(stack) < n:
@@ -113,7 +116,7 @@ class Core:
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args)
+        self._check_budget(key, plan, args, streamed)
         try:
             plan.check_inputs(args, variant.module)
         except DataError as e:
@@ -140,7 +143,31 @@ class Core:
         run_us = (time.perf_counter_ns() - start) // 1000
         return Result(stack[:base] + outputs, outcome.path, outcome.reason, outcome.detail, run_us, variant.key)
 
-    def _check_budget(self, key: int, plan: Plan, args: Sequence[Any]) -> None:
+    def check_stream(self, sizes: Sequence[int]) -> None:
+        """Refuses a streamed stack from its header alone, before any of it is
+        allocated: over --max-stream-bytes, over --max-call-bytes (its inputs alone),
+        or a tensor larger than the device."""
+        total = sum(sizes)
+        limit = self.settings.max_stream_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"the streamed stack declares {total} bytes, over the {limit} bytes a streamed call may "
+                "send (--max-stream-bytes); refused before allocating"
+            )
+        budget = self.settings.max_call_bytes
+        if budget and total > budget:
+            raise ResourceExhausted(
+                f"the streamed stack declares {total} bytes, over the {budget} bytes one call may use "
+                "(--max-call-bytes); refused before allocating"
+            )
+        largest = max(sizes, default=0)
+        if largest > self.capacity:
+            raise ResourceExhausted(
+                f"{self.device} out of memory: a streamed tensor of {largest} bytes is larger than the "
+                f"device's {self.capacity}; refused before allocating"
+            )
+
+    def _check_budget(self, key: int, plan: Plan, args: Sequence[Any], streamed: bool = False) -> None:
         """Refuses, before anything is allocated, what could only fail later or
         take more than one call may."""
         budget = self.settings.max_call_bytes
@@ -156,11 +183,15 @@ class Core:
                     f"{plan.largest_bytes}), over the {budget} bytes one call may use (--max-call-bytes); "
                     "refused before running"
                 )
-        limit = self.settings.max_message_bytes
+        limit, flag = (
+            (self.settings.max_stream_bytes, "--max-stream-bytes")
+            if streamed
+            else (self.settings.max_message_bytes, "--max-message-bytes")
+        )
         if plan.output_bytes is not None and plan.output_bytes > limit:
             raise ResourceExhausted(
-                f"kernel {key}: the result would be {plan.output_bytes} bytes, over the message limit "
-                f"of {limit} bytes (--max-message-bytes); refused before running"
+                f"kernel {key}: the result would be {plan.output_bytes} bytes, over the "
+                f"{'streamed result' if streamed else 'message'} limit of {limit} bytes ({flag}); refused before running"
             )
         if plan.largest_bytes > self.capacity:
             raise ResourceExhausted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 from collections.abc import Callable
@@ -10,7 +11,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Placement", "is_device_failure", "is_out_of_memory", "resolve_device"]
+from fuseport.wire.stream import HostSink
+
+__all__ = ["DeviceSink", "Placement", "is_device_failure", "is_out_of_memory", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,13 @@ class Placement:
             return [self.to_host(v) for v in value]
         return value
 
+    def stream_sink(self, nbytes: int) -> Any:
+        """Where a streamed tensor of `nbytes` is assembled: straight on the device
+        (through pinned staging) on CUDA, host memory otherwise (wire.stream.Sink)."""
+        if self.cuda:
+            return DeviceSink(self.device, nbytes)
+        return HostSink(nbytes)
+
     def synchronize(self) -> None:
         """Waits for this thread's stream (call after request_scope)."""
         if self.cuda:
@@ -155,3 +165,39 @@ class Placement:
             staging[start:stop].copy_(src[start:stop])
             dst[start:stop].copy_(staging[start:stop], non_blocking=True)
         return dst.view(t.dtype).view(t.shape)
+
+
+class DeviceSink:
+    """A streamed tensor's destination on a CUDA device (see wire.stream.Sink).
+
+    Each chunk is copied into one of two pinned staging buffers, and from there
+    to the device asynchronously on a stream of the sink's own: the DMA of chunk
+    k runs while chunk k+1 is received and staged. A staging buffer is reused
+    only once its previous copy has finished (its event)."""
+
+    def __init__(self, device: torch.device, nbytes: int) -> None:
+        self._dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._stream = torch.cuda.Stream(device)
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+
+    def write(self, offset: int, source: int, nbytes: int) -> None:
+        slot = self._turn
+        self._turn ^= 1
+        event = self._events[slot]
+        if event is not None:
+            event.synchronize()  # this buffer's previous chunk is on the device
+        staging = self._staging[slot]
+        if staging is None or staging.numel() < nbytes:
+            staging = self._staging[slot] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        ctypes.memmove(staging.data_ptr(), source, nbytes)
+        with torch.cuda.stream(self._stream):
+            self._dst[offset : offset + nbytes].copy_(staging[:nbytes], non_blocking=True)
+            event = self._events[slot] = torch.cuda.Event()
+            event.record(self._stream)
+
+    def result(self) -> torch.Tensor:
+        # Every copy has landed before anyone reads the tensor, on any stream.
+        self._stream.synchronize()
+        return self._dst

@@ -37,8 +37,11 @@ INFERENCE_METHODS = frozenset(
 # protocol's names do not overlap). `user` runs what is registered; only
 # `admin` changes what is registered.
 ROLES: Mapping[str, frozenset[str]] = {
-    "admin": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}) | INFERENCE_METHODS,
-    "user": frozenset({"Execute", "Fallback", "Describe", "List"}) | INFERENCE_METHODS,
+    "admin": frozenset(
+        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister", "ExecuteStream", "FallbackStream"}
+    )
+    | INFERENCE_METHODS,
+    "user": frozenset({"Execute", "Fallback", "Describe", "List", "ExecuteStream", "FallbackStream"}) | INFERENCE_METHODS,
 }
 
 

@@ -25,6 +25,7 @@ from fuseport.wire.errors import (
     status_for,
 )
 from fuseport.wire.hostmem import release_host_memory
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, TensorSpec, Writer
 
 __all__ = ["SERVICE_NAME", "CallObserver", "CallRecord", "KernelService"]
 
@@ -63,6 +64,19 @@ class CallObserver:
         ready; `received`/`sent` are the message sizes in bytes (0 sent on an error)."""
 
 
+def _error_of(e: Exception, name: str) -> FuseportError:
+    """The error a call answers with, for whatever it raised."""
+    if isinstance(e, FuseportError):
+        return e
+    if isinstance(e, MemoryError) or is_out_of_memory(e):
+        # Anywhere on the request path: decoding, running, encoding.
+        log.warning("%s: out of memory: %s", name, e)
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        return ResourceExhausted(f"out of memory in {name.lstrip('_')}: {detail}")
+    log.exception("unexpected error in %s", name)
+    return InternalError("internal error; see the server log")
+
+
 def _parse(cls: type[T], data: bytes) -> T:
     try:
         return cls.FromString(data)  # type: ignore[attr-defined,no-any-return]
@@ -76,9 +90,15 @@ class KernelService:
     small Execute/Fallback calls to quick kernels run on the event loop itself."""
 
     def __init__(
-        self, core: Core, workers: int, max_message_bytes: int, release_above: int | None = None
+        self,
+        core: Core,
+        workers: int,
+        max_message_bytes: int,
+        release_above: int | None = None,
+        stream_chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.core = core
+        self.stream_chunk_bytes = stream_chunk_bytes
         # A call that moved more than this many bytes hands freed host memory back
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
         self.release_above = release_above
@@ -97,10 +117,10 @@ class KernelService:
             "List": self._list,
             "Unregister": self._unregister,
         }
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
-            {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn, name)) for name, fn in methods.items()},
-        )
+        handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn, name)) for name, fn in methods.items()}
+        for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
+            handlers[name] = grpc.stream_stream_rpc_method_handler(self._streamed(name, fused=fused))
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -128,17 +148,8 @@ class KernelService:
                     # of the loop after the call is done), not while they are held.
                     context.add_done_callback(lambda _: loop.call_soon(release_host_memory))
                 return out
-            except FuseportError as e:
-                error = e
             except Exception as e:  # noqa: BLE001 - the last line of defence
-                if isinstance(e, MemoryError) or is_out_of_memory(e):
-                    # Anywhere on the request path: decoding, running, encoding.
-                    log.warning("%s: out of memory: %s", fn.__name__, e)
-                    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                    error = ResourceExhausted(f"out of memory in {fn.__name__.lstrip('_')}: {detail}")
-                else:
-                    log.exception("unexpected error in %s", fn.__name__)
-                    error = InternalError("internal error; see the server log")
+                error = _error_of(e, fn.__name__)
             self._observe(record, status_for(error), arrived, len(request), 0)
             await self._abort(context, error)
             raise AssertionError("unreachable")  # context.abort raises
@@ -258,3 +269,104 @@ class KernelService:
     def _unregister(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.UnregisterRequest, request)
         return _pb.service.UnregisterResponse(removed=self.core.unregister(req.key)).SerializeToString()
+
+    # ------------------------------------------------------------------ streamed
+
+    def _streamed(self, method: str, *, fused: bool) -> Callable[..., Any]:
+        """ExecuteStream/FallbackStream: the stack arrives as chunks (wire.stream),
+        each copied straight into its tensor's destination on a worker while the
+        next one is received; the call then runs as Execute/Fallback does, and
+        the result goes back as chunks made one at a time from the output
+        tensors' memory (the next one made while the current one is sent)."""
+
+        async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            arrived = time.perf_counter_ns()
+            record = CallRecord(method)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            loop = asyncio.get_running_loop()
+            assembler = Assembler(
+                "request",
+                sink=self.core.placement.stream_sink,
+                check=lambda specs: self._check_stream(specs),
+            )
+            sent = 0
+            # Whatever happens (an error, a client that went away), a large call
+            # hands its freed memory back once it is over.
+            context.add_done_callback(lambda _: self._after_stream(loop, assembler, sent))
+            error: FuseportError
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("deadline passed before the call started")
+                pending: asyncio.Future[None] | None = None
+                async for raw in requests:
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(self._pool, assembler.feed, raw)
+                if pending is not None:
+                    await pending
+                stack = assembler.finish()
+                header = assembler.header
+                decode_ns = time.perf_counter_ns() - arrived
+                queued = time.perf_counter_ns()
+
+                def run(values: list[Any]) -> tuple[Any, int]:
+                    waited = time.perf_counter_ns() - queued
+                    return self.core.execute(
+                        header.key, values, fused=fused, wait=header.options.wait_for_compile,
+                        deadline=deadline, variants=tuple(header.options.variants), streamed=True,
+                    ), waited  # fmt: skip
+
+                result, queue_ns = await loop.run_in_executor(self._pool, run, stack)
+                del stack
+                assembler.release()
+                encode_start = time.perf_counter_ns()
+                writer = Writer(result.stack, self.stream_chunk_bytes)
+                first = _pb.service.StackChunk(
+                    response=_pb.service.StreamResponseHeader(
+                        path=result.path, reason=result.reason, detail=result.detail, variant=result.variant,
+                        stack=writer.header_stack, sizes=writer.sizes,
+                    )
+                ).SerializeToString()  # fmt: skip
+                record.path, record.reason = result.path, result.reason
+                run_us = result.run_us
+                self._run_us[(header.key, fused)] = run_us
+                del result
+                sent += len(first)
+                yield first
+                chunks = writer.chunks()
+                nxt = loop.run_in_executor(self._pool, next, chunks, None)
+                while True:
+                    chunk = await nxt
+                    if chunk is None:
+                        break
+                    nxt = loop.run_in_executor(self._pool, next, chunks, None)
+                    sent += len(chunk)
+                    yield chunk
+                timings = _pb.service.Timings(
+                    decode_us=decode_ns // 1000,
+                    queue_us=queue_ns // 1000,
+                    run_us=run_us,
+                    encode_us=(time.perf_counter_ns() - encode_start) // 1000,
+                )
+                record.timings = timings
+                yield writer.end(timings)
+                self._observe(record, grpc.StatusCode.OK, arrived, assembler.bytes, sent)
+                return
+            except Exception as e:  # noqa: BLE001 - the last line of defence
+                error = _error_of(e, method)
+            finally:
+                assembler.release()
+            self._observe(record, status_for(error), arrived, assembler.bytes, 0)
+            await self._abort(context, error)
+
+        call.__name__ = method
+        return call
+
+    def _check_stream(self, specs: list[TensorSpec]) -> None:
+        self.core.check_stream([s.nbytes for s in specs])
+
+    def _after_stream(self, loop: asyncio.AbstractEventLoop, assembler: Assembler, sent: int) -> None:
+        assembler.release()
+        if self.release_above is not None and assembler.declared + sent > self.release_above:
+            loop.call_soon(release_host_memory)

@@ -124,6 +124,17 @@ class Settings:
             "unset: no metrics endpoint)"
         },
     )
+    # Streamed stacks (ExecuteStream/FallbackStream).
+    max_stream_bytes: int = field(
+        default=8 << 30,
+        metadata={
+            "help": "largest stack one streamed call may send, and largest result it may return (bytes); "
+            "checked against the header before anything is allocated"
+        },
+    )
+    stream_chunk_bytes: int = field(
+        default=4 << 20, metadata={"help": "data bytes per chunk of a streamed result"}
+    )
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -140,6 +151,10 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_stream_bytes < 0:
+            raise ValueError("max_stream_bytes must be >= 0")
+        if not 1 <= self.stream_chunk_bytes <= self.max_message_bytes - 1024:
+            raise ValueError("stream_chunk_bytes must be at least 1 and leave room for its chunk's header in a message")
         if self.max_call_bytes < 0:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:

@@ -123,6 +123,17 @@ def test_call_without_a_known_token_is_unauthenticated(
             assert token == "" or token not in str(e.value)
 
 
+def test_streamed_calls_need_a_token_and_a_user_may_make_them(
+    guarded: ServerProcess, pki: dict[str, Any], key: int
+) -> None:
+    with _client(guarded, pki["ca"], USER, stream_above=0) as c:
+        res = c.execute_detailed(key, [torch.ones(3)])
+        assert res.transport == "stream"
+        torch.testing.assert_close(res.stack[0], torch.full((3,), 2.0))
+    with _client(guarded, pki["ca"], "", stream_above=0) as c, pytest.raises(Unauthenticated):
+        c.fallback(key, [torch.ones(3)])
+
+
 def test_user_runs_and_reads_but_cannot_register_or_unregister(
     guarded: ServerProcess, pki: dict[str, Any], key: int
 ) -> None:

@@ -210,3 +210,65 @@ class UnregisterResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     removed: bool
     def __init__(self, removed: bool = ...) -> None: ...
+
+class StreamRequestHeader(_message.Message):
+    __slots__ = ("key", "options", "stack", "sizes")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    key: int
+    options: ExecuteOptions
+    stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StreamResponseHeader(_message.Message):
+    __slots__ = ("path", "reason", "detail", "variant", "stack", "sizes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    path: Path
+    reason: FallbackReason
+    detail: str
+    variant: int
+    stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., variant: _Optional[int] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StreamData(_message.Message):
+    __slots__ = ("tensor", "offset", "crc32c", "data")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    offset: int
+    crc32c: int
+    data: bytes
+    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("chunks", "bytes", "timings")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    chunks: int
+    bytes: int
+    timings: Timings
+    def __init__(self, chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class StackChunk(_message.Message):
+    __slots__ = ("request", "response", "data", "end")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    request: StreamRequestHeader
+    response: StreamResponseHeader
+    data: StreamData
+    end: StreamEnd
+    def __init__(self, request: _Optional[_Union[StreamRequestHeader, _Mapping]] = ..., response: _Optional[_Union[StreamResponseHeader, _Mapping]] = ..., data: _Optional[_Union[StreamData, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,16 @@ class KernelServiceStub(object):
                 request_serializer=fuseport_dot_v1_dot_service__pb2.UnregisterRequest.SerializeToString,
                 response_deserializer=fuseport_dot_v1_dot_service__pb2.UnregisterResponse.FromString,
                 )
+        self.ExecuteStream = channel.stream_stream(
+                '/fuseport.v1.KernelService/ExecuteStream',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+                )
+        self.FallbackStream = channel.stream_stream(
+                '/fuseport.v1.KernelService/FallbackStream',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+                )
 
 
 class KernelServiceServicer(object):
@@ -90,6 +100,21 @@ class KernelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request_iterator, context):
+        """Execute and Fallback for stacks of any size, past protobuf's 2 GiB and the
+        message limit: the stack travels as a stream of StackChunk messages (see
+        "Streamed stacks" below) and the result comes back the same way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FallbackStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +147,16 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.Unregister,
                     request_deserializer=fuseport_dot_v1_dot_service__pb2.UnregisterRequest.FromString,
                     response_serializer=fuseport_dot_v1_dot_service__pb2.UnregisterResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            ),
+            'FallbackStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.FallbackStream,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -232,5 +267,39 @@ class KernelService(object):
         return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/Unregister',
             fuseport_dot_v1_dot_service__pb2.UnregisterRequest.SerializeToString,
             fuseport_dot_v1_dot_service__pb2.UnregisterResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(request_iterator, target, '/fuseport.v1.KernelService/ExecuteStream',
+            fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def FallbackStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(request_iterator, target, '/fuseport.v1.KernelService/FallbackStream',
+            fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -1,0 +1,483 @@
+"""Streamed Execute/Fallback (ExecuteStream/FallbackStream): hostile streams first, then round trips.
+
+The hostile streams are written with the generated protobuf classes alone, as
+a client in another language would write them, and sent on a raw channel to a
+real server, which must answer each with a clear error naming what is wrong
+and keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import grpc
+import pytest
+import torch
+
+from fuseport.client import AsyncClient, Client
+from fuseport.server.core import Core
+from fuseport.server.settings import Settings
+from fuseport.wire import _pb
+from fuseport.wire.errors import ERROR_METADATA_KEY, ResourceExhausted
+from fuseport.wire.stream import Writer
+
+from .conftest import ServerProcess, start_server
+
+KEEP = 64 << 20  # the server's --keep-host-memory-bytes: past it, freed memory goes back to the OS
+SERVICE = "/fuseport.v1.KernelService/"
+STREAM_LIMIT = 2 << 30
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("stream"),
+        None,
+        "--compile-mode", "off",
+        "--keep-host-memory-bytes", str(KEEP),
+        "--max-stream-bytes", str(STREAM_LIMIT),
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server: ServerProcess) -> int:
+    with Client(server.target) as c:
+        return c.register(_double, [torch.ones(4)])
+
+
+# --------------------------------------------------------------------------- building streams by hand
+
+
+def header(key: int, tensors: list[tuple[int, list[int]]], sizes: list[int] | None = None) -> bytes:
+    """A request header whose stack is the given (dtype enum, shape) tensors."""
+    stack = [_pb.values.Value(tensor=_pb.values.Tensor(dtype=d, shape=s)) for d, s in tensors]
+    if sizes is None:
+        sizes = [math.prod(s) * 4 for _, s in tensors]  # float32 unless told
+    return _pb.service.StackChunk(
+        request=_pb.service.StreamRequestHeader(key=key, stack=stack, sizes=sizes)
+    ).SerializeToString()
+
+
+def data(tensor: int, offset: int, payload: bytes, crc: int | None = None) -> bytes:
+    return _pb.service.StackChunk(
+        data=_pb.service.StreamData(
+            tensor=tensor, offset=offset, data=payload, crc32c=crc32c.crc32c(payload) if crc is None else crc
+        )
+    ).SerializeToString()
+
+
+def end(chunks: int, nbytes: int) -> bytes:
+    return _pb.service.StackChunk(end=_pb.service.StreamEnd(chunks=chunks, bytes=nbytes)).SerializeToString()
+
+
+F32 = _pb.values.DTYPE_FLOAT32
+
+
+def call(server: ServerProcess, messages: list[bytes], method: str = "ExecuteStream") -> list[bytes]:
+    """The response messages of one raw streamed call."""
+    with grpc.insecure_channel(server.target) as ch:
+        return list(ch.stream_stream(SERVICE + method)(iter(messages), timeout=60))
+
+
+def refused(server: ServerProcess, messages: list[bytes], code: grpc.StatusCode, *words: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call(server, messages)
+    e: Any = info.value
+    assert e.code() == code, e.details()
+    for w in words:
+        assert w in e.details(), f"{w!r} not in {e.details()!r}"
+    names = dict(e.trailing_metadata() or ())
+    assert ERROR_METADATA_KEY in names
+    return str(e.details())
+
+
+def still_serves(server: ServerProcess, key: int) -> None:
+    x = torch.randn(8)
+    with Client(server.target, stream_above=0) as c:
+        r = c.execute_detailed(key, [x])
+    assert r.transport == "stream" and torch.equal(r.stack[0], x * 2 + 1)
+
+
+# --------------------------------------------------------------------------- hostile streams
+
+
+def test_stream_that_stops_before_all_bytes_is_refused_as_truncated(server: ServerProcess, key: int) -> None:
+    payload = torch.ones(1024).numpy().tobytes()
+    msgs = [header(key, [(F32, [1024])]), data(0, 0, payload[:1000])]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "stack[0] incomplete", "1000 of its 4096")
+    still_serves(server, key)
+
+
+def test_end_that_arrives_with_bytes_missing_is_refused(server: ServerProcess, key: int) -> None:
+    payload = bytes(4096)
+    msgs = [header(key, [(F32, [1024])]), data(0, 0, payload[:1000]), end(1, 1000)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "the end arrived", "1000 of its 4096")
+
+
+def test_end_whose_counts_disagree_is_refused(server: ServerProcess, key: int) -> None:
+    payload = bytes(4096)
+    msgs = [header(key, [(F32, [1024])]), data(0, 0, payload), end(2, 4096)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "the end says 2 chunks")
+
+
+def test_corrupted_chunk_fails_its_crc32c(server: ServerProcess, key: int) -> None:
+    payload = bytearray(torch.arange(1024, dtype=torch.float32).numpy().tobytes())
+    good_crc = crc32c.crc32c(bytes(payload))
+    payload[77] ^= 0x10  # one bit flipped on the way
+    msgs = [header(key, [(F32, [1024])]), data(0, 0, bytes(payload), crc=good_crc), end(1, 4096)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "CRC-32C", "corrupted", "chunk 0")
+    still_serves(server, key)
+
+
+def test_chunk_for_a_tensor_the_header_does_not_declare_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [header(key, [(F32, [4])]), data(3, 0, bytes(16)), end(1, 16)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "tensor 3", "declares 1 tensors")
+
+
+@pytest.mark.parametrize(
+    ("chunks", "words"),
+    [
+        ([(0, 8), (4, 8)], ("offset 4, expected 8", "without gaps or overlaps")),  # overlap
+        ([(0, 8), (12, 4)], ("offset 12, expected 8",)),  # gap
+        ([(8, 8)], ("offset 8, expected 0",)),  # out of order
+        ([(0, 8), (8, 12)], ("runs to byte 20", "declared size of 16")),  # beyond the declared size
+    ],
+    ids=["overlapping", "gap", "out-of-order", "beyond-declared-size"],
+)
+def test_chunk_at_a_wrong_offset_is_refused(
+    server: ServerProcess, key: int, chunks: list[tuple[int, int]], words: tuple[str, ...]
+) -> None:
+    msgs = (
+        [header(key, [(F32, [4])])] + [data(0, off, bytes(n)) for off, n in chunks] + [end(len(chunks), 16)]
+    )
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, *words)
+
+
+def test_header_lying_about_a_size_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [header(key, [(F32, [1024])], sizes=[100]), data(0, 0, bytes(100)), end(1, 100)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "needs 4096 bytes", "declared size is 100")
+
+
+def test_header_with_a_size_missing_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [header(key, [(F32, [4]), (F32, [4])], sizes=[16]), end(0, 0)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "1 sizes for 2 tensors")
+
+
+def test_header_tensor_carrying_bytes_is_refused(server: ServerProcess, key: int) -> None:
+    stack = [_pb.values.Value(tensor=_pb.values.Tensor(dtype=F32, shape=[1], data=bytes(4)))]
+    msg = _pb.service.StackChunk(request=_pb.service.StreamRequestHeader(key=key, stack=stack, sizes=[4]))
+    refused(server, [msg.SerializeToString(), end(0, 0)], grpc.StatusCode.INVALID_ARGUMENT, "carries data")
+
+
+def test_data_before_the_header_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [data(0, 0, bytes(16)), header(key, [(F32, [4])]), end(1, 16)]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "before the header")
+
+
+def test_second_header_is_refused(server: ServerProcess, key: int) -> None:
+    h = header(key, [(F32, [4])])
+    refused(
+        server, [h, h, data(0, 0, bytes(16)), end(1, 16)], grpc.StatusCode.INVALID_ARGUMENT, "a second header"
+    )
+
+
+def test_response_header_in_a_request_is_refused(server: ServerProcess, key: int) -> None:
+    msg = _pb.service.StackChunk(response=_pb.service.StreamResponseHeader()).SerializeToString()
+    refused(server, [msg, end(0, 0)], grpc.StatusCode.INVALID_ARGUMENT, "expected a request header")
+
+
+def test_message_after_the_end_is_refused(server: ServerProcess, key: int) -> None:
+    msgs = [header(key, [(F32, [4])]), data(0, 0, bytes(16)), end(1, 16), data(0, 16, bytes(4))]
+    refused(server, msgs, grpc.StatusCode.INVALID_ARGUMENT, "after the end")
+
+
+def test_empty_stream_is_refused(server: ServerProcess, key: int) -> None:
+    refused(server, [], grpc.StatusCode.INVALID_ARGUMENT, "ended before its header")
+
+
+def test_huge_declared_size_is_refused_before_allocation_naming_the_limit(
+    server: ServerProcess, key: int
+) -> None:
+    before = server.rss()
+    shape = [1 << 20, 1 << 20, 1 << 20]  # 4 EiB of float32
+    msgs = [header(key, [(F32, shape)]), data(0, 0, bytes(16))]
+    refused(
+        server, msgs, grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-stream-bytes", "refused before allocating"
+    )
+    assert server.rss() - before < 64 << 20
+    still_serves(server, key)
+
+
+def test_stream_over_the_call_budget_is_refused_from_its_header(tmp_path: Path) -> None:
+    core = Core(Settings(store_dir=tmp_path, compile_mode="off", max_call_bytes=1 << 30))
+    with pytest.raises(ResourceExhausted, match="--max-call-bytes"):
+        core.check_stream([1 << 29, (1 << 29) + 1])
+    core.check_stream([1 << 29, 1 << 29])  # exactly the budget
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x.expand(n, -1) * 1
+
+
+def test_result_over_the_stream_limit_is_refused_before_running(server: ServerProcess, key: int) -> None:
+    x = torch.ones(1 << 20, dtype=torch.uint8)
+    with Client(server.target, stream_above=0) as c:
+        k = c.register(_rows, [x, 8])
+        assert c.execute_detailed(k, [x, 3]).transport == "stream"
+        with pytest.raises(ResourceExhausted, match="--max-stream-bytes"):
+            c.execute(k, [x, (STREAM_LIMIT >> 20) + 1])  # 1 MiB in, 2 GiB + 1 MiB out
+    still_serves(server, key)
+
+
+_KILLED_CLIENT = r"""
+import sys, time, grpc, crc32c
+from fuseport.wire import _pb
+target, key, total, sent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+chunk = bytes(range(256)) * (4 << 12)  # 4 MiB
+crc = crc32c.crc32c(chunk)
+
+def messages():
+    t = _pb.values.Tensor(dtype=_pb.values.DTYPE_UINT8, shape=[total])
+    yield _pb.service.StackChunk(request=_pb.service.StreamRequestHeader(
+        key=key, stack=[_pb.values.Value(tensor=t)], sizes=[total])).SerializeToString()
+    for off in range(0, sent, len(chunk)):
+        yield _pb.service.StackChunk(data=_pb.service.StreamData(
+            tensor=0, offset=off, crc32c=crc, data=chunk)).SerializeToString()
+    print("sent", flush=True)
+    while True:  # never ends the stream: the parent kills this process
+        time.sleep(60)
+
+with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+    list(ch.stream_stream("/fuseport.v1.KernelService/ExecuteStream")(messages()))
+"""
+
+
+def test_client_killed_mid_stream_frees_the_calls_memory_and_the_server_keeps_serving(
+    server: ServerProcess, key: int
+) -> None:
+    still_serves(server, key)
+    before = server.rss()
+    total, sent = 1 << 30, 512 << 20
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, server.target, str(key), str(total), str(sent)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"sent"
+        # The chunks are in the server's memory (gRPC may still be delivering the last ones).
+        deadline = time.monotonic() + 60
+        while server.rss() - before < 400 << 20:
+            assert time.monotonic() < deadline, f"server grew only {(server.rss() - before) >> 20} MiB"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while (grown := server.rss() - before) > KEEP + (32 << 20) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert grown <= KEEP + (32 << 20), f"the server still holds {grown >> 20} MiB of a dead client's call"
+    still_serves(server, key)
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def _values() -> list[Any]:
+    """A stack of every kind of value, passed through beneath the kernel's input."""
+    return [
+        torch.randn(3, 5).to(torch.bfloat16),
+        torch.randn(257, 3, dtype=torch.float16).t(),  # travels with a dim order
+        torch.arange(-7, 1000, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+        torch.randint(0, 255, (1 << 20,), dtype=torch.uint8),
+        torch.randn(5, dtype=torch.complex64),
+        torch.empty(0, 3),  # no bytes at all
+        torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+        [torch.ones(2, dtype=torch.int32), None, [7, "s", 1.5, True]],
+        "text",
+    ]
+
+
+@pytest.mark.parametrize("method", ["execute", "fallback"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stream_matches_unary_and_eager_bit_for_bit(
+    server: ServerProcess, method: str, dtype: torch.dtype
+) -> None:
+    x = (torch.randn(1 << 18) * 100).to(dtype)  # 0.5-1 MiB: several chunks of 64 KiB, one partial
+    below = _values()
+    with Client(server.target, stream_above=0, stream_chunk_bytes=(64 << 10) + 3) as streamed:
+        k = streamed.register(_double, [x])  # the kernel for this dtype
+        s = getattr(streamed, f"{method}_detailed")(k, [*below, x])
+    with Client(server.target, stream_above=None) as unary:
+        u = getattr(unary, f"{method}_detailed")(k, [*below, x])
+    assert (s.transport, u.transport) == ("stream", "unary")
+    assert s.path == u.path and s.variant == u.variant
+    _same(s.stack, u.stack)
+    _same(s.stack, [*below, _double(x)])
+    assert s.timings.total_us > 0
+
+
+def _same(a: Any, b: Any) -> None:
+    if isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(_bits(a), _bits(b)), "tensors differ in their bits"
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b)
+        for x, y in zip(a, b):
+            _same(x, y)
+    else:
+        assert a == b and type(a) is type(b)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_client_streams_from_the_threshold_on(server: ServerProcess, key: int) -> None:
+    with Client(server.target, stream_above=1 << 20) as c:
+        small = c.execute_detailed(key, [torch.ones((1 << 18) - 1)])  # 4 bytes under 1 MiB
+        large = c.execute_detailed(key, [torch.ones(1 << 18)])
+    assert (small.transport, large.transport) == ("unary", "stream")
+    assert torch.equal(large.stack[0], torch.full((1 << 18,), 3.0))
+
+
+def test_async_client_streams_too(server: ServerProcess, key: int) -> None:
+    x = torch.randn(1 << 16)
+
+    async def run() -> Any:
+        async with AsyncClient(server.target, stream_above=0) as c:
+            return await c.execute_detailed(key, [x]), await c.fallback_detailed(key, [x])
+
+    e, f = asyncio.run(run())
+    assert (e.transport, f.transport, f.reason) == ("stream", "stream", "requested")
+    assert torch.equal(e.stack[0], _double(x)) and torch.equal(f.stack[0], _double(x))
+
+
+def _triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+def test_streamed_call_heals_a_server_that_lost_the_kernel(server: ServerProcess) -> None:
+    x = torch.randn(1 << 16)
+    with Client(server.target, stream_above=0) as a, Client(server.target) as b:
+        k = a.register(_triple, [x])
+        assert b.unregister(k)  # as a restart without its store would
+        r = a.execute_detailed(k, [x])  # NOT_FOUND: registers again, streams again
+    assert r.transport == "stream" and torch.equal(r.stack[0], x * 3)
+
+
+def test_generated_classes_alone_speak_the_stream(server: ServerProcess, key: int) -> None:
+    """What a client in another language does: the documented messages, nothing else."""
+    x = torch.arange(3000, dtype=torch.float32)
+    raw = x.numpy().tobytes()
+    msgs = [header(key, [(F32, [3000])])]
+    msgs += [data(0, off, raw[off : off + 5000]) for off in range(0, len(raw), 5000)]
+    msgs.append(end(len(msgs) - 1, len(raw)))
+    out = [_pb.service.StackChunk.FromString(m) for m in call(server, msgs, "FallbackStream")]
+    assert out[0].WhichOneof("kind") == "response" and out[-1].WhichOneof("kind") == "end"
+    head = out[0].response
+    assert head.reason == _pb.service.FALLBACK_REASON_REQUESTED and list(head.sizes) == [len(raw)]
+    got = bytearray(head.sizes[0])
+    for m in out[1:-1]:
+        assert m.data.tensor == 0 and crc32c.crc32c(m.data.data) == m.data.crc32c
+        got[m.data.offset : m.data.offset + len(m.data.data)] = m.data.data
+    assert out[-1].end.bytes == len(raw) and out[-1].end.chunks == len(out) - 2
+    assert torch.equal(torch.frombuffer(got, dtype=torch.float32), _double(x))
+
+
+def test_writer_names_a_value_that_cannot_travel() -> None:
+    with pytest.raises(Exception, match=r"stack\[1\]"):
+        Writer([torch.ones(1), object()])
+
+
+@pytest.mark.slow
+def test_3_gib_stack_round_trips_bit_exact_with_bounded_server_memory(tmp_path: Path) -> None:
+    """Past protobuf's 2 GiB message ceiling; the server holds about the payload once."""
+    s = start_server(tmp_path, None, "--compile-mode", "off", "--max-stream-bytes", str(4 << 30))
+    try:
+        with Client(s.target, timeout=600) as c:
+            k = c.register(_double, [torch.ones(4)])
+            x = torch.randn(8)
+            assert c.execute(k, [x])[0].equal(_double(x))
+            base = s.rss()
+            big = torch.empty(3 << 30, dtype=torch.uint8)
+            big.view(torch.int64).random_()  # in place: no second 3 GiB
+            peak = [0]
+            stop = False
+
+            def watch() -> None:
+                while not stop:
+                    peak[0] = max(peak[0], s.rss())
+                    time.sleep(0.01)
+
+            t = threading.Thread(target=watch)
+            t.start()
+            try:
+                r = c.execute_detailed(k, [big, x])
+            finally:
+                stop = True
+                t.join()
+            assert r.transport == "stream"
+            assert torch.equal(r.stack[0], big) and torch.equal(r.stack[1], _double(x))
+        ratio = (peak[0] - base) / big.numel()
+        print(
+            f"3 GiB round trip: server RSS {base >> 20} MiB before, peak {peak[0] >> 20} MiB: {ratio:.2f}x the payload"
+        )
+        assert peak[0] <= 1.5 * big.numel(), f"server peaked at {peak[0] >> 20} MiB for a 3 GiB stack"
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------- CUDA (scripts/gpu_check.sh)
+
+
+@pytest.mark.gpu
+def test_device_sink_assembles_chunks_through_pinned_staging_bit_exact() -> None:
+    """Many chunks of uneven sizes through the two staging buffers: each reuse
+    waits for the copy before it, so no chunk is overwritten in flight."""
+    from fuseport.server.devices import DeviceSink
+
+    src = torch.randint(0, 256, ((48 << 20) + 5,), dtype=torch.uint8)
+    sink = DeviceSink(torch.device("cuda", 0), src.numel())
+    offset, step = 0, (3 << 20) + 1
+    while offset < src.numel():
+        n = min(step, src.numel() - offset)
+        sink.write(offset, src.data_ptr() + offset, n)
+        offset += n
+    out = sink.result()
+    assert out.is_cuda and torch.equal(out.cpu(), src)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_execute_and_fallback_on_cuda_match_unary_bit_for_bit(
+    cuda_server: ServerProcess, dtype: torch.dtype
+) -> None:
+    x = torch.randn((40 << 20) // 4 + 3).to(dtype)  # many chunks, the last one partial
+    below = [torch.randint(0, 255, ((8 << 20) + 1,), dtype=torch.uint8), "below"]
+    with Client(cuda_server.target, timeout=300, stream_above=0, stream_chunk_bytes=(1 << 20) + 7) as c:
+        k = c.register(_double, [x[:8]])
+        s = c.execute_detailed(k, [*below, x], wait=True)
+        f = c.fallback_detailed(k, [*below, x])
+    with Client(cuda_server.target, timeout=300, stream_above=None) as u:
+        unary = u.execute_detailed(k, [*below, x], wait=True)
+    assert (s.transport, f.transport, unary.transport) == ("stream", "stream", "unary")
+    assert s.path == unary.path == "fused", (s.reason, s.detail)
+    _same(s.stack, unary.stack)
+    _same(f.stack[:2], below)
+    torch.testing.assert_close(f.stack[2], s.stack[2])
