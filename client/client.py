@@ -20,8 +20,10 @@ from fuseport.wire.errors import (
     FuseportError,
     KernelNotFound,
     NoMatchingVariant,
+    ResourceExhausted,
     error_from_status,
 )
+from fuseport.wire.keys import key_for
 from fuseport.wire.security import (
     bearer_metadata,
     channel_credentials,
@@ -29,6 +31,7 @@ from fuseport.wire.security import (
     open_channel,
     token_from_env,
 )
+from fuseport.wire.targets import parse_target
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
 
@@ -40,10 +43,24 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _SERVICE = "fuseport.v1.KernelService"
 _RETRY_BUFFER_BYTES = 16 << 20
 
-# Every fuseport call is idempotent (keys are content addresses, kernels are
-# pure), so gRPC may retry all of them when the server is briefly unavailable.
+# gRPC retries a call that failed with UNAVAILABLE: the server refused it
+# unstarted (draining) or the connection broke (a replica died), and under
+# round_robin the next attempt goes to another ready replica. Each method is
+# safe to run twice:
+# * Register: keys are content addresses; the same graph gets the same key and
+#   is stored once (a second Register answers created=false).
+# * Execute, Fallback: a kernel is a pure function of its inputs and changes
+#   nothing on the server but caches and counters (random ops draw anew, and the
+#   caller sees one result). The graphs a retry after NOT_FOUND carries are
+#   registered as Register would: idempotent too.
+# * Describe, List: read only.
+# * Unregister: removing a key twice leaves it removed (the second answers
+#   removed=false). It reaches one replica: see README "Replicas and failover".
+# round_robin spreads calls over every address the target resolves to (one
+# server: the same as gRPC's default), skipping replicas that are down.
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": _SERVICE}],
@@ -95,6 +112,17 @@ class _Known:
         return len(next(iter(self.graphs.values())).inputs)
 
 
+@dataclass
+class _Recovery:
+    """A failed call's second attempt: `request` carries the graphs (then
+    `adopted` records them once it succeeded), or, when that is None, the
+    `registers` go first and the call is sent again as it was."""
+
+    request: bytes | None
+    adopted: Callable[[], None]
+    registers: list[tuple[bytes, Callable[[bytes], int]]]
+
+
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -137,7 +165,7 @@ class _Base:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -150,11 +178,21 @@ class _Base:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
+        # One server, or replicas: dns:///NAME:PORT, ipv4:A:P,B:P, or a list of host:port.
+        self._target = parse_target(target)
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
             raise ValueError("give either credentials= or tls_ca/tls_cert/tls_key, not both")
         self._credentials = credentials or from_files
+        if not tls_server_name and self._credentials is not None and self._target.server_name is not None:
+            # A list of addresses has no host for TLS to check: the one they share.
+            tls_server_name = self._target.server_name
+        elif not tls_server_name and self._credentials is not None and self._target.uri.startswith(("ipv4:", "ipv6:")):
+            raise ValueError(
+                f"TLS to replicas of different hosts ({', '.join(self._target.hosts)}) needs tls_server_name=: "
+                "the name every replica's certificate carries (or use dns:///NAME:PORT)"
+            )
         if tls_server_name:
             # The name the server's certificate must carry, when it is not the
             # target's host (a health check that reaches the server as 127.0.0.1).
@@ -162,7 +200,8 @@ class _Base:
         self._options = _channel_options(max_message_bytes, options)
         # None reads FUSEPORT_TOKEN; "" means no token whatever the environment says.
         self._metadata = bearer_metadata(token_from_env() if token is None else token)
-        if self._metadata and self._credentials is None and not is_loopback(target.rsplit(":", 1)[0]):
+        hosts = self._target.hosts
+        if self._metadata and self._credentials is None and not all(is_loopback(h) for h in hosts):
             log.warning("sending a token to %s without TLS: anyone on the path can read it", target)
         self._max = max_message_bytes
         # Kernels this client registered, so that a server that lost them (a
@@ -184,13 +223,22 @@ class _Base:
             raise TypeError("register(fn_or_module, example_inputs): example inputs are needed to capture")
         return capture(fn_or_graph, list(example_inputs))
 
-    def _execute_request(self, key: int, stack: Sequence[Any], wait: bool) -> bytes:
+    def _execute_request(
+        self, key: int, stack: Sequence[Any], wait: bool, graphs: dict[int, _pb.graph.Graph] | None = None
+    ) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
         # never trusted with this client's function.
         known = self._known.get(key)
-        variants = list(known.graphs) if known else ()
-        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max, variants=variants)
+        variants = list(graphs if graphs is not None else known.graphs if known else ())
+        return codec.encode_execute_request(
+            key,
+            list(stack),
+            wait_for_compile=wait,
+            limit=self._max,
+            variants=variants,
+            graphs=list(graphs.values()) if graphs else (),
+        )
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
@@ -219,27 +267,29 @@ class _Base:
             request.variant_of = variant_of
         return request.SerializeToString(), registered
 
-    def _recovery(
-        self, e: FuseportError, key: int, stack: Sequence[Any]
-    ) -> list[tuple[bytes, Callable[[bytes], int]]] | None:
-        """The Register calls that let a failed Execute succeed when retried, or
-        None when there are none (the error stands).
+    def _recovery(self, e: FuseportError, key: int, stack: Sequence[Any], wait: bool) -> _Recovery | None:
+        """How a failed Execute/Fallback may succeed when sent again, or None
+        when it cannot (the error stands).
 
         * NOT_FOUND for a kernel this client registered: the server lost it
-          (a restart without its store, another replica): register every graph again.
+          (a restart without its store, another replica): send every graph again.
         * NoMatchingVariant for a kernel registered from a function: capture
           the function again on these very inputs and add that variant.
+
+        The graphs travel in the retried call itself (ExecuteRequest.graphs):
+        a Register of its own could reach one replica and the retried call
+        another that lacks them, round after round. Only when they would make
+        the call larger than the message limit are they registered first.
         """
         known = self._known.get(key)
         if known is None:
             if isinstance(e, KernelNotFound) and key in self._unregistered:
                 raise KernelNotFound(f"{e}: this client unregistered it; register it again to use it", key) from e
             return None
+        graphs = dict(known.graphs)
         if isinstance(e, KernelNotFound):
-            log.info("server lost kernel %d; registering it again", key)
-            graphs = list(known.graphs.items())
-            return [self._register_graph(g, known.fn, None if v == key else key) for v, g in graphs]
-        if isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
+            log.info("server lost kernel %d; sending its graphs with the call", key)
+        elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
             try:
@@ -249,8 +299,24 @@ class _Base:
                 # server's message says what is wrong with them.
                 log.info("kernel %d: cannot capture for these inputs: %s", key, capture_error)
                 return None
-            return [self._register_graph(graph, known.fn, key)]
-        return None
+            graphs[key_for(graph)] = graph
+        else:
+            return None
+        if key not in graphs:
+            return None  # only variants of another's kernel: the server needs the kernel's own graph first
+        # The kernel's own graph first: the server checks that it hashes to the key.
+        ordered = {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
+        try:
+            request = self._execute_request(key, stack, wait, ordered)
+        except ResourceExhausted:
+            request = None  # graphs and stack together are over the limit: Register them one by one
+
+        def adopted() -> None:
+            for v, g in ordered.items():
+                known.graphs.setdefault(v, g)
+
+        registers = [self._register_graph(g, known.fn, None if v == key else key) for v, g in ordered.items()]
+        return _Recovery(request, adopted, registers)
 
     @staticmethod
     def _describe_request(key: int, include_source: bool) -> bytes:
@@ -289,9 +355,9 @@ class Client(_Base):
     ...     c.execute(key, [torch.ones(4), torch.full((4,), 2.0)])
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(target, self._credentials, self._options)
+        self.channel = open_channel(self._target.uri, self._credentials, self._options)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -352,12 +418,16 @@ class Client(_Base):
         try:
             raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
-            steps = self._recovery(e, key, stack)
-            if steps is None:
+            again = self._recovery(e, key, stack, wait)
+            if again is None:
                 raise
-            for request, registered in steps:
-                registered(self._call("Register", request, timeout))
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
+            if again.request is not None:
+                raw = self._call(method, again.request, timeout)
+                again.adopted()
+            else:
+                for request, registered in again.registers:
+                    registered(self._call("Register", request, timeout))
+                raw = self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
@@ -386,9 +456,9 @@ class AsyncClient(_Base):
     ...     out = await c.execute(key, [x, y])
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(target, self._credentials, self._options, aio=True)
+        self.channel = open_channel(self._target.uri, self._credentials, self._options, aio=True)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -446,12 +516,16 @@ class AsyncClient(_Base):
         try:
             raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         except FuseportError as e:
-            steps = self._recovery(e, key, stack)
-            if steps is None:
+            again = self._recovery(e, key, stack, wait)
+            if again is None:
                 raise
-            for request, registered in steps:
-                registered(await self._call("Register", request, timeout))
-            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
+            if again.request is not None:
+                raw = await self._call(method, again.request, timeout)
+                again.adopted()
+            else:
+                for request, registered in again.registers:
+                    registered(await self._call("Register", request, timeout))
+                raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
         return _result(raw, started)
 
     async def describe(

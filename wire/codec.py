@@ -45,6 +45,7 @@ __all__ = [
     "MAX_RANK",
     "MAX_VALUES",
     "StackValue",
+    "carries_graphs",
     "decode_execute_request",
     "decode_execute_response",
     "decode_stack",
@@ -79,6 +80,7 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
 _T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
 _REQ_STACK = 3
+_REQ_GRAPHS = 30
 _RESP_STACK, _RESP_TIMINGS = 4, 5
 
 
@@ -517,6 +519,8 @@ class ExecuteRequest:
     stack: list[StackValue]
     wait_for_compile: bool = False
     variants: tuple[int, ...] = ()  # the only variants the client runs; empty: any
+    # Graphs to register before running (a retry on a replica that lacks the kernel).
+    graphs: tuple[_pb.graph.Graph, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -552,17 +556,32 @@ def encode_execute_request(
     wait_for_compile: bool = False,
     limit: int | None = None,
     variants: Sequence[int] = (),
+    graphs: Sequence[_pb.graph.Graph] = (),
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if wait_for_compile:
         head.options.wait_for_compile = True
     if variants:
         head.options.variants.extend(variants)
+    if graphs:
+        head.graphs.extend(graphs)
     w = _Writer()
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_REQ_STACK, v, f"stack[{i}]")
     return w.getvalue(limit)
+
+
+def carries_graphs(buf: Buffer) -> bool:
+    """Whether an ExecuteRequest carries graphs to register (field `graphs`),
+    read from its top-level tags alone: the server's access check asks this
+    before anything is decoded. A message it cannot walk is answered False:
+    decoding it refuses the same message before anything is registered."""
+    r = _Reader(buf)
+    try:
+        return any(f == _REQ_GRAPHS for f, _, _, _ in r.fields(0, len(r.view), "request"))
+    except InvalidStack:
+        return False
 
 
 def _decode_execute(buf: Buffer, stack_field: int, cls: Any, what: str) -> tuple[Any, list[StackValue]]:
@@ -582,6 +601,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         stack=stack,
         wait_for_compile=head.options.wait_for_compile,
         variants=tuple(head.options.variants),
+        graphs=tuple(head.graphs),
     )
 
 
