@@ -42,6 +42,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 _SERVICE = "fuseport.v1.KernelService"
 _RETRY_BUFFER_BYTES = 16 << 20
+# Calls in a row that carry a kernel's graphs without filling a replica before
+# the client stops sending them: round robin reaches every replica well within
+# this many calls, unless there are more replicas than this (a later NOT_FOUND
+# starts it again).
+_HEAL_PATIENCE = 32
 
 # gRPC retries a call that failed with UNAVAILABLE: the server refused it
 # unstarted (draining) or the connection broke (a replica died), and under
@@ -102,14 +107,31 @@ class ExecuteResult:
 @dataclass
 class _Known:
     """A kernel this client registered: the function it was captured from (None
-    for a graph registered as such) and every graph it registered under the key."""
+    for a graph registered as such) and every graph it registered under the key.
+
+    `heal` counts replicas that answered NOT_FOUND (or lacked a variant) and
+    that no call has filled since: while it is above 0, calls for the key carry
+    its graphs, since which replica a call reaches is the balancer's choice. A
+    response saying it registered them fills one; `_HEAL_PATIENCE` calls in a
+    row that filled none end it (that replica is gone, or was filled by another)."""
 
     fn: Any
     graphs: dict[int, _pb.graph.Graph] = field(default_factory=dict)  # variant key -> graph, in order
+    heal: int = 0
+    barren: int = 0  # calls in a row that carried graphs and filled no replica
 
     @property
     def arity(self) -> int:
         return len(next(iter(self.graphs.values())).inputs)
+
+    def carried(self, registered: int) -> None:
+        """A call that carried the graphs succeeded, registering `registered` of them."""
+        if registered:
+            self.heal, self.barren = max(0, self.heal - 1), 0
+            return
+        self.barren += 1
+        if self.barren >= _HEAL_PATIENCE:
+            self.heal = self.barren = 0
 
 
 @dataclass
@@ -146,8 +168,10 @@ def _translate(e: grpc.RpcError) -> FuseportError:
     return error_from_status(e.code(), e.details() or "", name)
 
 
-def _result(raw: bytes, started: int) -> ExecuteResult:
+def _result(raw: bytes, started: int, known: _Known | None = None, carried: bool = False) -> ExecuteResult:
     resp = codec.decode_execute_response(raw)
+    if carried and known is not None:
+        known.carried(resp.registered)
     t = resp.timings
     reason = _pb.service.FallbackReason.Name(resp.reason).removeprefix("FALLBACK_REASON_").lower()
     return ExecuteResult(
@@ -240,6 +264,26 @@ class _Base:
             graphs=list(graphs.values()) if graphs else (),
         )
 
+    @staticmethod
+    def _ordered(key: int, graphs: dict[int, _pb.graph.Graph]) -> dict[int, _pb.graph.Graph] | None:
+        """The graphs as a call carries them, the kernel's own first (the server
+        checks that it hashes to the key); None without it (only variants of
+        another's kernel: a server lacking the kernel could not take them)."""
+        if key not in graphs:
+            return None
+        return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
+
+    def _first_request(self, key: int, stack: Sequence[Any], wait: bool) -> tuple[bytes, bool]:
+        """The call's request, and whether it carries the kernel's graphs (while
+        some replica is known to lack them)."""
+        known = self._known.get(key)
+        if known is not None and known.heal > 0 and (graphs := self._ordered(key, known.graphs)) is not None:
+            try:
+                return self._execute_request(key, stack, wait, graphs), True
+            except ResourceExhausted:
+                pass  # over the message limit with them: the retry path registers them
+        return self._execute_request(key, stack, wait), False
+
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
 
@@ -267,14 +311,19 @@ class _Base:
             request.variant_of = variant_of
         return request.SerializeToString(), registered
 
-    def _recovery(self, e: FuseportError, key: int, stack: Sequence[Any], wait: bool) -> _Recovery | None:
+    def _recovery(
+        self, e: FuseportError, key: int, stack: Sequence[Any], wait: bool, carried: bool
+    ) -> _Recovery | None:
         """How a failed Execute/Fallback may succeed when sent again, or None
-        when it cannot (the error stands).
+        when it cannot (the error stands). `carried`: the failed call carried
+        every graph this client holds for the key.
 
         * NOT_FOUND for a kernel this client registered: the server lost it
           (a restart without its store, another replica): send every graph again.
-        * NoMatchingVariant for a kernel registered from a function: capture
-          the function again on these very inputs and add that variant.
+        * NoMatchingVariant for a kernel registered from a function: first
+          send the variants this client holds (another replica may have been
+          given one this one lacks); if the server had them all, capture the
+          function again on these very inputs and add that variant.
 
         The graphs travel in the retried call itself (ExecuteRequest.graphs):
         a Register of its own could reach one replica and the retried call
@@ -287,8 +336,10 @@ class _Base:
                 raise KernelNotFound(f"{e}: this client unregistered it; register it again to use it", key) from e
             return None
         graphs = dict(known.graphs)
-        if isinstance(e, KernelNotFound):
-            log.info("server lost kernel %d; sending its graphs with the call", key)
+        if isinstance(e, KernelNotFound) and not carried:
+            log.info("a server lacks kernel %d; sending its graphs with the call", key)
+        elif isinstance(e, NoMatchingVariant) and not carried and len(graphs) > 1:
+            log.info("kernel %d: no variant there covers these inputs; sending the variants this client holds", key)
         elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
@@ -299,15 +350,17 @@ class _Base:
                 # server's message says what is wrong with them.
                 log.info("kernel %d: cannot capture for these inputs: %s", key, capture_error)
                 return None
+            if key_for(graph) in graphs:
+                return None  # the same graph again: the server's refusal stands
             graphs[key_for(graph)] = graph
         else:
             return None
-        if key not in graphs:
-            return None  # only variants of another's kernel: the server needs the kernel's own graph first
-        # The kernel's own graph first: the server checks that it hashes to the key.
-        ordered = {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
+        ordered = self._ordered(key, graphs)
+        if ordered is None:
+            return None
+        known.heal += 1  # some replica lacks graphs: calls carry them until one is filled
         try:
-            request = self._execute_request(key, stack, wait, ordered)
+            request: bytes | None = self._execute_request(key, stack, wait, ordered)
         except ResourceExhausted:
             request = None  # graphs and stack together are over the limit: Register them one by one
 
@@ -415,20 +468,26 @@ class Client(_Base):
 
     def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
         started = time.perf_counter_ns()
-        try:
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
-        except FuseportError as e:
-            again = self._recovery(e, key, stack, wait)
-            if again is None:
-                raise
-            if again.request is not None:
-                raw = self._call(method, again.request, timeout)
-                again.adopted()
-            else:
-                for request, registered in again.registers:
-                    registered(self._call("Register", request, timeout))
-                raw = self._call(method, self._execute_request(key, stack, wait), timeout)
-        return _result(raw, started)
+        request, carried = self._first_request(key, stack, wait)
+        adopted: Callable[[], None] | None = None
+        for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
+            try:
+                raw = self._call(method, request, timeout)
+            except FuseportError as e:
+                again = self._recovery(e, key, stack, wait, carried) if attempt < 2 else None
+                if again is None:
+                    raise
+                if again.request is None:
+                    for register, registered in again.registers:
+                        registered(self._call("Register", register, timeout))
+                    request, carried = self._execute_request(key, stack, wait), False
+                else:
+                    request, carried, adopted = again.request, True, again.adopted
+                continue
+            if adopted is not None:
+                adopted()
+            return _result(raw, started, self._known.get(key), carried)
+        raise AssertionError("unreachable")
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
         """Signature, every ArgSpec with its state, run counts, generated source."""
@@ -513,20 +572,26 @@ class AsyncClient(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
-        try:
-            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
-        except FuseportError as e:
-            again = self._recovery(e, key, stack, wait)
-            if again is None:
-                raise
-            if again.request is not None:
-                raw = await self._call(method, again.request, timeout)
-                again.adopted()
-            else:
-                for request, registered in again.registers:
-                    registered(await self._call("Register", request, timeout))
-                raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
-        return _result(raw, started)
+        request, carried = self._first_request(key, stack, wait)
+        adopted: Callable[[], None] | None = None
+        for attempt in range(3):  # as Client._run
+            try:
+                raw = await self._call(method, request, timeout)
+            except FuseportError as e:
+                again = self._recovery(e, key, stack, wait, carried) if attempt < 2 else None
+                if again is None:
+                    raise
+                if again.request is None:
+                    for register, registered in again.registers:
+                        registered(await self._call("Register", register, timeout))
+                    request, carried = self._execute_request(key, stack, wait), False
+                else:
+                    request, carried, adopted = again.request, True, again.adopted
+                continue
+            if adopted is not None:
+                adopted()
+            return _result(raw, started, self._known.get(key), carried)
+        raise AssertionError("unreachable")
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None

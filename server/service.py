@@ -218,10 +218,9 @@ class KernelService:
         record: CallRecord,
         fused: bool,
     ) -> bytes:
-        if req.graphs:
-            # Registered first, in this same call: a separate Register could reach
-            # another replica than this call did (see ExecuteRequest.graphs).
-            self.core.adopt(req.key, req.graphs)
+        # Registered first, in this same call: a separate Register could reach
+        # another replica than this call did (see ExecuteRequest.graphs).
+        registered = self.core.adopt(req.key, req.graphs) if req.graphs else 0
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants
         )
@@ -241,6 +240,7 @@ class KernelService:
             limit=self.limit,
             clock=time.perf_counter_ns,
             variant=result.variant,
+            registered=registered,
         )
         record.path, record.reason, record.timings = result.path, result.reason, timings
         log.debug(

@@ -531,6 +531,7 @@ class ExecuteResponse:
     detail: str
     timings: _pb.service.Timings
     variant: int = 0
+    registered: int = 0  # graphs of the request that were new on the server
 
 
 def _split(buf: Buffer, stack_field: int) -> tuple[_Reader, bytes, list[tuple[int, int]]]:
@@ -614,12 +615,15 @@ def encode_execute_response(
     limit: int | None = None,
     clock: Callable[[], int] | None = None,
     variant: int = 0,
+    registered: int = 0,
 ) -> bytes:
     """Frames an ExecuteResponse. With `clock` (ns), the encode time is measured
     and written into `timings` last, so that it covers the encoding itself."""
     start = clock() if clock else 0
     w = _Writer()
-    head = _pb.service.ExecuteResponse(path=path, reason=reason, detail=detail, variant=variant)
+    head = _pb.service.ExecuteResponse(
+        path=path, reason=reason, detail=detail, variant=variant, registered=registered
+    )
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_RESP_STACK, v, f"stack[{i}]")
@@ -639,6 +643,7 @@ def decode_execute_response(buf: Buffer) -> ExecuteResponse:
         detail=head.detail,
         timings=head.timings,
         variant=head.variant,
+        registered=head.registered,
     )
 
 

@@ -100,20 +100,22 @@ class Timings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., run_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("path", "reason", "detail", "stack", "timings", "variant")
+    __slots__ = ("path", "reason", "detail", "stack", "timings", "variant", "registered")
     PATH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
     path: Path
     reason: FallbackReason
     detail: str
     stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
     timings: Timings
     variant: int
-    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., variant: _Optional[int] = ...) -> None: ...
+    registered: int
+    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., variant: _Optional[int] = ..., registered: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("key", "include_source")
