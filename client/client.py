@@ -320,10 +320,10 @@ class _Base:
 
         * NOT_FOUND for a kernel this client registered: the server lost it
           (a restart without its store, another replica): send every graph again.
-        * NoMatchingVariant for a kernel registered from a function: first
-          send the variants this client holds (another replica may have been
-          given one this one lacks); if the server had them all, capture the
-          function again on these very inputs and add that variant.
+        * NoMatchingVariant for a kernel registered from a function: with
+          replicas, first send the variants this client holds (another replica
+          may have been given one this one lacks); if the server had them all,
+          capture the function again on these very inputs and add that variant.
 
         The graphs travel in the retried call itself (ExecuteRequest.graphs):
         a Register of its own could reach one replica and the retried call
@@ -338,7 +338,7 @@ class _Base:
         graphs = dict(known.graphs)
         if isinstance(e, KernelNotFound) and not carried:
             log.info("a server lacks kernel %d; sending its graphs with the call", key)
-        elif isinstance(e, NoMatchingVariant) and not carried and len(graphs) > 1:
+        elif isinstance(e, NoMatchingVariant) and not carried and len(graphs) > 1 and self._target.replicas:
             log.info("kernel %d: no variant there covers these inputs; sending the variants this client holds", key)
         elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
