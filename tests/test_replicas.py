@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import signal
 import time
@@ -16,6 +17,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import (
+    AsyncClient,
     Client,
     FuseportError,
     InvalidGraph,
@@ -337,3 +339,22 @@ def test_a_dns_target_reaches_a_tls_replica_by_its_name(
     with Client(f"dns:///localhost:{a.port}", tls_ca=pki["ca"].cert, token=ADMIN, timeout=30) as c:
         assert c.health() == "SERVING"
         c.list()
+
+
+def test_the_async_client_fills_an_empty_replica_the_same_way(
+    pair: list[ServerProcess], pki: dict[str, Any]
+) -> None:
+    a, b = pair
+    x = torch.randn(5)
+    graph = capture(lambda x: x / 4, [x])
+
+    async def run() -> None:
+        async with AsyncClient([a.target, b.target], tls_ca=pki["ca"].cert, token=ADMIN, timeout=30) as c:
+            key = await c.register(graph)
+            for _ in range(200):
+                torch.testing.assert_close((await c.execute(key, [x]))[0], x / 4)
+                if _stored(a, key) and _stored(b, key):
+                    return
+            raise AssertionError("the kernel never reached both replicas")
+
+    asyncio.run(run())

@@ -79,8 +79,11 @@ def _from_list(entries: Sequence[str]) -> Target:
         host, port = parsed[0]
         return Target(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", hosts, False, None)
     resolved = [(_resolve(h, p), p) for h, p in parsed]
-    family = "ipv4" if all(v4 for (v4, _), _ in resolved) else "ipv6" if all(v6 for (_, v6), _ in resolved) else None
-    if family is None:
+    if all(v4 for (v4, _), _ in resolved):
+        family = "ipv4"
+    elif all(v6 for (_, v6), _ in resolved):
+        family = "ipv6"
+    else:
         raise ValueError(
             f"targets {', '.join(entries)}: some hosts have only IPv4 addresses and others only IPv6; "
             "gRPC takes one family in a list of addresses: use dns:///NAME:PORT or addresses of one family"
