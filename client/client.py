@@ -20,9 +20,10 @@ from fuseport.wire.errors import (
     FuseportError,
     KernelNotFound,
     NoMatchingVariant,
+    ResourceExhausted,
     error_from_status,
 )
-from fuseport.wire.keys import check_alias
+from fuseport.wire.keys import check_alias, key_for
 from fuseport.wire.security import (
     bearer_metadata,
     channel_credentials,
@@ -31,6 +32,7 @@ from fuseport.wire.security import (
     token_from_env,
 )
 from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
+from fuseport.wire.targets import parse_target
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
 
@@ -46,11 +48,30 @@ _RETRY_BUFFER_BYTES = 16 << 20
 # it one unary message is as fast or faster; above it the stream wins, and grows
 # its lead with size (unary pays for the whole message at once, twice).
 DEFAULT_STREAM_ABOVE = 16 << 20
+# Calls in a row that carry a kernel's graphs without filling a replica before
+# the client stops sending them: round robin reaches every replica well within
+# this many calls, unless there are more replicas than this (a later NOT_FOUND
+# starts it again).
+_HEAL_PATIENCE = 32
 
-# Every fuseport call is idempotent (keys are content addresses, kernels are
-# pure), so gRPC may retry all of them when the server is briefly unavailable.
+# gRPC retries a call that failed with UNAVAILABLE: the server refused it
+# unstarted (draining) or the connection broke (a replica died), and under
+# round_robin the next attempt goes to another ready replica. Each method is
+# safe to run twice:
+# * Register: keys are content addresses; the same graph gets the same key and
+#   is stored once (a second Register answers created=false).
+# * Execute, Fallback: a kernel is a pure function of its inputs and changes
+#   nothing on the server but caches and counters (random ops draw anew, and the
+#   caller sees one result). The graphs a retry after NOT_FOUND carries are
+#   registered as Register would: idempotent too.
+# * Describe, List: read only.
+# * Unregister: removing a key twice leaves it removed (the second answers
+#   removed=false). It reaches one replica: see README "Replicas and failover".
+# round_robin spreads calls over every address the target resolves to (one
+# server: the same as gRPC's default), skipping replicas that are down.
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{"service": _SERVICE}],
@@ -95,15 +116,43 @@ class ExecuteResult:
 @dataclass
 class _Known:
     """A kernel this client registered: the function it was captured from (None
-    for a graph registered as such) and every graph it registered under the key."""
+    for a graph registered as such) and every graph it registered under the key.
+
+    `heal` counts replicas that answered NOT_FOUND (or lacked a variant) and
+    that no call has filled since: while it is above 0, calls for the key carry
+    its graphs, since which replica a call reaches is the balancer's choice. A
+    response saying it registered them fills one; `_HEAL_PATIENCE` calls in a
+    row that filled none end it (that replica is gone, or was filled by another)."""
 
     fn: Any
     graphs: dict[int, _pb.graph.Graph] = field(default_factory=dict)  # variant key -> graph, in order
     alias: str | None = None  # given at Register: a server that lost the kernel gets it again
+    heal: int = 0
+    barren: int = 0  # calls in a row that carried graphs and filled no replica
 
     @property
     def arity(self) -> int:
         return len(next(iter(self.graphs.values())).inputs)
+
+    def carried(self, registered: int) -> None:
+        """A call that carried the graphs succeeded, registering `registered` of them."""
+        if registered:
+            self.heal, self.barren = max(0, self.heal - 1), 0
+            return
+        self.barren += 1
+        if self.barren >= _HEAL_PATIENCE:
+            self.heal = self.barren = 0
+
+
+@dataclass
+class _Recovery:
+    """A failed call's second attempt: `request` carries the graphs (then
+    `adopted` records them once it succeeded), or, when that is None, the
+    `registers` go first and the call is sent again as it was."""
+
+    request: bytes | None
+    adopted: Callable[[], None]
+    registers: list[tuple[bytes, Callable[[bytes], int]]]
 
 
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -129,8 +178,10 @@ def _translate(e: grpc.RpcError) -> FuseportError:
     return error_from_status(e.code(), e.details() or "", name)
 
 
-def _result(raw: bytes, started: int) -> ExecuteResult:
+def _result(raw: bytes, started: int, known: _Known | None = None, carried: bool = False) -> ExecuteResult:
     resp = codec.decode_execute_response(raw)
+    if carried and known is not None:
+        known.carried(resp.registered)
     return _make_result(resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary")
 
 
@@ -168,7 +219,7 @@ class _Base:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | Sequence[str] = DEFAULT_TARGET,
         *,
         timeout: float | None = 30.0,
         credentials: grpc.ChannelCredentials | None = None,
@@ -188,11 +239,21 @@ class _Base:
         self.target = target
         self.stream_above = stream_above
         self.stream_chunk_bytes = stream_chunk_bytes
+        # One server, or replicas: dns:///NAME:PORT, ipv4:A:P,B:P, or a list of host:port.
+        self._target = parse_target(target)
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
             raise ValueError("give either credentials= or tls_ca/tls_cert/tls_key, not both")
         self._credentials = credentials or from_files
+        if not tls_server_name and self._credentials is not None and self._target.server_name is not None:
+            # A list of addresses has no host for TLS to check: the one they share.
+            tls_server_name = self._target.server_name
+        elif not tls_server_name and self._credentials is not None and self._target.uri.startswith(("ipv4:", "ipv6:")):
+            raise ValueError(
+                f"TLS to replicas of different hosts ({', '.join(self._target.hosts)}) needs tls_server_name=: "
+                "the name every replica's certificate carries (or use dns:///NAME:PORT)"
+            )
         if tls_server_name:
             # The name the server's certificate must carry, when it is not the
             # target's host (a health check that reaches the server as 127.0.0.1).
@@ -200,7 +261,8 @@ class _Base:
         self._options = _channel_options(max_message_bytes, options)
         # None reads FUSEPORT_TOKEN; "" means no token whatever the environment says.
         self._metadata = bearer_metadata(token_from_env() if token is None else token)
-        if self._metadata and self._credentials is None and not is_loopback(target.rsplit(":", 1)[0]):
+        hosts = self._target.hosts
+        if self._metadata and self._credentials is None and not all(is_loopback(h) for h in hosts):
             log.warning("sending a token to %s without TLS: anyone on the path can read it", target)
         self._max = max_message_bytes
         # Kernels this client registered, so that a server that lost them (a
@@ -222,13 +284,42 @@ class _Base:
             raise TypeError("register(fn_or_module, example_inputs): example inputs are needed to capture")
         return capture(fn_or_graph, list(example_inputs))
 
-    def _execute_request(self, key: int, stack: Sequence[Any], wait: bool) -> bytes:
+    def _execute_request(
+        self, key: int, stack: Sequence[Any], wait: bool, graphs: dict[int, _pb.graph.Graph] | None = None
+    ) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
         # never trusted with this client's function.
         known = self._known.get(key)
-        variants = list(known.graphs) if known else ()
-        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max, variants=variants)
+        variants = list(graphs if graphs is not None else known.graphs if known else ())
+        return codec.encode_execute_request(
+            key,
+            list(stack),
+            wait_for_compile=wait,
+            limit=self._max,
+            variants=variants,
+            graphs=list(graphs.values()) if graphs else (),
+        )
+
+    @staticmethod
+    def _ordered(key: int, graphs: dict[int, _pb.graph.Graph]) -> dict[int, _pb.graph.Graph] | None:
+        """The graphs as a call carries them, the kernel's own first (the server
+        checks that it hashes to the key); None without it (only variants of
+        another's kernel: a server lacking the kernel could not take them)."""
+        if key not in graphs:
+            return None
+        return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
+
+    def _first_request(self, key: int, stack: Sequence[Any], wait: bool) -> tuple[bytes, bool]:
+        """The call's request, and whether it carries the kernel's graphs (while
+        some replica is known to lack them)."""
+        known = self._known.get(key)
+        if known is not None and known.heal > 0 and (graphs := self._ordered(key, known.graphs)) is not None:
+            try:
+                return self._execute_request(key, stack, wait, graphs), True
+            except ResourceExhausted:
+                pass  # over the message limit with them: the retry path registers them
+        return self._execute_request(key, stack, wait), False
 
     def _streams(self, stack: Sequence[Any]) -> bool:
         """Whether a stack goes as a stream: past the threshold, or too large
@@ -287,29 +378,36 @@ class _Base:
         return request.SerializeToString(), registered
 
     def _recovery(
-        self, e: FuseportError, key: int, stack: Sequence[Any]
-    ) -> list[tuple[bytes, Callable[[bytes], int]]] | None:
-        """The Register calls that let a failed Execute succeed when retried, or
-        None when there are none (the error stands).
+        self, e: FuseportError, key: int, stack: Sequence[Any], wait: bool, carried: bool, streamed: bool = False
+    ) -> _Recovery | None:
+        """How a failed Execute/Fallback may succeed when sent again, or None
+        when it cannot (the error stands). `carried`: the failed call carried
+        every graph this client holds for the key.
 
         * NOT_FOUND for a kernel this client registered: the server lost it
-          (a restart without its store, another replica): register every graph again.
-        * NoMatchingVariant for a kernel registered from a function: capture
-          the function again on these very inputs and add that variant.
+          (a restart without its store, another replica): send every graph again.
+        * NoMatchingVariant for a kernel registered from a function: with
+          replicas, first send the variants this client holds (another replica
+          may have been given one this one lacks); if the server had them all,
+          capture the function again on these very inputs and add that variant.
+
+        The graphs travel in the retried call itself (ExecuteRequest.graphs):
+        a Register of its own could reach one replica and the retried call
+        another that lacks them, round after round. Only when they would make
+        the call larger than the message limit, or the call is streamed (a
+        stream's header carries no graphs), are they registered first.
         """
         known = self._known.get(key)
         if known is None:
             if isinstance(e, KernelNotFound) and key in self._unregistered:
                 raise KernelNotFound(f"{e}: this client unregistered it; register it again to use it", key) from e
             return None
-        if isinstance(e, KernelNotFound):
-            log.info("server lost kernel %d; registering it again", key)
-            graphs = list(known.graphs.items())
-            return [
-                self._register_graph(g, known.fn, None if v == key else key, known.alias if v == key else None)
-                for v, g in graphs
-            ]
-        if isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
+        graphs = dict(known.graphs)
+        if isinstance(e, KernelNotFound) and not carried:
+            log.info("a server lacks kernel %d; sending its graphs with the call", key)
+        elif isinstance(e, NoMatchingVariant) and not carried and len(graphs) > 1 and self._target.replicas:
+            log.info("kernel %d: no variant there covers these inputs; sending the variants this client holds", key)
+        elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
             try:
@@ -319,8 +417,31 @@ class _Base:
                 # server's message says what is wrong with them.
                 log.info("kernel %d: cannot capture for these inputs: %s", key, capture_error)
                 return None
-            return [self._register_graph(graph, known.fn, key)]
-        return None
+            if key_for(graph) in graphs:
+                return None  # the same graph again: the server's refusal stands
+            graphs[key_for(graph)] = graph
+        else:
+            return None
+        ordered = self._ordered(key, graphs)
+        if ordered is None:
+            return None
+        known.heal += 1  # some replica lacks graphs: calls carry them until one is filled
+        request: bytes | None = None
+        if not streamed:
+            try:
+                request = self._execute_request(key, stack, wait, ordered)
+            except ResourceExhausted:
+                pass  # graphs and stack together are over the limit: Register them one by one
+
+        def adopted() -> None:
+            for v, g in ordered.items():
+                known.graphs.setdefault(v, g)
+
+        registers = [
+            self._register_graph(g, known.fn, None if v == key else key, known.alias if v == key else None)
+            for v, g in ordered.items()
+        ]
+        return _Recovery(request, adopted, registers)
 
     @staticmethod
     def _describe_request(key: int, include_source: bool) -> bytes:
@@ -359,9 +480,9 @@ class Client(_Base):
     ...     c.execute(key, [torch.ones(4), torch.full((4,), 2.0)])
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(target, self._credentials, self._options)
+        self.channel = open_channel(self._target.uri, self._credentials, self._options)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -426,21 +547,32 @@ class Client(_Base):
 
     def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
         started = time.perf_counter_ns()
+        # A large stack streams; its recovery registers graphs by Register (a
+        # stream's header carries none), a unary call carries them (see _recovery).
         streamed = self._streams(stack)
-        try:
-            if streamed:
-                return self._call_streamed(method, key, stack, wait, timeout, started)
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
-        except FuseportError as e:
-            steps = self._recovery(e, key, stack)
-            if steps is None:
-                raise
-            for request, registered in steps:
-                registered(self._call("Register", request, timeout))
-            if streamed:
-                return self._call_streamed(method, key, stack, wait, timeout, started)
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
-        return _result(raw, started)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait)
+        adopted: Callable[[], None] | None = None
+        for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
+            try:
+                if streamed:
+                    return self._call_streamed(method, key, stack, wait, timeout, started)
+                raw = self._call(method, request, timeout)
+            except FuseportError as e:
+                again = self._recovery(e, key, stack, wait, carried, streamed) if attempt < 2 else None
+                if again is None:
+                    raise
+                if again.request is None:
+                    for register, registered in again.registers:
+                        registered(self._call("Register", register, timeout))
+                    if not streamed:
+                        request, carried = self._execute_request(key, stack, wait), False
+                else:
+                    request, carried, adopted = again.request, True, again.adopted
+                continue
+            if adopted is not None:
+                adopted()
+            return _result(raw, started, self._known.get(key), carried)
+        raise AssertionError("unreachable")
 
     def _call_streamed(
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int
@@ -485,9 +617,9 @@ class AsyncClient(_Base):
     ...     out = await c.execute(key, [x, y])
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(target, self._credentials, self._options, aio=True)
+        self.channel = open_channel(self._target.uri, self._credentials, self._options, aio=True)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
@@ -546,21 +678,32 @@ class AsyncClient(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
+        # A large stack streams; its recovery registers graphs by Register (a
+        # stream's header carries none), a unary call carries them (see _recovery).
         streamed = self._streams(stack)
-        try:
-            if streamed:
-                return await self._call_streamed(method, key, stack, wait, timeout, started)
-            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
-        except FuseportError as e:
-            steps = self._recovery(e, key, stack)
-            if steps is None:
-                raise
-            for request, registered in steps:
-                registered(await self._call("Register", request, timeout))
-            if streamed:
-                return await self._call_streamed(method, key, stack, wait, timeout, started)
-            raw = await self._call(method, self._execute_request(key, stack, wait), timeout)
-        return _result(raw, started)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait)
+        adopted: Callable[[], None] | None = None
+        for attempt in range(3):  # as Client._run
+            try:
+                if streamed:
+                    return await self._call_streamed(method, key, stack, wait, timeout, started)
+                raw = await self._call(method, request, timeout)
+            except FuseportError as e:
+                again = self._recovery(e, key, stack, wait, carried, streamed) if attempt < 2 else None
+                if again is None:
+                    raise
+                if again.request is None:
+                    for register, registered in again.registers:
+                        registered(await self._call("Register", register, timeout))
+                    if not streamed:
+                        request, carried = self._execute_request(key, stack, wait), False
+                else:
+                    request, carried, adopted = again.request, True, again.adopted
+                continue
+            if adopted is not None:
+                adopted()
+            return _result(raw, started, self._known.get(key), carried)
+        raise AssertionError("unreachable")
 
     async def _call_streamed(
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int

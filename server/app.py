@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -20,8 +21,9 @@ from fuseport.server.core import Core
 from fuseport.server.security import Access, Security
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
+from fuseport.wire import codec
 from fuseport.wire._local import write_port_file
-from fuseport.wire.errors import ERROR_METADATA_KEY, status_for
+from fuseport.wire.errors import ERROR_METADATA_KEY, FuseportError, PermissionDenied, status_for
 from fuseport.wire.hostmem import keep_host_memory
 from fuseport.wire.security import is_loopback
 
@@ -59,11 +61,22 @@ class _Gate(grpc.GenericRpcHandler):
     With `access`, a call must first carry a token whose role may call the
     method (UNAUTHENTICATED / PERMISSION_DENIED otherwise). Only the service's
     methods pass through here (KernelService's and the KServe v2 protocol's):
-    health and reflection stay open for probes."""
+    health and reflection stay open for probes. An Execute or Fallback that
+    carries graphs registers them, so its caller must also be allowed to call
+    Register.
 
-    def __init__(self, inner: grpc.GenericRpcHandler, access: Access | None = None) -> None:
+    `refused(method, code, arrived, received)` is told of each call the gate
+    refuses, so that metrics count them with their status code."""
+
+    def __init__(
+        self,
+        inner: grpc.GenericRpcHandler,
+        access: Access | None = None,
+        refused: Callable[[str, grpc.StatusCode, int, int], None] | None = None,
+    ) -> None:
         self._inner = inner
         self._access = access
+        self._refused = refused
         self._gated: dict[str, grpc.RpcMethodHandler] = {}
         self.closed = False
         self.in_flight = 0
@@ -87,19 +100,24 @@ class _Gate(grpc.GenericRpcHandler):
             raise TypeError("gated methods are unary-unary or stream-stream")
         access = self._access
 
-        async def admit(context: grpc.aio.ServicerContext) -> None:
+        async def admit(context: grpc.aio.ServicerContext, request: Any) -> None:
+            """Token, role and drain checks; `request` is None for a stream (its
+            messages have not arrived yet)."""
+            arrived = time.perf_counter_ns()
             if access is not None:
                 # Before anything else: a caller without a valid token learns
                 # nothing, not even that the server is draining.
-                refused = access.check(context.invocation_metadata(), method)
+                refused = self._check(access, context.invocation_metadata(), method, request)
                 if refused is not None:
                     log.info("%s: %s (peer %s): %s", status_for(refused).name, method, context.peer(), refused)
+                    self._count(method, status_for(refused), arrived, request)
                     await context.abort(
                         status_for(refused),
                         str(refused),
                         trailing_metadata=((ERROR_METADATA_KEY, type(refused).__name__),),
                     )
             if self.closed:
+                self._count(method, grpc.StatusCode.UNAVAILABLE, arrived, request)
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     "the server is shutting down",
@@ -111,7 +129,7 @@ class _Gate(grpc.GenericRpcHandler):
         if streams:
 
             async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                await admit(context)
+                await admit(context, None)
                 async for response in behaviour(requests, context):
                     yield response
 
@@ -120,10 +138,26 @@ class _Gate(grpc.GenericRpcHandler):
             )
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context)
+            await admit(context, request)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)
+
+    @staticmethod
+    def _check(access: Access, metadata: Any, method: str, request: Any) -> FuseportError | None:
+        refused = access.check(metadata, method)
+        if refused is None and method in ("Execute", "Fallback") and codec.carries_graphs(request):
+            # The graphs are registered as Register would: the caller needs its right too.
+            if access.check(metadata, "Register") is not None:
+                refused = PermissionDenied(
+                    f"role {access.role_of(metadata)!r} may not call {method} with graphs: "
+                    "registering them needs a role that may call Register"
+                )
+        return refused
+
+    def _count(self, method: str, code: grpc.StatusCode, arrived: int, request: Any) -> None:
+        if self._refused is not None:
+            self._refused(method, code, arrived, len(request) if isinstance(request, bytes) else 0)
 
     def _finished(self, _context: object) -> None:
         self.in_flight -= 1
@@ -163,7 +197,9 @@ class Server:
         )
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
         self.inference = kserve.InferenceService(self.service)
-        self.gate = _Gate(_Services(self.service.handler(), self.inference.handler()), self.security.access)
+        self.gate = _Gate(
+            _Services(self.service.handler(), self.inference.handler()), self.security.access, self.service.refused
+        )
         self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(

@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,14 @@ import torch
 
 from fuseport.server.checks import Planner, with_data_checks
 from fuseport.wire import _pb, ops
-from fuseport.wire.errors import FuseportError, InvalidAlias, InvalidGraph, KernelNotFound, ResourceExhausted
+from fuseport.wire.errors import (
+    FuseportError,
+    InvalidAlias,
+    InvalidGraph,
+    KernelNotFound,
+    KeyMismatch,
+    ResourceExhausted,
+)
 from fuseport.wire.graph import Signature, build_module, graph_summary, signature_of
 from fuseport.wire.keys import ALIAS_PATTERN, check_alias, key_for
 
@@ -265,6 +272,38 @@ class Registry:
             len(graph.conditions),
         )
         return key, True, vkey
+
+    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph]) -> int:
+        """Registers the graphs a call carries for kernel `key` (see ExecuteRequest.graphs):
+        the first must hash to `key` (KeyMismatch otherwise), the others are added as its
+        variants, each exactly as Register would. Refused before anything is hashed or
+        built when there are more graphs than a kernel may have variants or one is over
+        --max-graph-bytes. Returns how many graphs were new here."""
+        if len(graphs) > self.quotas.max_variants:
+            raise ResourceExhausted(
+                f"the call carries {len(graphs)} graphs for kernel {key}; a kernel has at most "
+                f"{self.quotas.max_variants} variants here (--max-variants)"
+            )
+        for i, graph in enumerate(graphs):
+            size = graph.ByteSize()
+            if size > self.quotas.max_graph_bytes:
+                raise ResourceExhausted(
+                    f"graphs[{i}] is {size} bytes (constants included); this server takes graphs of at most "
+                    f"{self.quotas.max_graph_bytes} bytes (--max-graph-bytes)"
+                )
+        own = key_for(graphs[0])
+        if own != key:
+            raise KeyMismatch(
+                f"graphs[0] hashes to key {own}, not {key}: the first graph a call carries must be "
+                "the kernel's own graph, whose content key is the key called"
+            )
+        created = 0
+        for i, graph in enumerate(graphs):
+            try:
+                created += self.register(graph, None if i == 0 else key)[1]
+            except FuseportError as e:
+                raise type(e)(f"graphs[{i}]: {e}") from None
+        return created
 
     def _check_quotas(self, new_kernel: bool, size: int) -> None:
         count = len(self._kernels) + len(self._stored)

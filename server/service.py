@@ -163,6 +163,11 @@ class KernelService:
         except Exception:  # noqa: BLE001 - counting must never fail a call
             log.exception("call observer failed")
 
+    def refused(self, method: str, code: grpc.StatusCode, arrived: int, received: int) -> None:
+        """Counts a call refused before its handler ran (the app's gate: no token,
+        a role that may not call it, a server draining)."""
+        self._observe(CallRecord(method), code, arrived, received, 0)
+
     async def _abort(self, context: grpc.aio.ServicerContext, error: FuseportError) -> None:
         code = status_for(error)
         if code is not grpc.StatusCode.INTERNAL:  # an INTERNAL one is logged with its traceback
@@ -201,7 +206,8 @@ class KernelService:
         req = codec.decode_execute_request(request)
         decode_ns = time.perf_counter_ns() - started
         last = self._run_us.get((req.key, fused), _INLINE_MAX_RUN_US)
-        if not req.wait_for_compile and last < _INLINE_MAX_RUN_US:
+        # Graphs to register first mean building them and writing the store: a worker's job.
+        if not req.wait_for_compile and not req.graphs and last < _INLINE_MAX_RUN_US:
             return self._finish(req, decode_ns, 0, deadline, record, fused)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
@@ -224,6 +230,9 @@ class KernelService:
         record: CallRecord,
         fused: bool,
     ) -> bytes:
+        # Registered first, in this same call: a separate Register could reach
+        # another replica than this call did (see ExecuteRequest.graphs).
+        registered = self.core.adopt(req.key, req.graphs) if req.graphs else 0
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants
         )
@@ -243,6 +252,7 @@ class KernelService:
             limit=self.limit,
             clock=time.perf_counter_ns,
             variant=result.variant,
+            registered=registered,
         )
         record.path, record.reason, record.timings = result.path, result.reason, timings
         log.debug(

@@ -7,17 +7,21 @@ some, so a server that relies on it fails this test on nearly every run.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import signal
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import Client, capture
+from fuseport.server import Settings, create_server
 from fuseport.wire import codec
 
 from .conftest import start_server
@@ -96,3 +100,42 @@ def test_sigterm_under_load_ends_every_call_ok_or_unavailable(tmp_path: Path) ->
     )
     # Every caller's last call found the server gone.
     assert codes[grpc.StatusCode.UNAVAILABLE] >= len(threads)
+
+
+def test_calls_refused_while_draining_are_counted_with_their_code(tmp_path: Path) -> None:
+    """The gate answers UNAVAILABLE before any handler runs: metrics count those
+    calls too, or a draining replica's refusals would be invisible."""
+    def refused(url: str) -> float:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "fuseport_requests_total" and s.labels["code"] == "UNAVAILABLE"
+            and s.labels["method"] == "Execute"
+        )
+
+    async def run() -> tuple[float, float, grpc.StatusCode]:
+        settings = Settings(host="127.0.0.1", port=0, store_dir=tmp_path, device="cpu", compile_mode="off",
+                            metrics_port=0)  # fmt: skip
+        server, port = await create_server(settings)
+        await server.start()
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        try:
+            before = await asyncio.to_thread(refused, url)
+            await server.drain(0)
+            # A plain channel: no retries, one call, one refusal.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await channel.unary_unary(_METHOD.format("Execute"))(b"", timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    code = e.code()
+            return before, await asyncio.to_thread(refused, url), code
+        finally:
+            await server.stop(0)
+
+    before, after, code = asyncio.run(run())
+    assert code is grpc.StatusCode.UNAVAILABLE
+    assert (before, after) == (0, 1)

@@ -45,6 +45,7 @@ __all__ = [
     "MAX_RANK",
     "MAX_VALUES",
     "StackValue",
+    "carries_graphs",
     "decode_execute_request",
     "decode_execute_response",
     "decode_stack",
@@ -80,6 +81,7 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
 _T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
 _REQ_STACK = 3
+_REQ_GRAPHS = 30
 _RESP_STACK, _RESP_TIMINGS = 4, 5
 
 
@@ -518,6 +520,8 @@ class ExecuteRequest:
     stack: list[StackValue]
     wait_for_compile: bool = False
     variants: tuple[int, ...] = ()  # the only variants the client runs; empty: any
+    # Graphs to register before running (a retry on a replica that lacks the kernel).
+    graphs: tuple[_pb.graph.Graph, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,6 +532,7 @@ class ExecuteResponse:
     detail: str
     timings: _pb.service.Timings
     variant: int = 0
+    registered: int = 0  # graphs of the request that were new on the server
 
 
 def _split(buf: Buffer, stack_field: int) -> tuple[_Reader, bytes, list[tuple[int, int]]]:
@@ -553,17 +558,32 @@ def encode_execute_request(
     wait_for_compile: bool = False,
     limit: int | None = None,
     variants: Sequence[int] = (),
+    graphs: Sequence[_pb.graph.Graph] = (),
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if wait_for_compile:
         head.options.wait_for_compile = True
     if variants:
         head.options.variants.extend(variants)
+    if graphs:
+        head.graphs.extend(graphs)
     w = _Writer()
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_REQ_STACK, v, f"stack[{i}]")
     return w.getvalue(limit)
+
+
+def carries_graphs(buf: Buffer) -> bool:
+    """Whether an ExecuteRequest carries graphs to register (field `graphs`),
+    read from its top-level tags alone: the server's access check asks this
+    before anything is decoded. A message it cannot walk is answered False:
+    decoding it refuses the same message before anything is registered."""
+    r = _Reader(buf)
+    try:
+        return any(f == _REQ_GRAPHS for f, _, _, _ in r.fields(0, len(r.view), "request"))
+    except InvalidStack:
+        return False
 
 
 def _decode_execute(buf: Buffer, stack_field: int, cls: Any, what: str) -> tuple[Any, list[StackValue]]:
@@ -583,6 +603,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         stack=stack,
         wait_for_compile=head.options.wait_for_compile,
         variants=tuple(head.options.variants),
+        graphs=tuple(head.graphs),
     )
 
 
@@ -595,12 +616,15 @@ def encode_execute_response(
     limit: int | None = None,
     clock: Callable[[], int] | None = None,
     variant: int = 0,
+    registered: int = 0,
 ) -> bytes:
     """Frames an ExecuteResponse. With `clock` (ns), the encode time is measured
     and written into `timings` last, so that it covers the encoding itself."""
     start = clock() if clock else 0
     w = _Writer()
-    head = _pb.service.ExecuteResponse(path=path, reason=reason, detail=detail, variant=variant)
+    head = _pb.service.ExecuteResponse(
+        path=path, reason=reason, detail=detail, variant=variant, registered=registered
+    )
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
         w.value_field(_RESP_STACK, v, f"stack[{i}]")
@@ -620,6 +644,7 @@ def decode_execute_response(buf: Buffer) -> ExecuteResponse:
         detail=head.detail,
         timings=head.timings,
         variant=head.variant,
+        registered=head.registered,
     )
 
 

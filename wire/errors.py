@@ -4,7 +4,8 @@
     ├── InvalidArgument            INVALID_ARGUMENT
     │   ├── InvalidStack           a stack that cannot be decoded
     │   ├── InvalidGraph           a graph that cannot be decoded or rebuilt
-    │   │   └── OpNotAllowed       an op outside the allowlist
+    │   │   ├── OpNotAllowed       an op outside the allowlist
+    │   │   └── KeyMismatch        a graph sent under a key that is not its content key
     │   ├── CaptureError           (client side) a function that cannot be captured
     │   ├── SignatureMismatch      inputs that do not match the kernel's inputs
     │   │   └── NoMatchingVariant  right number of inputs, but no variant covers them
@@ -42,6 +43,7 @@ __all__ = [
     "InvalidGraph",
     "InvalidStack",
     "KernelNotFound",
+    "KeyMismatch",
     "NoMatchingVariant",
     "OpNotAllowed",
     "PermissionDenied",
@@ -74,6 +76,12 @@ class InvalidGraph(InvalidArgument):
 
 class OpNotAllowed(InvalidGraph):
     """A graph names an op outside the allowlist."""
+
+
+class KeyMismatch(InvalidGraph):
+    """A graph sent along with a call for kernel K (so that a replica lacking K
+    can register it) whose content key is not K: a server never files a graph
+    under a key its content does not hash to."""
 
 
 class CaptureError(InvalidArgument):

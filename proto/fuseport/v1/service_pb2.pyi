@@ -78,14 +78,16 @@ class ExecuteOptions(_message.Message):
     def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("key", "options", "stack")
+    __slots__ = ("key", "options", "stack", "graphs")
     KEY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_FIELD_NUMBER: _ClassVar[int]
     key: int
     options: ExecuteOptions
     stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
-    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ...) -> None: ...
+    graphs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Graph]
+    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., graphs: _Optional[_Iterable[_Union[_graph_pb2.Graph, _Mapping]]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_us", "queue_us", "run_us", "encode_us")
@@ -100,20 +102,22 @@ class Timings(_message.Message):
     def __init__(self, decode_us: _Optional[int] = ..., queue_us: _Optional[int] = ..., run_us: _Optional[int] = ..., encode_us: _Optional[int] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("path", "reason", "detail", "stack", "timings", "variant")
+    __slots__ = ("path", "reason", "detail", "stack", "timings", "variant", "registered")
     PATH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
     path: Path
     reason: FallbackReason
     detail: str
     stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
     timings: Timings
     variant: int
-    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., variant: _Optional[int] = ...) -> None: ...
+    registered: int
+    def __init__(self, path: _Optional[_Union[Path, str]] = ..., reason: _Optional[_Union[FallbackReason, str]] = ..., detail: _Optional[str] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., variant: _Optional[int] = ..., registered: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("key", "include_source")
