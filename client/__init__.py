@@ -16,6 +16,8 @@ from fuseport.wire.errors import (  # cheap: no torch
     DeadlineExceeded,
     ExecutionFailed,
     FuseportError,
+    HandleElsewhere,
+    HandleNotFound,
     InternalError,
     InvalidArgument,
     InvalidGraph,
@@ -33,6 +35,7 @@ from fuseport.wire.hostmem import keep_host_memory
 
 if TYPE_CHECKING:
     from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
+    from fuseport.client.resident import RemoteTensor
     from fuseport.wire.capture import capture
     from fuseport.wire.keys import key_for
 
@@ -44,6 +47,8 @@ __all__ = [
     "ExecuteResult",
     "ExecutionFailed",
     "FuseportError",
+    "HandleElsewhere",
+    "HandleNotFound",
     "InternalError",
     "InvalidArgument",
     "InvalidGraph",
@@ -52,6 +57,7 @@ __all__ = [
     "NoMatchingVariant",
     "OpNotAllowed",
     "PermissionDenied",
+    "RemoteTensor",
     "ResourceExhausted",
     "SignatureMismatch",
     "Timings",
@@ -69,6 +75,7 @@ __getattr__ = lazy_exports(
         "AsyncClient": "fuseport.client.client",
         "Client": "fuseport.client.client",
         "ExecuteResult": "fuseport.client.client",
+        "RemoteTensor": "fuseport.client.resident",
         "Timings": "fuseport.client.client",
         "capture": "fuseport.wire.capture",
         "key_for": "fuseport.wire.keys",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
@@ -30,7 +32,7 @@ from fuseport.wire.security import (
     token_from_env,
 )
 
-__all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
+__all__ = ["AsyncClient", "Client", "ExecuteResult", "RemoteTensor", "Timings"]
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +186,21 @@ class _Base:
             raise TypeError("register(fn_or_module, example_inputs): example inputs are needed to capture")
         return capture(fn_or_graph, list(example_inputs))
 
-    def _execute_request(self, key: int, stack: Sequence[Any], wait: bool) -> bytes:
+    def _execute_request(self, key: int, stack: Sequence[Any], wait: bool, keep: bool = False) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
         # never trusted with this client's function.
         known = self._known.get(key)
         variants = list(known.graphs) if known else ()
-        return codec.encode_execute_request(key, list(stack), wait_for_compile=wait, limit=self._max, variants=variants)
+        values = self._wire_stack(stack)
+        return codec.encode_execute_request(
+            key, values, wait_for_compile=wait, limit=self._max, variants=variants, keep_outputs=keep
+        )
+
+    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
+        """The stack as it travels (RemoteTensors become handles); the async
+        client has no RemoteTensors, so they cannot travel from it."""
+        return list(stack)
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
@@ -287,6 +297,10 @@ class Client(_Base):
     >>> with Client("127.0.0.1:50051") as c:            # doctest: +SKIP
     ...     key = c.register(lambda x, y: x * y + 1, [torch.ones(4), torch.ones(4)])
     ...     c.execute(key, [torch.ones(4), torch.full((4,), 2.0)])
+
+    `execute(..., keep=True)` leaves the tensor outputs on the server's device
+    and returns RemoteTensors, which later stacks of this client take as they
+    are (no transfer). close() frees every handle the client still holds.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -294,9 +308,15 @@ class Client(_Base):
         self.channel = open_channel(target, self._credentials, self._options)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
-        }
+            for name in (
+                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
+                "FetchHandles", "FreeHandles", "RenewLease",
+            )
+        }  # fmt: skip
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        # Random per client: the server binds the handles this client makes to it.
+        self._leases = Leases(self._call)
+        self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
 
     def __enter__(self) -> Client:
         return self
@@ -305,7 +325,17 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
+        """Frees this client's handles on the server, then closes the channel."""
+        self._leases.close(self.timeout)
         self.channel.close()
+
+    @property
+    def client_id(self) -> str:
+        """The random id this client sends as "fuseport-client-id" metadata."""
+        return self._leases.client_id
+
+    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
+        return [self._leases.to_wire(v) for v in stack]
 
     def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
         try:
@@ -332,33 +362,92 @@ class Client(_Base):
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
-        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
     ) -> ExecuteResult:
         """Execute, with which path ran, why, and where the time went."""
-        return self._run("Execute", key, stack, wait, timeout)
+        return self._run("Execute", key, stack, wait, timeout, keep)
 
-    def fallback_detailed(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> ExecuteResult:
-        return self._run("Fallback", key, stack, False, timeout)
+    def fallback_detailed(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> ExecuteResult:
+        return self._run("Fallback", key, stack, False, timeout, keep)
 
-    def execute(self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None) -> list[Any]:
-        """The resulting stack: the kernel's inputs on top are replaced by its outputs."""
-        return self.execute_detailed(key, stack, wait=wait, timeout=timeout).stack
+    def execute(
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """The resulting stack: the kernel's inputs on top are replaced by its outputs.
 
-    def fallback(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
-        return self.fallback_detailed(key, stack, timeout=timeout).stack
+        With `keep`, tensor outputs stay on the server's device and come back
+        as RemoteTensors (stack values for later calls of this client)."""
+        return self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout).stack
 
-    def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
+    def fallback(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        return self.fallback_detailed(key, stack, keep=keep, timeout=timeout).stack
+
+    def _run(
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
+    ) -> ExecuteResult:
         started = time.perf_counter_ns()
         try:
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
+            raw = self._call(method, self._execute_request(key, stack, wait, keep), timeout)
         except FuseportError as e:
             steps = self._recovery(e, key, stack)
             if steps is None:
                 raise
             for request, registered in steps:
                 registered(self._call("Register", request, timeout))
-            raw = self._call(method, self._execute_request(key, stack, wait), timeout)
-        return _result(raw, started)
+            raw = self._call(method, self._execute_request(key, stack, wait, keep), timeout)
+        result = _result(raw, started)
+        if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
+            result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
+        return result
+
+    # Device-resident values -------------------------------------------------
+
+    def fetch(
+        self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        """The values of several RemoteTensors in one call (freed too, with `free`)."""
+        handles = [t.handle() for t in tensors]
+        out = self._leases.fetch([h.id for h in handles], free, timeout)
+        if free:
+            for t in tensors:
+                t._forget()
+        return out
+
+    def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
+        """Frees several RemoteTensors in one call (all or none); returns how many."""
+        live = [t for t in tensors if not t.freed]
+        ids = [t.handle().id for t in live]
+        if not ids:
+            return 0
+        freed = self._leases.free(ids, timeout)
+        for t in live:
+            t._forget()
+        return freed
+
+    def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
+        """Renews this client's lease now (done in the background while it holds
+        RemoteTensors); says what it holds and its limits."""
+        return self._leases.renew(timeout)
+
+    def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
+        """The server's device-resident values: totals, budget, and this client's own."""
+        return _pb.service.ListResponse.FromString(self._call("List", b"", timeout)).resident
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
         """Signature, every ArgSpec with its state, run counts, generated source."""

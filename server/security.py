@@ -22,15 +22,17 @@ from fuseport.server.settings import Settings
 from fuseport.wire.errors import FuseportError, PermissionDenied, Unauthenticated
 from fuseport.wire.security import AUTHORIZATION_KEY, BEARER
 
-__all__ = ["ROLES", "Access", "Security", "Tls", "load_tokens"]
+__all__ = ["ROLES", "Access", "Security", "Tls", "load_tokens", "presented_token_digest"]
 
 log = logging.getLogger(__name__)
 
 # What each role may call, by KernelService method name. `user` runs what is
 # registered; only `admin` changes what is registered.
 ROLES: Mapping[str, frozenset[str]] = {
-    "admin": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}),
-    "user": frozenset({"Execute", "Fallback", "Describe", "List"}),
+    "admin": frozenset(
+        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister", "FetchHandles", "FreeHandles", "RenewLease"}
+    ),
+    "user": frozenset({"Execute", "Fallback", "Describe", "List", "FetchHandles", "FreeHandles", "RenewLease"}),
 }
 
 
@@ -72,6 +74,21 @@ def load_tokens(path: Path) -> list[tuple[bytes, str]]:
     return entries
 
 
+def _presented(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    presented = None
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(BEARER)].lower() == BEARER.lower():
+            presented = value[len(BEARER) :].strip()
+    return presented or None
+
+
+def presented_token_digest(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes:
+    """The digest of the call's bearer token (b"" without one): part of who owns
+    the call's device-resident values, so that a handle is bound to its token."""
+    presented = _presented(metadata)
+    return _digest(presented) if presented else b""
+
+
 class Access:
     """Bearer tokens with roles, read from a file, reread by `reload`."""
 
@@ -89,10 +106,7 @@ class Access:
 
     def role_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """The role of the call's bearer token; None when it has none the server knows."""
-        presented = None
-        for key, value in metadata or ():
-            if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(BEARER)].lower() == BEARER.lower():
-                presented = value[len(BEARER) :].strip()
+        presented = _presented(metadata)
         if not presented:
             return None
         digest = _digest(presented)
