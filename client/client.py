@@ -251,6 +251,10 @@ class _Base:
             return [self._register_graph(g, known.fn, None if v == key else key) for v, g in graphs]
         if isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
+            if any(isinstance(v, RemoteTensor) for v in inputs):
+                # Capture needs the values here; a RemoteTensor's are on the server.
+                log.info("kernel %d: no variant covers these inputs, and RemoteTensors cannot be captured on", key)
+                return None
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
             try:
                 graph = capture(known.fn, inputs)
