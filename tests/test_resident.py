@@ -36,14 +36,19 @@ MAX_HANDLES = 40
 # Short, so that the expiry test waits seconds; long enough that a handle used
 # right after it is made (without a lease thread renewing it) never expires first.
 LEASE = 5
+# The server checks tokens, so that handles are bound to the token as well as the client id.
+ADMIN, USER, OTHER_USER = (secrets.token_urlsafe(16) for _ in range(3))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Compile mode off (handles are not about compiling), small limits, a short
     lease, and freed host memory handed back at once, so that a free shows in the RSS."""
+    tmp = tmp_path_factory.mktemp("resident")
+    tokens = tmp / "tokens"
+    tokens.write_text(f"{ADMIN} admin\n{USER} user\n{OTHER_USER} user\n")
     s = start_server(
-        tmp_path_factory.mktemp("resident"), None,
+        tmp, None, "--auth-tokens", str(tokens),
         "--compile-mode", "off", "--metrics-port", "0", "--keep-host-memory", "false",
         "--handle-lease-seconds", str(LEASE),
         "--max-resident-bytes-per-client", str(QUOTA), "--max-resident-bytes", str(BUDGET),
@@ -55,25 +60,35 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture()
 def client(server: ServerProcess) -> Iterator[Client]:
-    with Client(server.target, timeout=60) as c:
+    with user(server) as c:
         yield c
+
+
+def user(server: ServerProcess, token: str = USER) -> Client:
+    return Client(server.target, timeout=60, token=token)
 
 
 @pytest.fixture(scope="module")
 def kernels(server: ServerProcess) -> dict[str, int]:
     x = torch.ones(4)
-    with Client(server.target, timeout=60) as c:
+    with Client(server.target, timeout=60, token=ADMIN) as c:
         return {
             "affine": c.register(lambda t: t * 2 + 1, [x]),
             "square": c.register(lambda t: t * t, [x]),
             "sub": c.register(lambda a, b: a - b, [x, torch.zeros(4)]),
             "split": c.register(lambda t: (t + 1, t.sum()), [x]),
+            "head": c.register(lambda t: t[:2], [x]),
+            "to_int": c.register(lambda t: (t * 3).to(torch.int64), [x]),
         }
 
 
-def call(server: ServerProcess, method: str, request: bytes, client_id: str | None) -> bytes:
+def call(
+    server: ServerProcess, method: str, request: bytes, client_id: str | None, token: str = USER
+) -> bytes:
     """A KernelService call with exactly the metadata given (no client's own)."""
-    metadata = ((CLIENT_ID_KEY, client_id),) if client_id is not None else None
+    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
+    if client_id is not None:
+        metadata += ((CLIENT_ID_KEY, client_id),)
     with grpc.insecure_channel(server.target) as channel:
         try:
             return channel.unary_unary(f"/fuseport.v1.KernelService/{method}")(  # type: ignore[no-any-return]
@@ -85,9 +100,11 @@ def call(server: ServerProcess, method: str, request: bytes, client_id: str | No
 
 
 def execute_raw(
-    server: ServerProcess, key: int, stack: list, client_id: str | None, keep: bool = False
+    server: ServerProcess, key: int, stack: list, client_id: str | None, keep: bool = False, token: str = USER
 ) -> list:
-    raw = call(server, "Execute", codec.encode_execute_request(key, stack, keep_outputs=keep), client_id)
+    raw = call(
+        server, "Execute", codec.encode_execute_request(key, stack, keep_outputs=keep), client_id, token
+    )
     return codec.decode_execute_response(raw).stack
 
 
@@ -139,12 +156,11 @@ def test_handles_mixed_with_tensors_and_below_the_inputs(client: Client, kernels
     client.free([h, top, total])
 
 
-def test_identity_output_is_its_own_copy(client: Client, server: ServerProcess) -> None:
+def test_view_of_an_input_is_kept_as_its_own_copy(client: Client, kernels: dict[str, int]) -> None:
     """A kernel that returns its input unchanged: the handle owns its bytes,
     not a view of the request message (which would keep it all alive)."""
-    ident = client.register(lambda t: t[:2], [torch.ones(4)])
     x = torch.arange(1 << 16, dtype=torch.float32)
-    (h,) = client.execute(ident, [x], keep=True)
+    (h,) = client.execute(kernels["head"], [x], keep=True)
     assert h.nbytes == 8 and torch.equal(h.fetch(), x[:2])
     h.free()
 
@@ -161,7 +177,7 @@ def test_context_manager_and_fetch_free(client: Client, kernels: dict[str, int])
 def test_dropped_remote_tensors_and_closed_clients_free_their_handles(
     server: ServerProcess, kernels: dict[str, int]
 ) -> None:
-    c = Client(server.target, timeout=60)
+    c = user(server)
     kept = c.execute(kernels["affine"], [torch.ones(8)], keep=True)[0]
     dropped = c.execute(kernels["affine"], [torch.ones(8)], keep=True)[0]
     dropped_id = dropped.id
@@ -201,6 +217,14 @@ def test_memory_is_returned_after_free(
     assert rss_held - server.rss() >= 48 * MiB
 
 
+def test_handles_travel_in_the_codec_and_the_generated_classes() -> None:
+    h = codec.Handle("abc.def", torch.bfloat16, (2, 3), "cuda:0", 12, "abc")
+    assert codec.decode_stack(codec.encode_stack([h, [h, 1]])) == [h, [h, 1]]
+    msg = _pb.values.Stack.FromString(codec.encode_stack([h]))
+    assert msg.values[0].handle.id == "abc.def" and list(msg.values[0].handle.shape) == [2, 3]
+    assert codec.value_from_proto(msg.values[0]) == h
+
+
 # --------------------------------------------------------------------------- hostile
 
 
@@ -221,7 +245,7 @@ def test_other_clients_handle_is_indistinguishable_from_a_forged_one(
 ) -> None:
     (mine,) = client.execute(kernels["affine"], [torch.ones(4)], keep=True)
     forged = f"{mine.server}.{secrets.token_urlsafe(32)}"
-    with Client(server.target, timeout=60) as thief:
+    with user(server) as thief:
         errors = []
         for hid in (mine.id, forged):
             with pytest.raises(HandleNotFound) as e:
@@ -245,7 +269,7 @@ def test_other_clients_handle_is_indistinguishable_from_a_forged_one(
     mine.free()
 
 
-def test_handles_are_bound_to_the_client_id_and_to_a_valid_one(
+def test_handles_are_bound_to_the_client_id_and_the_token(
     server: ServerProcess, kernels: dict[str, int]
 ) -> None:
     me = secrets.token_urlsafe(24)
@@ -259,6 +283,11 @@ def test_handles_are_bound_to_the_client_id_and_to_a_valid_one(
             execute_raw(server, kernels["affine"], [torch.ones(2)], bad, keep=True)
     with pytest.raises(InvalidArgument, match="need a client id"):
         execute_raw(server, kernels["affine"], [torch.ones(2)], None, keep=True)
+    # The same client id with another token is another owner (tokens are not shared secrets).
+    with pytest.raises(HandleNotFound):
+        execute_raw(server, kernels["affine"], [h], me, token=OTHER_USER)
+    call(server, "FreeHandles", _pb.service.FreeHandlesRequest(all=True).SerializeToString(), me, OTHER_USER)
+    assert resident(server, me).caller.handles == 1
     call(server, "FreeHandles", _pb.service.FreeHandlesRequest(all=True).SerializeToString(), me)
     assert resident(server, me).caller.handles == 0
 
@@ -290,8 +319,7 @@ def test_use_after_free_and_double_free(
 
 
 def test_handle_of_wrong_dtype_is_a_signature_mismatch(client: Client, kernels: dict[str, int]) -> None:
-    to_int = client.register(lambda t: (t * 3).to(torch.int64), [torch.ones(2)])
-    (h,) = client.execute(to_int, [torch.ones(5)], keep=True)
+    (h,) = client.execute(kernels["to_int"], [torch.ones(5)], keep=True)
     assert h.dtype == torch.int64
     with pytest.raises(SignatureMismatch, match=r"stack\[0\].*expected a float32 tensor, got int64"):
         client.execute(kernels["affine"], [h])
@@ -305,7 +333,7 @@ def test_handle_of_wrong_dtype_is_a_signature_mismatch(client: Client, kernels: 
 def test_remote_tensor_of_another_client_is_refused_locally(
     server: ServerProcess, kernels: dict[str, int]
 ) -> None:
-    with Client(server.target, timeout=60) as a, Client(server.target, timeout=60) as b:
+    with user(server) as a, user(server) as b:
         (h,) = a.execute(kernels["affine"], [torch.ones(2)], keep=True)
         with pytest.raises(HandleNotFound, match="another Client"):
             b.execute(kernels["affine"], [h])
@@ -323,7 +351,7 @@ def test_handle_of_another_serving_process_says_so(
 
 def test_quota_budget_and_handle_count_are_enforced(server: ServerProcess, kernels: dict[str, int]) -> None:
     big = torch.ones(10 * MiB)  # 40 MiB each
-    with Client(server.target, timeout=60) as a, Client(server.target, timeout=60) as b:
+    with user(server) as a, user(server) as b:
         held = [
             a.execute(kernels["affine"], [big], keep=True)[0] for _ in range(2)
         ]  # 80 MiB: a's whole quota
@@ -359,7 +387,7 @@ def test_handles_expire_when_their_client_stops_renewing(
     server: ServerProcess, kernels: dict[str, int]
 ) -> None:
     key = kernels["affine"]
-    with Client(server.target, timeout=60) as c:
+    with user(server) as c:
         (alive,) = c.execute(key, [torch.ones(2)], keep=True)  # renewed by c's lease thread
         silent = secrets.token_urlsafe(24)  # a client that never renews: it died
         (h,) = execute_raw(server, key, [torch.ones(4)], silent, keep=True)
