@@ -9,6 +9,8 @@ Sections (docs: the issue this implements, and each module's docstring):
               and an MLP; the pointwise chain against the memory floor.
 * concurrency 1, 4, 16 client processes against fuseport and the echo.
 * compile     first-call compile time; latency of requests during a compile.
+* resident    a chain of three kernels on device-resident handles against
+              shipping the data each call; Execute vs Fallback on a resident input.
 
 Without --target it starts `fuseport serve` (and always an echo server) on
 127.0.0.1, and stops them at the end.
@@ -34,7 +36,7 @@ __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile")
+SECTIONS = ("transport", "device", "concurrency", "compile", "resident")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -137,7 +139,7 @@ def _run(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, transport
+    from fuseport.bench import compiling, concurrency, device, resident, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -146,7 +148,7 @@ def _run(
     from fuseport.client import Client
 
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
-               "compile": compiling.run}
+               "compile": compiling.run, "resident": resident.run}
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()
