@@ -129,5 +129,10 @@ def run(ctx: Context) -> Section:
             note=f"{med['one_fallback'] / med['one_execute']:.1f}x faster; paths {paths['execute']}/"
                  f"{paths['fallback']}").judge(gpu_only=True, on_gpu=on_gpu),
     ]  # fmt: skip
-    data = {"elements": n, "iterations": iterations, "paths": paths, **{k: summary(v) for k, v in times.items()}}
+    data = {
+        "elements": n,
+        "iterations": iterations,
+        "paths": paths,
+        **{k: summary(v) for k, v in times.items()},
+    }
     return Section("resident", rows, data)

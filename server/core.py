@@ -130,7 +130,14 @@ class Core:
                     fused=fused, unfused=plan.unfused, wait=wait, deadline=deadline,
                 )  # fmt: skip
                 if keep:
-                    outputs = self.residents.keep(owner, outcome.outputs, args, f"kernel {key}")
+                    # CUDA graphs (these two modes) reuse their output memory on the next
+                    # replay: a kept output must be a copy (to_host copies anyway).
+                    copy = (
+                        outcome.path == _pb.service.PATH_FUSED
+                        and self.placement.cuda
+                        and self.settings.compile_mode in ("reduce-overhead", "max-autotune")
+                    )
+                    outputs = self.residents.keep(owner, outcome.outputs, args, f"kernel {key}", copy=copy)
                 else:
                     outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()

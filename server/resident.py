@@ -137,9 +137,12 @@ class Residents:
             holder = self._holders.get(owner.key) or _Holder()
             self._check(holder.bytes, len(holder.handles), nbytes, 0, what)
 
-    def keep(self, owner: Owner, values: Sequence[Any], inputs: Sequence[Any], what: str) -> list[Any]:
+    def keep(
+        self, owner: Owner, values: Sequence[Any], inputs: Sequence[Any], what: str, copy: bool = False
+    ) -> list[Any]:
         """`values` with each tensor in it (lists too) kept here and replaced by
-        its Handle; all or none: over a limit, nothing is kept."""
+        its Handle (a copy of each, with `copy`); all or none: over a limit,
+        nothing is kept."""
         self._require(owner)
         held = {_storage_ptr(t) for t in _tensors(inputs)}
         kept: list[tuple[str, torch.Tensor, int]] = []
@@ -148,7 +151,7 @@ class Residents:
             # A view of an input (an identity kernel, a slice) or of a larger block
             # would hold that whole block (on the CPU: the request message): a
             # handle keeps exactly its own bytes.
-            if _storage_ptr(t) in held or t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            if copy or _storage_ptr(t) in held or t.untyped_storage().nbytes() > t.numel() * t.element_size():
                 return t.clone()
             return t
 
