@@ -12,6 +12,8 @@ Sections (docs: the issue this implements, and each module's docstring):
 * stream      streamed Execute (ExecuteStream) against unary Execute, the raw
               unary echo and a raw streaming echo of the same chunks, 16 and
               256 MiB; the chunk size and the client's streaming threshold.
+* resident    a chain of three kernels on device-resident handles against
+              shipping the data each call; Execute vs Fallback on a resident input.
 
 Without --target it starts `fuseport serve` (and always an echo server) on
 127.0.0.1, and stops them at the end.
@@ -37,7 +39,7 @@ __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile", "stream")
+SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -140,7 +142,7 @@ def _run(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, streaming, transport
+    from fuseport.bench import compiling, concurrency, device, resident, streaming, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -149,7 +151,7 @@ def _run(
     from fuseport.client import Client
 
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
-               "compile": compiling.run, "stream": streaming.run}
+               "compile": compiling.run, "stream": streaming.run, "resident": resident.run}
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()

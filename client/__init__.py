@@ -16,6 +16,8 @@ from fuseport.wire.errors import (  # cheap: no torch
     DeadlineExceeded,
     ExecutionFailed,
     FuseportError,
+    HandleElsewhere,
+    HandleNotFound,
     InternalError,
     InvalidAlias,
     InvalidArgument,
@@ -35,6 +37,7 @@ from fuseport.wire.hostmem import keep_host_memory
 
 if TYPE_CHECKING:
     from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
+    from fuseport.client.resident import RemoteTensor
     from fuseport.wire.capture import capture
     from fuseport.wire.keys import key_for
 
@@ -46,6 +49,8 @@ __all__ = [
     "ExecuteResult",
     "ExecutionFailed",
     "FuseportError",
+    "HandleElsewhere",
+    "HandleNotFound",
     "InternalError",
     "InvalidAlias",
     "InvalidArgument",
@@ -56,6 +61,7 @@ __all__ = [
     "NoMatchingVariant",
     "OpNotAllowed",
     "PermissionDenied",
+    "RemoteTensor",
     "ResourceExhausted",
     "SignatureMismatch",
     "Timings",
@@ -73,6 +79,7 @@ __getattr__ = lazy_exports(
         "AsyncClient": "fuseport.client.client",
         "Client": "fuseport.client.client",
         "ExecuteResult": "fuseport.client.client",
+        "RemoteTensor": "fuseport.client.resident",
         "Timings": "fuseport.client.client",
         "capture": "fuseport.wire.capture",
         "key_for": "fuseport.wire.keys",

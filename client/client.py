@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
@@ -34,7 +36,7 @@ from fuseport.wire.security import (
 from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
 from fuseport.wire.targets import parse_target
 
-__all__ = ["AsyncClient", "Client", "ExecuteResult", "Timings"]
+__all__ = ["AsyncClient", "Client", "ExecuteResult", "RemoteTensor", "Timings"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,11 @@ def _streamed_result(assembler: Assembler, started: int) -> ExecuteResult:
     return _make_result(stack, h.path, h.reason, h.detail, assembler.ended.timings, h.variant, started, "stream")
 
 
+def _holds_remote(stack: Sequence[Any]) -> bool:
+    """Whether a stack holds RemoteTensors (at any depth)."""
+    return any(isinstance(v, RemoteTensor) or (isinstance(v, list) and _holds_remote(v)) for v in stack)
+
+
 def _make_result(
     stack: list[Any],
     path: int,
@@ -285,7 +292,12 @@ class _Base:
         return capture(fn_or_graph, list(example_inputs))
 
     def _execute_request(
-        self, key: int, stack: Sequence[Any], wait: bool, graphs: dict[int, _pb.graph.Graph] | None = None
+        self,
+        key: int,
+        stack: Sequence[Any],
+        wait: bool,
+        graphs: dict[int, _pb.graph.Graph] | None = None,
+        keep: bool = False,
     ) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
@@ -294,12 +306,18 @@ class _Base:
         variants = list(graphs if graphs is not None else known.graphs if known else ())
         return codec.encode_execute_request(
             key,
-            list(stack),
+            self._wire_stack(stack),
             wait_for_compile=wait,
             limit=self._max,
             variants=variants,
             graphs=list(graphs.values()) if graphs else (),
+            keep_outputs=keep,
         )
+
+    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
+        """The stack as it travels (RemoteTensors become handles); the async
+        client has no RemoteTensors, so they cannot travel from it."""
+        return list(stack)
 
     @staticmethod
     def _ordered(key: int, graphs: dict[int, _pb.graph.Graph]) -> dict[int, _pb.graph.Graph] | None:
@@ -310,16 +328,16 @@ class _Base:
             return None
         return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
 
-    def _first_request(self, key: int, stack: Sequence[Any], wait: bool) -> tuple[bytes, bool]:
+    def _first_request(self, key: int, stack: Sequence[Any], wait: bool, keep: bool = False) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
         known = self._known.get(key)
         if known is not None and known.heal > 0 and (graphs := self._ordered(key, known.graphs)) is not None:
             try:
-                return self._execute_request(key, stack, wait, graphs), True
+                return self._execute_request(key, stack, wait, graphs, keep), True
             except ResourceExhausted:
                 pass  # over the message limit with them: the retry path registers them
-        return self._execute_request(key, stack, wait), False
+        return self._execute_request(key, stack, wait, keep=keep), False
 
     def _streams(self, stack: Sequence[Any]) -> bool:
         """Whether a stack goes as a stream: past the threshold, or too large
@@ -378,7 +396,14 @@ class _Base:
         return request.SerializeToString(), registered
 
     def _recovery(
-        self, e: FuseportError, key: int, stack: Sequence[Any], wait: bool, carried: bool, streamed: bool = False
+        self,
+        e: FuseportError,
+        key: int,
+        stack: Sequence[Any],
+        wait: bool,
+        carried: bool,
+        streamed: bool = False,
+        keep: bool = False,
     ) -> _Recovery | None:
         """How a failed Execute/Fallback may succeed when sent again, or None
         when it cannot (the error stands). `carried`: the failed call carried
@@ -409,6 +434,10 @@ class _Base:
             log.info("kernel %d: no variant there covers these inputs; sending the variants this client holds", key)
         elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
+            if any(isinstance(v, RemoteTensor) for v in inputs):
+                # Capture needs the values here; a RemoteTensor's are on the server.
+                log.info("kernel %d: no variant covers these inputs, and RemoteTensors cannot be captured on", key)
+                return None
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
             try:
                 graph = capture(known.fn, inputs)
@@ -429,7 +458,7 @@ class _Base:
         request: bytes | None = None
         if not streamed:
             try:
-                request = self._execute_request(key, stack, wait, ordered)
+                request = self._execute_request(key, stack, wait, ordered, keep)
             except ResourceExhausted:
                 pass  # graphs and stack together are over the limit: Register them one by one
 
@@ -478,6 +507,10 @@ class Client(_Base):
     >>> with Client("127.0.0.1:50051") as c:            # doctest: +SKIP
     ...     key = c.register(lambda x, y: x * y + 1, [torch.ones(4), torch.ones(4)])
     ...     c.execute(key, [torch.ones(4), torch.full((4,), 2.0)])
+
+    `execute(..., keep=True)` leaves the tensor outputs on the server's device
+    and returns RemoteTensors, which later stacks of this client take as they
+    are (no transfer). close() frees every handle the client still holds.
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -485,12 +518,18 @@ class Client(_Base):
         self.channel = open_channel(self._target.uri, self._credentials, self._options)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
-        }
+            for name in (
+                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
+                "FetchHandles", "FreeHandles", "RenewLease",
+            )
+        }  # fmt: skip
         self._stream_methods = {
             name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
         }
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        # Random per client: the server binds the handles this client makes to it.
+        self._leases = Leases(self._call)
+        self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
 
     def __enter__(self) -> Client:
         return self
@@ -499,7 +538,17 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
+        """Frees this client's handles on the server, then closes the channel."""
+        self._leases.close(self.timeout)
         self.channel.close()
+
+    @property
+    def client_id(self) -> str:
+        """The random id this client sends as "fuseport-client-id" metadata."""
+        return self._leases.client_id
+
+    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
+        return [self._leases.to_wire(v) for v in stack]
 
     def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
         try:
@@ -530,27 +579,51 @@ class Client(_Base):
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
-        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
     ) -> ExecuteResult:
         """Execute, with which path ran, why, and where the time went."""
-        return self._run("Execute", key, stack, wait, timeout)
+        return self._run("Execute", key, stack, wait, timeout, keep)
 
-    def fallback_detailed(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> ExecuteResult:
-        return self._run("Fallback", key, stack, False, timeout)
+    def fallback_detailed(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> ExecuteResult:
+        return self._run("Fallback", key, stack, False, timeout, keep)
 
-    def execute(self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None) -> list[Any]:
-        """The resulting stack: the kernel's inputs on top are replaced by its outputs."""
-        return self.execute_detailed(key, stack, wait=wait, timeout=timeout).stack
+    def execute(
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """The resulting stack: the kernel's inputs on top are replaced by its outputs.
 
-    def fallback(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
-        return self.fallback_detailed(key, stack, timeout=timeout).stack
+        With `keep`, tensor outputs stay on the server's device and come back
+        as RemoteTensors (stack values for later calls of this client)."""
+        return self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout).stack
 
-    def _run(self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None) -> ExecuteResult:
+    def fallback(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        return self.fallback_detailed(key, stack, keep=keep, timeout=timeout).stack
+
+    def _run(
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
+    ) -> ExecuteResult:
         started = time.perf_counter_ns()
         # A large stack streams; its recovery registers graphs by Register (a
         # stream's header carries none), a unary call carries them (see _recovery).
-        streamed = self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait)
+        # Handles travel only in unary calls (a stream's chunks carry bytes).
+        streamed = not keep and not _holds_remote(stack) and self._streams(stack)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep)
         adopted: Callable[[], None] | None = None
         for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
             try:
@@ -558,20 +631,23 @@ class Client(_Base):
                     return self._call_streamed(method, key, stack, wait, timeout, started)
                 raw = self._call(method, request, timeout)
             except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed) if attempt < 2 else None
+                again = self._recovery(e, key, stack, wait, carried, streamed, keep) if attempt < 2 else None
                 if again is None:
                     raise
                 if again.request is None:
                     for register, registered in again.registers:
                         registered(self._call("Register", register, timeout))
                     if not streamed:
-                        request, carried = self._execute_request(key, stack, wait), False
+                        request, carried = self._execute_request(key, stack, wait, keep=keep), False
                 else:
                     request, carried, adopted = again.request, True, again.adopted
                 continue
             if adopted is not None:
                 adopted()
-            return _result(raw, started, self._known.get(key), carried)
+            result = _result(raw, started, self._known.get(key), carried)
+            if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
+                result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
+            return result
         raise AssertionError("unreachable")
 
     def _call_streamed(
@@ -590,6 +666,39 @@ class Client(_Base):
             call.cancel()  # a response this client cannot read: stop the server's work too
             raise
         return _streamed_result(assembler, started)
+
+    # Device-resident values -------------------------------------------------
+
+    def fetch(
+        self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        """The values of several RemoteTensors in one call (freed too, with `free`)."""
+        handles = [t.handle() for t in tensors]
+        out = self._leases.fetch([h.id for h in handles], free, timeout)
+        if free:
+            for t in tensors:
+                t._forget()
+        return out
+
+    def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
+        """Frees several RemoteTensors in one call (all or none); returns how many."""
+        live = [t for t in tensors if not t.freed]
+        ids = [t.handle().id for t in live]
+        if not ids:
+            return 0
+        freed = self._leases.free(ids, timeout)
+        for t in live:
+            t._forget()
+        return freed
+
+    def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
+        """Renews this client's lease now (done in the background while it holds
+        RemoteTensors); says what it holds and its limits."""
+        return self._leases.renew(timeout)
+
+    def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
+        """The server's device-resident values: totals, budget, and this client's own."""
+        return _pb.service.ListResponse.FromString(self._call("List", b"", timeout)).resident
 
     def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
         """Signature, every ArgSpec with its state, run counts, generated source."""

@@ -15,6 +15,7 @@ from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
+from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
@@ -73,6 +74,13 @@ class Core:
             max_arg_specs=settings.max_arg_specs,
         )
         self._outputs: dict[int, tuple[InputSpec | None, ...] | None] = {}  # variant key -> Core.outputs
+        self.residents = Residents(
+            self.device,
+            lease_seconds=settings.handle_lease_seconds,
+            budget_bytes=settings.max_resident_bytes,
+            quota_bytes=settings.max_resident_bytes_per_client,
+            max_handles=settings.max_handles_per_client,
+        )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
         self.registry.load()
@@ -100,6 +108,8 @@ class Core:
         deadline: float | None = None,
         variants: Sequence[int] = (),
         streamed: bool = False,
+        owner: Owner = NO_OWNER,
+        keep: bool = False,
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
@@ -117,11 +127,16 @@ class Core:
                 f"{len(stack)} value{'s' * (len(stack) != 1)}"
             )
         base = len(stack) - n
-        variant, args = _select(kernel, stack[base:], base, variants)
+        values = stack[base:]
+        if any(self.residents.has_handles(v) for v in values):
+            values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
+        variant, args = _select(kernel, values, base, variants)
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args, streamed)
+        self._check_budget(key, plan, args, streamed, keep)
+        if keep:
+            self.residents.check_room(owner, plan.output_bytes or 0, f"kernel {key}")
         try:
             plan.check_inputs(args, variant.module)
         except DataError as e:
@@ -133,7 +148,17 @@ class Core:
                     key, variant, self.placement.to_device(args),
                     fused=fused, unfused=plan.unfused, wait=wait, deadline=deadline,
                 )  # fmt: skip
-                outputs = self.placement.to_host(outcome.outputs)
+                if keep:
+                    # CUDA graphs (these two modes) reuse their output memory on the next
+                    # replay: a kept output must be a copy (to_host copies anyway).
+                    copy = (
+                        outcome.path == _pb.service.PATH_FUSED
+                        and self.placement.cuda
+                        and self.settings.compile_mode in ("reduce-overhead", "max-autotune")
+                    )
+                    outputs = self.residents.keep(owner, outcome.outputs, args, f"kernel {key}", copy=copy)
+                else:
+                    outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()
         except Exception as e:
             if is_device_failure(e):
@@ -172,7 +197,9 @@ class Core:
                 f"device's {self.capacity}; refused before allocating"
             )
 
-    def _check_budget(self, key: int, plan: Plan, args: Sequence[Any], streamed: bool = False) -> None:
+    def _check_budget(
+        self, key: int, plan: Plan, args: Sequence[Any], streamed: bool = False, keep: bool = False
+    ) -> None:
         """Refuses, before anything is allocated, what could only fail later or
         take more than one call may."""
         budget = self.settings.max_call_bytes
@@ -193,7 +220,7 @@ class Core:
             if streamed
             else (self.settings.max_message_bytes, "--max-message-bytes")
         )
-        if plan.output_bytes is not None and plan.output_bytes > limit:
+        if not keep and plan.output_bytes is not None and plan.output_bytes > limit:
             raise ResourceExhausted(
                 f"kernel {key}: the result would be {plan.output_bytes} bytes, over the "
                 f"{'streamed result' if streamed else 'message'} limit of {limit} bytes ({flag}); refused before running"
@@ -220,8 +247,54 @@ class Core:
         self.executor.forget(key, [v.key for v in kernel.variants if v.key not in still_used])
         return True
 
+    def fetch_handles(self, owner: Owner, ids: Sequence[str], free: bool = False) -> list[torch.Tensor]:
+        """The owner's resident tensors of `ids`, on the host (freed after, with `free`)."""
+        tensors = self.residents.fetch(owner, ids)
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        limit = self.settings.max_message_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"fetching {len(ids)} handles is {total} bytes, over the message limit of {limit} bytes "
+                "(--max-message-bytes); fetch fewer at once"
+            )
+        with self.placement.request_scope():
+            host = self.placement.to_host(tensors)
+            self.placement.synchronize()
+        if free:
+            self.residents.free(owner, ids)
+        return host  # type: ignore[no-any-return]
+
+    def free_handles(self, owner: Owner, ids: Sequence[str], everything: bool = False) -> tuple[int, int]:
+        """(handles, bytes) freed: `ids`, all or none, or every handle of the owner."""
+        return self.residents.free(owner, None if everything else ids)
+
+    def renew_lease(self, owner: Owner) -> _pb.service.ResidentUsage:
+        return self._usage(self.residents.renew(owner))
+
+    def resident_info(self, owner: Owner) -> _pb.service.ResidentInfo:
+        totals = self.residents.totals()
+        return _pb.service.ResidentInfo(
+            server=self.residents.server,
+            handles=totals.handles,
+            bytes=totals.bytes,
+            clients=totals.clients,
+            budget_bytes=self.residents.budget_bytes,
+            caller=self._usage(self.residents.usage(owner)),
+        )
+
+    def _usage(self, usage: Any) -> _pb.service.ResidentUsage:
+        r = self.residents
+        return _pb.service.ResidentUsage(
+            handles=usage.handles,
+            bytes=usage.bytes,
+            lease_seconds=r.lease_seconds,
+            quota_bytes=r.quota_bytes,
+            max_handles=r.max_handles,
+        )
+
     def close(self) -> None:
         self.executor.shutdown()
+        self.residents.close()
 
     # ------------------------------------------------------------------ names and signatures
 

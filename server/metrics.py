@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
 from fuseport.server.executor import ExecutorEvents
@@ -181,7 +181,7 @@ class _StateCollector:
         # device) before the server has started.
         return []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         kernels, variants = self.core.registry.counts()  # a scrape reads no stored graph
         yield GaugeMetricFamily("fuseport_registered_kernels", "Kernels registered (keys)", value=kernels)
         yield GaugeMetricFamily(
@@ -215,4 +215,25 @@ class _StateCollector:
             memory.add_metric([name, "reserved"], torch.cuda.memory_reserved(device))
             memory.add_metric([name, "total"], self.core.capacity)
         yield memory
+        residents = self.core.residents
+        totals = residents.totals()
+        yield GaugeMetricFamily(
+            "fuseport_resident_bytes", "Bytes of device-resident values (handles) kept, all clients", value=totals.bytes
+        )
+        yield GaugeMetricFamily(
+            "fuseport_resident_handles", "Device-resident values (handles) kept, all clients", value=totals.handles
+        )
+        yield GaugeMetricFamily(
+            "fuseport_resident_clients", "Clients holding at least one device-resident value", value=totals.clients
+        )
+        yield GaugeMetricFamily(
+            "fuseport_resident_budget_bytes",
+            "Bytes of device-resident values the server keeps at most (--max-resident-bytes)",
+            value=residents.budget_bytes,
+        )
+        yield CounterMetricFamily(
+            "fuseport_resident_expired_handles",
+            "Handles freed because their client stopped renewing its lease",
+            value=residents.expired,
+        )
 

@@ -22,7 +22,7 @@ from fuseport.server.settings import Settings
 from fuseport.wire.errors import FuseportError, PermissionDenied, Unauthenticated
 from fuseport.wire.security import AUTHORIZATION_KEY, BEARER
 
-__all__ = ["INFERENCE_METHODS", "ROLES", "Access", "Security", "Tls", "load_tokens"]
+__all__ = ["INFERENCE_METHODS", "ROLES", "Access", "Security", "Tls", "load_tokens", "presented_token_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,18 @@ INFERENCE_METHODS = frozenset(
 # What each role may call, by method name (KernelService's and the inference
 # protocol's names do not overlap). `user` runs what is registered; only
 # `admin` changes what is registered.
+_STREAM_METHODS = frozenset({"ExecuteStream", "FallbackStream"})
+# A caller reaches only its own handles (server/resident.py): every role may.
+_HANDLE_METHODS = frozenset({"FetchHandles", "FreeHandles", "RenewLease"})
+
 ROLES: Mapping[str, frozenset[str]] = {
     "admin": frozenset(
-        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister", "ExecuteStream", "FallbackStream"}
+        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}
+        | _STREAM_METHODS
+        | _HANDLE_METHODS
     )
     | INFERENCE_METHODS,
-    "user": frozenset({"Execute", "Fallback", "Describe", "List", "ExecuteStream", "FallbackStream"}) | INFERENCE_METHODS,
+    "user": frozenset({"Execute", "Fallback", "Describe", "List"}) | _STREAM_METHODS | _HANDLE_METHODS | INFERENCE_METHODS,
 }
 
 
@@ -83,6 +89,21 @@ def load_tokens(path: Path) -> list[tuple[bytes, str]]:
     return entries
 
 
+def _presented(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    presented = None
+    for key, value in metadata or ():
+        if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(BEARER)].lower() == BEARER.lower():
+            presented = value[len(BEARER) :].strip()
+    return presented or None
+
+
+def presented_token_digest(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes:
+    """The digest of the call's bearer token (b"" without one): part of who owns
+    the call's device-resident values, so that a handle is bound to its token."""
+    presented = _presented(metadata)
+    return _digest(presented) if presented else b""
+
+
 class Access:
     """Bearer tokens with roles, read from a file, reread by `reload`."""
 
@@ -100,10 +121,7 @@ class Access:
 
     def role_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """The role of the call's bearer token; None when it has none the server knows."""
-        presented = None
-        for key, value in metadata or ():
-            if key == AUTHORIZATION_KEY and isinstance(value, str) and value[: len(BEARER)].lower() == BEARER.lower():
-                presented = value[len(BEARER) :].strip()
+        presented = _presented(metadata)
         if not presented:
             return None
         digest = _digest(presented)

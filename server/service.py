@@ -14,6 +14,8 @@ import grpc
 
 from fuseport.server.core import Core
 from fuseport.server.devices import is_out_of_memory
+from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
+from fuseport.server.security import presented_token_digest
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -50,6 +52,8 @@ class CallRecord:
     path: int = _pb.service.PATH_UNSPECIFIED
     reason: int = _pb.service.FALLBACK_REASON_UNSPECIFIED
     timings: _pb.service.Timings | None = None
+    # Who owns the call's device-resident values (from its metadata).
+    owner: Owner = NO_OWNER
 
 
 class CallObserver:
@@ -116,6 +120,9 @@ class KernelService:
             "Describe": self._describe,
             "List": self._list,
             "Unregister": self._unregister,
+            "FetchHandles": self._fetch_handles,
+            "FreeHandles": self._free_handles,
+            "RenewLease": self._renew_lease,
         }
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn, name)) for name, fn in methods.items()}
         for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
@@ -131,12 +138,14 @@ class KernelService:
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
+            record.owner = _owner(context)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             error: FuseportError
             try:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
+                record.owner = _owner(context)
                 loop = asyncio.get_running_loop()
                 if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
                     out = await self._run_small(loop, request, deadline, record, fused=fn == self._execute)
@@ -234,7 +243,14 @@ class KernelService:
         # another replica than this call did (see ExecuteRequest.graphs).
         registered = self.core.adopt(req.key, req.graphs) if req.graphs else 0
         result = self.core.execute(
-            req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants
+            req.key,
+            req.stack,
+            fused=fused,
+            wait=req.wait_for_compile,
+            deadline=deadline,
+            variants=req.variants,
+            owner=record.owner,
+            keep=req.keep_outputs,
         )
         # The latest run time decides whether the next small call runs inline.
         self._run_us[(req.key, fused)] = result.run_us
@@ -274,7 +290,8 @@ class KernelService:
 
     def _list(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         _parse(_pb.service.ListRequest, request)
-        return _pb.service.ListResponse(kernels=self.core.list()).SerializeToString()
+        resident = self.core.resident_info(record.owner)
+        return _pb.service.ListResponse(kernels=self.core.list(), resident=resident).SerializeToString()
 
     def _unregister(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.UnregisterRequest, request)
@@ -292,6 +309,7 @@ class KernelService:
         async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
+            record.owner = _owner(context)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             loop = asyncio.get_running_loop()
@@ -325,6 +343,7 @@ class KernelService:
                     return self.core.execute(
                         header.key, values, fused=fused, wait=header.options.wait_for_compile,
                         deadline=deadline, variants=tuple(header.options.variants), streamed=True,
+                        owner=record.owner, keep=header.options.keep_outputs,
                     ), waited  # fmt: skip
 
                 result, queue_ns = await loop.run_in_executor(self._pool, run, stack)
@@ -380,3 +399,28 @@ class KernelService:
         assembler.release()
         if self.release_above is not None and assembler.declared + sent > self.release_above:
             loop.call_soon(release_host_memory)
+    def _fetch_handles(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        req = _parse(_pb.service.FetchHandlesRequest, request)
+        tensors = self.core.fetch_handles(record.owner, list(req.ids), req.free)
+        return codec.encode_stack(tensors, field=1, limit=self.limit)
+
+    def _free_handles(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        req = _parse(_pb.service.FreeHandlesRequest, request)
+        freed, nbytes = self.core.free_handles(record.owner, list(req.ids), req.all)
+        return _pb.service.FreeHandlesResponse(freed=freed, freed_bytes=nbytes).SerializeToString()
+
+    def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        _parse(_pb.service.RenewLeaseRequest, request)
+        return _pb.service.RenewLeaseResponse(usage=self.core.renew_lease(record.owner)).SerializeToString()
+
+
+def _owner(context: grpc.aio.ServicerContext) -> Owner:
+    """The owner of the call's handles: its client id and, with tokens, its token."""
+    metadata = context.invocation_metadata() or ()
+    client_id = None
+    for key, value in metadata:
+        if key == CLIENT_ID_KEY and isinstance(value, str):
+            client_id = value
+    if client_id is None:
+        return NO_OWNER
+    return owner_of(client_id, presented_token_digest(metadata))

@@ -135,6 +135,24 @@ class Settings:
     stream_chunk_bytes: int = field(
         default=4 << 20, metadata={"help": "data bytes per chunk of a streamed result"}
     )
+    # Device-resident values (ExecuteOptions.keep_outputs: outputs kept on the device as handles).
+    handle_lease_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "a client's handles are freed when it has not renewed its lease (the Python client "
+            "renews in the background) for this many seconds"
+        },
+    )
+    max_resident_bytes: int = field(
+        default=4 << 30,
+        metadata={"help": "bytes of device-resident values the server keeps, all clients (0: none kept)"},
+    )
+    max_resident_bytes_per_client: int = field(
+        default=2 << 30, metadata={"help": "bytes of device-resident values one client may keep"}
+    )
+    max_handles_per_client: int = field(
+        default=10_000, metadata={"help": "device-resident handles one client may hold at once"}
+    )
 
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
@@ -159,6 +177,12 @@ class Settings:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
+        if not 0 < self.handle_lease_seconds <= 86400:
+            raise ValueError("handle_lease_seconds must be in (0, 86400]")
+        if self.max_resident_bytes < 0 or self.max_resident_bytes_per_client < 0:
+            raise ValueError("max_resident_bytes and max_resident_bytes_per_client must be >= 0")
+        if self.max_handles_per_client < 1:
+            raise ValueError("max_handles_per_client must be at least 1")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):

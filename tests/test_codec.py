@@ -597,7 +597,7 @@ def test_decoder_reads_unpacked_shape_and_fields_in_any_order() -> None:
     tensor = ld(4, data) + ld(3, b"\x00" * 5) + vi(2, 2) + vi(99, 1) + vi(2, 3) + vi(2, 1)
     tensor += vi(1, dtypes.code_for(torch.int16))  # type: ignore[arg-type]
     # Value: an unknown field before and after the kind.
-    value = vi(50, 1) + ld(1, tensor) + ld(51, b"zz")
+    value = vi(98, 1) + ld(1, tensor) + ld(99, b"zz")
     # Stack fields before, between and after the key and options.
     req = ld(3, value) + vi(1, 42) + ld(3, v_str("s")) + ld(2, vi(1, 1)) + ld(3, v_int(-5)) + vi(77, 3)
     expected = [t, "s", -5]

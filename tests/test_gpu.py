@@ -191,3 +191,18 @@ def test_model_infer_runs_the_fused_kernel_on_cuda(gpu: Client, cuda_server: Ser
     out = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.bfloat16).reshape(64, 33)
     torch.testing.assert_close(out, chain(x, y), rtol=2e-2, atol=2e-2)
     assert gpu.describe(key).fused_runs == before + 1
+def test_handles_live_on_cuda_and_fused_execute_takes_them_in_place(gpu: Client) -> None:
+    """Outputs kept on the device come back as CUDA handles; a fused Execute on
+    them (and on a host tensor beside them) runs without a host round trip."""
+    x, y = torch.randn(1 << 20), torch.randn(1 << 20)
+    key = gpu.register(chain, [torch.randn(16), torch.randn(16)])
+    (h,) = gpu.execute(key, [x, y], wait=True, keep=True)
+    assert h.device.startswith("cuda") and h.shape == x.shape and h.nbytes == x.numel() * 4
+    (g,) = gpu.execute(key, [h, h], wait=True, keep=True)  # both inputs resident
+    res = gpu.execute_detailed(key, [g, y], wait=True)  # resident beside a host tensor
+    assert res.path == "fused", (res.reason, res.detail)
+    expected = chain(chain(chain(x, y), chain(x, y)), y)
+    torch.testing.assert_close(res.stack[0], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g.fetch(), chain(chain(x, y), chain(x, y)), rtol=1e-5, atol=1e-5)
+    assert gpu.renew_lease().bytes == 2 * x.numel() * 4
+    assert gpu.free([h, g]) == 2 and gpu.renew_lease().bytes == 0

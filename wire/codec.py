@@ -40,6 +40,7 @@ from fuseport.wire.errors import InvalidStack, ResourceExhausted
 
 __all__ = [
     "ExecuteRequest",
+    "Handle",
     "ExecuteResponse",
     "MAX_DEPTH",
     "MAX_RANK",
@@ -62,7 +63,23 @@ __all__ = [
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
     raise ImportError("fuseport's codec assumes a little-endian host")
 
-StackValue = Union[torch.Tensor, int, float, bool, str, None, list]  # noqa: UP007
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A TensorHandle on a stack: a tensor the server keeps on its device, by
+    reference. Only `id` means anything to a server that receives one; the
+    rest describes the tensor (None/empty where a sender left it out)."""
+
+    id: str
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] = ()
+    device: str = ""
+    nbytes: int = 0
+    server: str = ""
+
+
+StackValue = Union[torch.Tensor, int, float, bool, str, None, list, Handle]  # noqa: UP007
 
 MAX_DEPTH = 32
 MAX_RANK = 64
@@ -79,6 +96,9 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 # Field numbers, as in values.proto and service.proto.
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
+_V_HANDLE = 50
+# Longest handle id a reader accepts (servers make ~60 characters).
+MAX_HANDLE_ID = 256
 _T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
 _REQ_STACK = 3
 _REQ_GRAPHS = 30
@@ -252,6 +272,8 @@ def _value_body(value: Any, where: str, depth: int) -> bytes:
     if isinstance(value, str):
         raw = value.encode("utf-8")
         return _tag(_V_STRING, _LEN) + _varint(len(raw)) + raw
+    if isinstance(value, Handle):
+        return _handle_body(value, where)
     if isinstance(value, (list, tuple)):
         if depth >= MAX_DEPTH:
             raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
@@ -263,12 +285,46 @@ def _value_body(value: Any, where: str, depth: int) -> bytes:
     raise InvalidStack(f"{where}: a {type(value).__name__} cannot travel on the wire")
 
 
-def encode_stack(values: Sequence[StackValue], field: int = 1) -> bytes:
+def _handle_body(h: Handle, where: str) -> bytes:
+    msg = _pb.values.TensorHandle(id=h.id, shape=list(h.shape), device=h.device, nbytes=h.nbytes, server=h.server)
+    if h.dtype is not None:
+        code = dtypes.code_for(h.dtype)
+        if code is None:
+            raise InvalidStack(f"{where}: dtype {h.dtype} cannot travel on the wire")
+        msg.dtype = code  # type: ignore[assignment]
+    body = msg.SerializeToString()
+    return _tag(_V_HANDLE, _LEN) + _varint(len(body)) + body
+
+
+def _handle_from(raw: bytes, where: str) -> Handle:
+    try:
+        msg = _pb.values.TensorHandle.FromString(raw)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidStack(f"{where}: malformed TensorHandle: {e}") from None
+    if not msg.id:
+        raise InvalidStack(f"{where}: TensorHandle without an id")
+    if len(msg.id) > MAX_HANDLE_ID:
+        raise InvalidStack(f"{where}: TensorHandle id longer than {MAX_HANDLE_ID} characters")
+    if len(msg.shape) > MAX_RANK:
+        raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+    # The description is the sender's word: a server reads only the id, a
+    # client gets it from the server. An unknown dtype is left out, not refused.
+    return Handle(
+        id=msg.id,
+        dtype=dtypes.dtype_for(msg.dtype) if msg.dtype else None,
+        shape=tuple(msg.shape),
+        device=msg.device,
+        nbytes=msg.nbytes,
+        server=msg.server,
+    )
+
+
+def encode_stack(values: Sequence[StackValue], field: int = 1, limit: int | None = None) -> bytes:
     """A `Stack` message (or, with another field number, repeated Value fields)."""
     w = _Writer()
     for i, v in enumerate(values):
         w.value_field(field, v, f"stack[{i}]")
-    return w.getvalue()
+    return w.getvalue(limit)
 
 
 # --------------------------------------------------------------------------- reading
@@ -407,6 +463,8 @@ class _Reader:
                 raise InvalidStack(f"{where}: string is not valid UTF-8") from None
         if field == _V_NONE:
             return None
+        if field == _V_HANDLE:
+            return _handle_from(bytes(self.view[a:b]), where)
         # _V_LIST
         if depth >= MAX_DEPTH:
             raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
@@ -458,6 +516,7 @@ _VALUE_WIRE_TYPES = {
     _V_STRING: _LEN,
     _V_NONE: _LEN,
     _V_LIST: _LEN,
+    _V_HANDLE: _LEN,
 }
 
 
@@ -522,6 +581,7 @@ class ExecuteRequest:
     variants: tuple[int, ...] = ()  # the only variants the client runs; empty: any
     # Graphs to register before running (a retry on a replica that lacks the kernel).
     graphs: tuple[_pb.graph.Graph, ...] = ()
+    keep_outputs: bool = False  # tensor outputs stay on the server's device, as Handles
 
 
 @dataclass(frozen=True)
@@ -559,10 +619,13 @@ def encode_execute_request(
     limit: int | None = None,
     variants: Sequence[int] = (),
     graphs: Sequence[_pb.graph.Graph] = (),
+    keep_outputs: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if wait_for_compile:
         head.options.wait_for_compile = True
+    if keep_outputs:
+        head.options.keep_outputs = True
     if variants:
         head.options.variants.extend(variants)
     if graphs:
@@ -604,6 +667,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         wait_for_compile=head.options.wait_for_compile,
         variants=tuple(head.options.variants),
         graphs=tuple(head.graphs),
+        keep_outputs=head.options.keep_outputs,
     )
 
 

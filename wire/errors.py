@@ -12,6 +12,9 @@
     │   ├── ExecutionFailed        the kernel raised on these inputs
     │   └── InvalidAlias           a kernel alias that is malformed or names another kernel
     ├── KernelNotFound             NOT_FOUND
+    ├── HandleNotFound             NOT_FOUND: not a live TensorHandle of this caller (never
+    │   │                          made, freed, expired or another client's: not told apart)
+    │   └── HandleElsewhere        made by another serving process (or before a restart)
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── Unauthenticated            UNAUTHENTICATED (no token, or one the server does not know)
@@ -22,7 +25,8 @@
 The server maps an error to its status code with `status_for`; the error's class
 name travels in the trailing metadata under `ERROR_METADATA_KEY`, so the client
 (`error_from_status`) raises the same class, or the code's base class for a name
-it does not know.
+it does not know. Where several classes share a code (NOT_FOUND), the first
+listed in the table is the one a client raises when the server names none.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "DeadlineExceeded",
     "ExecutionFailed",
     "FuseportError",
+    "HandleElsewhere",
+    "HandleNotFound",
     "InternalError",
     "InvalidAlias",
     "InvalidArgument",
@@ -115,6 +121,19 @@ class KernelNotFound(FuseportError):
         self.key = key
 
 
+class HandleNotFound(FuseportError):
+    """A TensorHandle that is not a live handle of the caller on this serving
+    process. Whether it was never made, freed, expired or belongs to another
+    client is deliberately not said: the answer must not tell a caller that
+    someone else's handle exists."""
+
+
+class HandleElsewhere(HandleNotFound):
+    """A TensorHandle made by another serving process (its id names that
+    process), or by this server before it restarted: send calls that use it to
+    the process that made it; after a restart it is gone."""
+
+
 class ResourceExhausted(FuseportError):
     """Out of device memory, or a message over the size limit."""
 
@@ -145,6 +164,7 @@ class InternalError(FuseportError):
 _STATUS: dict[type[FuseportError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     KernelNotFound: grpc.StatusCode.NOT_FOUND,
+    HandleNotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -155,9 +175,9 @@ _STATUS: dict[type[FuseportError], grpc.StatusCode] = {
 
 # The reverse table, derived so that the two can never disagree. CANCELLED and
 # the codes fuseport never sends map to the nearest meaning for a caller.
-_ERROR_FOR_CODE: dict[grpc.StatusCode, type[FuseportError]] = {
-    code: cls for cls, code in _STATUS.items()
-}
+_ERROR_FOR_CODE: dict[grpc.StatusCode, type[FuseportError]] = {}
+for _cls, _code in _STATUS.items():
+    _ERROR_FOR_CODE.setdefault(_code, _cls)  # the first class listed for a code
 _ERROR_FOR_CODE[grpc.StatusCode.CANCELLED] = Unavailable
 
 
@@ -172,7 +192,11 @@ _BY_NAME: dict[str, type[FuseportError]] = {c.__name__: c for c in _subclasses(F
 
 def status_for(error: FuseportError) -> grpc.StatusCode:
     """The status code for an error: that of its nearest class in the table."""
-    for cls in type(error).__mro__:
+    return _code_of(type(error))
+
+
+def _code_of(error_class: type[FuseportError]) -> grpc.StatusCode:
+    for cls in error_class.__mro__:
         if cls in _STATUS:
             return _STATUS[cls]
     return grpc.StatusCode.INTERNAL
@@ -184,6 +208,6 @@ def error_from_status(
     """The typed error a client raises for a status code (and the server's class name)."""
     base = _ERROR_FOR_CODE.get(code, InternalError)
     cls = _BY_NAME.get(error_name or "", base)
-    if not issubclass(cls, base):  # a name that contradicts the code: trust the code
+    if _code_of(cls) is not code:  # a name that contradicts the code: trust the code
         cls = base
     return cls(message)

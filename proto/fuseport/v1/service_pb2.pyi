@@ -70,12 +70,14 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ...) -> None: ...
+    keep_outputs: bool
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs")
@@ -198,10 +200,12 @@ class ListRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("kernels",)
+    __slots__ = ("kernels", "resident")
     KERNELS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
     kernels: _containers.RepeatedCompositeFieldContainer[KernelInfo]
-    def __init__(self, kernels: _Optional[_Iterable[_Union[KernelInfo, _Mapping]]] = ...) -> None: ...
+    resident: ResidentInfo
+    def __init__(self, kernels: _Optional[_Iterable[_Union[KernelInfo, _Mapping]]] = ..., resident: _Optional[_Union[ResidentInfo, _Mapping]] = ...) -> None: ...
 
 class UnregisterRequest(_message.Message):
     __slots__ = ("key",)
@@ -276,3 +280,73 @@ class StackChunk(_message.Message):
     data: StreamData
     end: StreamEnd
     def __init__(self, request: _Optional[_Union[StreamRequestHeader, _Mapping]] = ..., response: _Optional[_Union[StreamResponseHeader, _Mapping]] = ..., data: _Optional[_Union[StreamData, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class FetchHandlesRequest(_message.Message):
+    __slots__ = ("ids", "free")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    free: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., free: bool = ...) -> None: ...
+
+class FetchHandlesResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
+    def __init__(self, values: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ...) -> None: ...
+
+class FreeHandlesRequest(_message.Message):
+    __slots__ = ("ids", "all")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., all: bool = ...) -> None: ...
+
+class FreeHandlesResponse(_message.Message):
+    __slots__ = ("freed", "freed_bytes")
+    FREED_FIELD_NUMBER: _ClassVar[int]
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed: int
+    freed_bytes: int
+    def __init__(self, freed: _Optional[int] = ..., freed_bytes: _Optional[int] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResidentUsage(_message.Message):
+    __slots__ = ("handles", "bytes", "lease_seconds", "quota_bytes", "max_handles")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: int
+    bytes: int
+    lease_seconds: float
+    quota_bytes: int
+    max_handles: int
+    def __init__(self, handles: _Optional[int] = ..., bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., quota_bytes: _Optional[int] = ..., max_handles: _Optional[int] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("usage",)
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    usage: ResidentUsage
+    def __init__(self, usage: _Optional[_Union[ResidentUsage, _Mapping]] = ...) -> None: ...
+
+class ResidentInfo(_message.Message):
+    __slots__ = ("server", "handles", "bytes", "clients", "budget_bytes", "caller")
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    server: str
+    handles: int
+    bytes: int
+    clients: int
+    budget_bytes: int
+    caller: ResidentUsage
+    def __init__(self, server: _Optional[str] = ..., handles: _Optional[int] = ..., bytes: _Optional[int] = ..., clients: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., caller: _Optional[_Union[ResidentUsage, _Mapping]] = ...) -> None: ...

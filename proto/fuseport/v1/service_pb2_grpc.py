@@ -54,6 +54,21 @@ class KernelServiceStub(object):
                 request_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
                 response_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
                 )
+        self.FetchHandles = channel.unary_unary(
+                '/fuseport.v1.KernelService/FetchHandles',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.FetchHandlesRequest.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.FetchHandlesResponse.FromString,
+                )
+        self.FreeHandles = channel.unary_unary(
+                '/fuseport.v1.KernelService/FreeHandles',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.FreeHandlesRequest.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.FreeHandlesResponse.FromString,
+                )
+        self.RenewLease = channel.unary_unary(
+                '/fuseport.v1.KernelService/RenewLease',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.FromString,
+                )
 
 
 class KernelServiceServicer(object):
@@ -115,6 +130,34 @@ class KernelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchHandles(self, request, context):
+        """Device-resident values. Handles belong to the caller that made them: the
+        same "fuseport-client-id" metadata (16-128 characters of [A-Za-z0-9_-],
+        random per client) and, on a server with tokens, the same token. A
+        client's handles live while it renews its lease (RenewLease, or any call
+        that uses its handles) at least every --handle-lease-seconds.
+
+        The tensors of `ids` as bytes (in order); with `free`, the handles are freed too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreeHandles(self, request, context):
+        """Frees `ids` (all of them or none: an id that is not the caller's live
+        handle is NOT_FOUND and nothing is freed), or every handle of the caller.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """Extends the lease of all the caller's handles; says what the caller holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +200,21 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.FallbackStream,
                     request_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
                     response_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            ),
+            'FetchHandles': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchHandles,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.FetchHandlesRequest.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.FetchHandlesResponse.SerializeToString,
+            ),
+            'FreeHandles': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreeHandles,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.FreeHandlesRequest.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.FreeHandlesResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,5 +359,56 @@ class KernelService(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/fuseport.v1.KernelService/FallbackStream',
             fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
             fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def FetchHandles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/FetchHandles',
+            fuseport_dot_v1_dot_service__pb2.FetchHandlesRequest.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.FetchHandlesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def FreeHandles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/FreeHandles',
+            fuseport_dot_v1_dot_service__pb2.FreeHandlesRequest.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.FreeHandlesResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/RenewLease',
+            fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -84,7 +84,7 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "int_value", "float_value", "bool_value", "string_value", "none_value", "list_value")
+    __slots__ = ("tensor", "int_value", "float_value", "bool_value", "string_value", "none_value", "list_value", "handle")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     INT_VALUE_FIELD_NUMBER: _ClassVar[int]
     FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class Value(_message.Message):
     STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
     NONE_VALUE_FIELD_NUMBER: _ClassVar[int]
     LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     int_value: int
     float_value: float
@@ -99,7 +100,24 @@ class Value(_message.Message):
     string_value: str
     none_value: NoneValue
     list_value: ValueList
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ...) -> None: ...
+    handle: TensorHandle
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., handle: _Optional[_Union[TensorHandle, _Mapping]] = ...) -> None: ...
+
+class TensorHandle(_message.Message):
+    __slots__ = ("id", "dtype", "shape", "device", "nbytes", "server")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    device: str
+    nbytes: int
+    server: str
+    def __init__(self, id: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., nbytes: _Optional[int] = ..., server: _Optional[str] = ...) -> None: ...
 
 class Stack(_message.Message):
     __slots__ = ("values",)

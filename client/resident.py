@@ -1,0 +1,262 @@
+"""RemoteTensor: a tensor the server keeps on its device, and the lease that keeps it alive."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fuseport.wire import _pb, codec
+from fuseport.wire.errors import FuseportError, HandleNotFound
+
+__all__ = ["CLIENT_ID_KEY", "Leases", "RemoteTensor"]
+
+log = logging.getLogger(__name__)
+
+# The call metadata naming the client, to which the server binds its handles.
+CLIENT_ID_KEY = "fuseport-client-id"
+
+Call = Callable[[str, bytes, "float | None"], bytes]
+
+
+class RemoteTensor:
+    """A tensor that stays on the server's device (from `execute(..., keep=True)`).
+
+    Put it on a later stack of the same client: the server uses it where it is,
+    with no transfer. `fetch()` brings its bytes back; `free()` (or leaving a
+    `with` block, or dropping the last reference) releases it on the server.
+    While any RemoteTensor of a client is alive, the client renews their lease
+    in the background; a client that dies stops renewing, and the server frees
+    its handles once the lease (--handle-lease-seconds) runs out."""
+
+    __slots__ = ("__weakref__", "_freed", "_handle", "_leases")
+
+    def __init__(self, handle: codec.Handle, leases: Leases) -> None:
+        self._handle = handle
+        self._leases = leases
+        self._freed = False
+
+    @property
+    def id(self) -> str:
+        return self._handle.id
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self._handle.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._handle.shape)
+
+    @property
+    def device(self) -> str:
+        return self._handle.device
+
+    @property
+    def nbytes(self) -> int:
+        return self._handle.nbytes
+
+    @property
+    def server(self) -> str:
+        """The serving process that holds it (a call using it must reach that one)."""
+        return self._handle.server
+
+    @property
+    def freed(self) -> bool:
+        return self._freed
+
+    def fetch(self, *, free: bool = False, timeout: float | None = None) -> torch.Tensor:
+        """The tensor's value, on this host (with `free`, released on the server too)."""
+        handle = self.handle()
+        (tensor,) = self._leases.fetch([handle.id], free, timeout)
+        if free:
+            self._forget()
+        return tensor
+
+    def free(self, *, timeout: float | None = None) -> None:
+        """Releases it on the server now; a second free does nothing."""
+        if self._freed:
+            return
+        self._forget()
+        self._leases.free([self._handle.id], timeout)
+
+    def handle(self) -> codec.Handle:
+        """What travels on a stack: the handle, once checked that it is usable."""
+        if self._freed:
+            raise HandleNotFound(f"RemoteTensor {self._short()} was freed")
+        if self._leases.closed:
+            raise HandleNotFound(f"RemoteTensor {self._short()} belongs to a closed client")
+        return self._handle
+
+    def _forget(self) -> None:
+        self._freed = True
+        self._leases.forget(self._handle.id)
+
+    def _short(self) -> str:
+        return self._handle.id[:20] + "..."
+
+    def __enter__(self) -> RemoteTensor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        # No call from here (a finaliser may run anywhere): the lease thread frees it.
+        if not getattr(self, "_freed", True):
+            self._freed = True
+            self._leases.dropped(self._handle.id)
+
+    def __repr__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        state = " freed" if self._freed else ""
+        return f"RemoteTensor({dtype}{list(self.shape)} on {self.device}, id={self._short()}{state})"
+
+
+class Leases:
+    """One client's RemoteTensors: wraps handles coming back, renews their lease
+    from a background thread while any is alive, frees dropped ones in batches."""
+
+    def __init__(self, call: Call) -> None:
+        self.client_id = secrets.token_urlsafe(24)  # 192 random bits, [A-Za-z0-9_-]
+        self._call = call
+        self._live: weakref.WeakValueDictionary[str, RemoteTensor] = weakref.WeakValueDictionary()
+        self._dropped: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+        self.used = False  # whether this client ever held a handle
+        self.lease_seconds: float | None = None
+
+    # ------------------------------------------------------------------ stacks
+
+    def to_wire(self, value: Any) -> Any:
+        """A stack value with RemoteTensors replaced by their handles."""
+        if isinstance(value, RemoteTensor):
+            if value._leases is not self:
+                raise HandleNotFound(
+                    f"{value!r} belongs to another Client: handles are bound to the client that made them"
+                )
+            return value.handle()
+        if isinstance(value, (list, tuple)) and any(_has_remote(v) for v in value):
+            return [self.to_wire(v) for v in value]
+        return value
+
+    def adopt(self, value: Any) -> Any:
+        """A received stack value with handles wrapped as RemoteTensors (one object per id)."""
+        if isinstance(value, codec.Handle):
+            with self._lock:
+                existing = self._live.get(value.id)
+                if existing is not None:
+                    return existing
+                rt = RemoteTensor(value, self)
+                self._live[value.id] = rt
+                self.used = True
+            self._start()
+            return rt
+        if isinstance(value, list):
+            return [self.adopt(v) for v in value]
+        return value
+
+    # ------------------------------------------------------------------ calls
+
+    def fetch(self, ids: list[str], free: bool, timeout: float | None) -> list[torch.Tensor]:
+        raw = self._call(
+            "FetchHandles", _pb.service.FetchHandlesRequest(ids=ids, free=free).SerializeToString(), timeout
+        )
+        return codec.decode_stack(raw)  # type: ignore[return-value]
+
+    def free(self, ids: list[str], timeout: float | None) -> int:
+        raw = self._call("FreeHandles", _pb.service.FreeHandlesRequest(ids=ids).SerializeToString(), timeout)
+        return _pb.service.FreeHandlesResponse.FromString(raw).freed
+
+    def free_all(self, timeout: float | None) -> int:
+        raw = self._call("FreeHandles", _pb.service.FreeHandlesRequest(all=True).SerializeToString(), timeout)
+        return _pb.service.FreeHandlesResponse.FromString(raw).freed
+
+    def renew(self, timeout: float | None = None) -> _pb.service.ResidentUsage:
+        raw = self._call("RenewLease", _pb.service.RenewLeaseRequest().SerializeToString(), timeout)
+        usage = _pb.service.RenewLeaseResponse.FromString(raw).usage
+        self.lease_seconds = usage.lease_seconds or None
+        return usage
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def forget(self, hid: str) -> None:
+        with self._lock:
+            self._live.pop(hid, None)
+
+    def dropped(self, hid: str) -> None:
+        with self._lock:
+            self._dropped.append(hid)
+        self._wake.set()
+        try:
+            self._start()
+        except RuntimeError:  # interpreter shutdown: the lease frees it on the server
+            pass
+
+    def close(self, timeout: float | None) -> None:
+        """Frees every handle of this client on the server (when it ever had one)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._wake.set()
+        if self.used:
+            try:
+                self.free_all(timeout)
+            except FuseportError as e:  # the server is gone: its lease frees them
+                log.info("could not free this client's handles on close: %s", e)
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self.closed:
+                return
+            self._thread = threading.Thread(target=self._run, name="fuseport-lease", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        """Renews while any RemoteTensor lives; ends when none is left."""
+        while not self.closed:
+            self._flush()
+            with self._lock:
+                alive = len(self._live) > 0
+                if not alive and not self._dropped:
+                    self._thread = None  # a later handle starts a new thread
+                    return
+            if alive:
+                try:
+                    self.renew()
+                except FuseportError as e:
+                    log.warning("could not renew the lease of this client's handles: %s", e)
+            interval = (self.lease_seconds or 3.0) / 3
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def _flush(self) -> None:
+        with self._lock:
+            ids, self._dropped = self._dropped, []
+        if not ids:
+            return
+        try:
+            self.free(ids, None)
+        except HandleNotFound:
+            # All or none on the server: one already gone (expired) frees none.
+            for hid in ids:
+                try:
+                    self.free([hid], None)
+                except FuseportError:
+                    pass
+        except FuseportError as e:
+            log.info("could not free %d dropped handles: %s", len(ids), e)
+
+
+def _has_remote(value: Any) -> bool:
+    if isinstance(value, RemoteTensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_remote(v) for v in value)
