@@ -138,7 +138,6 @@ class KernelService:
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
-            record.owner = _owner(context)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             error: FuseportError
@@ -309,7 +308,6 @@ class KernelService:
         async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
-            record.owner = _owner(context)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             loop = asyncio.get_running_loop()
@@ -326,6 +324,7 @@ class KernelService:
             try:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
+                record.owner = _owner(context)
                 pending: asyncio.Future[None] | None = None
                 async for raw in requests:
                     if pending is not None:
