@@ -311,6 +311,7 @@ class _Base:
             limit=self._max,
             variants=variants,
             graphs=list(graphs.values()) if graphs else (),
+            alias=known.alias if graphs and known else None,
             keep_outputs=keep,
         )
 

@@ -93,10 +93,10 @@ class Core:
         """(kernel key, created, the graph's own key)."""
         return self.registry.register(graph, variant_of, alias)
 
-    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph]) -> int:
+    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None) -> int:
         """Registers the graphs an Execute/Fallback carries for `key` before it
         runs (a replica that lacks the kernel), with Register's checks and quotas."""
-        return self.registry.adopt(key, graphs)
+        return self.registry.adopt(key, graphs, alias)
 
     def execute(
         self,

@@ -273,12 +273,13 @@ class Registry:
         )
         return key, True, vkey
 
-    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph]) -> int:
+    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None) -> int:
         """Registers the graphs a call carries for kernel `key` (see ExecuteRequest.graphs):
         the first must hash to `key` (KeyMismatch otherwise), the others are added as its
         variants, each exactly as Register would. Refused before anything is hashed or
         built when there are more graphs than a kernel may have variants or one is over
-        --max-graph-bytes. Returns how many graphs were new here."""
+        --max-graph-bytes. `alias` is registered with the first graph, as Register
+        would. Returns how many graphs were new here."""
         if len(graphs) > self.quotas.max_variants:
             raise ResourceExhausted(
                 f"the call carries {len(graphs)} graphs for kernel {key}; a kernel has at most "
@@ -300,7 +301,7 @@ class Registry:
         created = 0
         for i, graph in enumerate(graphs):
             try:
-                created += self.register(graph, None if i == 0 else key)[1]
+                created += self.register(graph, None if i == 0 else key, alias if i == 0 else None)[1]
             except FuseportError as e:
                 raise type(e)(f"graphs[{i}]: {e}") from None
         return created

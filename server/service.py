@@ -240,7 +240,7 @@ class KernelService:
     ) -> bytes:
         # Registered first, in this same call: a separate Register could reach
         # another replica than this call did (see ExecuteRequest.graphs).
-        registered = self.core.adopt(req.key, req.graphs) if req.graphs else 0
+        registered = self.core.adopt(req.key, req.graphs, req.alias) if req.graphs else 0
         result = self.core.execute(
             req.key,
             req.stack,

@@ -581,6 +581,7 @@ class ExecuteRequest:
     variants: tuple[int, ...] = ()  # the only variants the client runs; empty: any
     # Graphs to register before running (a retry on a replica that lacks the kernel).
     graphs: tuple[_pb.graph.Graph, ...] = ()
+    alias: str | None = None  # with graphs: registered with graphs[0]
     keep_outputs: bool = False  # tensor outputs stay on the server's device, as Handles
 
 
@@ -619,6 +620,7 @@ def encode_execute_request(
     limit: int | None = None,
     variants: Sequence[int] = (),
     graphs: Sequence[_pb.graph.Graph] = (),
+    alias: str | None = None,
     keep_outputs: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
@@ -630,6 +632,8 @@ def encode_execute_request(
         head.options.variants.extend(variants)
     if graphs:
         head.graphs.extend(graphs)
+        if alias is not None:
+            head.alias = alias
     w = _Writer()
     w.put(head.SerializeToString())
     for i, v in enumerate(stack):
@@ -667,6 +671,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         wait_for_compile=head.options.wait_for_compile,
         variants=tuple(head.options.variants),
         graphs=tuple(head.graphs),
+        alias=head.alias if head.HasField("alias") else None,
         keep_outputs=head.options.keep_outputs,
     )
 

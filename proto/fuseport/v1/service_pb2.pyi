@@ -80,16 +80,18 @@ class ExecuteOptions(_message.Message):
     def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("key", "options", "stack", "graphs")
+    __slots__ = ("key", "options", "stack", "graphs", "alias")
     KEY_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     key: int
     options: ExecuteOptions
     stack: _containers.RepeatedCompositeFieldContainer[_values_pb2.Value]
     graphs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.Graph]
-    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., graphs: _Optional[_Iterable[_Union[_graph_pb2.Graph, _Mapping]]] = ...) -> None: ...
+    alias: str
+    def __init__(self, key: _Optional[int] = ..., options: _Optional[_Union[ExecuteOptions, _Mapping]] = ..., stack: _Optional[_Iterable[_Union[_values_pb2.Value, _Mapping]]] = ..., graphs: _Optional[_Iterable[_Union[_graph_pb2.Graph, _Mapping]]] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_us", "queue_us", "run_us", "encode_us")
