@@ -43,7 +43,9 @@ class Result:
 
 
 class Core:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared_store: bool = False) -> None:
+        """`shared_store`: other serving processes register and unregister in the same store
+        (`--processes`): see the registry's module doc."""
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.capacity = device_capacity(self.device)
@@ -57,6 +59,7 @@ class Core:
                 max_store_bytes=settings.max_store_bytes,
                 max_store_kernels=settings.max_store_kernels,
             ),
+            shared=shared_store,
         )
         self.executor = Executor(
             self.placement,
@@ -66,6 +69,7 @@ class Core:
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
+        self.registry.on_removed = self._forget
         self.registry.load()
 
     # ------------------------------------------------------------------ RPCs
@@ -98,7 +102,14 @@ class Core:
                 f"{len(stack)} value{'s' * (len(stack) != 1)}"
             )
         base = len(stack) - n
-        variant, args = _select(kernel, stack[base:], base, variants)
+        try:
+            variant, args = _select(kernel, stack[base:], base, variants)
+        except NoMatchingVariant:
+            # A shared store: another process may have added the variant that covers it.
+            newer = self.registry.refresh(key)
+            if newer is None or len(newer.variants) == len(kernel.variants):
+                raise
+            variant, args = _select(newer, stack[base:], base, variants)
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
@@ -169,9 +180,13 @@ class Core:
         kernel = self.registry.remove(key)
         if kernel is None:
             return False
-        still_used = set(self.registry.variant_keys())
-        self.executor.forget(key, [v.key for v in kernel.variants if v.key not in still_used])
+        self._forget(kernel)
         return True
+
+    def _forget(self, kernel: Kernel) -> None:
+        """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
+        still_used = set(self.registry.variant_keys())
+        self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
 
     def close(self) -> None:
         self.executor.shutdown()
