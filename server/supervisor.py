@@ -124,7 +124,8 @@ class Supervisor:
             signal.signal(signal.SIGHUP, on_hup)
         with _reserve_port(self.settings.host, self.settings.port) as port, _private_dir() as private:
             self.slots = [
-                _Slot(i, self.devices[i % len(self.devices)], private / f"port-{i}") for i in range(self.processes)
+                _Slot(i, self.devices[i % len(self.devices)], private / f"port-{i}")
+                for i in range(self.processes)
             ]
             metrics = self._metrics()
             log.info(
@@ -138,7 +139,10 @@ class Supervisor:
                     now = time.monotonic()
                     self._reap(now)
                     if all(s.gave_up for s in self.slots):
-                        log.error("every serving process died %d times in a row: giving up", self.settings.restart_limit + 1)
+                        log.error(
+                            "every serving process died %d times in a row: giving up",
+                            self.settings.restart_limit + 1,
+                        )
                         return 1
                     self._start_due(now, port)
                     self._check_serving()
@@ -178,7 +182,15 @@ class Supervisor:
     def _start(self, slot: _Slot, port: int) -> None:
         slot.port_file.unlink(missing_ok=True)
         settings = _encode(self._child_settings(slot, port))
-        cmd = [sys.executable, "-m", "fuseport.server.supervisor", "--child", str(slot.index), str(os.getpid()), settings]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fuseport.server.supervisor",
+            "--child",
+            str(slot.index),
+            str(os.getpid()),
+            settings,
+        ]
         # Its output goes where the supervisor's goes; its log lines start with [index].
         slot.proc = subprocess.Popen(cmd)
         slot.started = time.monotonic()
@@ -225,7 +237,9 @@ class Supervisor:
             delay = min(BACKOFF_FIRST_SECONDS * 2 ** (s.quick_deaths - 1), BACKOFF_MAX_SECONDS)
             s.restarts += 1
             s.start_at = now + delay
-            log.warning("process %d died (%s) after %.1f s: restarting it in %.1f s", s.index, how, ran, delay)
+            log.warning(
+                "process %d died (%s) after %.1f s: restarting it in %.1f s", s.index, how, ran, delay
+            )
 
     def _signal_all(self, sig: int) -> None:
         for s in self.slots:
@@ -307,12 +321,17 @@ class _ProcessesCollector:
         serving = GaugeMetricFamily(
             "fuseport_processes", "Serving processes of the supervisor, by state", labels=["state"]
         )
-        states = ["serving" if s.serving else "starting" if s.proc else "gave_up" if s.gave_up else "waiting" for s in slots]
+        states = [
+            "serving" if s.serving else "starting" if s.proc else "gave_up" if s.gave_up else "waiting"
+            for s in slots
+        ]
         for state in ("serving", "starting", "waiting", "gave_up"):
             serving.add_metric([state], states.count(state))
         yield serving
         restarts = CounterMetricFamily(
-            "fuseport_process_restarts", "Times the supervisor restarted a serving process", labels=["process"]
+            "fuseport_process_restarts",
+            "Times the supervisor restarted a serving process",
+            labels=["process"],
         )
         for s in slots:
             restarts.add_metric([str(s.index)], s.restarts)
@@ -347,7 +366,10 @@ def _private_dir() -> Iterator[Path]:
 
 def _encode(settings: Settings) -> str:
     return json.dumps(
-        {f.name: str(v) if isinstance(v := getattr(settings, f.name), Path) else v for f in dataclasses.fields(settings)}
+        {
+            f.name: str(v) if isinstance(v := getattr(settings, f.name), Path) else v
+            for f in dataclasses.fields(settings)
+        }
     )
 
 
@@ -363,7 +385,8 @@ def supervise(settings: Settings) -> int:
     """`fuseport serve` with more than one process (see the module's doc)."""
     processes, devices = plan_processes(settings)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="[supervisor] %(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format="[supervisor] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return Supervisor(settings, processes, devices).run()

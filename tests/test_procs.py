@@ -95,13 +95,23 @@ def _conns_on(target: str, pids: set[int], token: str | None = None, tries: int 
 
 @pytest.fixture(scope="module")
 def graphs() -> dict[str, _pb.graph.Graph]:
-    return {"add_one": capture(_add_one, [torch.randn(8)]), "times_three": capture(_times_three, [torch.randn(8)])}
+    return {
+        "add_one": capture(_add_one, [torch.randn(8)]),
+        "times_three": capture(_times_three, [torch.randn(8)]),
+    }
 
 
 @pytest.fixture(scope="module")
 def supervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = start_server(
-        tmp_path_factory.mktemp("procs"), None, "--processes", "2", "--compile-mode", "off", "--metrics-port", "0"
+        tmp_path_factory.mktemp("procs"),
+        None,
+        "--processes",
+        "2",
+        "--compile-mode",
+        "off",
+        "--metrics-port",
+        "0",
     )
     yield s
     s.stop()
@@ -167,11 +177,21 @@ def test_metrics_show_every_process_labelled_and_stats_sums_them(
     samples = scrape(supervisor)
     assert value(samples, "fuseport_processes", state="serving") == 2
     per_process = [
-        value(samples, "fuseport_requests_total", method="List", path="none", reason="none", code="OK", process=p)
+        value(
+            samples,
+            "fuseport_requests_total",
+            method="List",
+            path="none",
+            reason="none",
+            code="OK",
+            process=p,
+        )
         for p in ("0", "1")
     ]
     assert all(n >= 1 for n in per_process), per_process
-    memory = {dict(labels).get("process") for name, labels in samples if name == "process_resident_memory_bytes"}
+    memory = {
+        dict(labels).get("process") for name, labels in samples if name == "process_resident_memory_bytes"
+    }
     assert memory == {"0", "1"}
     out = _stats(supervisor.metrics_url)
     assert out.returncode == 0, out.stderr
@@ -273,7 +293,9 @@ def test_sigterm_drains_every_process_and_no_call_is_cancelled(
             if last:
                 return
 
-    threads = [threading.Thread(target=caller, args=(c,), daemon=True) for c in conns.values() for _ in range(2)]
+    threads = [
+        threading.Thread(target=caller, args=(c,), daemon=True) for c in conns.values() for _ in range(2)
+    ]
     for t in threads:
         t.start()
     try:
@@ -296,7 +318,16 @@ def test_a_process_that_keeps_dying_is_given_up_loudly_while_the_other_serves(tm
     tokens = tmp_path / "tokens"
     tokens.write_text("secret-token admin\n")
     s = start_server(
-        tmp_path, None, "--processes", "2", "--compile-mode", "off", "--restart-limit", "2", "--auth-tokens", str(tokens)
+        tmp_path,
+        None,
+        "--processes",
+        "2",
+        "--compile-mode",
+        "off",
+        "--restart-limit",
+        "2",
+        "--auth-tokens",
+        str(tokens),
     )
     try:
         pids = _children(s.proc.pid)
