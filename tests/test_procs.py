@@ -351,3 +351,31 @@ def test_a_process_that_keeps_dying_is_given_up_loudly_while_the_other_serves(tm
         assert s.stop() == 0
     finally:
         s.stop(signal.SIGKILL)
+
+
+@pytest.mark.gpu
+def test_device_all_spreads_the_processes_over_the_gpus(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    """Process i owns device i % (number of GPUs) and says so in Describe; a kernel runs on each."""
+    gpus = torch.cuda.device_count()
+    assert gpus >= 1, "the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)"
+    processes = max(2, gpus)
+    s = start_server(
+        tmp_path, None, "--device", "all", "--processes", str(processes), "--compile-mode", "off"
+    )
+    try:
+        conns = _conns_on(s.target, _children(s.proc.pid))
+        assert len(conns) == processes
+        key = next(iter(conns.values())).register(graphs["add_one"])
+        x = torch.randn(8)
+        for conn in conns.values():
+            raw, call = conn.channel.unary_unary(_METHOD.format("Describe")).with_call(
+                _pb.service.DescribeRequest(key=key).SerializeToString(), timeout=60
+            )
+            index = int(dict(call.trailing_metadata())[PROCESS_METADATA_KEY].split()[0])
+            assert _pb.service.DescribeResponse.FromString(raw).kernel.device == f"cuda:{index % gpus}"
+            torch.testing.assert_close(conn.execute(key, [x])[0][0], x + 1)
+        assert s.stop() == 0
+    finally:
+        s.stop(signal.SIGKILL)
