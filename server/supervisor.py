@@ -4,7 +4,7 @@ Each serving process is a complete server (`server.app.serve`, `process=i`): its
 own gRPC server, event loop, executor and caches, bound to the same port with
 SO_REUSEPORT, so the kernel spreads new connections over them, and serving the
 same store (see server/registry.py for how a kernel registered through one is
-found by the others). The supervisor imports neither torch nor grpc: it holds
+found by the others). The supervisor imports torch only to count GPUs (`--device all`): it holds
 the port (a bound, never listening SO_REUSEPORT socket, so `--port 0` gives one
 port that every process, and every restart, binds), starts the processes,
 restarts one that dies (with backoff; it gives up on one that keeps dying),

@@ -24,7 +24,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseport.client import Client, capture
 from fuseport.server.app import PROCESS_METADATA_KEY
+from fuseport.server.registry import Registry
 from fuseport.wire import _pb, codec
+from fuseport.wire.errors import KernelNotFound
 
 from .conftest import ServerProcess, start_server
 from .test_metrics import _stats, scrape, value
@@ -99,6 +101,60 @@ def graphs() -> dict[str, _pb.graph.Graph]:
         "add_one": capture(_add_one, [torch.randn(8)]),
         "times_three": capture(_times_three, [torch.randn(8)]),
     }
+
+
+# ---------------------------------------------------------------------- the shared store, in process
+
+
+def _shared(store: Path) -> tuple[Registry, list[int]]:
+    """A registry on a shared store, and the keys of the kernels it dropped because another removed them."""
+    registry = Registry(store, torch.device("cpu"), shared=True)
+    dropped: list[int] = []
+    registry.on_removed = lambda kernel: dropped.append(kernel.key)
+    registry.load()
+    return registry, dropped
+
+
+def test_a_shared_store_finds_what_another_process_registered_and_drops_what_it_removed(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    one, _ = _shared(tmp_path)
+    two, dropped = _shared(tmp_path)  # indexed before anything was registered
+    key, created, _ = one.register(graphs["add_one"])
+    assert created
+    assert two.get(key).key == key  # a miss looks in the store
+    assert key in {k for k, _ in two.kernels()}
+    assert one.remove(key) is not None
+    with pytest.raises(KernelNotFound):
+        two.get(key)  # its built copy is stale: dropped, not served
+    assert dropped == [key]
+    assert key not in {k for k, _ in two.kernels()}
+    # Its stale copy is not written back by a lookup; Register (anywhere) brings it back.
+    assert not (tmp_path / f"{key & (2**64 - 1):016x}.pb").exists()
+    assert two.register(graphs["add_one"])[:2] == (key, True)
+    assert one.get(key).key == key
+
+
+def test_a_shared_store_rebuilds_a_kernel_registered_again_elsewhere_and_finds_new_variants(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    one, _ = _shared(tmp_path)
+    two, dropped = _shared(tmp_path)
+    key = one.register(graphs["add_one"])[0]
+    rank2 = capture(_add_one, [torch.randn(2, 3)])
+    variant = one.register(rank2, variant_of=key)[2]
+    assert [v.key for v in two.get(key).variants] == [key, variant]
+    # Removed and registered again through the first: the second rebuilds it (one variant now).
+    one.remove(key)
+    one.register(graphs["add_one"])
+    assert [v.key for v in two.get(key).variants] == [key]
+    assert dropped == [key]
+    # A variant added through the first is found when the second is asked to look.
+    one.register(rank2, variant_of=key)
+    assert [v.key for v in two.refresh(key).variants] == [key, variant]  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------- a real supervisor
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +370,7 @@ def test_sigterm_drains_every_process_and_no_call_is_cancelled(
     assert log.count("exiting with status 0") == 3  # both processes and the supervisor
 
 
+@pytest.mark.slow  # a second supervisor: two more processes importing torch
 def test_a_process_that_keeps_dying_is_given_up_loudly_while_the_other_serves(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("secret-token admin\n")
