@@ -168,7 +168,7 @@ class Server:
             self.core.executor.events = self.metrics
             # Under a supervisor, the supervisor serves --metrics-port (every process's
             # metrics, labelled); this process's own endpoint is for it alone.
-            host = settings.host if process is None else ("::1" if ":" in settings.host else "127.0.0.1")
+            host = settings.host if process is None else "127.0.0.1"
             self.metrics_port = self.metrics.bind(host, settings.metrics_port)
 
     async def start(self) -> None:
