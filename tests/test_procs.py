@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fuseport.client import Client, capture
 from fuseport.server.app import PROCESS_METADATA_KEY
 from fuseport.server.registry import Registry
+from fuseport.server.settings import Settings
+from fuseport.server.supervisor import plan_processes
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import KernelNotFound
 
@@ -101,6 +103,27 @@ def graphs() -> dict[str, _pb.graph.Graph]:
         "add_one": capture(_add_one, [torch.randn(8)]),
         "times_three": capture(_times_three, [torch.randn(8)]),
     }
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"device": "cpu"}, (1, ["cpu"])),
+        ({"device": "auto"}, (1, ["auto"])),
+        ({"device": "cuda:0, cuda:1"}, (2, ["cuda:0", "cuda:1"])),
+        ({"device": "cuda:0,cuda:1", "processes": 4}, (4, ["cuda:0", "cuda:1"])),
+        ({"device": "cpu", "processes": 3}, (3, ["cpu"])),
+    ],
+)
+def test_processes_default_to_one_per_device_served(flags: dict[str, object], expected: object) -> None:
+    assert plan_processes(Settings.load(flags, environ={})) == expected
+
+
+def test_a_device_list_that_names_no_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="names no device"):
+        plan_processes(Settings.load({"device": " , "}, environ={}))
+    with pytest.raises(ValueError, match="processes must be >= 0"):
+        Settings.load({"processes": -1}, environ={})
 
 
 # ---------------------------------------------------------------------- the shared store, in process
