@@ -243,9 +243,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fuseport serve: {e}", file=sys.stderr)
         return 2
+    from fuseport.server.supervisor import plan_processes, supervise
+
+    try:
+        processes, devices = plan_processes(settings)
+    except ValueError as e:
+        print(f"fuseport serve: {e}", file=sys.stderr)
+        return 2
+    if processes > 1 or len(devices) > 1:
+        return supervise(settings)
     from fuseport.server.app import serve
 
-    return serve(settings, security)
+    return serve(settings.replace(device=devices[0]), security)
 
 
 def _signature(info: Any) -> str:

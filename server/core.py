@@ -52,7 +52,9 @@ class Result:
 
 
 class Core:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared_store: bool = False) -> None:
+        """`shared_store`: other serving processes register and unregister in the same store
+        (`--processes`): see the registry's module doc."""
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.capacity = device_capacity(self.device)
@@ -66,6 +68,7 @@ class Core:
                 max_store_bytes=settings.max_store_bytes,
                 max_store_kernels=settings.max_store_kernels,
             ),
+            shared=shared_store,
         )
         self.executor = Executor(
             self.placement,
@@ -83,6 +86,7 @@ class Core:
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
+        self.registry.on_removed = self._forget
         self.registry.load()
 
     # ------------------------------------------------------------------ RPCs
@@ -130,7 +134,14 @@ class Core:
         values = stack[base:]
         if any(self.residents.has_handles(v) for v in values):
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
-        variant, args = _select(kernel, values, base, variants)
+        try:
+            variant, args = _select(kernel, values, base, variants)
+        except NoMatchingVariant:
+            # A shared store: another process may have added the variant that covers it.
+            newer = self.registry.refresh(key)
+            if newer is None or len(newer.variants) == len(kernel.variants):
+                raise
+            variant, args = _select(newer, values, base, variants)
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
@@ -243,8 +254,7 @@ class Core:
         kernel = self.registry.remove(key)
         if kernel is None:
             return False
-        still_used = set(self.registry.variant_keys())
-        self.executor.forget(key, [v.key for v in kernel.variants if v.key not in still_used])
+        self._forget(kernel)
         return True
 
     def fetch_handles(self, owner: Owner, ids: Sequence[str], free: bool = False) -> list[torch.Tensor]:
@@ -291,6 +301,11 @@ class Core:
             quota_bytes=r.quota_bytes,
             max_handles=r.max_handles,
         )
+
+    def _forget(self, kernel: Kernel) -> None:
+        """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
+        still_used = set(self.registry.variant_keys())
+        self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
 
     def close(self) -> None:
         self.executor.shutdown()

@@ -31,7 +31,11 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 in containers"})
     port: int = field(default=50051, metadata={"help": "port to bind; 0 picks a free one"})
     device: str = field(
-        default="auto", metadata={"help": "auto (first CUDA device, else cpu), cpu, cuda or cuda:N"}
+        default="auto",
+        metadata={
+            "help": "auto (first CUDA device, else cpu), cpu, cuda or cuda:N; all (every CUDA device) or a "
+            "list (cuda:0,cuda:1): a serving process per device (see --processes)"
+        },
     )
     store_dir: Path = field(
         default_factory=default_store_dir,
@@ -154,6 +158,22 @@ class Settings:
         default=10_000, metadata={"help": "device-resident handles one client may hold at once"}
     )
 
+    # --processes (procs): several serving processes on one port, under a supervisor.
+    processes: int = field(
+        default=0,
+        metadata={
+            "help": "serving processes sharing the port (SO_REUSEPORT) and the store, under a supervisor "
+            "that restarts them; 0: one per device served (1 unless --device all or a list)"
+        },
+    )
+    restart_limit: int = field(
+        default=5,
+        metadata={
+            "help": "with --processes: restarts of a process that keeps dying within a minute of its start "
+            "before the supervisor gives up on it"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
@@ -183,6 +203,10 @@ class Settings:
             raise ValueError("max_resident_bytes and max_resident_bytes_per_client must be >= 0")
         if self.max_handles_per_client < 1:
             raise ValueError("max_handles_per_client must be at least 1")
+        if self.processes < 0:
+            raise ValueError("processes must be >= 0 (0: one per device served)")
+        if self.restart_limit < 0:
+            raise ValueError("restart_limit must be >= 0")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
