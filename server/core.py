@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
@@ -63,6 +64,12 @@ class Core:
             compile_mode=settings.compile_mode,
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
+            artifacts=(
+                ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
+                if settings.compiler == "aot" and settings.compile_mode != "off"
+                else None
+            ),
+            compile_timeout=settings.compile_timeout_seconds,
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
@@ -224,11 +231,15 @@ class Core:
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
                     variant=v.key,
+                    compiled_by=e.compiled_by,
+                    from_cache=e.from_cache,
                 )
         return info
 
 
-def _select(kernel: Kernel, values: list[Any], base: int, allowed: Sequence[int]) -> tuple[Variant, list[Any]]:
+def _select(
+    kernel: Kernel, values: list[Any], base: int, allowed: Sequence[int]
+) -> tuple[Variant, list[Any]]:
     """The first variant that covers `values` (the kernel's inputs, from stack
     position `base`), and the values as it takes them; NoMatchingVariant naming
     why each candidate does not."""

@@ -16,7 +16,7 @@ from fuseport.v1 import graph_pb2 as fuseport_dot_v1_dot_graph__pb2
 from fuseport.v1 import values_pb2 as fuseport_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66useport/v1/service.proto\x12\x0b\x66useport.v1\x1a\x17\x66useport/v1/graph.proto\x1a\x18\x66useport/v1/values.proto\"\\\n\x0fRegisterRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.fuseport.v1.Graph\x12\x17\n\nvariant_of\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\r\n\x0b_variant_of\"A\n\x10RegisterResponse\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07variant\x18\x03 \x01(\x03\"<\n\x0e\x45xecuteOptions\x12\x18\n\x10wait_for_compile\x18\x01 \x01(\x08\x12\x10\n\x08variants\x18\x02 \x03(\x03\"n\n\x0e\x45xecuteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\"Q\n\x07Timings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x0e\n\x06run_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"\xca\x01\n\x0f\x45xecuteResponse\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x05stack\x18\x04 \x03(\x0b\x32\x12.fuseport.v1.Value\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.fuseport.v1.Timings\x12\x0f\n\x07variant\x18\x06 \x01(\x03\"6\n\x0f\x44\x65scribeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x16\n\x0einclude_source\x18\x02 \x01(\x08\"\xbd\x01\n\x0b\x41rgSpecInfo\x12\x10\n\x08\x61rg_spec\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuseport.v1.CompileState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x01\x12\x12\n\nfused_runs\x18\x05 \x01(\x04\x12\x15\n\rfallback_runs\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\x03\"n\n\x0bVariantInfo\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x12\n\nconditions\x18\x03 \x03(\t\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\"\x9f\x02\n\nKernelInfo\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x13\n\x0bnum_outputs\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\x12\x0b\n\x03ops\x18\x05 \x03(\t\x12\x12\n\nfused_runs\x18\x06 \x01(\x04\x12\x15\n\rfallback_runs\x18\x07 \x01(\x04\x12+\n\targ_specs\x18\x08 \x03(\x0b\x32\x18.fuseport.v1.ArgSpecInfo\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x08variants\x18\n \x03(\x0b\x32\x18.fuseport.v1.VariantInfo\x12\x12\n\nrandom_ops\x18\x0b \x03(\t\";\n\x10\x44\x65scribeResponse\x12\'\n\x06kernel\x18\x01 \x01(\x0b\x32\x17.fuseport.v1.KernelInfo\"\r\n\x0bListRequest\"8\n\x0cListResponse\x12(\n\x07kernels\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.KernelInfo\" \n\x11UnregisterRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\"%\n\x12UnregisterResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08*?\n\x04Path\x12\x14\n\x10PATH_UNSPECIFIED\x10\x00\x12\x0e\n\nPATH_FUSED\x10\x01\x12\x11\n\rPATH_FALLBACK\x10\x02*\xbd\x02\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41LLBACK_REASON_REQUESTED\x10\x01\x12\x1d\n\x19\x46\x41LLBACK_REASON_COMPILING\x10\x02\x12\"\n\x1e\x46\x41LLBACK_REASON_COMPILE_FAILED\x10\x03\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSUPPORTED\x10\x04\x12!\n\x1d\x46\x41LLBACK_REASON_MIXED_DEVICES\x10\x05\x12!\n\x1d\x46\x41LLBACK_REASON_RUNTIME_ERROR\x10\x06\x12#\n\x1f\x46\x41LLBACK_REASON_RECOMPILE_LIMIT\x10\x07\x12\x1c\n\x18\x46\x41LLBACK_REASON_DISABLED\x10\x08*}\n\x0c\x43ompileState\x12\x1d\n\x19\x43OMPILE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPILE_STATE_COMPILING\x10\x01\x12\x17\n\x13\x43OMPILE_STATE_READY\x10\x02\x12\x18\n\x14\x43OMPILE_STATE_FAILED\x10\x03\x32\xba\x03\n\rKernelService\x12G\n\x08Register\x12\x1c.fuseport.v1.RegisterRequest\x1a\x1d.fuseport.v1.RegisterResponse\x12\x44\n\x07\x45xecute\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12\x45\n\x08\x46\x61llback\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12G\n\x08\x44\x65scribe\x12\x1c.fuseport.v1.DescribeRequest\x1a\x1d.fuseport.v1.DescribeResponse\x12;\n\x04List\x12\x18.fuseport.v1.ListRequest\x1a\x19.fuseport.v1.ListResponse\x12M\n\nUnregister\x12\x1e.fuseport.v1.UnregisterRequest\x1a\x1f.fuseport.v1.UnregisterResponseB\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66useport/v1/service.proto\x12\x0b\x66useport.v1\x1a\x17\x66useport/v1/graph.proto\x1a\x18\x66useport/v1/values.proto\"\\\n\x0fRegisterRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.fuseport.v1.Graph\x12\x17\n\nvariant_of\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\r\n\x0b_variant_of\"A\n\x10RegisterResponse\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07variant\x18\x03 \x01(\x03\"<\n\x0e\x45xecuteOptions\x12\x18\n\x10wait_for_compile\x18\x01 \x01(\x08\x12\x10\n\x08variants\x18\x02 \x03(\x03\"n\n\x0e\x45xecuteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\"Q\n\x07Timings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x0e\n\x06run_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"\xca\x01\n\x0f\x45xecuteResponse\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x05stack\x18\x04 \x03(\x0b\x32\x12.fuseport.v1.Value\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.fuseport.v1.Timings\x12\x0f\n\x07variant\x18\x06 \x01(\x03\"6\n\x0f\x44\x65scribeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x16\n\x0einclude_source\x18\x02 \x01(\x08\"\xe6\x01\n\x0b\x41rgSpecInfo\x12\x10\n\x08\x61rg_spec\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuseport.v1.CompileState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x01\x12\x12\n\nfused_runs\x18\x05 \x01(\x04\x12\x15\n\rfallback_runs\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\x03\x12\x13\n\x0b\x63ompiled_by\x18\x46 \x01(\t\x12\x12\n\nfrom_cache\x18G \x01(\x08\"n\n\x0bVariantInfo\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x12\n\nconditions\x18\x03 \x03(\t\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\"\x9f\x02\n\nKernelInfo\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x13\n\x0bnum_outputs\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\x12\x0b\n\x03ops\x18\x05 \x03(\t\x12\x12\n\nfused_runs\x18\x06 \x01(\x04\x12\x15\n\rfallback_runs\x18\x07 \x01(\x04\x12+\n\targ_specs\x18\x08 \x03(\x0b\x32\x18.fuseport.v1.ArgSpecInfo\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x08variants\x18\n \x03(\x0b\x32\x18.fuseport.v1.VariantInfo\x12\x12\n\nrandom_ops\x18\x0b \x03(\t\";\n\x10\x44\x65scribeResponse\x12\'\n\x06kernel\x18\x01 \x01(\x0b\x32\x17.fuseport.v1.KernelInfo\"\r\n\x0bListRequest\"8\n\x0cListResponse\x12(\n\x07kernels\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.KernelInfo\" \n\x11UnregisterRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\"%\n\x12UnregisterResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08*?\n\x04Path\x12\x14\n\x10PATH_UNSPECIFIED\x10\x00\x12\x0e\n\nPATH_FUSED\x10\x01\x12\x11\n\rPATH_FALLBACK\x10\x02*\xbd\x02\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41LLBACK_REASON_REQUESTED\x10\x01\x12\x1d\n\x19\x46\x41LLBACK_REASON_COMPILING\x10\x02\x12\"\n\x1e\x46\x41LLBACK_REASON_COMPILE_FAILED\x10\x03\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSUPPORTED\x10\x04\x12!\n\x1d\x46\x41LLBACK_REASON_MIXED_DEVICES\x10\x05\x12!\n\x1d\x46\x41LLBACK_REASON_RUNTIME_ERROR\x10\x06\x12#\n\x1f\x46\x41LLBACK_REASON_RECOMPILE_LIMIT\x10\x07\x12\x1c\n\x18\x46\x41LLBACK_REASON_DISABLED\x10\x08*}\n\x0c\x43ompileState\x12\x1d\n\x19\x43OMPILE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPILE_STATE_COMPILING\x10\x01\x12\x17\n\x13\x43OMPILE_STATE_READY\x10\x02\x12\x18\n\x14\x43OMPILE_STATE_FAILED\x10\x03\x32\xba\x03\n\rKernelService\x12G\n\x08Register\x12\x1c.fuseport.v1.RegisterRequest\x1a\x1d.fuseport.v1.RegisterResponse\x12\x44\n\x07\x45xecute\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12\x45\n\x08\x46\x61llback\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12G\n\x08\x44\x65scribe\x12\x1c.fuseport.v1.DescribeRequest\x1a\x1d.fuseport.v1.DescribeResponse\x12;\n\x04List\x12\x18.fuseport.v1.ListRequest\x1a\x19.fuseport.v1.ListResponse\x12M\n\nUnregister\x12\x1e.fuseport.v1.UnregisterRequest\x1a\x1f.fuseport.v1.UnregisterResponseB\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,12 +24,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuseport.v1.service_pb2', _
 if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['DESCRIPTOR']._options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026fuseport/v1;fuseportv1'
-  _globals['_PATH']._serialized_start=1573
-  _globals['_PATH']._serialized_end=1636
-  _globals['_FALLBACKREASON']._serialized_start=1639
-  _globals['_FALLBACKREASON']._serialized_end=1956
-  _globals['_COMPILESTATE']._serialized_start=1958
-  _globals['_COMPILESTATE']._serialized_end=2083
+  _globals['_PATH']._serialized_start=1614
+  _globals['_PATH']._serialized_end=1677
+  _globals['_FALLBACKREASON']._serialized_start=1680
+  _globals['_FALLBACKREASON']._serialized_end=1997
+  _globals['_COMPILESTATE']._serialized_start=1999
+  _globals['_COMPILESTATE']._serialized_end=2124
   _globals['_REGISTERREQUEST']._serialized_start=93
   _globals['_REGISTERREQUEST']._serialized_end=185
   _globals['_REGISTERRESPONSE']._serialized_start=187
@@ -45,21 +45,21 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_DESCRIBEREQUEST']._serialized_start=716
   _globals['_DESCRIBEREQUEST']._serialized_end=770
   _globals['_ARGSPECINFO']._serialized_start=773
-  _globals['_ARGSPECINFO']._serialized_end=962
-  _globals['_VARIANTINFO']._serialized_start=964
-  _globals['_VARIANTINFO']._serialized_end=1074
-  _globals['_KERNELINFO']._serialized_start=1077
-  _globals['_KERNELINFO']._serialized_end=1364
-  _globals['_DESCRIBERESPONSE']._serialized_start=1366
-  _globals['_DESCRIBERESPONSE']._serialized_end=1425
-  _globals['_LISTREQUEST']._serialized_start=1427
-  _globals['_LISTREQUEST']._serialized_end=1440
-  _globals['_LISTRESPONSE']._serialized_start=1442
-  _globals['_LISTRESPONSE']._serialized_end=1498
-  _globals['_UNREGISTERREQUEST']._serialized_start=1500
-  _globals['_UNREGISTERREQUEST']._serialized_end=1532
-  _globals['_UNREGISTERRESPONSE']._serialized_start=1534
-  _globals['_UNREGISTERRESPONSE']._serialized_end=1571
-  _globals['_KERNELSERVICE']._serialized_start=2086
-  _globals['_KERNELSERVICE']._serialized_end=2528
+  _globals['_ARGSPECINFO']._serialized_end=1003
+  _globals['_VARIANTINFO']._serialized_start=1005
+  _globals['_VARIANTINFO']._serialized_end=1115
+  _globals['_KERNELINFO']._serialized_start=1118
+  _globals['_KERNELINFO']._serialized_end=1405
+  _globals['_DESCRIBERESPONSE']._serialized_start=1407
+  _globals['_DESCRIBERESPONSE']._serialized_end=1466
+  _globals['_LISTREQUEST']._serialized_start=1468
+  _globals['_LISTREQUEST']._serialized_end=1481
+  _globals['_LISTRESPONSE']._serialized_start=1483
+  _globals['_LISTRESPONSE']._serialized_end=1539
+  _globals['_UNREGISTERREQUEST']._serialized_start=1541
+  _globals['_UNREGISTERREQUEST']._serialized_end=1573
+  _globals['_UNREGISTERRESPONSE']._serialized_start=1575
+  _globals['_UNREGISTERRESPONSE']._serialized_end=1612
+  _globals['_KERNELSERVICE']._serialized_start=2127
+  _globals['_KERNELSERVICE']._serialized_end=2569
 # @@protoc_insertion_point(module_scope)
