@@ -34,7 +34,7 @@ __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile")
+SECTIONS = ("transport", "device", "concurrency", "compile", "restart")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -137,7 +137,7 @@ def _run(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, transport
+    from fuseport.bench import compiling, concurrency, device, restart, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -146,7 +146,7 @@ def _run(
     from fuseport.client import Client
 
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
-               "compile": compiling.run}
+               "compile": compiling.run, "restart": restart.run}
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()

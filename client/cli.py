@@ -323,6 +323,8 @@ def _describe(c: Any, key: int, source: bool) -> int:
             state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
             print(f"  ArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
                   f"fused={a.fused_runs} fallback={a.fallback_runs}")
+            if a.compiled_by:
+                print(f"    compiled by: {a.compiled_by}{' (loaded from the artifact cache)' if a.from_cache else ''}")
             if a.error:
                 print(f"    error: {a.error}")
             if a.source:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "_FUSEPORT_DEBUG_COMPILE_FAULT"
 
 
+# The most a worker may take to start, when the compile timeout is shorter.
+_START_SECONDS = 300.0
+
+
 class CompileCrashed(Exception):
     """The worker died during a compile."""
 
@@ -56,6 +60,7 @@ class CompileWorker:
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
+        self._ready = False  # the worker said it is ready (imports and warm-up done)
         self.started = 0  # workers started so far (the first, and each replacement)
 
     def start(self) -> None:
@@ -69,6 +74,7 @@ class CompileWorker:
             proc.start()
             child.close()
             self._proc, self._conn = proc, parent
+            self._ready = False
             self.started += 1
             log.info("compile worker %d started (pid %d)", self.started, proc.pid)
 
@@ -76,19 +82,17 @@ class CompileWorker:
         self.start()
         proc, conn = self._proc, self._conn
         assert proc is not None and conn is not None
-        deadline = time.monotonic() + self.timeout
         try:
+            if not self._ready:
+                # Its start (importing torch, warming Inductor up: tens of seconds
+                # on a busy CPU) is not part of any compile's timeout.
+                self._wait(proc, conn, time.monotonic() + max(self.timeout, _START_SECONDS), "start")
+                conn.recv_bytes()
+                self._ready = True
+            deadline = time.monotonic() + self.timeout
             conn.send_bytes(json.dumps(header).encode())
             conn.send_bytes(graph)
-            while not conn.poll(0.2):
-                if not proc.is_alive():
-                    raise EOFError
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise CompileTimedOut(
-                        f"the compile passed its {self.timeout:g} s timeout (--compile-timeout-seconds); "
-                        "its worker was killed"
-                    )
+            self._wait(proc, conn, deadline, "compile")
             reply: dict[str, Any] = json.loads(conn.recv_bytes())
             return reply
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
@@ -97,6 +101,18 @@ class CompileWorker:
             self.stop()
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             raise CompileCrashed(f"the compile worker died during this compile ({how})") from e
+
+    def _wait(self, proc: Any, conn: Connection, deadline: float, what: str) -> None:
+        """Until the worker has something to say; EOFError if it died meanwhile."""
+        while not conn.poll(0.2):
+            if not proc.is_alive():
+                raise EOFError
+            if time.monotonic() > deadline:
+                self.stop()
+                limit = self.timeout if what == "compile" else max(self.timeout, _START_SECONDS)
+                raise CompileTimedOut(
+                    f"the {what} passed its {limit:g} s timeout (--compile-timeout-seconds); its worker was killed"
+                )
 
     def stop(self) -> None:
         with self._lock:
@@ -126,6 +142,10 @@ def _worker_main(conn: Connection) -> None:
     _configure_compiler()
     if not fault:
         _warm_up()
+    try:
+        conn.send_bytes(b'{"ready": true}')
+    except (EOFError, OSError):
+        return
     while True:
         try:
             header = json.loads(conn.recv_bytes())

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import copy
 import enum
-import io
 import logging
 import os
+import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -272,9 +273,17 @@ class Executor:
             os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
             self._capability = device_capability(placement.device)
             self._worker.start()
-        if compile_mode != "off":
+            # The first meta-device op imports torch's Python meta kernels (sympy
+            # and more: seconds, tens on a busy CPU), and every call is planned
+            # on the meta device (server/checks.py). Importing Inductor paid for it
+            # before; now nothing would until the first request, which must not
+            # wait (a warm restart runs its first call fused within a second).
+            meta = torch.empty(2, 2, device="meta")
+            torch.relu(meta * 2 + meta)
+        if compile_mode != "off" and self._worker is None:
             # Both import Dynamo and Inductor: seconds of CPU that a server which
-            # never compiles need not spend at start.
+            # never compiles here need not spend at start (with a compile worker,
+            # only an ArgSpec compiled in-process imports them, on first use).
             _register_eager_kernels()
             _configure_compiler()
         self.placement = placement
@@ -316,7 +325,8 @@ class Executor:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
-        _configure_compiler()
+        if self._worker is None:
+            _configure_compiler()
         if unfused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         entry = self._entry(spec, args)
@@ -328,7 +338,10 @@ class Executor:
         if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
             return self._fallback(spec, args, entry.reason, detail, entry)
-        if is_fx_tracing():
+        if entry.compiled_by != "aoti" and self._worker is not None:
+            _configure_compiler()  # a torch.compile kernel: a guard failure may recompile here
+        # Dynamo refuses to run its code while a trace runs; AOTInductor's code is not Dynamo's.
+        if entry.compiled_by != "aoti" and is_fx_tracing():
             if not wait:
                 return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
             # The caller waits for the fused kernel. fuseport's own traces (compiles,
@@ -350,7 +363,8 @@ class Executor:
         return Outcome(list(outputs), Path.PATH_FUSED)
 
     def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
-        if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+        dynamo = sys.modules.get("torch._dynamo")  # not imported where only AOTInductor runs
+        if dynamo is not None and isinstance(e, dynamo.exc.FailOnRecompileLimitHit):
             reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
         else:
             reason = Reason.FALLBACK_REASON_RUNTIME_ERROR
@@ -471,7 +485,7 @@ class Executor:
             artifact = self.artifacts.load(name)
             if artifact is None:
                 return False
-            fn = self._aot_fn(artifact.data, entry.arg_spec)
+            fn = self._aot_fn(artifact.data, entry.arg_spec, len(spec.variant.graph.outputs))
         except Exception as e:  # noqa: BLE001 - a bad artifact is compiled again, never fatal
             log.warning(
                 "kernel %d [%s]: artifact %s refused, compiling again: %s",
@@ -495,18 +509,28 @@ class Executor:
         log.info("kernel %d: loaded artifact %s for [%s]", spec.key, name, entry.arg_spec)
         return True
 
-    def _aot_fn(self, data: bytes, arg_spec: ArgSpec) -> Callable[..., Any]:
-        from torch._inductor import aoti_load_package
-
+    def _aot_fn(self, data: bytes, arg_spec: ArgSpec, outputs: int) -> Callable[..., Any]:
         device = self.placement.device
         index = device.index if device.type == "cuda" and device.index is not None else -1
-        # From the checked bytes (the loader copies them to a private temp file):
-        # the file in the cache could be replaced between the check and a load by name.
-        model = aoti_load_package(io.BytesIO(data), device_index=index)
+        # From the checked bytes, through a private file of our own: the file in
+        # the cache could be replaced between the check and a load by name. The
+        # C++ loader, not torch._inductor's wrapper: importing Inductor costs the
+        # serving process seconds (tens on a busy CPU) that a load does not need.
+        fd, path = tempfile.mkstemp(suffix=".pt2", prefix="fuseport-load-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+        finally:
+            os.unlink(path)
         tensors = [i for i, item in enumerate(arg_spec.inputs) if not isinstance(item, str)]
 
         def fused(*args: Any) -> Any:
-            return model(*[args[i] for i in tensors])
+            # boxed_run takes the list (it frees the inputs as it goes): a new one each call.
+            results = loader.boxed_run([args[i] for i in tensors])
+            if len(results) != outputs:
+                raise RuntimeError(f"the artifact returned {len(results)} values where the graph has {outputs}")
+            return results
 
         return fused
 
@@ -567,7 +591,7 @@ class Executor:
             self.artifacts.commit(
                 name, tmp, {"kernel": spec.key, "variant": spec.variant.key, "arg_spec": str(entry.arg_spec)}
             )
-            fn = self._aot_fn(data, entry.arg_spec)
+            fn = self._aot_fn(data, entry.arg_spec, len(spec.variant.graph.outputs))
             receive()
             with self.placement.request_scope():
                 fn(*sample)
@@ -616,6 +640,7 @@ class Executor:
         """Compiles by running the kernel once on the request's own inputs."""
         if start is None:
             start = time.perf_counter()
+        _register_eager_kernels()
         sources: list[str] = []
         _configure_compiler()
         try:

@@ -96,7 +96,7 @@ def test_restarted_server_runs_a_known_arg_spec_fused_without_compiling(compiled
             torch.testing.assert_close(r.stack[0], scale_add(x, y))
             info = c.describe(compiled.key, include_source=True).arg_specs[0]
             assert info.from_cache and info.compiled_by == "aoti"
-            assert "extern \"C\"" in info.source or "void" in info.source  # the generated C++
+            assert 'extern "C"' in info.source or "void" in info.source  # the generated C++
         assert compiles(server) == 0
         assert scrape(server)[("fuseport_artifact_loads_total", "ok")] == 1
     finally:
@@ -174,9 +174,13 @@ def test_cache_clear_command_empties_the_cache(tmp_path: Path) -> None:
     cache.commit(cache.key({"a": 1}), tmp, {})
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     cmd = [sys.executable, "-m", "fuseport.client.cli", "cache"]
-    out = subprocess.run([*cmd, "info", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [*cmd, "info", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "1 artifacts, 7 bytes" in out.stdout, out
-    out = subprocess.run([*cmd, "clear", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [*cmd, "clear", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0 and "removed 1 artifacts" in out.stdout, out
     assert cache.entries() == []
 
