@@ -136,11 +136,11 @@ def _worker_main(conn: Connection) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server decides
     # when its worker stops (it closes the pipe), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from fuseport.server.executor import _configure_compiler, _register_eager_kernels
+    if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
+        from fuseport.server.executor import _configure_compiler, _register_eager_kernels
 
-    _register_eager_kernels()
-    _configure_compiler()
-    if not fault:
+        _register_eager_kernels()
+        _configure_compiler()
         _warm_up()
     try:
         conn.send_bytes(b'{"ready": true}')

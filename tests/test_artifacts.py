@@ -130,7 +130,8 @@ def test_truncated_artifact_is_refused_and_compiled_again(compiled: Compiled) ->
     finally:
         server.stop()
     (package,) = artifact_files(compiled.store)
-    assert package.stat().st_size == len(good) or package.read_bytes()[:4] == good[:4]
+    # The recompiled artifact replaced the damaged one, and passes the checks
+    assert ArtifactCache(compiled.store / "artifacts", 1 << 30).load(package.stem) is not None
 
 
 def test_artifact_writable_by_others_is_never_loaded(compiled: Compiled, tmp_path: Path) -> None:
@@ -200,7 +201,7 @@ def test_compile_worker_fault_fails_only_that_arg_spec(
     monkeypatch.setenv(FAULT_ENV, fault)
     server = start_server(tmp_path, None, "--metrics-port", "0", *flags)
     try:
-        with Client(server.target, timeout=120) as c:
+        with Client(server.target, timeout=300) as c:
             key = c.register(scale_add, [torch.randn(4, 4), torch.randn(4, 4)])
             for shape in ((4, 4), (4, 1)):  # two ArgSpecs: the second runs on a replaced worker
                 x, y = torch.randn(*shape), torch.randn(*shape)
