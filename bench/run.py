@@ -39,7 +39,7 @@ __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident")
+SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident", "restart")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -152,7 +152,7 @@ def _run(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, resident, streaming, transport
+    from fuseport.bench import compiling, concurrency, device, resident, restart, streaming, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -161,7 +161,8 @@ def _run(
     from fuseport.client import Client
 
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
-               "compile": compiling.run, "stream": streaming.run, "resident": resident.run}
+               "compile": compiling.run, "stream": streaming.run, "resident": resident.run,
+               "restart": restart.run}
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
@@ -75,6 +76,12 @@ class Core:
             compile_mode=settings.compile_mode,
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
+            artifacts=(
+                ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
+                if settings.compiler == "aot" and settings.compile_mode != "off"
+                else None
+            ),
+            compile_timeout=settings.compile_timeout_seconds,
         )
         self._outputs: dict[int, tuple[InputSpec | None, ...] | None] = {}  # variant key -> Core.outputs
         self.residents = Residents(
@@ -391,6 +398,8 @@ class Core:
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
                     variant=v.key,
+                    compiled_by=e.compiled_by,
+                    from_cache=e.from_cache,
                 )
         return info
 

@@ -100,9 +100,16 @@ class Metrics(CallObserver, ExecutorEvents):
             "fuseport_kernel_cache_evictions", "Compiled kernels dropped from the cache to keep it within its bounds",
             registry=r,
         )  # fmt: skip
+        self.artifact_loads = Counter(
+            "fuseport_artifact_loads", "Compiled artifacts read from the artifact cache, by outcome "
+            "(ok: loaded, no compile; refused: damaged or not safely ours, compiled again)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         # Present from the first scrape, at 0: a rate() needs the series before its first event.
         for outcome in ("ok", "failed"):
             self.compiles.labels(outcome)
+        for outcome in ("ok", "refused"):
+            self.artifact_loads.labels(outcome)
         r.register(_StateCollector(core))
         # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
         ProcessCollector(registry=r)
@@ -129,6 +136,9 @@ class Metrics(CallObserver, ExecutorEvents):
 
     def evicted(self) -> None:
         self.evictions.inc()
+
+    def loaded(self, ok: bool) -> None:
+        self.artifact_loads.labels("ok" if ok else "refused").inc()
 
     # ------------------------------------------------------------------ endpoint
 
