@@ -82,10 +82,15 @@ def minor_faults(pid: int | None = None) -> int | None:
 
 @contextlib.contextmanager
 def fuseport_server(
-    device: str, env: dict[str, str] | None = None, timeout: float = 180.0
+    device: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 180.0,
+    processes: int | None = None,
+    store_dir: Path | None = None,
 ) -> Iterator[tuple[str, int]]:
-    """`fuseport serve` on 127.0.0.1 and a free port, with a fresh store; yields
-    (target, pid) once gRPC health says SERVING. `env` is added to its environment."""
+    """`fuseport serve` on 127.0.0.1 and a free port, with a fresh store (or
+    `store_dir`); yields (target, pid) once gRPC health says SERVING. `env` is
+    added to its environment; `processes`: its --processes (None: its default)."""
     from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
     with tempfile.TemporaryDirectory(prefix="fuseport-bench-") as tmp:
@@ -94,7 +99,8 @@ def fuseport_server(
         cmd = [
             sys.executable, "-m", "fuseport.client.cli", "serve",
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--store-dir", str(Path(tmp) / "store"), "--device", device,
+            "--store-dir", str(store_dir or Path(tmp) / "store"), "--device", device,
+            *(("--processes", str(processes)) if processes is not None else ()),
         ]  # fmt: skip
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

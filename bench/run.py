@@ -39,7 +39,7 @@ __all__ = ["SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident")
+SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident", "restart")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default=None,
                    help=f"client process counts for concurrency (default: {DEFAULT_CLIENTS}; --quick: "
                         f"{QUICK_CLIENTS})")
+    p.add_argument("--processes", default=None,
+                   help="serving processes of the server this starts (its --processes), or a list such as 1,2: "
+                        "the first serves every section, and the concurrency section runs again against a "
+                        "server of each further count, in the same run (default: the server's default)")
     p.add_argument("--json", type=Path, default=Path("bench-results.json"), dest="json_path",
                    help="where to write the results (default: bench-results.json)")
     p.add_argument("--plot", type=Path, default=None,
@@ -112,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         clients = tuple(int(c) for c in (args.clients or (QUICK_CLIENTS if args.quick else DEFAULT_CLIENTS)).split(","))
         if any(c < 1 for c in clients):
             raise ValueError("--clients must be positive")
+        processes = tuple(int(c) for c in args.processes.split(",")) if args.processes else (None,)
+        if any(c is not None and c < 1 for c in processes):
+            raise ValueError("--processes must be positive")
+        if args.target and args.processes:
+            raise ValueError("--processes is for the server this starts, not for a --target")
         if args.iterations is not None and args.iterations < 1:
             raise ValueError("--iterations must be at least 1")
         server_env = dict(_env_pair(e) for e in args.server_env)
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fuseport bench: {e}", file=sys.stderr)
         return 2
     try:
-        return _run(args, sections, sizes, clients, server_env)
+        return _run(args, sections, sizes, clients, server_env, processes)
     except KeyboardInterrupt:
         return 130
 
@@ -137,12 +146,13 @@ def _run(
     sizes: tuple[int, ...],
     clients: tuple[int, ...],
     server_env: dict[str, str],
+    processes: tuple[int | None, ...] = (None,),
 ) -> int:
     # torch warns at import when numpy is absent; the benchmark never needs it.
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, resident, streaming, transport
+    from fuseport.bench import compiling, concurrency, device, resident, restart, streaming, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -151,7 +161,8 @@ def _run(
     from fuseport.client import Client
 
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
-               "compile": compiling.run, "stream": streaming.run, "resident": resident.run}
+               "compile": compiling.run, "stream": streaming.run, "resident": resident.run,
+               "restart": restart.run}
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()
@@ -164,7 +175,7 @@ def _run(
             notes.append(f"note: server {target} given with --target; the echo floor runs on this host")
         else:
             log.info("starting fuseport serve --device %s", args.device)
-            target, server_pid = stack.enter_context(fuseport_server(args.device, server_env))
+            target, server_pid = stack.enter_context(fuseport_server(args.device, server_env, processes=processes[0]))
         echo_target, echo_pid = stack.enter_context(echo_server())
         # The server this starts is plaintext on loopback: TLS flags are for --target.
         tls = client_kwargs(args) if args.target else {}
@@ -189,6 +200,7 @@ def _run(
             "sizes": list(sizes),
             "iterations": args.iterations,
             "clients": list(clients),
+            "processes": list(processes),
         }
         result["machine"] = _machine(local_device)
         for name in sections:
@@ -202,8 +214,25 @@ def _run(
                 notes.append(f"ERROR: section {name} failed: {type(e).__name__}: {e}")
                 continue
             section.data["wall_s"] = time.perf_counter() - t0
+            if len(processes) > 1 and name == "concurrency":
+                _label(section.rows, processes[0])
             rows.extend(section.rows)
             result["sections"][name] = {"rows": [r.to_json() for r in section.rows], **section.data}
+        if "concurrency" in sections:
+            for count in processes[1:]:
+                # The same section against a server of `count` processes, beside the same echo.
+                log.info("section concurrency, %d serving processes", count)
+                try:
+                    section = _concurrency_with(args.device, server_env, count, ctx)
+                except Exception as e:  # noqa: BLE001 - keep what was measured
+                    log.exception("concurrency with %d processes failed", count)
+                    result["errors"][f"concurrency-p{count}"] = f"{type(e).__name__}: {e}"
+                    continue
+                _label(section.rows, count)
+                rows.extend(section.rows)
+                result["sections"][f"concurrency-p{count}"] = {
+                    "rows": [r.to_json() for r in section.rows], **section.data
+                }
     result["wall_seconds"] = time.perf_counter() - started
     if "machine" in result:
         result["machine"]["loadavg_1min_at_end"] = os.getloadavg()[0]
@@ -222,6 +251,25 @@ def _run(
     if args.strict and result["summary"]["MISS"]:
         return 3
     return 0
+
+
+def _label(rows: list[Any], processes: int | None) -> None:
+    for row in rows:
+        row.name = f"{row.name} [{processes} proc]"
+
+
+def _concurrency_with(device: str, server_env: dict[str, str], processes: int, ctx: Any) -> Any:
+    """The concurrency section against a server of its own with `processes` serving processes."""
+    import dataclasses
+
+    from fuseport.bench import concurrency
+    from fuseport.bench.context import fuseport_server
+    from fuseport.client import Client
+
+    with fuseport_server(device, server_env, processes=processes) as (target, pid), Client(
+        target, timeout=ctx.options.timeout
+    ) as client:
+        return concurrency.run(dataclasses.replace(ctx, client=client, target=target, server_pid=pid, cache={}))
 
 
 def _local_device(server_device: Any, target: str) -> Any:

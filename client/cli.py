@@ -143,6 +143,21 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_tls_flags(demo)
 
+    cache = sub.add_parser(
+        "cache",
+        help="show or clear the compiled-artifact cache",
+        description="The artifact cache holds compiled kernels (AOTInductor packages) so that a restarted "
+        "server runs them without compiling. `info` lists it, `clear` empties it (safe while servers "
+        "run: they keep what they loaded and compile again what they miss).",
+    )
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument(
+        "--store-dir", type=Path, default=None, help="the server's --store-dir (env FUSEPORT_STORE_DIR)"
+    )
+    cache.add_argument(
+        "--artifact-dir", type=Path, default=None, help="the server's --artifact-dir (env FUSEPORT_ARTIFACT_DIR)"
+    )
+
     # Listed for --help only: main() hands `bench ...` to the benchmark's own parser.
     sub.add_parser("bench", help="benchmark against the transport floor (fuseport bench --help)")
     return parser
@@ -164,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(args)
     if command == "stats":
         return _stats(args.metrics_url, args.timeout)
+    if command == "cache":
+        return _cache(args)
 
     target = args.target or _default_target()
     if command == "health":
@@ -179,6 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FuseportError, ValueError) as e:  # ValueError: an unreadable --tls-* file
         print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from fuseport.server.artifacts import ArtifactCache, ArtifactError
+    from fuseport.server.settings import Settings
+
+    try:
+        settings = Settings.load({"store_dir": args.store_dir, "artifact_dir": args.artifact_dir})
+        cache = ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
+    except (ValueError, OSError, ArtifactError) as e:
+        print(f"fuseport cache: {e}", file=sys.stderr)
+        return 1
+    if args.action == "clear":
+        print(f"removed {cache.clear()} artifacts from {cache.dir}")
+        return 0
+    entries = cache.entries()
+    total = sum(size for _, _, size in entries)
+    print(f"{cache.dir}: {len(entries)} artifacts, {total} bytes (bound {settings.artifact_cache_bytes})")
+    return 0
 
 
 def _health(target: str, service: str, timeout: float, tls: dict[str, Any]) -> int:
@@ -243,9 +279,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fuseport serve: {e}", file=sys.stderr)
         return 2
+    from fuseport.server.supervisor import plan_processes, supervise
+
+    try:
+        processes, devices = plan_processes(settings)
+    except ValueError as e:
+        print(f"fuseport serve: {e}", file=sys.stderr)
+        return 2
+    if processes > 1 or len(devices) > 1:
+        return supervise(settings)
     from fuseport.server.app import serve
 
-    return serve(settings, security)
+    return serve(settings.replace(device=devices[0]), security)
 
 
 def _signature(info: Any) -> str:
@@ -294,6 +339,8 @@ def _describe(c: Any, key: int, source: bool) -> int:
             state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
             print(f"  ArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
                   f"fused={a.fused_runs} fallback={a.fallback_runs}")
+            if a.compiled_by:
+                print(f"    compiled by: {a.compiled_by}{' (loaded from the artifact cache)' if a.from_cache else ''}")
             if a.error:
                 print(f"    error: {a.error}")
             if a.source:

@@ -4,6 +4,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh          # both
 #   device run --carry .whl -- bash scripts/gpu_check.sh tests    # or one part per call,
 #   device run --carry .whl -- bash scripts/gpu_check.sh bench    # each well inside 10 minutes
+#   device run --carry .whl -- bash scripts/gpu_check.sh procs    # concurrency, 1 vs 2 serving processes
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -35,6 +36,13 @@ fi
 if [[ $PART == all || $PART == bench ]]; then
     python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
         --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == procs ]]; then
+    # Serving processes (--processes): the concurrency section against 1 and then 2
+    # processes on one GPU, each beside the same raw echo, in one run.
+    python3 -m fuseport.client.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
+        --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 exit "$rc"

@@ -30,7 +30,11 @@ from fuseport.wire.security import is_loopback
 if TYPE_CHECKING:
     from fuseport.server.metrics import Metrics
 
-__all__ = ["Server", "create_server", "serve"]
+__all__ = ["PROCESS_METADATA_KEY", "Server", "create_server", "serve"]
+
+# Under a supervisor (--processes), every KernelService response carries this
+# trailing metadata: "INDEX PID" of the serving process that answered.
+PROCESS_METADATA_KEY = "fuseport-process"
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +70,20 @@ class _Gate(grpc.GenericRpcHandler):
     Register.
 
     `refused(method, code, arrived, received)` is told of each call the gate
-    refuses, so that metrics count them with their status code."""
+    refuses, so that metrics count them with their status code. `process`: what
+    PROCESS_METADATA_KEY says on every response (None, one process: nothing)."""
 
     def __init__(
         self,
         inner: grpc.GenericRpcHandler,
         access: Access | None = None,
         refused: Callable[[str, grpc.StatusCode, int, int], None] | None = None,
+        process: str | None = None,
     ) -> None:
         self._inner = inner
         self._access = access
         self._refused = refused
+        self._process = None if process is None else ((PROCESS_METADATA_KEY, process),)
         self._gated: dict[str, grpc.RpcMethodHandler] = {}
         self.closed = False
         self.in_flight = 0
@@ -99,6 +106,7 @@ class _Gate(grpc.GenericRpcHandler):
         if behaviour is None:
             raise TypeError("gated methods are unary-unary or stream-stream")
         access = self._access
+        process = self._process
 
         async def admit(context: grpc.aio.ServicerContext, request: Any) -> None:
             """Token, role and drain checks; `request` is None for a stream (its
@@ -125,6 +133,8 @@ class _Gate(grpc.GenericRpcHandler):
                 )
             self.in_flight += 1
             context.add_done_callback(self._finished)
+            if process is not None:
+                context.set_trailing_metadata(process)
 
         if streams:
 
@@ -175,10 +185,13 @@ class _Gate(grpc.GenericRpcHandler):
 class Server:
     """A started-or-not fuseport server: the grpc.aio server plus what it serves."""
 
-    def __init__(self, settings: Settings, security: Security | None = None) -> None:
+    def __init__(self, settings: Settings, security: Security | None = None, process: int | None = None) -> None:
+        """`process`: this server's index under a supervisor (`--processes`): it shares
+        its port (SO_REUSEPORT) and its store with the other serving processes."""
         self.settings = settings
+        self.process = process
         self.security = Security.load(settings) if security is None else security
-        self.core = Core(settings)
+        self.core = Core(settings, shared_store=process is not None)
         self.service = KernelService(
             self.core,
             settings.workers,
@@ -192,13 +205,18 @@ class Server:
                 # Set explicitly: gRPC's 4 MB default is found in production otherwise.
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Off for one process: a second server on a taken port fails instead
+                # of silently sharing it. On for the supervisor's processes, which share it.
+                ("grpc.so_reuseport", 0 if process is None else 1),
             ]
         )
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
         self.inference = kserve.InferenceService(self.service)
         self.gate = _Gate(
-            _Services(self.service.handler(), self.inference.handler()), self.security.access, self.service.refused
+            _Services(self.service.handler(), self.inference.handler()),
+            self.security.access,
+            self.service.refused,
+            None if process is None else f"{process} {os.getpid()}",
         )
         self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -225,7 +243,10 @@ class Server:
             self.metrics = Metrics(self.core)
             self.service.observer = self.metrics
             self.core.executor.events = self.metrics
-            self.metrics_port = self.metrics.bind(settings.host, settings.metrics_port)
+            # Under a supervisor, the supervisor serves --metrics-port (every process's
+            # metrics, labelled); this process's own endpoint is for it alone.
+            host = settings.host if process is None else "127.0.0.1"
+            self.metrics_port = self.metrics.bind(host, settings.metrics_port)
 
     async def start(self) -> None:
         if self.metrics is not None:
@@ -292,11 +313,14 @@ class Server:
             self.metrics.close()
 
 
-async def create_server(settings: Settings, security: Security | None = None) -> tuple[Server, int]:
+async def create_server(
+    settings: Settings, security: Security | None = None, process: int | None = None
+) -> tuple[Server, int]:
     """A server bound to its port, not yet started: `await server.start()`.
 
-    `security` (TLS, tokens) is read from the files the settings name unless given."""
-    server = Server(settings, security)
+    `security` (TLS, tokens) is read from the files the settings name unless given;
+    `process`: see `Server`."""
+    server = Server(settings, security, process)
     return server, server.port
 
 
@@ -305,8 +329,8 @@ async def create_server(settings: Settings, security: Security | None = None) ->
 EXIT_DEVICE_FAILED = 3
 
 
-async def _serve(settings: Settings, security: Security | None) -> NoReturn:
-    server, port = await create_server(settings, security)
+async def _serve(settings: Settings, security: Security | None, process: int | None) -> NoReturn:
+    server, port = await create_server(settings, security, process)
     await server.start()
     if settings.port_file is not None:
         others = {} if server.metrics_port is None else {"metrics": server.metrics_port}
@@ -346,7 +370,7 @@ async def _serve(settings: Settings, security: Security | None) -> NoReturn:
     os._exit(status)
 
 
-def serve(settings: Settings, security: Security | None = None) -> NoReturn:
+def serve(settings: Settings, security: Security | None = None, process: int | None = None) -> NoReturn:
     """Runs until SIGTERM or SIGINT (exit status 0), or until the device fails
     (EXIT_DEVICE_FAILED), then drains and ends the process with that exit
     status: it never returns (see `_serve`). SIGHUP rereads the TLS files and
@@ -354,11 +378,12 @@ def serve(settings: Settings, security: Security | None = None) -> NoReturn:
 
     `security`: TLS and tokens as `Security.load(settings)` reads them (done
     here when not given; a caller that loads it first can report a bad file
-    before anything starts)."""
+    before anything starts). `process`: this server's index under a supervisor (see
+    `Server`; `fuseport serve --processes N` starts it through server/supervisor.py)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=("" if process is None else f"[{process}] ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if settings.keep_host_memory and not keep_host_memory(settings.keep_host_memory_bytes):
         log.warning("could not set glibc's malloc options; large messages will page-fault")
-    asyncio.run(_serve(settings, security))
+    asyncio.run(_serve(settings, security, process))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.checks import DataError, Plan, device_capacity
 from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
 from fuseport.server.executor import Executor, Outcome, State
@@ -52,7 +53,9 @@ class Result:
 
 
 class Core:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared_store: bool = False) -> None:
+        """`shared_store`: other serving processes register and unregister in the same store
+        (`--processes`): see the registry's module doc."""
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.capacity = device_capacity(self.device)
@@ -66,12 +69,19 @@ class Core:
                 max_store_bytes=settings.max_store_bytes,
                 max_store_kernels=settings.max_store_kernels,
             ),
+            shared=shared_store,
         )
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
+            artifacts=(
+                ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
+                if settings.compiler == "aot" and settings.compile_mode != "off"
+                else None
+            ),
+            compile_timeout=settings.compile_timeout_seconds,
         )
         self._outputs: dict[int, tuple[InputSpec | None, ...] | None] = {}  # variant key -> Core.outputs
         self.residents = Residents(
@@ -83,6 +93,7 @@ class Core:
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
+        self.registry.on_removed = self._forget
         self.registry.load()
 
     # ------------------------------------------------------------------ RPCs
@@ -130,7 +141,14 @@ class Core:
         values = stack[base:]
         if any(self.residents.has_handles(v) for v in values):
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
-        variant, args = _select(kernel, values, base, variants)
+        try:
+            variant, args = _select(kernel, values, base, variants)
+        except NoMatchingVariant:
+            # A shared store: another process may have added the variant that covers it.
+            newer = self.registry.refresh(key)
+            if newer is None or len(newer.variants) == len(kernel.variants):
+                raise
+            variant, args = _select(newer, values, base, variants)
         plan = variant.planner.plan(args)
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
@@ -243,8 +261,7 @@ class Core:
         kernel = self.registry.remove(key)
         if kernel is None:
             return False
-        still_used = set(self.registry.variant_keys())
-        self.executor.forget(key, [v.key for v in kernel.variants if v.key not in still_used])
+        self._forget(kernel)
         return True
 
     def fetch_handles(self, owner: Owner, ids: Sequence[str], free: bool = False) -> list[torch.Tensor]:
@@ -291,6 +308,11 @@ class Core:
             quota_bytes=r.quota_bytes,
             max_handles=r.max_handles,
         )
+
+    def _forget(self, kernel: Kernel) -> None:
+        """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
+        still_used = set(self.registry.variant_keys())
+        self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -376,6 +398,8 @@ class Core:
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
                     variant=v.key,
+                    compiled_by=e.compiled_by,
+                    from_cache=e.from_cache,
                 )
         return info
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import copy
 import enum
 import logging
+import os
+import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -28,10 +31,12 @@ from unittest import mock
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
 
+from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.checks import DataError
+from fuseport.server.compiler import CompileCrashed, CompileTimedOut, CompileWorker, package_source
 from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.server.registry import Variant
-from fuseport.wire import _pb
+from fuseport.wire import _pb, dtypes
 from fuseport.wire._tracing import TRACE_LOCK
 from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
 
@@ -173,6 +178,8 @@ class Entry:
     error: str = ""
     source: str = ""
     compile_seconds: float = 0.0
+    compiled_by: str = ""  # "aoti", or why torch.compile made it in this process
+    from_cache: bool = False  # loaded from the artifact cache, not compiled here
     fused_runs: int = 0
     fallback_runs: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -222,6 +229,26 @@ class ExecutorEvents:
     def evicted(self) -> None:
         """A compiled kernel left the cache to keep it within its bounds."""
 
+    def loaded(self, ok: bool) -> None:
+        """An artifact was read from the artifact cache: loaded (ok), or refused as damaged."""
+
+
+def _aot_unsuitable(arg_spec: ArgSpec, compile_mode: str) -> str:
+    """Why this ArgSpec cannot take the AOTInductor path ("" if it can)."""
+    if compile_mode == "reduce-overhead":
+        return "compile mode reduce-overhead uses CUDA graphs, which AOTInductor does not make"
+    for item in arg_spec.inputs:
+        if isinstance(item, str):
+            if not item.startswith("float="):
+                # An int or bool would be baked in by export at the value of
+                # the first call, and the ArgSpec does not hold it.
+                return f"an input of kind {item} (AOTInductor takes tensors and floats)"
+        elif item[2] != tuple(range(item[1])):
+            return (
+                "a non-contiguous tensor input (AOTInductor's code assumes the strides it was compiled for)"
+            )
+    return ""
+
 
 class Executor:
     def __init__(
@@ -230,10 +257,33 @@ class Executor:
         compile_mode: str = "default",
         max_kernels: int = 256,
         max_arg_specs: int = 16,
+        *,
+        artifacts: ArtifactCache | None = None,
+        compile_timeout: float = 600.0,
     ) -> None:
-        if compile_mode != "off":
+        # With a cache, kernels compile in a worker process into AOTInductor
+        # artifacts; without one (compiler "inprocess"), torch.compile here.
+        self.artifacts = artifacts if compile_mode != "off" else None
+        self._worker = CompileWorker(compile_timeout) if self.artifacts is not None else None
+        if self._worker is not None:
+            # AOTInductor checks each call's sizes, strides and dtypes against
+            # what it was compiled for only when this is set (read once per
+            # library): a call that breaks an assumption raises, never reads
+            # out of bounds.
+            os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+            self._capability = device_capability(placement.device)
+            self._worker.start()
+            # The first meta-device op imports torch's Python meta kernels (sympy
+            # and more: seconds, tens on a busy CPU), and every call is planned
+            # on the meta device (server/checks.py). Importing Inductor paid for it
+            # before; now nothing would until the first request, which must not
+            # wait (a warm restart runs its first call fused within a second).
+            meta = torch.empty(2, 2, device="meta")
+            torch.relu(meta * 2 + meta)
+        if compile_mode != "off" and self._worker is None:
             # Both import Dynamo and Inductor: seconds of CPU that a server which
-            # never compiles need not spend at start.
+            # never compiles here need not spend at start (with a compile worker,
+            # only an ArgSpec compiled in-process imports them, on first use).
             _register_eager_kernels()
             _configure_compiler()
         self.placement = placement
@@ -247,10 +297,11 @@ class Executor:
         # One compile at a time: Dynamo compiles under a global lock anyway, and
         # a single thread keeps compiles from starving request threads.
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
-        if compile_mode != "off":
+        if compile_mode != "off" and self._worker is None:
             # Inductor's first compile in a process imports and builds much (the
             # C++ header on CPU: 10-20 s); done now, in the background, it does
-            # not stall the first real compile or requests behind it.
+            # not stall the first real compile or requests behind it. (The
+            # compile worker warms itself up.)
             self._compiler.submit(self._warm_up)
 
     # ------------------------------------------------------------------ running
@@ -274,7 +325,8 @@ class Executor:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
-        _configure_compiler()
+        if self._worker is None:
+            _configure_compiler()
         if unfused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         entry = self._entry(spec, args)
@@ -286,7 +338,10 @@ class Executor:
         if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
             return self._fallback(spec, args, entry.reason, detail, entry)
-        if is_fx_tracing():
+        if entry.compiled_by != "aoti" and self._worker is not None:
+            _configure_compiler()  # a torch.compile kernel: a guard failure may recompile here
+        # Dynamo refuses to run its code while a trace runs; AOTInductor's code is not Dynamo's.
+        if entry.compiled_by != "aoti" and is_fx_tracing():
             if not wait:
                 return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
             # The caller waits for the fused kernel. fuseport's own traces (compiles,
@@ -308,7 +363,8 @@ class Executor:
         return Outcome(list(outputs), Path.PATH_FUSED)
 
     def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
-        if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+        dynamo = sys.modules.get("torch._dynamo")  # not imported where only AOTInductor runs
+        if dynamo is not None and isinstance(e, dynamo.exc.FailOnRecompileLimitHit):
             reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
         else:
             reason = Reason.FALLBACK_REASON_RUNTIME_ERROR
@@ -373,11 +429,16 @@ class Executor:
                 # a client that sends ever new ArgSpecs (a float input with a
                 # new value each call) from queueing compiles without end.
                 busy = Entry(vkey, arg_spec)
-                busy.fail(Reason.FALLBACK_REASON_COMPILING, f"{pending} compiles are queued; this one waits its turn")
+                busy.fail(
+                    Reason.FALLBACK_REASON_COMPILING,
+                    f"{pending} compiles are queued; this one waits its turn",
+                )
                 return busy
             entry = Entry(vkey, arg_spec)
             self._entries[ident] = entry
             self._evict(vkey)
+        if self._load_artifact(spec, entry):
+            return entry
         log.info("kernel %d: compiling %s for [%s]", spec.key, _variant_name(spec), arg_spec)
         self._compiler.submit(self._compile, spec, entry, args, self.placement.share(args))
         return entry
@@ -397,9 +458,189 @@ class Executor:
                     self.events.evicted()
                     excess -= 1
 
+    # ------------------------------------------------------------------ artifacts
+
+    def _artifact_name(self, spec: _Run, arg_spec: ArgSpec) -> str:
+        assert self.artifacts is not None
+        return self.artifacts.key(
+            {
+                "variant": spec.variant.key,
+                # Everything but the device's name: its capability stands for it.
+                "inputs": [
+                    item if isinstance(item, str) else [str(x) for x in item] for item in arg_spec.inputs
+                ],
+                "device": self._capability,
+                "mode": self.compile_mode,
+            }
+        )
+
+    def _load_artifact(self, spec: _Run, entry: Entry) -> bool:
+        """Makes `entry` READY from an artifact compiled before (by this process,
+        an earlier one, or another sharing the cache). A load reads and hashes
+        the file and maps a shared library: milliseconds, no compile."""
+        if self.artifacts is None or _aot_unsuitable(entry.arg_spec, self.compile_mode):
+            return False
+        name = self._artifact_name(spec, entry.arg_spec)
+        try:
+            artifact = self.artifacts.load(name)
+            if artifact is None:
+                return False
+            fn = self._aot_fn(artifact.data, entry.arg_spec, len(spec.variant.graph.outputs))
+        except Exception as e:  # noqa: BLE001 - a bad artifact is compiled again, never fatal
+            log.warning(
+                "kernel %d [%s]: artifact %s refused, compiling again: %s",
+                spec.key,
+                entry.arg_spec,
+                name,
+                _short(e),
+            )
+            if not isinstance(e, ArtifactError):
+                self.artifacts.remove(name)
+            self.events.loaded(False)
+            return False
+        entry.fn = fn
+        entry.source = package_source(artifact.data)
+        entry.compiled_by = "aoti"
+        entry.from_cache = True
+        entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
+        entry.state = State.READY
+        entry.done.set()
+        self.events.loaded(True)
+        log.info("kernel %d: loaded artifact %s for [%s]", spec.key, name, entry.arg_spec)
+        return True
+
+    def _aot_fn(self, data: bytes, arg_spec: ArgSpec, outputs: int) -> Callable[..., Any]:
+        device = self.placement.device
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        # From the checked bytes, through a private file of our own: the file in
+        # the cache could be replaced between the check and a load by name. The
+        # C++ loader, not torch._inductor's wrapper: importing Inductor costs the
+        # serving process seconds (tens on a busy CPU) that a load does not need.
+        fd, path = tempfile.mkstemp(suffix=".pt2", prefix="fuseport-load-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
+        finally:
+            os.unlink(path)
+        tensors = [i for i, item in enumerate(arg_spec.inputs) if not isinstance(item, str)]
+
+        def fused(*args: Any) -> Any:
+            # boxed_run takes the list (it frees the inputs as it goes): a new one each call.
+            results = loader.boxed_run([args[i] for i in tensors])
+            if len(results) != outputs:
+                raise RuntimeError(f"the artifact returned {len(results)} values where the graph has {outputs}")
+            return results
+
+        return fused
+
     def _compile(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
-        """Compiles by running the kernel once on the request's own inputs."""
+        why = (
+            "compiler is inprocess"
+            if self._worker is None
+            else _aot_unsuitable(entry.arg_spec, self.compile_mode)
+        )
+        if why:
+            entry.compiled_by = f"torch.compile (in-process): {why}"
+            self._compile_in_process(spec, entry, sample, receive)
+            return
+        self._compile_aot(spec, entry, sample, receive)
+
+    def _compile_aot(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
+        """Compiles in the worker into the artifact cache, then loads the artifact."""
+        assert self.artifacts is not None and self._worker is not None
         start = time.perf_counter()
+        name = self._artifact_name(spec, entry.arg_spec)
+        tmp = self.artifacts.temp_path()
+        inputs: list[dict[str, Any]] = []
+        for value in sample:
+            if isinstance(value, torch.Tensor):
+                inputs.append(
+                    {"kind": "tensor", "dtype": dtypes.code_for(value.dtype), "shape": list(value.shape)}
+                )
+            else:
+                inputs.append({"kind": "float", "value": float(value)})
+        header = {
+            "device": str(self.placement.device),
+            "package_path": str(tmp),
+            "mode": self.compile_mode,
+            "inputs": inputs,
+        }
+        ok = False
+        try:
+            try:
+                reply = self._worker.compile(header, spec.variant.graph.SerializeToString(deterministic=True))
+            except (CompileCrashed, CompileTimedOut) as e:
+                entry.compiled_by = "aoti"
+                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, str(e))
+                log.warning("kernel %d: compile for [%s] failed: %s", spec.key, entry.arg_spec, e)
+                return
+            if not reply.get("ok"):
+                error = str(reply.get("error", "unknown error"))[:300]
+                log.info(
+                    "kernel %d: AOTInductor cannot compile [%s], torch.compile in-process: %s",
+                    spec.key,
+                    entry.arg_spec,
+                    error,
+                )
+                entry.compiled_by = f"torch.compile (in-process): AOTInductor failed: {error}"
+                # Counted as one compile, by the in-process path's own report.
+                self._compile_in_process(spec, entry, sample, receive, start)
+                return
+            data = tmp.read_bytes()
+            self.artifacts.commit(
+                name, tmp, {"kernel": spec.key, "variant": spec.variant.key, "arg_spec": str(entry.arg_spec)}
+            )
+            fn = self._aot_fn(data, entry.arg_spec, len(spec.variant.graph.outputs))
+            receive()
+            with self.placement.request_scope():
+                fn(*sample)
+                self.placement.synchronize()
+            refused = self._unfused_error(spec, sample)
+            if refused is not None and not isinstance(refused, DataError):
+                entry.fail(
+                    Reason.FALLBACK_REASON_COMPILE_FAILED,
+                    f"the unfused graph refuses these inputs: {_short(refused)}",
+                )
+                return
+            entry.fn = fn
+            entry.source = package_source(data)
+            entry.compiled_by = "aoti"
+            entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
+            entry.state = State.READY
+            ok = True
+            log.info(
+                "kernel %d: compiled artifact %s for [%s] in %.1f s",
+                spec.key,
+                name,
+                entry.arg_spec,
+                time.perf_counter() - start,
+            )
+        except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
+            if is_out_of_memory(e):
+                self.placement.release_memory()
+            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
+            log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
+            log.debug("compile failure", exc_info=e)
+        finally:
+            tmp.unlink(missing_ok=True)
+            if entry.compiled_by == "aoti":  # else the in-process path reported it
+                entry.compile_seconds = time.perf_counter() - start
+                entry.done.set()
+                self.events.compiled(entry.compile_seconds, ok)
+
+    def _compile_in_process(
+        self,
+        spec: _Run,
+        entry: Entry,
+        sample: list[Any],
+        receive: Callable[[], None],
+        start: float | None = None,
+    ) -> None:
+        """Compiles by running the kernel once on the request's own inputs."""
+        if start is None:
+            start = time.perf_counter()
+        _register_eager_kernels()
         sources: list[str] = []
         _configure_compiler()
         try:
@@ -511,6 +752,8 @@ class Executor:
     def shutdown(self) -> None:
         """Stops compiling; calls waiting for a compile get the fallback at once."""
         self._compiler.shutdown(wait=False, cancel_futures=True)
+        if self._worker is not None:
+            self._worker.stop()
         with self._lock:
             waiting = [e for e in self._entries.values() if e.state is State.COMPILING]
         for entry in waiting:

@@ -11,12 +11,10 @@ every metric; `fuseport stats` reads them back.
 from __future__ import annotations
 
 import logging
-import socket
-import socketserver
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import torch
@@ -24,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from fuseport.server._http import bind_http
 from fuseport.server.executor import ExecutorEvents
 from fuseport.server.service import CallObserver, CallRecord
 from fuseport.wire import _pb
@@ -101,9 +100,16 @@ class Metrics(CallObserver, ExecutorEvents):
             "fuseport_kernel_cache_evictions", "Compiled kernels dropped from the cache to keep it within its bounds",
             registry=r,
         )  # fmt: skip
+        self.artifact_loads = Counter(
+            "fuseport_artifact_loads", "Compiled artifacts read from the artifact cache, by outcome "
+            "(ok: loaded, no compile; refused: damaged or not safely ours, compiled again)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         # Present from the first scrape, at 0: a rate() needs the series before its first event.
         for outcome in ("ok", "failed"):
             self.compiles.labels(outcome)
+        for outcome in ("ok", "refused"):
+            self.artifact_loads.labels(outcome)
         r.register(_StateCollector(core))
         # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
         ProcessCollector(registry=r)
@@ -131,15 +137,15 @@ class Metrics(CallObserver, ExecutorEvents):
     def evicted(self) -> None:
         self.evictions.inc()
 
+    def loaded(self, ok: bool) -> None:
+        self.artifact_loads.labels("ok" if ok else "refused").inc()
+
     # ------------------------------------------------------------------ endpoint
 
     def bind(self, host: str, port: int) -> int:
         """Binds the HTTP endpoint (0 picks a free port) and returns the port; it
         answers once `serve` is called. Every path answers with the metrics."""
-        host = host.strip("[]")  # the gRPC address form of an IPv6 host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("_MetricsServer", (_HTTPServer,), {"address_family": family})
-        self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, _QuietHandler)
+        self._http = bind_http(host, port, make_wsgi_app(self.registry))
         return int(self._http.server_address[1])
 
     def serve(self) -> None:
@@ -150,24 +156,6 @@ class Metrics(CallObserver, ExecutorEvents):
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
-
-
-class _HTTPServer(socketserver.ThreadingMixIn, WSGIServer):
-    """A thread per scrape: a slow scraper never holds up another."""
-
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer's own server_bind looks up the host's fully qualified name,
-        # a reverse DNS query that can take seconds where DNS is unreachable.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
-        self.setup_environ()
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """No line per scrape on stderr: Prometheus scrapes every few seconds."""
 
 
 class _StateCollector:

@@ -18,6 +18,16 @@ first use. List reads each graph not yet in use without building it, and keeps
 nothing. Quotas, each refused with RESOURCE_EXHAUSTED naming its flag before
 anything is built or written: the largest graph, the store's bytes, and its
 kernels (variants count towards the bytes only).
+
+A store shared by several serving processes (`fuseport serve --processes N`,
+``shared=True``) is the one truth; each process's index is a cache of it. A key
+this process does not know is looked up on disk before it is NOT_FOUND (another
+process registered it); a built kernel is checked against its file on every
+lookup (one stat): gone means another process unregistered it, another inode
+means it was unregistered and registered again (its variants may differ), and
+either way this process drops what it built. A variant another process added
+is picked up when a stack matches none of the variants known here (`refresh`).
+List and Register rescan the directory first.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,10 +126,17 @@ class Registry:
     makes atomic.
     """
 
-    def __init__(self, store_dir: Path, device: torch.device, quotas: Quotas = Quotas()) -> None:
+    def __init__(
+        self, store_dir: Path, device: torch.device, quotas: Quotas = Quotas(), *, shared: bool = False
+    ) -> None:
         self.dir = Path(store_dir)
         self.device = device
         self.quotas = quotas
+        self.shared = shared  # other processes write the same store (see the module's doc)
+        # Called with a kernel this process dropped because another process removed it.
+        self.on_removed: Callable[[Kernel], None] | None = None
+        # Shared store: a built kernel's base file as it was when built, (inode, mtime).
+        self._identity: dict[int, tuple[int, int]] = {}
         self._kernels: dict[int, Kernel] = {}  # built: in use since start, or registered since
         # Stored and not built yet: key -> its files, [(name, variant key)], its own first.
         self._stored: dict[int, list[tuple[str, int]]] = {}
@@ -165,24 +182,133 @@ class Registry:
         """The kernel, built now from the store if this is its first use; None if unknown."""
         kernel = self._kernels.get(key)
         if kernel is not None:
-            return kernel
+            return kernel if not self.shared else self._current(kernel)
         if key not in self._stored:
             # Built by another thread since the line above? It sets _kernels before it
             # takes the key out of _stored, so this second look cannot miss it.
-            return self._kernels.get(key)
+            kernel = self._kernels.get(key)
+            if kernel is not None or not self.shared or not self._index_key(key):
+                return kernel
         with self._lock:
             files = self._stored.get(key)
             if files is None:  # built (or removed) while we waited
                 return self._kernels.get(key)
+            identity = self._stat(key) if self.shared else None
             variants = [v for name, vkey in files if (v := self._load(name, vkey)) is not None]
             if not variants or variants[0].key != key:
                 del self._stored[key]  # its own graph is damaged: the kernel is not served
                 return None
             kernel = Kernel(key, tuple(variants))
             self._kernels[key] = kernel
+            if identity is not None:
+                self._identity[key] = identity
             del self._stored[key]
         log.info("built kernel %d from the store (%d variants)", key, len(variants))
         return kernel
+
+    # ------------------------------------------------------------------ shared store
+
+    def _stat(self, key: int) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.dir / f"{_hex(key)}.pb")
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _current(self, kernel: Kernel) -> Kernel | None:
+        """`kernel` if its file is still the one it was built from; else what the store holds now."""
+        identity = self._stat(kernel.key)
+        if identity is not None and identity == self._identity.get(kernel.key):
+            return kernel
+        self._drop(kernel.key)
+        if identity is None:
+            log.info("kernel %d was unregistered by another process", kernel.key)
+            return None
+        log.info("kernel %d was registered again by another process: rebuilding it", kernel.key)
+        return self._built(kernel.key)
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            kernel = self._kernels.pop(key, None)
+            self._identity.pop(key, None)
+            self._stored.pop(key, None)
+            for name in [n for n in self._sizes if n.startswith(_hex(key))]:
+                del self._sizes[name]
+        if kernel is not None and self.on_removed is not None:
+            self.on_removed(kernel)
+
+    def _files_of(self, key: int, names: Iterable[str]) -> list[tuple[str, int]]:
+        """The stored files of `key` among `names`: its own graph first, then its variants by name."""
+        out = [(f"{_hex(key)}.pb", key)]
+        for name in sorted(names):
+            m = _VARIANT.match(name)
+            if m and m.group(1) == _hex(key):
+                out.append((name, _signed(m.group(2))))
+        return out
+
+    def _index_key(self, key: int) -> bool:
+        """Indexes `key` from the store if another process registered it; True if it is there."""
+        if self._stat(key) is None:
+            return False
+        names = [p.name for p in self.dir.glob(f"{_hex(key)}*.pb")]
+        with self._lock:
+            if key in self._kernels or key in self._stored:
+                return True
+            self._stored[key] = files = self._files_of(key, names)
+            for name, _ in files:
+                with contextlib.suppress(FileNotFoundError):
+                    self._sizes[name] = (self.dir / name).stat().st_size
+        return True
+
+    def refresh(self, key: int) -> Kernel | None:
+        """A shared store: the kernel with the variants other processes added since it was built
+        (a stack that none of this process's variants covers asks). Otherwise, the kernel as is."""
+        kernel = self._built(key)
+        if kernel is None or not self.shared:
+            return kernel
+        known = {v.key for v in kernel.variants}
+        names = [p.name for p in self.dir.glob(f"{_hex(key)}+*.pb")]
+        new = [(name, vkey) for name, vkey in self._files_of(key, names)[1:] if vkey not in known]
+        if not new:
+            return kernel
+        added = [v for name, vkey in new if (v := self._load(name, vkey)) is not None]
+        with self._lock:
+            kernel = self._kernels.get(key)
+            if kernel is None:
+                return None
+            have = {v.key for v in kernel.variants}
+            kernel = Kernel(key, (*kernel.variants, *(v for v in added if v.key not in have)))
+            self._kernels[key] = kernel
+            for name, _ in new:
+                with contextlib.suppress(FileNotFoundError):
+                    self._sizes[name] = (self.dir / name).stat().st_size
+        log.info("kernel %d: %d variants added by another process", key, len(added))
+        return kernel
+
+    def sync(self) -> None:
+        """A shared store: the index made to match the directory (kernels others registered or removed)."""
+        if not self.shared:
+            return
+        names = {n for n in os.listdir(self.dir) if not n.startswith(".")}
+        gone = [k for k in list(self._kernels) if f"{_hex(k)}.pb" not in names]
+        for key in gone:
+            self._drop(key)
+        with self._lock:
+            for key in [k for k in self._stored if f"{_hex(k)}.pb" not in names]:
+                del self._stored[key]
+            for name in [n for n in self._sizes if n not in names]:
+                del self._sizes[name]
+            for name in names:
+                m = _BASE.match(name)
+                if m is None:
+                    continue
+                key = _signed(m.group(1))
+                if key in self._kernels or key in self._stored:
+                    continue
+                self._stored[key] = files = self._files_of(key, names)
+                for fname, _ in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._sizes[fname] = (self.dir / fname).stat().st_size
 
     def _read(self, name: str) -> _pb.graph.Graph:
         return _pb.graph.Graph.FromString((self.dir / name).read_bytes())
@@ -244,6 +370,7 @@ class Registry:
             )
         vkey = key_for(graph)
         key = vkey if variant_of is None else variant_of
+        self.sync()  # a shared store: quotas count what every process registered
         kernel = self._built(key)
         if kernel is not None and any(v.key == vkey for v in kernel.variants):
             return key, False, vkey
@@ -259,6 +386,8 @@ class Registry:
             if kernel is None:
                 self._persist(f"{_hex(key)}.pb", graph)
                 self._kernels[key] = Kernel(key, (variant,))
+                if self.shared and (identity := self._stat(key)) is not None:
+                    self._identity[key] = identity
             else:
                 self._check_variant(kernel, variant)
                 self._persist(f"{_hex(key)}+{_hex(vkey)}.pb", graph)
@@ -354,8 +483,11 @@ class Registry:
     def remove(self, key: int) -> Kernel | None:
         """Removes the kernel; returns it (as built, or as a Kernel of no variants if it was
         never used), or None if there was none."""
+        if self.shared:
+            self._index_key(key)  # registered by another process: removed here all the same
         with self._lock:
             kernel = self._kernels.pop(key, None)
+            self._identity.pop(key, None)
             stored = self._stored.pop(key, None)
             alias = self._alias_of.pop(key, None)
             if alias is not None:
@@ -376,6 +508,7 @@ class Registry:
     def kernels(self) -> list[tuple[int, tuple[Variant | Summary, ...]]]:
         """Every kernel, by key, with its graphs: as built, or for a kernel not used since
         start, summaries of its stored graphs (read now and kept by nobody)."""
+        self.sync()
         out = [(k.key, k.variants) for k in list(self._kernels.values())]
         for key, files in list(self._stored.items()):
             try:

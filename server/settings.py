@@ -11,9 +11,10 @@ from typing import Any
 
 from fuseport.wire.security import is_loopback
 
-__all__ = ["COMPILE_MODES", "Settings", "default_store_dir"]
+__all__ = ["COMPILERS", "COMPILE_MODES", "Settings", "default_store_dir"]
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead", "off")
+COMPILERS = ("aot", "inprocess")
 
 ENV_PREFIX = "FUSEPORT_"
 
@@ -31,7 +32,11 @@ class Settings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 in containers"})
     port: int = field(default=50051, metadata={"help": "port to bind; 0 picks a free one"})
     device: str = field(
-        default="auto", metadata={"help": "auto (first CUDA device, else cpu), cpu, cuda or cuda:N"}
+        default="auto",
+        metadata={
+            "help": "auto (first CUDA device, else cpu), cpu, cuda or cuda:N; all (every CUDA device) or a "
+            "list (cuda:0,cuda:1): a serving process per device (see --processes)"
+        },
     )
     store_dir: Path = field(
         default_factory=default_store_dir,
@@ -154,9 +159,49 @@ class Settings:
         default=10_000, metadata={"help": "device-resident handles one client may hold at once"}
     )
 
+    # --processes (procs): several serving processes on one port, under a supervisor.
+    processes: int = field(
+        default=0,
+        metadata={
+            "help": "serving processes sharing the port (SO_REUSEPORT) and the store, under a supervisor "
+            "that restarts them; 0: one per device served (1 unless --device all or a list)"
+        },
+    )
+    restart_limit: int = field(
+        default=5,
+        metadata={
+            "help": "with --processes: restarts of a process that keeps dying within a minute of its start "
+            "before the supervisor gives up on it"
+        },
+    )
+    # --- compile worker and artifact cache (out-of-process compiles, warm restart)
+    compiler: str = field(
+        default="aot",
+        metadata={
+            "help": "aot: compile in a worker process into AOTInductor artifacts (cached on disk, "
+            "reused after restarts); inprocess: torch.compile in the serving process (no cache)"
+        },
+    )
+    artifact_dir: Path | None = field(
+        default=None,
+        metadata={"help": "directory of compiled artifacts (unset: the store directory's artifacts/)"},
+    )
+    artifact_cache_bytes: int = field(
+        default=4 << 30,
+        metadata={"help": "bytes of compiled artifacts kept on disk; past it, the least recently used go"},
+    )
+    compile_timeout_seconds: float = field(
+        default=600.0,
+        metadata={
+            "help": "a compile running longer is killed (its worker replaced) and its ArgSpec served unfused"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
@@ -173,6 +218,12 @@ class Settings:
             raise ValueError("max_stream_bytes must be >= 0")
         if not 1 <= self.stream_chunk_bytes <= self.max_message_bytes - 1024:
             raise ValueError("stream_chunk_bytes must be at least 1 and leave room for its chunk's header in a message")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {', '.join(COMPILERS)}, not {self.compiler!r}")
+        if self.artifact_cache_bytes < 1:
+            raise ValueError("artifact_cache_bytes must be at least 1")
+        if self.compile_timeout_seconds <= 0:
+            raise ValueError("compile_timeout_seconds must be > 0")
         if self.max_call_bytes < 0:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
@@ -183,6 +234,10 @@ class Settings:
             raise ValueError("max_resident_bytes and max_resident_bytes_per_client must be >= 0")
         if self.max_handles_per_client < 1:
             raise ValueError("max_handles_per_client must be at least 1")
+        if self.processes < 0:
+            raise ValueError("processes must be >= 0 (0: one per device served)")
+        if self.restart_limit < 0:
+            raise ValueError("restart_limit must be >= 0")
         if self.grace_seconds < 0:
             raise ValueError("grace_seconds must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -224,6 +279,11 @@ class Settings:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def artifact_path(self) -> Path:
+        """Where compiled artifacts live: --artifact-dir, else beside the graphs in the store."""
+        return self.artifact_dir if self.artifact_dir is not None else Path(self.store_dir) / "artifacts"
 
     @property
     def tls(self) -> bool:

@@ -258,6 +258,26 @@ def test_bool_inputs_are_always_static() -> None:
     assert (spec.kind, spec.static, spec.static_value) == ("bool", True, True)
 
 
+@pytest.mark.parametrize(
+    "examples",
+    [
+        pytest.param(lambda x: [x, x], id="same-tensor-twice"),
+        pytest.param(lambda x: [x, x.view(4)], id="a-view-of-another-input"),
+        pytest.param(lambda x: [x[:2], x[2:]], id="two-views-of-one-storage"),
+    ],
+)
+def test_example_inputs_that_alias_still_capture_separate_inputs(examples: Callable[[Any], list[Any]]) -> None:
+    """The same tensor given twice as an example (or views of one storage) must not
+    make capture fold two inputs into one: `a - b` captured on [x, x] computed
+    `b - b`, and every later call with different inputs answered zeros."""
+    x = torch.arange(4.0) + 1
+    graph = capture(lambda a, b: a * 2 - b, examples(x))
+    a, b = fr(4) if examples(x)[0].numel() == 4 else fr(2), None
+    b = torch.full_like(a, 0.5)
+    (got,) = build_module(graph, CPU)(a, b)
+    torch.testing.assert_close(got, a * 2 - b)
+
+
 def test_capture_rejects_in_place_changes_to_inputs() -> None:
     def bump(x: torch.Tensor) -> torch.Tensor:
         return x.add_(1)

@@ -195,8 +195,24 @@ def _quiet_torch():
             _SHAPES_LOGGER.setLevel(level)
 
 
+def _unaliased(example_inputs: Sequence[Any]) -> list[Any]:
+    """The examples, with a tensor that shares memory with an earlier one cloned:
+    torch.export folds the same tensor given twice into one input, so `a - b`
+    captured on [x, x] would compute `b - b` for every later call."""
+    inputs: list[Any] = []
+    seen: set[int] = set()
+    for v in example_inputs:
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            storage = v.untyped_storage().data_ptr()
+            if storage in seen and v.numel():
+                v = v.clone(memory_format=torch.preserve_format)
+            seen.add(storage)
+        inputs.append(v)
+    return inputs
+
+
 def _capture(fn: Capturable, example_inputs: Sequence[Any]) -> _pb.graph.Graph:
-    inputs = list(example_inputs)
+    inputs = _unaliased(example_inputs)
     kinds = [_kind_of(v, i) for i, v in enumerate(inputs)]
     names = _preferred_names(fn, len(inputs))
     module = _Wrapper(fn)

@@ -132,7 +132,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, key: _Optional[int] = ..., include_source: bool = ...) -> None: ...
 
 class ArgSpecInfo(_message.Message):
-    __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source", "variant")
+    __slots__ = ("arg_spec", "state", "error", "compile_seconds", "fused_runs", "fallback_runs", "source", "variant", "compiled_by", "from_cache")
     ARG_SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class ArgSpecInfo(_message.Message):
     FALLBACK_RUNS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_BY_FIELD_NUMBER: _ClassVar[int]
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     arg_spec: str
     state: CompileState
     error: str
@@ -149,7 +151,9 @@ class ArgSpecInfo(_message.Message):
     fallback_runs: int
     source: str
     variant: int
-    def __init__(self, arg_spec: _Optional[str] = ..., state: _Optional[_Union[CompileState, str]] = ..., error: _Optional[str] = ..., compile_seconds: _Optional[float] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., source: _Optional[str] = ..., variant: _Optional[int] = ...) -> None: ...
+    compiled_by: str
+    from_cache: bool
+    def __init__(self, arg_spec: _Optional[str] = ..., state: _Optional[_Union[CompileState, str]] = ..., error: _Optional[str] = ..., compile_seconds: _Optional[float] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., source: _Optional[str] = ..., variant: _Optional[int] = ..., compiled_by: _Optional[str] = ..., from_cache: bool = ...) -> None: ...
 
 class VariantInfo(_message.Message):
     __slots__ = ("variant", "inputs", "conditions", "num_nodes")

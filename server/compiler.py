@@ -1,0 +1,257 @@
+"""The compile worker: a separate process that turns (graph, ArgSpec, device) into an AOTInductor package.
+
+Dynamo and Inductor hold the GIL for seconds at a time while they trace and
+lower; in the serving process that stalled every request (p99 5-12x the
+fallback's). Here they run in a process of their own, started with `spawn`
+(torch is not fork-safe), which the serving process drives over a pipe:
+
+- request: one JSON header (device, package path, compile mode, per input a
+  tensor's dtype and sizes or a float's value) and the graph's own IR bytes.
+  No pickle crosses the pipe in either direction, and nothing a client sent
+  but the graph itself (which the worker validates and rebuilds like any
+  server does): the example inputs are zeros of the request's sizes.
+- reply: one JSON object, {"ok": true, "seconds": s} once the package is at
+  the path given, or {"ok": false, "error": "..."}.
+
+A worker that dies or passes the timeout is killed and replaced for the next
+compile; the compile it ran is reported failed by `CompileWorker.compile`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = ["CompileCrashed", "CompileTimedOut", "CompileWorker", "FAULT_ENV"]
+
+log = logging.getLogger(__name__)
+
+# For tests only: makes the worker die ("crash": SIGKILL itself, as a segfault
+# in the compiler would) or hang ("hang") on every compile it is given.
+FAULT_ENV = "_FUSEPORT_DEBUG_COMPILE_FAULT"
+
+
+# The most a worker may take to start, when the compile timeout is shorter.
+_START_SECONDS = 300.0
+
+
+class CompileCrashed(Exception):
+    """The worker died during a compile."""
+
+
+class CompileTimedOut(Exception):
+    """The worker passed the compile timeout and was killed."""
+
+
+class CompileWorker:
+    """One worker process, started on first use and replaced when it dies or hangs.
+    `compile` is called from one thread at a time (the executor's compile thread)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._ready = False  # the worker said it is ready (imports and warm-up done)
+        self.started = 0  # workers started so far (the first, and each replacement)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.is_alive():
+                return
+            self._stop_locked()
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child,), name="fuseport-compile-worker")
+            proc.start()
+            child.close()
+            self._proc, self._conn = proc, parent
+            self._ready = False
+            self.started += 1
+            log.info("compile worker %d started (pid %d)", self.started, proc.pid)
+
+    def compile(self, header: dict[str, Any], graph: bytes) -> dict[str, Any]:
+        self.start()
+        proc, conn = self._proc, self._conn
+        assert proc is not None and conn is not None
+        try:
+            if not self._ready:
+                # Its start (importing torch, warming Inductor up: tens of seconds
+                # on a busy CPU) is not part of any compile's timeout.
+                self._wait(proc, conn, time.monotonic() + max(self.timeout, _START_SECONDS), "start")
+                conn.recv_bytes()
+                self._ready = True
+            deadline = time.monotonic() + self.timeout
+            conn.send_bytes(json.dumps(header).encode())
+            conn.send_bytes(graph)
+            self._wait(proc, conn, deadline, "compile")
+            reply: dict[str, Any] = json.loads(conn.recv_bytes())
+            return reply
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
+            proc.join(5)
+            code = proc.exitcode
+            self.stop()
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise CompileCrashed(f"the compile worker died during this compile ({how})") from e
+
+    def _wait(self, proc: Any, conn: Connection, deadline: float, what: str) -> None:
+        """Until the worker has something to say; EOFError if it died meanwhile."""
+        while not conn.poll(0.2):
+            if not proc.is_alive():
+                raise EOFError
+            if time.monotonic() > deadline:
+                self.stop()
+                limit = self.timeout if what == "compile" else max(self.timeout, _START_SECONDS)
+                raise CompileTimedOut(
+                    f"the {what} passed its {limit:g} s timeout (--compile-timeout-seconds); its worker was killed"
+                )
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(10)
+
+
+def _worker_main(conn: Connection) -> None:
+    """The worker process: compile requests, one at a time, until the pipe closes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s compile-worker %(levelname)s %(message)s")
+    fault = os.environ.get(FAULT_ENV, "")
+    # Ctrl-C in a terminal reaches the whole process group: the server decides
+    # when its worker stops (it closes the pipe), not the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
+        from fuseport.server.executor import _configure_compiler, _register_eager_kernels
+
+        _register_eager_kernels()
+        _configure_compiler()
+        _warm_up()
+    try:
+        conn.send_bytes(b'{"ready": true}')
+    except (EOFError, OSError):
+        return
+    while True:
+        try:
+            header = json.loads(conn.recv_bytes())
+            graph = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the server closed the pipe or died
+        if fault == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fault == "hang":
+            threading.Event().wait()
+        start = time.perf_counter()
+        try:
+            _compile(header, graph)
+            reply: dict[str, Any] = {"ok": True, "seconds": time.perf_counter() - start}
+        except Exception as e:  # noqa: BLE001 - every failure goes back to the server as text
+            log.debug("compile failed", exc_info=e)
+            text = str(e).strip().splitlines()
+            reply = {"ok": False, "error": f"{type(e).__name__}: {text[0] if text else ''}"[:500]}
+        try:
+            conn.send_bytes(json.dumps(reply).encode())
+        except (EOFError, OSError):
+            return
+
+
+def _warm_up() -> None:
+    """Inductor's first compile in a process imports and builds much (the C++
+    header on CPU: 10-20 s): paid at start, before a request waits on it."""
+    import torch
+
+    start = time.perf_counter()
+    try:
+        torch.compile(lambda t: t * 2 + 1, dynamic=True, fullgraph=True)(torch.ones(8))
+        log.info("warmed up in %.1f s", time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - a real compile will report the problem
+        log.warning("warm-up failed: %s", e)
+
+
+def _compile(header: dict[str, Any], graph_bytes: bytes) -> None:
+    import torch
+    from torch.export import Dim
+
+    from fuseport.wire import _pb, dtypes
+    from fuseport.wire.graph import build_module
+
+    device = torch.device(header["device"])
+    graph = _pb.graph.Graph.FromString(graph_bytes)
+    module = build_module(graph, device)  # validated again: the worker trusts no bytes it is given
+    examples: list[Any] = []
+    dynamic: list[dict[int, Any]] = []
+    floats: dict[int, float] = {}
+    for i, item in enumerate(header["inputs"]):
+        if item["kind"] == "float":
+            floats[i] = float(item["value"])
+            continue
+        dtype = dtypes.dtype_for(int(item["dtype"]))
+        examples.append(torch.zeros(item["shape"], dtype=dtype, device=device))
+        # Sizes 0 and 1 are part of the ArgSpec (static); any other size is a
+        # dynamic dim of at least 2, the same split the executor makes.
+        dynamic.append({d: Dim.DYNAMIC for d, size in enumerate(item["shape"]) if size >= 2})
+    bound = _bind_floats(module, floats)
+    ep = torch.export.export(bound, tuple(examples), dynamic_shapes=tuple(dynamic))
+    configs: dict[str, Any] = {}
+    if header.get("mode", "default").startswith("max-autotune"):
+        configs["max_autotune"] = True
+    torch._inductor.aoti_compile_and_package(
+        ep, package_path=header["package_path"], inductor_configs=configs
+    )
+
+
+def _bind_floats(module: Any, floats: dict[int, float]) -> Any:
+    """The module with its float inputs replaced by their values: the ArgSpec
+    holds each float's value (see executor._configure_compiler), so the
+    artifact is compiled for it and takes only the tensors."""
+    import copy
+
+    import torch
+
+    if not floats:
+        return module
+    graph = copy.deepcopy(module.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for i, value in floats.items():
+        node = placeholders[i]
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(
+                user.args, lambda n, node=node, value=value: value if n is node else n
+            )
+            user.kwargs = torch.fx.node.map_arg(
+                user.kwargs, lambda n, node=node, value=value: value if n is node else n
+            )
+        graph.erase_node(node)
+    bound = torch.fx.GraphModule(module, graph)
+    bound.recompile()
+    return bound
+
+
+def package_source(data: bytes) -> str:
+    """The generated code inside a package (C++ wrapper and kernels; on CUDA the
+    wrapper only, Triton's kernels are inside as binaries), for Describe."""
+    import io
+    import zipfile
+
+    parts = []
+    with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            if info.filename.endswith((".cpp", ".py")) and info.file_size < 8 << 20:
+                text = z.read(info).decode(errors="replace")
+                parts.append(f"// {info.filename.rsplit('/', 1)[-1]}\n{text}")
+    return "\n\n".join(parts)

@@ -1,0 +1,245 @@
+"""Compiles outside the serving process: the artifact cache, warm restart, a crashed or hung compile worker.
+
+One real AOTInductor compile per module (tens of seconds on 2 cores) is shared
+by the tests that need one: the restart tests start further servers on the
+same store and artifact cache. Compiles are counted by the server's own
+`fuseport_compiles_total` (every compile, in the worker or in-process, ends in
+exactly one) and loads by `fuseport_artifact_loads_total`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from fuseport.client import Client
+from fuseport.server.artifacts import ArtifactCache, ArtifactError
+from fuseport.server.compiler import FAULT_ENV
+
+from .conftest import ServerProcess, start_server
+
+
+def scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
+    """(name, outcome label) -> value, for the two counters these tests read."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, s.labels.get("outcome", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in ("fuseport_compiles_total", "fuseport_artifact_loads_total")
+    }
+
+
+def compiles(server: ServerProcess) -> float:
+    m = scrape(server)
+    return m.get(("fuseport_compiles_total", "ok"), 0.0) + m.get(("fuseport_compiles_total", "failed"), 0.0)
+
+
+def scale_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * 3 + y).relu()
+
+
+@dataclass
+class Compiled:
+    tmp: Path
+    store: Path
+    key: int
+    stack: list[torch.Tensor]
+    expected: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compiled]:
+    """A kernel compiled once (AOTInductor, in the compile worker) into the module's
+    store; the server that compiled it is stopped before the tests run."""
+    tmp = tmp_path_factory.mktemp("artifacts")
+    server = start_server(tmp / "first", tmp / "store", "--metrics-port", "0")
+    try:
+        x, y = torch.randn(6, 5), torch.randn(6, 5)
+        with Client(server.target, timeout=300) as c:
+            key = c.register(scale_add, [x, y])
+            r = c.execute_detailed(key, [x, y], wait=True)
+            assert r.path == "fused", (r.reason, r.detail, server.log())
+            arg_spec = c.describe(key).arg_specs[0]
+            assert arg_spec.compiled_by == "aoti"
+            assert not arg_spec.from_cache
+        assert compiles(server) == 1
+    finally:
+        server.stop()
+    yield Compiled(tmp, tmp / "store", key, [x, y], scale_add(x, y))
+
+
+def artifact_files(store: Path) -> list[Path]:
+    return sorted((store / "artifacts").glob("*.pt2"))
+
+
+def test_restarted_server_runs_a_known_arg_spec_fused_without_compiling(compiled: Compiled) -> None:
+    server = start_server(compiled.tmp / "restart", compiled.store, "--metrics-port", "0")
+    try:
+        with Client(server.target, timeout=60) as c:
+            # Other sizes, same ArgSpec: the artifact has dynamic dims.
+            x, y = torch.randn(9, 3), torch.randn(9, 3)
+            r = c.execute_detailed(compiled.key, [x, y])  # no wait: fused on the first call
+            assert r.path == "fused", (r.reason, r.detail)
+            torch.testing.assert_close(r.stack[0], scale_add(x, y))
+            info = c.describe(compiled.key, include_source=True).arg_specs[0]
+            assert info.from_cache and info.compiled_by == "aoti"
+            assert 'extern "C"' in info.source or "void" in info.source  # the generated C++
+        assert compiles(server) == 0
+        assert scrape(server)[("fuseport_artifact_loads_total", "ok")] == 1
+    finally:
+        server.stop()
+
+
+def test_cache_dir_and_files_are_private(compiled: Compiled) -> None:
+    directory = compiled.store / "artifacts"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+def test_truncated_artifact_is_refused_and_compiled_again(compiled: Compiled) -> None:
+    (package,) = artifact_files(compiled.store)
+    good = package.read_bytes()
+    package.write_bytes(good[: len(good) // 2])
+    server = start_server(compiled.tmp / "corrupt", compiled.store, "--metrics-port", "0")
+    try:
+        with Client(server.target, timeout=300) as c:
+            first = c.execute_detailed(compiled.key, compiled.stack)
+            assert first.path == "fallback" and first.reason == "compiling"
+            torch.testing.assert_close(first.stack[0], compiled.expected)
+            r = c.execute_detailed(compiled.key, compiled.stack, wait=True)
+            assert r.path == "fused", (r.reason, r.detail)
+            torch.testing.assert_close(r.stack[0], compiled.expected)
+        m = scrape(server)
+        assert m[("fuseport_artifact_loads_total", "refused")] == 1
+        assert m[("fuseport_compiles_total", "ok")] == 1
+        assert "damaged or truncated" in server.log()
+    finally:
+        server.stop()
+    (package,) = artifact_files(compiled.store)
+    # The recompiled artifact replaced the damaged one, and passes the checks
+    assert ArtifactCache(compiled.store / "artifacts", 1 << 30).load(package.stem) is not None
+
+
+def test_artifact_writable_by_others_is_never_loaded(compiled: Compiled, tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    src = compiled.store / "artifacts"
+    name = artifact_files(compiled.store)[0].stem
+    for suffix in (".pt2", ".json"):
+        (cache.dir / f"{name}{suffix}").write_bytes((src / f"{name}{suffix}").read_bytes())
+    assert cache.load(name) is not None
+    os.chmod(cache.dir / f"{name}.pt2", 0o666)
+    with pytest.raises(ArtifactError, match="writable by others"):
+        cache.load(name)
+    assert not (cache.dir / f"{name}.pt2").exists()  # refused and removed: compiled again
+
+
+def test_cache_evicts_least_recently_used_past_its_bound(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "cache", max_bytes=2500)
+    names = []
+    for i in range(3):
+        tmp = cache.temp_path()
+        tmp.write_bytes(bytes([i]) * 1000)
+        name = cache.key({"i": i})
+        cache.commit(name, tmp, {"i": i})
+        names.append(name)
+        # mtimes are the use order; make them distinct on coarse clocks
+        os.utime(cache.paths(name)[1], (time.time() - 100 + i * 10,) * 2)
+    # 3000 bytes committed under a 2500 bound: the first went when the third came
+    assert [n for _, n, _ in cache.entries()] == names[1:]
+    assert cache.load(names[1]) is not None  # used now: the newest
+    tmp = cache.temp_path()
+    tmp.write_bytes(b"x" * 1000)
+    cache.commit(cache.key({"i": 3}), tmp, {})
+    remaining = {n for _, n, _ in cache.entries()}
+    assert names[1] in remaining and names[2] not in remaining
+
+
+def test_cache_clear_command_empties_the_cache(tmp_path: Path) -> None:
+    cache = ArtifactCache(tmp_path / "store" / "artifacts", max_bytes=1 << 20)
+    tmp = cache.temp_path()
+    tmp.write_bytes(b"package")
+    cache.commit(cache.key({"a": 1}), tmp, {})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
+    cmd = [sys.executable, "-m", "fuseport.client.cli", "cache"]
+    out = subprocess.run(
+        [*cmd, "info", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "1 artifacts, 7 bytes" in out.stdout, out
+    out = subprocess.run(
+        [*cmd, "clear", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "removed 1 artifacts" in out.stdout, out
+    assert cache.entries() == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "flags", "error"),
+    [
+        ("crash", (), "compile worker died during this compile (killed by signal 9)"),
+        ("hang", ("--compile-timeout-seconds", "3"), "passed its 3 s timeout"),
+    ],
+)
+def test_compile_worker_fault_fails_only_that_arg_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, flags: tuple[str, ...], error: str
+) -> None:
+    # Test-only fault injection, read by the worker process (not a setting:
+    # start_server passes it through, as it drops FUSEPORT_* variables).
+    monkeypatch.setenv(FAULT_ENV, fault)
+    server = start_server(tmp_path, None, "--metrics-port", "0", *flags)
+    try:
+        with Client(server.target, timeout=300) as c:
+            key = c.register(scale_add, [torch.randn(4, 4), torch.randn(4, 4)])
+            for shape in ((4, 4), (4, 1)):  # two ArgSpecs: the second runs on a replaced worker
+                x, y = torch.randn(*shape), torch.randn(*shape)
+                r = c.execute_detailed(key, [x, y], wait=True)
+                assert r.path == "fallback" and r.reason == "compile_failed", r
+                assert error in r.detail
+                torch.testing.assert_close(r.stack[0], scale_add(x, y))
+            states = [a.state for a in c.describe(key).arg_specs]
+            assert len(states) == 2
+        m = scrape(server)
+        assert m[("fuseport_compiles_total", "failed")] == 2
+        assert server.log().count("compile worker") >= 2  # started, then replaced
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
+
+
+@pytest.mark.gpu
+def test_artifact_path_runs_on_cuda_and_is_reused_after_restart(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
+    x, y = torch.randn(64, 33), torch.randn(64, 33)
+    server = start_server(tmp_path / "a", tmp_path / "store", "--device", "cuda", "--metrics-port", "0")
+    try:
+        with Client(server.target, timeout=300) as c:
+            key = c.register(scale_add, [x, y])
+            r = c.execute_detailed(key, [x, y], wait=True)
+            assert r.path == "fused", (r.reason, r.detail)
+            torch.testing.assert_close(r.stack[0], scale_add(x, y))
+            assert c.describe(key).arg_specs[0].compiled_by == "aoti"
+    finally:
+        server.stop()
+    server = start_server(tmp_path / "b", tmp_path / "store", "--device", "cuda", "--metrics-port", "0")
+    try:
+        with Client(server.target, timeout=60) as c:
+            r = c.execute_detailed(key, [x[:7], y[:7]])
+            assert r.path == "fused", (r.reason, r.detail)
+            torch.testing.assert_close(r.stack[0], scale_add(x[:7], y[:7]))
+        assert compiles(server) == 0
+    finally:
+        server.stop()

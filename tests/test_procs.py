@@ -1,0 +1,461 @@
+"""`fuseport serve --processes N`: a supervisor and share-nothing serving processes on one port.
+
+Every test talks to a real supervisor and its real serving processes (compile
+mode off: compiling is not what is tested). Which process answered a call is
+the "fuseport-process" trailing metadata ("INDEX PID"); a connection stays on
+the process that accepted it, so each `_Conn` (a channel with its own
+subchannel pool, hence its own TCP connection) talks to one process until it dies.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fuseport.client import Client, capture
+from fuseport.server.app import PROCESS_METADATA_KEY
+from fuseport.server.registry import Registry
+from fuseport.server.settings import Settings
+from fuseport.server.supervisor import plan_processes
+from fuseport.wire import _pb, codec
+from fuseport.wire.errors import KernelNotFound
+
+from .conftest import ServerProcess, start_server
+from .test_metrics import _stats, scrape, value
+
+_METHOD = "/fuseport.v1.KernelService/{}"
+
+
+def _add_one(x):
+    return x + 1
+
+
+def _times_three(x):
+    return x * 3
+
+
+class _Conn:
+    """One connection to the shared port: raw calls, and the pid of the process that answered."""
+
+    def __init__(self, target: str, token: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def call(self, method: str, request: bytes, timeout: float = 60) -> tuple[bytes, int]:
+        response, call = self.channel.unary_unary(_METHOD.format(method)).with_call(
+            request, timeout=timeout, metadata=self.metadata, wait_for_ready=True
+        )
+        process = dict(call.trailing_metadata())[PROCESS_METADATA_KEY]
+        return response, int(process.split()[1])
+
+    def pid(self) -> int:
+        return self.call("List", _pb.service.ListRequest().SerializeToString())[1]
+
+    def register(self, graph: _pb.graph.Graph) -> int:
+        raw, _ = self.call("Register", _pb.service.RegisterRequest(graph=graph).SerializeToString())
+        return _pb.service.RegisterResponse.FromString(raw).key
+
+    def execute(self, key: int, stack: list[object]) -> tuple[list[object], int]:
+        raw, pid = self.call("Execute", codec.encode_execute_request(key, stack))
+        return codec.decode_execute_response(raw).stack, pid
+
+    def unregister(self, key: int) -> bool:
+        raw, _ = self.call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString())
+        return _pb.service.UnregisterResponse.FromString(raw).removed
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _children(pid: int) -> set[int]:
+    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _conns_on(target: str, pids: set[int], token: str | None = None, tries: int = 200) -> dict[int, _Conn]:
+    """A connection to each process of `pids`: new connections until each pid has answered one
+    (the kernel spreads connections over the listening processes by a hash of their addresses)."""
+    found: dict[int, _Conn] = {}
+    for _ in range(tries):
+        conn = _Conn(target, token)
+        pid = conn.pid()
+        if pid in pids and pid not in found:
+            found[pid] = conn
+            if len(found) == len(pids):
+                return found
+        else:
+            conn.close()
+    raise AssertionError(f"{tries} connections reached only {sorted(found)} of {sorted(pids)}")
+
+
+@pytest.fixture(scope="module")
+def graphs() -> dict[str, _pb.graph.Graph]:
+    return {
+        "add_one": capture(_add_one, [torch.randn(8)]),
+        "times_three": capture(_times_three, [torch.randn(8)]),
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"device": "cpu"}, (1, ["cpu"])),
+        ({"device": "auto"}, (1, ["auto"])),
+        ({"device": "cuda:0, cuda:1"}, (2, ["cuda:0", "cuda:1"])),
+        ({"device": "cuda:0,cuda:1", "processes": 4}, (4, ["cuda:0", "cuda:1"])),
+        ({"device": "cpu", "processes": 3}, (3, ["cpu"])),
+    ],
+)
+def test_processes_default_to_one_per_device_served(flags: dict[str, object], expected: object) -> None:
+    assert plan_processes(Settings.load(flags, environ={})) == expected
+
+
+def test_a_device_list_that_names_no_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="names no device"):
+        plan_processes(Settings.load({"device": " , "}, environ={}))
+    with pytest.raises(ValueError, match="processes must be >= 0"):
+        Settings.load({"processes": -1}, environ={})
+
+
+# ---------------------------------------------------------------------- the shared store, in process
+
+
+def _shared(store: Path) -> tuple[Registry, list[int]]:
+    """A registry on a shared store, and the keys of the kernels it dropped because another removed them."""
+    registry = Registry(store, torch.device("cpu"), shared=True)
+    dropped: list[int] = []
+    registry.on_removed = lambda kernel: dropped.append(kernel.key)
+    registry.load()
+    return registry, dropped
+
+
+def test_a_shared_store_finds_what_another_process_registered_and_drops_what_it_removed(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    one, _ = _shared(tmp_path)
+    two, dropped = _shared(tmp_path)  # indexed before anything was registered
+    key, created, _ = one.register(graphs["add_one"])
+    assert created
+    assert two.get(key).key == key  # a miss looks in the store
+    assert key in {k for k, _ in two.kernels()}
+    assert one.remove(key) is not None
+    with pytest.raises(KernelNotFound):
+        two.get(key)  # its built copy is stale: dropped, not served
+    assert dropped == [key]
+    assert key not in {k for k, _ in two.kernels()}
+    # Its stale copy is not written back by a lookup; Register (anywhere) brings it back.
+    assert not (tmp_path / f"{key & (2**64 - 1):016x}.pb").exists()
+    assert two.register(graphs["add_one"])[:2] == (key, True)
+    assert one.get(key).key == key
+
+
+def test_a_shared_store_rebuilds_a_kernel_registered_again_elsewhere_and_finds_new_variants(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    one, _ = _shared(tmp_path)
+    two, dropped = _shared(tmp_path)
+    key = one.register(graphs["add_one"])[0]
+    rank2 = capture(_add_one, [torch.randn(2, 3)])
+    variant = one.register(rank2, variant_of=key)[2]
+    assert [v.key for v in two.get(key).variants] == [key, variant]
+    # Removed and registered again through the first: the second rebuilds it (one variant now).
+    one.remove(key)
+    one.register(graphs["add_one"])
+    assert [v.key for v in two.get(key).variants] == [key]
+    assert dropped == [key]
+    # A variant added through the first is found when the second is asked to look.
+    one.register(rank2, variant_of=key)
+    assert [v.key for v in two.refresh(key).variants] == [key, variant]  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------- a real supervisor
+
+
+@pytest.fixture(scope="module")
+def supervisor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("procs"),
+        None,
+        "--processes",
+        "2",
+        "--compile-mode",
+        "off",
+        "--metrics-port",
+        "0",
+    )
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def two(supervisor: ServerProcess) -> Iterator[tuple[_Conn, _Conn]]:
+    """A connection to each of the two serving processes."""
+    conns = _conns_on(supervisor.target, _children(supervisor.proc.pid))
+    yield tuple(conns.values())  # type: ignore[misc]
+    for c in conns.values():
+        c.close()
+
+
+def test_every_serving_process_is_a_child_of_the_supervisor_and_shares_its_port(
+    supervisor: ServerProcess, two: tuple[_Conn, _Conn]
+) -> None:
+    a, b = two
+    assert {a.pid(), b.pid()} == _children(supervisor.proc.pid)
+    assert len({a.pid(), b.pid()}) == 2
+
+
+def test_a_kernel_registered_through_one_process_runs_on_the_other(
+    two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    a, b = two
+    key = a.register(graphs["add_one"])
+    x = torch.randn(8)
+    stack, pid = b.execute(key, ["below", x])
+    assert pid == b.pid() != a.pid()
+    assert stack[0] == "below"
+    torch.testing.assert_close(stack[1], x + 1)
+    listed, _ = b.call("List", _pb.service.ListRequest().SerializeToString())
+    assert key in {k.key for k in _pb.service.ListResponse.FromString(listed).kernels}
+
+
+def test_an_unregister_through_one_process_is_seen_by_the_other_and_not_undone(
+    two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    a, b = two
+    key = a.register(graphs["times_three"])
+    x = torch.randn(8)
+    for conn in (a, b):  # both have built it
+        torch.testing.assert_close(conn.execute(key, [x])[0][0], x * 3)
+    assert b.unregister(key)
+    for conn in (a, b):
+        with pytest.raises(grpc.RpcError) as e:
+            conn.execute(key, [x])
+        assert e.value.code() is grpc.StatusCode.NOT_FOUND, e.value.details()
+        listed, _ = conn.call("List", _pb.service.ListRequest().SerializeToString())
+        assert key not in {k.key for k in _pb.service.ListResponse.FromString(listed).kernels}
+    # Registered again through the other one: every process serves it again.
+    assert a.register(graphs["times_three"]) == key
+    for conn in (b, a):
+        torch.testing.assert_close(conn.execute(key, [x])[0][0], x * 3)
+
+
+def test_metrics_show_every_process_labelled_and_stats_sums_them(
+    supervisor: ServerProcess, two: tuple[_Conn, _Conn]
+) -> None:
+    for conn in two:
+        conn.pid()
+    samples = scrape(supervisor)
+    assert value(samples, "fuseport_processes", state="serving") == 2
+    per_process = [
+        value(
+            samples,
+            "fuseport_requests_total",
+            method="List",
+            path="none",
+            reason="none",
+            code="OK",
+            process=p,
+        )
+        for p in ("0", "1")
+    ]
+    assert all(n >= 1 for n in per_process), per_process
+    memory = {
+        dict(labels).get("process") for name, labels in samples if name == "process_resident_memory_bytes"
+    }
+    assert memory == {"0", "1"}
+    out = _stats(supervisor.metrics_url)
+    assert out.returncode == 0, out.stderr
+    total = sum(v for (name, _), v in samples.items() if name == "fuseport_requests_total")
+    assert f"requests   {total:.0f}" in out.stdout, out.stdout  # summed over the processes
+
+
+def test_a_killed_process_is_restarted_while_the_other_serves_every_call(
+    supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    a, b = two
+    victim = a.pid()
+    key = b.register(graphs["add_one"])
+    x = torch.randn(8)
+    failures: list[str] = []
+    answered: collections.Counter[int] = collections.Counter()
+    stop = threading.Event()
+
+    def caller() -> None:
+        # The real client: it retries UNAVAILABLE (a connection the kill reset) on a new connection.
+        with Client(supervisor.target, timeout=60, options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+            while not stop.is_set():
+                try:
+                    torch.testing.assert_close(c.execute(key, [x])[0], x + 1)
+                except Exception as e:  # noqa: BLE001 - every failure is reported below
+                    failures.append(f"{type(e).__name__}: {e}")
+                with lock:
+                    answered[0] += 1
+
+    lock = threading.Lock()
+    threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        os.kill(victim, signal.SIGKILL)
+        # The connection to the killed process fails (UNAVAILABLE: this raw channel does not
+        # retry); the channel's next connection reaches the other process.
+        with pytest.raises(grpc.RpcError) as e:
+            a.execute(key, [x])
+        assert e.value.code() is grpc.StatusCode.UNAVAILABLE, e.value.details()
+        stack, pid = a.execute(key, [x])
+        assert pid != victim
+        torch.testing.assert_close(stack[0], x + 1)
+        # The supervisor starts a new process in its place; it serves the same store.
+        deadline = time.monotonic() + 120
+        while len(new := _children(supervisor.proc.pid) - {victim, b.pid()}) != 1:
+            assert time.monotonic() < deadline, f"no new process: {supervisor.log()[-2000:]}"
+            stop.wait(0.1)
+        (replacement,) = new
+        while f"serving (pid {replacement})" not in supervisor.log():  # once it has started
+            assert time.monotonic() < deadline, f"it never served: {supervisor.log()[-2000:]}"
+            stop.wait(0.1)
+        conn = _conns_on(supervisor.target, {replacement})[replacement]
+        torch.testing.assert_close(conn.execute(key, [x])[0][0], x + 1)
+        conn.close()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert answered[0] > 0
+    assert not failures, failures[:5]
+    assert "process 0 died (signal 9)" in supervisor.log() or "process 1 died (signal 9)" in supervisor.log()
+
+
+def test_health_is_serving_while_a_process_serves(supervisor: ServerProcess) -> None:
+    for _ in range(4):  # new connections: whichever process takes one answers
+        with grpc.insecure_channel(supervisor.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_drains_every_process_and_no_call_is_cancelled(
+    supervisor: ServerProcess, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    """Last in this module: it stops the module's supervisor."""
+    pids = _children(supervisor.proc.pid)
+    conns = _conns_on(supervisor.target, pids)
+    key = next(iter(conns.values())).register(graphs["add_one"])
+    request = codec.encode_execute_request(key, [torch.randn(8)])
+    codes: collections.Counter[grpc.StatusCode] = collections.Counter()
+    per_pid: collections.Counter[int] = collections.Counter()
+    lock = threading.Condition()
+    exited = threading.Event()
+
+    def caller(conn: _Conn) -> None:
+        call = conn.channel.unary_unary(_METHOD.format("Execute"))  # no retries: the status as sent
+        while True:
+            last = exited.is_set()
+            try:
+                _, c = call.with_call(request, timeout=30)
+                code = grpc.StatusCode.OK
+                pid = int(dict(c.trailing_metadata())[PROCESS_METADATA_KEY].split()[1])
+            except grpc.RpcError as e:
+                code, pid = e.code(), 0
+            with lock:
+                codes[code] += 1
+                per_pid[pid] += 1
+                lock.notify_all()
+            if last:
+                return
+
+    threads = [
+        threading.Thread(target=caller, args=(c,), daemon=True) for c in conns.values() for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        with lock:
+            assert lock.wait_for(lambda: all(per_pid[p] >= 50 for p in pids), timeout=120), dict(per_pid)
+        returncode = supervisor.stop()
+    finally:
+        exited.set()
+    for t in threads:
+        t.join(timeout=60)
+        assert not t.is_alive()
+    assert returncode == 0, supervisor.log()[-3000:]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, dict(codes)
+    assert codes[grpc.StatusCode.UNAVAILABLE] >= len(threads)  # each caller's last call found it gone
+    log = supervisor.log()
+    assert log.count("exiting with status 0") == 3  # both processes and the supervisor
+
+
+@pytest.mark.slow  # a second supervisor: two more processes importing torch
+def test_a_process_that_keeps_dying_is_given_up_loudly_while_the_other_serves(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("secret-token admin\n")
+    s = start_server(
+        tmp_path,
+        None,
+        "--processes",
+        "2",
+        "--compile-mode",
+        "off",
+        "--restart-limit",
+        "2",
+        "--auth-tokens",
+        str(tokens),
+    )
+    try:
+        pids = _children(s.proc.pid)
+        victim, survivor = sorted(pids)
+        # The tokens file goes away: a restarted process cannot start (it reads the file first).
+        tokens.unlink()
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while "not restarting it" not in s.log():
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            assert s.proc.poll() is None, s.log()[-3000:]
+            time.sleep(0.1)
+        log = s.log()
+        assert log.count("restarting it in") == 2
+        assert "restarting it in 0.5 s" in log and "restarting it in 1.0 s" in log  # backoff doubles
+        assert "died (status 2) 3 times in a row" in log
+        assert _children(s.proc.pid) == {survivor}
+        with Client(s.target, timeout=60, token="secret-token") as c:
+            assert c.health() == "SERVING"
+            assert c.list() == []
+        assert s.stop() == 0
+    finally:
+        s.stop(signal.SIGKILL)
+
+
+@pytest.mark.gpu
+def test_device_all_spreads_the_processes_over_the_gpus(
+    tmp_path: Path, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    """Process i owns device i % (number of GPUs) and says so in Describe; a kernel runs on each."""
+    gpus = torch.cuda.device_count()
+    assert gpus >= 1, "the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)"
+    processes = max(2, gpus)
+    s = start_server(
+        tmp_path, None, "--device", "all", "--processes", str(processes), "--compile-mode", "off"
+    )
+    try:
+        conns = _conns_on(s.target, _children(s.proc.pid))
+        assert len(conns) == processes
+        key = next(iter(conns.values())).register(graphs["add_one"])
+        x = torch.randn(8)
+        for conn in conns.values():
+            raw, call = conn.channel.unary_unary(_METHOD.format("Describe")).with_call(
+                _pb.service.DescribeRequest(key=key).SerializeToString(), timeout=60
+            )
+            index = int(dict(call.trailing_metadata())[PROCESS_METADATA_KEY].split()[0])
+            assert _pb.service.DescribeResponse.FromString(raw).kernel.device == f"cuda:{index % gpus}"
+            torch.testing.assert_close(conn.execute(key, [x])[0][0], x + 1)
+        assert s.stop() == 0
+    finally:
+        s.stop(signal.SIGKILL)
