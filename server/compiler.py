@@ -213,6 +213,14 @@ def _compile(header: dict[str, Any], graph_bytes: bytes) -> None:
     torch._inductor.aoti_compile_and_package(
         ep, package_path=header["package_path"], inductor_configs=configs
     )
+    # Load and run it here once, the way the serving process will: a package
+    # that crashes at load or on its first call (seen with AOTInductor's CUDA
+    # packages on torch 2.11) then kills this worker, whose death fails the
+    # ArgSpec (CompileCrashed), never the serving process.
+    loader = torch._C._aoti.AOTIModelPackageLoader(
+        header["package_path"], "model", False, 1, (device.index or 0) if device.type == "cuda" else -1
+    )
+    loader.boxed_run(list(examples))
 
 
 def _bind_floats(module: Any, floats: dict[int, float]) -> Any:

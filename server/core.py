@@ -71,6 +71,12 @@ class Core:
             ),
             shared=shared_store,
         )
+        # auto: AOTInductor where it has been seen to work. On CUDA its packages
+        # crashed at load (torch 2.11 + CUDA 13, H200; torch's own
+        # aoti_load_package too: docs/perf.md), so CUDA compiles in process.
+        self.compiler = (
+            settings.compiler if settings.compiler != "auto" else "aot" if self.device.type == "cpu" else "inprocess"
+        )
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,
@@ -78,7 +84,7 @@ class Core:
             max_arg_specs=settings.max_arg_specs,
             artifacts=(
                 ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
-                if settings.compiler == "aot" and settings.compile_mode != "off"
+                if self.compiler == "aot" and settings.compile_mode != "off"
                 else None
             ),
             compile_timeout=settings.compile_timeout_seconds,

@@ -14,7 +14,7 @@ from fuseport.wire.security import is_loopback
 __all__ = ["COMPILERS", "COMPILE_MODES", "Settings", "default_store_dir"]
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead", "off")
-COMPILERS = ("aot", "inprocess")
+COMPILERS = ("auto", "aot", "inprocess")
 
 ENV_PREFIX = "FUSEPORT_"
 
@@ -176,10 +176,12 @@ class Settings:
     )
     # --- compile worker and artifact cache (out-of-process compiles, warm restart)
     compiler: str = field(
-        default="aot",
+        default="auto",
         metadata={
             "help": "aot: compile in a worker process into AOTInductor artifacts (cached on disk, "
-            "reused after restarts); inprocess: torch.compile in the serving process (no cache)"
+            "reused after restarts); inprocess: torch.compile in the serving process (no cache); "
+            "auto: aot on the CPU, inprocess on CUDA (AOTInductor's CUDA packages crash at load "
+            "on torch 2.11 + CUDA 13 here: docs/perf.md)"
         },
     )
     artifact_dir: Path | None = field(
