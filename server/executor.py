@@ -567,6 +567,7 @@ class Executor:
             "inputs": inputs,
         }
         ok = False
+        handed_off = False
         try:
             try:
                 reply = self._worker.compile(header, spec.variant.graph.SerializeToString(deterministic=True))
@@ -584,7 +585,9 @@ class Executor:
                     error,
                 )
                 entry.compiled_by = f"torch.compile (in-process): AOTInductor failed: {error}"
-                # Counted as one compile, by the in-process path's own report.
+                # Counted as one compile, by the in-process path's own report;
+                # it also sets entry.done.
+                handed_off = True
                 self._compile_in_process(spec, entry, sample, receive, start)
                 return
             data = tmp.read_bytes()
@@ -624,7 +627,7 @@ class Executor:
             log.debug("compile failure", exc_info=e)
         finally:
             tmp.unlink(missing_ok=True)
-            if entry.compiled_by == "aoti":  # else the in-process path reported it
+            if not handed_off:  # else the in-process path reported it
                 entry.compile_seconds = time.perf_counter() - start
                 entry.done.set()
                 self.events.compiled(entry.compile_seconds, ok)
