@@ -197,7 +197,8 @@ class Server:
             settings.workers,
             settings.max_message_bytes,
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
-            settings.stream_chunk_bytes,
+            # A chunk and its header must fit one message (a small --max-message-bytes).
+            min(settings.stream_chunk_bytes, settings.max_message_bytes - 1024),
         )
         self.health = HealthServicer()
         self.grpc = grpc.aio.server(

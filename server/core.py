@@ -71,12 +71,7 @@ class Core:
             ),
             shared=shared_store,
         )
-        # auto: AOTInductor where it has been seen to work. On CUDA its packages
-        # crashed at load (torch 2.11 + CUDA 13, H200; torch's own
-        # aoti_load_package too: docs/perf.md), so CUDA compiles in process.
-        self.compiler = (
-            settings.compiler if settings.compiler != "auto" else "aot" if self.device.type == "cpu" else "inprocess"
-        )
+        self.compiler = settings.compiler
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,

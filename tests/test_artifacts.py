@@ -30,6 +30,9 @@ from fuseport.v1 import service_pb2 as pb
 
 from .conftest import ServerProcess, start_server
 
+# The compile worker and artifact cache are opt-in (the default compiles in process).
+AOT = ("--compiler", "aot")
+
 
 def scrape(server: ServerProcess) -> dict[tuple[str, str], float]:
     """(name, outcome label) -> value, for the two counters these tests read."""
@@ -66,7 +69,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compiled]:
     """A kernel compiled once (AOTInductor, in the compile worker) into the module's
     store; the server that compiled it is stopped before the tests run."""
     tmp = tmp_path_factory.mktemp("artifacts")
-    server = start_server(tmp / "first", tmp / "store", "--metrics-port", "0")
+    server = start_server(tmp / "first", tmp / "store", "--metrics-port", "0", *AOT)
     try:
         x, y = torch.randn(6, 5), torch.randn(6, 5)
         with Client(server.target, timeout=300) as c:
@@ -87,7 +90,7 @@ def artifact_files(store: Path) -> list[Path]:
 
 
 def test_restarted_server_runs_a_known_arg_spec_fused_without_compiling(compiled: Compiled) -> None:
-    server = start_server(compiled.tmp / "restart", compiled.store, "--metrics-port", "0")
+    server = start_server(compiled.tmp / "restart", compiled.store, "--metrics-port", "0", *AOT)
     try:
         with Client(server.target, timeout=60) as c:
             # Other sizes, same ArgSpec: the artifact has dynamic dims.
@@ -115,7 +118,7 @@ def test_truncated_artifact_is_refused_and_compiled_again(compiled: Compiled) ->
     (package,) = artifact_files(compiled.store)
     good = package.read_bytes()
     package.write_bytes(good[: len(good) // 2])
-    server = start_server(compiled.tmp / "corrupt", compiled.store, "--metrics-port", "0")
+    server = start_server(compiled.tmp / "corrupt", compiled.store, "--metrics-port", "0", *AOT)
     try:
         with Client(server.target, timeout=300) as c:
             first = c.execute_detailed(compiled.key, compiled.stack)
@@ -200,7 +203,7 @@ def test_compile_worker_fault_fails_only_that_arg_spec(
     # Test-only fault injection, read by the worker process (not a setting:
     # start_server passes it through, as it drops FUSEPORT_* variables).
     monkeypatch.setenv(FAULT_ENV, fault)
-    server = start_server(tmp_path, None, "--metrics-port", "0", *flags)
+    server = start_server(tmp_path, None, "--metrics-port", "0", *AOT, *flags)
     try:
         with Client(server.target, timeout=300) as c:
             key = c.register(scale_add, [torch.randn(4, 4), torch.randn(4, 4)])
