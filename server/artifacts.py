@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from fuseport.server._files import write_atomically
+
 __all__ = ["Artifact", "ArtifactCache", "ArtifactError", "device_capability"]
 
 log = logging.getLogger(__name__)
@@ -156,17 +158,7 @@ class ArtifactCache:
         os.chmod(tmp, 0o600)
         os.replace(tmp, package)
         record = json.dumps({**meta, "size": size, "sha256": digest.hexdigest()}, sort_keys=True).encode()
-        fd, tmp_meta = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp_meta, meta_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_meta)
-            raise
+        write_atomically(meta_path, record)
         self.evict()
         return size
 

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from fuseport.server._files import write_atomically
 from fuseport.server.checks import Planner, with_data_checks
 from fuseport.wire import _pb, ops
 from fuseport.wire.errors import (
@@ -563,17 +563,7 @@ class Registry:
         """Temp file, fsync, rename, fsync the directory: a kill -9 after
         Register returns loses nothing, and a crash mid-write leaves no half file."""
         data = graph.SerializeToString(deterministic=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pb")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.dir / name)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomically(self.dir / name, data)
         self._sizes[name] = len(data)
         _fsync_dir(self.dir)
 

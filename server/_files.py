@@ -1,0 +1,29 @@
+"""Writing files that readers may look at any time (the store, the artifact cache)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["write_atomically"]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a `.tmp-*` file in the same directory (mode
+    0600, as mkstemp makes it), fsynced and renamed over `path`: a reader sees the
+    old file or the whole new one, and a crash mid-write leaves no half file (the
+    store and the cache delete `.tmp-*` leftovers). The caller fsyncs the directory
+    where the rename itself must survive a crash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
