@@ -179,6 +179,10 @@ def _run(
         echo_target, echo_pid = stack.enter_context(echo_server())
         # The server this starts is plaintext on loopback: TLS flags are for --target.
         tls = client_kwargs(args) if args.target else {}
+        # The network path unless a section asks for shared memory itself (the
+        # stream section's "shm" calls): the floors every section compares with
+        # are network echoes.
+        tls["shared_memory"] = False
         client = stack.enter_context(Client(target, timeout=args.timeout, **tls))
         # Registering is cheap; its Describe tells which device the server runs on.
         probe = client.register(identity, [torch.zeros(1024, dtype=torch.uint8)])

@@ -7,14 +7,17 @@ four calls from this process, in turn (the order rotates each iteration):
 * echo stream: the same bytes as chunks of the stream's chunk size, each echoed
   back on a bidirectional stream (the floor a streamed call is measured against);
 * Execute unary: `x + 0` on a uint8 tensor of the size in one message each way;
-* Execute stream: the same call through ExecuteStream/FallbackStream chunks.
+* Execute stream: the same call through ExecuteStream/FallbackStream chunks;
+* Execute shm: the same call through shared memory (the server is on this host).
 
 Then two sweeps that set the defaults: chunk sizes for a 64 MiB streamed call
 (wire.stream.CHUNK_BYTES), and unary against streamed Execute from 4 MiB to
 64 MiB (the client's DEFAULT_STREAM_ABOVE: where the stream starts to win).
 
 Targets (issue 10): 256 MiB streamed Execute <= 0.5x the unary echo's time and
->= 0.8x the streaming echo's throughput; 16 MiB <= 1.0x the unary echo's time.
+>= 0.8x the streaming echo's throughput; 16 MiB <= 1.0x the unary echo's time;
+shared memory at 16 MiB and 256 MiB <= 0.2x the unary echo's time. A last
+sweep sets the client's DEFAULT_SHARED_ABOVE (unary against shm, 16 KiB-1 MiB).
 """
 
 from __future__ import annotations
@@ -74,20 +77,23 @@ def run(ctx: Context) -> Section:
     echo, echo_stream = echo_stub(channel), echo_stream_stub(channel)
     unary = Client(ctx.target, timeout=timeout, stream_above=None, **ctx.client_kwargs)
     streamed = Client(ctx.target, timeout=timeout, stream_above=0, **ctx.client_kwargs)
+    shared = Client(ctx.target, timeout=timeout, **{**ctx.client_kwargs, "shared_memory": True, "shared_above": 0})
     rows: list[Row] = []
     data: dict[str, Any] = {"kernel": "x + 0 (uint8)", "chunk_bytes": CHUNK_BYTES, "points": []}
     try:
         for size in QUICK_SIZES if ctx.options.quick else SIZES:
-            point = _point(ctx, key, size, echo, echo_stream, unary, streamed)
+            point = _point(ctx, key, size, echo, echo_stream, unary, streamed, shared)
             data["points"].append(point)
             rows.extend(_rows(point))
         if not ctx.options.quick:
             data["chunk_sweep"] = _chunk_sweep(ctx, key)
             data["threshold_sweep"] = _threshold_sweep(ctx, key, unary, streamed)
+            data["shared_sweep"] = _shared_sweep(key, unary, shared)
             rows.extend(_sweep_rows(data))
     finally:
         unary.close()
         streamed.close()
+        shared.close()
         channel.close()
     return Section("stream", rows, data)
 
@@ -111,7 +117,7 @@ def _echo_calls(
 
 
 def _point(
-    ctx: Context, key: int, size: int, echo: Any, echo_stream: Any, unary: Client, streamed: Client
+    ctx: Context, key: int, size: int, echo: Any, echo_stream: Any, unary: Client, streamed: Client, shared: Client
 ) -> dict[str, Any]:
     timeout = ctx.options.timeout
     n = _iterations(size, ctx)
@@ -131,6 +137,7 @@ def _point(
     calls = _echo_calls(size, CHUNK_BYTES, echo, echo_stream, timeout)
     calls["execute unary"] = execute(unary, "execute unary")
     calls["execute stream"] = execute(streamed, "execute stream")
+    calls["execute shm"] = execute(shared, "execute shm")
     lat = _rotate(calls, n, warmup=1 if size > 64 << 20 else 2)
     point: dict[str, Any] = {"size": size, "iterations": n, "transports": transports, "methods": {}}
     for name, values in lat.items():
@@ -156,6 +163,9 @@ def _rows(point: dict[str, Any]) -> list[Row]:
             "echo stream GB/s", m["echo stream"]["gbps_p50"],
             target=">= 0.8x" if size == 256 << 20 else "").judge(),
         Row("stream", f"Execute unary {label} time", ms["execute unary"], "ms", "unary echo ms", ms["echo"]).judge(),
+        Row("stream", f"Execute shm {label} time", ms["execute shm"], "ms", "unary echo ms", ms["echo"],
+            target="<= 0.2x" if size in (16 << 20, 256 << 20) else "",
+            note=f"transport {point['transports'].get('execute shm')}").judge(),
     ]  # fmt: skip
     return rows
 
@@ -165,7 +175,7 @@ def _chunk_sweep(ctx: Context, key: int) -> list[dict[str, Any]]:
     size = 64 << 20
     tensor = torch.full((size,), 7, dtype=torch.uint8)
     clients = {
-        c: Client(ctx.target, timeout=ctx.options.timeout, stream_above=0, stream_chunk_bytes=c)
+        c: Client(ctx.target, timeout=ctx.options.timeout, stream_above=0, stream_chunk_bytes=c, shared_memory=False)
         for c in CHUNKS
     }
     try:
@@ -194,6 +204,20 @@ def _threshold_sweep(ctx: Context, key: int, unary: Client, streamed: Client) ->
     return out
 
 
+def _shared_sweep(key: int, unary: Client, shared: Client) -> list[dict[str, Any]]:
+    """Unary against shared-memory Execute at small sizes: where shared memory starts to win."""
+    out = []
+    for size in (16 << 10, 64 << 10, 256 << 10, 1 << 20):
+        tensor = torch.full((size,), 7, dtype=torch.uint8)
+        lat = _rotate(
+            {"unary": lambda t=tensor: unary.execute(key, [t]), "shm": lambda t=tensor: shared.execute(key, [t])},
+            40,
+            warmup=5,
+        )
+        out.append({"size": size, **{k: summary(v)["p50_us"] for k, v in lat.items()}})
+    return out
+
+
 def _sweep_rows(data: dict[str, Any]) -> list[Row]:
     rows = []
     chunks = data["chunk_sweep"]
@@ -205,6 +229,11 @@ def _sweep_rows(data: dict[str, Any]) -> list[Row]:
     for p in data["threshold_sweep"]:
         rows.append(
             Row("stream", f"Execute {fmt_bytes(p['size'])} stream/unary time", p["stream"] / 1e3, "ms",
+                "unary ms", p["unary"] / 1e3)
+        )  # fmt: skip
+    for p in data.get("shared_sweep", ()):
+        rows.append(
+            Row("stream", f"Execute {fmt_bytes(p['size'])} shm/unary time", p["shm"] / 1e3, "ms",
                 "unary ms", p["unary"] / 1e3)
         )  # fmt: skip
     return rows

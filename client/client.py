@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor
+from fuseport.client.shm import SharedSession
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
@@ -23,6 +25,7 @@ from fuseport.wire.errors import (
     KernelNotFound,
     NoMatchingVariant,
     ResourceExhausted,
+    SharedMemoryUnavailable,
     error_from_status,
 )
 from fuseport.wire.keys import check_alias, key_for
@@ -50,6 +53,13 @@ _RETRY_BUFFER_BYTES = 16 << 20
 # it one unary message is as fast or faster; above it the stream wins, and grows
 # its lead with size (unary pays for the whole message at once, twice).
 DEFAULT_STREAM_ABOVE = 16 << 20
+# Stacks with at least this many tensor bytes go through shared memory when the
+# server is on this host (docs/perf.md, "Shared memory"): below it, the copies
+# and the slot cost about what the bytes cost in one message.
+DEFAULT_SHARED_ABOVE = 64 << 10
+# A client that found no shared memory (not on the server's host, or the server
+# has it off) asks again after this long: the server may have been restarted.
+_SHARED_RETRY_SECONDS = 60.0
 # Calls in a row that carry a kernel's graphs without filling a replica before
 # the client stops sending them: round robin reaches every replica well within
 # this many calls, unless there are more replicas than this (a later NOT_FOUND
@@ -110,9 +120,20 @@ class ExecuteResult:
     detail: str
     timings: Timings
     variant: int  # content key of the variant that ran (the kernel's key for its own graph)
-    # How the stacks travelled: "unary" (one Execute/Fallback message each way) or
-    # "stream" (ExecuteStream/FallbackStream chunks, for large stacks).
+    # How the stacks travelled: "unary" (one Execute/Fallback message each way),
+    # "stream" (ExecuteStream/FallbackStream chunks, for large stacks) or "shm"
+    # (shared memory, with a server on this host).
     transport: str = "unary"
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """A call going through shared memory: its stack as sent (tensors replaced
+    by Shared values in the slot's region), the session and the output slot."""
+
+    stack: list[Any]
+    session: str
+    slot: int
 
 
 @dataclass
@@ -239,15 +260,25 @@ class _Base:
         options: Sequence[tuple[str, Any]] = (),
         stream_above: int | None = DEFAULT_STREAM_ABOVE,
         stream_chunk_bytes: int = CHUNK_BYTES,
+        shared_memory: bool = True,
+        shared_above: int = DEFAULT_SHARED_ABOVE,
     ) -> None:
         """`stream_above`: stacks with at least this many tensor bytes are sent
         as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
-        large for one message; None sends every stack as one message."""
+        large for one message; None sends every stack as one message.
+
+        `shared_memory`: when the server is on this host and offers it, stacks
+        with at least `shared_above` tensor bytes travel through shared memory
+        (the blocking Client; ExecuteResult.transport says "shm"); False: never."""
         self.target = target
         self.stream_above = stream_above
+        self.shared_above = shared_above
         self.stream_chunk_bytes = stream_chunk_bytes
         # One server, or replicas: dns:///NAME:PORT, ipv4:A:P,B:P, or a list of host:port.
         self._target = parse_target(target)
+        # One server only: replicas' calls alternate between hosts, and a
+        # session belongs to one serving process.
+        self._shared_wanted = shared_memory and not self._target.replicas
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
@@ -298,6 +329,7 @@ class _Base:
         wait: bool,
         graphs: dict[int, _pb.graph.Graph] | None = None,
         keep: bool = False,
+        shared: _Shared | None = None,
     ) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
@@ -306,13 +338,15 @@ class _Base:
         variants = list(graphs if graphs is not None else known.graphs if known else ())
         return codec.encode_execute_request(
             key,
-            self._wire_stack(stack),
+            self._wire_stack(shared.stack if shared else stack),
             wait_for_compile=wait,
             limit=self._max,
             variants=variants,
             graphs=list(graphs.values()) if graphs else (),
             alias=known.alias if graphs and known else None,
             keep_outputs=keep,
+            shm_session=shared.session if shared else "",
+            shm_slot=shared.slot if shared else 0,
         )
 
     def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
@@ -329,16 +363,18 @@ class _Base:
             return None
         return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
 
-    def _first_request(self, key: int, stack: Sequence[Any], wait: bool, keep: bool = False) -> tuple[bytes, bool]:
+    def _first_request(
+        self, key: int, stack: Sequence[Any], wait: bool, keep: bool = False, shared: _Shared | None = None
+    ) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
         known = self._known.get(key)
         if known is not None and known.heal > 0 and (graphs := self._ordered(key, known.graphs)) is not None:
             try:
-                return self._execute_request(key, stack, wait, graphs, keep), True
+                return self._execute_request(key, stack, wait, graphs, keep, shared), True
             except ResourceExhausted:
                 pass  # over the message limit with them: the retry path registers them
-        return self._execute_request(key, stack, wait, keep=keep), False
+        return self._execute_request(key, stack, wait, keep=keep, shared=shared), False
 
     def _streams(self, stack: Sequence[Any]) -> bool:
         """Whether a stack goes as a stream: past the threshold, or too large
@@ -405,6 +441,7 @@ class _Base:
         carried: bool,
         streamed: bool = False,
         keep: bool = False,
+        shared: _Shared | None = None,
     ) -> _Recovery | None:
         """How a failed Execute/Fallback may succeed when sent again, or None
         when it cannot (the error stands). `carried`: the failed call carried
@@ -459,7 +496,7 @@ class _Base:
         request: bytes | None = None
         if not streamed:
             try:
-                request = self._execute_request(key, stack, wait, ordered, keep)
+                request = self._execute_request(key, stack, wait, ordered, keep, shared)
             except ResourceExhausted:
                 pass  # graphs and stack together are over the limit: Register them one by one
 
@@ -521,7 +558,7 @@ class Client(_Base):
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in (
                 "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
-                "FetchHandles", "FreeHandles", "RenewLease",
+                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
             )
         }  # fmt: skip
         self._stream_methods = {
@@ -531,6 +568,9 @@ class Client(_Base):
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
+        self._shared: SharedSession | None = None
+        self._shared_lock = threading.Lock()
+        self._shared_retry_at = 0.0
 
     def __enter__(self) -> Client:
         return self
@@ -541,6 +581,8 @@ class Client(_Base):
     def close(self) -> None:
         """Frees this client's handles on the server, then closes the channel."""
         self._leases.close(self.timeout)
+        if self._shared is not None:
+            self._shared.close()
         self.channel.close()
 
     @property
@@ -620,11 +662,66 @@ class Client(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
+        session = self._shared_session(stack, timeout)
+        if session is not None:
+            try:
+                with session.slot() as slot:
+                    # Tensor outputs come back through the slot's region, unless kept.
+                    shared = _Shared(session.write(slot, list(stack)), session.id, 0 if keep else slot)
+                    result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
+                    return dataclasses.replace(result, stack=session.read(result.stack), transport="shm")
+            except SharedMemoryUnavailable as e:
+                # Nothing ran: the call goes over the network instead (and so do
+                # the next ones, if the session itself is gone).
+                log.info("shared memory unavailable (%s); using the network", e)
+                if session.closed:
+                    self._drop_shared(session)
+        return self._run_on(method, key, stack, wait, timeout, keep, started)
+
+    def _shared_session(self, stack: Sequence[Any], timeout: float | None) -> SharedSession | None:
+        """This client's shared-memory session, opened at the first stack large
+        enough; None when the server is not on this host or has it off."""
+        if not self._shared_wanted or payload_bytes(stack) < self.shared_above:
+            return None
+        with self._shared_lock:
+            if self._shared is not None and not self._shared.closed:
+                return self._shared
+            if time.monotonic() < self._shared_retry_at:
+                return None
+            try:
+                opened = _pb.service.OpenSharedMemoryResponse.FromString(
+                    self._call("OpenSharedMemory", b"", timeout)
+                )
+                self._shared = SharedSession(opened, self._timeout(timeout) or 30.0)
+            except (FuseportError, OSError) as e:
+                # OSError: the server's socket is not reachable from here (another
+                # host or network namespace), the usual case for a remote server.
+                log.info("no shared memory with %s (%s); using the network", self.target, e)
+                self._shared, self._shared_retry_at = None, time.monotonic() + _SHARED_RETRY_SECONDS
+            return self._shared
+
+    def _drop_shared(self, session: SharedSession) -> None:
+        with self._shared_lock:
+            session.close()
+            if self._shared is session:
+                self._shared = None
+
+    def _run_on(
+        self,
+        method: str,
+        key: int,
+        stack: Sequence[Any],
+        wait: bool,
+        timeout: float | None,
+        keep: bool,
+        started: int,
+        shared: _Shared | None = None,
+    ) -> ExecuteResult:
         # A large stack streams; its recovery registers graphs by Register (a
         # stream's header carries none), a unary call carries them (see _recovery).
         # Handles travel only in unary calls (a stream's chunks carry bytes).
-        streamed = not keep and not _holds_remote(stack) and self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep)
+        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
         adopted: Callable[[], None] | None = None
         for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
             try:
@@ -632,14 +729,14 @@ class Client(_Base):
                     return self._call_streamed(method, key, stack, wait, timeout, started)
                 raw = self._call(method, request, timeout)
             except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed, keep) if attempt < 2 else None
+                again = self._recovery(e, key, stack, wait, carried, streamed, keep, shared) if attempt < 2 else None
                 if again is None:
                     raise
                 if again.request is None:
                     for register, registered in again.registers:
                         registered(self._call("Register", register, timeout))
                     if not streamed:
-                        request, carried = self._execute_request(key, stack, wait, keep=keep), False
+                        request, carried = self._execute_request(key, stack, wait, keep=keep, shared=shared), False
                 else:
                     request, carried, adopted = again.request, True, again.adopted
                 continue

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -16,11 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fuseport.server import kserve
+from fuseport.server import checks, kserve
 from fuseport.server.core import Core
 from fuseport.server.security import Access, Security
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
+from fuseport.server.shm import SharedMemory
 from fuseport.wire import codec
 from fuseport.wire._local import write_port_file
 from fuseport.wire.errors import ERROR_METADATA_KEY, FuseportError, PermissionDenied, status_for
@@ -199,6 +201,7 @@ class Server:
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             # A chunk and its header must fit one message (a small --max-message-bytes).
             min(settings.stream_chunk_bytes, settings.max_message_bytes - 1024),
+            SharedMemory(settings.shared_memory, settings.shared_memory_max_bytes),
         )
         self.health = HealthServicer()
         self.grpc = grpc.aio.server(
@@ -254,6 +257,8 @@ class Server:
             # Before health says SERVING: whoever waits for that can scrape at once.
             self.metrics.serve()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+        self.service.shared.start()
+        threading.Thread(target=checks.warm_up, name="fuseport-warm-up", daemon=True).start()
         await self.grpc.start()
         for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -309,6 +314,7 @@ class Server:
         await self.drain(grace)
         await self.grpc.stop(max(0.0, deadline - loop.time()))
         self.service.close()
+        self.service.shared.close()
         self.core.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -557,6 +557,18 @@ def _data_checked(node: torch.fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and ops.op_name(node.target) in DATA_CHECKED_OPS
 
 
+def warm_up() -> None:
+    """Imports what the first plan would: many meta kernels are torch's Python
+    references, whose wrapper imports torch._dynamo (and sympy) on first use,
+    6 s on the 2-core machine that the first call of a fresh server waited
+    for. Run in the background at start (server/app.py), so a server's first
+    call finds it done, or waits only for what is left."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - the first call then imports it, as before
+        log.exception("warm-up import failed")
+
+
 def _run_meta(target: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
     args = list(_on_meta(args))
     kwargs = _on_meta(kwargs)

@@ -39,6 +39,8 @@ INFERENCE_METHODS = frozenset(
 _STREAM_METHODS = frozenset({"ExecuteStream", "FallbackStream"})
 # A caller reaches only its own handles (server/resident.py): every role may.
 _HANDLE_METHODS = frozenset({"FetchHandles", "FreeHandles", "RenewLease"})
+# A session carries the caller's own Execute/Fallback calls, nothing more.
+_HANDLE_METHODS |= {"OpenSharedMemory"}
 
 ROLES: Mapping[str, frozenset[str]] = {
     "admin": frozenset(

@@ -16,6 +16,7 @@ from fuseport.server.core import Core
 from fuseport.server.devices import is_out_of_memory
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
 from fuseport.server.security import presented_token_digest
+from fuseport.server.shm import MAX_SLOTS, SharedMemory
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -100,8 +101,10 @@ class KernelService:
         max_message_bytes: int,
         release_above: int | None = None,
         stream_chunk_bytes: int = CHUNK_BYTES,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
         self.core = core
+        self.shared = shared_memory or SharedMemory(enabled=False, max_bytes=0)
         self.stream_chunk_bytes = stream_chunk_bytes
         # A call that moved more than this many bytes hands freed host memory back
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
@@ -123,6 +126,7 @@ class KernelService:
             "FetchHandles": self._fetch_handles,
             "FreeHandles": self._free_handles,
             "RenewLease": self._renew_lease,
+            "OpenSharedMemory": self._open_shared_memory,
         }
         handlers = {name: grpc.unary_unary_rpc_method_handler(self._wrap(fn, name)) for name, fn in methods.items()}
         for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
@@ -214,8 +218,10 @@ class KernelService:
         req = codec.decode_execute_request(request)
         decode_ns = time.perf_counter_ns() - started
         last = self._run_us.get((req.key, fused), _INLINE_MAX_RUN_US)
-        # Graphs to register first mean building them and writing the store: a worker's job.
-        if not req.wait_for_compile and not req.graphs and last < _INLINE_MAX_RUN_US:
+        # Graphs to register first mean building them and writing the store, and
+        # shared-memory tensors copying their bytes: a worker's job.
+        inline = not req.wait_for_compile and not req.graphs and not req.shm_session
+        if inline and last < _INLINE_MAX_RUN_US:
             return self._finish(req, decode_ns, 0, deadline, record, fused)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
@@ -241,9 +247,16 @@ class KernelService:
         # Registered first, in this same call: a separate Register could reach
         # another replica than this call did (see ExecuteRequest.graphs).
         registered = self.core.adopt(req.key, req.graphs, req.alias) if req.graphs else 0
+        stack = req.stack
+        if req.shm_session:
+            # Shared-memory tensors are copied out of the client's region here:
+            # reading them is this call's decoding.
+            started = time.perf_counter_ns()
+            stack = self.shared.resolve(record.owner, req.shm_session, stack, self.core.placement.device)
+            decode_ns += time.perf_counter_ns() - started
         result = self.core.execute(
             req.key,
-            req.stack,
+            stack,
             fused=fused,
             wait=req.wait_for_compile,
             deadline=deadline,
@@ -258,8 +271,13 @@ class KernelService:
             queue_us=queue_ns // 1000,
             run_us=result.run_us,
         )
+        out_stack = result.stack
+        if req.shm_session and req.shm_slot:
+            start = time.perf_counter_ns()
+            out_stack = self.shared.place(record.owner, req.shm_session, req.shm_slot, out_stack)
+            timings.encode_us = (time.perf_counter_ns() - start) // 1000  # the response's encoding adds to it
         out = codec.encode_execute_response(
-            result.stack,
+            out_stack,
             result.path,
             result.reason,
             result.detail,
@@ -413,6 +431,13 @@ class KernelService:
         req = _parse(_pb.service.FreeHandlesRequest, request)
         freed, nbytes = self.core.free_handles(record.owner, list(req.ids), req.all)
         return _pb.service.FreeHandlesResponse(freed=freed, freed_bytes=nbytes).SerializeToString()
+
+    def _open_shared_memory(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+        _parse(_pb.service.OpenSharedMemoryRequest, request)
+        address, ticket, session = self.shared.open(record.owner)
+        return _pb.service.OpenSharedMemoryResponse(
+            socket=address, ticket=ticket, session=session, max_bytes=self.shared.max_bytes, max_slots=MAX_SLOTS
+        ).SerializeToString()
 
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         _parse(_pb.service.RenewLeaseRequest, request)

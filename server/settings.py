@@ -159,6 +159,19 @@ class Settings:
         default=10_000, metadata={"help": "device-resident handles one client may hold at once"}
     )
 
+    # Shared memory for co-located clients (server/shm.py).
+    shared_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "let clients on this host (the same network namespace) pass tensors through shared "
+            "memory instead of messages (Linux; the client picks it by itself)"
+        },
+    )
+    shared_memory_max_bytes: int = field(
+        default=16 << 30,
+        metadata={"help": "bytes of shared-memory regions one client session may map, its inputs' and outputs'"},
+    )
+
     # --processes (procs): several serving processes on one port, under a supervisor.
     processes: int = field(
         default=0,
@@ -229,6 +242,8 @@ class Settings:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
+        if self.shared_memory_max_bytes < 1 << 20:
+            raise ValueError("shared_memory_max_bytes must be at least 1 MiB")
         if not 0 < self.handle_lease_seconds <= 86400:
             raise ValueError("handle_lease_seconds must be in (0, 86400]")
         if self.max_resident_bytes < 0 or self.max_resident_bytes_per_client < 0:

@@ -49,6 +49,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "--compile-mode", "off",
         "--keep-host-memory-bytes", str(KEEP),
         "--max-stream-bytes", str(STREAM_LIMIT),
+        # This module is about the network path; next to the server, clients
+        # would take shared memory (tests/test_shm.py).
+        "--shared-memory", "off",
     )  # fmt: skip
     yield s
     s.stop()
@@ -408,7 +411,9 @@ def test_writer_names_a_value_that_cannot_travel() -> None:
 @pytest.mark.slow
 def test_3_gib_stack_round_trips_bit_exact_with_bounded_server_memory(tmp_path: Path) -> None:
     """Past protobuf's 2 GiB message ceiling; the server holds about the payload once."""
-    s = start_server(tmp_path, None, "--compile-mode", "off", "--max-stream-bytes", str(4 << 30))
+    s = start_server(
+        tmp_path, None, "--compile-mode", "off", "--max-stream-bytes", str(4 << 30), "--shared-memory", "off"
+    )
     try:
         with Client(s.target, timeout=600) as c:
             k = c.register(_double, [torch.ones(4)])
@@ -470,11 +475,13 @@ def test_streamed_execute_and_fallback_on_cuda_match_unary_bit_for_bit(
 ) -> None:
     x = torch.randn((40 << 20) // 4 + 3).to(dtype)  # many chunks, the last one partial
     below = [torch.randint(0, 255, ((8 << 20) + 1,), dtype=torch.uint8), "below"]
-    with Client(cuda_server.target, timeout=300, stream_above=0, stream_chunk_bytes=(1 << 20) + 7) as c:
+    with Client(
+        cuda_server.target, timeout=300, stream_above=0, stream_chunk_bytes=(1 << 20) + 7, shared_memory=False
+    ) as c:
         k = c.register(_double, [x[:8]])
         s = c.execute_detailed(k, [*below, x], wait=True)
         f = c.fallback_detailed(k, [*below, x])
-    with Client(cuda_server.target, timeout=300, stream_above=None) as u:
+    with Client(cuda_server.target, timeout=300, stream_above=None, shared_memory=False) as u:
         unary = u.execute_detailed(k, [*below, x], wait=True)
     assert (s.transport, f.transport, unary.transport) == ("stream", "stream", "unary")
     assert s.path == unary.path == "fused", (s.reason, s.detail)

@@ -41,6 +41,7 @@ from fuseport.wire.errors import InvalidStack, ResourceExhausted
 __all__ = [
     "ExecuteRequest",
     "Handle",
+    "Shared",
     "ExecuteResponse",
     "MAX_DEPTH",
     "MAX_RANK",
@@ -79,7 +80,19 @@ class Handle:
     server: str = ""
 
 
-StackValue = Union[torch.Tensor, int, float, bool, str, None, list, Handle]  # noqa: UP007
+@dataclass(frozen=True)
+class Shared:
+    """A SharedTensor on a stack: a tensor whose bytes lie in a shared-memory
+    region (wire/shm.py), checked as a Tensor header is (dtype, rank, dims)."""
+
+    region: int
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+StackValue = Union[torch.Tensor, int, float, bool, str, None, list, Handle, Shared]  # noqa: UP007
 
 MAX_DEPTH = 32
 MAX_RANK = 64
@@ -97,6 +110,7 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 # Field numbers, as in values.proto and service.proto.
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
 _V_HANDLE = 50
+_V_SHARED = 60
 # Longest handle id a reader accepts (servers make ~60 characters).
 MAX_HANDLE_ID = 256
 _T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
@@ -274,6 +288,11 @@ def _value_body(value: Any, where: str, depth: int) -> bytes:
         return _tag(_V_STRING, _LEN) + _varint(len(raw)) + raw
     if isinstance(value, Handle):
         return _handle_body(value, where)
+    if isinstance(value, Shared):
+        body = _pb.values.SharedTensor(
+            region=value.region, offset=value.offset, dtype=dtypes.code_for(value.dtype), shape=list(value.shape)
+        ).SerializeToString()
+        return _tag(_V_SHARED, _LEN) + _varint(len(body)) + body
     if isinstance(value, (list, tuple)):
         if depth >= MAX_DEPTH:
             raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
@@ -317,6 +336,28 @@ def _handle_from(raw: bytes, where: str) -> Handle:
         nbytes=msg.nbytes,
         server=msg.server,
     )
+
+
+def _shared_from(raw: bytes, where: str) -> Shared:
+    try:
+        msg = _pb.values.SharedTensor.FromString(raw)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidStack(f"{where}: malformed SharedTensor: {e}") from None
+    dtype = dtypes.dtype_for(msg.dtype)
+    if dtype is None:
+        raise InvalidStack(f"{where}: unknown dtype enum {msg.dtype}")
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidStack(f"{where}: rank over {MAX_RANK}")
+    if any(d < 0 for d in shape):
+        raise InvalidStack(f"{where}: shape {list(shape)} has a negative dim")
+    itemsize = dtypes.itemsize_for(msg.dtype)
+    nbytes = math.prod(shape) * itemsize
+    if nbytes >= 1 << 62:
+        raise InvalidStack(f"{where}: shape {list(shape)} is too large")
+    if msg.offset % itemsize:
+        raise InvalidStack(f"{where}: offset {msg.offset} is not a multiple of {dtypes.name_for(msg.dtype)}'s size")
+    return Shared(msg.region, msg.offset, dtype, shape, nbytes)
 
 
 def encode_stack(values: Sequence[StackValue], field: int = 1, limit: int | None = None) -> bytes:
@@ -465,6 +506,8 @@ class _Reader:
             return None
         if field == _V_HANDLE:
             return _handle_from(bytes(self.view[a:b]), where)
+        if field == _V_SHARED:
+            return _shared_from(bytes(self.view[a:b]), where)
         # _V_LIST
         if depth >= MAX_DEPTH:
             raise InvalidStack(f"{where}: lists nest deeper than {MAX_DEPTH} levels")
@@ -517,6 +560,7 @@ _VALUE_WIRE_TYPES = {
     _V_NONE: _LEN,
     _V_LIST: _LEN,
     _V_HANDLE: _LEN,
+    _V_SHARED: _LEN,
 }
 
 
@@ -583,6 +627,10 @@ class ExecuteRequest:
     graphs: tuple[_pb.graph.Graph, ...] = ()
     alias: str | None = None  # with graphs: registered with graphs[0]
     keep_outputs: bool = False  # tensor outputs stay on the server's device, as Handles
+    # Shared memory: the session its Shared values name, and the slot whose
+    # output region takes the tensor outputs (0: they travel as bytes).
+    shm_session: str = ""
+    shm_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -622,8 +670,13 @@ def encode_execute_request(
     graphs: Sequence[_pb.graph.Graph] = (),
     alias: str | None = None,
     keep_outputs: bool = False,
+    shm_session: str = "",
+    shm_slot: int = 0,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
+    if shm_session:
+        head.options.shared_memory_session = shm_session
+        head.options.shared_memory_slot = shm_slot
     if wait_for_compile:
         head.options.wait_for_compile = True
     if keep_outputs:
@@ -673,6 +726,8 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         graphs=tuple(head.graphs),
         alias=head.alias if head.HasField("alias") else None,
         keep_outputs=head.options.keep_outputs,
+        shm_session=head.options.shared_memory_session,
+        shm_slot=head.options.shared_memory_slot,
     )
 
 
@@ -688,7 +743,8 @@ def encode_execute_response(
     registered: int = 0,
 ) -> bytes:
     """Frames an ExecuteResponse. With `clock` (ns), the encode time is measured
-    and written into `timings` last, so that it covers the encoding itself."""
+    and added to `timings.encode_us` (what the caller spent encoding before, such
+    as writing shared memory) and written last, so that it covers the encoding itself."""
     start = clock() if clock else 0
     w = _Writer()
     head = _pb.service.ExecuteResponse(
@@ -698,7 +754,7 @@ def encode_execute_response(
     for i, v in enumerate(stack):
         w.value_field(_RESP_STACK, v, f"stack[{i}]")
     if clock:
-        timings.encode_us = (clock() - start) // 1000
+        timings.encode_us += (clock() - start) // 1000
     tail = timings.SerializeToString()
     w.put(_tag(_RESP_TIMINGS, _LEN) + _varint(len(tail)) + tail)
     return w.getvalue(limit)

@@ -20,6 +20,9 @@
     ├── Unauthenticated            UNAUTHENTICATED (no token, or one the server does not know)
     ├── PermissionDenied           PERMISSION_DENIED (the token's role may not call the method)
     ├── Unavailable                UNAVAILABLE (shutting down, unreachable)
+    ├── SharedMemoryUnavailable    FAILED_PRECONDITION: shared memory is off, or the call's
+    │                              session is not open on this serving process (the client
+    │                              sends the call over the network instead)
     └── InternalError              INTERNAL
 
 The server maps an error to its status code with `status_for`; the error's class
@@ -54,6 +57,7 @@ __all__ = [
     "OpNotAllowed",
     "PermissionDenied",
     "ResourceExhausted",
+    "SharedMemoryUnavailable",
     "SignatureMismatch",
     "Unauthenticated",
     "Unavailable",
@@ -156,6 +160,11 @@ class Unavailable(FuseportError):
     """The server is shutting down or cannot be reached; safe to retry."""
 
 
+class SharedMemoryUnavailable(FuseportError):
+    """Shared memory cannot carry this call: the server has it off, or the
+    session named is closed or another serving process's. Nothing ran."""
+
+
 class InternalError(FuseportError):
     """Something unexpected; the server log has the details."""
 
@@ -170,6 +179,7 @@ _STATUS: dict[type[FuseportError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    SharedMemoryUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     InternalError: grpc.StatusCode.INTERNAL,
 }
 

@@ -70,14 +70,18 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants", "keep_outputs")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "shared_memory_session", "shared_memory_slot")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SLOT_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
     keep_outputs: bool
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ...) -> None: ...
+    shared_memory_session: str
+    shared_memory_slot: int
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs", "alias")
@@ -356,3 +360,21 @@ class ResidentInfo(_message.Message):
     budget_bytes: int
     caller: ResidentUsage
     def __init__(self, server: _Optional[str] = ..., handles: _Optional[int] = ..., bytes: _Optional[int] = ..., clients: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., caller: _Optional[_Union[ResidentUsage, _Mapping]] = ...) -> None: ...
+
+class OpenSharedMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenSharedMemoryResponse(_message.Message):
+    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots")
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    socket: str
+    ticket: str
+    session: str
+    max_bytes: int
+    max_slots: int
+    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class KernelServiceStub(object):
                 request_serializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.SerializeToString,
                 response_deserializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.FromString,
                 )
+        self.OpenSharedMemory = channel.unary_unary(
+                '/fuseport.v1.KernelService/OpenSharedMemory',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryRequest.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryResponse.FromString,
+                )
 
 
 class KernelServiceServicer(object):
@@ -158,6 +163,14 @@ class KernelServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSharedMemory(self, request, context):
+        """Shared memory for a client on the server's host (see "Shared memory"
+        below). FAILED_PRECONDITION when the server has it off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +228,11 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.RenewLease,
                     request_deserializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.FromString,
                     response_serializer=fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.SerializeToString,
+            ),
+            'OpenSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemory,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryRequest.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,5 +428,22 @@ class KernelService(object):
         return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/RenewLease',
             fuseport_dot_v1_dot_service__pb2.RenewLeaseRequest.SerializeToString,
             fuseport_dot_v1_dot_service__pb2.RenewLeaseResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def OpenSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/fuseport.v1.KernelService/OpenSharedMemory',
+            fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryRequest.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.OpenSharedMemoryResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

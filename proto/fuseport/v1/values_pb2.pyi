@@ -84,7 +84,7 @@ class ValueList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "int_value", "float_value", "bool_value", "string_value", "none_value", "list_value", "handle")
+    __slots__ = ("tensor", "int_value", "float_value", "bool_value", "string_value", "none_value", "list_value", "handle", "shared")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     INT_VALUE_FIELD_NUMBER: _ClassVar[int]
     FLOAT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class Value(_message.Message):
     NONE_VALUE_FIELD_NUMBER: _ClassVar[int]
     LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     int_value: int
     float_value: float
@@ -101,7 +102,20 @@ class Value(_message.Message):
     none_value: NoneValue
     list_value: ValueList
     handle: TensorHandle
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., handle: _Optional[_Union[TensorHandle, _Mapping]] = ...) -> None: ...
+    shared: SharedTensor
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., handle: _Optional[_Union[TensorHandle, _Mapping]] = ..., shared: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("region", "offset", "dtype", "shape")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    offset: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TensorHandle(_message.Message):
     __slots__ = ("id", "dtype", "shape", "device", "nbytes", "server")

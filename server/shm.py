@@ -1,0 +1,384 @@
+"""Shared memory for clients on the server's host (see service.proto, "Shared memory").
+
+Why this shape, against Triton's shared-memory extension (the anchor): there, a
+client creates a named region in /dev/shm and registers its name; the server
+maps whatever that name opens. Here the client registers nothing: it asks for
+a session over gRPC (authenticated like every call) and hands its memory over
+a Unix socket as sealed memfds. So no name exists for anyone to guess or open,
+a region can never shrink under the server (the SIGBUS that a truncated
+mapping raises would end the process), and when the client exits or dies its
+connection closes and every region is unmapped then and there, with no lease
+to wait for. The socket lives in Linux's abstract namespace: a client in the
+same network namespace (the same host, the same pod) reaches it, one anywhere
+else cannot, which is exactly "co-located".
+
+The server copies every input out of the client's region before anything
+checks or runs it: the client may rewrite its region at any time, and a check
+that read bytes the kernel then reads again would be a race it could win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fuseport.server.resident import Owner
+from fuseport.wire import codec, dtypes, shm
+from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
+
+__all__ = ["MAX_SLOTS", "SharedMemory"]
+
+log = logging.getLogger(__name__)
+
+MAX_SLOTS = 64  # output slots per session: calls one client runs at once through it
+MAX_REGIONS = 128  # input regions a session may hand over
+MAX_SESSIONS = 256  # connected sessions per serving process
+MAX_PENDING = 32  # connections that have not yet said HELLO
+HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
+TICKET_SECONDS = 30.0  # a ticket unused this long is void
+_OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
+
+
+@dataclass
+class _Session:
+    id: str
+    owner: Owner
+    ticket: str
+    issued: float
+    conn: socket.socket | None = None
+    peer: str = ""
+    regions: dict[int, shm.Region] = field(default_factory=dict)  # the client's (inputs)
+    outputs: dict[int, shm.Region] = field(default_factory=dict)  # per slot, the server's
+    next_output: int = 1
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    @property
+    def mapped(self) -> int:
+        return sum(r.size for r in self.regions.values()) + sum(r.size for r in self.outputs.values())
+
+
+class SharedMemory:
+    """The sessions of one serving process, and the socket their clients connect to."""
+
+    def __init__(self, enabled: bool, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.address = ""
+        self.reason = "" if enabled else "shared memory is off on this server (--shared-memory off)"
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._listener: socket.socket | None = None
+        if enabled and not shm.AVAILABLE:
+            self.reason = "shared memory needs Linux (memfd seals, abstract Unix sockets)"
+
+    @property
+    def enabled(self) -> bool:
+        return not self.reason
+
+    def start(self) -> None:
+        """Opens the socket (a random abstract name) and starts accepting."""
+        if not self.enabled:
+            log.info("%s", self.reason)
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        name = f"fuseport-{secrets.token_hex(16)}"
+        try:
+            sock.bind("\0" + name)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            self.reason = f"shared memory is unavailable: cannot open its socket: {e}"
+            log.warning("%s", self.reason)
+            return
+        self._listener, self.address = sock, "@" + name
+        threading.Thread(target=self._accept, name="fuseport-shm-accept", daemon=True).start()
+        log.info("shared memory for co-located clients on %s", self.address)
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for s in sessions:
+            self._end(s, "server closing")
+
+    def stats(self) -> tuple[int, int]:
+        """Connected sessions and bytes they have mapped (regions of both sides)."""
+        with self._lock:
+            live = [s for s in self._sessions.values() if s.conn is not None]
+        return len(live), sum(s.mapped for s in live)
+
+    # ------------------------------------------------------------------ gRPC side
+
+    def open(self, owner: Owner) -> tuple[str, str, str]:
+        """A new session for `owner`: (socket address, ticket, session id)."""
+        if not self.enabled:
+            raise SharedMemoryUnavailable(self.reason)
+        if not owner.has_client_id:
+            raise InvalidArgument("OpenSharedMemory needs 'fuseport-client-id' metadata: a session belongs to a client")
+        now = time.monotonic()
+        with self._lock:
+            for sid in [k for k, s in self._sessions.items() if s.conn is None and now - s.issued > TICKET_SECONDS]:
+                del self._sessions[sid]
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise ResourceExhausted(f"{MAX_SESSIONS} shared-memory sessions are open on this serving process")
+            session = _Session(secrets.token_hex(16), owner, secrets.token_hex(32), now)
+            self._sessions[session.id] = session
+        return self.address, session.ticket, session.id
+
+    def _session(self, owner: Owner, sid: str) -> _Session:
+        s = self._sessions.get(sid)
+        if s is None or s.owner != owner or s.conn is None or s.closed:
+            # Never made, closed, another client's, or another serving process's:
+            # one answer for all (a session id is not a secret to probe for).
+            raise SharedMemoryUnavailable(
+                "shared-memory session not open on this serving process (closed, or opened on another)"
+            )
+        return s
+
+    def resolve(self, owner: Owner, sid: str, stack: list[Any], device: torch.device) -> list[Any]:
+        """The stack with each Shared value replaced by a copy of its bytes on
+        `device` (server-owned memory: what the client writes later changes nothing)."""
+        session = self._session(owner, sid)
+
+        def value(v: codec.Shared, where: str) -> torch.Tensor:
+            region = session.regions.get(v.region)
+            if region is None:
+                raise InvalidStack(f"{where}: shared-memory region {v.region} was not handed over in this session")
+            src = region.view(v.offset, v.nbytes, where)
+            code = dtypes.code_for(v.dtype)
+            return codec._make_tensor(
+                code, list(v.shape), [], v.nbytes, where, lambda dt, n, shape: _copy(src, device).view(dt).view(shape)
+            )
+
+        return shm.replace(stack, value, codec.Shared)
+
+    def place(self, owner: Owner, sid: str, slot: int, stack: list[Any]) -> list[Any]:
+        """The result stack with each tensor written into the slot's output
+        region and replaced by a Shared value naming it. A region too small is
+        replaced by a larger one, handed to the client before this returns."""
+        if not 1 <= slot <= MAX_SLOTS:
+            raise InvalidArgument(f"shared_memory_slot {slot} is not within 1..{MAX_SLOTS}")
+        session = self._session(owner, sid)
+        tensors: list[torch.Tensor] = []
+        shm.walk(stack, tensors.append)
+        need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
+        region = session.outputs.get(slot)
+        if region is None or region.size < need:
+            region = self._new_output(session, slot, need)
+            if region is None:
+                return stack  # over the session's budget: the results travel as bytes
+        offsets = iter(_offsets(tensors))
+
+        def write(v: torch.Tensor, where: str) -> codec.Shared:
+            offset, n = next(offsets)
+            if n:
+                region.bytes[offset : offset + n].view(v.dtype).view(v.shape).copy_(v)
+            return codec.Shared(region.id, offset, v.dtype, tuple(v.shape), n)
+
+        return shm.replace(stack, write, torch.Tensor)
+
+    def _new_output(self, session: _Session, slot: int, need: int) -> shm.Region | None:
+        old = session.outputs.pop(slot, None)
+        size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
+        if session.mapped + size > self.max_bytes:
+            log.info(
+                "shared-memory session %s…: results of %d bytes over its %d-byte budget "
+                "(--shared-memory-max-bytes): sent as bytes",
+                session.id[:8], need, self.max_bytes,
+            )  # fmt: skip
+            if old is not None:
+                session.outputs[slot] = old
+            return None
+        with session.send_lock:
+            ident = session.next_output
+            session.next_output += 1
+            region, fd = shm.create_region(ident, size, f"fuseport-out-{slot}")
+            try:
+                if session.conn is None:
+                    raise SharedMemoryUnavailable("shared-memory session closed")
+                shm.send_packet(session.conn, shm.Packet(shm.OUTPUT, slot, ident, size, fd=fd))
+            except OSError as e:
+                raise SharedMemoryUnavailable(f"shared-memory session lost: {e}") from None
+            finally:
+                os.close(fd)
+        session.outputs[slot] = region
+        return region
+
+    # ------------------------------------------------------------------ socket side
+
+    def _accept(self) -> None:
+        while (listener := self._listener) is not None:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed
+            if not self._pending.acquire(blocking=False):
+                conn.close()  # too many connections yet to say HELLO
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        session: _Session | None = None
+        try:
+            try:
+                session = self._hello(conn)
+            finally:
+                self._pending.release()
+            if session is None:
+                return
+            self._read(session)
+        except Exception:  # noqa: BLE001 - one bad connection never ends the others
+            log.exception("shared-memory session failed")
+        finally:
+            if session is not None:
+                self._end(session, "connection closed")
+            else:
+                conn.close()
+
+    def _hello(self, conn: socket.socket) -> _Session | None:
+        conn.settimeout(HELLO_SECONDS)
+        try:
+            p = shm.recv_packet(conn)
+        except (OSError, ValueError) as e:
+            log.info("shared memory: a connection without a valid HELLO: %s", e)
+            return None
+        if p is None or p.kind != shm.HELLO:
+            if p is not None and p.fd is not None:
+                os.close(p.fd)
+            return None
+        with self._lock:
+            session = next(
+                (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket, p.text)),
+                None,
+            )
+            if session is not None and time.monotonic() - session.issued > TICKET_SECONDS:
+                del self._sessions[session.id]
+                session = None
+            if session is not None:
+                session.conn = conn
+        if session is None:
+            _send(conn, shm.Packet(shm.ERROR, text="unknown or expired ticket"))
+            return None
+        pid, uid, _gid = _peer(conn)
+        session.peer = f"pid {pid} uid {uid}"
+        conn.settimeout(None)
+        shm.send_packet(conn, shm.Packet(shm.OK))
+        log.info("shared-memory session %s… opened by %s", session.id[:8], session.peer)
+        return session
+
+    def _read(self, session: _Session) -> None:
+        conn = session.conn
+        assert conn is not None
+        while not session.closed:
+            try:
+                p = shm.recv_packet(conn)
+            except ValueError as e:
+                log.info("shared-memory session %s…: %s; closing it", session.id[:8], e)
+                return
+            except OSError:
+                return
+            if p is None:
+                return
+            if p.kind == shm.REGION:
+                self._take_region(session, p)
+            elif p.kind == shm.DROP:
+                session.regions.pop(p.id, None)
+                if p.fd is not None:
+                    os.close(p.fd)
+            else:
+                if p.fd is not None:
+                    os.close(p.fd)
+                log.info("shared-memory session %s…: packet kind %d is not a client's; closing it", session.id[:8], p.kind)
+                return
+
+    def _take_region(self, session: _Session, p: shm.Packet) -> None:
+        def refuse(why: str) -> None:
+            self._reply(session, shm.Packet(shm.ERROR, id=p.id, text=why))
+
+        if p.fd is None:
+            return refuse(f"region {p.id}: no descriptor came with it")
+        if p.id == 0 or p.id in session.regions:
+            os.close(p.fd)
+            return refuse(f"region {p.id}: id 0 or already in use")
+        if len(session.regions) >= MAX_REGIONS:
+            os.close(p.fd)
+            return refuse(f"region {p.id}: the session holds {MAX_REGIONS} regions already")
+        room = self.max_bytes - session.mapped
+        try:
+            region = shm.map_region(p.fd, p.id, p.size, max(0, room))
+        except (ValueError, OSError) as e:
+            return refuse(f"{e} (the session may map {self.max_bytes} bytes, {room} left)")
+        session.regions[p.id] = region
+        self._reply(session, shm.Packet(shm.OK, id=p.id))
+
+    def _reply(self, session: _Session, p: shm.Packet) -> None:
+        with session.send_lock:
+            if session.conn is not None:
+                _send(session.conn, p)
+
+    def _end(self, session: _Session, why: str) -> None:
+        """Unmaps and forgets everything of a session (its in-flight calls keep
+        what they already copied; the mappings go when the last view does)."""
+        with self._lock:
+            self._sessions.pop(session.id, None)
+        if session.closed:
+            return
+        session.closed = True
+        mapped = session.mapped
+        session.regions.clear()
+        session.outputs.clear()
+        conn, session.conn = session.conn, None
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+            log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
+
+
+def _offsets(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Where each tensor goes in an output region, and its size: back to back, aligned."""
+    out, offset = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        out.append((offset, n))
+        offset += shm.align(n)
+    return out
+
+
+def _copy(src: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        out = torch.empty(src.numel(), dtype=torch.uint8)
+        out.copy_(src)
+        return out
+    return src.to(device)
+
+
+def _send(conn: socket.socket, p: shm.Packet) -> None:
+    try:
+        shm.send_packet(conn, p)
+    except OSError:
+        pass  # the client went away: its reader notices
+
+
+def _peer(conn: socket.socket) -> tuple[int, int, int]:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)  # type: ignore[return-value]
+

@@ -1,0 +1,439 @@
+"""Shared memory for co-located clients: round trips, fallbacks, and hostile clients.
+
+Every test talks to a real `fuseport serve` on loopback (which is on this host:
+the shared-memory path is open to the client). The hostile ones speak the
+socket protocol of service.proto ("Shared memory") by hand, with wire.shm's
+packet functions, the way a client in any language would."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from fuseport.client import Client
+from fuseport.wire import _pb, codec, shm
+from fuseport.wire.errors import ERROR_METADATA_KEY, SharedMemoryUnavailable
+
+from .conftest import ServerProcess, start_server
+
+SERVICE = "/fuseport.v1.KernelService/"
+MAX_BYTES = 64 << 20  # the server's --shared-memory-max-bytes here
+BIG = 1 << 16  # elements: 256 KiB of float32, over the client's 64 KiB threshold
+
+
+def _mix(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return a * 2 + b, (a - b).abs()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("shm"), None, "--compile-mode", "off", "--shared-memory-max-bytes", str(MAX_BYTES)
+    )
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server: ServerProcess) -> int:
+    with Client(server.target) as c:
+        return c.register(_mix, [torch.ones(4), torch.ones(4)])
+
+
+def _mappings(pid: int) -> list[str]:
+    """The server's mappings of fuseport memfds (what shared memory holds there)."""
+    return [line for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "memfd:fuseport" in line]
+
+
+def _memfds(pid: int) -> list[str]:
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:"):
+            out.append(target)
+    return out
+
+
+def still_serves(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target) as c:
+        r = c.execute_detailed(key, [a, b])
+    assert r.transport == "shm"
+    assert torch.equal(r.stack[0], a * 2 + b) and torch.equal(r.stack[1], (a - b).abs())
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_a_large_stack_travels_through_shared_memory_and_comes_back_right(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target) as c:
+        r = c.execute_detailed(key, [7, a, b])
+        small = c.execute_detailed(key, [a[:8], b[:8]])
+    assert r.transport == "shm"
+    assert r.stack[0] == 7  # values below the kernel's inputs come back untouched
+    assert torch.equal(r.stack[1], a * 2 + b) and torch.equal(r.stack[2], (a - b).abs())
+    assert small.transport == "unary"  # under the threshold: one message is as quick
+    assert torch.equal(small.stack[0], a[:8] * 2 + b[:8])
+
+
+def _pick(x: torch.Tensor, i: torch.Tensor, e: torch.Tensor, flag: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    return x.flip(0), i & flag, e + n, flag.logical_not()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64])
+def test_dtypes_lists_scalars_views_and_empty_tensors_round_trip(server: ServerProcess, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(BIG * 2, generator=g).to(dtype)
+    view = base[::2]  # not contiguous: the client copies it in as it is laid out logically
+    ints = torch.randint(0, 1 << 40, (BIG,), generator=g)
+    flag = torch.randint(0, 2, (BIG,), generator=g).bool()
+    empty = torch.empty(0, 5)
+    below = [view * 3, [ints, empty], None]  # under the inputs: comes back untouched
+    with Client(server.target) as c:
+        k = c.register(_pick, [view, ints, empty, flag, 3])
+        r = c.execute_detailed(k, [below, view, ints, empty, flag, 3])
+    assert r.transport == "shm"
+    want = [below, *_pick(view, ints, empty, flag, 3)]
+    assert len(r.stack) == len(want)
+
+    def same(got: Any, exp: Any) -> None:
+        if isinstance(exp, torch.Tensor):
+            assert got.dtype == exp.dtype and got.shape == exp.shape and torch.equal(got, exp)
+        elif isinstance(exp, list):
+            assert isinstance(got, list) and len(got) == len(exp)
+            for a, b in zip(got, exp):
+                same(a, b)
+        else:
+            assert got == exp
+
+    same(r.stack, want)
+
+
+def test_concurrent_calls_of_one_client_each_get_their_own_results(server: ServerProcess, key: int) -> None:
+    """Eight threads share one client (and its session's slots): a call that read
+    another's region would show as a wrong result."""
+    errors: list[str] = []
+    with Client(server.target) as c:
+
+        def work(seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(6):
+                n = BIG + int(torch.randint(0, BIG, (1,), generator=g))  # sizes vary: regions grow
+                a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+                r = c.execute_detailed(key, [a, b])
+                if r.transport != "shm" or not torch.equal(r.stack[0], a * 2 + b):
+                    errors.append(f"thread {seed}: transport {r.transport}, right {torch.equal(r.stack[0], a * 2 + b)}")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+def test_past_the_sessions_budget_results_come_as_bytes_and_larger_stacks_over_the_network(
+    server: ServerProcess, key: int
+) -> None:
+    half = MAX_BYTES // 2 // 4  # float32 elements of half the budget
+    a, b = torch.randn(half // 2), torch.randn(half // 2)  # inputs: a quarter each
+    with Client(server.target) as c:
+        r = c.execute_detailed(key, [a, b])  # inputs fit, inputs + results do not
+        assert r.transport == "shm" and torch.equal(r.stack[0], a * 2 + b)
+        big = torch.randn(half + 16)
+        r = c.execute_detailed(key, [big, big])  # over the budget on its own
+        assert r.transport == "stream" and torch.equal(r.stack[0], big * 3)
+        r = c.execute_detailed(key, [a[:BIG], b[:BIG]])  # and the session still serves
+        assert r.transport == "shm" and torch.equal(r.stack[0], a[:BIG] * 2 + b[:BIG])
+
+
+def test_a_client_with_shared_memory_off_uses_the_network(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target, shared_memory=False) as c:
+        r = c.execute_detailed(key, [a, b])
+    assert r.transport == "unary"
+    assert torch.equal(r.stack[0], a * 2 + b)
+
+
+def test_kept_outputs_stay_on_the_server_while_inputs_come_through_shared_memory(
+    server: ServerProcess, key: int
+) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target) as c:
+        r = c.execute_detailed(key, [a, b], keep=True)
+        assert r.transport == "shm"
+        total, diff = r.stack
+        again = c.execute_detailed(key, [total, b])  # a RemoteTensor and a shared tensor in one stack
+        assert again.transport == "shm"
+        assert torch.equal(again.stack[0], (a * 2 + b) * 2 + b)
+        assert torch.equal(diff.fetch(), (a - b).abs())
+
+
+def test_a_server_with_shared_memory_off_says_so_and_the_client_uses_the_network(tmp_path: Path) -> None:
+    s = start_server(tmp_path, None, "--compile-mode", "off", "--shared-memory", "off")
+    try:
+        a, b = torch.randn(BIG), torch.randn(BIG)
+        with Client(s.target) as c:
+            k = c.register(_mix, [a, b])
+            r = c.execute_detailed(k, [a, b])
+            assert r.transport == "unary" and torch.equal(r.stack[0], a * 2 + b)
+            with pytest.raises(SharedMemoryUnavailable, match="--shared-memory off"):
+                c._call("OpenSharedMemory", b"", 10)
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------- a client by hand
+
+
+class RawSession:
+    """A session opened and driven by hand (what another language's client does)."""
+
+    def __init__(self, server: ServerProcess, client_id: str = "raw-client-0123456789") -> None:
+        self.channel = grpc.insecure_channel(server.target)
+        self.metadata = (("fuseport-client-id", client_id),)
+        raw = self.channel.unary_unary(SERVICE + "OpenSharedMemory")(b"", metadata=self.metadata, timeout=10)
+        self.opened = _pb.service.OpenSharedMemoryResponse.FromString(raw)
+        self.sock = shm.connect(self.opened.socket, 10)
+
+    def hello(self, ticket: str | None = None) -> shm.Packet | None:
+        shm.send_packet(self.sock, shm.Packet(shm.HELLO, text=self.opened.ticket if ticket is None else ticket))
+        return shm.recv_packet(self.sock)
+
+    def hand_over(self, fd: int, ident: int, size: int) -> shm.Packet | None:
+        shm.send_packet(self.sock, shm.Packet(shm.REGION, 0, ident, size, fd=fd))
+        return shm.recv_packet(self.sock)
+
+    def execute(self, stack: list[Any], slot: int = 0, session: str | None = None) -> tuple[grpc.StatusCode, str, str]:
+        request = codec.encode_execute_request(
+            self.key, stack, shm_session=self.opened.session if session is None else session, shm_slot=slot
+        )
+        try:
+            raw = self.channel.unary_unary(SERVICE + "Execute")(request, metadata=self.metadata, timeout=30)
+        except grpc.RpcError as e:
+            kind = dict(e.trailing_metadata() or ()).get(ERROR_METADATA_KEY, "")
+            return e.code(), kind, e.details()
+        self.response = codec.decode_execute_response(raw)
+        return grpc.StatusCode.OK, "", ""
+
+    def close(self) -> None:
+        self.sock.close()
+        self.channel.close()
+
+
+@pytest.fixture()
+def raw(server: ServerProcess, key: int) -> Iterator[RawSession]:
+    r = RawSession(server)
+    r.key = key  # type: ignore[attr-defined]
+    yield r
+    r.close()
+
+
+def _sealed(size: int, fill: bytes = b"") -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    m = mmap.mmap(fd, size)
+    m[: len(fill)] = fill
+    return fd, m
+
+
+def test_a_hand_made_session_runs_a_call_and_gets_its_outputs_in_the_servers_region(raw: RawSession) -> None:
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    a, b = torch.arange(6, dtype=torch.float32), torch.full((6,), 0.5)
+    fd, m = _sealed(1 << 20, a.numpy().tobytes() + bytes(40) + b.numpy().tobytes())
+    assert raw.hand_over(fd, 5, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    stack = [codec.Shared(5, 0, torch.float32, (6,), 24), codec.Shared(5, 64, torch.float32, (6,), 24)]
+    assert raw.execute(stack, slot=3)[0] == grpc.StatusCode.OK
+    out = shm.recv_packet(raw.sock)  # the slot's output region, sent before the response
+    assert out is not None and out.kind == shm.OUTPUT and out.slot == 3 and out.fd is not None
+    region = shm.map_region(out.fd, out.id, out.size, 1 << 30)
+    refs = raw.response.stack
+    assert all(isinstance(v, codec.Shared) and v.region == out.id for v in refs)
+    got = [region.view(v.offset, v.nbytes, "out").view(v.dtype).view(v.shape) for v in refs]
+    assert torch.equal(got[0], a * 2 + b) and torch.equal(got[1], (a - b).abs())
+    # The client rewrites its region after the call: the server had copied it.
+    m[:24] = bytes(24)
+    assert raw.execute(stack)[0] == grpc.StatusCode.OK
+    assert torch.equal(raw.response.stack[0], b)  # 0 * 2 + b: this call read the new bytes
+
+
+def _sized(fd: int, size: int = 1 << 20) -> int:
+    os.ftruncate(fd, size)
+    return fd
+
+
+def _regular_file() -> int:
+    fd, path = tempfile.mkstemp()
+    os.unlink(path)
+    return _sized(fd)
+
+
+@pytest.mark.parametrize(
+    "make, size, why",
+    [
+        (lambda: _sized(os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)), 1 << 20, "not sealed against shrinking"),
+        (lambda: _sized(os.memfd_create("cannot-seal", 0)), 1 << 20, "not sealed against shrinking"),
+        (_regular_file, 1 << 20, "not sealed against shrinking|not a memfd that takes seals"),
+        (lambda: os.pipe()[0], 1 << 20, "not a memory file"),
+        (lambda: _sealed(1 << 20)[0], 2 << 20, "announced as 2097152 bytes, the memfd holds 1048576"),
+        (lambda: _sealed(MAX_BYTES + (1 << 20))[0], MAX_BYTES + (1 << 20), "not within 1.."),
+    ],
+    ids=["unsealed", "cannot-seal", "regular-file", "pipe", "size-lie", "over-budget"],
+)
+def test_a_region_the_server_cannot_map_safely_is_refused_and_the_session_goes_on(
+    server: ServerProcess, key: int, raw: RawSession, make: Any, size: int, why: str
+) -> None:
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    fd = make()
+    reply = raw.hand_over(fd, 9, size)
+    os.close(fd)
+    assert reply is not None and reply.kind == shm.ERROR and reply.id == 9
+    assert re.search(why, reply.text), reply.text
+    good, _m = _sealed(1 << 20)
+    assert raw.hand_over(good, 10, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    still_serves(server, key)
+
+
+def test_a_wrong_ticket_or_a_broken_packet_ends_only_that_connection(server: ServerProcess, key: int) -> None:
+    r = RawSession(server)
+    try:
+        reply = r.hello("0" * 64)
+        assert reply is not None and reply.kind == shm.ERROR and "ticket" in reply.text
+        assert shm.recv_packet(r.sock) is None  # closed
+    finally:
+        r.close()
+    r = RawSession(server)
+    try:
+        r.sock.sendall(b"not a packet at all, nothing like one")
+        assert shm.recv_packet(r.sock) is None
+    finally:
+        r.close()
+    r = RawSession(server)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+        assert r.hello() is None  # a ticket is good once; a second HELLO is a client's mistake
+    finally:
+        r.close()
+    still_serves(server, key)
+
+
+def test_descriptors_sent_past_the_one_a_packet_may_carry_do_not_leak(server: ServerProcess, key: int) -> None:
+    before = len(_memfds(server.proc.pid))
+    r = RawSession(server)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+        fds = [_sealed(1 << 20)[0] for _ in range(8)]
+        socket.send_fds(r.sock, [shm._HEADER.pack(b"FPSM", shm.REGION, 0, 4, 1 << 20)], fds)
+        assert shm.recv_packet(r.sock) is None  # the server drops such a connection
+        for fd in fds:
+            os.close(fd)
+    finally:
+        r.close()
+    deadline = time.monotonic() + 30
+    while len(_memfds(server.proc.pid)) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_memfds(server.proc.pid)) <= before
+    still_serves(server, key)
+
+
+def test_shared_tensors_that_lie_are_invalid_argument_naming_what_is_wrong(raw: RawSession) -> None:
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    fd, m = _sealed(1 << 20, bytes([0, 1, 2, 1]))
+    assert raw.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    f32 = torch.float32
+    cases = [
+        ([codec.Shared(1, (1 << 20) - 8, f32, (4,), 16), codec.Shared(1, 0, f32, (4,), 16)], "outside"),
+        ([codec.Shared(2, 0, f32, (4,), 16), codec.Shared(1, 0, f32, (4,), 16)], "was not handed over"),
+        ([codec.Shared(1, 2, f32, (4,), 16), codec.Shared(1, 0, f32, (4,), 16)], "not a multiple"),
+        ([codec.Shared(1, 0, f32, (1 << 40, 1 << 40), 0), codec.Shared(1, 0, f32, (4,), 16)], "too large"),
+        ([codec.Shared(1, 0, f32, (-4,), 0), codec.Shared(1, 0, f32, (4,), 16)], "negative"),
+        ([codec.Shared(1, 0, torch.bool, (4,), 4), codec.Shared(1, 0, f32, (4,), 16)], "other than 0 and 1"),
+    ]
+    for stack, why in cases:
+        code, kind, details = raw.execute(stack)
+        assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack"), (why, code, details)
+        assert why in details
+    ok = [codec.Shared(1, 0, f32, (4,), 16), codec.Shared(1, 0, f32, (4,), 16)]
+    code, kind, details = raw.execute(ok, slot=65)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "slot 65" in details
+    assert raw.execute(ok)[0] == grpc.StatusCode.OK
+
+
+def test_a_session_is_usable_only_by_its_client_on_its_server(server: ServerProcess, raw: RawSession) -> None:
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    fd, _m = _sealed(1 << 20)
+    assert raw.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    stack = [codec.Shared(1, 0, torch.float32, (4,), 16)] * 2
+    other = RawSession(server, client_id="another-client-0123456789")
+    other.key = raw.key  # type: ignore[attr-defined]
+    try:
+        for who, session in ((other, raw.opened.session), (raw, "0" * 32)):
+            code, kind, details = who.execute(stack, session=session)
+            assert (code, kind) == (grpc.StatusCode.FAILED_PRECONDITION, "SharedMemoryUnavailable"), details
+            assert "not open on this serving process" in details
+    finally:
+        other.close()
+    assert raw.execute(stack)[0] == grpc.StatusCode.OK
+
+
+def test_open_shared_memory_needs_a_client_id(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary(SERVICE + "OpenSharedMemory")(b"", timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fuseport-client-id" in e.value.details()
+
+
+# --------------------------------------------------------------------------- a client that dies
+
+_DYING_CLIENT = r"""
+import sys, time, torch
+from fuseport.client import Client
+c = Client(sys.argv[1])
+a = torch.randn(2 << 20)
+for _ in range(3):
+    r = c.execute_detailed(int(sys.argv[2]), [a, a])
+    assert r.transport == "shm", r.transport
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_clients_regions_are_unmapped_and_closed_at_once(server: ServerProcess, key: int) -> None:
+    pid = server.proc.pid
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_CLIENT, server.target, str(key)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        held = _mappings(pid)
+        assert held, "the server maps the client's regions while its session is open"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # No lease to wait for: the connection closed with the process.
+    deadline = time.monotonic() + 30
+    while set(_mappings(pid)) & set(held) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(_mappings(pid)) & set(held), "a dead client's regions are still mapped"
+    assert not any("fuseport-in" in fd for fd in _memfds(pid))
+    still_serves(server, key)

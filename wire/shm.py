@@ -1,0 +1,196 @@
+"""Shared memory between a client and a server on one host: what both sides share.
+
+Regions are memfds sealed against shrinking and growing, handed over a Unix
+socket (SCM_RIGHTS) and mapped by both sides. The seal is what makes mapping
+another process's memory safe: a file that could be truncated while mapped
+would end the process reading it with SIGBUS. The protocol is described in
+service.proto ("Shared memory"); this module holds its packets and regions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fuseport.wire.errors import InvalidStack
+
+__all__ = [
+    "ALIGN",
+    "AVAILABLE",
+    "Packet",
+    "Region",
+    "align",
+    "connect",
+    "create_region",
+    "map_region",
+    "recv_packet",
+    "replace",
+    "send_packet",
+    "walk",
+]
+
+# Linux only: memfd_create, file seals, abstract Unix sockets, SOCK_SEQPACKET.
+AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
+
+ALIGN = 64  # every tensor starts on a cache line (and on any dtype's size)
+HELLO, REGION, DROP, OK, ERROR, OUTPUT = 1, 2, 3, 4, 5, 6
+MAX_TEXT = 1024
+_HEADER = struct.Struct("<4sIIQQ")
+_MAGIC = b"FPSM"
+_PACKET_MAX = _HEADER.size + MAX_TEXT
+# Both seals: a region neither shrinks (SIGBUS) nor grows under its mapper.
+_SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)) if AVAILABLE else 0
+
+
+def align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class Packet:
+    kind: int
+    slot: int = 0
+    id: int = 0
+    size: int = 0
+    text: str = ""
+    fd: int | None = None  # received with the packet (the receiver owns it)
+
+
+def send_packet(sock: socket.socket, p: Packet) -> None:
+    data = _HEADER.pack(_MAGIC, p.kind, p.slot, p.id, p.size) + p.text.encode("utf-8")[:MAX_TEXT]
+    if p.fd is None:
+        sock.sendall(data)
+    else:
+        socket.send_fds(sock, [data], [p.fd])
+
+
+def recv_packet(sock: socket.socket) -> Packet | None:
+    """The next packet, or None when the peer closed the connection. Raises
+    ValueError for a packet that breaks the protocol (the caller closes the
+    connection); any descriptor received with it is then closed here."""
+    data, fds, flags, _ = socket.recv_fds(sock, _PACKET_MAX, 1)
+    try:
+        if not data and not fds:
+            return None
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            # More text, or more descriptors, than a packet may carry: the
+            # kernel discards descriptors that do not fit; the packet goes too.
+            raise ValueError("packet too long, or more than one descriptor")
+        if len(data) < _HEADER.size:
+            raise ValueError(f"packet of {len(data)} bytes is shorter than its header")
+        magic, kind, slot, ident, size = _HEADER.unpack_from(data)
+        if magic != _MAGIC:
+            raise ValueError("not a fuseport shared-memory packet")
+        text = data[_HEADER.size :].decode("utf-8", errors="replace")
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Packet(kind, slot, ident, size, text, fds[0] if fds else None)
+
+
+def connect(address: str, timeout: float) -> socket.socket:
+    """A connection to a server's socket ("@name": Linux's abstract namespace)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect("\0" + address[1:] if address.startswith("@") else address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Region:
+    """A mapped region: its bytes as a flat uint8 tensor. The mapping lives as
+    long as any tensor viewing it (dropping the Region unmaps nothing early)."""
+
+    __slots__ = ("bytes", "id", "size")
+
+    def __init__(self, ident: int, size: int, mapping: mmap.mmap) -> None:
+        self.id = ident
+        self.size = size
+        self.bytes = torch.frombuffer(mapping, dtype=torch.uint8)
+
+    def view(self, offset: int, nbytes: int, where: str) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the region, checked."""
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.size:
+            raise InvalidStack(
+                f"{where}: bytes [{offset}, {offset + nbytes}) lie outside shared-memory region {self.id} "
+                f"of {self.size} bytes"
+            )
+        return self.bytes[offset : offset + nbytes]
+
+
+def create_region(ident: int, size: int, name: str) -> tuple[Region, int]:
+    """A new sealed memfd of `size` bytes, mapped; returns it and its descriptor
+    (to send; the caller closes it once sent)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Region(ident, size, mapping), fd
+
+
+def map_region(fd: int, ident: int, size: int, max_size: int) -> Region:
+    """Maps a region another process handed over, after checking that it is a
+    memfd of exactly `size` bytes (at most `max_size`) that can never shrink.
+    Raises ValueError naming what is wrong. Always closes `fd` (the mapping
+    keeps the memory)."""
+    try:
+        if not 0 < size <= max_size:
+            raise ValueError(f"region {ident}: {size} bytes, not within 1..{max_size}")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"region {ident}: not a memory file (a memfd)")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            raise ValueError(f"region {ident}: not a memfd that takes seals") from None
+        if seals & _SEALS != _SEALS:
+            raise ValueError(f"region {ident}: not sealed against shrinking and growing (F_SEAL_SHRINK|F_SEAL_GROW)")
+        if st.st_size != size:
+            raise ValueError(f"region {ident}: announced as {size} bytes, the memfd holds {st.st_size}")
+        return Region(ident, size, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+    finally:
+        os.close(fd)
+
+
+# Module-level, not closures: a recursive closure is a reference cycle, and
+# one that held a region would keep it mapped until the garbage collector ran.
+def walk(stack: list[Any], visit: Callable[[torch.Tensor], None]) -> None:
+    """Calls `visit` on every tensor of a stack, lists included, in order."""
+    for v in stack:
+        if isinstance(v, torch.Tensor):
+            visit(v)
+        elif isinstance(v, (list, tuple)):
+            walk(list(v), visit)
+
+
+def replace(stack: list[Any], fn: Callable[[Any, str], Any], kind: type, where: str = "stack") -> list[Any]:
+    """The stack with every value of `kind` (lists included) replaced by
+    `fn(value, where)`, in the order `walk` visits them."""
+    out = []
+    for i, v in enumerate(stack):
+        here = f"{where}[{i}]"
+        if isinstance(v, kind):
+            out.append(fn(v, here))
+        elif isinstance(v, (list, tuple)):
+            out.append(replace(list(v), fn, kind, here))
+        else:
+            out.append(v)
+    return out
