@@ -128,12 +128,13 @@ class Placement:
             return [self.to_host(v) for v in value]
         return value
 
-    def stream_sink(self, nbytes: int) -> Any:
+    def stream_sink(self, nbytes: int, *, own_pages: bool = False) -> Any:
         """Where a streamed tensor of `nbytes` is assembled: straight on the device
-        (through pinned staging) on CUDA, host memory otherwise (wire.stream.Sink)."""
+        (through pinned staging) on CUDA, host memory otherwise (wire.stream.Sink;
+        `own_pages` as there)."""
         if self.cuda:
             return DeviceSink(self.device, nbytes)
-        return HostSink(nbytes)
+        return HostSink(nbytes, own_pages=own_pages)
 
     def synchronize(self) -> None:
         """Waits for this thread's stream (call after request_scope)."""

@@ -313,7 +313,7 @@ class KernelService:
             loop = asyncio.get_running_loop()
             assembler = Assembler(
                 "request",
-                sink=self.core.placement.stream_sink,
+                sink=self._stream_sink,
                 check=lambda specs: self._check_stream(specs),
             )
             sent = 0
@@ -390,6 +390,12 @@ class KernelService:
 
         call.__name__ = method
         return call
+
+    def _stream_sink(self, nbytes: int) -> Any:
+        # Past the keep-for-reuse budget a buffer is not kept anyway: give it
+        # pages of its own, returned when it dies whatever the order of events.
+        own = self.release_above is not None and nbytes > self.release_above
+        return self.core.placement.stream_sink(nbytes, own_pages=own)
 
     def _check_stream(self, specs: list[TensorSpec]) -> None:
         self.core.check_stream([s.nbytes for s in specs])
