@@ -115,7 +115,8 @@ def run(ctx: Any, devices: list[str], processes: int, server_env: dict[str, str]
         for name, client in (("one", one), ("all", ctx.client)):
             got = client.execute(key, [x], wait=True)[0]
             checked[name] = float((got - expected).abs().max())
-            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+            # Loose: cuBLAS may pick another algorithm in another process; a wrong result is off by O(1).
+            torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
         shape = [tile, tile]
         cfgs = [
             {
