@@ -32,8 +32,41 @@ PAYLOAD = 1024
 # --------------------------------------------------------------------------- the client process
 
 
+def _kernel_call(spec: dict[str, Any], cfg: dict[str, Any], closers: list[Any]) -> Any:
+    """A call of kernel spec["key"] on a float32 input of spec["shape"], made by
+    a client with a connection of its own; with spec["process"], new connections
+    until one reaches that serving process (its ListResponse.resident.server id),
+    so that the driver can spread clients evenly over a server's processes."""
+    import torch
+
+    from fuseport.client import Client
+
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, not a shared one
+    for _ in range(200):
+        client = Client(spec["target"], timeout=cfg["timeout"], options=options, **cfg.get("client", {}))
+        if spec.get("process") in (None, client.resident().server):
+            break
+        client.close()
+    else:
+        raise RuntimeError(f"200 connections to {spec['target']} never reached process {spec['process']}")
+    closers.append(client.close)
+    x = torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0))
+    key = spec["key"]
+    client.execute(key, [x], wait=True)  # compiled (unless compiling is off) on the process it reached
+
+    def call() -> str:
+        r = client.execute_detailed(key, [x])
+        return f"{r.path}/{r.reason}" if r.reason else r.path
+
+    return call
+
+
 def main() -> int:
-    """A client process: connects, warms up, prints {"ready": ...}, then runs rounds."""
+    """A client process: connects, warms up, prints {"ready": ...}, then runs rounds.
+
+    Its methods: "echo" (when cfg["echo"] names an echo server), "execute" (the 1 KiB
+    identity kernel, when cfg["fuseport"] names a server), and one per entry of
+    cfg["kernels"] (see _kernel_call: the two-GPU section)."""
     import warnings
 
     import grpc
@@ -43,13 +76,16 @@ def main() -> int:
     cfg = json.loads(sys.stdin.readline())
     calls: dict[str, Any] = {}
     closers = []
-    from fuseport.bench.echo import echo_channel, echo_stub
+    if cfg.get("echo"):
+        from fuseport.bench.echo import echo_channel, echo_stub
 
-    channel = echo_channel(cfg["echo"])
-    closers.append(channel.close)
-    stub = echo_stub(channel)
-    payload = b"\x07" * cfg["payload"]
-    calls["echo"] = lambda: stub(payload, timeout=cfg["timeout"])
+        channel = echo_channel(cfg["echo"])
+        closers.append(channel.close)
+        stub = echo_stub(channel)
+        payload = b"\x07" * cfg["payload"]
+        calls["echo"] = lambda: stub(payload, timeout=cfg["timeout"])
+    for spec in cfg.get("kernels", ()):
+        calls[spec["name"]] = _kernel_call(spec, cfg, closers)
     if cfg.get("fuseport"):
         import torch
 
@@ -114,7 +150,9 @@ def main() -> int:
 
 
 class _Clients:
-    def __init__(self, n: int, cfg: dict[str, Any]) -> None:
+    def __init__(self, n: int, cfg: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """`n` client processes, told `cfg` (a list: one each) and ready to run rounds."""
+        cfgs = cfg if isinstance(cfg, list) else [cfg] * n
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "fuseport.bench.concurrency"],
@@ -125,9 +163,9 @@ class _Clients:
             )
             for _ in range(n)
         ]
-        for p in self.procs:
+        for p, c in zip(self.procs, cfgs, strict=True):
             assert p.stdin is not None
-            p.stdin.write(json.dumps(cfg) + "\n")
+            p.stdin.write(json.dumps(c) + "\n")
             p.stdin.flush()
         for p in self.procs:
             self._read(p)  # {"ready": true}

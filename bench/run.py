@@ -14,6 +14,8 @@ Sections (docs: the issue this implements, and each module's docstring):
               256 MiB; the chunk size and the client's streaming threshold.
 * resident    a chain of three kernels on device-resident handles against
               shipping the data each call; Execute vs Fallback on a resident input.
+* gpus        (only when named) compute-bound calls on every device --device
+              names (`all` on a two-GPU machine) against one device alone.
 
 Without --target it starts `fuseport serve` (and always an echo server) on
 127.0.0.1, and stops them at the end.
@@ -35,11 +37,13 @@ from typing import Any
 
 from fuseport.client.cli import add_tls_flags, client_kwargs
 
-__all__ = ["SECTIONS", "main"]
+__all__ = ["DEFAULT_SECTIONS", "SECTIONS", "main"]
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident", "restart")
+SECTIONS = ("transport", "device", "concurrency", "compile", "stream", "resident", "restart", "gpus")
+# gpus needs a machine with two GPUs (or says so and stops): only when named.
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "gpus")
 DEFAULT_SIZES = "1K,64K,1M,16M,256M"
 QUICK_SIZES = "1K,64K"
 DEFAULT_CLIENTS = "1,4,16"
@@ -59,8 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="device for the server this starts: auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and iteration counts: checks that everything runs, measures little")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {', '.join(SECTIONS)} (default: all but gpus, which "
+                        "compares one device with every device --device names: --device all on a machine "
+                        "with two GPUs, or --device cpu,cpu for a smoke run on the CPU)")
     p.add_argument("--sizes", default=None,
                    help=f"transport payload sizes (default: {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
     p.add_argument("--iterations", type=int, default=None,
@@ -124,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.iterations is not None and args.iterations < 1:
             raise ValueError("--iterations must be at least 1")
         server_env = dict(_env_pair(e) for e in args.server_env)
+        if "gpus" in sections:
+            _check_gpus(args.device, args.target)
     except ValueError as e:
         print(f"fuseport bench: {e}", file=sys.stderr)
         return 2
@@ -131,6 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, sections, sizes, clients, server_env, processes)
     except KeyboardInterrupt:
         return 130
+
+
+def _check_gpus(device: str, target: str | None) -> None:
+    """The gpus section starts its own servers, on at least two devices."""
+    if target:
+        raise ValueError("the gpus section starts its own servers: it cannot run against a --target")
+    from fuseport.server.supervisor import devices_of
+
+    devices = devices_of(device)
+    if len(devices) < 2:
+        raise ValueError(
+            f"the gpus section compares one device with several, and --device {device} names {len(devices)} "
+            f"({', '.join(devices)}): run it with --device all on a machine with at least two GPUs "
+            "(or --device cpu,cpu for a smoke run on the CPU)"
+        )
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -152,7 +175,7 @@ def _run(
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch
 
-    from fuseport.bench import compiling, concurrency, device, resident, restart, streaming, transport
+    from fuseport.bench import compiling, concurrency, device, gpus, resident, restart, streaming, transport
     from fuseport.bench.context import Context, Options, fuseport_server
     from fuseport.bench.echo import echo_server
     from fuseport.bench.kernels import identity
@@ -163,6 +186,11 @@ def _run(
     runners = {"transport": transport.run, "device": device.run, "concurrency": concurrency.run,
                "compile": compiling.run, "stream": streaming.run, "resident": resident.run,
                "restart": restart.run}
+    if "gpus" in sections:
+        from fuseport.server.supervisor import devices_of
+
+        served = devices_of(args.device)
+        runners["gpus"] = lambda ctx: gpus.run(ctx, served, processes[0] or len(served), server_env)
     options = Options(quick=args.quick, sizes=sizes, iterations=args.iterations, clients=clients,
                       timeout=args.timeout)
     started = time.perf_counter()

@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         "variable FUSEPORT_<NAME> (flags win).",
     )
     for f in dataclasses.fields(Settings):
+        if f.metadata.get("env_only"):
+            continue  # FUSEPORT_<NAME> only (test-only switches): see Settings
         kind = str(f.type).removesuffix(" | None")
         flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(kind, Path if "Path" in kind else str)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

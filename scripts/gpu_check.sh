@@ -5,6 +5,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh tests    # or one part per call,
 #   device run --carry .whl -- bash scripts/gpu_check.sh bench    # each well inside 10 minutes
 #   device run --carry .whl -- bash scripts/gpu_check.sh procs    # concurrency, 1 vs 2 serving processes
+#   device run --carry .whl -- bash scripts/gpu_check.sh gpus2    # 2 GPUs vs 1 (needs a 2-GPU machine)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -43,6 +44,21 @@ if [[ $PART == procs ]]; then
     # processes on one GPU, each beside the same raw echo, in one run.
     python3 -m fuseport.client.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
         --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == gpus2 ]]; then
+    # Independent compute-bound calls on one GPU (one process, cuda:0) against both
+    # (--device all: a process per GPU), in one run; the target is >= 1.8x. Compile
+    # mode off: the kernel is matmuls, cuBLAS either way, and three compiles would
+    # only lengthen the run (about 2 minutes without them).
+    gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+    if (( gpus < 2 )); then
+        echo "gpu_check.sh gpus2: needs a machine with at least 2 GPUs, this one has $gpus: nothing measured" \
+            | tee "$OUT/bench-gpus2.log" >&2
+        exit 2
+    fi
+    python3 -m fuseport.client.cli bench --device all --sections gpus --server-env FUSEPORT_COMPILE_MODE=off \
+        ${BENCH_ARGS:-} --json "$OUT/bench-gpus2.json" --no-plot 2>&1 | tee "$OUT/bench-gpus2.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 exit "$rc"

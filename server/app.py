@@ -32,11 +32,15 @@ from fuseport.wire.security import is_loopback
 if TYPE_CHECKING:
     from fuseport.server.metrics import Metrics
 
-__all__ = ["PROCESS_METADATA_KEY", "Server", "create_server", "serve"]
+__all__ = ["FAULT_METADATA", "PROCESS_METADATA_KEY", "Server", "create_server", "serve"]
 
 # Under a supervisor (--processes), every KernelService response carries this
 # trailing metadata: "INDEX PID" of the serving process that answered.
 PROCESS_METADATA_KEY = "fuseport-process"
+# FOR TESTS ONLY: on a server started with FUSEPORT_FAULT_INJECTION=1, a call
+# carrying this metadata breaks the server's device (Core.inject_device_fault)
+# instead of running. Any other server ignores it.
+FAULT_METADATA = ("fuseport-inject-fault", "device")
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,10 @@ class _Gate(grpc.GenericRpcHandler):
 
     `refused(method, code, arrived, received)` is told of each call the gate
     refuses, so that metrics count them with their status code. `process`: what
-    PROCESS_METADATA_KEY says on every response (None, one process: nothing)."""
+    PROCESS_METADATA_KEY says on every response (None, one process: nothing).
+    `inject` (FUSEPORT_FAULT_INJECTION only, tests): what an admitted call that
+    carries FAULT_METADATA runs (on a thread) instead of its method; None: the
+    metadata means nothing."""
 
     def __init__(
         self,
@@ -81,11 +88,13 @@ class _Gate(grpc.GenericRpcHandler):
         access: Access | None = None,
         refused: Callable[[str, grpc.StatusCode, int, int], None] | None = None,
         process: str | None = None,
+        inject: Callable[[], None] | None = None,
     ) -> None:
         self._inner = inner
         self._access = access
         self._refused = refused
         self._process = None if process is None else ((PROCESS_METADATA_KEY, process),)
+        self._inject = inject
         self._gated: dict[str, grpc.RpcMethodHandler] = {}
         self.closed = False
         self.in_flight = 0
@@ -109,6 +118,7 @@ class _Gate(grpc.GenericRpcHandler):
             raise TypeError("gated methods are unary-unary or stream-stream")
         access = self._access
         process = self._process
+        inject = self._inject
 
         async def admit(context: grpc.aio.ServicerContext, request: Any) -> None:
             """Token, role and drain checks; `request` is None for a stream (its
@@ -137,6 +147,18 @@ class _Gate(grpc.GenericRpcHandler):
             context.add_done_callback(self._finished)
             if process is not None:
                 context.set_trailing_metadata(process)
+            if inject is not None and any(
+                (k, v) == FAULT_METADATA for k, v in context.invocation_metadata() or ()
+            ):
+                log.warning("%s (peer %s): injecting a device fault (tests only)", method, context.peer())
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, inject)
+                except FuseportError as e:
+                    await context.abort(
+                        status_for(e),
+                        str(e),
+                        trailing_metadata=((ERROR_METADATA_KEY, type(e).__name__), *(process or ())),
+                    )
 
         if streams:
 
@@ -221,6 +243,7 @@ class Server:
             self.security.access,
             self.service.refused,
             None if process is None else f"{process} {os.getpid()}",
+            self.core.inject_device_fault if settings.fault_injection else None,
         )
         self.grpc.add_generic_rpc_handlers((self.gate,))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -270,6 +293,12 @@ class Server:
             self.settings.store_dir,
             self.security.describe(),
         )
+        if self.settings.fault_injection:
+            log.warning(
+                "FUSEPORT_FAULT_INJECTION is on: FOR TESTS ONLY. Any caller may break this server's device "
+                "(metadata %r: %r); never set it in production",
+                *FAULT_METADATA,
+            )
         tls = self.security.tls
         if not is_loopback(self.settings.host) and self.security.access is None and (tls is None or tls.client_ca is None):
             # TLS alone encrypts but lets anyone connect; --insecure says so explicitly.

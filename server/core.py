@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,13 @@ import torch
 
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.checks import DataError, Plan, device_capacity
-from fuseport.server.devices import Placement, is_device_failure, is_out_of_memory, resolve_device
+from fuseport.server.devices import (
+    Placement,
+    break_device,
+    is_device_failure,
+    is_out_of_memory,
+    resolve_device,
+)
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
@@ -26,6 +33,7 @@ from fuseport.wire.errors import (
     NoMatchingVariant,
     ResourceExhausted,
     SignatureMismatch,
+    Unavailable,
 )
 from fuseport.wire.graph import InputSpec, Signature
 
@@ -94,6 +102,10 @@ class Core:
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
+        # Once the device failed, every call is refused (see _device_failed).
+        self.device_failed = False
+        self._failure_lock = threading.Lock()
+        self._injecting = 0  # deliberate faults (inject_device_fault) under way
         self.registry.on_removed = self._forget
         self.registry.load()
 
@@ -131,6 +143,8 @@ class Core:
         (shape errors, result size, index inputs), the same for both paths.
         A `streamed` call's result is bounded by --max-stream-bytes instead of
         the message limit."""
+        if self.device_failed:  # admitted before the server began to drain
+            raise self._device_gone()
         kernel = self.registry.get(key)
         n = kernel.arity
         if len(stack) < n:
@@ -352,16 +366,58 @@ class Core:
             self._outputs[variant.key] = _planned_outputs(variant)
         return self._outputs[variant.key]
 
-    def _device_failed(self, e: BaseException) -> None:
+    def inject_device_fault(self) -> None:
+        """FUSEPORT_FAULT_INJECTION (tests only): breaks this process's device on
+        purpose (on CUDA a real device-side assert, which poisons the context), then
+        handles the error as any call's: see _device_failed. The caller is the culprit."""
+        if not self.settings.fault_injection:
+            raise RuntimeError("fault injection is off (FUSEPORT_FAULT_INJECTION)")
+        with self._failure_lock:
+            self._injecting += 1  # a call that meets the failure meanwhile is not its cause
+        try:
+            with self.placement.request_scope():
+                break_device(self.device)
+                self.placement.synchronize()
+        except Exception as e:
+            if is_device_failure(e):
+                self._device_failed(e, culprit=True)
+            raise
+        finally:
+            with self._failure_lock:
+                self._injecting -= 1
+        raise InternalError(f"the injected fault left device {self.device} working")
+
+    def _device_failed(self, e: BaseException, culprit: bool | None = None) -> None:
         """The device is unusable for this process: say so, and have the server
         stop (health NOT_SERVING, drain, exit non-zero) so that its supervisor
-        starts a fresh one. Registered kernels are on disk and survive that."""
-        log.error("device %s failed; this server must restart: %s", self.device, e)
-        if self.on_device_failure is not None:
-            self.on_device_failure()
-        raise InternalError(
-            f"device {self.device} failed and this server is restarting: {str(e).splitlines()[0]}"
-        ) from e
+        starts a fresh one. Registered kernels are on disk and survive that.
+
+        The call that met the failure first (`culprit` None: unless a deliberate
+        fault is under way) may have caused it: it fails with INTERNAL, never
+        retried, since a retry could take the next process's device down with
+        it. Every other call that meets the failure, or arrives after it, did
+        not run: UNAVAILABLE, which the client retries on another process."""
+        with self._failure_lock:
+            first = not self.device_failed
+            self.device_failed = True
+            if culprit is None:
+                culprit = first and not self._injecting
+        if first:
+            log.error("device %s failed; this server must restart: %s", self.device, e)
+            if self.on_device_failure is not None:
+                self.on_device_failure()
+        if culprit:
+            raise InternalError(
+                f"device {self.device} failed running this call, and this serving process is restarting; "
+                f"the call is not retried, as it may have caused the failure: {str(e).splitlines()[0]}"
+            ) from e
+        raise self._device_gone() from e
+
+    def _device_gone(self) -> Unavailable:
+        return Unavailable(
+            f"device {self.device} of this serving process failed (another call's fault) and the process "
+            "is restarting: this call did not complete; retry it (another process serves it)"
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -13,7 +13,14 @@ import torch
 
 from fuseport.wire.stream import HostSink
 
-__all__ = ["DeviceSink", "Placement", "is_device_failure", "is_out_of_memory", "resolve_device"]
+__all__ = [
+    "DeviceSink",
+    "Placement",
+    "break_device",
+    "is_device_failure",
+    "is_out_of_memory",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,24 @@ def is_device_failure(e: BaseException | None) -> bool:
             return True
         e = e.__cause__
     return False
+
+
+def break_device(device: torch.device) -> None:
+    """FUSEPORT_FAULT_INJECTION only (tests): makes `device` fail as a bad kernel would.
+
+    On CUDA: an index far out of range, read on the device with no check in front
+    of it (the server's own checks exist to stop exactly this), so the indexing
+    kernel hits its device-side assert and the context is unusable from then on:
+    the error surfaces at the next synchronisation, as a real one does. On the
+    CPU, where nothing can poison the device, it raises the error type a CUDA
+    failure raises, so that the same path (is_device_failure, drain, restart) runs."""
+    if device.type == "cuda":
+        table = torch.zeros(4, device=device)
+        index = torch.full((1,), 1 << 30, dtype=torch.long, device=device)
+        table[index].sum().item()  # .item() waits for the kernel: the assert is raised here
+        return
+    error = getattr(torch, "AcceleratorError", RuntimeError)  # "CUDA error" also names it on older torch
+    raise error(f"CUDA error: device-side assert triggered (injected by FUSEPORT_FAULT_INJECTION, {device})")
 
 
 def is_out_of_memory(e: BaseException) -> bool:

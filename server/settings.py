@@ -27,7 +27,8 @@ def default_store_dir() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything `fuseport serve` can be told. Each field is also FUSEPORT_<NAME>."""
+    """Everything `fuseport serve` can be told. Each field is also FUSEPORT_<NAME>, and a
+    flag unless its metadata says `env_only`."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; 0.0.0.0 in containers"})
     port: int = field(default=50051, metadata={"help": "port to bind; 0 picks a free one"})
@@ -208,6 +209,16 @@ class Settings:
         default=600.0,
         metadata={
             "help": "a compile running longer is killed (its worker replaced) and its ArgSpec served unfused"
+        },
+    )
+    # --- fault injection (device faults stay local): for tests only, so an environment
+    # variable and never a flag (`env_only`): a command line copied from a test cannot turn it on.
+    fault_injection: bool = field(
+        default=False,
+        metadata={
+            "env_only": True,
+            "help": "FOR TESTS ONLY: a call carrying the metadata 'fuseport-inject-fault: device' "
+            "breaks this server's device on purpose (a real device-side assert on CUDA)",
         },
     )
 

@@ -54,10 +54,12 @@ def start_server(
     *args: str,
     port: int = 0,
     credentials: grpc.ChannelCredentials | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Starts `fuseport serve` on 127.0.0.1, returns once it is SERVING. The device
     is the CPU unless `args` names another (the last flag wins). `credentials`
-    to wait for a server started with --tls-cert/--tls-key (health needs no token)."""
+    to wait for a server started with --tls-cert/--tls-key (health needs no token).
+    Its environment has no FUSEPORT_* variable but those of `env`."""
     tmp.mkdir(parents=True, exist_ok=True)
     store_dir = store_dir or tmp / "store"
     port_file = tmp / "port"
@@ -68,9 +70,9 @@ def start_server(
         "--host", "127.0.0.1", "--port", str(port), "--port-file", str(port_file),
         "--store-dir", str(store_dir), "--device", "cpu", *args,
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")} | (env or {})
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=environ)
     port = read_port_file(proc, port_file, "fuseport serve", log=log_path.read_text)
     server = ServerProcess(proc, port, store_dir, log_path, read_named_port(port_file, "metrics"))
     wait_until_serving(server.target, credentials=credentials)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fuseport.bench.run import SECTIONS
+from fuseport.bench.run import DEFAULT_SECTIONS, _check_gpus
 from fuseport.bench.stats import Row, parse_size, percentile
 
 
@@ -45,7 +45,7 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.slow  # a minute of CPU: the whole quick bench; CI keeps to 15 minutes
 def test_quick_bench_writes_every_section_with_positive_numbers(quick_results: dict[str, Any]) -> None:
     assert quick_results["errors"] == {}
-    assert set(quick_results["sections"]) == set(SECTIONS)
+    assert set(quick_results["sections"]) == set(DEFAULT_SECTIONS)
     for name, section in quick_results["sections"].items():
         assert section["rows"], f"section {name} has no rows"
         for row in section["rows"]:
@@ -125,3 +125,45 @@ def test_bench_rejects_an_unknown_section(tmp_path: Path) -> None:
     from fuseport.bench.run import main
 
     assert main(["--sections", "transport,warp-drive", "--json", str(tmp_path / "x.json")]) == 2
+
+
+def test_the_gpus_section_refuses_fewer_than_two_devices_before_starting_anything(tmp_path: Path) -> None:
+    """On this machine `--device all` is the CPU alone: a clear refusal (status 2), not a silent pass."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuseport.client.cli", "bench", "--sections", "gpus", "--device", "all",
+         "--json", str(tmp_path / "r.json"), "--no-plot"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "gpus section compares one device with several" in proc.stderr, proc.stderr
+    assert "at least two GPUs" in proc.stderr
+    assert not (tmp_path / "r.json").exists()
+    for device in ("cuda:0", "cpu"):
+        with pytest.raises(ValueError, match="names 1"):
+            _check_gpus(device, None)
+    with pytest.raises(ValueError, match="cannot run against a --target"):
+        _check_gpus("cuda:0,cuda:1", "10.0.0.1:50051")
+    _check_gpus("cuda:0,cuda:1", None)  # two devices: fine (checked when its servers start)
+
+
+@pytest.mark.slow  # three server processes and two client processes: a minute of CPU
+def test_the_gpus_section_runs_on_two_cpu_processes_as_a_smoke_check(tmp_path: Path) -> None:
+    out = tmp_path / "gpus.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuseport.client.cli", "bench", "--quick", "--sections", "gpus", "--device", "cpu,cpu",
+         "--server-env", "FUSEPORT_COMPILE_MODE=off", "--json", str(out), "--no-plot"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+    results = json.loads(out.read_text())
+    gpus = results["sections"]["gpus"]
+    assert results["errors"] == {}
+    assert gpus["devices"] == ["cpu", "cpu"] and gpus["processes"] == 2
+    assert sorted(gpus["clients_per_process"].values()) == [1, 1]  # spread over both processes
+    assert set(gpus["max_abs_diff"]) == {"one", "all"}  # each server's result checked against eager's
+    assert all(d < 1e-4 for d in gpus["max_abs_diff"].values()), gpus["max_abs_diff"]
+    for side in ("one", "all"):
+        assert all(r["calls"] > 0 and r["paths"] == {"fallback/disabled": r["calls"]} for r in gpus[side])
+    (judged,) = [r for r in gpus["rows"] if r["target"]]
+    assert judged["target"] == ">= 1.8x" and judged["status"] == "n/a"  # a GPU target, on the CPU
+    assert judged["ratio"] == pytest.approx(gpus["ratio"])

@@ -58,7 +58,7 @@ def test_bad_values_name_the_variable_or_setting(env: dict[str, str], message: s
 def test_every_setting_is_a_serve_flag() -> None:
     args = _parser().parse_args(["serve", "--port", "0", "--keep-host-memory", "false", "--grace-seconds", "1"])
     flags = {k: v for k, v in vars(args).items() if k != "command"}
-    assert set(flags) == {f.name for f in dataclasses.fields(Settings)}
+    assert set(flags) == {f.name for f in dataclasses.fields(Settings) if not f.metadata.get("env_only")}
     s = Settings.load(flags, environ={})
     assert s.port == 0 and s.keep_host_memory is False and s.grace_seconds == 1.0
 
@@ -101,3 +101,13 @@ def test_security_settings_come_from_environment_and_flags() -> None:
     assert Settings.load(environ={"FUSEPORT_HOST": "0.0.0.0", "FUSEPORT_AUTH_TOKENS": "", "FUSEPORT_INSECURE": "1"}).insecure
     args = _parser().parse_args(["serve", "--host", "0.0.0.0", "--insecure"])
     assert args.insecure is True and Settings.load({"host": args.host, "insecure": args.insecure}, environ={}).insecure
+
+
+def test_fault_injection_is_off_by_default_and_only_an_environment_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert Settings.load(environ={}).fault_injection is False
+    assert Settings.load(environ={"FUSEPORT_FAULT_INJECTION": "1"}).fault_injection is True
+    with pytest.raises(SystemExit):  # a test-only switch has no flag a copied command line could carry
+        _parser().parse_args(["serve", "--fault-injection"])
+    assert "unrecognized arguments: --fault-injection" in capsys.readouterr().err
