@@ -437,3 +437,25 @@ def test_a_killed_clients_regions_are_unmapped_and_closed_at_once(server: Server
     assert not set(_mappings(pid)) & set(held), "a dead client's regions are still mapped"
     assert not any("fuseport-in" in fd for fd in _memfds(pid))
     still_serves(server, key)
+
+
+# --------------------------------------------------------------------------- on the GPU box
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_memory_to_a_cuda_server_matches_eager_on_the_device(
+    cuda_server: ServerProcess, dtype: torch.dtype
+) -> None:
+    """The server copies each input from the client's region straight to its
+    device and each result from there into its region; a client holding CUDA
+    tensors itself goes through host memory (no CUDA IPC yet)."""
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(1 << 20, generator=g).to(dtype), torch.randn(1 << 20, generator=g).to(dtype)
+    want = [t.cpu() for t in _mix(a.cuda(), b.cuda())]
+    with Client(cuda_server.target, timeout=300) as c:
+        k = c.register(_mix, [a, b])
+        for inputs in ([a, b], [a.cuda(), b.cuda()]):
+            r = c.fallback_detailed(k, inputs)
+            assert r.transport == "shm"
+            assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
