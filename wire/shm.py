@@ -9,7 +9,6 @@ service.proto ("Shared memory"); this module holds its packets and regions.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -32,7 +31,6 @@ __all__ = [
     "Region",
     "align",
     "connect",
-    "copy_into",
     "create_region",
     "map_region",
     "recv_packet",
@@ -132,24 +130,6 @@ class Region:
                 f"of {self.size} bytes"
             )
         return self.bytes[offset : offset + nbytes]
-
-
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copies `src` into `dst` (same number of bytes; `dst` a flat uint8 view of a
-    region, or `src` one). Contiguous host memory goes through one memmove
-    (ctypes releases the GIL): torch's copy_ splits a copy over its intra-op
-    threads, whose wake-up cost more than the copy up to tens of MiB on a
-    32-core machine. Anything else (a CUDA tensor, a strided view) through copy_."""
-    nbytes = src.numel() * src.element_size()
-    if src.device.type == "cpu" and dst.device.type == "cpu" and src.is_contiguous() and dst.is_contiguous():
-        if nbytes:
-            ctypes.memmove(dst.data_ptr(), src.data_ptr(), nbytes)
-        return
-    if dst.dtype == torch.uint8 and src.dtype != torch.uint8:
-        dst = dst.view(src.dtype).view(src.shape)
-    elif src.dtype == torch.uint8 and dst.dtype != torch.uint8:
-        src = src.view(dst.dtype).view(dst.shape)
-    dst.copy_(src)
 
 
 def create_region(ident: int, size: int, name: str) -> tuple[Region, int]:
