@@ -98,7 +98,7 @@ class SharedSession:
             n = t.numel() * t.element_size()
             if n:
                 assert region is not None
-                region.bytes[offset : offset + n].view(t.dtype).view(t.shape).copy_(t)
+                shm.copy_into(region.bytes[offset : offset + n], t)
             ref = codec.Shared(region.id if region else 0, offset, t.dtype, tuple(t.shape), n)
             offset += shm.align(n)
             return ref
@@ -133,7 +133,7 @@ class SharedSession:
             out = torch.empty(v.shape, dtype=v.dtype)
             if v.nbytes:
                 region = self._wait(lambda: self._outputs.get(v.region))
-                out.view(-1).view(torch.uint8).copy_(region.view(v.offset, v.nbytes, where))
+                shm.copy_into(out, region.view(v.offset, v.nbytes, where))
             return out
 
         return shm.replace(stack, get, codec.Shared)

@@ -293,6 +293,7 @@ class Executor:
         self._entries: OrderedDict[tuple[int, ArgSpec], Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._counts: dict[int, list[int]] = {}
+        self._fallbacks_said: set[tuple[int, int]] = set()  # (key, reason) logged at INFO
         self.events = ExecutorEvents()
         # One compile at a time: Dynamo compiles under a global lock anyway, and
         # a single thread keeps compiles from starving request threads.
@@ -393,7 +394,16 @@ class Executor:
             raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {_short(e)}") from e
         self._count(spec.key, entry, fused=False)
         if reason not in (Reason.FALLBACK_REASON_REQUESTED,):
-            log.info("kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)
+            # Once per kernel and reason at INFO; every call at DEBUG. Per call it was
+            # 10k lines a minute with --compile-mode off (the metrics count them all).
+            said = (spec.key, reason)
+            first = said not in self._fallbacks_said
+            if first:
+                if len(self._fallbacks_said) >= 100_000:
+                    self._fallbacks_said.clear()
+                self._fallbacks_said.add(said)
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)  # fmt: skip
         return Outcome(list(outputs), Path.PATH_FALLBACK, reason, detail)
 
     def _out_of_memory(self, spec: _Run, e: BaseException) -> None:

@@ -188,7 +188,7 @@ class SharedMemory:
         def write(v: torch.Tensor, where: str) -> codec.Shared:
             offset, n = next(offsets)
             if n:
-                region.bytes[offset : offset + n].view(v.dtype).view(v.shape).copy_(v)
+                shm.copy_into(region.bytes[offset : offset + n], v)
             return codec.Shared(region.id, offset, v.dtype, tuple(v.shape), n)
 
         return shm.replace(stack, write, torch.Tensor)
@@ -366,7 +366,7 @@ def _offsets(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
 def _copy(src: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         out = torch.empty(src.numel(), dtype=torch.uint8)
-        out.copy_(src)
+        shm.copy_into(out, src)
         return out
     return src.to(device)
 

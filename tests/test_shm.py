@@ -203,6 +203,26 @@ def test_a_server_with_shared_memory_off_says_so_and_the_client_uses_the_network
         s.stop()
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.arange(24, dtype=torch.float32).view(4, 6),  # memmove
+        lambda: torch.arange(48, dtype=torch.bfloat16).view(6, 8).t(),  # strided: copy_
+        lambda: torch.full((9 << 20, 8), 3, dtype=torch.uint8),  # 72 MiB: copy_, 2-D uint8
+        lambda: torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+    ],
+    ids=["small", "strided", "large-uint8", "scalar"],
+)
+def test_copies_into_and_out_of_a_region_keep_every_byte(make: Any) -> None:
+    src = make()
+    n = src.numel() * src.element_size()
+    region = torch.zeros(n + 64, dtype=torch.uint8)[64:]  # a flat byte view at an offset
+    shm.copy_into(region, src)
+    back = torch.empty(src.shape, dtype=src.dtype)
+    shm.copy_into(back, region)
+    assert torch.equal(back, src)
+
+
 # --------------------------------------------------------------------------- a client by hand
 
 
