@@ -663,7 +663,7 @@ class Client(_Base):
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
         session = self._shared_session(stack, timeout)
-        if session is not None:
+        if session is not None and payload_bytes(stack) <= session.max_bytes:
             try:
                 with session.slot() as slot:
                     # Tensor outputs come back through the slot's region, unless kept.
@@ -671,11 +671,11 @@ class Client(_Base):
                     result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
                     return dataclasses.replace(result, stack=session.read(result.stack), transport="shm")
             except SharedMemoryUnavailable as e:
-                # Nothing ran: the call goes over the network instead (and so do
-                # the next ones, if the session itself is gone).
+                # Nothing ran: this call goes over the network, and the next large
+                # one opens a new session (this one is closed, or was opened on
+                # another serving process than the one the channel reaches now).
                 log.info("shared memory unavailable (%s); using the network", e)
-                if session.closed:
-                    self._drop_shared(session)
+                self._drop_shared(session)
         return self._run_on(method, key, stack, wait, timeout, keep, started)
 
     def _shared_session(self, stack: Sequence[Any], timeout: float | None) -> SharedSession | None:

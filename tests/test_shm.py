@@ -167,6 +167,24 @@ def test_past_the_sessions_budget_results_come_as_bytes_and_larger_stacks_over_t
         assert r.transport == "shm" and torch.equal(r.stack[0], a[:BIG] * 2 + b[:BIG])
 
 
+def test_a_client_whose_session_was_lost_uses_the_network_once_then_a_new_session(
+    server: ServerProcess, key: int
+) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target) as c:
+        assert c.execute_detailed(key, [a, b]).transport == "shm"
+        lost = c._shared
+        assert lost is not None
+        held = len(_mappings(server.proc.pid))
+        lost._sock.close()  # as if the connection broke: the server ends the session
+        deadline = time.monotonic() + 30
+        while len(_mappings(server.proc.pid)) >= held and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the server has unmapped it (then it answers "not open")
+        transports = [c.execute_detailed(key, [a, b]).transport for _ in range(3)]
+        assert c._shared is not lost
+    assert transports == ["unary", "shm", "shm"]
+
+
 def test_a_client_with_shared_memory_off_uses_the_network(server: ServerProcess, key: int) -> None:
     a, b = torch.randn(BIG), torch.randn(BIG)
     with Client(server.target, shared_memory=False) as c:
