@@ -267,7 +267,7 @@ class Server:
         if settings.metrics_port is not None:
             from fuseport.server.metrics import Metrics
 
-            self.metrics = Metrics(self.core)
+            self.metrics = Metrics(self.core, self.service.shared)
             self.service.observer = self.metrics
             self.core.executor.events = self.metrics
             # Under a supervisor, the supervisor serves --metrics-port (every process's

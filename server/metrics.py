@@ -29,6 +29,7 @@ from fuseport.wire import _pb
 
 if TYPE_CHECKING:
     from fuseport.server.core import Core
+    from fuseport.server.shm import SharedMemory
 
 __all__ = ["Metrics"]
 
@@ -65,7 +66,7 @@ class Metrics(CallObserver, ExecutorEvents):
     """The metrics of one server, in a registry of its own (not prometheus_client's
     global one: several servers in one process, as in tests, each count their own)."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, shared: SharedMemory | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -110,7 +111,7 @@ class Metrics(CallObserver, ExecutorEvents):
             self.compiles.labels(outcome)
         for outcome in ("ok", "refused"):
             self.artifact_loads.labels(outcome)
-        r.register(_StateCollector(core))
+        r.register(_StateCollector(core, shared))
         # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
         ProcessCollector(registry=r)
         self._http: WSGIServer | None = None
@@ -161,8 +162,9 @@ class Metrics(CallObserver, ExecutorEvents):
 class _StateCollector:
     """What is read at scrape time: kernels registered, the compiled-kernel cache, memory."""
 
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, shared: SharedMemory | None) -> None:
         self.core = core
+        self.shared = shared
 
     def describe(self) -> list[Any]:
         # Declared empty so that registering does not call collect() (and read the
@@ -224,4 +226,14 @@ class _StateCollector:
             "Handles freed because their client stopped renewing its lease",
             value=residents.expired,
         )
+        if self.shared is not None and self.shared.enabled:
+            sessions, mapped = self.shared.stats()
+            yield GaugeMetricFamily(
+                "fuseport_shared_memory_sessions", "Shared-memory sessions of connected clients", value=sessions
+            )
+            yield GaugeMetricFamily(
+                "fuseport_shared_memory_bytes",
+                "Bytes of shared-memory regions mapped for those sessions (the clients' and the server's)",
+                value=mapped,
+            )
 

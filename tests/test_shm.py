@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import Client
 from fuseport.wire import _pb, codec, shm
@@ -44,8 +46,9 @@ def _mix(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s = start_server(
-        tmp_path_factory.mktemp("shm"), None, "--compile-mode", "off", "--shared-memory-max-bytes", str(MAX_BYTES)
-    )
+        tmp_path_factory.mktemp("shm"), None,
+        "--compile-mode", "off", "--shared-memory-max-bytes", str(MAX_BYTES), "--metrics-port", "0",
+    )  # fmt: skip
     yield s
     s.stop()
 
@@ -183,6 +186,29 @@ def test_a_client_whose_session_was_lost_uses_the_network_once_then_a_new_sessio
         transports = [c.execute_detailed(key, [a, b]).transport for _ in range(3)]
         assert c._shared is not lost
     assert transports == ["unary", "shm", "shm"]
+
+
+def _gauges(server: ServerProcess) -> tuple[float, float]:
+    text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples["fuseport_shared_memory_sessions"], samples["fuseport_shared_memory_bytes"]
+
+
+def _until(server: ServerProcess, want: tuple[float, float]) -> tuple[float, float]:
+    deadline = time.monotonic() + 30
+    while (got := _gauges(server)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)  # a closed client's session ends when the server reads its EOF
+    return got
+
+
+def test_metrics_count_sessions_and_mapped_bytes(server: ServerProcess, key: int) -> None:
+    assert _until(server, (0, 0)) == (0, 0)
+    with Client(server.target) as c:
+        assert c.execute_detailed(key, [torch.randn(BIG), torch.randn(BIG)]).transport == "shm"
+        sessions, mapped = _gauges(server)
+        assert sessions == 1
+        assert mapped == (1 << 20) + (1 << 20)  # a 1 MiB input region and a 1 MiB output region
+    assert _until(server, (0, 0)) == (0, 0)
 
 
 def test_a_client_with_shared_memory_off_uses_the_network(server: ServerProcess, key: int) -> None:
