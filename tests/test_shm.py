@@ -36,7 +36,7 @@ from .conftest import ServerProcess, start_server
 
 SERVICE = "/fuseport.v1.KernelService/"
 MAX_BYTES = 64 << 20  # the server's --shared-memory-max-bytes here
-BIG = 1 << 16  # elements: 256 KiB of float32, over the client's 64 KiB threshold
+BIG = 1 << 16  # elements: 256 KiB of float32, at the client's threshold (a stack of two is over it)
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
