@@ -248,6 +248,47 @@ def test_an_unregister_through_one_process_is_seen_by_the_other_and_not_undone(
         torch.testing.assert_close(conn.execute(key, [x])[0][0], x * 3)
 
 
+def test_a_shared_memory_session_belongs_to_the_process_that_opened_it(
+    supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    """Each serving process has its own socket and sessions; a session named
+    through the other process is FAILED_PRECONDITION (the client then uses the
+    network), never another process's memory."""
+    a, b = two
+    key = a.register(graphs["add_one"])
+    who = (("fuseport-client-id", "procs-shm-client-0123456789"),)
+
+    def call(conn: _Conn, method: str, request: bytes) -> bytes:
+        return conn.channel.unary_unary(_METHOD.format(method))(request, metadata=who, timeout=60)  # type: ignore[no-any-return]
+
+    opened = _pb.service.OpenSharedMemoryResponse.FromString(call(a, "OpenSharedMemory", b""))
+    sock = shm.connect(opened.socket, 10)
+    try:
+        shm.send_packet(sock, shm.Packet(shm.HELLO, text=opened.ticket))
+        assert shm.recv_packet(sock).kind == shm.OK  # type: ignore[union-attr]
+        region, fd = shm.create_region(1, 1 << 20, "test")
+        x = torch.randn(8)
+        region.bytes[:32].view(torch.float32).copy_(x)
+        shm.send_packet(sock, shm.Packet(shm.REGION, 0, 1, 1 << 20, fd=fd))
+        assert shm.recv_packet(sock).kind == shm.OK  # type: ignore[union-attr]
+        request = codec.encode_execute_request(
+            key, [codec.Shared(1, 0, torch.float32, (8,), 32)], shm_session=opened.session
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            call(b, "Execute", request)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not open on this serving process" in e.value.details()
+        (out,) = codec.decode_execute_response(call(a, "Execute", request)).stack
+        torch.testing.assert_close(out, x + 1)
+    finally:
+        sock.close()
+    with Client(supervisor.target) as c:  # the client's own session, wherever its channel went
+        y = torch.randn(1 << 16)
+        r = c.execute_detailed(key, [y])
+        assert r.transport == "shm"
+        torch.testing.assert_close(r.stack[0], y + 1)
+
+
 def test_metrics_show_every_process_labelled_and_stats_sums_them(
     supervisor: ServerProcess, two: tuple[_Conn, _Conn]
 ) -> None:
@@ -460,43 +501,3 @@ def test_device_all_spreads_the_processes_over_the_gpus(
     finally:
         s.stop(signal.SIGKILL)
 
-
-def test_a_shared_memory_session_belongs_to_the_process_that_opened_it(
-    supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
-) -> None:
-    """Each serving process has its own socket and sessions; a session named
-    through the other process is FAILED_PRECONDITION (the client then uses the
-    network), never another process's memory."""
-    a, b = two
-    key = a.register(graphs["add_one"])
-    who = (("fuseport-client-id", "procs-shm-client-0123456789"),)
-
-    def call(conn: _Conn, method: str, request: bytes) -> bytes:
-        return conn.channel.unary_unary(_METHOD.format(method))(request, metadata=who, timeout=60)  # type: ignore[no-any-return]
-
-    opened = _pb.service.OpenSharedMemoryResponse.FromString(call(a, "OpenSharedMemory", b""))
-    sock = shm.connect(opened.socket, 10)
-    try:
-        shm.send_packet(sock, shm.Packet(shm.HELLO, text=opened.ticket))
-        assert shm.recv_packet(sock).kind == shm.OK  # type: ignore[union-attr]
-        region, fd = shm.create_region(1, 1 << 20, "test")
-        x = torch.randn(8)
-        region.bytes[:32].view(torch.float32).copy_(x)
-        shm.send_packet(sock, shm.Packet(shm.REGION, 0, 1, 1 << 20, fd=fd))
-        assert shm.recv_packet(sock).kind == shm.OK  # type: ignore[union-attr]
-        request = codec.encode_execute_request(
-            key, [codec.Shared(1, 0, torch.float32, (8,), 32)], shm_session=opened.session
-        )
-        with pytest.raises(grpc.RpcError) as e:
-            call(b, "Execute", request)
-        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "not open on this serving process" in e.value.details()
-        (out,) = codec.decode_execute_response(call(a, "Execute", request)).stack
-        torch.testing.assert_close(out, x + 1)
-    finally:
-        sock.close()
-    with Client(supervisor.target) as c:  # the client's own session, wherever its channel went
-        y = torch.randn(1 << 16)
-        r = c.execute_detailed(key, [y])
-        assert r.transport == "shm"
-        torch.testing.assert_close(r.stack[0], y + 1)
