@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import Client
 from fuseport.wire import _pb, codec, shm
-from fuseport.wire.errors import ERROR_METADATA_KEY, SharedMemoryUnavailable
+from fuseport.wire.errors import ERROR_METADATA_KEY
 
 from .conftest import ServerProcess, start_server
 
@@ -231,40 +231,6 @@ def test_kept_outputs_stay_on_the_server_while_inputs_come_through_shared_memory
         assert again.transport == "shm"
         assert torch.equal(again.stack[0], (a * 2 + b) * 2 + b)
         assert torch.equal(diff.fetch(), (a - b).abs())
-
-
-def test_a_server_with_shared_memory_off_says_so_and_the_client_uses_the_network(tmp_path: Path) -> None:
-    s = start_server(tmp_path, None, "--compile-mode", "off", "--shared-memory", "off")
-    try:
-        a, b = torch.randn(BIG), torch.randn(BIG)
-        with Client(s.target) as c:
-            k = c.register(_mix, [a, b])
-            r = c.execute_detailed(k, [a, b])
-            assert r.transport == "unary" and torch.equal(r.stack[0], a * 2 + b)
-            with pytest.raises(SharedMemoryUnavailable, match="--shared-memory off"):
-                c._call("OpenSharedMemory", b"", 10)
-    finally:
-        s.stop()
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: torch.arange(24, dtype=torch.float32).view(4, 6),  # memmove
-        lambda: torch.arange(48, dtype=torch.bfloat16).view(6, 8).t(),  # strided: copy_
-        lambda: torch.full((9 << 20, 8), 3, dtype=torch.uint8),  # 72 MiB: copy_, 2-D uint8
-        lambda: torch.tensor(2.5, dtype=torch.float64),  # 0-dim
-    ],
-    ids=["small", "strided", "large-uint8", "scalar"],
-)
-def test_copies_into_and_out_of_a_region_keep_every_byte(make: Any) -> None:
-    src = make()
-    n = src.numel() * src.element_size()
-    region = torch.zeros(n + 64, dtype=torch.uint8)[64:]  # a flat byte view at an offset
-    shm.copy_into(region, src)
-    back = torch.empty(src.shape, dtype=src.dtype)
-    shm.copy_into(back, region)
-    assert torch.equal(back, src)
 
 
 # --------------------------------------------------------------------------- a client by hand

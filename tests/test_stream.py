@@ -27,7 +27,7 @@ from fuseport.client import AsyncClient, Client
 from fuseport.server.core import Core
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
-from fuseport.wire.errors import ERROR_METADATA_KEY, ResourceExhausted
+from fuseport.wire.errors import ERROR_METADATA_KEY, ResourceExhausted, SharedMemoryUnavailable
 from fuseport.wire.stream import Writer
 
 from .conftest import ServerProcess, start_server
@@ -401,6 +401,18 @@ def test_generated_classes_alone_speak_the_stream(server: ServerProcess, key: in
         got[m.data.offset : m.data.offset + len(m.data.data)] = m.data.data
     assert out[-1].end.bytes == len(raw) and out[-1].end.chunks == len(out) - 2
     assert torch.equal(torch.frombuffer(got, dtype=torch.float32), _double(x))
+
+
+def test_a_server_with_shared_memory_off_says_so_and_the_client_uses_the_network(
+    server: ServerProcess, key: int
+) -> None:
+    """This module's server runs with --shared-memory off (tests/test_shm.py has one with it on)."""
+    x = torch.randn(1 << 20)  # 4 MiB: over the client's shared-memory threshold
+    with Client(server.target) as c:
+        r = c.execute_detailed(key, [x])
+        assert r.transport == "unary" and torch.equal(r.stack[0], _double(x))
+        with pytest.raises(SharedMemoryUnavailable, match="--shared-memory off"):
+            c._call("OpenSharedMemory", b"", 10)
 
 
 def test_writer_names_a_value_that_cannot_travel() -> None:
