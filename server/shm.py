@@ -46,6 +46,9 @@ MAX_PENDING = 32  # connections that have not yet said HELLO
 HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
 TICKET_SECONDS = 30.0  # a ticket unused this long is void
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
+# Sends after HELLO never wait: a client's unread packets fill its socket only
+# if it stopped reading, and then the session ends instead.
+_NO_WAIT = socket.MSG_DONTWAIT
 
 
 @dataclass
@@ -64,7 +67,10 @@ class _Session:
 
     @property
     def mapped(self) -> int:
-        return sum(r.size for r in self.regions.values()) + sum(r.size for r in self.outputs.values())
+        # Snapshots (list() copies a dict in one step): the socket's thread adds
+        # regions while a call's thread adds outputs, and summing over a dict
+        # that changes size underneath raises RuntimeError.
+        return sum(r.size for r in list(self.regions.values())) + sum(r.size for r in list(self.outputs.values()))
 
 
 class SharedMemory:
@@ -212,8 +218,11 @@ class SharedMemory:
             try:
                 if session.conn is None:
                     raise SharedMemoryUnavailable("shared-memory session closed")
-                shm.send_packet(session.conn, shm.Packet(shm.OUTPUT, slot, ident, size, fd=fd))
+                shm.send_packet(session.conn, shm.Packet(shm.OUTPUT, slot, ident, size, fd=fd), _NO_WAIT)
             except OSError as e:
+                # Gone, or not reading its socket (it is full): either way the
+                # session is over, and this thread does not wait on the client.
+                self._end(session, f"cannot send to the client: {e}")
                 raise SharedMemoryUnavailable(f"shared-memory session lost: {e}") from None
             finally:
                 os.close(fd)
@@ -263,8 +272,10 @@ class SharedMemory:
                 os.close(p.fd)
             return None
         with self._lock:
+            # As bytes: compare_digest refuses str with non-ASCII characters.
+            ticket = p.text.encode()
             session = next(
-                (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket, p.text)),
+                (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket.encode(), ticket)),
                 None,
             )
             if session is not None and time.monotonic() - session.issued > TICKET_SECONDS:
@@ -275,10 +286,16 @@ class SharedMemory:
         if session is None:
             _send(conn, shm.Packet(shm.ERROR, text="unknown or expired ticket"))
             return None
-        pid, uid, _gid = _peer(conn)
-        session.peer = f"pid {pid} uid {uid}"
-        conn.settimeout(None)
-        shm.send_packet(conn, shm.Packet(shm.OK))
+        try:
+            pid, uid, _gid = _peer(conn)
+            session.peer = f"pid {pid} uid {uid}"
+            conn.settimeout(None)
+            shm.send_packet(conn, shm.Packet(shm.OK), _NO_WAIT)
+        except OSError as e:
+            # Claimed, but the client is gone: end the session, or it would count
+            # against MAX_SESSIONS for the life of the process.
+            self._end(session, f"client gone before its HELLO was answered: {e}")
+            return None
         log.info("shared-memory session %s… opened by %s", session.id[:8], session.peer)
         return session
 
@@ -329,8 +346,15 @@ class SharedMemory:
 
     def _reply(self, session: _Session, p: shm.Packet) -> None:
         with session.send_lock:
-            if session.conn is not None:
-                _send(session.conn, p)
+            if session.conn is None:
+                return
+            try:
+                shm.send_packet(session.conn, p, _NO_WAIT)
+            except OSError as e:
+                # Gone, or its socket is full because it never reads: the session
+                # ends (its reading loop stops) rather than this thread, and with
+                # it the session's send lock, waiting on the client.
+                self._end(session, f"cannot send to the client: {e}")
 
     def _end(self, session: _Session, why: str) -> None:
         """Unmaps and forgets everything of a session (its in-flight calls keep

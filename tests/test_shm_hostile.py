@@ -1,0 +1,107 @@
+"""Shared memory against hostile and careless clients, beyond tests/test_shm.py:
+clients that stop reading their socket, vanish mid-HELLO, send tickets that are
+not ASCII, fork, or send stacks of empty tensors only. One real server for all."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+
+from fuseport.client import Client
+from fuseport.server.shm import MAX_SESSIONS
+from fuseport.wire import codec, shm
+
+from .conftest import ServerProcess, start_server
+from .test_shm import RawSession, _mix, _sealed, still_serves
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path_factory.mktemp("shm-hostile"), None, "--compile-mode", "off")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def key(server: ServerProcess) -> int:
+    with Client(server.target) as c:
+        return c.register(_mix, [torch.ones(4), torch.ones(4)])
+
+
+def _raw(server: ServerProcess, key: int) -> RawSession:
+    r = RawSession(server)
+    r.key = key  # type: ignore[attr-defined]
+    return r
+
+
+def test_a_client_that_never_reads_its_socket_loses_its_session_and_blocks_no_server_thread(
+    server: ServerProcess, key: int
+) -> None:
+    """Every packet the server sends waits in the client's socket until read; a
+    client that never reads must not leave a server thread (and the lock its
+    calls' output regions need) blocked in a send."""
+    r = _raw(server, key)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+        fd, _m = _sealed(1 << 20)
+        assert r.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+        os.close(fd)
+        r.sock.settimeout(60)  # a server stuck on us stops reading: our send then times out
+        refused = shm._HEADER.pack(b"FPSM", shm.REGION, 0, 7, 1 << 20)  # no descriptor: an ERROR reply each
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while True:
+                r.sock.send(refused)
+        stack = [codec.Shared(1, 0, torch.float32, (4,), 16)] * 2
+        code, kind, details = r.execute(stack, slot=1)
+        assert (code, kind) == (grpc.StatusCode.FAILED_PRECONDITION, "SharedMemoryUnavailable"), details
+    finally:
+        r.close()
+    still_serves(server, key)
+
+
+def _open_session(server: ServerProcess, key: int, deadline: float) -> RawSession:
+    """A new session, waiting while the server is at MAX_SESSIONS (sessions
+    whose clients went away end on the server's own threads, just after)."""
+    while True:
+        try:
+            return _raw(server, key)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def test_a_client_gone_before_the_servers_ok_to_its_hello_leaves_no_session_behind(
+    server: ServerProcess, key: int
+) -> None:
+    """The server claims the session on HELLO, then answers OK; a client that
+    is gone by then must not leave the session counted against MAX_SESSIONS."""
+    deadline = time.monotonic() + 60
+    for _ in range(MAX_SESSIONS):
+        r = _open_session(server, key, deadline)
+        r.sock.shutdown(socket.SHUT_RD)  # the server's OK then fails (EPIPE)
+        shm.send_packet(r.sock, shm.Packet(shm.HELLO, text=r.opened.ticket))
+        r.close()
+    r = _open_session(server, key, deadline)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+    finally:
+        r.close()
+    still_serves(server, key)
+
+
+def test_a_ticket_that_is_not_ascii_is_refused_like_any_wrong_ticket(server: ServerProcess, key: int) -> None:
+    r = _raw(server, key)  # its own ticket is waiting for a HELLO: the server compares against it
+    try:
+        reply = r.hello("\u00e9" * 64)
+        assert reply is not None and reply.kind == shm.ERROR and "ticket" in reply.text
+    finally:
+        r.close()
+    assert "comparing strings with non-ASCII" not in server.log()
+    still_serves(server, key)
