@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 
@@ -18,7 +21,7 @@ from fuseport.server.shm import MAX_SESSIONS
 from fuseport.wire import codec, shm
 
 from .conftest import ServerProcess, start_server
-from .test_shm import RawSession, _mix, _sealed, still_serves
+from .test_shm import BIG, RawSession, _mix, _sealed, still_serves
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,53 @@ def test_a_ticket_that_is_not_ascii_is_refused_like_any_wrong_ticket(server: Ser
         r.close()
     assert "comparing strings with non-ASCII" not in server.log()
     still_serves(server, key)
+
+
+def test_a_stack_of_empty_tensors_only_runs_through_a_session(server: ServerProcess, key: int) -> None:
+    """No tensor bytes means no input region: empty tensors must not name region 0."""
+    with Client(server.target, shared_above=0) as c:
+        k = c.register(_mix, [torch.empty(0), torch.empty(0)])
+        r = c.execute_detailed(k, [torch.empty(0), torch.empty(0)])
+    assert r.transport == "shm"
+    assert [t.shape for t in r.stack] == [torch.Size([0]), torch.Size([0])]
+
+
+_FORKING_CLIENT = r"""
+import os, sys, torch
+torch.set_num_threads(1)  # torch's thread pool does not survive a fork
+from fuseport.client import Client
+c = Client(sys.argv[1])
+key = int(sys.argv[2])
+a = torch.randn(%(big)d)
+r = c.execute_detailed(key, [a, a])
+assert r.transport == "shm", r.transport
+region = c._shared._inputs[1]  # the parent's input region of slot 1: `a` is in it
+before = region.bytes.clone()
+pid = os.fork()
+if pid == 0:
+    b = torch.randn(%(big)d)
+    r = c.execute_detailed(key, [b, b], timeout=60)
+    os._exit(0 if r.transport == "shm" and torch.equal(r.stack[0], b * 3) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), torch.equal(region.bytes, before), flush=True)
+r = c.execute_detailed(key, [a, a])
+print(r.transport, torch.equal(r.stack[0], a * 3), flush=True)
+"""
+
+
+def test_a_forked_child_opens_its_own_session_and_never_writes_its_parents_regions(
+    server: ServerProcess, key: int
+) -> None:
+    """After fork, parent and child share the session's socket and its regions
+    (MAP_SHARED): a child running calls through them would rewrite the parent's
+    inputs under its calls (wrong results, no error)."""
+    env = os.environ | {"GRPC_ENABLE_FORK_SUPPORT": "1", "GRPC_POLL_STRATEGY": "poll"}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FORKING_CLIENT % {"big": BIG}), server.target, str(key)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True", "shm", "True"], out.stderr[-2000:]
