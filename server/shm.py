@@ -232,15 +232,30 @@ class SharedMemory:
     # ------------------------------------------------------------------ socket side
 
     def _accept(self) -> None:
+        pause = 0.0
         while (listener := self._listener) is not None:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as e:
+                if self._listener is None:
+                    return  # closed
+                # Out of descriptors (EMFILE) or memory: passing, so wait and try
+                # again; returning would end shared memory for the process's life.
+                if not pause:
+                    log.warning("shared memory: cannot accept a connection (%s); trying again", e)
+                pause = min(1.0, pause * 2 or 0.05)
+                time.sleep(pause)
+                continue
+            pause = 0.0
             if not self._pending.acquire(blocking=False):
                 conn.close()  # too many connections yet to say HELLO
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
+            except RuntimeError as e:  # can't start new thread
+                self._pending.release()
+                conn.close()
+                log.warning("shared memory: cannot serve a connection (%s)", e)
 
     def _serve(self, conn: socket.socket) -> None:
         session: _Session | None = None

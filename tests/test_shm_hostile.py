@@ -1,10 +1,12 @@
 """Shared memory against hostile and careless clients, beyond tests/test_shm.py:
 clients that stop reading their socket, vanish mid-HELLO, send tickets that are
-not ASCII, fork, or send stacks of empty tensors only. One real server for all."""
+not ASCII, fork, or send stacks of empty tensors only; a server out of descriptors.
+One real server for all."""
 
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -158,3 +160,36 @@ def test_a_forked_child_opens_its_own_session_and_never_writes_its_parents_regio
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0", "True", "shm", "True"], out.stderr[-2000:]
+
+
+def test_the_socket_keeps_accepting_after_the_server_ran_out_of_descriptors(server: ServerProcess, key: int) -> None:
+    """accept() fails while the process is at its descriptor limit (EMFILE);
+    shared memory must come back once descriptors are free again, not stop
+    for the life of the process."""
+    pid = server.proc.pid
+    still_serves(server, key)  # first: a lazy import cut short by EMFILE would break every call after
+    probe = _raw(server, key)
+    address = probe.opened.socket
+    assert probe.hello().kind == shm.OK  # type: ignore[union-attr]
+    probe.close()
+    limit = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held: list[socket.socket] = []
+    try:
+        soft = len(os.listdir(f"/proc/{pid}/fd")) + 8
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, limit[1]))
+        # Connections the gRPC server accepts until it has no descriptor left
+        # (one is the shared-memory socket's: held by its pending accept()).
+        deadline = time.monotonic() + 60
+        while len(os.listdir(f"/proc/{pid}/fd")) < soft - 1:
+            assert time.monotonic() < deadline, "the server never reached its descriptor limit"
+            held.append(socket.create_connection(("127.0.0.1", server.port)))
+        late = shm.connect(address, 10)  # accepted; the accept() after it fails: EMFILE
+        held.append(late)
+        while "shared memory: cannot accept" not in server.log():
+            assert time.monotonic() < deadline, "the server never tried to accept again"
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
+    still_serves(server, key)
