@@ -674,7 +674,11 @@ class Client(_Base):
                 # Nothing ran: the call goes over the network instead (and so do
                 # the next ones, if the session itself is gone).
                 log.info("shared memory unavailable (%s); using the network", e)
-                if session.closed:
+                if session.closed or isinstance(e.__cause__, grpc.RpcError):
+                    # Closed, or the server does not know the session (it ended
+                    # it, or this call reached another serving process): the next
+                    # call opens a new one, where it lands, instead of trying
+                    # this one again every time.
                     self._drop_shared(session)
         return self._run_on(method, key, stack, wait, timeout, keep, started)
 

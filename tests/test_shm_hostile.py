@@ -193,3 +193,23 @@ def test_the_socket_keeps_accepting_after_the_server_ran_out_of_descriptors(serv
             s.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
     still_serves(server, key)
+
+
+def test_a_session_the_server_no_longer_knows_is_replaced_not_tried_on_every_call(
+    server: ServerProcess, key: int
+) -> None:
+    """A serving process that restarted, or a call that reached another one
+    (--processes), answers that the session is not open there. The client
+    falls back to the network for that call; its next one must open a new
+    session rather than fail over to the network every time."""
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target) as c:
+        assert c.execute_detailed(key, [a, b]).transport == "shm"
+        session = c._shared
+        assert session is not None
+        session._sock.shutdown(socket.SHUT_WR)  # the server ends the session...
+        assert shm.recv_packet(session._sock) is None  # ...and has: its end is closed
+        first = c.execute_detailed(key, [a, b])
+        assert first.transport != "shm" and torch.equal(first.stack[0], a * 2 + b)
+        again = c.execute_detailed(key, [a, b])
+    assert again.transport == "shm" and torch.equal(again.stack[0], a * 2 + b)
