@@ -35,7 +35,7 @@ from fuseport.server.resident import Owner
 from fuseport.wire import codec, dtypes, shm
 from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
 
-__all__ = ["MAX_SLOTS", "SharedMemory"]
+__all__ = ["MAX_SLOTS", "SharedMemory", "shared_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,13 @@ class SharedMemory:
                 pass
             conn.close()
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
+
+
+def shared_sizes(stack: list[Any]) -> list[int]:
+    """The byte sizes of a stack's Shared values (what resolving it copies)."""
+    sizes: list[int] = []
+    shm.replace(stack, lambda v, _where: sizes.append(v.nbytes), codec.Shared)
+    return sizes
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

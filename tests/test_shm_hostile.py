@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,10 +26,14 @@ from fuseport.wire import codec, shm
 from .conftest import ServerProcess, start_server
 from .test_shm import BIG, RawSession, _mix, _sealed, still_serves
 
+CALL_BYTES = 64 << 20  # --max-call-bytes here; shared memory's own budget is the default (16 GiB)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    s = start_server(tmp_path_factory.mktemp("shm-hostile"), None, "--compile-mode", "off")
+    s = start_server(
+        tmp_path_factory.mktemp("shm-hostile"), None, "--compile-mode", "off", "--max-call-bytes", str(CALL_BYTES)
+    )
     yield s
     s.stop()
 
@@ -213,3 +218,35 @@ def test_a_session_the_server_no_longer_knows_is_replaced_not_tried_on_every_cal
         assert first.transport != "shm" and torch.equal(first.stack[0], a * 2 + b)
         again = c.execute_detailed(key, [a, b])
     assert again.transport == "shm" and torch.equal(again.stack[0], a * 2 + b)
+
+
+def _high_water(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_shared_tensors_over_the_call_budget_are_refused_before_the_server_copies_them(
+    server: ServerProcess, key: int
+) -> None:
+    """A streamed stack is refused from its header, before anything is
+    allocated (--max-call-bytes, --max-stream-bytes); shared tensors say their
+    sizes up front too, and must not be copied in first (a sparse region costs
+    its client nothing and the server a copy and the pages it faults in)."""
+    size = 256 << 20
+    r = _raw(server, key)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+        fd, _m = _sealed(size)  # never written: no memory of the client's
+        assert r.hand_over(fd, 1, size).kind == shm.OK  # type: ignore[union-attr]
+        os.close(fd)
+        before = _high_water(server.proc.pid)
+        stack = [codec.Shared(1, 0, torch.float32, (size // 4,), size)] * 2
+        code, kind, details = r.execute(stack)
+        assert (code, kind) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ResourceExhausted"), details
+        assert "--max-call-bytes" in details and "before allocating" in details
+        assert _high_water(server.proc.pid) - before < size // 2
+    finally:
+        r.close()
+    still_serves(server, key)
