@@ -685,6 +685,12 @@ class Client(_Base):
         if not self._shared_wanted or payload_bytes(stack) < self.shared_above:
             return None
         with self._shared_lock:
+            if self._shared is not None and self._shared.pid != os.getpid():
+                # A forked child: the session's socket and regions are its parent's
+                # (its writes would land in the parent's inputs). It lets go of its
+                # copies only, and opens a session of its own.
+                self._shared.close()
+                self._shared, self._shared_retry_at = None, 0.0
             if self._shared is not None and not self._shared.closed:
                 return self._shared
             if time.monotonic() < self._shared_retry_at:

@@ -36,6 +36,9 @@ class SharedSession:
     def __init__(self, opened: _pb.service.OpenSharedMemoryResponse, timeout: float) -> None:
         self.id = opened.session
         self.max_bytes = opened.max_bytes
+        # The process the session belongs to: a forked child inherits its socket
+        # and its regions (MAP_SHARED), and must not use them (see Client).
+        self.pid = os.getpid()
         self.closed = False
         self._sock = shm.connect(opened.socket, timeout)
         self._io = threading.Lock()  # one thread reads the socket at a time
@@ -80,7 +83,8 @@ class SharedSession:
 
     def write(self, slot: int, stack: list[Any]) -> list[Any]:
         """The stack with each tensor copied into the slot's input region and
-        replaced by a Shared value naming it (other values as they are)."""
+        replaced by a Shared value naming it (other values, and tensors without
+        elements, as they are)."""
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
         need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
@@ -91,15 +95,16 @@ class SharedSession:
             region = self._new_input(slot, need)
         offset = 0
 
-        def put(t: torch.Tensor, where: str) -> codec.Shared:
+        def put(t: torch.Tensor, where: str) -> codec.Shared | torch.Tensor:
             nonlocal offset
             if dtypes.code_for(t.dtype) is None:
                 raise InvalidStack(f"{where}: dtype {t.dtype} cannot travel on the wire")
             n = t.numel() * t.element_size()
-            if n:
-                assert region is not None
-                shm.copy_into(region.bytes[offset : offset + n], t)
-            ref = codec.Shared(region.id if region else 0, offset, t.dtype, tuple(t.shape), n)
+            if not n:
+                return t  # no bytes to share; a stack of these has no region to name
+            assert region is not None
+            shm.copy_into(region.bytes[offset : offset + n], t)
+            ref = codec.Shared(region.id, offset, t.dtype, tuple(t.shape), n)
             offset += shm.align(n)
             return ref
 

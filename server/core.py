@@ -219,16 +219,23 @@ class Core:
                 f"the streamed stack declares {total} bytes, over the {limit} bytes a streamed call may "
                 "send (--max-stream-bytes); refused before allocating"
             )
+        self.check_inputs(sizes, "streamed stack")
+
+    def check_inputs(self, sizes: Sequence[int], what: str) -> None:
+        """Refuses a stack from its tensors' declared sizes, before any is
+        allocated: over --max-call-bytes (its inputs alone), or a tensor larger
+        than the device (a streamed or a shared-memory stack)."""
+        total = sum(sizes)
         budget = self.settings.max_call_bytes
         if budget and total > budget:
             raise ResourceExhausted(
-                f"the streamed stack declares {total} bytes, over the {budget} bytes one call may use "
+                f"the {what} declares {total} bytes, over the {budget} bytes one call may use "
                 "(--max-call-bytes); refused before allocating"
             )
         largest = max(sizes, default=0)
         if largest > self.capacity:
             raise ResourceExhausted(
-                f"{self.device} out of memory: a streamed tensor of {largest} bytes is larger than the "
+                f"{self.device} out of memory: a tensor of {largest} bytes in the {what} is larger than the "
                 f"device's {self.capacity}; refused before allocating"
             )
 

@@ -35,7 +35,7 @@ from fuseport.server.resident import Owner
 from fuseport.wire import codec, dtypes, shm
 from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
 
-__all__ = ["MAX_SLOTS", "SharedMemory"]
+__all__ = ["MAX_SLOTS", "SharedMemory", "shared_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ MAX_PENDING = 32  # connections that have not yet said HELLO
 HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
 TICKET_SECONDS = 30.0  # a ticket unused this long is void
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
+# Sends after HELLO never wait: a client's unread packets fill its socket only
+# if it stopped reading, and then the session ends instead.
+_NO_WAIT = socket.MSG_DONTWAIT
 
 
 @dataclass
@@ -64,7 +67,10 @@ class _Session:
 
     @property
     def mapped(self) -> int:
-        return sum(r.size for r in self.regions.values()) + sum(r.size for r in self.outputs.values())
+        # Snapshots (list() copies a dict in one step): the socket's thread adds
+        # regions while a call's thread adds outputs, and summing over a dict
+        # that changes size underneath raises RuntimeError.
+        return sum(r.size for r in list(self.regions.values())) + sum(r.size for r in list(self.outputs.values()))
 
 
 class SharedMemory:
@@ -212,8 +218,11 @@ class SharedMemory:
             try:
                 if session.conn is None:
                     raise SharedMemoryUnavailable("shared-memory session closed")
-                shm.send_packet(session.conn, shm.Packet(shm.OUTPUT, slot, ident, size, fd=fd))
+                shm.send_packet(session.conn, shm.Packet(shm.OUTPUT, slot, ident, size, fd=fd), _NO_WAIT)
             except OSError as e:
+                # Gone, or not reading its socket (it is full): either way the
+                # session is over, and this thread does not wait on the client.
+                self._end(session, f"cannot send to the client: {e}")
                 raise SharedMemoryUnavailable(f"shared-memory session lost: {e}") from None
             finally:
                 os.close(fd)
@@ -223,15 +232,30 @@ class SharedMemory:
     # ------------------------------------------------------------------ socket side
 
     def _accept(self) -> None:
+        pause = 0.0
         while (listener := self._listener) is not None:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as e:
+                if self._listener is None:
+                    return  # closed
+                # Out of descriptors (EMFILE) or memory: passing, so wait and try
+                # again; returning would end shared memory for the process's life.
+                if not pause:
+                    log.warning("shared memory: cannot accept a connection (%s); trying again", e)
+                pause = min(1.0, pause * 2 or 0.05)
+                time.sleep(pause)
+                continue
+            pause = 0.0
             if not self._pending.acquire(blocking=False):
                 conn.close()  # too many connections yet to say HELLO
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
+            except RuntimeError as e:  # can't start new thread
+                self._pending.release()
+                conn.close()
+                log.warning("shared memory: cannot serve a connection (%s)", e)
 
     def _serve(self, conn: socket.socket) -> None:
         session: _Session | None = None
@@ -263,8 +287,10 @@ class SharedMemory:
                 os.close(p.fd)
             return None
         with self._lock:
+            # As bytes: compare_digest refuses str with non-ASCII characters.
+            ticket = p.text.encode()
             session = next(
-                (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket, p.text)),
+                (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket.encode(), ticket)),
                 None,
             )
             if session is not None and time.monotonic() - session.issued > TICKET_SECONDS:
@@ -275,10 +301,16 @@ class SharedMemory:
         if session is None:
             _send(conn, shm.Packet(shm.ERROR, text="unknown or expired ticket"))
             return None
-        pid, uid, _gid = _peer(conn)
-        session.peer = f"pid {pid} uid {uid}"
-        conn.settimeout(None)
-        shm.send_packet(conn, shm.Packet(shm.OK))
+        try:
+            pid, uid, _gid = _peer(conn)
+            session.peer = f"pid {pid} uid {uid}"
+            conn.settimeout(None)
+            shm.send_packet(conn, shm.Packet(shm.OK), _NO_WAIT)
+        except OSError as e:
+            # Claimed, but the client is gone: end the session, or it would count
+            # against MAX_SESSIONS for the life of the process.
+            self._end(session, f"client gone before its HELLO was answered: {e}")
+            return None
         log.info("shared-memory session %s… opened by %s", session.id[:8], session.peer)
         return session
 
@@ -329,8 +361,15 @@ class SharedMemory:
 
     def _reply(self, session: _Session, p: shm.Packet) -> None:
         with session.send_lock:
-            if session.conn is not None:
-                _send(session.conn, p)
+            if session.conn is None:
+                return
+            try:
+                shm.send_packet(session.conn, p, _NO_WAIT)
+            except OSError as e:
+                # Gone, or its socket is full because it never reads: the session
+                # ends (its reading loop stops) rather than this thread, and with
+                # it the session's send lock, waiting on the client.
+                self._end(session, f"cannot send to the client: {e}")
 
     def _end(self, session: _Session, why: str) -> None:
         """Unmaps and forgets everything of a session (its in-flight calls keep
@@ -351,6 +390,13 @@ class SharedMemory:
                 pass
             conn.close()
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
+
+
+def shared_sizes(stack: list[Any]) -> list[int]:
+    """The byte sizes of a stack's Shared values (what resolving it copies)."""
+    sizes: list[int] = []
+    shm.replace(stack, lambda v, _where: sizes.append(v.nbytes), codec.Shared)
+    return sizes
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -68,12 +68,12 @@ class Packet:
     fd: int | None = None  # received with the packet (the receiver owns it)
 
 
-def send_packet(sock: socket.socket, p: Packet) -> None:
+def send_packet(sock: socket.socket, p: Packet, flags: int = 0) -> None:
     data = _HEADER.pack(_MAGIC, p.kind, p.slot, p.id, p.size) + p.text.encode("utf-8")[:MAX_TEXT]
     if p.fd is None:
-        sock.sendall(data)
+        sock.sendall(data, flags)
     else:
-        socket.send_fds(sock, [data], [p.fd])
+        socket.send_fds(sock, [data], [p.fd], flags)
 
 
 def recv_packet(sock: socket.socket) -> Packet | None:
