@@ -46,6 +46,10 @@ MAX_PENDING = 32  # connections that have not yet said HELLO
 HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
 TICKET_SECONDS = 30.0  # a ticket unused this long is void
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
+# All sessions of a process together may map this many times one session's
+# budget: a client that hands over a sparse memfd costs itself nothing, but the
+# pages the server faults in reading it are the server's while it is mapped.
+TOTAL_SESSIONS_OF_BUDGET = 4
 # Sends after HELLO never wait: a client's unread packets fill its socket only
 # if it stopped reading, and then the session ends instead.
 _NO_WAIT = socket.MSG_DONTWAIT
@@ -122,6 +126,14 @@ class SharedMemory:
             sessions = list(self._sessions.values())
         for s in sessions:
             self._end(s, "server closing")
+
+    def _room(self, session: _Session) -> int:
+        """Bytes `session` may still map: its own budget, and what all sessions
+        together may map (TOTAL_SESSIONS_OF_BUDGET x --shared-memory-max-bytes)."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        everyone = sum(s.mapped for s in sessions)
+        return min(self.max_bytes - session.mapped, TOTAL_SESSIONS_OF_BUDGET * self.max_bytes - everyone)
 
     def stats(self) -> tuple[int, int]:
         """Connected sessions and bytes they have mapped (regions of both sides)."""
@@ -202,11 +214,11 @@ class SharedMemory:
     def _new_output(self, session: _Session, slot: int, need: int) -> shm.Region | None:
         old = session.outputs.pop(slot, None)
         size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
-        if session.mapped + size > self.max_bytes:
+        if size > self._room(session):
             log.info(
-                "shared-memory session %s…: results of %d bytes over its %d-byte budget "
-                "(--shared-memory-max-bytes): sent as bytes",
-                session.id[:8], need, self.max_bytes,
+                "shared-memory session %s…: results of %d bytes over its budget (--shared-memory-max-bytes, "
+                "%d; all sessions: %d): sent as bytes",
+                session.id[:8], need, self.max_bytes, TOTAL_SESSIONS_OF_BUDGET * self.max_bytes,
             )  # fmt: skip
             if old is not None:
                 session.outputs[slot] = old
@@ -351,11 +363,14 @@ class SharedMemory:
         if len(session.regions) >= MAX_REGIONS:
             os.close(p.fd)
             return refuse(f"region {p.id}: the session holds {MAX_REGIONS} regions already")
-        room = self.max_bytes - session.mapped
+        room = self._room(session)
         try:
             region = shm.map_region(p.fd, p.id, p.size, max(0, room))
         except (ValueError, OSError) as e:
-            return refuse(f"{e} (the session may map {self.max_bytes} bytes, {room} left)")
+            return refuse(
+                f"{e} (a session may map {self.max_bytes} bytes, all sessions "
+                f"{TOTAL_SESSIONS_OF_BUDGET * self.max_bytes}; {max(0, room)} left)"
+            )
         session.regions[p.id] = region
         self._reply(session, shm.Packet(shm.OK, id=p.id))
 

@@ -211,6 +211,30 @@ def test_metrics_count_sessions_and_mapped_bytes(server: ServerProcess, key: int
     assert _until(server, (0, 0)) == (0, 0)
 
 
+def test_all_sessions_together_map_at_most_four_budgets(server: ServerProcess, key: int) -> None:
+    """Sparse memfds cost their client nothing; the pages the server faults in are
+    the server's. So besides each session's budget there is one for all of them."""
+    assert _until(server, (0, 0)) == (0, 0)
+    sessions = []
+    try:
+        for i in range(5):
+            r = RawSession(server, client_id=f"budget-client-{i:02d}-0123456789")
+            sessions.append(r)
+            assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+            size = (60 << 20) if i < 4 else (32 << 20)
+            fd, _m = _sealed(size)
+            reply = r.hand_over(fd, 1, size)
+            os.close(fd)
+            if i < 4:
+                assert reply is not None and reply.kind == shm.OK, reply
+        assert reply is not None and reply.kind == shm.ERROR and "all sessions" in reply.text, reply
+    finally:
+        for r in sessions:
+            r.close()
+    assert _until(server, (0, 0)) == (0, 0)
+    still_serves(server, key)
+
+
 def test_a_client_with_shared_memory_off_uses_the_network(server: ServerProcess, key: int) -> None:
     a, b = torch.randn(BIG), torch.randn(BIG)
     with Client(server.target, shared_memory=False) as c:

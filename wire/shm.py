@@ -193,6 +193,10 @@ def map_region(fd: int, ident: int, size: int, max_size: int) -> Region:
             raise ValueError(f"region {ident}: not sealed against shrinking and growing (F_SEAL_SHRINK|F_SEAL_GROW)")
         if st.st_size != size:
             raise ValueError(f"region {ident}: announced as {size} bytes, the memfd holds {st.st_size}")
+        if st.st_blksize != mmap.PAGESIZE:
+            # A huge-page memfd (MFD_HUGETLB) passes the seals, but a page the mapper
+            # faults in after the host's huge-page pool ran dry is SIGBUS.
+            raise ValueError(f"region {ident}: pages of {st.st_blksize} bytes; only {mmap.PAGESIZE}-byte pages")
         return Region(ident, size, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
     finally:
         os.close(fd)
