@@ -117,11 +117,7 @@ class SharedMemory:
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            listener.close()
+            _hang_up(listener)
         with self._lock:
             sessions = list(self._sessions.values())
         for s in sessions:
@@ -399,11 +395,7 @@ class SharedMemory:
         session.outputs.clear()
         conn, session.conn = session.conn, None
         if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            _hang_up(conn)
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
 
 
@@ -430,6 +422,16 @@ def _copy(src: torch.Tensor, device: torch.device) -> torch.Tensor:
         shm.copy_into(out, src)
         return out
     return src.to(device)
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """Shuts a socket down before closing it: a thread blocked in accept() or
+    recv() on it returns at once (close() alone would leave it waiting)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected (any more)
+    sock.close()
 
 
 def _send(conn: socket.socket, p: shm.Packet) -> None:
