@@ -16,7 +16,7 @@ from fuseport.server.core import Core
 from fuseport.server.devices import is_out_of_memory
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
 from fuseport.server.security import presented_token_digest
-from fuseport.server.shm import MAX_SLOTS, SharedMemory, shared_sizes
+from fuseport.server.shm import MAX_SLOTS, SharedMemory, check_slot, shared_sizes
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -252,6 +252,7 @@ class KernelService:
             # Shared-memory tensors are copied out of the client's region here:
             # reading them is this call's decoding.
             started = time.perf_counter_ns()
+            check_slot(req.shm_slot)  # before running, not after
             # Sizes first, as a stream's header: refused before anything is copied.
             self.core.check_inputs(shared_sizes(stack), "shared-memory stack")
             stack = self.shared.resolve(record.owner, req.shm_session, stack, self.core.placement.device)

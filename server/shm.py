@@ -35,7 +35,7 @@ from fuseport.server.resident import Owner
 from fuseport.wire import codec, dtypes, shm
 from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
 
-__all__ = ["MAX_SLOTS", "SharedMemory", "shared_sizes"]
+__all__ = ["MAX_SLOTS", "SharedMemory", "check_slot", "shared_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,7 @@ class SharedMemory:
         """The result stack with each tensor written into the slot's output
         region and replaced by a Shared value naming it. A region too small is
         replaced by a larger one, handed to the client before this returns."""
-        if not 1 <= slot <= MAX_SLOTS:
-            raise InvalidArgument(f"shared_memory_slot {slot} is not within 1..{MAX_SLOTS}")
+        check_slot(slot)
         session = self._session(owner, sid)
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
@@ -397,6 +396,12 @@ class SharedMemory:
         if conn is not None:
             _hang_up(conn)
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
+
+
+def check_slot(slot: int) -> None:
+    """A request's output slot: 0 (results as bytes) or 1..MAX_SLOTS."""
+    if not 0 <= slot <= MAX_SLOTS:
+        raise InvalidArgument(f"shared_memory_slot {slot} is not within 1..{MAX_SLOTS} (or 0: results as bytes)")
 
 
 def shared_sizes(stack: list[Any]) -> list[int]:
