@@ -663,8 +663,9 @@ class Client(_Base):
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
-        session = self._shared_session(stack, timeout)
-        if session is not None and payload_bytes(stack) <= session.max_bytes:
+        size = payload_bytes(stack)
+        session = self._shared_session(size, timeout)
+        if session is not None and size <= session.max_bytes:
             try:
                 with session.slot() as slot:
                     # Tensor outputs come back through the slot's region, unless kept.
@@ -679,10 +680,11 @@ class Client(_Base):
                 self._drop_shared(session)
         return self._run_on(method, key, stack, wait, timeout, keep, started)
 
-    def _shared_session(self, stack: Sequence[Any], timeout: float | None) -> SharedSession | None:
-        """This client's shared-memory session, opened at the first stack large
-        enough; None when the server is not on this host or has it off."""
-        if not self._shared_wanted or payload_bytes(stack) < self.shared_above:
+    def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
+        """This client's shared-memory session, opened at the first stack of
+        `size` tensor bytes large enough; None when the server is not on this
+        host or has it off."""
+        if not self._shared_wanted or size < self.shared_above:
             return None
         with self._shared_lock:
             if self._shared is not None and self._shared.pid != os.getpid():
