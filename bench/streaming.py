@@ -8,7 +8,8 @@ four calls from this process, in turn (the order rotates each iteration):
   back on a bidirectional stream (the floor a streamed call is measured against);
 * Execute unary: `x + 0` on a uint8 tensor of the size in one message each way;
 * Execute stream: the same call through ExecuteStream/FallbackStream chunks;
-* Execute shm: the same call through shared memory (the server is on this host).
+* Execute shm: the same call through shared memory (the server is on this host);
+  on a GPU, also from a CUDA tensor of the client's (by CUDA IPC handle).
 
 Then two sweeps that set the defaults: chunk sizes for a 64 MiB streamed call
 (wire.stream.CHUNK_BYTES), and unary against streamed Execute from 4 MiB to
@@ -125,9 +126,9 @@ def _point(
     tensor = torch.full((size,), 7, dtype=torch.uint8)
     transports: dict[str, str] = {}
 
-    def execute(client: Client, name: str) -> Callable[[], None]:
+    def execute(client: Client, name: str, t: torch.Tensor = tensor) -> Callable[[], None]:
         def call() -> None:
-            r = client.execute_detailed(key, [tensor], timeout=timeout)
+            r = client.execute_detailed(key, [t], timeout=timeout)
             transports[name] = r.transport
             if r.stack[0].numel() != size:
                 raise RuntimeError("Execute lost bytes")
@@ -138,6 +139,9 @@ def _point(
     calls["execute unary"] = execute(unary, "execute unary")
     calls["execute stream"] = execute(streamed, "execute stream")
     calls["execute shm"] = execute(shared, "execute shm")
+    if ctx.on_gpu and torch.cuda.is_available():
+        # A client holding the tensor on the server's GPU: by CUDA IPC handle (the results come back to the host).
+        calls["execute cuda ipc"] = execute(shared, "execute cuda ipc", tensor.cuda())
     lat = _rotate(calls, n, warmup=1 if size > 64 << 20 else 2)
     point: dict[str, Any] = {"size": size, "iterations": n, "transports": transports, "methods": {}}
     for name, values in lat.items():
@@ -167,6 +171,11 @@ def _rows(point: dict[str, Any]) -> list[Row]:
             target="<= 0.2x" if size in (16 << 20, 256 << 20) else "",
             note=f"transport {point['transports'].get('execute shm')}").judge(),
     ]  # fmt: skip
+    if "execute cuda ipc" in ms:
+        rows.append(
+            Row("stream", f"Execute {label} from a CUDA tensor, time", ms["execute cuda ipc"], "ms", "unary echo ms",
+                ms["echo"], note=f"transport {point['transports'].get('execute cuda ipc')}").judge()
+        )  # fmt: skip
     return rows
 
 

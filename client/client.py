@@ -122,8 +122,9 @@ class ExecuteResult:
     timings: Timings
     variant: int  # content key of the variant that ran (the kernel's key for its own graph)
     # How the stacks travelled: "unary" (one Execute/Fallback message each way),
-    # "stream" (ExecuteStream/FallbackStream chunks, for large stacks) or "shm"
-    # (shared memory, with a server on this host).
+    # "stream" (ExecuteStream/FallbackStream chunks, for large stacks), "shm"
+    # (shared memory, with a server on this host) or "cuda_ipc" (shared memory,
+    # and CUDA inputs passed by CUDA IPC handle, on the server's GPU host).
     transport: str = "unary"
 
 
@@ -270,7 +271,8 @@ class _Base:
 
         `shared_memory`: when the server is on this host and offers it, stacks
         with at least `shared_above` tensor bytes travel through shared memory
-        (the blocking Client; ExecuteResult.transport says "shm"); False: never."""
+        (the blocking Client; ExecuteResult.transport says "shm", or "cuda_ipc"
+        where CUDA inputs went by CUDA IPC handle); False: never."""
         self.target = target
         self.stream_above = stream_above
         self.shared_above = shared_above
@@ -669,9 +671,11 @@ class Client(_Base):
             try:
                 with session.slot() as slot:
                     # Tensor outputs come back through the slot's region, unless kept.
-                    shared = _Shared(session.write(slot, list(stack)), session.id, 0 if keep else slot)
+                    written, by_cuda = session.write(slot, list(stack))
+                    shared = _Shared(written, session.id, 0 if keep else slot)
                     result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    return dataclasses.replace(result, stack=session.read(result.stack), transport="shm")
+                    transport = "cuda_ipc" if by_cuda else "shm"
+                    return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
             except SharedMemoryUnavailable as e:
                 # Nothing ran: this call goes over the network, and the next large
                 # one opens a new session (this one is closed, or was opened on

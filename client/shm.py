@@ -3,7 +3,8 @@
 A client on the server's host hands its inputs over in sealed memfds and reads
 the results from the server's; each call holds one slot (an input region of
 this client's, an output region of the server's) for its duration, so
-concurrent calls of one client never share a region. Regions are reused from
+concurrent calls of one client never share a region. CUDA tensors on a device
+the server offered travel as CUDA IPC handles instead (wire/cuda_ipc.py). Regions are reused from
 call to call (fresh memory would page-fault at a fraction of copy speed) and
 grow when a stack needs more.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fuseport.wire import _pb, codec, dtypes, shm
+from fuseport.wire import _pb, codec, cuda_ipc, dtypes, shm
 from fuseport.wire.errors import InvalidStack, SharedMemoryUnavailable
 
 __all__ = ["SLOTS", "SharedSession"]
@@ -46,6 +47,10 @@ class SharedSession:
         self._outputs: dict[int, shm.Region] = {}  # by region id: the server's
         self._slot_outputs: dict[int, int] = {}  # slot -> its current output region id
         self._inputs: dict[int, shm.Region] = {}  # by slot: this client's
+        # CUDA IPC: the devices the server maps allocations of, and by slot the
+        # contiguous copies a call's handles name (alive until the call is over).
+        self.cuda_devices = frozenset(opened.cuda_devices)
+        self._held: dict[int, list[torch.Tensor]] = {}
         self._next_id = 1
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self._free = list(range(slots, 0, -1))
@@ -75,19 +80,22 @@ class SharedSession:
         try:
             yield slot
         finally:
+            self._held.pop(slot, None)
             with self._slots:
                 self._free.append(slot)
                 self._slots.notify()
 
     # ------------------------------------------------------------------ inputs
 
-    def write(self, slot: int, stack: list[Any]) -> list[Any]:
+    def write(self, slot: int, stack: list[Any]) -> tuple[list[Any], bool]:
         """The stack with each tensor copied into the slot's input region and
         replaced by a Shared value naming it (other values, and tensors without
-        elements, as they are)."""
+        elements, as they are); and whether any CUDA tensor went by CUDA IPC
+        handle instead (only where the server offered its device)."""
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
-        need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
+        exports = self._export_cuda(slot, tensors)
+        need = sum(shm.align(t.numel() * t.element_size()) for t in tensors if id(t) not in exports)
         if need > self.max_bytes:
             raise SharedMemoryUnavailable(f"a stack of {need} bytes is over the session's {self.max_bytes}")
         region = self._inputs.get(slot)
@@ -102,13 +110,41 @@ class SharedSession:
             n = t.numel() * t.element_size()
             if not n:
                 return t  # no bytes to share; a stack of these has no region to name
+            e = exports.get(id(t))
+            if e is not None:
+                return codec.Shared(0, e.offset, t.dtype, tuple(t.shape), n, e.handle, e.device_uuid)
             assert region is not None
             shm.copy_into(region.bytes[offset : offset + n], t)
             ref = codec.Shared(region.id, offset, t.dtype, tuple(t.shape), n)
             offset += shm.align(n)
             return ref
 
-        return shm.replace(stack, put, torch.Tensor)
+        return shm.replace(stack, put, torch.Tensor), bool(exports)
+
+    def _export_cuda(self, slot: int, tensors: list[torch.Tensor]) -> dict[int, cuda_ipc.Export]:
+        """CUDA IPC exports of the CUDA tensors whose device the server offered, by id()
+        of the tensor on the stack; the others go through the input region."""
+        cuda = [t for t in tensors if t.is_cuda and t.numel()]
+        drv = cuda_ipc.driver() if cuda and self.cuda_devices else None
+        if drv is None:
+            return {}
+        out: dict[int, cuda_ipc.Export] = {}
+        held: list[torch.Tensor] = []
+        for t in cuda:
+            c = t.contiguous()  # the server reads row-major bytes
+            try:
+                e = drv.export(c)
+            except cuda_ipc.CudaError as err:  # e.g. expandable segments: not exportable
+                log.debug("CUDA tensor through host memory: %s", err)
+                continue
+            if e.device_uuid in self.cuda_devices:
+                out[id(t)] = e
+                held.append(c)
+        # The server reads these on its own stream: what this process queued on them is done first.
+        for d in {c.device for c in held}:
+            torch.cuda.current_stream(d).synchronize()
+        self._held[slot] = held
+        return out
 
     def _new_input(self, slot: int, need: int) -> shm.Region:
         size = -(-need // _STEP) * _STEP

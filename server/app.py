@@ -223,7 +223,13 @@ class Server:
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             # A chunk and its header must fit one message (a small --max-message-bytes).
             min(settings.stream_chunk_bytes, settings.max_message_bytes - 1024),
-            SharedMemory(settings.shared_memory, settings.shared_memory_max_bytes),
+            SharedMemory(
+                settings.shared_memory,
+                settings.shared_memory_max_bytes,
+                # CUDA IPC only where this process serves on CUDA: asking a CPU
+                # server's driver for device UUIDs would make it a CUDA context.
+                cuda_ipc=settings.cuda_ipc and self.core.placement.device.type == "cuda",
+            ),
         )
         self.health = HealthServicer()
         self.grpc = grpc.aio.server(

@@ -439,7 +439,12 @@ class KernelService:
         _parse(_pb.service.OpenSharedMemoryRequest, request)
         address, ticket, session = self.shared.open(record.owner)
         return _pb.service.OpenSharedMemoryResponse(
-            socket=address, ticket=ticket, session=session, max_bytes=self.shared.max_bytes, max_slots=MAX_SLOTS
+            socket=address,
+            ticket=ticket,
+            session=session,
+            max_bytes=self.shared.max_bytes,
+            max_slots=MAX_SLOTS,
+            cuda_devices=self.shared.cuda_devices,
         ).SerializeToString()
 
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:

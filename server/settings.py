@@ -172,6 +172,13 @@ class Settings:
         default=16 << 30,
         metadata={"help": "bytes of shared-memory regions one client session may map, its inputs' and outputs'"},
     )
+    cuda_ipc: bool = field(
+        default=True,
+        metadata={
+            "help": "with shared memory, let a client's CUDA tensors on this server's GPUs travel as CUDA IPC "
+            "handles (copied on the device; no host copy)"
+        },
+    )
 
     # --processes (procs): several serving processes on one port, under a supervisor.
     processes: int = field(

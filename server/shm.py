@@ -15,6 +15,13 @@ else cannot, which is exactly "co-located".
 The server copies every input out of the client's region before anything
 checks or runs it: the client may rewrite its region at any time, and a check
 that read bytes the kernel then reads again would be a race it could win.
+
+A client's CUDA tensors, on a device this process sees, travel as CUDA IPC
+handles instead (wire/cuda_ipc.py): only within a session (the socket proved
+the client is on this host; the session binds it to its client id and token),
+and the same way: the server maps the client's allocation, checks the tensor
+lies inside what the driver says it maps, copies it out on the device and
+unmaps it, all before the call goes on. Nothing of the server's is exported.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Any
 import torch
 
 from fuseport.server.resident import Owner
-from fuseport.wire import codec, dtypes, shm
+from fuseport.wire import codec, cuda_ipc, dtypes, shm
 from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
 
 __all__ = ["MAX_SLOTS", "SharedMemory", "check_slot", "shared_sizes"]
@@ -80,10 +87,13 @@ class _Session:
 class SharedMemory:
     """The sessions of one serving process, and the socket their clients connect to."""
 
-    def __init__(self, enabled: bool, max_bytes: int) -> None:
+    def __init__(self, enabled: bool, max_bytes: int, cuda_ipc: bool = False) -> None:
         self.max_bytes = max_bytes
         self.address = ""
         self.reason = "" if enabled else "shared memory is off on this server (--shared-memory off)"
+        # UUIDs of the devices whose allocations sessions may name by CUDA IPC handle.
+        self.cuda_devices: list[bytes] = []
+        self._cuda_ipc = cuda_ipc
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
@@ -113,6 +123,14 @@ class SharedMemory:
         self._listener, self.address = sock, "@" + name
         threading.Thread(target=self._accept, name="fuseport-shm-accept", daemon=True).start()
         log.info("shared memory for co-located clients on %s", self.address)
+        if self._cuda_ipc:
+            drv = cuda_ipc.driver()
+            if drv is None:
+                log.warning("CUDA IPC unavailable (%s): CUDA tensors of local clients go through host memory",
+                            cuda_ipc.why_not())  # fmt: skip
+            else:
+                self.cuda_devices = [drv.uuid(i) for i in range(torch.cuda.device_count())]
+                log.info("CUDA IPC for co-located clients' CUDA tensors on %d device(s)", len(self.cuda_devices))
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -171,6 +189,8 @@ class SharedMemory:
         session = self._session(owner, sid)
 
         def value(v: codec.Shared, where: str) -> torch.Tensor:
+            if v.cuda_handle:
+                return self._from_cuda(v, device, where)
             region = session.regions.get(v.region)
             if region is None:
                 raise InvalidStack(f"{where}: shared-memory region {v.region} was not handed over in this session")
@@ -181,6 +201,39 @@ class SharedMemory:
             )
 
         return shm.replace(stack, value, codec.Shared)
+
+    def _from_cuda(self, v: codec.Shared, device: torch.device, where: str) -> torch.Tensor:
+        """A copy on `device` of a client's CUDA tensor, named by its allocation's IPC handle."""
+        drv = cuda_ipc.driver() if self.cuda_devices else None
+        ordinal = drv.ordinal_of(v.cuda_device) if drv is not None else None
+        if drv is None or ordinal is None:
+            offered = "this server offers no CUDA IPC" if drv is None else "not a device this server offered"
+            raise InvalidStack(f"{where}: CUDA IPC tensor on device {v.cuda_device.hex()}: {offered}")
+
+        def copy(dt: torch.dtype, n: int, shape: list[int]) -> torch.Tensor:
+            try:
+                ptr, mapped = drv.open(ordinal, v.cuda_handle)
+            except cuda_ipc.CudaError as e:
+                # A handle of no live allocation, of this process's own memory, or garbage.
+                raise InvalidStack(f"{where}: cannot open its CUDA IPC handle ({e})") from None
+            try:
+                if v.offset + n > mapped:
+                    raise InvalidStack(
+                        f"{where}: {n} bytes at offset {v.offset} are outside the {mapped}-byte CUDA allocation "
+                        "its handle maps"
+                    )
+                out = torch.empty(n, dtype=torch.uint8, device=device)
+                if n:
+                    out.copy_(cuda_ipc.as_bytes(ptr + v.offset, n, ordinal))
+                    # The copy is done before the mapping goes: unmapping memory a
+                    # queued copy still reads would fault this process's device.
+                    for d in {ordinal, out.device.index if out.is_cuda else ordinal}:
+                        torch.cuda.current_stream(d).synchronize()
+            finally:
+                drv.close(ordinal, ptr)
+            return out.view(dt).view(shape)
+
+        return codec._make_tensor(dtypes.code_for(v.dtype), list(v.shape), [], v.nbytes, where, copy)
 
     def place(self, owner: Owner, sid: str, slot: int, stack: list[Any]) -> list[Any]:
         """The result stack with each tensor written into the slot's output

@@ -434,6 +434,28 @@ def test_shared_tensors_that_lie_are_invalid_argument_naming_what_is_wrong(raw: 
     assert raw.execute(ok)[0] == grpc.StatusCode.OK
 
 
+def test_a_cpu_server_offers_no_cuda_ipc_and_refuses_cuda_handles_naming_why(raw: RawSession) -> None:
+    """CUDA IPC is for a CUDA server; here its SharedTensors are refused, each
+    for what is wrong with it, and the session and the server go on."""
+    assert list(raw.opened.cuda_devices) == []
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    fd, m = _sealed(1 << 20)
+    assert raw.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    f32, handle, uuid = torch.float32, os.urandom(64), os.urandom(16)
+    host = codec.Shared(1, 0, f32, (4,), 16)
+    cases = [
+        (codec.Shared(0, 0, f32, (4,), 16, handle, uuid), "offers no CUDA IPC"),
+        (codec.Shared(0, 0, f32, (4,), 16, handle[:10], uuid), "64-byte cuda_handle"),
+        (codec.Shared(0, 0, f32, (4,), 16, handle, b""), "16-byte cuda_device"),
+        (codec.Shared(1, 0, f32, (4,), 16, handle, uuid), "not both"),
+    ]
+    for value, why in cases:
+        code, kind, details = raw.execute([value, host])
+        assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack"), (why, code, details)
+        assert why in details, details
+    assert raw.execute([host, host])[0] == grpc.StatusCode.OK
+
+
 def test_a_session_is_usable_only_by_its_client_on_its_server(server: ServerProcess, raw: RawSession) -> None:
     assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
     fd, _m = _sealed(1 << 20)
@@ -503,13 +525,122 @@ def test_shared_memory_to_a_cuda_server_matches_eager_on_the_device(
 ) -> None:
     """The server copies each input from the client's region straight to its
     device and each result from there into its region; a client holding CUDA
-    tensors itself goes through host memory (no CUDA IPC yet)."""
+    tensors hands them over by CUDA IPC handle instead (copied on the device)."""
     g = torch.Generator().manual_seed(11)
     a, b = torch.randn(1 << 20, generator=g).to(dtype), torch.randn(1 << 20, generator=g).to(dtype)
     want = [t.cpu() for t in _mix(a.cuda(), b.cuda())]
     with Client(cuda_server.target, timeout=300) as c:
         k = c.register(_mix, [a, b])
-        for inputs in ([a, b], [a.cuda(), b.cuda()]):
+        for inputs, transport in (([a, b], "shm"), ([a.cuda(), b.cuda()], "cuda_ipc")):
             r = c.fallback_detailed(k, inputs)
-            assert r.transport == "shm"
+            assert r.transport == transport
             assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+
+
+def _cuda_inputs(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of CUDA inputs as users hold them: whole tensors, a slice deep inside a
+    larger allocation (an offset), a transposed view (not contiguous), and a CPU
+    tensor beside a CUDA one."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    big = torch.randn(3 << 20, device="cuda", generator=g)
+    m = torch.randn(1024, 512, device="cuda", generator=g)
+    return [
+        (big[: 1 << 20].clone(), big[1 << 20 : 2 << 20].clone()),
+        (big[(1 << 20) + 3 : (2 << 20) + 3], big[2 << 20 :]),
+        (m.t(), m.t() * 3),
+        (big[: 1 << 20].cpu(), big[1 << 20 : 2 << 20]),
+    ]
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_of_a_client_on_the_gpu_host_travel_by_cuda_ipc_and_match_eager(
+    cuda_server: ServerProcess,
+) -> None:
+    with Client(cuda_server.target, timeout=300) as c:
+        k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+        for a, b in _cuda_inputs(5):
+            want = [t.cpu() for t in _mix(a.cuda(), b.cuda())]
+            r = c.fallback_detailed(k, [a, b])
+            assert r.transport == "cuda_ipc"
+            assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+        # Threads of one client, each with its own CUDA tensors, each get their own results.
+        pairs = _cuda_inputs(6) * 3
+        wants = [[t.cpu() for t in _mix(a.cuda(), b.cuda())] for a, b in pairs]
+        got: list[Any] = [None] * len(pairs)
+
+        def one(i: int) -> None:
+            got[i] = c.fallback_detailed(k, list(pairs[i]))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pairs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r, want in zip(got, wants):
+            assert r.transport == "cuda_ipc"
+            assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_handles_that_lie_are_invalid_argument_and_the_server_keeps_serving(
+    cuda_server: ServerProcess,
+) -> None:
+    """A hand-written client names CUDA memory it does not have, or more than it has:
+    each call is refused naming what is wrong, nothing faults the server's device."""
+    from fuseport.wire import cuda_ipc
+
+    drv = cuda_ipc.driver()
+    assert drv is not None, cuda_ipc.why_not()
+    with Client(cuda_server.target) as c:
+        key = c.register(_mix, [torch.ones(4), torch.ones(4)])
+    raw = RawSession(cuda_server)
+    raw.key = key  # type: ignore[attr-defined]
+    try:
+        assert raw.opened.cuda_devices, "a CUDA server offers CUDA IPC"
+        assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+        x = torch.arange(1 << 20, dtype=torch.float32, device="cuda")
+        torch.cuda.synchronize()
+        e = drv.export(x)
+        assert e.device_uuid in raw.opened.cuda_devices
+        # 256 KiB named at a time: the results come back as bytes, within the
+        # 4 MiB a plain grpc channel receives.
+        f32, n = torch.float32, 1 << 16
+
+        def ref(offset: int = e.offset, count: int = n, handle: bytes = e.handle, uuid: bytes = e.device_uuid) -> Any:
+            return codec.Shared(0, offset, f32, (count,), count * 4, handle, uuid)
+
+        cases = [
+            (ref(handle=os.urandom(64)), "cannot open its CUDA IPC handle"),
+            (ref(handle=bytes(64)), "cannot open its CUDA IPC handle"),
+            (ref(offset=e.allocation_bytes), "outside"),
+            (ref(count=e.allocation_bytes // 4 + 1), "outside"),
+            (ref(offset=e.offset + e.allocation_bytes - 4 * n + 4), "outside"),
+            (ref(uuid=os.urandom(16)), "not a device this server offered"),
+        ]
+        for value, why in cases:
+            code, kind, details = raw.execute([value, ref()])
+            assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack"), (why, code, details)
+            assert why in details, details
+        # The same session, the honest reference: the server's device is fine.
+        assert raw.execute([ref(), ref()])[0] == grpc.StatusCode.OK
+        assert torch.equal(raw.response.stack[0], (x[:n] * 3).cpu())
+    finally:
+        raw.close()
+    with Client(cuda_server.target) as c:
+        a = torch.randn(1 << 18, device="cuda")
+        r = c.fallback_detailed(key, [a, a])
+        assert r.transport == "cuda_ipc" and torch.equal(r.stack[0], (a * 3).cpu())
+
+
+@pytest.mark.gpu
+def test_with_cuda_ipc_off_cuda_tensors_go_through_host_memory(tmp_path: Path) -> None:
+    s = start_server(tmp_path, None, "--device", "cuda", "--compile-mode", "off", "--cuda-ipc", "off")
+    try:
+        with Client(s.target, timeout=300) as c:
+            k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+            a, b = torch.randn(1 << 18, device="cuda"), torch.randn(1 << 18, device="cuda")
+            r = c.fallback_detailed(k, [a, b])
+            assert r.transport == "shm"
+            assert all(torch.equal(x, y.cpu()) for x, y in zip(r.stack, _mix(a, b)))
+    finally:
+        s.stop()

@@ -83,13 +83,16 @@ class Handle:
 @dataclass(frozen=True)
 class Shared:
     """A SharedTensor on a stack: a tensor whose bytes lie in a shared-memory
-    region (wire/shm.py), checked as a Tensor header is (dtype, rank, dims)."""
+    region (wire/shm.py), or with `cuda_handle`, in a client's CUDA allocation
+    (wire/cuda_ipc.py); checked as a Tensor header is (dtype, rank, dims)."""
 
     region: int
     offset: int
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    cuda_handle: bytes = b""
+    cuda_device: bytes = b""
 
 
 StackValue = Union[torch.Tensor, int, float, bool, str, None, list, Handle, Shared]  # noqa: UP007
@@ -111,6 +114,9 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _V_TENSOR, _V_INT, _V_FLOAT, _V_BOOL, _V_STRING, _V_NONE, _V_LIST = 1, 2, 3, 4, 5, 6, 7
 _V_HANDLE = 50
 _V_SHARED = 60
+# A CUDA IPC memory handle and a device UUID (wire/cuda_ipc.py; sizes fixed by CUDA).
+CUDA_HANDLE_BYTES = 64
+CUDA_UUID_BYTES = 16
 # Longest handle id a reader accepts (servers make ~60 characters).
 MAX_HANDLE_ID = 256
 _T_DTYPE, _T_SHAPE, _T_ALIGN, _T_DATA, _T_ORDER = 1, 2, 3, 4, 5
@@ -290,7 +296,12 @@ def _value_body(value: Any, where: str, depth: int) -> bytes:
         return _handle_body(value, where)
     if isinstance(value, Shared):
         body = _pb.values.SharedTensor(
-            region=value.region, offset=value.offset, dtype=dtypes.code_for(value.dtype), shape=list(value.shape)
+            region=value.region,
+            offset=value.offset,
+            dtype=dtypes.code_for(value.dtype),
+            shape=list(value.shape),
+            cuda_handle=value.cuda_handle,
+            cuda_device=value.cuda_device,
         ).SerializeToString()
         return _tag(_V_SHARED, _LEN) + _varint(len(body)) + body
     if isinstance(value, (list, tuple)):
@@ -357,7 +368,15 @@ def _shared_from(raw: bytes, where: str) -> Shared:
         raise InvalidStack(f"{where}: shape {list(shape)} is too large")
     if msg.offset % itemsize:
         raise InvalidStack(f"{where}: offset {msg.offset} is not a multiple of {dtypes.name_for(msg.dtype)}'s size")
-    return Shared(msg.region, msg.offset, dtype, shape, nbytes)
+    if msg.cuda_handle or msg.cuda_device:
+        if len(msg.cuda_handle) != CUDA_HANDLE_BYTES or len(msg.cuda_device) != CUDA_UUID_BYTES:
+            raise InvalidStack(
+                f"{where}: a CUDA IPC SharedTensor needs a {CUDA_HANDLE_BYTES}-byte cuda_handle and a "
+                f"{CUDA_UUID_BYTES}-byte cuda_device, got {len(msg.cuda_handle)} and {len(msg.cuda_device)}"
+            )
+        if msg.region:
+            raise InvalidStack(f"{where}: a SharedTensor names either a region or a CUDA IPC handle, not both")
+    return Shared(msg.region, msg.offset, dtype, shape, nbytes, msg.cuda_handle, msg.cuda_device)
 
 
 def encode_stack(values: Sequence[StackValue], field: int = 1, limit: int | None = None) -> bytes:

@@ -366,15 +366,17 @@ class OpenSharedMemoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenSharedMemoryResponse(_message.Message):
-    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots")
+    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots", "cuda_devices")
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICES_FIELD_NUMBER: _ClassVar[int]
     socket: str
     ticket: str
     session: str
     max_bytes: int
     max_slots: int
-    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ...) -> None: ...
+    cuda_devices: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[bytes]] = ...) -> None: ...

@@ -106,16 +106,20 @@ class Value(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., bool_value: bool = ..., string_value: _Optional[str] = ..., none_value: _Optional[_Union[NoneValue, _Mapping]] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., handle: _Optional[_Union[TensorHandle, _Mapping]] = ..., shared: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class SharedTensor(_message.Message):
-    __slots__ = ("region", "offset", "dtype", "shape")
+    __slots__ = ("region", "offset", "dtype", "shape", "cuda_handle", "cuda_device")
     REGION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_DEVICE_FIELD_NUMBER: _ClassVar[int]
     region: int
     offset: int
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    cuda_handle: bytes
+    cuda_device: bytes
+    def __init__(self, region: _Optional[int] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., cuda_handle: _Optional[bytes] = ..., cuda_device: _Optional[bytes] = ...) -> None: ...
 
 class TensorHandle(_message.Message):
     __slots__ = ("id", "dtype", "shape", "device", "nbytes", "server")

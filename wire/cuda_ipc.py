@@ -1,0 +1,221 @@
+"""CUDA IPC between a client and a server on one GPU host: what both sides share.
+
+A CUDA tensor of a co-located client travels as a legacy CUDA IPC handle
+(cuIpcGetMemHandle: 64 opaque bytes naming the client's whole allocation), the
+tensor's offset in it and the device's UUID; the server opens the handle, checks
+that the tensor lies inside the allocation it maps, copies the bytes out on the
+device and closes the handle before the call goes on. No byte crosses the host.
+
+The driver API is called through ctypes on libcuda (always present where a CUDA
+torch runs): torch has no public call that exports or opens one allocation
+without its multiprocessing reference counters, and those assume trusted peers.
+Every call pushes the device's primary context (torch's) and pops it, so the
+calls work from any thread (gRPC workers have no current context of their own).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from fuseport.wire import codec
+
+__all__ = ["HANDLE_BYTES", "UUID_BYTES", "Driver", "Export", "driver"]
+
+HANDLE_BYTES = codec.CUDA_HANDLE_BYTES
+UUID_BYTES = codec.CUDA_UUID_BYTES
+_LAZY_ENABLE_PEER_ACCESS = 1
+
+
+class _Handle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * HANDLE_BYTES)]
+
+
+class CudaError(RuntimeError):
+    def __init__(self, call: str, code: int, name: str) -> None:
+        super().__init__(f"{call} failed: {name} ({code})")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Export:
+    """Where a client's CUDA tensor lies: its allocation's handle and the tensor's offset in it."""
+
+    handle: bytes
+    offset: int
+    allocation_bytes: int
+    device_uuid: bytes
+
+
+class Driver:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        # Declared, not guessed: the handle is a 64-byte struct passed by value.
+        u64p, vp, i = ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_int
+        for names, args in (
+            (("cuInit",), [ctypes.c_uint]),
+            (("cuGetErrorName",), [i, ctypes.POINTER(ctypes.c_char_p)]),
+            (("cuDeviceGet",), [ctypes.POINTER(i), i]),
+            (("cuDevicePrimaryCtxRetain",), [ctypes.POINTER(vp), i]),
+            (("cuCtxPushCurrent_v2", "cuCtxPushCurrent"), [vp]),
+            (("cuCtxPopCurrent_v2", "cuCtxPopCurrent"), [ctypes.POINTER(vp)]),
+            (("cuDeviceGetUuid_v2", "cuDeviceGetUuid"), [ctypes.c_char_p, i]),
+            (("cuMemGetAddressRange_v2", "cuMemGetAddressRange"), [u64p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_uint64]),
+            (("cuIpcGetMemHandle",), [ctypes.POINTER(_Handle), ctypes.c_uint64]),
+            (("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle"), [u64p, _Handle, ctypes.c_uint]),
+            (("cuIpcCloseMemHandle",), [ctypes.c_uint64]),
+        ):
+            fn = self._fn(*names)
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self._lock = threading.Lock()
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._uuids: dict[int, bytes] = {}
+        self._check("cuInit", lib.cuInit(0))
+
+    def _fn(self, *names: str) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+        for name in names:
+            fn = getattr(self._lib, name, None)
+            if fn is not None:
+                return fn
+        raise CudaError(names[0], -1, "not exported by libcuda")
+
+    def _check(self, call: str, rc: int) -> None:
+        if rc != 0:
+            name = ctypes.c_char_p()
+            self._lib.cuGetErrorName(rc, ctypes.byref(name))
+            raise CudaError(call, rc, (name.value or b"?").decode())
+
+    def _context(self, ordinal: int) -> ctypes.c_void_p:
+        with self._lock:
+            ctx = self._contexts.get(ordinal)
+            if ctx is None:
+                dev = ctypes.c_int()
+                self._check("cuDeviceGet", self._lib.cuDeviceGet(ctypes.byref(dev), ordinal))
+                ctx = ctypes.c_void_p()
+                rc = self._lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+                self._check("cuDevicePrimaryCtxRetain", rc)
+                self._contexts[ordinal] = ctx
+            return ctx
+
+    @contextmanager
+    def on(self, ordinal: int) -> Iterator[None]:
+        """The device's primary context (torch's) is current on this thread inside."""
+        self._check("cuCtxPushCurrent", self._fn("cuCtxPushCurrent_v2", "cuCtxPushCurrent")(self._context(ordinal)))
+        try:
+            yield
+        finally:
+            popped = ctypes.c_void_p()
+            self._fn("cuCtxPopCurrent_v2", "cuCtxPopCurrent")(ctypes.byref(popped))
+
+    def uuid(self, ordinal: int) -> bytes:
+        with self._lock:
+            found = self._uuids.get(ordinal)
+        if found is None:
+            dev = ctypes.c_int()
+            self._check("cuDeviceGet", self._lib.cuDeviceGet(ctypes.byref(dev), ordinal))
+            raw = ctypes.create_string_buffer(UUID_BYTES)
+            self._check("cuDeviceGetUuid", self._fn("cuDeviceGetUuid_v2", "cuDeviceGetUuid")(raw, dev))
+            found = raw.raw
+            with self._lock:
+                self._uuids[ordinal] = found
+        return found
+
+    def ordinal_of(self, uuid: bytes) -> int | None:
+        """This process's index of the device with `uuid`, None where it sees no such device."""
+        for i in range(torch.cuda.device_count()):
+            if self.uuid(i) == uuid:
+                return i
+        return None
+
+    def _range(self, ptr: int) -> tuple[int, int]:
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        rc = self._fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(
+            ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)
+        )
+        self._check("cuMemGetAddressRange", rc)
+        return base.value, size.value
+
+    def export(self, t: torch.Tensor) -> Export:
+        """The handle of the allocation holding `t`'s storage and where `t`'s first byte lies in it."""
+        ordinal = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        ptr = t.data_ptr()
+        with self.on(ordinal):
+            base, size = self._range(ptr)
+            h = _Handle()
+            self._check("cuIpcGetMemHandle", self._lib.cuIpcGetMemHandle(ctypes.byref(h), ctypes.c_uint64(base)))
+        # Not h.reserved: ctypes reads a c_char array as a C string, cut at its first NUL.
+        return Export(ctypes.string_at(ctypes.addressof(h), HANDLE_BYTES), ptr - base, size, self.uuid(ordinal))
+
+    def open(self, ordinal: int, handle: bytes) -> tuple[int, int]:
+        """Maps another process's allocation on device `ordinal`: (pointer, bytes mapped).
+
+        The size is the driver's, not the sender's: the caller bounds every access by it.
+        Opening a handle this context holds open already only counts one more reference.
+        """
+        if len(handle) != HANDLE_BYTES:
+            raise CudaError("cuIpcOpenMemHandle", -1, f"a handle is {HANDLE_BYTES} bytes, not {len(handle)}")
+        h = _Handle.from_buffer_copy(handle)
+        ptr = ctypes.c_uint64()
+        with self.on(ordinal):
+            rc = self._fn("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle")(ctypes.byref(ptr), h, _LAZY_ENABLE_PEER_ACCESS)
+            self._check("cuIpcOpenMemHandle", rc)
+            try:
+                base, size = self._range(ptr.value)
+                if base != ptr.value:
+                    raise CudaError("cuMemGetAddressRange", -1, "the mapping does not start at its allocation")
+            except BaseException:
+                self._lib.cuIpcCloseMemHandle(ptr.value)
+                raise
+        return ptr.value, size
+
+    def close(self, ordinal: int, ptr: int) -> None:
+        with self.on(ordinal):
+            self._check("cuIpcCloseMemHandle", self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(ptr)))
+
+
+class _Blob:
+    """Device bytes in torch's eyes (__cuda_array_interface__): a view torch does not own."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # the caller orders its own work
+        }
+
+
+def as_bytes(ptr: int, nbytes: int, ordinal: int) -> torch.Tensor:
+    """A uint8 tensor over `nbytes` device bytes at `ptr` (the memory stays the caller's to keep alive)."""
+    return torch.as_tensor(_Blob(ptr, nbytes), device=torch.device("cuda", ordinal))
+
+
+_driver: Driver | None = None
+_driver_error: str | None = None
+_driver_lock = threading.Lock()
+
+
+def driver() -> Driver | None:
+    """The process's driver, None where CUDA IPC cannot work here (see `why_not`)."""
+    global _driver, _driver_error
+    with _driver_lock:
+        if _driver is None and _driver_error is None:
+            try:
+                if not torch.cuda.is_available():
+                    raise OSError("torch sees no CUDA device")
+                _driver = Driver(ctypes.CDLL("libcuda.so.1"))
+            except (OSError, CudaError) as e:
+                _driver_error = str(e)
+        return _driver
+
+
+def why_not() -> str | None:
+    driver()
+    return _driver_error
