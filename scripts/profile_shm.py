@@ -1,5 +1,6 @@
 """Where an Execute's time goes through each transport, with the server's own
-timings: unary, stream and shared memory at a few sizes, on a server this starts.
+timings: unary, stream and shared memory at a few sizes (on CUDA also from a CUDA
+tensor, by CUDA IPC handle), on a server this starts.
 Usage: python scripts/profile_shm.py [cpu|cuda] [sizes in MiB, e.g. 1,16,256]"""
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ def main() -> None:
         key = clients["unary"].register(lambda x: x + 0, [torch.zeros(16, dtype=torch.uint8)])
         for size in sizes:
             x = torch.full((size,), 7, dtype=torch.uint8)
-            for name, c in clients.items():
+            runs = [(name, c, x) for name, c in clients.items()]
+            if device == "cuda":  # the client's tensor on the GPU: by CUDA IPC handle
+                runs.append(("cuda", clients["shm"], x.cuda()))
+            for name, c, x in runs:
                 c.execute(key, [x], wait=True)
                 rows = []
                 for _ in range(5 if size > 64 << 20 else 12):
