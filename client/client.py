@@ -940,7 +940,12 @@ class AsyncClient(_Base):
         """The client's loop closed: it cannot call any more (its channel is
         bound to that loop). Its lease thread ends, and the server's lease frees
         its handles, as for a client that died."""
-        self._leases.closed = True
+        if not self._leases.closed:
+            self._leases.closed = True
+            log.warning(
+                "an AsyncClient's event loop ended before close(): its handles expire on the server "
+                "(--handle-lease-seconds)"
+            )
         return Unavailable(
             f"{method}: the AsyncClient's event loop has ended; its handles expire on the server"
         )

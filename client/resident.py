@@ -309,7 +309,8 @@ class Leases:
                 try:
                     self.renew()
                 except FuseportError as e:
-                    log.warning("could not renew the lease of this client's handles: %s", e)
+                    if not self.closed:  # else closing cut it short: nothing is wrong
+                        log.warning("could not renew the lease of this client's handles: %s", e)
             interval = (self.lease_seconds or 3.0) / 3
             self._wake.wait(interval)
             self._wake.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import secrets
 import time
 from collections.abc import Iterator
@@ -256,18 +257,27 @@ def test_handles_are_renewed_while_the_client_lives(server: ServerProcess, kerne
     asyncio.run(main())
 
 
-def test_handles_expire_when_the_client_is_gone(server: ServerProcess, kernels: dict[str, int]) -> None:
-    """An AsyncClient never closed, whose event loop ended: nothing renews its
-    lease any more, and the server frees its handles once it runs out."""
+def test_handles_expire_when_the_client_is_gone(
+    server: ServerProcess, kernels: dict[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An AsyncClient never closed, whose event loop ended: its lease thread
+    says so and ends, nothing renews the lease any more, and the server frees
+    its handles once it runs out."""
 
     async def main() -> tuple[str, RemoteTensor]:
         c = AsyncClient(server.target, timeout=60)
         (h,) = await c.execute(kernels["affine"], [torch.ones(2)], keep=True)
         return c.client_id, h
 
+    caplog.set_level(logging.WARNING, logger="fuseport.client")
     client_id, h = asyncio.run(main())
     assert held(server, client_id) == 1
     deadline = time.monotonic() + 120
+    while not any("event loop ended before close()" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the lease thread never noticed that the loop had ended"
+        time.sleep(0.05)
+    with pytest.raises(HandleNotFound, match="closed client"):
+        h.fetch()
     while held(server, client_id):
         assert time.monotonic() < deadline, "handles of a client whose loop ended never expired"
         time.sleep(0.2)
