@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -10,22 +13,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor
+from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
 from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
+    DeadlineExceeded,
     FuseportError,
     KernelNotFound,
     NoMatchingVariant,
     ResourceExhausted,
     SharedMemoryUnavailable,
+    Unavailable,
     error_from_status,
 )
 from fuseport.wire.keys import check_alias, key_for
@@ -43,6 +48,7 @@ __all__ = ["AsyncClient", "Client", "ExecuteResult", "RemoteTensor", "Timings"]
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -66,6 +72,9 @@ _SHARED_RETRY_SECONDS = 60.0
 # this many calls, unless there are more replicas than this (a later NOT_FOUND
 # starts it again).
 _HEAL_PATIENCE = 32
+# How often a thread waiting for a call on an AsyncClient's event loop looks
+# whether that loop has closed (then the call will never run).
+_LOOP_POLL_SECONDS = 0.5
 
 # gRPC retries a call that failed with UNAVAILABLE: the server refused it
 # unstarted (draining) or the connection broke (a replica died), and under
@@ -247,6 +256,9 @@ def _make_result(
 class _Base:
     """What both clients share: options, the graph cache, request building."""
 
+    # Set by each client (its calls differ): the client's RemoteTensors and lease.
+    _leases: Leases
+
     def __init__(
         self,
         target: str | Sequence[str] = DEFAULT_TARGET,
@@ -352,10 +364,21 @@ class _Base:
             shm_slot=shared.slot if shared else 0,
         )
 
+    @property
+    def client_id(self) -> str:
+        """The random id this client sends as "fuseport-client-id" metadata."""
+        return self._leases.client_id
+
     def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
-        """The stack as it travels (RemoteTensors become handles); the async
-        client has no RemoteTensors, so they cannot travel from it."""
-        return list(stack)
+        """The stack as it travels: RemoteTensors become handles (another
+        client's are refused here, before anything is sent)."""
+        return [self._leases.to_wire(v) for v in stack]
+
+    def _adopt(self, result: ExecuteResult) -> ExecuteResult:
+        """The result with the handles of kept outputs wrapped as RemoteTensors."""
+        if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
+            result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
+        return result
 
     @staticmethod
     def _ordered(key: int, graphs: dict[int, _pb.graph.Graph]) -> dict[int, _pb.graph.Graph] | None:
@@ -588,14 +611,6 @@ class Client(_Base):
             self._shared.close()
         self.channel.close()
 
-    @property
-    def client_id(self) -> str:
-        """The random id this client sends as "fuseport-client-id" metadata."""
-        return self._leases.client_id
-
-    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
-        return [self._leases.to_wire(v) for v in stack]
-
     def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
         try:
             return self._methods[method](  # type: ignore[no-any-return]
@@ -755,10 +770,7 @@ class Client(_Base):
                 continue
             if adopted is not None:
                 adopted()
-            result = _result(raw, started, self._known.get(key), carried)
-            if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
-                result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
-            return result
+            return self._adopt(_result(raw, started, self._known.get(key), carried))
         raise AssertionError("unreachable")
 
     def _call_streamed(
@@ -784,23 +796,12 @@ class Client(_Base):
         self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
     ) -> list[Any]:
         """The values of several RemoteTensors in one call (freed too, with `free`)."""
-        handles = [t.handle() for t in tensors]
-        out = self._leases.fetch([h.id for h in handles], free, timeout)
-        if free:
-            for t in tensors:
-                t._forget()
-        return out
+        return self._leases.send(self._leases.fetch_tensors(tensors, free), timeout)
 
     def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
         """Frees several RemoteTensors in one call (all or none); returns how many."""
-        live = [t for t in tensors if not t.freed]
-        ids = [t.handle().id for t in live]
-        if not ids:
-            return 0
-        freed = self._leases.free(ids, timeout)
-        for t in live:
-            t._forget()
-        return freed
+        request = self._leases.free_tensors(tensors)
+        return 0 if request is None else self._leases.send(request, timeout)
 
     def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
         """Renews this client's lease now (done in the background while it holds
@@ -835,6 +836,20 @@ class AsyncClient(_Base):
 
     >>> async with AsyncClient("127.0.0.1:50051") as c:  # doctest: +SKIP
     ...     out = await c.execute(key, [x, y])
+
+    `execute(..., keep=True)` returns RemoteTensors, as the blocking Client's
+    does; `await c.fetch([...])` and `await c.free([...])` are their fetch and
+    free. A RemoteTensor's own blocking `fetch()`/`free()` works from another
+    thread, and raises TypeError on the client's event loop (it would wait for
+    the loop it blocks). close() frees every handle the client still holds.
+
+    The lease is renewed by the blocking client's lease thread (Leases), whose
+    calls go through this client's channel on its event loop
+    (`_call_from_thread`): one copy of the lease logic, and one connection, so
+    renewals reach the serving process that holds the handles (with several
+    processes on one port, a second channel could reach another). The price: a
+    loop kept busy for longer than the lease stalls renewals, as it stalls
+    every call of the client.
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -842,12 +857,21 @@ class AsyncClient(_Base):
         self.channel = open_channel(self._target.uri, self._credentials, self._options, aio=True)
         self._methods = {
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in ("Register", "Execute", "Fallback", "Describe", "List", "Unregister")
-        }
+            for name in (
+                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
+                "FetchHandles", "FreeHandles", "RenewLease",
+            )
+        }  # fmt: skip
         self._stream_methods = {
             name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
         }
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        # The loop the channel's calls run on: the last one a call ran on (a
+        # grpc.aio channel serves one loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Random per client: the server binds the handles this client makes to it.
+        self._leases = Leases(self._call_from_thread, self._refuse_on_loop)
+        self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -856,15 +880,89 @@ class AsyncClient(_Base):
         await self.close()
 
     async def close(self) -> None:
+        """Frees this client's handles on the server, then closes the channel."""
+        request = self._leases.closing()
+        if request is not None:
+            try:
+                await self._send(request, self.timeout)
+            except FuseportError as e:  # the server is gone: its lease frees them
+                log.info("could not free this client's handles on close: %s", e)
         await self.channel.close()
 
     async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
+        self._loop = asyncio.get_running_loop()
         try:
             return await self._methods[method](  # type: ignore[no-any-return]
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
+
+    async def _send(self, request: Request[T], timeout: float | None) -> T:
+        method, body, answer = request
+        return answer(await self._call(method, body, timeout))
+
+    def _call_from_thread(self, method: str, request: bytes, timeout: float | None) -> bytes:
+        """A blocking call for another thread than the loop's (the lease
+        thread, a RemoteTensor's own fetch or free), run on the client's loop."""
+        loop = self._loop
+        if loop is None:
+            raise Unavailable(f"{method}: this AsyncClient has not called the server from an event loop yet")
+        self._refuse_on_loop(method)
+        coro = self._call(method, request, timeout)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+        except RuntimeError:  # the loop is closed
+            coro.close()
+            raise self._loop_gone(method) from None
+        wait = self._timeout(timeout)
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                # In slices: a loop that closes before running the call never
+                # resolves it. The call's timeout bounds the wait for the loop too.
+                return future.result(_LOOP_POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if loop.is_closed():
+                    future.cancel()
+                    if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                        coro.close()  # the loop never started it: no "never awaited" warning
+                    raise self._loop_gone(method) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    future.cancel()
+                    raise DeadlineExceeded(
+                        f"{method}: the AsyncClient's event loop did not run it within {wait} s"
+                    ) from None
+            except concurrent.futures.CancelledError:  # the loop is ending (asyncio.run cancels its tasks)
+                raise self._loop_gone(method) from None
+
+    def _loop_gone(self, method: str) -> Unavailable:
+        """The client's loop closed: it cannot call any more (its channel is
+        bound to that loop). Its lease thread ends, and the server's lease frees
+        its handles, as for a client that died."""
+        if not self._leases.closed:
+            self._leases.closed = True
+            log.warning(
+                "an AsyncClient's event loop ended before close(): its handles expire on the server "
+                "(--handle-lease-seconds)"
+            )
+        return Unavailable(
+            f"{method}: the AsyncClient's event loop has ended; its handles expire on the server"
+        )
+
+    def _refuse_on_loop(self, method: str) -> None:
+        """A blocking call on the client's own loop would wait for that loop,
+        which it blocks: refused, naming the coroutine to await instead."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self._loop:
+            name = {"FetchHandles": "fetch", "FreeHandles": "free"}.get(method, method)
+            raise TypeError(
+                f"RemoteTensor.{name}() blocks, and on its AsyncClient's event loop it would wait for the "
+                f"loop it blocks: use `await client.{name}([tensor])` (or call it from another thread)"
+            )
 
     async def register(
         self,
@@ -879,50 +977,65 @@ class AsyncClient(_Base):
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(
-        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
     ) -> ExecuteResult:
-        return await self._run("Execute", key, stack, wait, timeout)
+        return await self._run("Execute", key, stack, wait, timeout, keep)
 
-    async def fallback_detailed(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> ExecuteResult:
-        return await self._run("Fallback", key, stack, False, timeout)
+    async def fallback_detailed(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> ExecuteResult:
+        return await self._run("Fallback", key, stack, False, timeout, keep)
 
     async def execute(
-        self, key: int, stack: Sequence[Any], *, wait: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Sequence[Any],
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
     ) -> list[Any]:
-        return (await self.execute_detailed(key, stack, wait=wait, timeout=timeout)).stack
+        return (await self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout)).stack
 
-    async def fallback(self, key: int, stack: Sequence[Any], *, timeout: float | None = None) -> list[Any]:
-        return (await self.fallback_detailed(key, stack, timeout=timeout)).stack
+    async def fallback(
+        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        return (await self.fallback_detailed(key, stack, keep=keep, timeout=timeout)).stack
 
     async def _run(
-        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None
+        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
         started = time.perf_counter_ns()
-        # A large stack streams; its recovery registers graphs by Register (a
-        # stream's header carries none), a unary call carries them (see _recovery).
-        streamed = self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait)
+        # As Client._run_on (without shared memory): handles travel only in unary calls.
+        streamed = not keep and not _holds_remote(stack) and self._streams(stack)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep)
         adopted: Callable[[], None] | None = None
-        for attempt in range(3):  # as Client._run
+        for attempt in range(3):  # as Client._run_on
             try:
                 if streamed:
                     return await self._call_streamed(method, key, stack, wait, timeout, started)
                 raw = await self._call(method, request, timeout)
             except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed) if attempt < 2 else None
+                again = self._recovery(e, key, stack, wait, carried, streamed, keep) if attempt < 2 else None
                 if again is None:
                     raise
                 if again.request is None:
                     for register, registered in again.registers:
                         registered(await self._call("Register", register, timeout))
                     if not streamed:
-                        request, carried = self._execute_request(key, stack, wait), False
+                        request, carried = self._execute_request(key, stack, wait, keep=keep), False
                 else:
                     request, carried, adopted = again.request, True, again.adopted
                 continue
             if adopted is not None:
                 adopted()
-            return _result(raw, started, self._known.get(key), carried)
+            return self._adopt(_result(raw, started, self._known.get(key), carried))
         raise AssertionError("unreachable")
 
     async def _call_streamed(
@@ -941,6 +1054,28 @@ class AsyncClient(_Base):
             call.cancel()
             raise
         return _streamed_result(assembler, started)
+
+    # Device-resident values -------------------------------------------------
+
+    async def fetch(
+        self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
+    ) -> list[Any]:
+        """The values of several RemoteTensors in one call (freed too, with `free`)."""
+        return await self._send(self._leases.fetch_tensors(tensors, free), timeout)
+
+    async def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
+        """Frees several RemoteTensors in one call (all or none); returns how many."""
+        request = self._leases.free_tensors(tensors)
+        return 0 if request is None else await self._send(request, timeout)
+
+    async def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
+        """Renews this client's lease now (done in the background while it holds
+        RemoteTensors); says what it holds and its limits."""
+        return await self._send(self._leases.renew_request(), timeout)
+
+    async def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
+        """The server's device-resident values: totals, budget, and this client's own."""
+        return _pb.service.ListResponse.FromString(await self._call("List", b"", timeout)).resident
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None

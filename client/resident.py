@@ -6,8 +6,8 @@ import logging
 import secrets
 import threading
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "fuseport-client-id"
 
 Call = Callable[[str, bytes, "float | None"], bytes]
+T = TypeVar("T")
+# One call to the server as (method, request, what makes the answer of the
+# response): the blocking Client and the lease thread send it and wait,
+# AsyncClient awaits it, and both get the same behaviour.
+Request = tuple[str, bytes, Callable[[bytes], T]]
 
 
 class RemoteTensor:
@@ -72,6 +77,7 @@ class RemoteTensor:
 
     def fetch(self, *, free: bool = False, timeout: float | None = None) -> torch.Tensor:
         """The tensor's value, on this host (with `free`, released on the server too)."""
+        self._leases.check_blocking("fetch")
         handle = self.handle()
         (tensor,) = self._leases.fetch([handle.id], free, timeout)
         if free:
@@ -82,6 +88,7 @@ class RemoteTensor:
         """Releases it on the server now; a second free does nothing."""
         if self._freed:
             return
+        self._leases.check_blocking("free")  # before it is forgotten: a refused free frees nothing
         self._forget()
         self._leases.free([self._handle.id], timeout)
 
@@ -120,11 +127,18 @@ class RemoteTensor:
 
 class Leases:
     """One client's RemoteTensors: wraps handles coming back, renews their lease
-    from a background thread while any is alive, frees dropped ones in batches."""
+    from a background thread while any is alive, frees dropped ones in batches.
 
-    def __init__(self, call: Call) -> None:
+    `call` sends a request and waits for its response; it runs on the caller's
+    thread (a RemoteTensor's fetch and free) and on the lease thread.
+    `refuse_blocking(method)`, when given, is asked before a RemoteTensor's own
+    blocking fetch or free, and raises where that call must not wait (on an
+    AsyncClient's event loop)."""
+
+    def __init__(self, call: Call, refuse_blocking: Callable[[str], None] | None = None) -> None:
         self.client_id = secrets.token_urlsafe(24)  # 192 random bits, [A-Za-z0-9_-]
         self._call = call
+        self._refuse_blocking = refuse_blocking
         self._live: weakref.WeakValueDictionary[str, RemoteTensor] = weakref.WeakValueDictionary()
         self._dropped: list[str] = []
         self._lock = threading.Lock()
@@ -164,27 +178,82 @@ class Leases:
             return [self.adopt(v) for v in value]
         return value
 
+    # ------------------------------------------------------------------ requests
+
+    @staticmethod
+    def fetch_request(ids: list[str], free: bool) -> Request[list[torch.Tensor]]:
+        request = _pb.service.FetchHandlesRequest(ids=ids, free=free).SerializeToString()
+        return "FetchHandles", request, codec.decode_stack  # type: ignore[return-value]
+
+    @staticmethod
+    def free_request(ids: list[str] | None) -> Request[int]:
+        """Frees `ids` (all or none), or every handle of the client for None."""
+        message = _pb.service.FreeHandlesRequest(ids=ids or (), all=ids is None)
+
+        def freed(raw: bytes) -> int:
+            return _pb.service.FreeHandlesResponse.FromString(raw).freed
+
+        return "FreeHandles", message.SerializeToString(), freed
+
+    def renew_request(self) -> Request[_pb.service.ResidentUsage]:
+        def renewed(raw: bytes) -> _pb.service.ResidentUsage:
+            usage = _pb.service.RenewLeaseResponse.FromString(raw).usage
+            self.lease_seconds = usage.lease_seconds or None
+            return usage
+
+        return "RenewLease", _pb.service.RenewLeaseRequest().SerializeToString(), renewed
+
+    def fetch_tensors(self, tensors: Sequence[RemoteTensor], free: bool) -> Request[list[Any]]:
+        """A client's fetch of several RemoteTensors (forgotten once freed)."""
+        method, request, values = self.fetch_request([t.handle().id for t in tensors], free)
+
+        def fetched(raw: bytes) -> list[Any]:
+            out = values(raw)
+            if free:
+                for t in tensors:
+                    t._forget()
+            return out
+
+        return method, request, fetched
+
+    def free_tensors(self, tensors: Sequence[RemoteTensor]) -> Request[int] | None:
+        """A client's free of several RemoteTensors; None when all are freed already."""
+        live = [t for t in tensors if not t.freed]
+        ids = [t.handle().id for t in live]
+        if not ids:
+            return None
+        method, request, count = self.free_request(ids)
+
+        def freed(raw: bytes) -> int:
+            n = count(raw)
+            for t in live:
+                t._forget()
+            return n
+
+        return method, request, freed
+
     # ------------------------------------------------------------------ calls
 
+    def send(self, request: Request[T], timeout: float | None) -> T:
+        method, body, answer = request
+        return answer(self._call(method, body, timeout))
+
     def fetch(self, ids: list[str], free: bool, timeout: float | None) -> list[torch.Tensor]:
-        raw = self._call(
-            "FetchHandles", _pb.service.FetchHandlesRequest(ids=ids, free=free).SerializeToString(), timeout
-        )
-        return codec.decode_stack(raw)  # type: ignore[return-value]
+        return self.send(self.fetch_request(ids, free), timeout)
 
     def free(self, ids: list[str], timeout: float | None) -> int:
-        raw = self._call("FreeHandles", _pb.service.FreeHandlesRequest(ids=ids).SerializeToString(), timeout)
-        return _pb.service.FreeHandlesResponse.FromString(raw).freed
+        return self.send(self.free_request(ids), timeout)
 
     def free_all(self, timeout: float | None) -> int:
-        raw = self._call("FreeHandles", _pb.service.FreeHandlesRequest(all=True).SerializeToString(), timeout)
-        return _pb.service.FreeHandlesResponse.FromString(raw).freed
+        return self.send(self.free_request(None), timeout)
 
     def renew(self, timeout: float | None = None) -> _pb.service.ResidentUsage:
-        raw = self._call("RenewLease", _pb.service.RenewLeaseRequest().SerializeToString(), timeout)
-        usage = _pb.service.RenewLeaseResponse.FromString(raw).usage
-        self.lease_seconds = usage.lease_seconds or None
-        return usage
+        return self.send(self.renew_request(), timeout)
+
+    def check_blocking(self, method: str) -> None:
+        """Raises where a RemoteTensor's blocking `method` must not wait here."""
+        if self._refuse_blocking is not None:
+            self._refuse_blocking(method)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -203,15 +272,22 @@ class Leases:
 
     def close(self, timeout: float | None) -> None:
         """Frees every handle of this client on the server (when it ever had one)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._wake.set()
-        if self.used:
+        request = self.closing()
+        if request is not None:
             try:
-                self.free_all(timeout)
+                self.send(request, timeout)
             except FuseportError as e:  # the server is gone: its lease frees them
                 log.info("could not free this client's handles on close: %s", e)
+
+    def closing(self) -> Request[int] | None:
+        """Marks the client closed (its lease thread ends, its RemoteTensors are
+        refused); the request that frees its handles, None when there is none
+        to send (never had a handle, or closed already)."""
+        if self.closed:
+            return None
+        self.closed = True
+        self._wake.set()
+        return self.free_request(None) if self.used else None
 
     def _start(self) -> None:
         with self._lock:
@@ -233,7 +309,8 @@ class Leases:
                 try:
                     self.renew()
                 except FuseportError as e:
-                    log.warning("could not renew the lease of this client's handles: %s", e)
+                    if not self.closed:  # else closing cut it short: nothing is wrong
+                        log.warning("could not renew the lease of this client's handles: %s", e)
             interval = (self.lease_seconds or 3.0) / 3
             self._wake.wait(interval)
             self._wake.clear()
