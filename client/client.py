@@ -24,6 +24,7 @@ from fuseport.wire import _pb, codec
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
+    CudaIpcUnavailable,
     DeadlineExceeded,
     FuseportError,
     KernelNotFound,
@@ -688,7 +689,19 @@ class Client(_Base):
                     # Tensor outputs come back through the slot's region, unless kept.
                     written, by_cuda = session.write(slot, list(stack))
                     shared = _Shared(written, session.id, 0 if keep else slot)
-                    result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
+                    try:
+                        result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
+                    except CudaIpcUnavailable as e:
+                        if not by_cuda:
+                            raise
+                        # The server cannot open our handles (another PID/IPC namespace,
+                        # say). Nothing ran: this session sends CUDA tensors through its
+                        # regions from now on, this call first.
+                        log.info("CUDA IPC unavailable (%s); CUDA tensors go through host memory", e)
+                        session.cuda_devices = frozenset()
+                        written, by_cuda = session.write(slot, list(stack))
+                        shared = _Shared(written, session.id, 0 if keep else slot)
+                        result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
                     transport = "cuda_ipc" if by_cuda else "shm"
                     return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
             except SharedMemoryUnavailable as e:

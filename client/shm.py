@@ -51,6 +51,10 @@ class SharedSession:
         # contiguous copies a call's handles name (alive until the call is over).
         self.cuda_devices = frozenset(opened.cuda_devices)
         self._held: dict[int, list[torch.Tensor]] = {}
+        if shm.peer_creds(self._sock)[0] == self.pid:
+            # A server in this very process (create_server): CUDA refuses to open
+            # a process's own handles, and its tensors need no IPC to get there.
+            self.cuda_devices = frozenset()
         self._next_id = 1
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self._free = list(range(slots, 0, -1))
@@ -79,8 +83,13 @@ class SharedSession:
             slot = self._free.pop()
         try:
             yield slot
-        finally:
+        except BaseException:
+            # A call that failed or ran out of time: the server may still be copying
+            # from the CUDA inputs it names, so they stay alive until the slot's next call.
+            raise
+        else:
             self._held.pop(slot, None)
+        finally:
             with self._slots:
                 self._free.append(slot)
                 self._slots.notify()
@@ -131,7 +140,9 @@ class SharedSession:
         out: dict[int, cuda_ipc.Export] = {}
         held: list[torch.Tensor] = []
         for t in cuda:
-            c = t.contiguous()  # the server reads row-major bytes
+            # The server reads the row-major bytes of the value: not those under a
+            # lazy conjugate or negative view, nor a strided layout.
+            c = t.resolve_conj().resolve_neg().contiguous()
             try:
                 e = drv.export(c)
             except cuda_ipc.CudaError as err:  # e.g. expandable segments: not exportable

@@ -228,7 +228,9 @@ class Server:
                 settings.shared_memory_max_bytes,
                 # CUDA IPC only where this process serves on CUDA: asking a CPU
                 # server's driver for device UUIDs would make it a CUDA context.
-                cuda_ipc=settings.cuda_ipc and self.core.placement.device.type == "cuda",
+                self.core.placement.device
+                if settings.cuda_ipc and self.core.placement.device.type == "cuda"
+                else None,
             ),
         )
         self.health = HealthServicer()

@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,13 @@ import torch
 
 from fuseport.server.resident import Owner
 from fuseport.wire import codec, cuda_ipc, dtypes, shm
-from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted, SharedMemoryUnavailable
+from fuseport.wire.errors import (
+    CudaIpcUnavailable,
+    InvalidArgument,
+    InvalidStack,
+    ResourceExhausted,
+    SharedMemoryUnavailable,
+)
 
 __all__ = ["MAX_SLOTS", "SharedMemory", "check_slot", "shared_sizes"]
 
@@ -87,13 +92,17 @@ class _Session:
 class SharedMemory:
     """The sessions of one serving process, and the socket their clients connect to."""
 
-    def __init__(self, enabled: bool, max_bytes: int, cuda_ipc: bool = False) -> None:
+    def __init__(self, enabled: bool, max_bytes: int, cuda_device: torch.device | None = None) -> None:
+        """`cuda_device`: the CUDA device this process serves on, whose allocations
+        sessions may name by CUDA IPC handle (None: no CUDA IPC)."""
         self.max_bytes = max_bytes
         self.address = ""
         self.reason = "" if enabled else "shared memory is off on this server (--shared-memory off)"
-        # UUIDs of the devices whose allocations sessions may name by CUDA IPC handle.
+        # The UUID of that device, once the driver confirmed it. Only the serving
+        # device: mapping another GPU's memory would retain a context there (hundreds
+        # of MiB of another process's device) and copy between GPUs.
         self.cuda_devices: list[bytes] = []
-        self._cuda_ipc = cuda_ipc
+        self._cuda_device = cuda_device
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
@@ -123,14 +132,14 @@ class SharedMemory:
         self._listener, self.address = sock, "@" + name
         threading.Thread(target=self._accept, name="fuseport-shm-accept", daemon=True).start()
         log.info("shared memory for co-located clients on %s", self.address)
-        if self._cuda_ipc:
+        if self._cuda_device is not None:
             drv = cuda_ipc.driver()
             if drv is None:
                 log.warning("CUDA IPC unavailable (%s): CUDA tensors of local clients go through host memory",
                             cuda_ipc.why_not())  # fmt: skip
             else:
-                self.cuda_devices = [drv.uuid(i) for i in range(torch.cuda.device_count())]
-                log.info("CUDA IPC for co-located clients' CUDA tensors on %d device(s)", len(self.cuda_devices))
+                self.cuda_devices = [drv.uuid(self._cuda_ordinal)]
+                log.info("CUDA IPC for co-located clients' CUDA tensors on %s", self._cuda_device)
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -190,7 +199,7 @@ class SharedMemory:
 
         def value(v: codec.Shared, where: str) -> torch.Tensor:
             if v.cuda_handle:
-                return self._from_cuda(v, device, where)
+                return self._from_cuda(v, where)
             region = session.regions.get(v.region)
             if region is None:
                 raise InvalidStack(f"{where}: shared-memory region {v.region} was not handed over in this session")
@@ -202,35 +211,50 @@ class SharedMemory:
 
         return shm.replace(stack, value, codec.Shared)
 
-    def _from_cuda(self, v: codec.Shared, device: torch.device, where: str) -> torch.Tensor:
-        """A copy on `device` of a client's CUDA tensor, named by its allocation's IPC handle."""
+    @property
+    def _cuda_ordinal(self) -> int:
+        assert self._cuda_device is not None
+        return self._cuda_device.index if self._cuda_device.index is not None else torch.cuda.current_device()
+
+    def _from_cuda(self, v: codec.Shared, where: str) -> torch.Tensor:
+        """A copy on the serving device of a client's CUDA tensor there, named by its allocation's IPC handle."""
         drv = cuda_ipc.driver() if self.cuda_devices else None
-        ordinal = drv.ordinal_of(v.cuda_device) if drv is not None else None
-        if drv is None or ordinal is None:
-            offered = "this server offers no CUDA IPC" if drv is None else "not a device this server offered"
+        if drv is None or v.cuda_device not in self.cuda_devices:
+            offered = "this server offers no CUDA IPC" if drv is None else "not the device this server offered"
             raise InvalidStack(f"{where}: CUDA IPC tensor on device {v.cuda_device.hex()}: {offered}")
+        ordinal = self._cuda_ordinal
 
         def copy(dt: torch.dtype, n: int, shape: list[int]) -> torch.Tensor:
             try:
                 ptr, mapped = drv.open(ordinal, v.cuda_handle)
             except cuda_ipc.CudaError as e:
-                # A handle of no live allocation, of this process's own memory, or garbage.
-                raise InvalidStack(f"{where}: cannot open its CUDA IPC handle ({e})") from None
+                if e.code not in cuda_ipc.UNUSABLE_HANDLE:
+                    raise  # the server's own trouble (out of memory, a broken context): not the client's
+                # Garbage, a freed allocation's, this process's own memory, or a
+                # client whose namespaces CUDA IPC cannot cross: the client resends
+                # through host memory (a client that lies only loses that call).
+                raise CudaIpcUnavailable(f"{where}: cannot open its CUDA IPC handle ({e})") from None
+            done = False
             try:
                 if v.offset + n > mapped:
                     raise InvalidStack(
                         f"{where}: {n} bytes at offset {v.offset} are outside the {mapped}-byte CUDA allocation "
                         "its handle maps"
                     )
-                out = torch.empty(n, dtype=torch.uint8, device=device)
-                if n:
-                    out.copy_(cuda_ipc.as_bytes(ptr + v.offset, n, ordinal))
-                    # The copy is done before the mapping goes: unmapping memory a
-                    # queued copy still reads would fault this process's device.
-                    for d in {ordinal, out.device.index if out.is_cuda else ordinal}:
-                        torch.cuda.current_stream(d).synchronize()
+                out = torch.empty(n, dtype=torch.uint8, device=torch.device("cuda", ordinal))
+                out.copy_(cuda_ipc.as_bytes(ptr + v.offset, n, ordinal))
+                # The copy is done before the mapping goes: unmapping memory a
+                # queued copy still reads would fault this process's device.
+                torch.cuda.current_stream(ordinal).synchronize()
+                done = True
             finally:
-                drv.close(ordinal, ptr)
+                try:
+                    drv.close(ordinal, ptr)
+                except cuda_ipc.CudaError as e:
+                    if done:
+                        raise
+                    # Another error is on its way out (a failed copy, say): that one tells what happened.
+                    log.warning("closing a CUDA IPC handle after a failed copy: %s", e)
             return out.view(dt).view(shape)
 
         return codec._make_tensor(dtypes.code_for(v.dtype), list(v.shape), [], v.nbytes, where, copy)
@@ -362,7 +386,7 @@ class SharedMemory:
             _send(conn, shm.Packet(shm.ERROR, text="unknown or expired ticket"))
             return None
         try:
-            pid, uid, _gid = _peer(conn)
+            pid, uid, _gid = shm.peer_creds(conn)
             session.peer = f"pid {pid} uid {uid}"
             conn.settimeout(None)
             shm.send_packet(conn, shm.Packet(shm.OK), _NO_WAIT)
@@ -497,9 +521,3 @@ def _send(conn: socket.socket, p: shm.Packet) -> None:
         shm.send_packet(conn, p)
     except OSError:
         pass  # the client went away: its reader notices
-
-
-def _peer(conn: socket.socket) -> tuple[int, int, int]:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)  # type: ignore[return-value]
-

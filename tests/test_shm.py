@@ -132,6 +132,23 @@ def test_dtypes_lists_scalars_views_and_empty_tensors_round_trip(server: ServerP
     same(r.stack, want)
 
 
+def _double(z: torch.Tensor) -> torch.Tensor:
+    return z * 2
+
+
+def test_lazy_conjugate_and_negative_views_travel_as_their_values(server: ServerProcess) -> None:
+    """A conjugate (or negative) view's memory holds the numbers before the
+    conjugation: such an input is sent as its value, not its bytes."""
+    z = torch.complex(torch.randn(BIG), torch.randn(BIG))
+    assert z.conj().is_conj() and torch._neg_view(z).is_neg()
+    with Client(server.target) as c:
+        k = c.register(_double, [torch.ones(4, dtype=torch.complex64)])
+        for view in (z.conj(), torch._neg_view(z)):
+            r = c.fallback_detailed(k, [view])
+            assert r.transport == "shm"
+            assert torch.equal(r.stack[0], (view * 2).resolve_conj().resolve_neg())
+
+
 def test_concurrent_calls_of_one_client_each_get_their_own_results(server: ServerProcess, key: int) -> None:
     """Eight threads share one client (and its session's slots): a call that read
     another's region would show as a wrong result."""
@@ -609,17 +626,19 @@ def test_cuda_ipc_handles_that_lie_are_invalid_argument_and_the_server_keeps_ser
         def ref(offset: int = e.offset, count: int = n, handle: bytes = e.handle, uuid: bytes = e.device_uuid) -> Any:
             return codec.Shared(0, offset, f32, (count,), count * 4, handle, uuid)
 
+        bad = (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack")
+        unopened = (grpc.StatusCode.FAILED_PRECONDITION, "CudaIpcUnavailable")  # a real client resends by host
         cases = [
-            (ref(handle=os.urandom(64)), "cannot open its CUDA IPC handle"),
-            (ref(handle=bytes(64)), "cannot open its CUDA IPC handle"),
-            (ref(offset=e.allocation_bytes), "outside"),
-            (ref(count=e.allocation_bytes // 4 + 1), "outside"),
-            (ref(offset=e.offset + e.allocation_bytes - 4 * n + 4), "outside"),
-            (ref(uuid=os.urandom(16)), "not a device this server offered"),
+            (ref(handle=os.urandom(64)), unopened, "cannot open its CUDA IPC handle"),
+            (ref(handle=bytes(64)), unopened, "cannot open its CUDA IPC handle"),
+            (ref(offset=e.allocation_bytes), bad, "outside"),
+            (ref(count=e.allocation_bytes // 4 + 1), bad, "outside"),
+            (ref(offset=e.offset + e.allocation_bytes - 4 * n + 4), bad, "outside"),
+            (ref(uuid=os.urandom(16)), bad, "not the device this server offered"),
         ]
-        for value, why in cases:
+        for value, want, why in cases:
             code, kind, details = raw.execute([value, ref()])
-            assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack"), (why, code, details)
+            assert (code, kind) == want, (why, code, details)
             assert why in details, details
         # The same session, the honest reference: the server's device is fine.
         assert raw.execute([ref(), ref()])[0] == grpc.StatusCode.OK
@@ -630,6 +649,63 @@ def test_cuda_ipc_handles_that_lie_are_invalid_argument_and_the_server_keeps_ser
         a = torch.randn(1 << 18, device="cuda")
         r = c.fallback_detailed(key, [a, a])
         assert r.transport == "cuda_ipc" and torch.equal(r.stack[0], (a * 3).cpu())
+
+
+@pytest.mark.gpu
+def test_a_handle_the_server_cannot_open_sends_the_call_through_host_memory(
+    cuda_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where CUDA IPC cannot cross between the two processes (another PID or IPC
+    namespace), the server cannot open the handles: the call is resent through the
+    session's regions, and so are the session's later calls. Simulated here by
+    exporting handles of nothing (the server's answer is the same)."""
+    from fuseport.wire import cuda_ipc
+
+    real = cuda_ipc.Driver.export
+
+    def unopenable(self: Any, t: torch.Tensor) -> Any:
+        e = real(self, t)
+        return cuda_ipc.Export(os.urandom(64), e.offset, e.allocation_bytes, e.device_uuid)
+
+    monkeypatch.setattr(cuda_ipc.Driver, "export", unopenable)
+    a, b = torch.randn(1 << 18, device="cuda"), torch.randn(1 << 18, device="cuda")
+    want = [t.cpu() for t in _mix(a, b)]
+    with Client(cuda_server.target, timeout=300) as c:
+        k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+        for _ in range(2):
+            r = c.fallback_detailed(k, [a, b])
+            assert r.transport == "shm"
+            assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+
+
+@pytest.mark.gpu
+def test_a_server_in_the_clients_own_process_takes_cuda_tensors_through_host_memory(tmp_path: Path) -> None:
+    """CUDA refuses to open a process's own handles: a client whose server runs in
+    its own process (create_server) does not try."""
+    import asyncio
+
+    from fuseport.server import Settings, create_server
+
+    a, b = torch.randn(1 << 18, device="cuda"), torch.randn(1 << 18, device="cuda")
+    want = [t.cpu() for t in _mix(a, b)]
+
+    def call(port: int) -> Any:
+        with Client(f"127.0.0.1:{port}", timeout=300) as c:
+            k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+            return c.fallback_detailed(k, [a, b])
+
+    async def run() -> Any:
+        settings = Settings(host="127.0.0.1", port=0, store_dir=tmp_path, device="cuda", compile_mode="off")
+        server, port = await create_server(settings)
+        await server.start()
+        try:
+            return await asyncio.to_thread(call, port)
+        finally:
+            await server.stop(0)
+
+    r = asyncio.run(run())
+    assert r.transport == "shm"
+    assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
 
 
 @pytest.mark.gpu

@@ -25,11 +25,18 @@ import torch
 
 from fuseport.wire import codec
 
-__all__ = ["HANDLE_BYTES", "UUID_BYTES", "Driver", "Export", "driver"]
+__all__ = ["HANDLE_BYTES", "UNUSABLE_HANDLE", "UUID_BYTES", "CudaError", "Driver", "Export", "as_bytes", "driver", "why_not"]
 
 HANDLE_BYTES = codec.CUDA_HANDLE_BYTES
 UUID_BYTES = codec.CUDA_UUID_BYTES
 _LAZY_ENABLE_PEER_ACCESS = 1
+
+
+# What cuIpcOpenMemHandle answers for a handle the importer cannot use, as opposed
+# to trouble of its own: CUDA_ERROR_INVALID_VALUE (garbage, a freed allocation's),
+# CUDA_ERROR_INVALID_CONTEXT (its own memory), CUDA_ERROR_MAP_FAILED and
+# CUDA_ERROR_INVALID_HANDLE (a process CUDA IPC cannot reach), CUDA_ERROR_NOT_SUPPORTED.
+UNUSABLE_HANDLE = frozenset({1, 201, 205, 400, 801})
 
 
 class _Handle(ctypes.Structure):

@@ -21,8 +21,10 @@
     ├── PermissionDenied           PERMISSION_DENIED (the token's role may not call the method)
     ├── Unavailable                UNAVAILABLE (shutting down, unreachable)
     ├── SharedMemoryUnavailable    FAILED_PRECONDITION: shared memory is off, or the call's
-    │                              session is not open on this serving process (the client
-    │                              sends the call over the network instead)
+    │   │                          session is not open on this serving process (the client
+    │   │                          sends the call over the network instead)
+    │   └── CudaIpcUnavailable     a CUDA IPC handle the server cannot open (the client sends
+    │                              its CUDA tensors through host memory from then on)
     └── InternalError              INTERNAL
 
 The server maps an error to its status code with `status_for`; the error's class
@@ -41,6 +43,7 @@ import grpc
 __all__ = [
     "ERROR_METADATA_KEY",
     "CaptureError",
+    "CudaIpcUnavailable",
     "DeadlineExceeded",
     "ExecutionFailed",
     "FuseportError",
@@ -163,6 +166,12 @@ class Unavailable(FuseportError):
 class SharedMemoryUnavailable(FuseportError):
     """Shared memory cannot carry this call: the server has it off, or the
     session named is closed or another serving process's. Nothing ran."""
+
+
+class CudaIpcUnavailable(SharedMemoryUnavailable):
+    """The server could not open a CUDA IPC handle of the call: CUDA IPC does not
+    work between these two processes (another PID or IPC namespace, the same
+    process), or the handle names no allocation. Nothing ran; the session stays."""
 
 
 class InternalError(FuseportError):

@@ -35,6 +35,7 @@ __all__ = [
     "copy_into",
     "create_region",
     "map_region",
+    "peer_creds",
     "recv_packet",
     "replace",
     "send_packet",
@@ -113,6 +114,12 @@ def connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
+def peer_creds(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)  # type: ignore[return-value]
+
+
 class Region:
     """A mapped region: its bytes as a flat uint8 tensor. The mapping lives as
     long as any tensor viewing it (dropping the Region unmaps nothing early)."""
@@ -146,6 +153,9 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     on a busy host their wake-up cost more than the copy (a 256 KiB copy_ took
     3 ms on the loaded 2-core machine, py-spy). Anything else (a CUDA tensor, a
     strided view, a large copy) through copy_."""
+    # A lazy conjugate or negative view's memory holds the values before the
+    # conjugation: its bytes are not its value.
+    src = src.resolve_conj().resolve_neg()
     nbytes = src.numel() * src.element_size()
     host = src.device.type == "cpu" and dst.device.type == "cpu"
     if host and nbytes <= _MEMMOVE_MAX and src.is_contiguous() and dst.is_contiguous():
