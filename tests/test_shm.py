@@ -873,3 +873,74 @@ def test_an_async_clients_session_is_closed_with_the_client(server: ServerProces
     session = asyncio.run(main())
     assert session is not None and session.closed
     assert _until(server, (0, 0)) == (0, 0)
+
+
+def test_an_async_clients_copies_and_socket_waits_run_off_the_loop(server: ServerProcess, key: int) -> None:
+    """The session's blocking parts (its copies in and out, the waits on its
+    socket) run in threads: the loop's own thread is never the one that blocks."""
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    threads: dict[str, set[int]] = {"write": set(), "read": set(), "_wait": set()}
+
+    async def main() -> tuple[int, list[str]]:
+        async with AsyncClient(server.target) as c:
+            assert (await c.execute_detailed(key, [a, b])).transport == "shm"
+            session = c._shared
+            assert session is not None
+            for name in threads:
+                real = getattr(session, name)
+
+                def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                    threads[_name].add(threading.get_ident())
+                    return _real(*args)
+
+                setattr(session, name, spy)
+            bigger = torch.randn(4 * BIG)  # a larger input region: the session waits for the server's OK
+            rs = await asyncio.gather(c.execute_detailed(key, [a, b]), c.execute_detailed(key, [bigger, bigger]))
+            assert torch.equal(rs[1].stack[0], bigger * 3)
+            return threading.get_ident(), [r.transport for r in rs]
+
+    loop_thread, transports = asyncio.run(main())
+    assert transports == ["shm", "shm"]
+    assert threads["write"] and threads["read"] and threads["_wait"]
+    assert loop_thread not in threads["write"] | threads["read"] | threads["_wait"]
+
+
+@pytest.mark.gpu
+def test_an_async_clients_cuda_tensors_travel_by_cuda_ipc_or_through_host_memory_when_refused(
+    cuda_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncClient: CUDA inputs go by CUDA IPC handle and match eager, coroutines of
+    one client each get their own results; a handle the server cannot open (as in
+    test_a_handle_the_server_cannot_open_sends_the_call_through_host_memory) sends
+    the call through host memory."""
+    from fuseport.wire import cuda_ipc
+
+    pairs = _cuda_inputs(7) * 2
+    wants = [[t.cpu() for t in _mix(a.cuda(), b.cuda())] for a, b in pairs]
+
+    async def main(c: AsyncClient, k: int) -> list[ExecuteResult]:
+        return await asyncio.gather(*(c.fallback_detailed(k, list(p)) for p in pairs))
+
+    async def both() -> tuple[list[ExecuteResult], list[ExecuteResult]]:
+        async with AsyncClient(cuda_server.target, timeout=300) as c:
+            k = await c.register(_mix, [torch.ones(4), torch.ones(4)])
+            by_ipc = await main(c, k)
+        real = cuda_ipc.Driver.export
+
+        def unopenable(self: Any, t: torch.Tensor) -> Any:
+            e = real(self, t)
+            return cuda_ipc.Export(os.urandom(64), e.offset, e.allocation_bytes, e.device_uuid)
+
+        monkeypatch.setattr(cuda_ipc.Driver, "export", unopenable)
+        async with AsyncClient(cuda_server.target, timeout=300) as c:
+            k = await c.register(_mix, [torch.ones(4), torch.ones(4)])
+            by_host = [await c.fallback_detailed(k, list(pairs[0]))] + await main(c, k)
+        return by_ipc, by_host
+
+    by_ipc, by_host = asyncio.run(both())
+    for r, want in zip(by_ipc, wants):
+        assert r.transport == "cuda_ipc"
+        assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+    for r, want in zip(by_host, [wants[0], *wants]):
+        assert r.transport == "shm"
+        assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
