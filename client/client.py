@@ -196,6 +196,11 @@ class _AsyncSlot:
             self._gate.release()
 
 
+def _close_opened(opening: asyncio.Future[SharedSession | None]) -> None:
+    if not opening.cancelled() and opening.exception() is None and (session := opening.result()) is not None:
+        session.close()
+
+
 @dataclass
 class _Known:
     """A kernel this client registered: the function it was captured from (None
@@ -510,17 +515,6 @@ class _Base:
             log.info("no shared memory with %s (%s); using the network", self.target, e)
             self._shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
             return None
-
-    def _shared_keep(self, session: SharedSession | None) -> SharedSession | None:
-        """The client's session, once `session` was opened. Under `_shared_lock`."""
-        if self._shared is not None and not self._shared.closed:
-            # Another opened one meanwhile (an AsyncClient's call that was
-            # cancelled while opening keeps the session it opened): it serves.
-            if session is not None and session is not self._shared:
-                session.close()
-            return self._shared
-        self._shared = session
-        return session
 
     @staticmethod
     def _shared_write(
@@ -845,7 +839,8 @@ class Client(_Base):
                 opened: bytes | FuseportError = self._call("OpenSharedMemory", b"", timeout)
             except FuseportError as e:
                 opened = e
-            return self._shared_keep(self._shared_open(opened, timeout))
+            self._shared = self._shared_open(opened, timeout)
+            return self._shared
 
     def _run_on(
         self,
@@ -994,6 +989,7 @@ class AsyncClient(_Base):
         # in a thread (threads waiting for slots could take every worker the
         # calls holding them need to finish).
         self._shared_opening = asyncio.Lock()
+        self._shared_pending: asyncio.Future[SharedSession | None] | None = None
         self._shared_gate: tuple[SharedSession, asyncio.Semaphore] | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -1012,6 +1008,8 @@ class AsyncClient(_Base):
                 log.info("could not free this client's handles on close: %s", e)
         if self._shared is not None:
             self._shared.close()
+        if self._shared_pending is not None:  # a session still opening for a cancelled call
+            self._shared_pending.add_done_callback(_close_opened)
         await self.channel.close()
 
     async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
@@ -1166,25 +1164,27 @@ class AsyncClient(_Base):
                 now = self._shared_now()
             if now is not True:
                 return now
+            if self._shared_pending is None:
+                try:
+                    opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout)
+                except FuseportError as e:
+                    opened = e
+                loop = asyncio.get_running_loop()
+                self._shared_pending = loop.run_in_executor(None, self._shared_open, opened, timeout)
+            # Else a call cancelled while its session opened: the thread went on,
+            # and the session it opens is this client's all the same.
+            opening = self._shared_pending
             try:
-                opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout)
-            except FuseportError as e:
-                opened = e
-            loop = asyncio.get_running_loop()
-            opening = loop.run_in_executor(None, self._shared_open, opened, timeout)
-            try:
-                session = await asyncio.shield(opening)
-            except asyncio.CancelledError:
-                # The thread goes on: the session it opens is this client's all the same.
-                opening.add_done_callback(self._shared_opened)
-                raise
-            with self._shared_lock:
-                return self._shared_keep(session)
-
-    def _shared_opened(self, opening: asyncio.Future[SharedSession | None]) -> None:
-        if not opening.cancelled() and opening.exception() is None:
-            with self._shared_lock:
-                self._shared_keep(opening.result())
+                await asyncio.shield(opening)
+            finally:
+                # Done (even as this call is cancelled): the session is kept. Not yet:
+                # the next large call waits for it.
+                if opening.done():
+                    self._shared_pending = None
+                    if not opening.cancelled() and opening.exception() is None:
+                        with self._shared_lock:
+                            self._shared = opening.result()
+            return self._shared
 
     def _gate(self, session: SharedSession) -> asyncio.Semaphore:
         """The semaphore of `session`'s slots (a new one with each session)."""

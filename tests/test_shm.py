@@ -803,6 +803,43 @@ def test_a_cancelled_async_call_gives_its_slot_back(server: ServerProcess, key: 
     assert others == []
 
 
+def test_an_async_call_cancelled_while_its_session_opens_leaves_that_session_to_the_client(
+    server: ServerProcess, key: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's connect runs in a thread that a cancelled call cannot stop:
+    the session it opens is the client's, used by the next call (not a second
+    session, nor one left open and unused)."""
+    from fuseport.client import shm as client_shm
+
+    real = client_shm.SharedSession.__init__
+    made: list[Any] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def held_open(self: Any, *args: Any) -> None:
+        made.append(self)
+        entered.set()
+        release.wait(30)  # until the call that opens it has been cancelled
+        real(self, *args)
+
+    monkeypatch.setattr(client_shm.SharedSession, "__init__", held_open)
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> str:
+        async with AsyncClient(server.target) as c:
+            task = asyncio.ensure_future(c.execute_detailed(key, [a, b]))
+            assert await asyncio.to_thread(entered.wait, 30)
+            task.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            r = await c.execute_detailed(key, [a, b])
+            assert torch.equal(r.stack[0], a * 2 + b)
+            assert len(made) == 1 and c._shared is made[0]
+            return r.transport
+
+    assert asyncio.run(main()) == "shm"
+
+
 def test_an_async_client_whose_session_was_lost_uses_the_network_once_then_a_new_session(
     server: ServerProcess, key: int
 ) -> None:
