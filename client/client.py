@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -148,6 +149,58 @@ class _Shared:
     slot: int
 
 
+class _AsyncSlot:
+    """A slot of a SharedSession held by one of an AsyncClient's calls, from
+    its first copy to its last, and given back on every path.
+
+    It is taken on the loop: the client's semaphore of the session's slots
+    admits at most as many calls as there are slots, so session.slot() finds
+    one free at once (the session is the client's, and its calls run on its
+    loop). Its blocking work (`run`) goes to a thread. A call cancelled while
+    such a thread still copies into or out of the slot's regions gives the
+    slot back when that thread is done, not before: another call must not
+    write there meanwhile."""
+
+    def __init__(self, session: SharedSession, gate: asyncio.Semaphore) -> None:
+        self._session = session
+        self._gate = gate
+        self._busy: asyncio.Future[Any] | None = None
+        self.slot = 0
+
+    async def __aenter__(self) -> _AsyncSlot:
+        await self._gate.acquire()
+        try:
+            self._held = self._session.slot()
+            self.slot = self._held.__enter__()
+        except BaseException:
+            self._gate.release()
+            raise
+        return self
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        self._busy = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+        # Shielded: a cancelled call stops waiting, the copy goes on to its end (see __aexit__).
+        return await asyncio.shield(self._busy)
+
+    async def __aexit__(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        busy = self._busy
+        if busy is None or busy.done():
+            self._give_back(kind, e, tb)
+        else:
+            busy.add_done_callback(lambda f: (f.cancelled() or f.exception(), self._give_back(kind, e, tb)))
+
+    def _give_back(self, kind: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        try:
+            self._held.__exit__(kind, e, tb)  # the slot (it re-raises nothing: `e` is on its way already)
+        finally:
+            self._gate.release()
+
+
+def _close_opened(opening: asyncio.Future[SharedSession | None]) -> None:
+    if not opening.cancelled() and opening.exception() is None and (session := opening.result()) is not None:
+        session.close()
+
+
 @dataclass
 class _Known:
     """A kernel this client registered: the function it was captured from (None
@@ -284,8 +337,8 @@ class _Base:
 
         `shared_memory`: when the server is on this host and offers it, stacks
         with at least `shared_above` tensor bytes travel through shared memory
-        (the blocking Client; ExecuteResult.transport says "shm", or "cuda_ipc"
-        where CUDA inputs went by CUDA IPC handle); False: never."""
+        (ExecuteResult.transport says "shm", or "cuda_ipc" where CUDA inputs
+        went by CUDA IPC handle); False: never."""
         self.target = target
         self.stream_above = stream_above
         self.shared_above = shared_above
@@ -295,6 +348,9 @@ class _Base:
         # One server only: replicas' calls alternate between hosts, and a
         # session belongs to one serving process.
         self._shared_wanted = shared_memory and not self._target.replicas
+        self._shared: SharedSession | None = None
+        self._shared_lock = threading.Lock()
+        self._shared_retry_at = 0.0
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
@@ -421,6 +477,78 @@ class _Base:
         yield _pb.service.StackChunk(request=header).SerializeToString()
         yield from writer.chunks()
         yield writer.end()
+
+    # Shared memory: the decisions both clients take. The blocking parts (the
+    # session's socket waits and copies) Client runs in place, AsyncClient in
+    # threads off its loop.
+
+    def _shared_wants(self, size: int) -> bool:
+        """Whether a stack of `size` tensor bytes goes through shared memory
+        where a session can be had."""
+        return self._shared_wanted and size >= self.shared_above
+
+    def _shared_now(self) -> SharedSession | bool | None:
+        """The session a large stack goes through; None: the network; True: one
+        is to be opened first. Under `_shared_lock`."""
+        if self._shared is not None and self._shared.pid != os.getpid():
+            # A forked child: the session's socket and regions are its parent's
+            # (its writes would land in the parent's inputs). It lets go of its
+            # copies only, and opens a session of its own.
+            self._shared.close()
+            self._shared, self._shared_retry_at = None, 0.0
+        if self._shared is not None and not self._shared.closed:
+            return self._shared
+        return None if time.monotonic() < self._shared_retry_at else True
+
+    def _shared_open(self, opened: bytes | FuseportError, timeout: float | None) -> SharedSession | None:
+        """The session the OpenSharedMemory answer `opened` names (blocks: it
+        connects and waits for the server's hello); None, and no new try for a
+        while, when there is none to be had."""
+        try:
+            if isinstance(opened, FuseportError):
+                raise opened
+            response = _pb.service.OpenSharedMemoryResponse.FromString(opened)
+            return SharedSession(response, self._timeout(timeout) or 30.0)
+        except (FuseportError, OSError) as e:
+            # OSError: the server's socket is not reachable from here (another
+            # host or network namespace), the usual case for a remote server.
+            log.info("no shared memory with %s (%s); using the network", self.target, e)
+            self._shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
+            return None
+
+    @staticmethod
+    def _shared_write(
+        session: SharedSession, slot: int, stack: Sequence[Any], keep: bool
+    ) -> tuple[_Shared, bool]:
+        """The call as sent through `slot` (blocks: copies), and whether CUDA
+        inputs went by CUDA IPC handle. Tensor outputs come back through the
+        slot's region, unless kept."""
+        written, by_cuda = session.write(slot, list(stack))
+        return _Shared(written, session.id, 0 if keep else slot), by_cuda
+
+    @staticmethod
+    def _no_cuda_ipc(session: SharedSession, e: CudaIpcUnavailable) -> None:
+        # The server cannot open our handles (another PID/IPC namespace, say).
+        # Nothing ran: this session sends CUDA tensors through its regions from
+        # now on, this call first.
+        log.info("CUDA IPC unavailable (%s); CUDA tensors go through host memory", e)
+        session.cuda_devices = frozenset()
+
+    @staticmethod
+    def _shared_read(session: SharedSession, result: ExecuteResult, by_cuda: bool) -> ExecuteResult:
+        """The result with its tensors copied out of the slot's region (blocks)."""
+        transport = "cuda_ipc" if by_cuda else "shm"
+        return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
+
+    def _shared_lost(self, session: SharedSession, e: SharedMemoryUnavailable) -> None:
+        # Nothing ran: this call goes over the network, and the next large one
+        # opens a new session (this one is closed, or was opened on another
+        # serving process than the one the channel reaches now).
+        log.info("shared memory unavailable (%s); using the network", e)
+        with self._shared_lock:
+            session.close()
+            if self._shared is session:
+                self._shared = None
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
@@ -595,9 +723,6 @@ class Client(_Base):
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
-        self._shared: SharedSession | None = None
-        self._shared_lock = threading.Lock()
-        self._shared_retry_at = 0.0
 
     def __enter__(self) -> Client:
         return self
@@ -686,66 +811,36 @@ class Client(_Base):
         if session is not None and size <= session.max_bytes:
             try:
                 with session.slot() as slot:
-                    # Tensor outputs come back through the slot's region, unless kept.
-                    written, by_cuda = session.write(slot, list(stack))
-                    shared = _Shared(written, session.id, 0 if keep else slot)
+                    shared, by_cuda = self._shared_write(session, slot, stack, keep)
                     try:
                         result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
                     except CudaIpcUnavailable as e:
                         if not by_cuda:
                             raise
-                        # The server cannot open our handles (another PID/IPC namespace,
-                        # say). Nothing ran: this session sends CUDA tensors through its
-                        # regions from now on, this call first.
-                        log.info("CUDA IPC unavailable (%s); CUDA tensors go through host memory", e)
-                        session.cuda_devices = frozenset()
-                        written, by_cuda = session.write(slot, list(stack))
-                        shared = _Shared(written, session.id, 0 if keep else slot)
+                        self._no_cuda_ipc(session, e)
+                        shared, by_cuda = self._shared_write(session, slot, stack, keep)
                         result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    transport = "cuda_ipc" if by_cuda else "shm"
-                    return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
+                    return self._shared_read(session, result, by_cuda)
             except SharedMemoryUnavailable as e:
-                # Nothing ran: this call goes over the network, and the next large
-                # one opens a new session (this one is closed, or was opened on
-                # another serving process than the one the channel reaches now).
-                log.info("shared memory unavailable (%s); using the network", e)
-                self._drop_shared(session)
+                self._shared_lost(session, e)
         return self._run_on(method, key, stack, wait, timeout, keep, started)
 
     def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
         """This client's shared-memory session, opened at the first stack of
         `size` tensor bytes large enough; None when the server is not on this
         host or has it off."""
-        if not self._shared_wanted or size < self.shared_above:
-            return None
+        if not self._shared_wants(size):
+            return None  # without waiting for the lock (held while a session opens)
         with self._shared_lock:
-            if self._shared is not None and self._shared.pid != os.getpid():
-                # A forked child: the session's socket and regions are its parent's
-                # (its writes would land in the parent's inputs). It lets go of its
-                # copies only, and opens a session of its own.
-                self._shared.close()
-                self._shared, self._shared_retry_at = None, 0.0
-            if self._shared is not None and not self._shared.closed:
-                return self._shared
-            if time.monotonic() < self._shared_retry_at:
-                return None
+            now = self._shared_now()
+            if now is not True:
+                return now
             try:
-                opened = _pb.service.OpenSharedMemoryResponse.FromString(
-                    self._call("OpenSharedMemory", b"", timeout)
-                )
-                self._shared = SharedSession(opened, self._timeout(timeout) or 30.0)
-            except (FuseportError, OSError) as e:
-                # OSError: the server's socket is not reachable from here (another
-                # host or network namespace), the usual case for a remote server.
-                log.info("no shared memory with %s (%s); using the network", self.target, e)
-                self._shared, self._shared_retry_at = None, time.monotonic() + _SHARED_RETRY_SECONDS
+                opened: bytes | FuseportError = self._call("OpenSharedMemory", b"", timeout)
+            except FuseportError as e:
+                opened = e
+            self._shared = self._shared_open(opened, timeout)
             return self._shared
-
-    def _drop_shared(self, session: SharedSession) -> None:
-        with self._shared_lock:
-            session.close()
-            if self._shared is session:
-                self._shared = None
 
     def _run_on(
         self,
@@ -863,6 +958,10 @@ class AsyncClient(_Base):
     processes on one port, a second channel could reach another). The price: a
     loop kept busy for longer than the lease stalls renewals, as it stalls
     every call of the client.
+
+    Shared memory works as the blocking Client's (one SharedSession, the same
+    decisions in _Base); its blocking parts, the session's copies and socket
+    waits, run in the loop's default executor (_AsyncSlot).
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
@@ -872,7 +971,7 @@ class AsyncClient(_Base):
             name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
             for name in (
                 "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
-                "FetchHandles", "FreeHandles", "RenewLease",
+                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
             )
         }  # fmt: skip
         self._stream_methods = {
@@ -885,6 +984,13 @@ class AsyncClient(_Base):
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call_from_thread, self._refuse_on_loop)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
+        # One opener of the shared-memory session at a time; and the session's
+        # slots as a semaphore, so that a call waits for one on the loop, never
+        # in a thread (threads waiting for slots could take every worker the
+        # calls holding them need to finish).
+        self._shared_opening = asyncio.Lock()
+        self._shared_pending: asyncio.Future[SharedSession | None] | None = None
+        self._shared_gate: tuple[SharedSession, asyncio.Semaphore] | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -900,6 +1006,10 @@ class AsyncClient(_Base):
                 await self._send(request, self.timeout)
             except FuseportError as e:  # the server is gone: its lease frees them
                 log.info("could not free this client's handles on close: %s", e)
+        if self._shared is not None:
+            self._shared.close()
+        if self._shared_pending is not None:  # a session still opening for a cancelled call
+            self._shared_pending.add_done_callback(_close_opened)
         await self.channel.close()
 
     async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
@@ -1024,10 +1134,78 @@ class AsyncClient(_Base):
     async def _run(
         self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
+        # As Client._run, with the session's blocking parts in threads.
         started = time.perf_counter_ns()
-        # As Client._run_on (without shared memory): handles travel only in unary calls.
-        streamed = not keep and not _holds_remote(stack) and self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep)
+        size = payload_bytes(stack)
+        session = await self._shared_session(size, timeout)
+        if session is not None and size <= session.max_bytes:
+            try:
+                async with _AsyncSlot(session, self._gate(session)) as held:
+                    shared, by_cuda = await held.run(self._shared_write, session, held.slot, stack, keep)
+                    try:
+                        result = await self._run_on(method, key, stack, wait, timeout, keep, started, shared)
+                    except CudaIpcUnavailable as e:
+                        if not by_cuda:
+                            raise
+                        self._no_cuda_ipc(session, e)
+                        shared, by_cuda = await held.run(self._shared_write, session, held.slot, stack, keep)
+                        result = await self._run_on(method, key, stack, wait, timeout, keep, started, shared)
+                    return await held.run(self._shared_read, session, result, by_cuda)
+            except SharedMemoryUnavailable as e:
+                self._shared_lost(session, e)
+        return await self._run_on(method, key, stack, wait, timeout, keep, started)
+
+    async def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
+        """As Client._shared_session; the session opens in a thread."""
+        if not self._shared_wants(size):
+            return None
+        async with self._shared_opening:
+            with self._shared_lock:
+                now = self._shared_now()
+            if now is not True:
+                return now
+            if self._shared_pending is None:
+                try:
+                    opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout)
+                except FuseportError as e:
+                    opened = e
+                loop = asyncio.get_running_loop()
+                self._shared_pending = loop.run_in_executor(None, self._shared_open, opened, timeout)
+            # Else a call cancelled while its session opened: the thread went on,
+            # and the session it opens is this client's all the same.
+            opening = self._shared_pending
+            try:
+                await asyncio.shield(opening)
+            finally:
+                # Done (even as this call is cancelled): the session is kept. Not yet:
+                # the next large call waits for it.
+                if opening.done():
+                    self._shared_pending = None
+                    if not opening.cancelled() and opening.exception() is None:
+                        with self._shared_lock:
+                            self._shared = opening.result()
+            return self._shared
+
+    def _gate(self, session: SharedSession) -> asyncio.Semaphore:
+        """The semaphore of `session`'s slots (a new one with each session)."""
+        if self._shared_gate is None or self._shared_gate[0] is not session:
+            self._shared_gate = (session, asyncio.Semaphore(session.slots))
+        return self._shared_gate[1]
+
+    async def _run_on(
+        self,
+        method: str,
+        key: int,
+        stack: Sequence[Any],
+        wait: bool,
+        timeout: float | None,
+        keep: bool,
+        started: int,
+        shared: _Shared | None = None,
+    ) -> ExecuteResult:
+        # As Client._run_on: handles travel only in unary calls.
+        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
         adopted: Callable[[], None] | None = None
         for attempt in range(3):  # as Client._run_on
             try:
@@ -1035,14 +1213,14 @@ class AsyncClient(_Base):
                     return await self._call_streamed(method, key, stack, wait, timeout, started)
                 raw = await self._call(method, request, timeout)
             except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed, keep) if attempt < 2 else None
+                again = self._recovery(e, key, stack, wait, carried, streamed, keep, shared) if attempt < 2 else None
                 if again is None:
                     raise
                 if again.request is None:
                     for register, registered in again.registers:
                         registered(await self._call("Register", register, timeout))
                     if not streamed:
-                        request, carried = self._execute_request(key, stack, wait, keep=keep), False
+                        request, carried = self._execute_request(key, stack, wait, keep=keep, shared=shared), False
                 else:
                     request, carried, adopted = again.request, True, again.adopted
                 continue

@@ -57,6 +57,7 @@ class SharedSession:
             self.cuda_devices = frozenset()
         self._next_id = 1
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
+        self.slots = slots  # how many calls run through it at once
         self._free = list(range(slots, 0, -1))
         self._slots = threading.Condition()
         try:

@@ -7,6 +7,8 @@ packet functions, the way a client in any language would."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import mmap
 import os
@@ -28,7 +30,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from fuseport.client import Client
+from fuseport.client import AsyncClient, Client, ExecuteResult, RemoteTensor
 from fuseport.wire import _pb, codec, shm
 from fuseport.wire.errors import ERROR_METADATA_KEY
 
@@ -502,7 +504,7 @@ def test_open_shared_memory_needs_a_client_id(server: ServerProcess) -> None:
 
 _DYING_CLIENT = r"""
 import sys, time, torch
-from fuseport.client import Client
+from fuseport.client import AsyncClient, Client, ExecuteResult, RemoteTensor
 c = Client(sys.argv[1])
 a = torch.randn(2 << 20)
 for _ in range(3):
@@ -720,3 +722,262 @@ def test_with_cuda_ipc_off_cuda_tensors_go_through_host_memory(tmp_path: Path) -
             assert all(torch.equal(x, y.cpu()) for x, y in zip(r.stack, _mix(a, b)))
     finally:
         s.stop()
+
+
+# --------------------------------------------------------------------------- AsyncClient
+
+
+def test_an_async_clients_large_stack_travels_through_shared_memory_and_comes_back_right(
+    server: ServerProcess, key: int
+) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> tuple[ExecuteResult, ExecuteResult]:
+        async with AsyncClient(server.target) as c:
+            return await c.execute_detailed(key, [7, a, b]), await c.execute_detailed(key, [a[:8], b[:8]])
+
+    r, small = asyncio.run(main())
+    assert r.transport == "shm"
+    assert r.stack[0] == 7
+    assert torch.equal(r.stack[1], a * 2 + b) and torch.equal(r.stack[2], (a - b).abs())
+    assert small.transport == "unary"
+    assert torch.equal(small.stack[0], a[:8] * 2 + b[:8])
+
+
+def test_concurrent_coroutines_of_one_async_client_each_get_their_own_results(
+    server: ServerProcess, key: int
+) -> None:
+    """More coroutines than the session has slots, sizes varying (regions grow): a
+    call that read another's region would show as a wrong result; one that kept
+    a slot would leave the session short of slots."""
+
+    async def work(c: AsyncClient, seed: int) -> list[str]:
+        g = torch.Generator().manual_seed(seed)
+        errors = []
+        for _ in range(3):
+            n = BIG + int(torch.randint(0, BIG, (1,), generator=g))
+            a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+            r = await c.execute_detailed(key, [a, b])
+            if r.transport != "shm" or not torch.equal(r.stack[0], a * 2 + b):
+                right = torch.equal(r.stack[0], a * 2 + b)
+                errors.append(f"coroutine {seed}: transport {r.transport}, right {right}")
+        return errors
+
+    async def main() -> tuple[list[list[str]], int, int]:
+        async with AsyncClient(server.target) as c:
+            errors = await asyncio.gather(*(work(c, i) for i in range(12)))
+            session = c._shared
+            assert session is not None
+            return errors, len(session._free), session.slots
+
+    errors, free, slots = asyncio.run(main())
+    assert errors == [[]] * 12
+    assert free == slots
+
+
+def test_a_cancelled_async_call_gives_its_slot_back(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> tuple[int, int, list[str]]:
+        async with AsyncClient(server.target) as c:
+            assert (await c.execute_detailed(key, [a, b])).transport == "shm"
+            session = c._shared
+            assert session is not None
+            # Cancelled at each of its awaits in turn: the slot wait, the copy in,
+            # the call, the copy out.
+            for steps in range(1, 12):
+                task = asyncio.ensure_future(c.execute_detailed(key, [a, b]))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            # Every slot is usable again (a slot given back late, once its copy
+            # thread ended, is given back before these get theirs).
+            calls = asyncio.gather(*(c.execute_detailed(key, [a, b]) for _ in range(session.slots + 2)))
+            rs = await asyncio.wait_for(calls, 120)  # a slot never given back would hang them
+            return len(session._free), session.slots, [r.transport for r in rs if r.transport != "shm"]
+
+    free, slots, others = asyncio.run(main())
+    assert free == slots
+    assert others == []
+
+
+def test_an_async_call_cancelled_while_its_session_opens_leaves_that_session_to_the_client(
+    server: ServerProcess, key: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's connect runs in a thread that a cancelled call cannot stop:
+    the session it opens is the client's, used by the next call (not a second
+    session, nor one left open and unused)."""
+    from fuseport.client import shm as client_shm
+
+    real = client_shm.SharedSession.__init__
+    made: list[Any] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def held_open(self: Any, *args: Any) -> None:
+        made.append(self)
+        entered.set()
+        release.wait(30)  # until the call that opens it has been cancelled
+        real(self, *args)
+
+    monkeypatch.setattr(client_shm.SharedSession, "__init__", held_open)
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> str:
+        async with AsyncClient(server.target) as c:
+            task = asyncio.ensure_future(c.execute_detailed(key, [a, b]))
+            assert await asyncio.to_thread(entered.wait, 30)
+            task.cancel()
+            release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            r = await c.execute_detailed(key, [a, b])
+            assert torch.equal(r.stack[0], a * 2 + b)
+            assert len(made) == 1 and c._shared is made[0]
+            return r.transport
+
+    assert asyncio.run(main()) == "shm"
+
+
+def test_an_async_client_whose_session_was_lost_uses_the_network_once_then_a_new_session(
+    server: ServerProcess, key: int
+) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> list[str]:
+        async with AsyncClient(server.target) as c:
+            assert (await c.execute_detailed(key, [a, b])).transport == "shm"
+            lost = c._shared
+            assert lost is not None
+            held = len(_mappings(server.proc.pid))
+            lost._sock.close()  # as if the connection broke: the server ends the session
+            deadline = time.monotonic() + 30
+            while len(_mappings(server.proc.pid)) >= held and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # until the server has unmapped it
+            transports = []
+            for _ in range(3):
+                r = await c.execute_detailed(key, [a, b])
+                assert torch.equal(r.stack[0], a * 2 + b)
+                transports.append(r.transport)
+            assert c._shared is not lost
+            return transports
+
+    assert asyncio.run(main()) == ["unary", "shm", "shm"]
+
+
+def test_an_async_client_with_shared_memory_off_uses_the_network(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> ExecuteResult:
+        async with AsyncClient(server.target, shared_memory=False) as c:
+            r = await c.execute_detailed(key, [a, b])
+            assert c._shared is None
+            return r
+
+    r = asyncio.run(main())
+    assert r.transport == "unary"
+    assert torch.equal(r.stack[0], a * 2 + b)
+
+
+def test_an_async_clients_kept_outputs_stay_on_the_server_while_inputs_come_through_shared_memory(
+    server: ServerProcess, key: int
+) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+
+    async def main() -> None:
+        async with AsyncClient(server.target) as c:
+            r = await c.execute_detailed(key, [a, b], keep=True)
+            assert r.transport == "shm"
+            total, diff = r.stack
+            assert isinstance(total, RemoteTensor)
+            again = await c.execute_detailed(key, [total, b])
+            assert again.transport == "shm"
+            assert torch.equal(again.stack[0], (a * 2 + b) * 2 + b)
+            (got,) = await c.fetch([diff])
+            assert torch.equal(got, (a - b).abs())
+
+    asyncio.run(main())
+
+
+def test_an_async_clients_session_is_closed_with_the_client(server: ServerProcess, key: int) -> None:
+    async def main() -> Any:
+        async with AsyncClient(server.target) as c:
+            assert (await c.execute_detailed(key, [torch.randn(BIG), torch.randn(BIG)])).transport == "shm"
+            session = c._shared
+        return session
+
+    session = asyncio.run(main())
+    assert session is not None and session.closed
+    assert _until(server, (0, 0)) == (0, 0)
+
+
+def test_an_async_clients_copies_and_socket_waits_run_off_the_loop(server: ServerProcess, key: int) -> None:
+    """The session's blocking parts (its copies in and out, the waits on its
+    socket) run in threads: the loop's own thread is never the one that blocks."""
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    threads: dict[str, set[int]] = {"write": set(), "read": set(), "_wait": set()}
+
+    async def main() -> tuple[int, list[str]]:
+        async with AsyncClient(server.target) as c:
+            assert (await c.execute_detailed(key, [a, b])).transport == "shm"
+            session = c._shared
+            assert session is not None
+            for name in threads:
+                real = getattr(session, name)
+
+                def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+                    threads[_name].add(threading.get_ident())
+                    return _real(*args)
+
+                setattr(session, name, spy)
+            bigger = torch.randn(4 * BIG)  # a larger input region: the session waits for the server's OK
+            rs = await asyncio.gather(c.execute_detailed(key, [a, b]), c.execute_detailed(key, [bigger, bigger]))
+            assert torch.equal(rs[1].stack[0], bigger * 3)
+            return threading.get_ident(), [r.transport for r in rs]
+
+    loop_thread, transports = asyncio.run(main())
+    assert transports == ["shm", "shm"]
+    assert threads["write"] and threads["read"] and threads["_wait"]
+    assert loop_thread not in threads["write"] | threads["read"] | threads["_wait"]
+
+
+@pytest.mark.gpu
+def test_an_async_clients_cuda_tensors_travel_by_cuda_ipc_or_through_host_memory_when_refused(
+    cuda_server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncClient: CUDA inputs go by CUDA IPC handle and match eager, coroutines of
+    one client each get their own results; a handle the server cannot open (as in
+    test_a_handle_the_server_cannot_open_sends_the_call_through_host_memory) sends
+    the call through host memory."""
+    from fuseport.wire import cuda_ipc
+
+    pairs = _cuda_inputs(7) * 2
+    wants = [[t.cpu() for t in _mix(a.cuda(), b.cuda())] for a, b in pairs]
+
+    async def main(c: AsyncClient, k: int) -> list[ExecuteResult]:
+        return await asyncio.gather(*(c.fallback_detailed(k, list(p)) for p in pairs))
+
+    async def both() -> tuple[list[ExecuteResult], list[ExecuteResult]]:
+        async with AsyncClient(cuda_server.target, timeout=300) as c:
+            k = await c.register(_mix, [torch.ones(4), torch.ones(4)])
+            by_ipc = await main(c, k)
+        real = cuda_ipc.Driver.export
+
+        def unopenable(self: Any, t: torch.Tensor) -> Any:
+            e = real(self, t)
+            return cuda_ipc.Export(os.urandom(64), e.offset, e.allocation_bytes, e.device_uuid)
+
+        monkeypatch.setattr(cuda_ipc.Driver, "export", unopenable)
+        async with AsyncClient(cuda_server.target, timeout=300) as c:
+            k = await c.register(_mix, [torch.ones(4), torch.ones(4)])
+            by_host = [await c.fallback_detailed(k, list(pairs[0]))] + await main(c, k)
+        return by_ipc, by_host
+
+    by_ipc, by_host = asyncio.run(both())
+    for r, want in zip(by_ipc, wants):
+        assert r.transport == "cuda_ipc"
+        assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+    for r, want in zip(by_host, [wants[0], *wants]):
+        assert r.transport == "shm"
+        assert all(torch.equal(x, y) for x, y in zip(r.stack, want))

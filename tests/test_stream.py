@@ -415,6 +415,29 @@ def test_a_server_with_shared_memory_off_says_so_and_the_client_uses_the_network
             c._call("OpenSharedMemory", b"", 10)
 
 
+def test_an_async_client_to_a_server_with_shared_memory_off_uses_the_network_and_asks_again_later(
+    server: ServerProcess, key: int
+) -> None:
+    x = torch.randn(1 << 20)
+
+    async def main() -> tuple[list[str], list[float]]:
+        async with AsyncClient(server.target) as c:
+            transports, retry_at = [], []
+            for _ in range(2):
+                r = await c.execute_detailed(key, [x])
+                assert torch.equal(r.stack[0], _double(x))
+                transports.append(r.transport)
+                assert c._shared is None
+                retry_at.append(c._shared_retry_at)
+            return transports, retry_at
+
+    started = time.monotonic()
+    transports, retry_at = asyncio.run(main())
+    assert transports == ["unary", "unary"]
+    # Refused once, and not asked again at the next call: a minute later.
+    assert retry_at[0] == retry_at[1] >= started + 59
+
+
 def test_writer_names_a_value_that_cannot_travel() -> None:
     with pytest.raises(Exception, match=r"stack\[1\]"):
         Writer([torch.ones(1), object()])
