@@ -540,6 +540,20 @@ class _Base:
         transport = "cuda_ipc" if by_cuda else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
+    def _shared_abandoned(self, session: SharedSession, e: BaseException) -> None:
+        """After a call through `session` ended with `e`: where the server may
+        still be running it (no answer came: a deadline, a cancellation, a broken
+        connection), it will write the results into the call's slot later, where
+        a later call given that slot would read them as its own. So the session
+        goes, and the next large call opens a new one."""
+        if isinstance(e, FuseportError) and not isinstance(e, (DeadlineExceeded, Unavailable)):
+            return  # the server's own answer: the call is over there
+        log.info("a shared-memory call ended without the server's answer (%r): its session is given up", e)
+        with self._shared_lock:
+            session.close()
+            if self._shared is session:
+                self._shared = None
+
     def _shared_lost(self, session: SharedSession, e: SharedMemoryUnavailable) -> None:
         # Nothing ran: this call goes over the network, and the next large one
         # opens a new session (this one is closed, or was opened on another
@@ -823,6 +837,9 @@ class Client(_Base):
                     return self._shared_read(session, result, by_cuda)
             except SharedMemoryUnavailable as e:
                 self._shared_lost(session, e)
+            except BaseException as e:
+                self._shared_abandoned(session, e)
+                raise
         return self._run_on(method, key, stack, wait, timeout, keep, started)
 
     def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
@@ -1153,6 +1170,9 @@ class AsyncClient(_Base):
                     return await held.run(self._shared_read, session, result, by_cuda)
             except SharedMemoryUnavailable as e:
                 self._shared_lost(session, e)
+            except BaseException as e:
+                self._shared_abandoned(session, e)
+                raise
         return await self._run_on(method, key, stack, wait, timeout, keep, started)
 
     async def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,6 +73,11 @@ class SharedSession:
 
     def close(self) -> None:
         self.closed = True
+        if os.getpid() == self.pid:  # never in a forked child: the socket is its parent's too
+            with contextlib.suppress(OSError):
+                # Shut down first: another thread's call blocked reading the socket
+                # wakes up (close alone would leave it waiting).
+                self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
         self._outputs.clear()

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import AsyncClient, Client, ExecuteResult, RemoteTensor
 from fuseport.wire import _pb, codec, shm
-from fuseport.wire.errors import ERROR_METADATA_KEY
+from fuseport.wire.errors import ERROR_METADATA_KEY, DeadlineExceeded
 
 from .conftest import ServerProcess, start_server
 
@@ -205,6 +205,51 @@ def test_a_client_whose_session_was_lost_uses_the_network_once_then_a_new_sessio
         transports = [c.execute_detailed(key, [a, b]).transport for _ in range(3)]
         assert c._shared is not lost
     assert transports == ["unary", "shm", "shm"]
+
+
+def _slow(x: torch.Tensor) -> torch.Tensor:
+    for _ in range(12):
+        x = torch.tanh(x @ x)
+    return x
+
+
+def test_a_call_that_times_out_gives_up_its_session_since_the_server_may_still_write_its_slot(
+    server: ServerProcess, key: int
+) -> None:
+    """A call whose deadline passed may still run on the server, which then writes
+    its results into the slot's output region: a later call given that slot could
+    read them as its own. The client gives the whole session up instead."""
+    a, b, x = torch.randn(BIG), torch.randn(BIG), torch.randn(1024, 1024) / 32
+    with Client(server.target) as c:
+        slow = c.register(_slow, [torch.randn(8, 8)])
+        assert c.execute_detailed(key, [a, b]).transport == "shm"
+        first = c._shared
+        assert first is not None
+        with pytest.raises(DeadlineExceeded):
+            c.execute_detailed(slow, [x], timeout=0.05)
+        assert first.closed and c._shared is not first
+        r = c.execute_detailed(key, [a, b])
+        assert r.transport == "shm" and c._shared is not first
+        assert torch.equal(r.stack[0], a * 2 + b)
+
+
+def test_an_async_call_cancelled_mid_call_gives_up_its_session_too(server: ServerProcess, key: int) -> None:
+    a, b, x = torch.randn(BIG), torch.randn(BIG), torch.randn(1024, 1024) / 32
+
+    async def run() -> tuple[Any, Any, Any]:
+        async with AsyncClient(server.target) as c:
+            slow = await c.register(_slow, [torch.randn(8, 8)])
+            assert (await c.execute_detailed(key, [a, b])).transport == "shm"
+            first = c._shared
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(c.execute_detailed(slow, [x]), 0.05)
+            assert first is not None and first.closed and c._shared is not first
+            r = await c.execute_detailed(key, [a, b])
+            return first, c._shared, r
+
+    first, now, r = asyncio.run(run())
+    assert now is not first
+    assert r.transport == "shm" and torch.equal(r.stack[0], a * 2 + b)
 
 
 def _gauges(server: ServerProcess) -> tuple[float, float]:
