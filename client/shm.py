@@ -3,10 +3,10 @@
 A client on the server's host hands its inputs over in sealed memfds and reads
 the results from the server's; each call holds one slot (an input region of
 this client's, an output region of the server's) for its duration, so
-concurrent calls of one client never share a region. CUDA tensors on a device
-the server offered travel as CUDA IPC handles instead (wire/cuda_ipc.py). Regions are reused from
+concurrent calls of one client never share a region. Regions are reused from
 call to call (fresh memory would page-fault at a fraction of copy speed) and
-grow when a stack needs more.
+grow when a stack needs more. CUDA tensors on the device the server offered
+travel as CUDA IPC handles instead (wire/cuda_ipc.py).
 """
 
 from __future__ import annotations
