@@ -16,7 +16,7 @@ The server copies every input out of the client's region before anything
 checks or runs it: the client may rewrite its region at any time, and a check
 that read bytes the kernel then reads again would be a race it could win.
 
-A client's CUDA tensors, on a device this process sees, travel as CUDA IPC
+A client's CUDA tensors, on the device this process serves on, travel as CUDA IPC
 handles instead (wire/cuda_ipc.py): only within a session (the socket proved
 the client is on this host; the session binds it to its client id and token),
 and the same way: the server maps the client's allocation, checks the tensor
