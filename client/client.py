@@ -549,16 +549,17 @@ class _Base:
         if isinstance(e, FuseportError) and not isinstance(e, (DeadlineExceeded, Unavailable)):
             return  # the server's own answer: the call is over there
         log.info("a shared-memory call ended without the server's answer (%r): its session is given up", e)
-        with self._shared_lock:
-            session.close()
-            if self._shared is session:
-                self._shared = None
+        self._shared_drop(session)
 
     def _shared_lost(self, session: SharedSession, e: SharedMemoryUnavailable) -> None:
         # Nothing ran: this call goes over the network, and the next large one
         # opens a new session (this one is closed, or was opened on another
         # serving process than the one the channel reaches now).
         log.info("shared memory unavailable (%s); using the network", e)
+        self._shared_drop(session)
+
+    def _shared_drop(self, session: SharedSession) -> None:
+        """Closes `session`; the next large call opens a new one."""
         with self._shared_lock:
             session.close()
             if self._shared is session:

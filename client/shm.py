@@ -50,12 +50,11 @@ class SharedSession:
         self._inputs: dict[int, shm.Region] = {}  # by slot: this client's
         # CUDA IPC: the devices the server maps allocations of, and by slot the
         # contiguous copies a call's handles name (alive until the call is over).
-        self.cuda_devices = frozenset(opened.cuda_devices)
+        # None for a server in this very process (create_server): CUDA refuses to
+        # open a process's own handles, and its tensors need no IPC to get there.
+        in_process = shm.peer_creds(self._sock)[0] == self.pid
+        self.cuda_devices = frozenset() if in_process else frozenset(opened.cuda_devices)
         self._held: dict[int, list[torch.Tensor]] = {}
-        if shm.peer_creds(self._sock)[0] == self.pid:
-            # A server in this very process (create_server): CUDA refuses to open
-            # a process's own handles, and its tensors need no IPC to get there.
-            self.cuda_devices = frozenset()
         self._next_id = 1
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self.slots = slots  # how many calls run through it at once

@@ -91,7 +91,7 @@ def importer(scenario: str) -> None:
     torch.ones(1, device="cuda")
     peer = Peer()
     e = peer.ask("make")
-    ordinal = drv.ordinal_of(bytes.fromhex(e["uuid"]))
+    ordinal = next(i for i in range(torch.cuda.device_count()) if drv.uuid(i) == bytes.fromhex(e["uuid"]))
     if scenario == "basics":
         t0 = time.perf_counter()
         ptr, size = drv.open(ordinal, bytes.fromhex(e["handle"]))

@@ -103,6 +103,8 @@ class SharedMemory:
         # of MiB of another process's device) and copy between GPUs.
         self.cuda_devices: list[bytes] = []
         self._cuda_device = cuda_device
+        # resolve_device gives CUDA devices an index; a bare "cuda" is device 0 as there.
+        self._cuda_ordinal = 0 if cuda_device is None else cuda_device.index or 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._pending = threading.BoundedSemaphore(MAX_PENDING)
@@ -210,11 +212,6 @@ class SharedMemory:
             )
 
         return shm.replace(stack, value, codec.Shared)
-
-    @property
-    def _cuda_ordinal(self) -> int:
-        assert self._cuda_device is not None
-        return self._cuda_device.index if self._cuda_device.index is not None else torch.cuda.current_device()
 
     def _from_cuda(self, v: codec.Shared, where: str) -> torch.Tensor:
         """A copy on the serving device of a client's CUDA tensor there, named by its allocation's IPC handle."""

@@ -132,13 +132,6 @@ class Driver:
                 self._uuids[ordinal] = found
         return found
 
-    def ordinal_of(self, uuid: bytes) -> int | None:
-        """This process's index of the device with `uuid`, None where it sees no such device."""
-        for i in range(torch.cuda.device_count()):
-            if self.uuid(i) == uuid:
-                return i
-        return None
-
     def _range(self, ptr: int) -> tuple[int, int]:
         base, size = ctypes.c_uint64(), ctypes.c_size_t()
         rc = self._fn("cuMemGetAddressRange_v2", "cuMemGetAddressRange")(
