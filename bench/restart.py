@@ -28,8 +28,8 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 
-# Warm restart is the artifact cache's: the compile worker is opt-in (--compiler aot).
-_AOT = {"FUSEPORT_COMPILER": "aot"}
+# Warm restart is the artifact cache's, with the default settings (the standalone compiler).
+_DEFAULTS: dict[str, str] = {}
 
 
 def run(ctx: Any) -> Section:
@@ -38,14 +38,14 @@ def run(ctx: Any) -> Section:
     fn, constant = fresh_kernel()
     with tempfile.TemporaryDirectory(prefix="fuseport-bench-restart-") as tmp:
         store = Path(tmp) / "store"
-        with fuseport_server(device, env=_AOT, store_dir=store) as (target, _), Client(target, timeout=timeout) as c:
+        with fuseport_server(device, env=_DEFAULTS, store_dir=store) as (target, _), Client(target, timeout=timeout) as c:
             key = c.register(fn, [torch.randn(64)])
             log.info("restart: compiling kernel %d on the first server", key)
             t0 = time.perf_counter()
             first = c.execute_detailed(key, [torch.randn(4096)], wait=True)
             compile_s = time.perf_counter() - t0
         started = time.perf_counter()
-        with fuseport_server(device, env=_AOT, store_dir=store) as (target, _), Client(target, timeout=timeout) as c:
+        with fuseport_server(device, env=_DEFAULTS, store_dir=store) as (target, _), Client(target, timeout=timeout) as c:
             start_s = time.perf_counter() - started
             x = torch.randn(3000)
             t0 = time.perf_counter_ns()

@@ -47,10 +47,10 @@ def main() -> None:
         timeit("plan (cached)", lambda: variant.planner.plan(req.stack))
         entry = core.executor._entry(_Run(key, variant), args)
         timeit("to_device", lambda: core.placement.to_device(req.stack))
-        timeit("fused fn only", lambda: entry.fn(*args))
+        timeit("fused fn only", lambda: entry.compiled.call(args))
         timeit("fallback gm only", lambda: variant.fallback(*args))
         timeit("executor.run", lambda: core.executor.run(key, variant, args, fused=True))
-        out = entry.fn(*args)
+        out = entry.compiled.call(args)
 
         def back():
             with core.placement.request_scope():

@@ -1,14 +1,16 @@
-"""The compiled-artifact cache: AOTInductor packages on disk, keyed by what they were compiled for.
+"""The compiled-artifact cache: Inductor's standalone artifacts on disk, keyed by what they were compiled for.
 
 One artifact per (graph variant, ArgSpec, device capability, compile mode,
 torch and fuseport versions); its name is the SHA-256 of those, so a different
 torch or GPU never finds another's files. Each artifact is two files in the
 cache directory:
 
-- ``<name>.pt2``: the AOTInductor package (a zip holding the generated source
-  and the compiled shared library);
-- ``<name>.json``: what it was compiled for, its size and SHA-256. It is
-  renamed into place last: an artifact without it does not exist.
+- ``<name>.bin``: the artifact as `CompiledArtifact.save(format="binary")`
+  writes it (Inductor's generated code and compiled kernels);
+- ``<name>.json``: what it was compiled for, its size and SHA-256, and what
+  the serving process needs to call it (which inputs it takes, the size
+  conditions it holds under, its source for Describe). It is renamed into
+  place last: an artifact without it does not exist.
 
 Both are written to ``.tmp-*`` files and renamed, so a reader never sees half
 a file; a load reads the package once, checks its size and hash against the
@@ -46,9 +48,9 @@ __all__ = ["Artifact", "ArtifactCache", "ArtifactError", "device_capability"]
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever what a key means changes (how ArgSpecs map to export's
-# dynamic dims, how floats are bound): old artifacts are then never found.
-ARTIFACT_FORMAT = "fuseport-aoti-1"
+# Bumped whenever what a key means changes (how ArgSpecs map to dynamic dims,
+# how scalars are bound, the file format): old artifacts are then never found.
+ARTIFACT_FORMAT = "fuseport-standalone-1"
 
 
 class ArtifactError(Exception):
@@ -108,11 +110,11 @@ class ArtifactCache:
         return hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()
 
     def paths(self, name: str) -> tuple[Path, Path]:
-        return self.dir / f"{name}.pt2", self.dir / f"{name}.json"
+        return self.dir / f"{name}.bin", self.dir / f"{name}.json"
 
     def temp_path(self) -> Path:
         """A fresh path in the cache directory for a compile to write its package to."""
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".pt2")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".bin")
         os.close(fd)
         return Path(tmp)
 
@@ -174,7 +176,7 @@ class ArtifactCache:
             name = meta_path.stem
             try:
                 used = meta_path.stat().st_mtime
-                size = (self.dir / f"{name}.pt2").stat().st_size
+                size = (self.dir / f"{name}.bin").stat().st_size
             except OSError:
                 continue  # removed meanwhile, or half of a pair
             out.append((used, name, size))
@@ -204,7 +206,7 @@ class ArtifactCache:
         """Removes every artifact (and leftover temporary file); returns how many artifacts."""
         count = 0
         for path in list(self.dir.iterdir()):
-            if path.suffix in (".pt2", ".json") or path.name.startswith(".tmp-"):
+            if path.suffix in (".bin", ".json") or path.name.startswith(".tmp-"):
                 count += path.suffix == ".json"
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -14,6 +14,7 @@ import torch
 
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.checks import DataError, Plan, device_capacity
+from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
     Placement,
     break_device,
@@ -79,18 +80,25 @@ class Core:
             ),
             shared=shared_store,
         )
-        self.compiler = settings.compiler
+        compiler = None
+        if settings.compile_mode != "off":
+            compiler = make_compiler(
+                settings.compiler,
+                self.placement,
+                settings.compile_mode,
+                artifacts=(
+                    ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
+                    if settings.compiler == "standalone"
+                    else None
+                ),
+                timeout=settings.compile_timeout_seconds,
+            )
         self.executor = Executor(
             self.placement,
             compile_mode=settings.compile_mode,
             max_kernels=settings.max_kernels,
             max_arg_specs=settings.max_arg_specs,
-            artifacts=(
-                ArtifactCache(settings.artifact_path, settings.artifact_cache_bytes)
-                if self.compiler == "aot" and settings.compile_mode != "off"
-                else None
-            ),
-            compile_timeout=settings.compile_timeout_seconds,
+            compiler=compiler,
         )
         self._outputs: dict[int, tuple[InputSpec | None, ...] | None] = {}  # variant key -> Core.outputs
         self.residents = Residents(

@@ -13,30 +13,27 @@ ArgSpec's entry and served by the fallback from then on.
 
 from __future__ import annotations
 
-import copy
 import enum
 import logging
-import os
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.checks import DataError
-from fuseport.server.compiler import CompileCrashed, CompileTimedOut, CompileWorker, package_source
+from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
+from fuseport.server.compile.inprocess import InProcessCompiler
+from fuseport.server.compile.torch_config import configure_compiler
 from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.server.registry import Variant
-from fuseport.wire import _pb, dtypes
+from fuseport.wire import _pb
 from fuseport.wire._tracing import TRACE_LOCK
 from fuseport.wire.errors import DeadlineExceeded, ExecutionFailed, ResourceExhausted
 
@@ -56,69 +53,11 @@ _DTYPE_SHORT = {
     torch.uint8: "u8", torch.bool: "b8", torch.complex64: "c64", torch.complex128: "c128",
 }  # fmt: skip
 
-
-# Ops whose Inductor lowering computes something else than the ATen kernel
-# does, found by tests/test_ops.py's differential runs (torch 2.13, CPU):
-# float remainder and fmod through a / b overflow for tiny divisors (1 % 1e-45
-# gave -inf, eager 0) and disagree on infinities (1 % inf: nan, eager 1); the
-# rounding modes of div disagree on zero and infinite divisors. Inductor calls
-# the ATen kernel for these instead (the rest of the graph still fuses).
-_EAGER_KERNELS = (
-    "div.Tensor_mode", "div.Scalar_mode", "remainder.Tensor", "remainder.Scalar", "fmod.Tensor", "fmod.Scalar",
-    # acosh(x) as log(x + sqrt(x*x - 1)) is inf past 1e19 (eager: 89.4 at 1e38);
-    # the sampler's decomposition reads NaN coordinates as 0.
-    "acosh.default", "grid_sampler_2d.default",
-)  # fmt: skip
-# Part of the key of Inductor's on-disk cache: code compiled before these
-# rules (by an older fuseport, or by plain torch) is never reused.
-_CACHE_TAG = "fuseport-kernels-3"
-_kernels_registered = False
 # While any thread of the process is inside a torch.fx trace (every compile has
 # some, every export is one), Dynamo refuses to run compiled code: it raises
 # this. That says nothing of the kernel: the call runs unfused, the ArgSpec stays.
 _NESTED_TRACE = "symbolically trace a dynamo-optimized function"
 _TRACING = "a compile in this process is tracing; this call ran unfused"
-
-
-def _register_eager_kernels() -> None:
-    """Once per process: Inductor's lowering table is global."""
-    global _kernels_registered
-    if _kernels_registered:
-        return
-    from torch._inductor import decomposition, lowering
-
-    for name in _EAGER_KERNELS:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(torch.ops.aten, packet), overload)
-        decomposition.decompositions.pop(op, None)
-        lowering.make_fallback(op, warn=False, override_decomp=True)
-    _kernels_registered = True
-
-
-def _configure_compiler() -> None:
-    """Dynamo's settings for this thread (and asyncio task). torch's config
-    values set by assignment live in ContextVars: a setting made on one thread
-    is not seen by another, so every thread that compiles or calls a compiled
-    kernel (where a guard failure recompiles) runs this first; it costs one read
-    when the settings are already in place."""
-    if torch._dynamo.config.specialize_float:
-        return
-    # A guard failure past the recompile limit must raise, not silently run
-    # eager code that we would report as FUSED.
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    # Equal sizes in the first call must not become an equality guard (duck
-    # shaping): a (4, 4) input would otherwise recompile for (4, 8).
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False
-    # A float input compiled as a symbolic value can be silently baked in at
-    # the value of the first call (clamp(x * a, max=a) keeps the first a:
-    # pytorch/pytorch#194976, #197889; torch 2.11-2.14 on CPU and CUDA). So
-    # floats are compiled as constants, guarded, and the ArgSpec holds the
-    # value: each value compiles in the background like any new ArgSpec.
-    torch._dynamo.config.specialize_float = True
-    if hasattr(torch.compiler.config, "cache_key_tag"):
-        torch.compiler.config.cache_key_tag = _CACHE_TAG
 
 
 @dataclass(frozen=True)
@@ -135,16 +74,27 @@ class ArgSpec:
             if isinstance(item, str):
                 parts.append(item)
                 continue
-            dtype, _rank, order, sizes = item
+            dtype, rank, order, sizes = item
             name = _DTYPE_SHORT.get(dtype, str(dtype).removeprefix("torch."))
-            layout = "c" if order == tuple(range(len(order))) else "p" + "".join(map(str, order))
+            if order is None:
+                layout = "s"  # strided: not dense in any order
+            else:
+                layout = "c" if order == tuple(range(rank)) else "p" + "".join(map(str, order))
             parts.append(f"{name}[{','.join(sizes)}]{layout}")
         return f"{self.device}; " + ", ".join(parts)
 
 
-def _dim_order(t: torch.Tensor) -> tuple[int, ...]:
-    """Dims from outermost to innermost in memory; size-1 dims keep their place."""
-    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d)))
+def _dim_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """Dims from outermost to innermost in memory (size-1 dims keep their place),
+    or None if the tensor is not dense in that order (a slice with gaps, an
+    expanded view): compiled code assumes the dense strides of its order."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d)))
+    step = 1
+    for d in reversed(order):
+        if t.shape[d] > 1 and t.stride(d) != step:
+            return None
+        step *= t.shape[d]
+    return order
 
 
 def arg_spec_of(args: Sequence[Any], device: torch.device) -> ArgSpec:
@@ -154,7 +104,10 @@ def arg_spec_of(args: Sequence[Any], device: torch.device) -> ArgSpec:
             sizes = tuple("0" if s == 0 else "1" if s == 1 else "n" for s in a.shape)
             items.append((a.dtype, a.dim(), _dim_order(a), sizes))
         elif isinstance(a, float):
-            items.append(f"float={a!r}")  # see _configure_compiler
+            items.append(f"float={a!r}")  # see torch_config.configure_compiler
+        elif isinstance(a, bool) or (isinstance(a, int) and a in (0, 1)):
+            # Compiled as constants, as sizes 0 and 1 are (the ShapeEnv specialises them).
+            items.append(f"{type(a).__name__}={a!r}")
         else:
             items.append(type(a).__name__)
     return ArgSpec(device=str(device), inputs=tuple(items))
@@ -173,19 +126,19 @@ class Entry:
     key: int  # the variant's content key
     arg_spec: ArgSpec
     state: State = State.COMPILING
-    fn: Callable[..., Any] | None = None
+    compiled: Compiled | None = None
     reason: int = Reason.FALLBACK_REASON_COMPILING
     error: str = ""
     source: str = ""
     compile_seconds: float = 0.0
-    compiled_by: str = ""  # "aoti", or why torch.compile made it in this process
+    compiled_by: str = ""  # the compiler that made it (and why, for the in-process fallback)
     from_cache: bool = False  # loaded from the artifact cache, not compiled here
     fused_runs: int = 0
     fallback_runs: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     def fail(self, reason: int, error: str) -> None:
-        self.fn = None
+        self.compiled = None
         self.reason = reason
         self.error = error
         self.state = State.FAILED
@@ -211,6 +164,10 @@ def _variant_name(spec: _Run) -> str:
     return "it" if spec.variant.key == spec.key else f"variant {spec.variant.key}"
 
 
+def _strided(arg_spec: ArgSpec) -> bool:
+    return any(not isinstance(item, str) and item[2] is None for item in arg_spec.inputs)
+
+
 def _short(e: BaseException) -> str:
     """First line of an exception, for responses (full text goes to the log)."""
     text = str(e).strip().splitlines()
@@ -233,23 +190,6 @@ class ExecutorEvents:
         """An artifact was read from the artifact cache: loaded (ok), or refused as damaged."""
 
 
-def _aot_unsuitable(arg_spec: ArgSpec, compile_mode: str) -> str:
-    """Why this ArgSpec cannot take the AOTInductor path ("" if it can)."""
-    if compile_mode == "reduce-overhead":
-        return "compile mode reduce-overhead uses CUDA graphs, which AOTInductor does not make"
-    for item in arg_spec.inputs:
-        if isinstance(item, str):
-            if not item.startswith("float="):
-                # An int or bool would be baked in by export at the value of
-                # the first call, and the ArgSpec does not hold it.
-                return f"an input of kind {item} (AOTInductor takes tensors and floats)"
-        elif item[2] != tuple(range(item[1])):
-            return (
-                "a non-contiguous tensor input (AOTInductor's code assumes the strides it was compiled for)"
-            )
-    return ""
-
-
 class Executor:
     def __init__(
         self,
@@ -258,52 +198,34 @@ class Executor:
         max_kernels: int = 256,
         max_arg_specs: int = 16,
         *,
-        artifacts: ArtifactCache | None = None,
-        compile_timeout: float = 600.0,
+        compiler: Compiler | None = None,
     ) -> None:
-        # With a cache, kernels compile in a worker process into AOTInductor
-        # artifacts; without one (compiler "inprocess"), torch.compile here.
-        self.artifacts = artifacts if compile_mode != "off" else None
-        self._worker = CompileWorker(compile_timeout) if self.artifacts is not None else None
-        if self._worker is not None:
-            # AOTInductor checks each call's sizes, strides and dtypes against
-            # what it was compiled for only when this is set (read once per
-            # library): a call that breaks an assumption raises, never reads
-            # out of bounds.
-            os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
-            self._capability = device_capability(placement.device)
-            self._worker.start()
-            # The first meta-device op imports torch's Python meta kernels (sympy
-            # and more: seconds, tens on a busy CPU), and every call is planned
-            # on the meta device (server/checks.py). Importing Inductor paid for it
-            # before; now nothing would until the first request, which must not
-            # wait (a warm restart runs its first call fused within a second).
-            meta = torch.empty(2, 2, device="meta")
-            torch.relu(meta * 2 + meta)
-        if compile_mode != "off" and self._worker is None:
-            # Both import Dynamo and Inductor: seconds of CPU that a server which
-            # never compiles here need not spend at start (with a compile worker,
-            # only an ArgSpec compiled in-process imports them, on first use).
-            _register_eager_kernels()
-            _configure_compiler()
+        """`compiler`: the strategy (compile.make_compiler); None: torch.compile in process.
+        With compile mode "off" nothing is ever compiled."""
         self.placement = placement
         self.compile_mode = compile_mode
         self.max_kernels = max_kernels
         self.max_arg_specs = max_arg_specs
+        self._in_process = InProcessCompiler(placement, compile_mode)
+        self.compiler = compiler if compiler is not None else self._in_process
         self._entries: OrderedDict[tuple[int, ArgSpec], Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._counts: dict[int, list[int]] = {}
         self._fallbacks_said: set[tuple[int, int]] = set()  # (key, reason) logged at INFO
         self.events = ExecutorEvents()
-        # One compile at a time: Dynamo compiles under a global lock anyway, and
-        # a single thread keeps compiles from starving request threads.
-        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
-        if compile_mode != "off" and self._worker is None:
-            # Inductor's first compile in a process imports and builds much (the
-            # C++ header on CPU: 10-20 s); done now, in the background, it does
-            # not stall the first real compile or requests behind it. (The
-            # compile worker warms itself up.)
-            self._compiler.submit(self._warm_up)
+        # One compile at a time: a single thread keeps compiles (and, in process,
+        # Dynamo's global lock) from starving request threads.
+        self._compile_thread = ThreadPoolExecutor(1, thread_name_prefix="fuseport-compile")
+        if compile_mode != "off":
+            # The first meta-device op imports torch's Python meta kernels (sympy
+            # and more: seconds, tens on a busy CPU), and every call is planned
+            # on the meta device (server/checks.py): paid now, not by the first request.
+            meta = torch.empty(2, 2, device="meta")
+            torch.relu(meta * 2 + meta)
+            # Imports and first-use set-up (Inductor's C++ header on CPU: 10-20 s
+            # in process; Inductor's loader for artifacts): in the background, so
+            # neither the start nor the first request waits on them.
+            self._compile_thread.submit(self.compiler.warm_up)
 
     # ------------------------------------------------------------------ running
 
@@ -326,8 +248,6 @@ class Executor:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
         if self.compile_mode == "off":
             return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
-        if self._worker is None:
-            _configure_compiler()
         if unfused:
             return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         entry = self._entry(spec, args)
@@ -335,14 +255,21 @@ class Executor:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
                 raise DeadlineExceeded(f"deadline passed while kernel {key} compiled")
-        fn = entry.fn  # once: another thread may fail the entry meanwhile
+        fn = entry.compiled  # once: another thread may fail the entry meanwhile
         if entry.state is not State.READY or fn is None:
             detail = "fused kernel is compiling" if entry.state is State.COMPILING else entry.error
             return self._fallback(spec, args, entry.reason, detail, entry)
-        if entry.compiled_by != "aoti" and self._worker is not None:
-            _configure_compiler()  # a torch.compile kernel: a guard failure may recompile here
-        # Dynamo refuses to run its code while a trace runs; AOTInductor's code is not Dynamo's.
-        if entry.compiled_by != "aoti" and is_fx_tracing():
+        for cond in fn.conditions:
+            if not cond.holds(args):
+                # What the compiler assumed of the sizes does not hold for these:
+                # the kernel could compute something else (or read out of bounds).
+                detail = f"the fused kernel was compiled for sizes where {cond.text}; these are not"
+                return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, detail, entry)
+        if not fn.dynamo:
+            return self._call_fused(spec, args, entry, fn)
+        configure_compiler()  # a torch.compile kernel: a guard failure may recompile here
+        # Dynamo refuses to run its code while a trace runs.
+        if is_fx_tracing():
             if not wait:
                 return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
             # The caller waits for the fused kernel. fuseport's own traces (compiles,
@@ -351,9 +278,9 @@ class Executor:
                 return self._call_fused(spec, args, entry, fn)
         return self._call_fused(spec, args, entry, fn)
 
-    def _call_fused(self, spec: _Run, args: list[Any], entry: Entry, fn: Callable[..., Any]) -> Outcome:
+    def _call_fused(self, spec: _Run, args: list[Any], entry: Entry, fn: Compiled) -> Outcome:
         try:
-            outputs = fn(*args)
+            outputs = fn.call(args)
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
@@ -364,7 +291,7 @@ class Executor:
         return Outcome(list(outputs), Path.PATH_FUSED)
 
     def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
-        dynamo = sys.modules.get("torch._dynamo")  # not imported where only AOTInductor runs
+        dynamo = sys.modules.get("torch._dynamo")  # not imported where only artifacts run
         if dynamo is not None and isinstance(e, dynamo.exc.FailOnRecompileLimitHit):
             reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
         else:
@@ -447,10 +374,10 @@ class Executor:
             entry = Entry(vkey, arg_spec)
             self._entries[ident] = entry
             self._evict(vkey)
-        if self._load_artifact(spec, entry):
+        if self._load(spec, entry):
             return entry
         log.info("kernel %d: compiling %s for [%s]", spec.key, _variant_name(spec), arg_spec)
-        self._compiler.submit(self._compile, spec, entry, args, self.placement.share(args))
+        self._compile_thread.submit(self._compile, spec, entry, args, self.placement.share(args))
         return entry
 
     def _evict(self, key: int) -> None:
@@ -468,251 +395,83 @@ class Executor:
                     self.events.evicted()
                     excess -= 1
 
-    # ------------------------------------------------------------------ artifacts
+    # ------------------------------------------------------------------ compiling
 
-    def _artifact_name(self, spec: _Run, arg_spec: ArgSpec) -> str:
-        assert self.artifacts is not None
-        return self.artifacts.key(
-            {
-                "variant": spec.variant.key,
-                # Everything but the device's name: its capability stands for it.
-                "inputs": [
-                    item if isinstance(item, str) else [str(x) for x in item] for item in arg_spec.inputs
-                ],
-                "device": self._capability,
-                "mode": self.compile_mode,
-            }
-        )
-
-    def _load_artifact(self, spec: _Run, entry: Entry) -> bool:
-        """Makes `entry` READY from an artifact compiled before (by this process,
-        an earlier one, or another sharing the cache). A load reads and hashes
-        the file and maps a shared library: milliseconds, no compile."""
-        if self.artifacts is None or _aot_unsuitable(entry.arg_spec, self.compile_mode):
-            return False
-        name = self._artifact_name(spec, entry.arg_spec)
+    def _load(self, spec: _Run, entry: Entry) -> bool:
+        """Makes `entry` READY from the compiler's cache (an artifact compiled by
+        this process, an earlier one, or another sharing the cache): milliseconds, no compile."""
         try:
-            artifact = self.artifacts.load(name)
-            if artifact is None:
-                return False
-            fn = self._aot_fn(artifact.data, entry.arg_spec, len(spec.variant.graph.outputs))
-        except Exception as e:  # noqa: BLE001 - a bad artifact is compiled again, never fatal
-            log.warning(
-                "kernel %d [%s]: artifact %s refused, compiling again: %s",
-                spec.key,
-                entry.arg_spec,
-                name,
-                _short(e),
-            )
-            if not isinstance(e, ArtifactError):
-                self.artifacts.remove(name)
+            compiled = self.compiler.load(Job(spec.key, spec.variant, entry.arg_spec))
+        except LoadRefused as e:
+            log.warning("kernel %d [%s]: %s; compiling again", spec.key, entry.arg_spec, e)
             self.events.loaded(False)
             return False
-        entry.fn = fn
-        entry.source = package_source(artifact.data)
-        entry.compiled_by = "aoti"
-        entry.from_cache = True
-        entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
-        entry.state = State.READY
+        if compiled is None:
+            return False
+        self._ready(spec, entry, compiled)
         entry.done.set()
         self.events.loaded(True)
-        log.info("kernel %d: loaded artifact %s for [%s]", spec.key, name, entry.arg_spec)
         return True
 
-    def _aot_fn(self, data: bytes, arg_spec: ArgSpec, outputs: int) -> Callable[..., Any]:
-        device = self.placement.device
-        index = device.index if device.type == "cuda" and device.index is not None else -1
-        # From the checked bytes, through a private file of our own: the file in
-        # the cache could be replaced between the check and a load by name. The
-        # C++ loader, not torch._inductor's wrapper: importing Inductor costs the
-        # serving process seconds (tens on a busy CPU) that a load does not need.
-        fd, path = tempfile.mkstemp(suffix=".pt2", prefix="fuseport-load-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, index)
-        finally:
-            os.unlink(path)
-        tensors = [i for i, item in enumerate(arg_spec.inputs) if not isinstance(item, str)]
+    def _ready(self, spec: _Run, entry: Entry, compiled: Compiled) -> None:
+        entry.compiled = compiled
+        entry.source = compiled.source
+        entry.compiled_by = entry.compiled_by or compiled.compiled_by
+        entry.from_cache = compiled.from_cache
+        entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
+        entry.state = State.READY
+        how = "loaded" if compiled.from_cache else f"compiled in {entry.compile_seconds:.1f} s"
+        log.info("kernel %d: %s for [%s] (%s)", spec.key, how, entry.arg_spec, entry.compiled_by)
 
-        def fused(*args: Any) -> Any:
-            # boxed_run takes the list (it frees the inputs as it goes): a new one each call.
-            results = loader.boxed_run([args[i] for i in tensors])
-            if len(results) != outputs:
-                raise RuntimeError(f"the artifact returned {len(results)} values where the graph has {outputs}")
-            return results
-
-        return fused
-
-    def _compile(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
-        why = (
-            "compiler is inprocess"
-            if self._worker is None
-            else _aot_unsuitable(entry.arg_spec, self.compile_mode)
-        )
-        if why:
-            entry.compiled_by = f"torch.compile (in-process): {why}"
-            self._compile_in_process(spec, entry, sample, receive)
-            return
-        self._compile_aot(spec, entry, sample, receive)
-
-    def _compile_aot(self, spec: _Run, entry: Entry, sample: list[Any], receive: Callable[[], None]) -> None:
-        """Compiles in the worker into the artifact cache, then loads the artifact."""
-        assert self.artifacts is not None and self._worker is not None
+    def _compile(self, spec: _Run, entry: Entry, sample: list[Any], receive: Any) -> None:
+        """On the compile thread: the strategy's compile, torch.compile in process
+        for what the strategy cannot take, then the entry is READY or FAILED."""
         start = time.perf_counter()
-        name = self._artifact_name(spec, entry.arg_spec)
-        tmp = self.artifacts.temp_path()
-        inputs: list[dict[str, Any]] = []
-        for value in sample:
-            if isinstance(value, torch.Tensor):
-                inputs.append(
-                    {"kind": "tensor", "dtype": dtypes.code_for(value.dtype), "shape": list(value.shape)}
-                )
-            else:
-                inputs.append({"kind": "float", "value": float(value)})
-        header = {
-            "device": str(self.placement.device),
-            "package_path": str(tmp),
-            "mode": self.compile_mode,
-            "inputs": inputs,
-        }
-        ok = False
-        handed_off = False
+        job = Job(spec.key, spec.variant, entry.arg_spec)
+        compiled: Compiled | None = None
         try:
             try:
-                reply = self._worker.compile(header, spec.variant.graph.SerializeToString(deterministic=True))
-            except (CompileCrashed, CompileTimedOut) as e:
-                entry.compiled_by = "aoti"
-                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, str(e))
-                log.warning("kernel %d: compile for [%s] failed: %s", spec.key, entry.arg_spec, e)
-                return
-            if not reply.get("ok"):
-                error = str(reply.get("error", "unknown error"))[:300]
-                log.info(
-                    "kernel %d: AOTInductor cannot compile [%s], torch.compile in-process: %s",
-                    spec.key,
-                    entry.arg_spec,
-                    error,
-                )
-                entry.compiled_by = f"torch.compile (in-process): AOTInductor failed: {error}"
-                # Counted as one compile, by the in-process path's own report;
-                # it also sets entry.done.
-                handed_off = True
-                self._compile_in_process(spec, entry, sample, receive, start)
-                return
-            data = tmp.read_bytes()
-            self.artifacts.commit(
-                name, tmp, {"kernel": spec.key, "variant": spec.variant.key, "arg_spec": str(entry.arg_spec)}
-            )
-            fn = self._aot_fn(data, entry.arg_spec, len(spec.variant.graph.outputs))
-            receive()
-            with self.placement.request_scope():
-                fn(*sample)
-                self.placement.synchronize()
-            refused = self._unfused_error(spec, sample)
-            if refused is not None and not isinstance(refused, DataError):
-                entry.fail(
-                    Reason.FALLBACK_REASON_COMPILE_FAILED,
-                    f"the unfused graph refuses these inputs: {_short(refused)}",
-                )
-                return
-            entry.fn = fn
-            entry.source = package_source(data)
-            entry.compiled_by = "aoti"
-            entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
-            entry.state = State.READY
-            ok = True
-            log.info(
-                "kernel %d: compiled artifact %s for [%s] in %.1f s",
-                spec.key,
-                name,
-                entry.arg_spec,
-                time.perf_counter() - start,
-            )
+                if self.compiler is not self._in_process and _strided(entry.arg_spec):
+                    raise CompileFailed(
+                        "a tensor input is not dense in its dim order", retry_in_process=True
+                    )
+                compiled = self.compiler.compile(job, sample, receive)
+            except CompileFailed as e:
+                if not e.retry_in_process:
+                    raise
+                log.info("kernel %d [%s]: torch.compile in process: %s", spec.key, entry.arg_spec, e)
+                entry.compiled_by = f"{self._in_process.name}: {e}"
+                compiled = self._in_process.compile(job, sample, receive)
+            if compiled.dynamo:
+                # The sample ran fused to compile. Inductor computes where eager
+                # refuses the ArgSpec itself (a bitwise op on floats, softmax on
+                # ints): bits, not an answer. The error stands on both paths.
+                refused = self._unfused_error(spec, sample)
+                if refused is not None and not isinstance(refused, DataError):
+                    raise CompileFailed(f"the unfused graph refuses these inputs: {_short(refused)}")
+            entry.compile_seconds = time.perf_counter() - start
+            self._ready(spec, entry, compiled)
         except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
-            if is_out_of_memory(e):
-                self.placement.release_memory()
-            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
-            log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
-            log.debug("compile failure", exc_info=e)
-        finally:
-            tmp.unlink(missing_ok=True)
-            if not handed_off:  # else the in-process path reported it
-                entry.compile_seconds = time.perf_counter() - start
-                entry.done.set()
-                self.events.compiled(entry.compile_seconds, ok)
-
-    def _compile_in_process(
-        self,
-        spec: _Run,
-        entry: Entry,
-        sample: list[Any],
-        receive: Callable[[], None],
-        start: float | None = None,
-    ) -> None:
-        """Compiles by running the kernel once on the request's own inputs."""
-        if start is None:
-            start = time.perf_counter()
-        _register_eager_kernels()
-        sources: list[str] = []
-        _configure_compiler()
-        try:
-            # A module of its own: Dynamo keeps its cache on the module's code,
-            # so each ArgSpec has its own guards and its own recompile budget.
-            # Built on the variant's module, it shares its weights (no copies).
-            built = spec.variant.module
-            module = torch.fx.GraphModule(built, copy.deepcopy(built.graph))
-            mode = None if self.compile_mode == "default" else self.compile_mode
-            from torch._inductor.graph import GraphLowering
-
-            with (
-                TRACE_LOCK,
-                mock.patch.object(GraphLowering, "save_output_code", sources.append),
-                self.placement.request_scope(),
-            ):
-                # Inside the lock too: torch.compile made while another thread
-                # exports is ignored (export's flag is process-wide), silently.
-                # The method, not the module: every torch.fx trace (in each compile,
-                # in each export) patches nn.Module.__call__ for the whole process
-                # while it runs, and a module called through it on another thread
-                # fails ("module is not installed as a submodule"). A run never
-                # calls a module, so no trace can reach it.
-                fn = torch.compile(module.forward, dynamic=True, fullgraph=True, mode=mode)
-                receive()
-                fn(*sample)
-                self.placement.synchronize()
-            refused = self._unfused_error(spec, sample)
-            if refused is not None and not isinstance(refused, DataError):
-                # Inductor computes where eager refuses the ArgSpec itself (a
-                # bitwise op on floats, softmax on ints): bits, not an answer.
-                # The error stands on both paths: this ArgSpec runs unfused.
-                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, f"the unfused graph refuses these inputs: {_short(refused)}")
-                log.info("kernel %d: [%s] runs unfused, which refuses it: %s", spec.key, entry.arg_spec, _short(refused))
-                return
-            entry.fn = fn
-            entry.source = "\n\n".join(sources)
-            entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
-            entry.state = State.READY
-            log.info("kernel %d: compiled for [%s] in %.1f s", spec.key, entry.arg_spec, time.perf_counter() - start)
-        except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
-            if is_out_of_memory(e):
-                self.placement.release_memory()
-            if self._unfused_error(spec, sample) is not None:
-                # The request's inputs were bad (shapes that do not broadcast):
-                # that says nothing of the kernel. Forget the entry so that the
-                # next request for this ArgSpec compiles again.
+            entry.compile_seconds = time.perf_counter() - start
+            ran_sample = self.compiler is self._in_process or bool(entry.compiled_by)
+            if compiled is None and ran_sample and self._unfused_error(spec, sample) is not None:
+                # Compiled in process on the request's own inputs, which were bad
+                # (shapes that do not broadcast): that says nothing of the kernel.
+                # Forget the entry so that the next request compiles again.
                 with self._lock:
                     if self._entries.get((entry.key, entry.arg_spec)) is entry:
                         del self._entries[(entry.key, entry.arg_spec)]
-                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {_short(e)}")
+                entry.fail(
+                    Reason.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {e}"
+                )
             else:
-                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, _short(e))
-                log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, _short(e))
+                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, str(e) if isinstance(e, CompileFailed) else _short(e))
+                log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, entry.error)
                 log.debug("compile failure", exc_info=e)
         finally:
-            entry.compile_seconds = time.perf_counter() - start
-            entry.done.set()
+            # Counted before the waiting callers are woken: whoever they tell sees the count.
             self.events.compiled(entry.compile_seconds, entry.state is State.READY)
+            entry.done.set()
 
     def _unfused_error(self, spec: _Run, sample: list[Any]) -> Exception | None:
         """What the unfused graph raises on the compile's sample, if anything.
@@ -724,18 +483,6 @@ class Executor:
         except Exception as e:  # noqa: BLE001 - any failure of the unfused graph is the answer
             return e
         return None
-
-    def _warm_up(self) -> None:
-        _configure_compiler()
-        start = time.perf_counter()
-        try:
-            with TRACE_LOCK, self.placement.request_scope():
-                x = torch.ones(8, device=self.placement.device)
-                torch.compile(lambda t: t * 2 + 1, dynamic=True, fullgraph=True)(x)
-                self.placement.synchronize()
-            log.info("compiler warmed up in %.1f s", time.perf_counter() - start)
-        except Exception as e:  # noqa: BLE001 - a real compile will report the problem
-            log.warning("compiler warm-up failed: %s", _short(e))
 
     # ------------------------------------------------------------------ inspection
 
@@ -764,9 +511,8 @@ class Executor:
 
     def shutdown(self) -> None:
         """Stops compiling; calls waiting for a compile get the fallback at once."""
-        self._compiler.shutdown(wait=False, cancel_futures=True)
-        if self._worker is not None:
-            self._worker.stop()
+        self._compile_thread.shutdown(wait=False, cancel_futures=True)
+        self.compiler.close()
         with self._lock:
             waiting = [e for e in self._entries.values() if e.state is State.COMPILING]
         for entry in waiting:

@@ -14,7 +14,7 @@ from fuseport.wire.security import is_loopback
 __all__ = ["COMPILERS", "COMPILE_MODES", "Settings", "default_store_dir"]
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead", "off")
-COMPILERS = ("inprocess", "aot")
+COMPILERS = ("standalone", "inprocess")
 
 ENV_PREFIX = "FUSEPORT_"
 
@@ -197,11 +197,11 @@ class Settings:
     )
     # --- compile worker and artifact cache (out-of-process compiles, warm restart)
     compiler: str = field(
-        default="inprocess",
+        default="standalone",
         metadata={
-            "help": "inprocess: torch.compile in the serving process (no cache); aot: compile in a worker "
-            "process into AOTInductor artifacts, cached on disk and reused after restarts (CPU; on "
-            "CUDA its packages crash at load on torch 2.11 + CUDA 13: docs/perf.md)"
+            "help": "standalone: compile in a worker process into Inductor artifacts, cached on disk, "
+            "loaded by every serving process and after restarts, called with no Dynamo guards; "
+            "inprocess: torch.compile in the serving process (no cache; for comparison)"
         },
     )
     artifact_dir: Path | None = field(

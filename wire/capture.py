@@ -76,7 +76,7 @@ from fuseport.wire.codec import tensor_to_proto
 from fuseport.wire.errors import CaptureError, FuseportError, OpNotAllowed
 from fuseport.wire.sizes import compile_conditions
 
-__all__ = ["capture"]
+__all__ = ["SizeConditions", "capture"]
 
 logger = logging.getLogger(__name__)
 
@@ -467,6 +467,84 @@ def _where(node: torch.fx.Node) -> str:
     return node.name
 
 
+class SizeConditions:
+    """Symbolic sizes -> SizeExpr conditions over a graph's inputs. Used for what
+    export proved at capture (Graph.conditions) and for the guards a compile
+    recorded (the compile worker): either way, the server evaluates them itself."""
+
+    def __init__(self) -> None:
+        # Each symbol used for a size or int input, and the first input dim or
+        # int input that holds it; later occurrences become equalities.
+        self.bound: dict[sympy.Symbol, _pb.graph.SizeExpr] = {}
+        self.equal: list[tuple[_pb.graph.SizeExpr, sympy.Expr]] = []
+
+    def bind(self, expr: sympy.Expr, ref: _pb.graph.SizeExpr) -> None:
+        if isinstance(expr, sympy.Symbol) and expr not in self.bound:
+            self.bound[expr] = ref
+        else:
+            self.equal.append((ref, expr))
+
+    def conditions(self, env: Any, ranges: Any = None) -> list[_pb.graph.SizeExpr]:
+        """Every range, equality and guard `env` holds over the bound symbols
+        (`ranges`: export's range constraints, read before env's own ranges)."""
+        out: list[_pb.graph.SizeExpr] = []
+        seen: set[bytes] = set()
+
+        def add(cond: _pb.graph.SizeExpr) -> None:
+            data = cond.SerializeToString(deterministic=True)
+            if data not in seen:
+                seen.add(data)
+                out.append(cond)
+
+        for symbol, ref in self.bound.items():
+            vr = (ranges or {}).get(symbol) or env.var_to_range.get(symbol)
+            if vr is None:
+                continue
+            lower, upper = _finite(vr.lower), _finite(vr.upper)
+            # Sizes are never negative: only a lower bound above 0 says anything.
+            if lower is not None and (ref.WhichOneof("kind") != "dim" or lower > 0):
+                add(_size_op(_pb.graph.SIZE_OP_LE, _size_int(lower), ref))
+            if upper is not None:
+                add(_size_op(_pb.graph.SIZE_OP_LE, ref, _size_int(upper)))
+        for ref, expr in self.equal:
+            add(_size_op(_pb.graph.SIZE_OP_EQ, ref, self.size(env.replace(expr))))
+        for guard in env.guards:
+            expr = env.replace(guard.expr)
+            if expr == sympy.true:
+                continue  # settled by a replacement (an equality now built into the inputs)
+            if expr == sympy.false:
+                raise CaptureError(f"a guard was recorded that cannot hold: {guard.expr}")
+            add(self.size(expr))
+        return out
+
+    def size(self, e: Any) -> _pb.graph.SizeExpr:
+        """A sympy expression over bound symbols -> SizeExpr; CaptureError for what it cannot say."""
+        if e == sympy.true or e == sympy.false:
+            return _size_int(int(e == sympy.true))
+        if isinstance(e, sympy.Integer):
+            return _size_int(int(e))
+        if isinstance(e, sympy.Symbol):
+            if e not in self.bound:
+                raise CaptureError(f"a condition uses {e}, which no input size or int input holds")
+            return self.bound[e]
+        name = type(e).__name__
+        if name in ("StrictLessThan", "StrictGreaterThan"):
+            # Integers only: a < b is a + 1 <= b, so "x > 3" and the range
+            # "x >= 4" come out the same and count once.
+            a, b = e.args if name == "StrictLessThan" else reversed(e.args)
+            return self.size(sympy.Le(a + 1, b, evaluate=False))
+        if name in _SYMPY_FLIPPED:
+            a, b = e.args
+            return _size_op(_SYMPY_FLIPPED[name], self.size(b), self.size(a))
+        if name in _SYMPY_OPS:
+            return _size_op(_SYMPY_OPS[name], *(self.size(a) for a in e.args))
+        if name in ("Pow", "PowByNatural"):
+            base, exp = e.args
+            if isinstance(exp, sympy.Integer) and 2 <= int(exp) <= 8:
+                return _size_op(_pb.graph.SIZE_OP_MUL, *([self.size(base)] * int(exp)))
+        raise CaptureError(f"cannot express the condition {e} (a {name})")
+
+
 class _Converter:
     """One ExportedProgram -> one Graph message."""
 
@@ -479,10 +557,7 @@ class _Converter:
         self.values: dict[torch.fx.Node, _pb.graph.Argument] = {}
         # Nodes with a tuple or list result: their index in graph.nodes.
         self.multi: dict[torch.fx.Node, int] = {}
-        # Each symbol export used for a size or int input, and the first input
-        # dim or int input that holds it; later occurrences become equalities.
-        self.bound: dict[sympy.Symbol, _pb.graph.SizeExpr] = {}
-        self.equal: list[tuple[_pb.graph.SizeExpr, sympy.Expr]] = []
+        self.sizes = SizeConditions()
         self.shape_env: Any = None
 
     def convert(self) -> _pb.graph.Graph:
@@ -533,76 +608,10 @@ class _Converter:
         results = results if isinstance(results, (list, tuple)) else (results,)
         for j, value in enumerate(results):
             self.graph.outputs.append(self._arg(value, f"output {j}"))
-        self._conditions()
+        if self.shape_env is not None:
+            # Graph.conditions: every range, equality and guard export proved the graph under.
+            self.graph.conditions.extend(self.sizes.conditions(self.shape_env, self.ep.range_constraints))
         return self.graph
-
-    # ------------------------------------------------------------------ conditions
-
-    def _bind(self, expr: sympy.Expr, ref: _pb.graph.SizeExpr) -> None:
-        if isinstance(expr, sympy.Symbol) and expr not in self.bound:
-            self.bound[expr] = ref
-        else:
-            self.equal.append((ref, expr))
-
-    def _conditions(self) -> None:
-        """Graph.conditions: every range, equality and guard export proved the graph under."""
-        env = self.shape_env
-        if env is None:
-            return
-        seen: set[bytes] = set()
-
-        def add(cond: _pb.graph.SizeExpr) -> None:
-            data = cond.SerializeToString(deterministic=True)
-            if data not in seen:
-                seen.add(data)
-                self.graph.conditions.append(cond)
-
-        for symbol, ref in self.bound.items():
-            vr = self.ep.range_constraints.get(symbol) or env.var_to_range.get(symbol)
-            if vr is None:
-                continue
-            lower, upper = _finite(vr.lower), _finite(vr.upper)
-            # Sizes are never negative: only a lower bound above 0 says anything.
-            if lower is not None and (ref.WhichOneof("kind") != "dim" or lower > 0):
-                add(_size_op(_pb.graph.SIZE_OP_LE, _size_int(lower), ref))
-            if upper is not None:
-                add(_size_op(_pb.graph.SIZE_OP_LE, ref, _size_int(upper)))
-        for ref, expr in self.equal:
-            add(_size_op(_pb.graph.SIZE_OP_EQ, ref, self._size(env.replace(expr))))
-        for guard in env.guards:
-            expr = env.replace(guard.expr)
-            if expr == sympy.true:
-                continue  # settled by a replacement (an equality now built into the inputs)
-            if expr == sympy.false:
-                raise CaptureError(f"export recorded a guard that cannot hold: {guard.expr}")
-            add(self._size(expr))
-
-    def _size(self, e: Any) -> _pb.graph.SizeExpr:
-        """A sympy expression over bound symbols -> SizeExpr; CaptureError for what it cannot say."""
-        if e == sympy.true or e == sympy.false:
-            return _size_int(int(e == sympy.true))
-        if isinstance(e, sympy.Integer):
-            return _size_int(int(e))
-        if isinstance(e, sympy.Symbol):
-            if e not in self.bound:
-                raise CaptureError(f"a condition uses {e}, which no input size or int input holds")
-            return self.bound[e]
-        name = type(e).__name__
-        if name in ("StrictLessThan", "StrictGreaterThan"):
-            # Integers only: a < b is a + 1 <= b, so "x > 3" and the range
-            # "x >= 4" come out the same and count once.
-            a, b = e.args if name == "StrictLessThan" else reversed(e.args)
-            return self._size(sympy.Le(a + 1, b, evaluate=False))
-        if name in _SYMPY_FLIPPED:
-            a, b = e.args
-            return _size_op(_SYMPY_FLIPPED[name], self._size(b), self._size(a))
-        if name in _SYMPY_OPS:
-            return _size_op(_SYMPY_OPS[name], *(self._size(a) for a in e.args))
-        if name in ("Pow", "PowByNatural"):
-            base, exp = e.args
-            if isinstance(exp, sympy.Integer) and 2 <= int(exp) <= 8:
-                return _size_op(_pb.graph.SIZE_OP_MUL, *([self._size(base)] * int(exp)))
-        raise CaptureError(f"cannot express the condition {e} (a {name})")
 
     def _user_input(self, node: torch.fx.Node, index: int, taken: set[str]) -> None:
         kind = self.kinds[index]
@@ -626,7 +635,7 @@ class _Converter:
                     inp.shape.append(int(expr))
                 else:
                     inp.shape.append(-1)
-                    self._bind(expr, _pb.graph.SizeExpr(dim=_pb.graph.SizeRef(input=index, dim=d)))
+                    self.sizes.bind(expr, _pb.graph.SizeExpr(dim=_pb.graph.SizeRef(input=index, dim=d)))
         elif kind == _pb.graph.INPUT_KIND_INT:
             if not isinstance(val, (int, torch.SymInt)):
                 raise CaptureError(f"input {index}: export did not keep it as an int")
@@ -638,7 +647,7 @@ class _Converter:
                 inp.static = True
                 inp.static_value.int_value = int(expr)
             else:
-                self._bind(expr, _pb.graph.SizeExpr(scalar=index))
+                self.sizes.bind(expr, _pb.graph.SizeExpr(scalar=index))
         self.values[node] = _pb.graph.Argument(ref=name)
 
     def _lifted(self, target: str | None) -> torch.Tensor:

@@ -1,17 +1,19 @@
-"""The compile worker: a separate process that turns (graph, ArgSpec, device) into an AOTInductor package.
+"""The compile worker: a separate process that turns (graph, ArgSpec, device) into a saved Inductor artifact.
 
 Dynamo and Inductor hold the GIL for seconds at a time while they trace and
 lower; in the serving process that stalled every request (p99 5-12x the
 fallback's). Here they run in a process of their own, started with `spawn`
 (torch is not fork-safe), which the serving process drives over a pipe:
 
-- request: one JSON header (device, package path, compile mode, per input a
-  tensor's dtype and sizes or a float's value) and the graph's own IR bytes.
-  No pickle crosses the pipe in either direction, and nothing a client sent
-  but the graph itself (which the worker validates and rebuilds like any
-  server does): the example inputs are zeros of the request's sizes.
-- reply: one JSON object, {"ok": true, "seconds": s} once the package is at
-  the path given, or {"ok": false, "error": "..."}.
+- request: one JSON header (device, artifact path, compile mode, per input a
+  tensor's dtype, sizes and dim order, or a scalar's value) and the graph's
+  own IR bytes. No pickle crosses the pipe in either direction, and nothing a
+  client sent but the graph itself (which the worker validates and rebuilds
+  like any server does): the example inputs are fake tensors of the
+  request's sizes (no memory of that size is taken).
+- reply: one JSON object, {"ok": true, "seconds": s, ...what
+  standalone.compile_job returns} once the artifact is at the path given, or
+  {"ok": false, "error": "..."}.
 
 A worker that dies or passes the timeout is killed and replaced for the next
 compile; the compile it ran is reported failed by `CompileWorker.compile`.
@@ -19,7 +21,6 @@ compile; the compile it ran is reported failed by `CompileWorker.compile`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import multiprocessing
@@ -137,11 +138,13 @@ def _worker_main(conn: Connection) -> None:
     # when its worker stops (it closes the pipe), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
-        from fuseport.server.executor import _configure_compiler, _register_eager_kernels
+        from fuseport.server.compile.torch_config import configure_compiler, register_eager_kernels
 
-        _register_eager_kernels()
-        _configure_compiler()
+        register_eager_kernels()
+        configure_compiler()
         _warm_up()
+    from fuseport.server.compile.standalone import compile_job
+
     try:
         conn.send_bytes(b'{"ready": true}')
     except (EOFError, OSError):
@@ -158,8 +161,8 @@ def _worker_main(conn: Connection) -> None:
             threading.Event().wait()
         start = time.perf_counter()
         try:
-            _compile(header, graph)
-            reply: dict[str, Any] = {"ok": True, "seconds": time.perf_counter() - start}
+            reply: dict[str, Any] = {"ok": True, **compile_job(header, graph)}
+            reply["seconds"] = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - every failure goes back to the server as text
             log.debug("compile failed", exc_info=e)
             text = str(e).strip().splitlines()
@@ -181,85 +184,3 @@ def _warm_up() -> None:
         log.info("warmed up in %.1f s", time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - a real compile will report the problem
         log.warning("warm-up failed: %s", e)
-
-
-def _compile(header: dict[str, Any], graph_bytes: bytes) -> None:
-    import torch
-    from torch.export import Dim
-
-    from fuseport.wire import _pb, dtypes
-    from fuseport.wire.graph import build_module
-
-    device = torch.device(header["device"])
-    graph = _pb.graph.Graph.FromString(graph_bytes)
-    module = build_module(graph, device)  # validated again: the worker trusts no bytes it is given
-    examples: list[Any] = []
-    dynamic: list[dict[int, Any]] = []
-    floats: dict[int, float] = {}
-    for i, item in enumerate(header["inputs"]):
-        if item["kind"] == "float":
-            floats[i] = float(item["value"])
-            continue
-        dtype = dtypes.dtype_for(int(item["dtype"]))
-        examples.append(torch.zeros(item["shape"], dtype=dtype, device=device))
-        # Sizes 0 and 1 are part of the ArgSpec (static); any other size is a
-        # dynamic dim of at least 2, the same split the executor makes.
-        dynamic.append({d: Dim.DYNAMIC for d, size in enumerate(item["shape"]) if size >= 2})
-    bound = _bind_floats(module, floats)
-    ep = torch.export.export(bound, tuple(examples), dynamic_shapes=tuple(dynamic))
-    configs: dict[str, Any] = {}
-    if header.get("mode", "default").startswith("max-autotune"):
-        configs["max_autotune"] = True
-    torch._inductor.aoti_compile_and_package(
-        ep, package_path=header["package_path"], inductor_configs=configs
-    )
-    # Load and run it here once, the way the serving process will: a package
-    # that crashes at load or on its first call (seen with AOTInductor's CUDA
-    # packages on torch 2.11) then kills this worker, whose death fails the
-    # ArgSpec (CompileCrashed), never the serving process.
-    loader = torch._C._aoti.AOTIModelPackageLoader(
-        header["package_path"], "model", False, 1, (device.index or 0) if device.type == "cuda" else -1
-    )
-    loader.boxed_run(list(examples))
-
-
-def _bind_floats(module: Any, floats: dict[int, float]) -> Any:
-    """The module with its float inputs replaced by their values: the ArgSpec
-    holds each float's value (see executor._configure_compiler), so the
-    artifact is compiled for it and takes only the tensors."""
-    import copy
-
-    import torch
-
-    if not floats:
-        return module
-    graph = copy.deepcopy(module.graph)
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for i, value in floats.items():
-        node = placeholders[i]
-        for user in list(node.users):
-            user.args = torch.fx.node.map_arg(
-                user.args, lambda n, node=node, value=value: value if n is node else n
-            )
-            user.kwargs = torch.fx.node.map_arg(
-                user.kwargs, lambda n, node=node, value=value: value if n is node else n
-            )
-        graph.erase_node(node)
-    bound = torch.fx.GraphModule(module, graph)
-    bound.recompile()
-    return bound
-
-
-def package_source(data: bytes) -> str:
-    """The generated code inside a package (C++ wrapper and kernels; on CUDA the
-    wrapper only, Triton's kernels are inside as binaries), for Describe."""
-    import io
-    import zipfile
-
-    parts = []
-    with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(io.BytesIO(data)) as z:
-        for info in z.infolist():
-            if info.filename.endswith((".cpp", ".py")) and info.file_size < 8 << 20:
-                text = z.read(info).decode(errors="replace")
-                parts.append(f"// {info.filename.rsplit('/', 1)[-1]}\n{text}")
-    return "\n\n".join(parts)

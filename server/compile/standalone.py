@@ -1,0 +1,302 @@
+"""Inductor's standalone artifacts: compiled in the worker from the graph itself, loaded and called with no Dynamo.
+
+`compile_job` runs in the compile worker: it rebuilds the variant's graph,
+traces it on fake tensors whose sizes are symbolic (every dim the ArgSpec
+calls "n"; dims of size 0 and 1 and the values of floats, bools and ints 0
+and 1 are part of the ArgSpec, so they are constants here), and compiles the
+trace with `torch._inductor.standalone_compile`. The artifact it saves holds
+Inductor's code and no guards: Dynamo is never involved, on either side.
+
+What Inductor assumed about sizes while it compiled (the ShapeEnv's guards,
+such as "this reduction is at most 4096 long") travels back as size
+conditions in the graph IR's own `SizeExpr` form; the serving process
+evaluates them itself before every fused call (the same evaluator as a
+graph's capture conditions), so a stack outside them never reaches the
+kernel. `load` turns the artifact's bytes back into a callable.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from unittest import mock
+
+from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
+from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
+from fuseport.server.compile.worker import CompileCrashed, CompileTimedOut, CompileWorker
+
+if TYPE_CHECKING:
+    from fuseport.server.devices import Placement
+
+__all__ = ["StandaloneCompiler", "compile_job", "load"]
+
+log = logging.getLogger(__name__)
+
+# Describe shows at most this much of an artifact's generated code.
+_MAX_SOURCE = 1 << 20
+
+
+def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
+    """In the worker: compiles one (variant, ArgSpec) and saves it at header["path"].
+    Returns the reply's fields: the positions the artifact takes, its conditions, its source."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from fuseport.wire import _pb, dtypes
+    from fuseport.wire.capture import SizeConditions
+    from fuseport.wire.graph import build_module, signature_of
+
+    device = torch.device(header["device"])
+    graph = _pb.graph.Graph.FromString(graph_bytes)
+    # Validated again: the worker trusts no bytes it is given.
+    module = build_module(graph, device)
+    signature = signature_of(graph)
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    env = mode.shape_env
+    sizes = SizeConditions()
+    values: list[Any] = []  # what the module is called with: constants and fakes
+    takes: list[int] = []  # positions of the fakes: what the artifact takes
+    source_of = _sources()
+    for i, (item, decl) in enumerate(zip(header["inputs"], signature.inputs, strict=True)):
+        kind = item["kind"]
+        if kind == "tensor":
+            dtype = dtypes.dtype_for(int(item["dtype"]))
+            dims: list[Any] = []
+            for d, n in enumerate(item["shape"]):
+                n = int(n)
+                if n in (0, 1):  # in the ArgSpec: the kernel is compiled for it
+                    dims.append(n)
+                    continue
+                src = _dim_source(i, d)
+                symbol = env.create_symbol(n, src, dynamic_dim=DimDynamic.DYNAMIC, positive=True)
+                sizes.bind(symbol, _pb.graph.SizeExpr(dim=_pb.graph.SizeRef(input=i, dim=d)))
+                dims.append(env.create_symintnode(symbol, hint=n, source=src))
+            with mode:
+                # Fake: no memory of the caller's sizes is taken here. Laid out in
+                # the ArgSpec's dim order, so the strides Inductor compiles for are
+                # the ones such inputs have.
+                fake = torch.empty_strided(dims, _strides(dims, item["order"]), dtype=dtype, device=device)
+            values.append(fake)
+            takes.append(i)
+        elif kind == "int" and not decl.static and int(item["value"]) not in (0, 1):
+            value = int(item["value"])
+            symbol = env.create_symbol(value, source_of(i), dynamic_dim=DimDynamic.DYNAMIC)
+            sizes.bind(symbol, _pb.graph.SizeExpr(scalar=i))
+            values.append(env.create_symintnode(symbol, hint=value, source=source_of(i)))
+            takes.append(i)
+        else:
+            # Floats, bools, static inputs and ints 0 and 1 are in the ArgSpec: constants here.
+            values.append(decl.static_value if decl.static else _constant(kind, item["value"]))
+
+    def traced(*dynamic: Any) -> Any:
+        args = list(values)
+        for pos, value in zip(takes, dynamic):
+            args[pos] = value
+        return module(*args)
+
+    fakes = [values[i] for i in takes]
+    with mode:
+        gm = make_fx(traced, tracing_mode="real")(*fakes)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    results = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    for node in results:
+        if not isinstance(node, torch.fx.Node) or not isinstance(node.meta.get("val"), torch.Tensor):
+            raise ValueError("an output is not a tensor (standalone artifacts return tensors only)")
+        # standalone_compile(dynamic_shapes="from_graph") finds the fake mode here.
+        node.meta["example_value"] = node.meta["val"]
+    options: dict[str, Any] = {}
+    if header.get("mode", "default").startswith("max-autotune"):
+        options["max_autotune"] = True
+    sources: list[str] = []
+    from torch._inductor.graph import GraphLowering
+
+    with mock.patch.object(GraphLowering, "save_output_code", sources.append):
+        artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
+    artifact.save(path=header["path"], format="binary")
+    # Everything Inductor assumed of the sizes, as conditions the server checks;
+    # less "dim >= 2" of a tensor's dims, which the ArgSpec ("n") already says.
+    implied = {
+        _pb.graph.SizeExpr(
+            op=_pb.graph.SizeOp(kind=_pb.graph.SIZE_OP_LE, args=[_pb.graph.SizeExpr(int_value=2), ref])
+        ).SerializeToString(deterministic=True)
+        for ref in sizes.bound.values()
+        if ref.WhichOneof("kind") == "dim"
+    }
+    kept = [c for c in sizes.conditions(env) if c.SerializeToString(deterministic=True) not in implied]
+    conditions = _pb.graph.Graph(inputs=graph.inputs, conditions=kept)
+    return {
+        "takes": takes,
+        "outputs": len(results),
+        "conditions": base64.b64encode(conditions.SerializeToString(deterministic=True)).decode(),
+        "source": "\n\n".join(sources)[:_MAX_SOURCE],
+    }
+
+
+def _sources() -> Callable[[int], Any]:
+    from torch._dynamo.source import LocalSource
+
+    return lambda i: LocalSource(f"input{i}")
+
+
+def _dim_source(i: int, d: int) -> Any:
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+
+    return TensorPropertySource(LocalSource(f"input{i}"), TensorProperty.SIZE, d)
+
+
+def _strides(dims: Sequence[Any], order: Sequence[int]) -> list[Any]:
+    """Dense strides for `dims` laid out in `order` (outermost dim first)."""
+    strides: list[Any] = [1] * len(dims)
+    step: Any = 1
+    for d in reversed(order):
+        strides[d] = step
+        step = step * dims[d]
+    return strides
+
+
+def _constant(kind: str, value: Any) -> Any:
+    return {"float": float, "bool": bool, "int": int}[kind](value)
+
+
+def load(data: bytes, meta: dict[str, Any]) -> tuple[Callable[[Sequence[Any]], Sequence[Any]], Any]:
+    """In the serving process: (call, conditions) for an artifact's checked bytes.
+    `call(args)` takes the graph's inputs in order and returns its outputs."""
+    import torch
+    from torch._inductor import CompiledArtifact
+
+    from fuseport.wire import _pb
+    from fuseport.wire.sizes import compile_conditions
+
+    takes = [int(i) for i in meta["takes"]]
+    outputs = int(meta["outputs"])
+    conditions = compile_conditions(_pb.graph.Graph.FromString(base64.b64decode(meta["conditions"])))
+    # From the checked bytes, through a private file of our own: the file in
+    # the cache could be replaced between the check and a load by name.
+    fd, path = tempfile.mkstemp(suffix=".bin", prefix="fuseport-load-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        started = time.perf_counter()
+        artifact = CompiledArtifact.load(path=path, format="binary")
+        log.debug("artifact loaded in %.1f ms", (time.perf_counter() - started) * 1e3)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    del torch
+
+    def call(args: Sequence[Any]) -> Sequence[Any]:
+        results = artifact(*[args[i] for i in takes])
+        if len(results) != outputs:
+            raise RuntimeError(f"the artifact returned {len(results)} values where the graph has {outputs}")
+        return results
+
+    return call, conditions
+
+
+class StandaloneCompiler(Compiler):
+    """Compiles in the worker process into the artifact cache; loads from it."""
+
+    name = "inductor standalone (compile worker)"
+
+    def __init__(self, placement: Placement, mode: str, artifacts: ArtifactCache, timeout: float) -> None:
+        self.placement = placement
+        self.mode = mode
+        self.artifacts = artifacts
+        self._capability = device_capability(placement.device)
+        self._worker = CompileWorker(timeout)
+        self._worker.start()
+
+    def _name(self, job: Job) -> str:
+        return self.artifacts.key(
+            {
+                "variant": job.variant.key,
+                # Everything but the device's name: its capability stands for it.
+                "inputs": [item if isinstance(item, str) else [str(x) for x in item] for item in job.arg_spec.inputs],
+                "device": self._capability,
+                "mode": self.mode,
+            }
+        )
+
+    def load(self, job: Job) -> Compiled | None:
+        name = self._name(job)
+        try:
+            artifact = self.artifacts.load(name)
+            if artifact is None:
+                return None
+            call, conditions = load(artifact.data, artifact.meta)
+        except Exception as e:  # noqa: BLE001 - a bad artifact is compiled again, never fatal
+            if not isinstance(e, ArtifactError):
+                self.artifacts.remove(name)
+            raise LoadRefused(f"artifact {name} refused: {_short(e)}") from e
+        source = str(artifact.meta.get("source", ""))
+        return Compiled(call, self.name, source, from_cache=True, conditions=conditions)
+
+    def compile(self, job: Job, sample: list[Any], receive: Callable[[], None]) -> Compiled:
+        import torch
+
+        from fuseport.wire import dtypes
+
+        inputs: list[dict[str, Any]] = []
+        for value, item in zip(sample, job.arg_spec.inputs):
+            if isinstance(value, torch.Tensor):
+                inputs.append(
+                    {
+                        "kind": "tensor",
+                        "dtype": dtypes.code_for(value.dtype),
+                        "shape": list(value.shape),
+                        "order": list(item[2]),
+                    }
+                )
+            else:
+                kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
+                inputs.append({"kind": kind, "value": value})
+        name = self._name(job)
+        tmp = self.artifacts.temp_path()
+        header = {"device": str(self.placement.device), "path": str(tmp), "mode": self.mode, "inputs": inputs}
+        try:
+            try:
+                reply = self._worker.compile(header, job.variant.graph.SerializeToString(deterministic=True))
+            except (CompileCrashed, CompileTimedOut) as e:
+                raise CompileFailed(str(e)) from e
+            if not reply.get("ok"):
+                error = str(reply.get("error", "unknown error"))[:300]
+                raise CompileFailed(f"the compile worker cannot compile it: {error}", retry_in_process=True)
+            meta = {
+                "kernel": job.kernel,
+                "variant": job.variant.key,
+                "arg_spec": str(job.arg_spec),
+                **{k: reply[k] for k in ("takes", "outputs", "conditions", "source")},
+            }
+            self.artifacts.commit(name, tmp, meta)
+            artifact = self.artifacts.load(name)
+            if artifact is None:
+                raise CompileFailed(f"artifact {name} vanished from the cache as it was written")
+            call, conditions = load(artifact.data, artifact.meta)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return Compiled(call, self.name, meta["source"], conditions=conditions)
+
+    def warm_up(self) -> None:
+        # Loading an artifact imports Inductor (seconds, tens on a busy CPU):
+        # done at start, so the first load after a restart takes milliseconds.
+        start = time.perf_counter()
+        import torch._inductor.codecache  # noqa: F401
+        from torch._inductor import CompiledArtifact  # noqa: F401
+
+        log.info("artifact loader ready in %.1f s", time.perf_counter() - start)
+
+    def close(self) -> None:
+        self._worker.stop()
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]

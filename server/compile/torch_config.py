@@ -1,0 +1,70 @@
+"""The torch/Inductor settings that every process which compiles or calls compiled code needs.
+
+Imported by the serving process (for torch.compile in process) and by the
+compile worker alike; nothing here imports the executor, so neither side
+pulls in the other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CACHE_TAG", "EAGER_KERNELS", "configure_compiler", "register_eager_kernels"]
+
+# Ops whose Inductor lowering computes something else than the ATen kernel
+# does, found by tests/test_ops.py's differential runs (torch 2.13, CPU):
+# float remainder and fmod through a / b overflow for tiny divisors (1 % 1e-45
+# gave -inf, eager 0) and disagree on infinities (1 % inf: nan, eager 1); the
+# rounding modes of div disagree on zero and infinite divisors. Inductor calls
+# the ATen kernel for these instead (the rest of the graph still fuses).
+EAGER_KERNELS = (
+    "div.Tensor_mode", "div.Scalar_mode", "remainder.Tensor", "remainder.Scalar", "fmod.Tensor", "fmod.Scalar",
+    # acosh(x) as log(x + sqrt(x*x - 1)) is inf past 1e19 (eager: 89.4 at 1e38);
+    # the sampler's decomposition reads NaN coordinates as 0.
+    "acosh.default", "grid_sampler_2d.default",
+)  # fmt: skip
+# Part of the key of Inductor's on-disk cache: code compiled before these
+# rules (by an older fuseport, or by plain torch) is never reused.
+CACHE_TAG = "fuseport-kernels-3"
+_kernels_registered = False
+
+
+def register_eager_kernels() -> None:
+    """Once per process: Inductor's lowering table is global."""
+    global _kernels_registered
+    if _kernels_registered:
+        return
+    from torch._inductor import decomposition, lowering
+
+    for name in EAGER_KERNELS:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet), overload)
+        decomposition.decompositions.pop(op, None)
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+    _kernels_registered = True
+
+
+def configure_compiler() -> None:
+    """Dynamo's settings for this thread (and asyncio task). torch's config
+    values set by assignment live in ContextVars: a setting made on one thread
+    is not seen by another, so every thread that compiles or calls a compiled
+    kernel (where a guard failure recompiles) runs this first; it costs one read
+    when the settings are already in place."""
+    if torch._dynamo.config.specialize_float:
+        return
+    # A guard failure past the recompile limit must raise, not silently run
+    # eager code that we would report as FUSED.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # Equal sizes in the first call must not become an equality guard (duck
+    # shaping): a (4, 4) input would otherwise recompile for (4, 8).
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    # A float input compiled as a symbolic value can be silently baked in at
+    # the value of the first call (clamp(x * a, max=a) keeps the first a:
+    # pytorch/pytorch#194976, #197889; torch 2.11-2.14 on CPU and CUDA). So
+    # floats are compiled as constants, guarded, and the ArgSpec holds the
+    # value: each value compiles in the background like any new ArgSpec.
+    torch._dynamo.config.specialize_float = True
+    if hasattr(torch.compiler.config, "cache_key_tag"):
+        torch.compiler.config.cache_key_tag = CACHE_TAG
