@@ -9,9 +9,10 @@ cannot share a process), then, from this process:
 * fuseport's client registers a kernel under an alias and runs it through
   Execute and Fallback, checked against eager torch;
 * tritonclient's `InferenceServerClient` (KServe v2 over gRPC, its own stubs)
-  checks the server and the model, reads the metadata and the repository index,
-  and infers through the alias and through the key in decimal, both checked
-  against eager torch;
+  checks the server and the model, reads the metadata, the model configuration
+  (Triton's ModelConfig, decoded by tritonclient's own model_config stubs, as
+  perf_analyzer reads it) and the repository index, and infers through the alias
+  and through the key in decimal, both checked against eager torch;
 * importing the server's inference stubs here fails with protobuf's duplicate
   symbol error: the clash the README describes, pinned.
 
@@ -66,6 +67,32 @@ def call_tritonclient(target: str, key: int) -> None:
             ("alpha", "FP64", [1]),
         ], meta
         assert [(o.name, o.datatype) for o in meta.outputs] == [("output0", "FP32")], meta
+        for name in (ALIAS, str(key)):  # by either name, the config names the model by its alias
+            config = client.get_model_config(name).config
+            data_type = triton.model_config_pb2.DataType.Name
+            assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+                ALIAS,
+                "fuseport",
+                "fuseport",
+                0,
+            ), config
+            assert config.version_policy.latest.num_versions == 1, config
+            assert [(i.name, data_type(i.data_type), list(i.dims)) for i in config.input] == [
+                ("x", "TYPE_FP32", [-1]),
+                ("y", "TYPE_FP32", [-1]),
+                ("alpha", "TYPE_FP64", [1]),
+            ], config
+            assert [(o.name, data_type(o.data_type), list(o.dims)) for o in config.output] == [
+                ("output0", "TYPE_FP32", [-1])
+            ], config
+        as_json = client.get_model_config(ALIAS, as_json=True)["config"]
+        assert as_json["input"][0] == {"name": "x", "data_type": "TYPE_FP32", "dims": ["-1"]}, as_json
+        try:
+            client.get_model_config("no-such-model")
+        except InferenceServerException as e:
+            assert e.status() == "StatusCode.NOT_FOUND", e.status()
+        else:
+            raise AssertionError("an unknown model has a config")
         index = client.get_model_repository_index()
         assert (ALIAS, "READY") in {(m.name, m.state) for m in index.models}, index
 
@@ -89,7 +116,8 @@ def call_tritonclient(target: str, key: int) -> None:
     finally:
         client.close()
     print(
-        "tritonclient: live, ready, metadata, repository index and ModelInfer by alias and by key agree with torch"
+        "tritonclient: live, ready, metadata, model config, repository index and ModelInfer by alias and by key "
+        "agree with torch"
     )
 
 

@@ -2,10 +2,12 @@
 
 Each registered kernel is a model, named by its alias or its key in decimal,
 with one version ("1"). Its inputs are the inputs of the kernel's own graph,
-by name; its outputs are output0, output1, ... A ModelInfer runs the same
-core path as Execute (the fused kernel when it is ready, the fallback
-otherwise) and answers in raw_output_contents. Errors are fuseport's own
-(wire/errors.py) and travel with the same status codes as KernelService's.
+by name; its outputs are output0, output1, ... ModelMetadata describes them,
+and Triton's ModelConfig (what perf_analyzer reads) says the same in Triton's
+terms. A ModelInfer runs the same core path as Execute (the fused kernel when
+it is ready, the fallback otherwise) and answers in raw_output_contents. Errors
+are fuseport's own (wire/errors.py) and travel with the same status codes as
+KernelService's.
 
 This is the only module that imports the generated `inference` stubs
 (fuseport.kserve): they register the `inference.*` names in protobuf's default
@@ -49,6 +51,7 @@ METHODS = (
     "ModelReady",
     "ModelMetadata",
     "ModelInfer",
+    "ModelConfig",
     "RepositoryIndex",
 )
 
@@ -90,7 +93,11 @@ _CONTENT_FIELDS = tuple(f.name for f in _kpb.InferTensorContents.DESCRIPTOR.fiel
 _SCALAR_DATATYPE = {"int": "INT64", "float": "FP64", "bool": "BOOL"}
 _VERSION = "1"
 _PLATFORM = "fuseport"
+# ModelConfig's backend: Triton names the backend that runs a model; here it is fuseport.
+_BACKEND = "fuseport"
 _MAX_SHOWN = 80
+# An input or output as ModelMetadata and ModelConfig describe it: name, KServe datatype, shape.
+_Tensor = tuple[str, str, list[int]]
 
 
 def _show(name: str) -> str:
@@ -119,6 +126,12 @@ def _datatype(spec: InputSpec) -> str:
     return name
 
 
+def _data_type(datatype: str) -> int:
+    """Triton's DataType (model_config.proto) of a KServe datatype: FP32 is TYPE_FP32, and so
+    on; the empty datatype of an output planning cannot tell is TYPE_INVALID."""
+    return _kpb.DataType.Value(f"TYPE_{datatype}") if datatype else _kpb.TYPE_INVALID
+
+
 def _shape(spec: InputSpec) -> list[int]:
     if spec.kind != "tensor":
         return [1]
@@ -144,6 +157,7 @@ class InferenceService:
             "ModelReady": self._model_ready,
             "ModelMetadata": self._model_metadata,
             "ModelInfer": self._model_infer,
+            "ModelConfig": self._model_config,
             "RepositoryIndex": self._repository_index,
         }
         return grpc.method_handlers_generic_handler(
@@ -198,19 +212,55 @@ class InferenceService:
     ) -> bytes:
         req = _parse(_kpb.ModelMetadataRequest, request)
         key = self._key(req.name, req.version)
-        sig = self.core.signature(key)
         out = _kpb.ModelMetadataResponse(name=req.name, versions=[_VERSION], platform=_PLATFORM)
-        for spec in sig.inputs:
-            out.inputs.add(name=spec.name, datatype=_datatype(spec), shape=_shape(spec))
-        outputs = self.core.outputs(key)
+        inputs, outputs = self._tensors(key)
+        for name, datatype, shape in inputs:
+            out.inputs.add(name=name, datatype=datatype, shape=shape)
+        for name, datatype, shape in outputs:
+            out.outputs.add(name=name, datatype=datatype, shape=shape)
+        return out.SerializeToString()
+
+    def _model_config(
+        self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
+    ) -> bytes:
+        # Triton's model configuration, as far as fuseport has one: perf_analyzer reads it
+        # before it sends anything. The same tensors as ModelMetadata, with Triton's types.
+        req = _parse(_kpb.ModelConfigRequest, request)
+        key = self._key(req.name, req.version)
+        inputs, outputs = self._tensors(key)
+        alias = self.core.registry.alias_of(key)
+        config = _kpb.ModelConfig(
+            # The model's own name, as RepositoryIndex lists it, whichever name the request used.
+            name=alias if alias is not None else str(key),
+            platform=_PLATFORM,
+            backend=_BACKEND,
+            # One version ("1"), which "latest" serves.
+            version_policy=_kpb.ModelVersionPolicy(latest=_kpb.ModelVersionPolicy.Latest(num_versions=1)),
+            # 0: no batch dim is claimed. A kernel's first dim is just a dim (capture may have
+            # tied it to other sizes), so dims are the whole shapes and clients send them so.
+            max_batch_size=0,
+        )
+        for name, datatype, shape in inputs:
+            config.input.add(name=name, data_type=_data_type(datatype), dims=shape)
+        for name, datatype, shape in outputs:
+            config.output.add(name=name, data_type=_data_type(datatype), dims=shape)
+        return _kpb.ModelConfigResponse(config=config).SerializeToString()
+
+    def _tensors(self, key: int) -> tuple[list[_Tensor], list[_Tensor]]:
+        """The model's inputs and outputs as (name, KServe datatype, shape); SignatureMismatch
+        for an input or output whose dtype KServe has no name for."""
+        sig = self.core.signature(key)
+        inputs = [(spec.name, _datatype(spec), _shape(spec)) for spec in sig.inputs]
+        planned = self.core.outputs(key)
+        outputs: list[_Tensor] = []
         for i in range(sig.num_outputs):
-            spec = outputs[i] if outputs is not None else None
+            spec = planned[i] if planned is not None else None
             if spec is None:
                 # Planning could not tell (sizes that depend on data): the type shows in ModelInfer.
-                out.outputs.add(name=f"output{i}", datatype="", shape=[-1])
+                outputs.append((f"output{i}", "", [-1]))
             else:
-                out.outputs.add(name=spec.name, datatype=_datatype(spec), shape=_shape(spec))
-        return out.SerializeToString()
+                outputs.append((spec.name, _datatype(spec), _shape(spec)))
+        return inputs, outputs
 
     def _repository_index(
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord

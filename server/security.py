@@ -30,7 +30,16 @@ log = logging.getLogger(__name__)
 # as Execute does; the others only read, as Describe and List do. Every role may
 # call them all; none changes what is registered.
 INFERENCE_METHODS = frozenset(
-    {"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer", "RepositoryIndex"}
+    {
+        "ServerLive",
+        "ServerReady",
+        "ServerMetadata",
+        "ModelReady",
+        "ModelMetadata",
+        "ModelConfig",
+        "ModelInfer",
+        "RepositoryIndex",
+    }
 )
 
 # What each role may call, by method name (KernelService's and the inference

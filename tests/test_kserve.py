@@ -1,5 +1,6 @@
 """The KServe v2 / Triton gRPC protocol on a real server: hostile requests get typed errors and
-the server keeps serving; ModelInfer equals eager torch; metadata, readiness, the repository index,
+the server keeps serving; ModelInfer equals eager torch; metadata, Triton's model config, readiness,
+the repository index,
 aliases (validated, stored, gated by tokens) and the metrics of inference calls.
 
 Called through the generated `inference` stubs (fuseport.kserve) with plain grpc, as any KServe
@@ -8,7 +9,10 @@ client would; .ci/beside_tritonclient.py calls it with tritonclient itself.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fuseport.client import Client, InvalidAlias, cli
 from fuseport.kserve import grpc_service_pb2 as pb
 from fuseport.kserve import grpc_service_pb2_grpc as pb_grpc
+from fuseport.server import kserve
+from fuseport.server.security import INFERENCE_METHODS
 from fuseport.v1 import service_pb2, service_pb2_grpc
 from fuseport.wire.capture import capture
 
@@ -378,6 +384,70 @@ def test_model_metadata_names_and_types_inputs_and_outputs(served: Served) -> No
     assert (code, error_class) == (grpc.StatusCode.NOT_FOUND, "KernelNotFound")
 
 
+def test_model_config_is_tritons_for_the_same_tensors(served: Served) -> None:
+    """What perf_analyzer reads first: the inputs and outputs of ModelMetadata, in Triton's
+    DataType, no batch dim, and the model's own name whichever name the request used."""
+    for name in (ALIAS, str(served.key)):
+        config = served.stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=30).config
+        assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+            ALIAS,
+            "fuseport",
+            "fuseport",
+            0,
+        )
+        assert config.version_policy.WhichOneof("policy_choice") == "latest"
+        assert config.version_policy.latest.num_versions == 1
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == [
+            ("x", "TYPE_FP32", [-1]),
+            ("y", "TYPE_FP32", [-1]),
+            ("alpha", "TYPE_FP64", [1]),
+        ]
+        assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == [
+            ("output0", "TYPE_FP32", [-1])
+        ]
+    by_key = served.stub.ModelConfig(pb.ModelConfigRequest(name=str(served.int_key), version="1"), timeout=30)
+    assert by_key.config.name == str(served.int_key)  # no alias: its key in decimal
+    assert [(t.name, t.data_type) for t in by_key.config.input] == [("n", pb.TYPE_INT32)]
+    assert [(t.name, t.data_type) for t in by_key.config.output] == [("output0", pb.TYPE_INT32)]
+    # The dims are ModelMetadata's shapes, tensor for tensor.
+    meta = served.stub.ModelMetadata(pb.ModelMetadataRequest(name=str(served.int_key)), timeout=30)
+    assert [list(t.dims) for t in by_key.config.input] == [list(t.shape) for t in meta.inputs]
+    assert [list(t.dims) for t in by_key.config.output] == [list(t.shape) for t in meta.outputs]
+
+
+@pytest.mark.parametrize("name, version", [("nope", ""), (ALIAS, "2")])
+def test_model_config_of_an_unknown_model_is_not_found_as_its_metadata(
+    served: Served, name: str, version: str
+) -> None:
+    config = _refused(served.stub.ModelConfig, pb.ModelConfigRequest(name=name, version=version))
+    meta = _refused(served.stub.ModelMetadata, pb.ModelMetadataRequest(name=name, version=version))
+    assert config == meta
+    assert config[::2] == (grpc.StatusCode.NOT_FOUND, "KernelNotFound")
+
+
+def test_every_inference_method_is_served_and_gated() -> None:
+    """A method the service declares is both handled and in the roles' allowlist (a method
+    missing from INFERENCE_METHODS would be PERMISSION_DENIED to every token)."""
+    declared = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    assert set(kserve.METHODS) == {m.name for m in declared} == INFERENCE_METHODS
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tritonclient") is None,
+    reason="tritonclient[grpc] is not installed (CI runs .ci/beside_tritonclient.py in its own venv)",
+)
+def test_tritonclient_reads_the_model_config(tmp_path: Path) -> None:
+    """tritonclient's own stubs decode ModelConfig (get_model_config), among the other calls of
+    .ci/beside_tritonclient.py. A subprocess: tritonclient cannot share a process with the
+    server's inference stubs, which this one has loaded."""
+    script = Path(__file__).resolve().parent.parent / ".ci" / "beside_tritonclient.py"
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "model config" in done.stdout
+
+
 def test_server_and_model_readiness(served: Served) -> None:
     assert served.stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
     assert served.stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
@@ -448,6 +518,7 @@ def test_aliases_survive_a_restart_and_tokens_gate_every_inference_method(
             for method, request in (
                 ("ServerLive", pb.ServerLiveRequest()),
                 ("ModelMetadata", pb.ModelMetadataRequest(name=ALIAS)),
+                ("ModelConfig", pb.ModelConfigRequest(name=ALIAS)),
                 ("RepositoryIndex", pb.RepositoryIndexRequest()),
                 ("ModelInfer", _request(torch.randn(2), torch.randn(2), 0.0)),
             ):
@@ -456,6 +527,8 @@ def test_aliases_survive_a_restart_and_tokens_gate_every_inference_method(
             auth = (("authorization", f"Bearer {USER_TOKEN}"),)
             index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30, metadata=auth)
             assert ALIAS in {m.name for m in index.models}
+            config = stub.ModelConfig(pb.ModelConfigRequest(name=ALIAS), timeout=30, metadata=auth).config
+            assert config.name == ALIAS
             x, y = torch.randn(5), torch.randn(5)
             resp = stub.ModelInfer(_request(x, y, 1.0), timeout=60, metadata=auth)
             torch.testing.assert_close(_output(resp, 0), tanh_mul(x, y, 1.0))

@@ -161,6 +161,39 @@ def test_inference_stubs_import_under_fuseport_kserve_with_the_protocol_names() 
     assert grpc_service_pb2.DESCRIPTOR.name == "fuseport/kserve/grpc_service.proto"
     service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert [m.name for m in service.methods] == [
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "RepositoryIndex",
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelConfig",
+        "RepositoryIndex",
     ]  # fmt: skip
     assert hasattr(grpc_service_pb2_grpc, "GRPCInferenceServiceStub")
+
+
+# Triton's model_config.proto, as far as fuseport declares it: tritonclient and perf_analyzer
+# decode ModelConfig with their own stubs, so each name and number must be upstream's.
+TRITON_MODEL_CONFIG = {
+    "ModelConfig": {"name": 1, "platform": 2, "backend": 17, "version_policy": 3, "max_batch_size": 4,
+                    "input": 5, "output": 6},
+    "ModelInput": {"name": 1, "data_type": 2, "format": 3, "dims": 4, "reshape": 5, "is_shape_tensor": 6,
+                   "allow_ragged_batch": 7, "optional": 8, "is_non_linear_format_io": 9},
+    "ModelOutput": {"name": 1, "data_type": 2, "dims": 3, "reshape": 5, "label_filename": 4,
+                    "is_shape_tensor": 6, "is_non_linear_format_io": 7},
+    "ModelTensorReshape": {"shape": 1},
+    "ModelVersionPolicy": {"latest": 1, "all": 2, "specific": 3},
+    "ModelConfigRequest": {"name": 1, "version": 2},
+    "ModelConfigResponse": {"config": 1},
+}  # fmt: skip
+TRITON_DATA_TYPES = (
+    "TYPE_INVALID TYPE_BOOL TYPE_UINT8 TYPE_UINT16 TYPE_UINT32 TYPE_UINT64 TYPE_INT8 TYPE_INT16 TYPE_INT32 "
+    "TYPE_INT64 TYPE_FP16 TYPE_FP32 TYPE_FP64 TYPE_STRING TYPE_BF16"
+).split()
+
+
+def test_model_config_messages_have_tritons_names_and_numbers() -> None:
+    from fuseport.kserve import grpc_service_pb2 as pb
+
+    for message, fields in TRITON_MODEL_CONFIG.items():
+        descriptor = pb.DESCRIPTOR.message_types_by_name[message]
+        assert descriptor.full_name == f"inference.{message}"
+        assert {f.name: f.number for f in descriptor.fields} == fields, message
+    data_type = pb.DESCRIPTOR.enum_types_by_name["DataType"]
+    assert data_type.full_name == "inference.DataType"
+    assert [(v.name, v.number) for v in data_type.values] == [(n, i) for i, n in enumerate(TRITON_DATA_TYPES)]
