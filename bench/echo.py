@@ -1,14 +1,20 @@
 """The transport floor: a raw gRPC echo server and client that move the same bytes as fuseport.
 
-The server is a grpc.aio server built with the same options as fuseport's
+The server is a plain synchronous `grpc.server` (a thread pool), what a
+user of gRPC writes first, built with the same message limits as fuseport's
 (`fuseport.server.app.Server`: 1 GiB message limits, no SO_REUSEPORT), whose
-one method takes and returns raw bytes: no deserializer, no serializer, no
-worker thread. Whatever fuseport's Execute costs above this is fuseport's own.
+methods take and return raw bytes: no deserializer, no serializer. Whatever
+fuseport's Execute costs above this is fuseport's own, the choice of
+grpc.aio included. Issue 19: the floor was a grpc.aio server, and
+scripts/echo_floor_probe.py measured a 1 KiB aio echo at 1.13x the sync
+echo's p50 on the 2-core CPU machine (629 against 553 us with everything
+else as the bench had it, 641 against 568 us plain); `--kind aio` keeps the
+aio server for comparison.
 
 Run it as a process of its own, so that it has a GIL of its own, like the
 fuseport server it stands beside:
 
-    python -m fuseport.bench.echo --port-file F [--host 127.0.0.1] [--port 0]
+    python -m fuseport.bench.echo --port-file F [--host 127.0.0.1] [--port 0] [--kind sync|aio]
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent import futures
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,11 @@ ECHO_METHOD = "/fuseport.bench.Echo/Echo"
 # The streaming floor: every message of the request stream comes straight back.
 ECHO_STREAM_METHOD = "/fuseport.bench.Echo/EchoStream"
 MAX_MESSAGE_BYTES = 1 << 30
+# Threads of the sync server's pool: one per call in flight (the concurrency
+# section runs up to 16 client processes; a stream holds its thread while it
+# lasts). The pool starts threads only as calls need them.
+SYNC_WORKERS = 64
+KINDS = ("sync", "aio")
 
 
 def _server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -56,6 +69,46 @@ def _server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def _echo_sync(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+def _echo_stream_sync(requests: Any, context: grpc.ServicerContext) -> Any:
+    yield from requests
+
+
+def _handlers(echo: Any, echo_stream: Any) -> tuple[grpc.GenericRpcHandler, ...]:
+    return (
+        grpc.method_handlers_generic_handler(
+            "fuseport.bench.Echo",
+            {
+                "Echo": grpc.unary_unary_rpc_method_handler(echo),
+                "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+            },
+        ),
+    )
+
+
+def _serve_sync(host: str, port: int, port_file: Path | None, max_message_bytes: int) -> None:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=SYNC_WORKERS), options=_server_options(max_message_bytes)
+    )
+    server.add_generic_rpc_handlers(_handlers(_echo_sync, _echo_stream_sync))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    if port_file is not None:
+        write_port_file(port_file, bound)
+    log.info("echo server (sync) on %s:%d", host, bound)
+    while not stop.wait(0.5):
+        pass
+    server.stop(1.0).wait()
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -69,24 +122,14 @@ async def _echo_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
 
 async def _serve(host: str, port: int, port_file: Path | None, max_message_bytes: int) -> None:
     server = grpc.aio.server(options=_server_options(max_message_bytes))
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "fuseport.bench.Echo",
-                {
-                    "Echo": grpc.unary_unary_rpc_method_handler(_echo),
-                    "EchoStream": grpc.stream_stream_rpc_method_handler(_echo_stream),
-                },
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers(_handlers(_echo, _echo_stream))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
     if port_file is not None:
         write_port_file(port_file, bound)
-    log.info("echo server on %s:%d", host, bound)
+    log.info("echo server (aio) on %s:%d", host, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file", type=Path, default=None)
     p.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
+    p.add_argument("--kind", choices=KINDS, default="sync", help="sync grpc.server (default) or grpc.aio")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The floor gets the host-memory setting fuseport's server has by default, so
     # the comparison is of the protocol work, not of allocator settings.
     keep_host_memory()
-    asyncio.run(_serve(args.host, args.port, args.port_file, args.max_message_bytes))
+    if args.kind == "sync":
+        _serve_sync(args.host, args.port, args.port_file, args.max_message_bytes)
+    else:
+        asyncio.run(_serve(args.host, args.port, args.port_file, args.max_message_bytes))
     return 0
 
 
@@ -128,14 +175,17 @@ def echo_stream_stub(channel: grpc.Channel) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def echo_server(timeout: float = 60.0) -> Iterator[tuple[str, int]]:
-    """An echo server process on 127.0.0.1 and a free port: yields (target, pid)."""
+def echo_server(timeout: float = 60.0, kind: str = "sync") -> Iterator[tuple[str, int]]:
+    """An echo server process on 127.0.0.1 and a free port: yields (target, pid).
+    `kind`: "sync" (grpc.server, the floor) or "aio" (grpc.aio, as fuseport's server)."""
+    if kind not in KINDS:
+        raise ValueError(f"echo server kind {kind!r}: choose from {', '.join(KINDS)}")
     with tempfile.TemporaryDirectory(prefix="fuseport-echo-") as tmp:
         port_file = Path(tmp) / "port"
         log_path = Path(tmp) / "echo.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "fuseport.bench.echo", "--port-file", str(port_file)],
+                [sys.executable, "-m", "fuseport.bench.echo", "--port-file", str(port_file), "--kind", kind],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -1,8 +1,9 @@
 """Section 1, the transport floor: Execute and Fallback of `x + 0` against a raw gRPC echo of the same bytes.
 
 Every point sends one payload size through three calls from this process, in
-turn (the order rotates each iteration, so that drift and cache effects fall
-on all three alike):
+turn: up to 64 KiB in blocks of BLOCK calls to one method, larger sizes one call
+each (the order rotates each block, so that drift and cache effects fall on all
+three alike):
 
 * echo: a `bytes` object of the size, through a channel with the Client's
   options, to the echo server (no serialisation on either side);
@@ -36,6 +37,7 @@ SMALL = 64 << 10  # up to here a point is judged by latency, above by throughput
 # Past this, page faults and copies dominate: measure them (see _memory).
 LARGE = 16 << 20
 PAGE = resource.getpagesize()
+BLOCK = 50  # calls in a row to one method, up to SMALL (see _point)
 
 
 def iterations_for(size: int, ctx: Context) -> int:
@@ -133,24 +135,35 @@ def _point(ctx: Context, echo: Any, key: int, size: int) -> dict[str, Any]:
     lat: dict[str, list[float]] = {m: [] for m in names}
     results: dict[str, list[Any]] = {m: [] for m in names}
     faults: dict[str, dict[str, list[int]]] = {m: {"client": [], "server": [], "echo_server": []} for m in names}
+    # Small sizes go in blocks of calls to one method, the method order rotating
+    # from block to block: each method is timed in back-to-back calls, as a user's
+    # loop makes them, and drift still falls on all three alike. One call each in
+    # turn left each server idle for the other two calls before its own: on the CPU
+    # machine (scripts/echo_floor_probe.py, issue 19) Execute+Fallback between
+    # echo calls took the echo's p50 from 1.22x to 1.28x a plain echo's, a 2 ms
+    # idle gap 1.00x to 1.17x. Large sizes, few iterations, keep the per-call turn.
+    block = BLOCK if size <= SMALL else 1
+    turns = [  # the methods, in the order they run
+        names[(b + j) % len(names)]
+        for b, start in enumerate(range(0, n, block))
+        for j in range(len(names))
+        for _ in range(start, min(start + block, n))
+    ]
     with no_gc():
-        for i in range(n):
-            for j in range(len(names)):
-                name = names[(i + j) % len(names)]
-                before = _faults(ctx) if count_faults else None
-                t0 = time.perf_counter_ns()
-                res = calls[name]()
-                t1 = time.perf_counter_ns()
-                if before is not None:
-                    after = _faults(ctx)
-                    for who in before:
-                        if before[who] is not None and after[who] is not None:
-                            faults[name][who].append(after[who] - before[who])
-                lat[name].append((t1 - t0) / 1000)
-                if res is not None:
-                    results[name].append(res)
-            if (i + 1) % 3 == 0:
-                del res  # large responses: free before the next call allocates
+        for name in turns:
+            before = _faults(ctx) if count_faults else None
+            t0 = time.perf_counter_ns()
+            res = calls[name]()
+            t1 = time.perf_counter_ns()
+            if before is not None:
+                after = _faults(ctx)
+                for who in before:
+                    if before[who] is not None and after[who] is not None:
+                        faults[name][who].append(after[who] - before[who])
+            lat[name].append((t1 - t0) / 1000)
+            if res is not None:
+                results[name].append(res)
+            del res  # large responses: free before the next call allocates
 
     point: dict[str, Any] = {"size": size, "iterations": n, "warmup": warmup, "methods": {}}
     for name in names:
