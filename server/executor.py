@@ -31,6 +31,7 @@ from unittest import mock
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
 
+from fuseport.server._files import is_disk_full
 from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.checks import DataError
 from fuseport.server.compiler import CompileCrashed, CompileTimedOut, CompileWorker, package_source
@@ -504,7 +505,9 @@ class Executor:
                 name,
                 _short(e),
             )
-            if not isinstance(e, ArtifactError):
+            # A full disk (the loader's private copy in the temp directory) says
+            # nothing against the artifact: it stays for when there is room.
+            if not isinstance(e, ArtifactError) and not is_disk_full(e):
                 self.artifacts.remove(name)
             self.events.loaded(False)
             return False
@@ -561,7 +564,16 @@ class Executor:
         assert self.artifacts is not None and self._worker is not None
         start = time.perf_counter()
         name = self._artifact_name(spec, entry.arg_spec)
-        tmp = self.artifacts.temp_path()
+        try:
+            tmp = self.artifacts.temp_path()
+        except OSError as e:
+            # No room in the cache (not even for an empty file: inodes, a quota). Raised
+            # here it would end this thread's task unseen and leave the entry COMPILING
+            # for good; compiling in process serves the kernel, uncached.
+            log.warning("kernel %d: the artifact cache cannot be written, torch.compile in-process: %s", spec.key, e)
+            entry.compiled_by = f"torch.compile (in-process): the artifact cache cannot be written: {e}"
+            self._compile_in_process(spec, entry, sample, receive, start)
+            return
         inputs: list[dict[str, Any]] = []
         for value in sample:
             if isinstance(value, torch.Tensor):
@@ -601,9 +613,21 @@ class Executor:
                 self._compile_in_process(spec, entry, sample, receive, start)
                 return
             data = tmp.read_bytes()
-            self.artifacts.commit(
-                name, tmp, {"kernel": spec.key, "variant": spec.variant.key, "arg_spec": str(entry.arg_spec)}
-            )
+            try:
+                self.artifacts.commit(
+                    name, tmp, {"kernel": spec.key, "variant": spec.variant.key, "arg_spec": str(entry.arg_spec)}
+                )
+            except OSError as e:
+                # A full disk, most likely: the cache is only a cache. The package is
+                # compiled and in memory, so it serves this process all the same; other
+                # processes and a restart compile it again. (commit left no file.)
+                log.warning(
+                    "kernel %d: artifact %s for [%s] not cached, served from memory: %s",
+                    spec.key,
+                    name,
+                    entry.arg_spec,
+                    e,
+                )
             fn = self._aot_fn(data, entry.arg_spec, len(spec.variant.graph.outputs))
             receive()
             with self.placement.request_scope():
