@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent import futures
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomically"]
+__all__ = ["is_disk_full", "write_atomically"]
+
+# A file that cannot grow: the filesystem is full, the user's quota is spent, or
+# the file would pass a size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ). All
+# three are the operator's to fix, not a bug: callers say RESOURCE_EXHAUSTED or
+# go without the file, never INTERNAL.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` says a file could not be written for lack of room."""
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
 def write_atomically(path: Path, data: bytes) -> None:

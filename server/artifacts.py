@@ -148,7 +148,9 @@ class ArtifactCache:
 
     def commit(self, name: str, tmp: Path, meta: dict[str, Any]) -> int:
         """Moves a compiled package (at `tmp`, in this directory) into place with
-        its JSON, then evicts past the bound. Returns the package's size."""
+        its JSON, then evicts past the bound. Returns the package's size. Raises
+        OSError (a full disk among others) with neither file left in place: the
+        artifact is then not cached, and the caller serves it all the same."""
         package, meta_path = self.paths(name)
         digest = hashlib.sha256()
         size = 0
@@ -160,7 +162,16 @@ class ArtifactCache:
         os.chmod(tmp, 0o600)
         os.replace(tmp, package)
         record = json.dumps({**meta, "size": size, "sha256": digest.hexdigest()}, sort_keys=True).encode()
-        write_atomically(meta_path, record)
+        try:
+            write_atomically(meta_path, record)
+        except BaseException:
+            # No JSON (a full disk, most likely): the package is no artifact, and
+            # nothing else would ever remove it (eviction counts JSON files). Unless
+            # another process committed the same artifact meanwhile: then it is theirs.
+            if not meta_path.exists():
+                with contextlib.suppress(OSError):
+                    package.unlink()
+            raise
         self.evict()
         return size
 

@@ -17,7 +17,10 @@ memory do not grow with the store: a kernel's graphs are read and built on its
 first use. List reads each graph not yet in use without building it, and keeps
 nothing. Quotas, each refused with RESOURCE_EXHAUSTED naming its flag before
 anything is built or written: the largest graph, the store's bytes, and its
-kernels (variants count towards the bytes only).
+kernels (variants count towards the bytes only). A filesystem that is full (or
+a quota or file size limit reached) is RESOURCE_EXHAUSTED too, naming the
+directory: the write leaves no file and the index is changed only after it, so
+the same Register succeeds once there is room.
 
 A store shared by several serving processes (`fuseport serve --processes N`,
 ``shared=True``) is the one truth; each process's index is a cache of it. A key
@@ -37,13 +40,13 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fuseport.server._files import write_atomically
+from fuseport.server._files import is_disk_full, write_atomically
 from fuseport.server.checks import Planner, with_data_checks
 from fuseport.wire import _pb, ops
 from fuseport.wire.errors import (
@@ -341,7 +344,8 @@ class Registry:
                 self._check_alias(key, alias)  # again: taken while we registered?
                 if not self.has(key):  # unregistered meanwhile: no alias file for a kernel that is gone
                     raise KernelNotFound(f"kernel {key} was unregistered while its alias was being set", key)
-                _touch(self.dir, f"{_hex(key)}={alias}.alias")
+                with self._room(f"the alias file of kernel {key} (its graph is stored)"):
+                    _touch(self.dir, f"{_hex(key)}={alias}.alias")
                 self._aliases[alias], self._alias_of[key] = key, alias
             log.info("kernel %d has the alias %r", key, alias)
         return key, created, vkey
@@ -561,11 +565,31 @@ class Registry:
 
     def _persist(self, name: str, graph: _pb.graph.Graph) -> None:
         """Temp file, fsync, rename, fsync the directory: a kill -9 after
-        Register returns loses nothing, and a crash mid-write leaves no half file."""
+        Register returns loses nothing, and a crash mid-write leaves no half file.
+        The caller records the kernel only after this returns."""
         data = graph.SerializeToString(deterministic=True)
-        write_atomically(self.dir / name, data)
+        with self._room(f"a graph of {len(data)} bytes"):
+            write_atomically(self.dir / name, data)
         self._sizes[name] = len(data)
         _fsync_dir(self.dir)
+
+    @contextlib.contextmanager
+    def _room(self, what: str) -> Iterator[None]:
+        """A write that finds no room (a full filesystem, a quota, a file size
+        limit) is the operator's to fix, not a server fault: RESOURCE_EXHAUSTED
+        naming the directory, not INTERNAL. write_atomically has removed its
+        temporary file, and nothing in memory was changed yet."""
+        try:
+            yield
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            log.warning("store %s has no room for %s: %s", self.dir, what, e)
+            raise ResourceExhausted(
+                f"the store directory {self.dir} has no room for {what} ({e.strerror}): free space there "
+                "(or raise its quota or the server's file size limit), or serve with another --store-dir; "
+                "the same call succeeds once there is room"
+            ) from e
 
 
 def _touch(directory: Path, name: str) -> None:
@@ -574,8 +598,13 @@ def _touch(directory: Path, name: str) -> None:
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.fsync(fd)
-    finally:
+    except BaseException:
+        # Not durable: no file, or a restart would find an alias that Register refused.
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(directory / name)
+        raise
+    os.close(fd)
     _fsync_dir(directory)
 
 

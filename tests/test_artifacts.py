@@ -172,6 +172,39 @@ def test_cache_evicts_least_recently_used_past_its_bound(tmp_path: Path) -> None
     assert names[1] in remaining and names[2] not in remaining
 
 
+def test_commit_on_a_full_cache_leaves_no_file_and_the_next_commit_works(tmp_path: Path) -> None:
+    # A full disk without mounting anything: a child process with RLIMIT_FSIZE at 16
+    # bytes, so every write that grows a file past that fails with EFBIG, the way
+    # ENOSPC or EDQUOT would (Python ignores SIGXFSZ). The package is written here,
+    # before the child runs: like the compile worker's, it is already on disk and
+    # commit only renames it; the JSON record is what no longer fits. A child, so
+    # that the limit never touches pytest's own files.
+    cache = ArtifactCache(tmp_path / "cache", max_bytes=1 << 20)
+    tmp = cache.temp_path()
+    tmp.write_bytes(b"a compiled package")
+    name = cache.key({"full": 1})
+    child = f"""
+import errno, resource
+from pathlib import Path
+from fuseport.server.artifacts import ArtifactCache
+resource.setrlimit(resource.RLIMIT_FSIZE, (16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    ArtifactCache(Path({str(cache.dir)!r}), 1 << 20).commit({name!r}, Path({str(tmp)!r}), {{"k": 1}})
+except OSError as e:
+    raise SystemExit(0 if e.errno == errno.EFBIG else 2)
+raise SystemExit(1)
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert out.returncode == 0, out
+    # Not cached, and nothing half there: no package without its JSON, no temp file.
+    assert sorted(p.name for p in cache.dir.iterdir()) == []
+    assert cache.load(name) is None
+    tmp = cache.temp_path()
+    tmp.write_bytes(b"a compiled package")
+    cache.commit(name, tmp, {"k": 1})  # room again: cached
+    assert cache.load(name) is not None
+
+
 def test_cache_clear_command_empties_the_cache(tmp_path: Path) -> None:
     cache = ArtifactCache(tmp_path / "store" / "artifacts", max_bytes=1 << 20)
     tmp = cache.temp_path()

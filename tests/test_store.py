@@ -102,3 +102,42 @@ def test_start_reads_no_graph_and_builds_a_kernel_on_first_use(tmp_path: Path) -
             torch.testing.assert_close(c.execute(keys[1], [x])[0], modules[1](x))
     finally:
         second.stop()
+
+
+def test_register_on_a_full_store_is_resource_exhausted_and_a_retry_after_freeing_space_works(
+    tmp_path: Path,
+) -> None:
+    # A full disk, made honestly without mounting anything (the test runs as root in CI,
+    # where a read-only or tiny filesystem would need a mount): the serving process's
+    # RLIMIT_FSIZE, lowered from outside with prlimit(2). The kernel then refuses, with
+    # EFBIG, every write that would grow a file of that process past the limit: the
+    # store's writer meets the same OSError path as ENOSPC or EDQUOT, and the server's
+    # code is untouched. (Python ignores SIGXFSZ, so the write fails instead of the
+    # process dying.) Raising the limit again is "freeing space". The server's log is a
+    # file it writes too: it stays far under the limit in this test.
+    resource = pytest.importorskip("resource")
+    x = torch.randn(3)
+    big = Scaled(64 << 10, 1)  # 256 KiB of constants
+    small = Scaled(4, 2)
+    server = start_server(tmp_path, None, "--compile-mode", "off")
+    try:
+        _, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (128 << 10, hard))
+        with Client(server.target, timeout=60) as c:
+            with pytest.raises(ResourceExhausted) as info:
+                c.register(big, [x])
+            message = str(info.value)
+            assert str(server.store_dir) in message and "--store-dir" in message and "free" in message
+            # Nothing partial: no temp file, no graph, no kernel; the server keeps serving.
+            assert sorted(p.name for p in server.store_dir.iterdir()) == []
+            assert c.list() == []
+            k_small = c.register(small, [x])  # a graph that fits is registered
+            torch.testing.assert_close(c.execute(k_small, [x])[0], small(x))
+            # Space freed: the same Register now works, and the kernel is whole.
+            resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+            k_big = c.register(big, [x])
+            torch.testing.assert_close(c.execute(k_big, [x])[0], big(x))
+            assert sorted(k.key for k in c.list()) == sorted([k_small, k_big])
+        assert "internal error" not in server.log().lower()
+    finally:
+        server.stop()

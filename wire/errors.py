@@ -15,7 +15,8 @@
     ├── HandleNotFound             NOT_FOUND: not a live TensorHandle of this caller (never
     │   │                          made, freed, expired or another client's: not told apart)
     │   └── HandleElsewhere        made by another serving process (or before a restart)
-    ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large)
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large, a quota,
+    │                              a full disk: the message names what and the remedy)
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── Unauthenticated            UNAUTHENTICATED (no token, or one the server does not know)
     ├── PermissionDenied           PERMISSION_DENIED (the token's role may not call the method)
@@ -142,7 +143,9 @@ class HandleElsewhere(HandleNotFound):
 
 
 class ResourceExhausted(FuseportError):
-    """Out of device memory, or a message over the size limit."""
+    """Out of device memory, a message over the size limit, a quota reached (the
+    message names its flag), or a store whose disk is full (the message names the
+    directory). Nothing was kept: the same call can succeed once there is room."""
 
 
 class DeadlineExceeded(FuseportError):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
+from fuseport.server._files import is_disk_full
 from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
 from fuseport.server.compile.worker import CompileCrashed, CompileTimedOut, CompileWorker
@@ -233,7 +234,9 @@ class StandaloneCompiler(Compiler):
                 return None
             call, conditions = load(artifact.data, artifact.meta)
         except Exception as e:  # noqa: BLE001 - a bad artifact is compiled again, never fatal
-            if not isinstance(e, ArtifactError):
+            # A full disk (the loader's private copy in the temp directory) says
+            # nothing against the artifact: it stays for when there is room.
+            if not isinstance(e, ArtifactError) and not is_disk_full(e):
                 self.artifacts.remove(name)
             raise LoadRefused(f"artifact {name} refused: {_short(e)}") from e
         source = str(artifact.meta.get("source", ""))
@@ -259,7 +262,12 @@ class StandaloneCompiler(Compiler):
                 kind = "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else "float"
                 inputs.append({"kind": kind, "value": value})
         name = self._name(job)
-        tmp = self.artifacts.temp_path()
+        try:
+            tmp = self.artifacts.temp_path()
+        except OSError as e:
+            # No room in the cache (not even for an empty file: inodes, a quota):
+            # compiled in process, the kernel is served all the same, uncached.
+            raise CompileFailed(f"the artifact cache cannot be written: {e}", retry_in_process=True) from e
         header = {"device": str(self.placement.device), "path": str(tmp), "mode": self.mode, "inputs": inputs}
         try:
             try:
@@ -275,11 +283,15 @@ class StandaloneCompiler(Compiler):
                 "arg_spec": str(job.arg_spec),
                 **{k: reply[k] for k in ("takes", "outputs", "conditions", "source")},
             }
-            self.artifacts.commit(name, tmp, meta)
-            artifact = self.artifacts.load(name)
-            if artifact is None:
-                raise CompileFailed(f"artifact {name} vanished from the cache as it was written")
-            call, conditions = load(artifact.data, artifact.meta)
+            data = tmp.read_bytes()
+            try:
+                self.artifacts.commit(name, tmp, meta)
+            except OSError as e:
+                # A full disk, most likely: the cache is only a cache. The artifact
+                # is compiled and in memory, so it serves this process all the same;
+                # other processes and a restart compile it again (commit left no file).
+                log.warning("artifact %s for [%s] not cached, served from memory: %s", name, job.arg_spec, e)
+            call, conditions = load(data, meta)
         finally:
             tmp.unlink(missing_ok=True)
         return Compiled(call, self.name, meta["source"], conditions=conditions)
