@@ -6,6 +6,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh bench    # each well inside 10 minutes
 #   device run --carry .whl -- bash scripts/gpu_check.sh procs    # concurrency, 1 vs 2 serving processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh gpus2    # 2 GPUs vs 1 (needs a 2-GPU machine)
+#   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -44,6 +45,14 @@ if [[ $PART == procs ]]; then
     # processes on one GPU, each beside the same raw echo, in one run.
     python3 -m fuseport.client.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
         --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == all || $PART == probe ]]; then
+    # Where a small call's time goes: the transport floor's variants (why a bench's
+    # echo can be slower than a plain one) and the server's stages in process.
+    python3 "$REPO/scripts/echo_floor_probe.py" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/echo-floor-probe.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    python3 "$REPO/scripts/profile_small.py" cuda 2>&1 | tee "$OUT/profile-small-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == gpus2 ]]; then
