@@ -27,13 +27,14 @@ What a request could otherwise get past the kernels (docs/allowlist.md has the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.fx
@@ -418,6 +419,14 @@ class Plan:
     output_bytes: int | None = None
     largest_bytes: int = 0
     largest_what: str = ""
+    # The most bytes the unfused graph holds allocated at once (intermediates and
+    # results, by liveness over the graph; views allocate nothing), and the work
+    # it does: bytes its ops read and write, and the floating-point operations
+    # of matrix products and convolutions. None where planning stopped (sizes
+    # that depend on data): then nothing bounds them.
+    peak_bytes: int | None = None
+    work_bytes: int | None = None
+    flops: int | None = None
     input_checks: tuple[_InputCheck, ...] = ()
     unfused: str = ""
     outputs: tuple[Any, ...] | None = None
@@ -447,6 +456,9 @@ class Planner:
         self.cpu = device.type == "cpu"
         self._nodes = list(module.graph.nodes)
         self._placeholders = [n for n in self._nodes if n.op == "placeholder"]
+        # Where each node's value is last read (the output node: never freed).
+        position = {n: i for i, n in enumerate(self._nodes)}
+        self._last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in self._nodes}
         self._meta_constants: dict[str, torch.Tensor] = {}
         self._cache: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
         self._lock = threading.Lock()
@@ -456,7 +468,14 @@ class Planner:
         uses = {ops.op_name(n.target) for n in self._nodes if isinstance(n.target, torch._ops.OpOverload)}
         self._float_keys = frozenset(float_inputs) if uses & shaped else frozenset()
 
-    def plan(self, args: Sequence[Any]) -> Plan:
+    @overload
+    def plan(self, args: Sequence[Any]) -> Plan: ...
+    @overload
+    def plan(self, args: Sequence[Any], cached_only: bool) -> Plan | None: ...
+
+    def plan(self, args: Sequence[Any], cached_only: bool = False) -> Plan | None:
+        """The plan for these sizes; with `cached_only`, None unless planned before
+        (planning runs the graph on meta tensors: its cost grows with the graph)."""
         key = tuple(
             (tuple(a.shape), a.stride(), a.dtype)
             if isinstance(a, torch.Tensor)
@@ -468,6 +487,8 @@ class Planner:
             if plan is not None:
                 self._cache.move_to_end(key)
                 return plan
+        if cached_only:
+            return None
         plan = self._plan(args)
         with self._lock:
             self._cache[key] = plan
@@ -478,6 +499,15 @@ class Planner:
     # ------------------------------------------------------------------ meta run
 
     def _plan(self, args: Sequence[Any]) -> Plan:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            plan = self._walk(args)
+        if plan.error is None and plan.peak_bytes is not None:
+            plan = dataclasses.replace(plan, flops=int(counter.get_total_flops()))
+        return plan
+
+    def _walk(self, args: Sequence[Any]) -> Plan:
         env: dict[torch.fx.Node, Any] = {}
         origin: dict[torch.fx.Node, tuple[str, Any]] = {}  # the input or constant a node is
         for i, node in enumerate(self._placeholders):
@@ -487,6 +517,7 @@ class Planner:
         checks: list[_InputCheck] = []
         largest, largest_what = 0, ""
         unfused = ""
+        usage = _Usage(self._last_use)
 
         def value(v: Any) -> Any:
             return env[v] if isinstance(v, torch.fx.Node) else v
@@ -520,6 +551,7 @@ class Planner:
                 except Exception as e:  # noqa: BLE001 - whatever the op raises on these arguments
                     return Plan(error=f"{_where(node)}: {_first_line(e)}")
                 env[node] = out
+                usage.op(node, pos, _tensors(a) + _tensors(k), out)
                 for t in _fresh(out):
                     nbytes = t.untyped_storage().nbytes()
                     if nbytes > largest:
@@ -529,7 +561,8 @@ class Planner:
                 total = sum(t.numel() * t.element_size() for t in _tensors(results))
                 return Plan(output_bytes=total, largest_bytes=largest, largest_what=largest_what,
                             input_checks=tuple(checks), unfused=unfused,
-                            outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,))  # fmt: skip
+                            outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,),
+                            peak_bytes=usage.peak(), work_bytes=usage.work)  # fmt: skip
         return Plan(unfused=unfused)
 
     def _before_launch(self, c: _DataCheck, origin: dict[torch.fx.Node, tuple[str, Any]], checks: list[_InputCheck]) -> bool:
@@ -551,6 +584,47 @@ class Planner:
             t = getattr(self.module, target)
             self._meta_constants[target] = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=META)
         return self._meta_constants[target]
+
+
+class _Usage:
+    """What a planned run allocates and touches: each op's fresh results are held
+    from the op until the last read of them or of any view of them (results of
+    the graph: to the end); views allocate nothing. Work counts the bytes each op
+    reads (its tensor arguments as viewed: an expanded view reads all it shows)
+    and writes."""
+
+    def __init__(self, last_use: dict[torch.fx.Node, int]) -> None:
+        self._last_use = last_use
+        self.work = 0
+        self._owner: dict[int, torch.fx.Node] = {}  # id of a base tensor -> the node that made it
+        self._held: dict[torch.fx.Node, tuple[int, int, int]] = {}  # node -> (from, until, bytes)
+
+    def op(self, node: torch.fx.Node, pos: int, inputs: list[torch.Tensor], out: Any) -> None:
+        outputs = _tensors(out)
+        self.work += sum(t.numel() * t.element_size() for t in (*inputs, *outputs))
+        until = self._last_use[node]
+        for t in outputs:
+            base = t._base if t._is_view() else None
+            owner = self._owner.get(id(base)) if base is not None else None
+            if owner is not None:
+                # A view keeps its base's memory alive as long as it is read.
+                start, end, nbytes = self._held[owner]
+                self._held[owner] = (start, max(end, until), nbytes)
+            elif base is None:
+                self._owner[id(t)] = node
+                start, end, nbytes = self._held.get(node, (pos, until, 0))
+                self._held[node] = (start, end, nbytes + t.untyped_storage().nbytes())
+
+    def peak(self) -> int:
+        events: list[tuple[int, int]] = []
+        for start, end, nbytes in self._held.values():
+            events.append((start, nbytes))
+            events.append((end + 1, -nbytes))  # freed after its last reader ran
+        live = peak = 0
+        for _, delta in sorted(events):
+            live += delta
+            peak = max(peak, live)
+        return peak
 
 
 def _data_checked(node: torch.fx.Node) -> bool:

@@ -38,7 +38,7 @@ from fuseport.wire.errors import (
 )
 from fuseport.wire.graph import InputSpec, Signature
 
-__all__ = ["Core", "Result"]
+__all__ = ["Call", "Core", "Result"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,28 @@ _DECIMAL = re.compile(r"-?[0-9]{1,20}")
 # between the two of a pair follows the inputs' sizes (-1). Several pairs, for
 # graphs whose conditions refuse the small ones.
 _EXAMPLE_SIZES = ((2, 3), (4, 5), (8, 9), (16, 17), (64, 65))
+# A call whose plan touches at most this many bytes and does at most this much
+# matrix arithmetic is light (Core.light): it may run on the event loop, where
+# handing it to a worker thread and back costs more than the work. Sized so that
+# the worst light call takes well under a millisecond of one CPU core (a pass
+# over 1 MiB: ~0.1 ms; 16 MFLOP: ~0.3 ms).
+_LIGHT_BYTES = 1 << 20
+_LIGHT_FLOPS = 16 << 20
+
+
+@dataclass
+class Call:
+    """A call checked and planned, not yet run (Core.prepare -> Core.run)."""
+
+    key: int
+    below: list[Any]  # the stack under the kernel's inputs: comes back untouched
+    variant: Variant
+    args: list[Any]
+    plan: Plan
+    fused: bool
+    owner: Owner
+    keep: bool
+    started: int  # perf_counter_ns when preparing began
 
 
 @dataclass
@@ -148,11 +170,30 @@ class Core:
 
         Before either path runs: the first variant (of `variants`, when given)
         that covers the inputs is chosen, its plan for these sizes is checked
-        (shape errors, result size, index inputs), the same for both paths.
-        A `streamed` call's result is bounded by --max-stream-bytes instead of
-        the message limit."""
+        (shape errors, result size, index inputs, the call's budget), the same
+        for both paths. A `streamed` call's result is bounded by
+        --max-stream-bytes instead of the message limit."""
+        call = self.prepare(key, stack, fused=fused, variants=variants, streamed=streamed, owner=owner, keep=keep)
+        return self.run(call, wait=wait, deadline=deadline)
+
+    def prepare(
+        self,
+        key: int,
+        stack: list[Any],
+        *,
+        fused: bool = True,
+        variants: Sequence[int] = (),
+        streamed: bool = False,
+        owner: Owner = NO_OWNER,
+        keep: bool = False,
+        planned_only: bool = False,
+    ) -> Call | None:
+        """Everything `execute` does before a kernel runs: no kernel runs here, and
+        (with `planned_only`) no planning either: None when these sizes were
+        never planned, so that a caller on the event loop hands the call on."""
         if self.device_failed:  # admitted before the server began to drain
             raise self._device_gone()
+        start = time.perf_counter_ns()
         kernel = self.registry.get(key)
         n = kernel.arity
         if len(stack) < n:
@@ -164,9 +205,6 @@ class Core:
         values = stack[base:]
         if any(self.residents.has_handles(v) for v in values):
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
-        # run_us covers choosing the variant and checking the inputs too: every
-        # microsecond the server spends is in one of the call's timings.
-        start = time.perf_counter_ns()
         try:
             variant, args = _select(kernel, values, base, variants)
         except NoMatchingVariant:
@@ -175,7 +213,9 @@ class Core:
             if newer is None or len(newer.variants) == len(kernel.variants):
                 raise
             variant, args = _select(newer, values, base, variants)
-        plan = variant.planner.plan(args)
+        plan = variant.planner.plan(args, cached_only=planned_only)
+        if plan is None:
+            return None
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
         self._check_budget(key, plan, args, streamed, keep)
@@ -185,11 +225,29 @@ class Core:
             plan.check_inputs(args, variant.module)
         except DataError as e:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
+        return Call(key, stack[:base], variant, args, plan, fused, owner, keep, start)
+
+    def light(self, call: Call) -> bool:
+        """Whether the call's planned work is small enough to run where waiting
+        for it holds other calls up (the event loop): the plan bounds every byte
+        its ops touch and every matrix product's arithmetic, for these sizes,
+        whatever the kernel's earlier calls took. A fused kernel not yet loaded
+        (an ArgSpec this process has not met) is not light: loading takes milliseconds."""
+        plan = call.plan
+        if plan.work_bytes is None or plan.work_bytes > _LIGHT_BYTES or (plan.flops or 0) > _LIGHT_FLOPS:
+            return False
+        if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
+            return self.executor.known(call.variant, call.args)
+        return True
+
+    def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result:
+        """Runs a prepared call: the fused kernel or the fallback, results to the host or kept."""
+        key, args, owner, keep = call.key, call.args, call.owner, call.keep
         try:
             with self.placement.request_scope():
                 outcome: Outcome = self.executor.run(
-                    key, variant, self.placement.to_device(args),
-                    fused=fused, unfused=plan.unfused, wait=wait, deadline=deadline,
+                    key, call.variant, self.placement.to_device(args),
+                    fused=call.fused, unfused=call.plan.unfused, wait=wait, deadline=deadline,
                 )  # fmt: skip
                 if keep:
                     # CUDA graphs (these two modes) reuse their output memory on the next
@@ -213,8 +271,10 @@ class Core:
             raise ResourceExhausted(
                 f"{self.device} out of memory moving data for kernel {key}; memory was released"
             ) from e
-        run_us = (time.perf_counter_ns() - start) // 1000
-        return Result(stack[:base] + outputs, outcome.path, outcome.reason, outcome.detail, run_us, variant.key)
+        # run_us covers choosing the variant and checking the inputs too: every
+        # microsecond the server spends is in one of the call's timings.
+        run_us = (time.perf_counter_ns() - call.started) // 1000
+        return Result(call.below + outputs, outcome.path, outcome.reason, outcome.detail, run_us, call.variant.key)
 
     def check_stream(self, sizes: Sequence[int]) -> None:
         """Refuses a streamed stack from its header alone, before any of it is
@@ -254,16 +314,20 @@ class Core:
         take more than one call may."""
         budget = self.settings.max_call_bytes
         if budget:
-            # What a call holds at least at once: its inputs, its results, and on the
-            # unfused path its largest intermediate beside them (planned on meta tensors).
             inputs = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
-            needs = inputs + (plan.output_bytes or 0) + plan.largest_bytes
+            if plan.peak_bytes is not None:
+                # Its inputs, and the most the graph holds at once beside them:
+                # intermediates and results by liveness (planned on meta tensors).
+                needs = inputs + plan.peak_bytes
+                what = f"inputs {inputs}, then at most {plan.peak_bytes} allocated at once"
+            else:
+                # Planning stopped at a size that depends on data: what is known.
+                needs = inputs + (plan.output_bytes or 0) + plan.largest_bytes
+                what = f"inputs {inputs}, largest tensor {plan.largest_bytes}; the rest depends on the data"
             if needs > budget:
                 raise ResourceExhausted(
-                    f"kernel {key}: this call needs at least {needs} bytes (inputs {inputs}, results "
-                    f"{plan.output_bytes if plan.output_bytes is not None else 'unknown'}, largest tensor "
-                    f"{plan.largest_bytes}), over the {budget} bytes one call may use (--max-call-bytes); "
-                    "refused before running"
+                    f"kernel {key}: this call needs at least {needs} bytes ({what}), over the {budget} "
+                    "bytes one call may use (--max-call-bytes); refused before running"
                 )
         limit, flag = (
             (self.settings.max_stream_bytes, "--max-stream-bytes")

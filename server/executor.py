@@ -486,6 +486,12 @@ class Executor:
 
     # ------------------------------------------------------------------ inspection
 
+    def known(self, variant: Variant, args: Sequence[Any]) -> bool:
+        """Whether this process already has an entry (loaded, compiling or failed)
+        for these inputs' ArgSpec: if not, a call would first load or start a compile."""
+        with self._lock:
+            return (variant.key, arg_spec_of(args, self.placement.device)) in self._entries
+
     def entries(self, variant: int) -> list[Entry]:
         """The ArgSpecs of one variant (by its content key)."""
         with self._lock:

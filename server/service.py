@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fuseport.server.core import Core
+from fuseport.server.core import Call, Core, Result
 from fuseport.server.devices import is_out_of_memory
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
 from fuseport.server.security import presented_token_digest
@@ -38,10 +38,9 @@ SERVICE_NAME = _pb.service.DESCRIPTOR.services_by_name["KernelService"].full_nam
 
 T = TypeVar("T")
 
-# Calls at most this large, to kernels whose last run took less than this,
-# run on the event loop thread (see KernelService._run_inline).
+# Requests at most this large are decoded on the event loop thread, and run
+# there too when their planned work is light (KernelService._run_small).
 _INLINE_MAX_BYTES = 64 << 10
-_INLINE_MAX_RUN_US = 300
 
 
 @dataclass
@@ -113,7 +112,6 @@ class KernelService:
         self.limit = max_message_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
         self._runners = (self._execute, self._fallback)
-        self._run_us: dict[tuple[int, bool], int] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {
@@ -210,23 +208,25 @@ class KernelService:
         *,
         fused: bool,
     ) -> bytes:
-        """A small call is decoded right here on the event loop; if its kernel's
-        last run was quick it also runs here, since handing it to a worker and
-        back costs more (about 200 us) than the work. A call that asks to wait
-        for a compile, or a slow kernel, goes to a worker."""
+        """A small call is decoded and checked right here on the event loop, and
+        runs here too when its plan says its work is light (Core.light: bounded by
+        the sizes of this call, not by what earlier calls took), since handing it
+        to a worker and back costs more (about 200 us) than the work. Anything
+        else goes to a worker: a call that asks to wait for a compile, graphs to
+        register, shared-memory tensors to copy, sizes never planned, heavy work."""
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
+        call: Call | None = None
+        if not req.wait_for_compile and not req.graphs and not req.shm_session:
+            call = self._prepare(req, record, fused, planned_only=True)
+            if call is not None and self.core.light(call):
+                decode_ns = call.started - started
+                return self._respond(req, self.core.run(call, deadline=deadline), decode_ns, 0, record)
         decode_ns = time.perf_counter_ns() - started
-        last = self._run_us.get((req.key, fused), _INLINE_MAX_RUN_US)
-        # Graphs to register first mean building them and writing the store, and
-        # shared-memory tensors copying their bytes: a worker's job.
-        inline = not req.wait_for_compile and not req.graphs and not req.shm_session
-        if inline and last < _INLINE_MAX_RUN_US:
-            return self._finish(req, decode_ns, 0, deadline, record, fused)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
             self._pool,
-            lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused),
+            lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call),
         )
 
     def _run(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord, *, fused: bool) -> bytes:
@@ -234,6 +234,15 @@ class KernelService:
         req = codec.decode_execute_request(request)
         del request  # the decoded tensors keep what they need of it
         return self._finish(req, time.perf_counter_ns() - started, started - arrived, deadline, record, fused)
+
+    def _prepare(
+        self, req: codec.ExecuteRequest, record: CallRecord, fused: bool, stack: list[Any] | None = None,
+        *, planned_only: bool = False,
+    ) -> Call | None:  # fmt: skip
+        return self.core.prepare(
+            req.key, req.stack if stack is None else stack, fused=fused, variants=req.variants,
+            owner=record.owner, keep=req.keep_outputs, planned_only=planned_only,
+        )  # fmt: skip
 
     def _finish(
         self,
@@ -243,32 +252,38 @@ class KernelService:
         deadline: float | None,
         record: CallRecord,
         fused: bool,
+        call: Call | None = None,
     ) -> bytes:
+        """On a worker: registers what the call carries, reads shared-memory
+        tensors, prepares the call (unless the loop did), runs it, responds."""
         # Registered first, in this same call: a separate Register could reach
         # another replica than this call did (see ExecuteRequest.graphs).
         registered = self.core.adopt(req.key, req.graphs, req.alias) if req.graphs else 0
-        stack = req.stack
-        if req.shm_session:
-            # Shared-memory tensors are copied out of the client's region here:
-            # reading them is this call's decoding.
-            started = time.perf_counter_ns()
-            check_slot(req.shm_slot)  # before running, not after
-            # Sizes first, as a stream's header: refused before anything is copied.
-            self.core.check_inputs(shared_sizes(stack), "shared-memory stack")
-            stack = self.shared.resolve(record.owner, req.shm_session, stack, self.core.placement.device)
-            decode_ns += time.perf_counter_ns() - started
-        result = self.core.execute(
-            req.key,
-            stack,
-            fused=fused,
-            wait=req.wait_for_compile,
-            deadline=deadline,
-            variants=req.variants,
-            owner=record.owner,
-            keep=req.keep_outputs,
-        )
-        # The latest run time decides whether the next small call runs inline.
-        self._run_us[(req.key, fused)] = result.run_us
+        if call is None:
+            stack = req.stack
+            if req.shm_session:
+                # Shared-memory tensors are copied out of the client's region here:
+                # reading them is this call's decoding.
+                started = time.perf_counter_ns()
+                check_slot(req.shm_slot)  # before running, not after
+                # Sizes first, as a stream's header: refused before anything is copied.
+                self.core.check_inputs(shared_sizes(stack), "shared-memory stack")
+                stack = self.shared.resolve(record.owner, req.shm_session, stack, self.core.placement.device)
+                decode_ns += time.perf_counter_ns() - started
+            call = self._prepare(req, record, fused, stack)
+            assert call is not None
+        result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline)
+        return self._respond(req, result, decode_ns, queue_ns, record, registered)
+
+    def _respond(
+        self,
+        req: codec.ExecuteRequest,
+        result: Result,
+        decode_ns: int,
+        queue_ns: int,
+        record: CallRecord,
+        registered: int = 0,
+    ) -> bytes:
         timings = _pb.service.Timings(
             decode_us=decode_ns // 1000,
             queue_us=queue_ns // 1000,
@@ -291,16 +306,16 @@ class KernelService:
             registered=registered,
         )
         record.path, record.reason, record.timings = result.path, result.reason, timings
-        log.debug(
-            "%s key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",
-            "Execute" if fused else "Fallback",
-            req.key,
-            _pb.service.Path.Name(result.path),
-            timings.decode_us,
-            timings.queue_us,
-            timings.run_us,
-            timings.encode_us,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",
+                req.key,
+                _pb.service.Path.Name(result.path),
+                timings.decode_us,
+                timings.queue_us,
+                timings.run_us,
+                timings.encode_us,
+            )
         return out
 
     def _describe(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
@@ -379,7 +394,6 @@ class KernelService:
                 ).SerializeToString()  # fmt: skip
                 record.path, record.reason = result.path, result.reason
                 run_us = result.run_us
-                self._run_us[(header.key, fused)] = run_us
                 del result
                 sent += len(first)
                 yield first

@@ -12,7 +12,7 @@ from unittest import mock
 import torch
 
 from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job
-from fuseport.server.compile.torch_config import configure_compiler, register_eager_kernels
+from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
 from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.wire._tracing import TRACE_LOCK
 
@@ -31,7 +31,7 @@ class InProcessCompiler(Compiler):
         self.mode = mode
 
     def compile(self, job: Job, sample: list[Any], receive: Callable[[], None]) -> Compiled:
-        register_eager_kernels()
+        prepare_inductor()
         configure_compiler()
         sources: list[str] = []
         # A module of its own: Dynamo keeps its cache on the module's code,
@@ -66,7 +66,7 @@ class InProcessCompiler(Compiler):
         return Compiled(lambda args: fn(*args), self.name, "\n\n".join(sources), dynamo=True)
 
     def warm_up(self) -> None:
-        register_eager_kernels()
+        prepare_inductor()
         configure_compiler()
         start = time.perf_counter()
         try:

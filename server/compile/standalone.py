@@ -30,6 +30,7 @@ from unittest import mock
 from fuseport.server._files import is_disk_full
 from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
+from fuseport.server.compile.torch_config import prepare_inductor
 from fuseport.server.compile.worker import CompileCrashed, CompileTimedOut, CompileWorker
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
 
     with mock.patch.object(GraphLowering, "save_output_code", sources.append):
         artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
+    _check_eager_accepts(module, header["inputs"], values, takes, device)
     artifact.save(path=header["path"], format="binary")
     # Everything Inductor assumed of the sizes, as conditions the server checks;
     # less "dim >= 2" of a tensor's dims, which the ArgSpec ("n") already says.
@@ -139,6 +141,50 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
         "conditions": base64.b64encode(conditions.SerializeToString(deterministic=True)).decode(),
         "source": "\n\n".join(sources)[:_MAX_SOURCE],
     }
+
+
+class EagerRefuses(Exception):
+    """The unfused graph refuses this ArgSpec itself (not its values)."""
+
+
+def _check_eager_accepts(
+    module: Any, inputs: list[dict[str, Any]], values: list[Any], takes: list[int], device: Any
+) -> None:
+    """Inductor computes where eager refuses the ArgSpec itself (a bitwise op on
+    floats, softmax on ints: the CPU kernels refuse what the meta kernels
+    accept): bits, not an answer. So the unfused graph runs once here, on zeros
+    of the request's sizes (this process's memory, not the serving one's), with
+    its data checks: a value a check refuses says nothing of the ArgSpec."""
+    import torch
+
+    from fuseport.server.checks import DataError, with_data_checks
+
+    args = list(values)
+    for i in takes:
+        item = inputs[i]
+        if item["kind"] != "tensor":
+            args[i] = int(item["value"])
+            continue
+        from fuseport.wire import dtypes
+
+        shape, order = item["shape"], item["order"]
+        zeros = torch.zeros([shape[d] for d in order], dtype=dtypes.dtype_for(int(item["dtype"])), device=device)
+        args[i] = zeros.permute(_inverse(order))
+    try:
+        with torch.no_grad():
+            with_data_checks(module)(*args)
+    except DataError:
+        pass
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        raise EagerRefuses(f"{type(e).__name__}: {text[0] if text else ''}"[:300]) from e
+
+
+def _inverse(order: Sequence[int]) -> list[int]:
+    out = [0] * len(order)
+    for pos, d in enumerate(order):
+        out[d] = pos
+    return out
 
 
 def _sources() -> Callable[[int], Any]:
@@ -227,6 +273,9 @@ class StandaloneCompiler(Compiler):
         )
 
     def load(self, job: Job) -> Compiled | None:
+        # The artifact's C++ kernels get their Python bindings here, at load: ours
+        # (torch_config), the same as the worker compiled with.
+        prepare_inductor()
         name = self._name(job)
         try:
             artifact = self.artifacts.load(name)
@@ -274,6 +323,9 @@ class StandaloneCompiler(Compiler):
                 reply = self._worker.compile(header, job.variant.graph.SerializeToString(deterministic=True))
             except (CompileCrashed, CompileTimedOut) as e:
                 raise CompileFailed(str(e)) from e
+            if reply.get("refused"):
+                # The error stands on both paths: this ArgSpec runs unfused (and fails there).
+                raise CompileFailed(f"the unfused graph refuses these inputs: {reply['refused']}")
             if not reply.get("ok"):
                 error = str(reply.get("error", "unknown error"))[:300]
                 raise CompileFailed(f"the compile worker cannot compile it: {error}", retry_in_process=True)
@@ -291,6 +343,7 @@ class StandaloneCompiler(Compiler):
                 # is compiled and in memory, so it serves this process all the same;
                 # other processes and a restart compile it again (commit left no file).
                 log.warning("artifact %s for [%s] not cached, served from memory: %s", name, job.arg_spec, e)
+            prepare_inductor()
             call, conditions = load(data, meta)
         finally:
             tmp.unlink(missing_ok=True)
@@ -300,8 +353,9 @@ class StandaloneCompiler(Compiler):
         # Loading an artifact imports Inductor (seconds, tens on a busy CPU):
         # done at start, so the first load after a restart takes milliseconds.
         start = time.perf_counter()
-        import torch._inductor.codecache  # noqa: F401
         from torch._inductor import CompiledArtifact  # noqa: F401
+
+        prepare_inductor()
 
         log.info("artifact loader ready in %.1f s", time.perf_counter() - start)
 

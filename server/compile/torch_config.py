@@ -7,9 +7,13 @@ pulls in the other.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-__all__ = ["CACHE_TAG", "EAGER_KERNELS", "configure_compiler", "register_eager_kernels"]
+__all__ = ["CACHE_TAG", "EAGER_KERNELS", "configure_compiler", "prepare_inductor"]
+
+log = logging.getLogger(__name__)
 
 # Ops whose Inductor lowering computes something else than the ATen kernel
 # does, found by tests/test_ops.py's differential runs (torch 2.13, CPU):
@@ -25,23 +29,43 @@ EAGER_KERNELS = (
 )  # fmt: skip
 # Part of the key of Inductor's on-disk cache: code compiled before these
 # rules (by an older fuseport, or by plain torch) is never reused.
-CACHE_TAG = "fuseport-kernels-3"
-_kernels_registered = False
+CACHE_TAG = "fuseport-kernels-4"
+_prepared = False
+
+# How Inductor's generated Python binding calls a C++ kernel (CPU): the
+# arguments are read from their Python objects first, with the GIL, then the
+# kernel runs without it. Inductor's own binding ("kernel({}); Py_RETURN_NONE;")
+# holds the GIL for the whole kernel: one large CPU call then froze every other
+# thread of the serving process, the event loop, health and signals included
+# (issue 20: 9.6 s without a health answer). The kernel itself is extern "C"
+# code over raw pointers: it touches no Python object.
+_CALL_WITHOUT_GIL = (
+    "{{ auto fuseport_args = std::make_tuple({}); "
+    "struct FuseportNoGil {{ PyThreadState* state; FuseportNoGil() : state(PyEval_SaveThread()) {{}} "
+    "~FuseportNoGil() {{ PyEval_RestoreThread(state); }} }} fuseport_no_gil; "
+    "std::apply(kernel, fuseport_args); }} Py_RETURN_NONE;"
+)
 
 
-def register_eager_kernels() -> None:
-    """Once per process: Inductor's lowering table is global."""
-    global _kernels_registered
-    if _kernels_registered:
+def prepare_inductor() -> None:
+    """Once per process: Inductor's lowering table and code templates are global."""
+    global _prepared
+    if _prepared:
         return
-    from torch._inductor import decomposition, lowering
+    from torch._inductor import codecache, decomposition, lowering
 
     for name in EAGER_KERNELS:
         packet, _, overload = name.partition(".")
         op = getattr(getattr(torch.ops.aten, packet), overload)
         decomposition.decompositions.pop(op, None)
         lowering.make_fallback(op, warn=False, override_decomp=True)
-    _kernels_registered = True
+    bindings = codecache.CppPythonBindingsCodeCache
+    if bindings.call_entry_function == "kernel({}); Py_RETURN_NONE;" and not bindings.extra_parse_arg:
+        bindings.call_entry_function = _CALL_WITHOUT_GIL
+        bindings.extra_parse_arg = "#include <tuple>\n"
+    else:  # another torch: its template is not the one this replaces
+        log.warning("Inductor's C++ binding template is not the known one; CPU kernels keep the GIL")
+    _prepared = True
 
 
 def configure_compiler() -> None:

@@ -138,9 +138,9 @@ def _worker_main(conn: Connection) -> None:
     # when its worker stops (it closes the pipe), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
-        from fuseport.server.compile.torch_config import configure_compiler, register_eager_kernels
+        from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
 
-        register_eager_kernels()
+        prepare_inductor()
         configure_compiler()
         _warm_up()
     from fuseport.server.compile.standalone import compile_job
@@ -167,6 +167,8 @@ def _worker_main(conn: Connection) -> None:
             log.debug("compile failed", exc_info=e)
             text = str(e).strip().splitlines()
             reply = {"ok": False, "error": f"{type(e).__name__}: {text[0] if text else ''}"[:500]}
+            if type(e).__name__ == "EagerRefuses":
+                reply = {"ok": False, "refused": str(e)}
         try:
             conn.send_bytes(json.dumps(reply).encode())
         except (EOFError, OSError):
