@@ -69,6 +69,7 @@ class Call:
     owner: Owner
     keep: bool
     started: int  # perf_counter_ns when preparing began
+    arg_spec: Any = None  # the args' ArgSpec, once something needed it
 
 
 @dataclass
@@ -237,7 +238,8 @@ class Core:
         if plan.work_bytes is None or plan.work_bytes > _LIGHT_BYTES or (plan.flops or 0) > _LIGHT_FLOPS:
             return False
         if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
-            return self.executor.known(call.variant, call.args)
+            call.arg_spec = self.executor.known(call.variant, call.args)
+            return call.arg_spec is not None
         return True
 
     def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result:
@@ -248,6 +250,8 @@ class Core:
                 outcome: Outcome = self.executor.run(
                     key, call.variant, self.placement.to_device(args),
                     fused=call.fused, unfused=call.plan.unfused, wait=wait, deadline=deadline,
+                    # The host's ArgSpec is the device's where nothing moves.
+                    arg_spec=None if self.placement.cuda else call.arg_spec,
                 )  # fmt: skip
                 if keep:
                     # CUDA graphs (these two modes) reuse their output memory on the next

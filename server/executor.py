@@ -41,7 +41,6 @@ __all__ = ["ArgSpec", "Entry", "Executor", "ExecutorEvents", "State", "arg_spec_
 
 log = logging.getLogger(__name__)
 
-Path = _pb.service.Path
 Reason = _pb.service.FallbackReason
 
 # Compiles queued at once; past it a new ArgSpec runs the fallback and asks again next time.
@@ -84,10 +83,15 @@ class ArgSpec:
         return f"{self.device}; " + ", ".join(parts)
 
 
+_IDENTITY = tuple(tuple(range(n)) for n in range(9))
+
+
 def _dim_order(t: torch.Tensor) -> tuple[int, ...] | None:
     """Dims from outermost to innermost in memory (size-1 dims keep their place),
     or None if the tensor is not dense in that order (a slice with gaps, an
     expanded view): compiled code assumes the dense strides of its order."""
+    if t.is_contiguous():  # the common case, decided in C
+        return _IDENTITY[t.dim()] if t.dim() < len(_IDENTITY) else tuple(range(t.dim()))
     order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d) if t.shape[d] > 1 else 0, d)))
     step = 1
     for d in reversed(order):
@@ -127,7 +131,7 @@ class Entry:
     arg_spec: ArgSpec
     state: State = State.COMPILING
     compiled: Compiled | None = None
-    reason: int = Reason.FALLBACK_REASON_COMPILING
+    reason: int = _pb.service.FALLBACK_REASON_COMPILING
     error: str = ""
     source: str = ""
     compile_seconds: float = 0.0
@@ -148,7 +152,7 @@ class Entry:
 class Outcome:
     outputs: list[Any]
     path: int
-    reason: int = Reason.FALLBACK_REASON_UNSPECIFIED
+    reason: int = _pb.service.FALLBACK_REASON_UNSPECIFIED
     detail: str = ""
 
 
@@ -239,18 +243,20 @@ class Executor:
         unfused: str = "",
         wait: bool = False,
         deadline: float | None = None,
+        arg_spec: ArgSpec | None = None,
     ) -> Outcome:
         """Runs `variant` of kernel `key` on device-resident `args`: fused when it
         can, else the fallback. `unfused` says why these inputs must take the
-        unfused path (its data checks are the only ones that apply), if they must."""
+        unfused path (its data checks are the only ones that apply), if they must.
+        `arg_spec`: the args' ArgSpec, if the caller has it already."""
         spec = _Run(key, variant)
         if not fused:
-            return self._fallback(spec, args, Reason.FALLBACK_REASON_REQUESTED, "", None)
+            return self._fallback(spec, args, _pb.service.FALLBACK_REASON_REQUESTED, "", None)
         if self.compile_mode == "off":
-            return self._fallback(spec, args, Reason.FALLBACK_REASON_DISABLED, "compile mode is off", None)
+            return self._fallback(spec, args, _pb.service.FALLBACK_REASON_DISABLED, "compile mode is off", None)
         if unfused:
-            return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, unfused, None)
-        entry = self._entry(spec, args)
+            return self._fallback(spec, args, _pb.service.FALLBACK_REASON_UNSUPPORTED, unfused, None)
+        entry = self._entry(spec, args, arg_spec)
         if entry.state is State.COMPILING and wait:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
@@ -264,14 +270,14 @@ class Executor:
                 # What the compiler assumed of the sizes does not hold for these:
                 # the kernel could compute something else (or read out of bounds).
                 detail = f"the fused kernel was compiled for sizes where {cond.text}; these are not"
-                return self._fallback(spec, args, Reason.FALLBACK_REASON_UNSUPPORTED, detail, entry)
+                return self._fallback(spec, args, _pb.service.FALLBACK_REASON_UNSUPPORTED, detail, entry)
         if not fn.dynamo:
             return self._call_fused(spec, args, entry, fn)
         configure_compiler()  # a torch.compile kernel: a guard failure may recompile here
         # Dynamo refuses to run its code while a trace runs.
         if is_fx_tracing():
             if not wait:
-                return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
+                return self._fallback(spec, args, _pb.service.FALLBACK_REASON_COMPILING, _TRACING, entry)
             # The caller waits for the fused kernel. fuseport's own traces (compiles,
             # captures) hold TRACE_LOCK: taking it waits them out and keeps new ones off.
             with TRACE_LOCK:
@@ -285,17 +291,17 @@ class Executor:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
             if is_fx_tracing() or _NESTED_TRACE in str(e):  # a trace began after the check
-                return self._fallback(spec, args, Reason.FALLBACK_REASON_COMPILING, _TRACING, entry)
+                return self._fallback(spec, args, _pb.service.FALLBACK_REASON_COMPILING, _TRACING, entry)
             return self._after_fused_error(spec, args, entry, e)
         self._count(spec.key, entry, fused=True)
-        return Outcome(list(outputs), Path.PATH_FUSED)
+        return Outcome(list(outputs), _pb.service.PATH_FUSED)
 
     def _after_fused_error(self, spec: _Run, args: list[Any], entry: Entry, e: Exception) -> Outcome:
         dynamo = sys.modules.get("torch._dynamo")  # not imported where only artifacts run
         if dynamo is not None and isinstance(e, dynamo.exc.FailOnRecompileLimitHit):
-            reason = Reason.FALLBACK_REASON_RECOMPILE_LIMIT
+            reason = _pb.service.FALLBACK_REASON_RECOMPILE_LIMIT
         else:
-            reason = Reason.FALLBACK_REASON_RUNTIME_ERROR
+            reason = _pb.service.FALLBACK_REASON_RUNTIME_ERROR
         # If the fallback fails too, the inputs are at fault (shapes that do
         # not broadcast, ...) and the kernel stays in service.
         outcome = self._fallback(spec, args, reason, _short(e), entry)
@@ -320,7 +326,7 @@ class Executor:
                 self._out_of_memory(spec, e)
             raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {_short(e)}") from e
         self._count(spec.key, entry, fused=False)
-        if reason not in (Reason.FALLBACK_REASON_REQUESTED,):
+        if reason not in (_pb.service.FALLBACK_REASON_REQUESTED,):
             # Once per kernel and reason at INFO; every call at DEBUG. Per call it was
             # 10k lines a minute with --compile-mode off (the metrics count them all).
             said = (spec.key, reason)
@@ -331,7 +337,7 @@ class Executor:
                 self._fallbacks_said.add(said)
             log.log(logging.INFO if first else logging.DEBUG,
                     "kernel %d: fallback (%s) %s", spec.key, Reason.Name(reason), detail)  # fmt: skip
-        return Outcome(list(outputs), Path.PATH_FALLBACK, reason, detail)
+        return Outcome(list(outputs), _pb.service.PATH_FALLBACK, reason, detail)
 
     def _out_of_memory(self, spec: _Run, e: BaseException) -> None:
         self.placement.release_memory()
@@ -351,8 +357,9 @@ class Executor:
 
     # ------------------------------------------------------------------ cache
 
-    def _entry(self, spec: _Run, args: list[Any]) -> Entry:
-        arg_spec = arg_spec_of(args, self.placement.device)
+    def _entry(self, spec: _Run, args: list[Any], arg_spec: ArgSpec | None = None) -> Entry:
+        if arg_spec is None:
+            arg_spec = arg_spec_of(args, self.placement.device)
         vkey = spec.variant.key
         ident = (vkey, arg_spec)
         with self._lock:
@@ -367,7 +374,7 @@ class Executor:
                 # new value each call) from queueing compiles without end.
                 busy = Entry(vkey, arg_spec)
                 busy.fail(
-                    Reason.FALLBACK_REASON_COMPILING,
+                    _pb.service.FALLBACK_REASON_COMPILING,
                     f"{pending} compiles are queued; this one waits its turn",
                 )
                 return busy
@@ -418,7 +425,7 @@ class Executor:
         entry.source = compiled.source
         entry.compiled_by = entry.compiled_by or compiled.compiled_by
         entry.from_cache = compiled.from_cache
-        entry.reason = Reason.FALLBACK_REASON_UNSPECIFIED
+        entry.reason = _pb.service.FALLBACK_REASON_UNSPECIFIED
         entry.state = State.READY
         how = "loaded" if compiled.from_cache else f"compiled in {entry.compile_seconds:.1f} s"
         log.info("kernel %d: %s for [%s] (%s)", spec.key, how, entry.arg_spec, entry.compiled_by)
@@ -462,10 +469,10 @@ class Executor:
                     if self._entries.get((entry.key, entry.arg_spec)) is entry:
                         del self._entries[(entry.key, entry.arg_spec)]
                 entry.fail(
-                    Reason.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {e}"
+                    _pb.service.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {e}"
                 )
             else:
-                entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, str(e) if isinstance(e, CompileFailed) else _short(e))
+                entry.fail(_pb.service.FALLBACK_REASON_COMPILE_FAILED, str(e) if isinstance(e, CompileFailed) else _short(e))
                 log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, entry.error)
                 log.debug("compile failure", exc_info=e)
         finally:
@@ -486,11 +493,12 @@ class Executor:
 
     # ------------------------------------------------------------------ inspection
 
-    def known(self, variant: Variant, args: Sequence[Any]) -> bool:
-        """Whether this process already has an entry (loaded, compiling or failed)
-        for these inputs' ArgSpec: if not, a call would first load or start a compile."""
+    def known(self, variant: Variant, args: Sequence[Any]) -> ArgSpec | None:
+        """These inputs' ArgSpec if this process already has an entry for it
+        (loaded, compiling or failed); None if a call would first load or start a compile."""
+        arg_spec = arg_spec_of(args, self.placement.device)
         with self._lock:
-            return (variant.key, arg_spec_of(args, self.placement.device)) in self._entries
+            return arg_spec if (variant.key, arg_spec) in self._entries else None
 
     def entries(self, variant: int) -> list[Entry]:
         """The ArgSpecs of one variant (by its content key)."""
@@ -522,5 +530,5 @@ class Executor:
         with self._lock:
             waiting = [e for e in self._entries.values() if e.state is State.COMPILING]
         for entry in waiting:
-            entry.fail(Reason.FALLBACK_REASON_COMPILE_FAILED, "the server is shutting down")
+            entry.fail(_pb.service.FALLBACK_REASON_COMPILE_FAILED, "the server is shutting down")
             entry.done.set()

@@ -8,6 +8,7 @@ pulls in the other.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -31,6 +32,7 @@ EAGER_KERNELS = (
 # rules (by an older fuseport, or by plain torch) is never reused.
 CACHE_TAG = "fuseport-kernels-4"
 _prepared = False
+_prepare_lock = threading.Lock()
 
 # How Inductor's generated Python binding calls a C++ kernel (CPU): the
 # arguments are read from their Python objects first, with the GIL, then the
@@ -52,6 +54,13 @@ def prepare_inductor() -> None:
     global _prepared
     if _prepared:
         return
+    with _prepare_lock:  # the compile thread's warm-up and a request's first load may race here
+        if not _prepared:
+            _prepare()
+            _prepared = True
+
+
+def _prepare() -> None:
     from torch._inductor import codecache, decomposition, lowering
 
     for name in EAGER_KERNELS:
@@ -65,7 +74,6 @@ def prepare_inductor() -> None:
         bindings.extra_parse_arg = "#include <tuple>\n"
     else:  # another torch: its template is not the one this replaces
         log.warning("Inductor's C++ binding template is not the known one; CPU kernels keep the GIL")
-    _prepared = True
 
 
 def configure_compiler() -> None:
