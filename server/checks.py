@@ -27,12 +27,14 @@ What a request could otherwise get past the kernels (docs/allowlist.md has the l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -41,7 +43,10 @@ import torch.fx
 
 from fuseport.wire import ops
 
-__all__ = ["DataError", "Plan", "Planner", "check_data", "device_capacity", "with_data_checks"]
+__all__ = [
+    "DataError", "OutOfTime", "Plan", "Planner", "between_ops", "check_data", "device_capacity", "time_limits",
+    "with_data_checks",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -233,14 +238,52 @@ def check_data(name: str, *args: Any, **kwargs: Any) -> None:
             c.test(*c.operands)
 
 
+class OutOfTime(Exception):
+    """The unfused graph stopped between two ops: `budget` says whether the
+    server's --max-call-seconds passed (else the caller's deadline)."""
+
+    def __init__(self, budget: bool) -> None:
+        super().__init__("call budget passed" if budget else "deadline passed")
+        self.budget = budget
+
+
+_limits = threading.local()  # (deadline, budget end) of the call this thread runs
+
+
+@contextlib.contextmanager
+def time_limits(deadline: float | None, budget_end: float | None) -> Iterator[None]:
+    """Within: the unfused graph stops at its next op once either time.monotonic() passes."""
+    _limits.ends = (deadline, budget_end) if deadline is not None or budget_end is not None else None
+    try:
+        yield
+    finally:
+        _limits.ends = None
+
+
+def between_ops() -> None:
+    """What the unfused graph runs after each op: stops it once its time is up.
+    (An op is not interrupted; a graph of many ops stops within one op's time.)"""
+    ends = getattr(_limits, "ends", None)
+    if ends is None:
+        return
+    now = time.monotonic()
+    deadline, budget_end = ends
+    if budget_end is not None and now > budget_end:
+        raise OutOfTime(budget=True)
+    if deadline is not None and now > deadline:
+        raise OutOfTime(budget=False)
+
+
 def with_data_checks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The same graph, with `check_data` in front of every data-checked op; it
-    shares `module`'s constants. This is the unfused path: a failed check is an
-    ordinary error, never a device-side assert or a signal."""
+    """The same graph, with `check_data` in front of every data-checked op and
+    `between_ops` after every op; it shares `module`'s constants. This is the
+    unfused path: a failed check is an ordinary error, never a device-side
+    assert or a signal, and a call whose time is up stops between two ops."""
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in module.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        is_op = node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+        if is_op:
             name = ops.op_name(node.target)
             if name in DATA_CHECKED_OPS:
                 graph.call_function(
@@ -249,6 +292,8 @@ def with_data_checks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
                     torch.fx.map_arg(dict(node.kwargs), env.__getitem__),
                 )
         env[node] = graph.node_copy(node, env.__getitem__)
+        if is_op:
+            graph.call_function(between_ops)
     graph.lint()
     return torch.fx.GraphModule(module, graph, class_name="FuseportCheckedGraph")
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fuseport.server.artifacts import ArtifactCache
-from fuseport.server.checks import DataError, Plan, device_capacity
+from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
     Placement,
@@ -28,6 +28,7 @@ from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
+    DeadlineExceeded,
     ExecutionFailed,
     InternalError,
     KernelNotFound,
@@ -245,8 +246,10 @@ class Core:
     def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result:
         """Runs a prepared call: the fused kernel or the fallback, results to the host or kept."""
         key, args, owner, keep = call.key, call.args, call.owner, call.keep
+        budget = self.settings.max_call_seconds
+        budget_end = time.monotonic() + budget if budget else None
         try:
-            with self.placement.request_scope():
+            with self.placement.request_scope(), time_limits(deadline, budget_end):
                 outcome: Outcome = self.executor.run(
                     key, call.variant, self.placement.to_device(args),
                     fused=call.fused, unfused=call.plan.unfused, wait=wait, deadline=deadline,
@@ -265,6 +268,16 @@ class Core:
                 else:
                     outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()
+        except OutOfTime as e:
+            # The unfused graph stopped between two ops; what it made is dropped. Said
+            # here too: a caller whose deadline passed is gone and hears nothing.
+            log.info("kernel %d: stopped between two ops, the %s", key, e)
+            if e.budget:
+                raise ResourceExhausted(
+                    f"kernel {key}: this call ran past the {budget:g} s one call may take "
+                    "(--max-call-seconds) and was stopped"
+                ) from None
+            raise DeadlineExceeded(f"kernel {key}: the call's deadline passed while it ran; it was stopped") from None
         except Exception as e:
             if is_device_failure(e):
                 self._device_failed(e)

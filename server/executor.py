@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from fuseport.server.checks import DataError
+from fuseport.server.checks import DataError, OutOfTime
 from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
 from fuseport.server.compile.inprocess import InProcessCompiler
 from fuseport.server.compile.torch_config import configure_compiler
@@ -321,6 +321,8 @@ class Executor:
     ) -> Outcome:
         try:
             outputs = spec.variant.fallback.forward(*args)  # not __call__: see _compile
+        except OutOfTime:
+            raise  # the call's time is up (Core.run says whose), not the kernel's failure
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)

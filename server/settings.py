@@ -64,8 +64,16 @@ class Settings:
     max_call_bytes: int = field(
         default=0,
         metadata={
-            "help": "most memory one Execute/Fallback may need on the device, from its plan: inputs + "
-            "results + largest tensor (bytes; 0: only the device's own size limits it)"
+            "help": "most memory one Execute/Fallback may need on the device, from its plan: its inputs and "
+            "the most its graph holds at once, intermediates and results by liveness (bytes; 0: only the "
+            "device's own size limits it)"
+        },
+    )
+    max_call_seconds: float = field(
+        default=0.0,
+        metadata={
+            "help": "most time one Execute/Fallback may run: past it the unfused graph stops at its next op "
+            "and the call is RESOURCE_EXHAUSTED (0: no limit; a client's deadline stops it the same way)"
         },
     )
     max_graph_bytes: int = field(
@@ -258,6 +266,8 @@ class Settings:
             raise ValueError("compile_timeout_seconds must be > 0")
         if self.max_call_bytes < 0:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
+        if self.max_call_seconds < 0:
+            raise ValueError("max_call_seconds must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
         if self.shared_memory_max_bytes < 1 << 20:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from fuseport.client import Client, ResourceExhausted
+from fuseport.client import Client, DeadlineExceeded, ResourceExhausted
 
 from .conftest import ServerProcess, start_server
 
@@ -133,3 +133,44 @@ def test_max_call_bytes_counts_the_intermediates_alive_together(server: ServerPr
         with pytest.raises(ResourceExhausted, match=r"--max-call-bytes.*|at most \d+ allocated at once"):
             user.execute(key, [torch.zeros(1024), 1 << 18])
         assert user.health() == "SERVING"
+
+
+def steps(x: torch.Tensor, n: int) -> torch.Tensor:
+    # Twenty ops over an (n, len(x)) tensor: each quick, all of them together not.
+    y = x.expand(n, x.shape[0]) + 1
+    for _ in range(20):
+        y = (y * 1.5).sin()
+    return y.sum()
+
+
+def test_a_call_past_its_time_stops_between_ops(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """--max-call-seconds and the caller's deadline stop the unfused graph at its
+    next op: RESOURCE_EXHAUSTED naming the flag, DEADLINE_EXCEEDED; the work ends
+    there, it does not go on for a caller that left."""
+    tmp = tmp_path_factory.mktemp("budget")
+    s = start_server(tmp, None, "--max-call-seconds", "0.3", "--compile-mode", "off")
+    try:
+        x = torch.zeros(1024)
+        with Client(s.target, timeout=120) as c:
+            key = c.register(steps, [x, 4])
+            assert c.fallback(key, [x, 4])[0].item() == pytest.approx(steps(x, 4).item())
+            with pytest.raises(ResourceExhausted, match=r"past the 0\.3 s one call may take \(--max-call-seconds\)"):
+                c.fallback(key, [x, 1 << 16])
+            assert c.health() == "SERVING"
+    finally:
+        s.stop()
+    s = start_server(tmp / "deadline", None, "--compile-mode", "off")
+    try:
+        with Client(s.target, timeout=120) as c:
+            key = c.register(steps, [x, 4])
+            with pytest.raises(DeadlineExceeded):
+                c.fallback(key, [x, 1 << 17], timeout=0.3)
+            # The server saw the deadline pass between two ops and stopped there.
+            stopped = f"kernel {key}: stopped between two ops, the deadline passed"
+            for _ in range(600):  # a minute at most: the whole graph takes seconds
+                if stopped in s.log():
+                    break
+                time.sleep(0.1)
+            assert stopped in s.log(), s.log()[-2000:]
+    finally:
+        s.stop()
