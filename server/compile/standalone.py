@@ -122,7 +122,12 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
 
     with mock.patch.object(GraphLowering, "save_output_code", sources.append):
         artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
-    _check_eager_accepts(module, header["inputs"], values, takes, device)
+    zeros = _check_eager_accepts(module, header["inputs"], values, takes, device)
+    if zeros is not None:
+        # And the artifact itself, once, on the same zeros, as the serving process will
+        # call it: code that fails at run time for the very sizes it was compiled for
+        # (a stride past int64 from a hostile step) fails here, in this process.
+        artifact(*[zeros[i] for i in takes])
     artifact.save(path=header["path"], format="binary")
     # Everything Inductor assumed of the sizes, as conditions the server checks;
     # less "dim >= 2" of a tensor's dims, which the ArgSpec ("n") already says.
@@ -149,12 +154,15 @@ class EagerRefuses(Exception):
 
 def _check_eager_accepts(
     module: Any, inputs: list[dict[str, Any]], values: list[Any], takes: list[int], device: Any
-) -> None:
+) -> list[Any] | None:
     """Inductor computes where eager refuses the ArgSpec itself (a bitwise op on
     floats, softmax on ints: the CPU kernels refuse what the meta kernels
     accept): bits, not an answer. So the unfused graph runs once here, on zeros
     of the request's sizes (this process's memory, not the serving one's), with
-    its data checks: a value a check refuses says nothing of the ArgSpec."""
+    its data checks: a value a check refuses says nothing of the ArgSpec.
+    Returns the arguments it ran with, None where a data check refused them
+    (zeros as divisors: the fused kernel, which has no such checks, must not
+    run on them: SIGFPE)."""
     import torch
 
     from fuseport.server.checks import DataError, with_data_checks
@@ -174,10 +182,11 @@ def _check_eager_accepts(
         with torch.no_grad():
             with_data_checks(module)(*args)
     except DataError:
-        pass
+        return None
     except Exception as e:
         text = str(e).strip().splitlines()
         raise EagerRefuses(f"{type(e).__name__}: {text[0] if text else ''}"[:300]) from e
+    return args
 
 
 def _inverse(order: Sequence[int]) -> list[int]:
@@ -199,7 +208,7 @@ def _dim_source(i: int, d: int) -> Any:
     return TensorPropertySource(LocalSource(f"input{i}"), TensorProperty.SIZE, d)
 
 
-def _strides(dims: Sequence[Any], order: Sequence[int]) -> list[Any]:
+def _strides(dims: Sequence[Any], order: Sequence[int]) -> list[Any] | None:
     """Dense strides for `dims` laid out in `order` (outermost dim first)."""
     strides: list[Any] = [1] * len(dims)
     step: Any = 1
