@@ -308,7 +308,8 @@ class KernelService:
         record.path, record.reason, record.timings = result.path, result.reason, timings
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",
+                "%s key=%d path=%s decode=%dus queue=%dus run=%dus encode=%dus",
+                record.method,
                 req.key,
                 _pb.service.Path.Name(result.path),
                 timings.decode_us,

@@ -91,6 +91,40 @@ def test_requests_run_while_a_trace_patches_nn_module_call(tmp_path: Path) -> No
         for fused in (False, True):
             res = core.execute(key, [x], fused=fused)
             torch.testing.assert_close(res.stack[0], expected)
+            # An artifact is Inductor's code with no Dynamo frame: it runs fused during a
+            # trace too (Dynamo's own compiled code would not: see the in-process test).
+            assert res.path == (1 if fused else 2), res.detail
+    finally:
+        release.set()
+        tracer.join(timeout=60)
+    try:
+        assert core.execute(key, [x]).path == 1
+    finally:
+        core.close()
+
+
+def test_a_torch_compile_kernel_runs_unfused_while_a_trace_patches_nn_module_call(tmp_path: Path) -> None:
+    """The same with --compiler inprocess: Dynamo will not run its compiled code during
+    a trace, so the call runs unfused, and the kernel is not given up for it."""
+    core = Core(Settings(device="cpu", store_dir=tmp_path, compiler="inprocess"))
+    key, _, _ = core.register(capture(lambda x: (x * 3).sin() + x, [torch.randn(8)]))
+    x = torch.randn(8)
+    expected = (x * 3).sin() + x
+    assert core.execute(key, [x], wait=True).path == 1  # fused: compiled before the trace
+    tracing, release = threading.Event(), threading.Event()
+
+    def held_open(t: torch.Tensor) -> torch.Tensor:
+        tracing.set()
+        release.wait(timeout=120)
+        return t + 1
+
+    tracer = threading.Thread(target=lambda: torch.fx.Tracer().trace(held_open))
+    tracer.start()
+    try:
+        assert tracing.wait(timeout=60)
+        for fused in (False, True):
+            res = core.execute(key, [x], fused=fused)
+            torch.testing.assert_close(res.stack[0], expected)
             # Dynamo will not run compiled code during a trace: this call runs unfused ...
             assert res.path == 2 and res.reason == (2 if fused else 1), res.detail  # COMPILING, REQUESTED
     finally:
