@@ -359,13 +359,24 @@ class StandaloneCompiler(Compiler):
         return Compiled(call, self.name, meta["source"], conditions=conditions)
 
     def warm_up(self) -> None:
-        # Loading an artifact imports Inductor (seconds, tens on a busy CPU):
-        # done at start, so the first load after a restart takes milliseconds.
+        # A process's first load pays once for much (seconds on the CPU machine:
+        # Inductor's imports, hashing torch's sources for its cache key, a compiler
+        # version check in a subprocess): paid here, at start, by loading the most
+        # recently used artifact, if there is one, so that a restarted server's
+        # first call of a known ArgSpec loads in milliseconds.
         start = time.perf_counter()
         from torch._inductor import CompiledArtifact  # noqa: F401
+        from torch._inductor.codecache import torch_key
 
         prepare_inductor()
-
+        torch_key()
+        for _, name, _ in reversed(self.artifacts.entries()[-1:]):
+            try:
+                artifact = self.artifacts.load(name)
+                if artifact is not None:
+                    load(artifact.data, artifact.meta)
+            except Exception as e:  # noqa: BLE001 - a bad artifact is refused when a call needs it
+                log.debug("warm-up load of %s failed: %s", name, _short(e))
         log.info("artifact loader ready in %.1f s", time.perf_counter() - start)
 
     def close(self) -> None:

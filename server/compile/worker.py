@@ -21,6 +21,7 @@ compile; the compile it ran is reported failed by `CompileWorker.compile`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -137,11 +138,20 @@ def _worker_main(conn: Connection) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the server decides
     # when its worker stops (it closes the pipe), not the terminal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Compiles are background work: on a machine with few cores they must not take
+    # them from the serving process (p99 of requests during a compile, 2 cores:
+    # 2.3x the fallback's with the worker at the same priority and Inductor's
+    # compile threads on every core).
+    with contextlib.suppress(OSError):
+        os.nice(10)
     if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
         from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
 
         prepare_inductor()
         configure_compiler()
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         _warm_up()
     from fuseport.server.compile.standalone import compile_job
 
