@@ -30,7 +30,7 @@ from unittest import mock
 from fuseport.server._files import is_disk_full
 from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
 from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
-from fuseport.server.compile.torch_config import prepare_inductor
+from fuseport.server.compile.torch_config import CACHE_TAG, prepare_inductor
 from fuseport.server.compile.worker import CompileCrashed, CompileTimedOut, CompileWorker
 
 if TYPE_CHECKING:
@@ -278,6 +278,8 @@ class StandaloneCompiler(Compiler):
                 "inputs": [item if isinstance(item, str) else [str(x) for x in item] for item in job.arg_spec.inputs],
                 "device": self._capability,
                 "mode": self.mode,
+                # Which ops Inductor leaves to ATen, and our binding of its kernels.
+                "kernels": CACHE_TAG,
             }
         )
 
