@@ -118,9 +118,10 @@ class ArtifactCache:
         os.close(fd)
         return Path(tmp)
 
-    def load(self, name: str) -> Artifact | None:
+    def load(self, name: str, *, remove_damaged: bool = True) -> Artifact | None:
         """The artifact, checked; None if there is none. Raises ArtifactError for
-        one that exists but must not be used (its files are then removed)."""
+        one that exists but must not be used (its files are then removed, unless
+        `remove_damaged` is false: a look that must leave the verdict to a real load)."""
         package, meta_path = self.paths(name)
         try:
             meta_raw = meta_path.read_bytes()
@@ -137,10 +138,12 @@ class ArtifactCache:
                     "damaged or truncated"
                 )
         except (OSError, ValueError, KeyError, TypeError) as e:
-            self.remove(name)
+            if remove_damaged:
+                self.remove(name)
             raise ArtifactError(f"artifact {name} is unreadable: {e}") from e
         except ArtifactError:
-            self.remove(name)
+            if remove_damaged:
+                self.remove(name)
             raise
         with contextlib.suppress(OSError):
             os.utime(meta_path)  # used now: eviction goes oldest-used first

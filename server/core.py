@@ -70,7 +70,8 @@ class Call:
     owner: Owner
     keep: bool
     started: int  # perf_counter_ns when preparing began
-    arg_spec: Any = None  # the args' ArgSpec, once something needed it
+    prepare_ns: int = 0  # how long preparing took
+    entry: Any = None  # the executor's entry for the args, once light() looked it up
 
 
 @dataclass
@@ -191,12 +192,19 @@ class Core:
         planned_only: bool = False,
     ) -> Call | None:
         """Everything `execute` does before a kernel runs: no kernel runs here, and
-        (with `planned_only`) no planning either: None when these sizes were
-        never planned, so that a caller on the event loop hands the call on."""
+        with `planned_only` no planning and no reading of the store either: None
+        when these sizes were never planned or the kernel is not built, so that a
+        caller on the event loop hands the call on."""
         if self.device_failed:  # admitted before the server began to drain
             raise self._device_gone()
         start = time.perf_counter_ns()
-        kernel = self.registry.get(key)
+        if planned_only:
+            built = self.registry.peek(key)
+            if built is None:
+                return None
+            kernel = built
+        else:
+            kernel = self.registry.get(key)
         n = kernel.arity
         if len(stack) < n:
             raise SignatureMismatch(
@@ -210,6 +218,8 @@ class Core:
         try:
             variant, args = _select(kernel, values, base, variants)
         except NoMatchingVariant:
+            if planned_only:
+                return None  # the worker looks again, and may read the store
             # A shared store: another process may have added the variant that covers it.
             newer = self.registry.refresh(key)
             if newer is None or len(newer.variants) == len(kernel.variants):
@@ -227,7 +237,7 @@ class Core:
             plan.check_inputs(args, variant.module)
         except DataError as e:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
-        return Call(key, stack[:base], variant, args, plan, fused, owner, keep, start)
+        return Call(key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start)
 
     def light(self, call: Call) -> bool:
         """Whether the call's planned work is small enough to run where waiting
@@ -239,13 +249,17 @@ class Core:
         if plan.work_bytes is None or plan.work_bytes > _LIGHT_BYTES or (plan.flops or 0) > _LIGHT_FLOPS:
             return False
         if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
-            call.arg_spec = self.executor.known(call.variant, call.args)
-            return call.arg_spec is not None
+            entry = self.executor.known(call.variant, call.args)
+            # A torch.compile kernel (in process) may recompile on a guard failure: seconds.
+            if entry is None or (entry.compiled is not None and entry.compiled.dynamo):
+                return False
+            call.entry = entry
         return True
 
     def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result:
         """Runs a prepared call: the fused kernel or the fallback, results to the host or kept."""
         key, args, owner, keep = call.key, call.args, call.owner, call.keep
+        started = time.perf_counter_ns()
         budget = self.settings.max_call_seconds
         budget_end = time.monotonic() + budget if budget else None
         try:
@@ -253,8 +267,7 @@ class Core:
                 outcome: Outcome = self.executor.run(
                     key, call.variant, self.placement.to_device(args),
                     fused=call.fused, unfused=call.plan.unfused, wait=wait, deadline=deadline,
-                    # The host's ArgSpec is the device's where nothing moves.
-                    arg_spec=None if self.placement.cuda else call.arg_spec,
+                    entry=call.entry,
                 )  # fmt: skip
                 if keep:
                     # CUDA graphs (these two modes) reuse their output memory on the next
@@ -288,9 +301,10 @@ class Core:
             raise ResourceExhausted(
                 f"{self.device} out of memory moving data for kernel {key}; memory was released"
             ) from e
-        # run_us covers choosing the variant and checking the inputs too: every
-        # microsecond the server spends is in one of the call's timings.
-        run_us = (time.perf_counter_ns() - call.started) // 1000
+        # run_us covers choosing the variant and checking the inputs too (not the
+        # wait between preparing and running: that is queue_us): every microsecond
+        # the server spends is in exactly one of the call's timings.
+        run_us = (call.prepare_ns + time.perf_counter_ns() - started) // 1000
         return Result(call.below + outputs, outcome.path, outcome.reason, outcome.detail, run_us, call.variant.key)
 
     def check_stream(self, sizes: Sequence[int]) -> None:

@@ -249,12 +249,13 @@ class Executor:
         unfused: str = "",
         wait: bool = False,
         deadline: float | None = None,
-        arg_spec: ArgSpec | None = None,
+        entry: Entry | None = None,
     ) -> Outcome:
         """Runs `variant` of kernel `key` on device-resident `args`: fused when it
         can, else the fallback. `unfused` says why these inputs must take the
         unfused path (its data checks are the only ones that apply), if they must.
-        `arg_spec`: the args' ArgSpec, if the caller has it already."""
+        `entry`: the args' entry, when the caller looked it up already (`known`):
+        used as it is, even if evicted meanwhile, so that nothing is loaded here."""
         spec = _Run(key, variant)
         if not fused:
             return self._fallback(spec, args, _pb.service.FALLBACK_REASON_REQUESTED, "", None)
@@ -262,7 +263,8 @@ class Executor:
             return self._fallback(spec, args, _pb.service.FALLBACK_REASON_DISABLED, "compile mode is off", None)
         if unfused:
             return self._fallback(spec, args, _pb.service.FALLBACK_REASON_UNSUPPORTED, unfused, None)
-        entry = self._entry(spec, args, arg_spec)
+        if entry is None:
+            entry = self._entry(spec, args)
         if entry.state is State.COMPILING and wait:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
@@ -365,9 +367,8 @@ class Executor:
 
     # ------------------------------------------------------------------ cache
 
-    def _entry(self, spec: _Run, args: list[Any], arg_spec: ArgSpec | None = None) -> Entry:
-        if arg_spec is None:
-            arg_spec = arg_spec_of(args, self.placement.device)
+    def _entry(self, spec: _Run, args: list[Any]) -> Entry:
+        arg_spec = arg_spec_of(args, self.placement.device)
         vkey = spec.variant.key
         ident = (vkey, arg_spec)
         with self._lock:
@@ -501,12 +502,12 @@ class Executor:
 
     # ------------------------------------------------------------------ inspection
 
-    def known(self, variant: Variant, args: Sequence[Any]) -> ArgSpec | None:
-        """These inputs' ArgSpec if this process already has an entry for it
-        (loaded, compiling or failed); None if a call would first load or start a compile."""
+    def known(self, variant: Variant, args: Sequence[Any]) -> Entry | None:
+        """The entry of these inputs' ArgSpec if this process has one already (loaded,
+        compiling or failed); None if a call would first load or start a compile."""
         arg_spec = arg_spec_of(args, self.placement.device)
         with self._lock:
-            return arg_spec if (variant.key, arg_spec) in self._entries else None
+            return self._entries.get((variant.key, arg_spec))
 
     def entries(self, variant: int) -> list[Entry]:
         """The ArgSpecs of one variant (by its content key)."""

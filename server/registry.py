@@ -478,6 +478,16 @@ class Registry:
         # _stored first: a build sets _kernels before it takes the key out of _stored.
         return key in self._stored or key in self._kernels
 
+    def peek(self, key: int) -> Kernel | None:
+        """The kernel if it is built already; None otherwise (building reads the
+        store: the caller on the event loop hands the call to a worker instead)."""
+        kernel = self._kernels.get(key)
+        if kernel is None or not self.shared:
+            return kernel
+        # A shared store: still the file it was built from? (A stat; a change means rebuilding.)
+        identity = self._stat(key)
+        return kernel if identity is not None and identity == self._identity.get(key) else None
+
     def get(self, key: int) -> Kernel:
         kernel = self._built(key)
         if kernel is None:

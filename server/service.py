@@ -216,13 +216,12 @@ class KernelService:
         register, shared-memory tensors to copy, sizes never planned, heavy work."""
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
+        decode_ns = time.perf_counter_ns() - started
         call: Call | None = None
         if not req.wait_for_compile and not req.graphs and not req.shm_session:
-            call = self._prepare(req, record, fused, planned_only=True)
+            call = self._prepare(req, record, fused, planned_only=True)  # timed as run_us
             if call is not None and self.core.light(call):
-                decode_ns = call.started - started
                 return self._respond(req, self.core.run(call, deadline=deadline), decode_ns, 0, record)
-        decode_ns = time.perf_counter_ns() - started
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
             self._pool,

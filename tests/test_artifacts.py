@@ -27,6 +27,7 @@ from fuseport.client import Client
 from fuseport.server.artifacts import ArtifactCache, ArtifactError
 from fuseport.server.compile.standalone import StandaloneCompiler
 from fuseport.server.compile.worker import FAULT_ENV
+from fuseport.wire.capture import capture
 
 from .conftest import ServerProcess, start_server
 
@@ -285,6 +286,40 @@ def test_sizes_outside_what_the_compiler_assumed_run_unfused_and_right(tmp_path:
             if r.path == "fallback":  # the guard this torch records
                 assert r.reason == "unsupported" and "compiled for sizes where" in r.detail, r
         assert compiles(server) == 1
+    finally:
+        server.stop()
+
+
+def reshape_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(k, -1) + 1
+
+
+def test_an_equality_the_compile_assumed_is_checked_before_the_kernel_runs(tmp_path: Path) -> None:
+    """Compiled at x (8, 3), k = 8, the kernel assumes k == x.shape[0] (the ShapeEnv
+    made the two symbols one). A call with k = 4 or k = 12 has the same ArgSpec and a
+    valid plan; the kernel would read k rows of x's width. It must run unfused, right.
+    The graph comes without capture's conditions (capture says k == x.shape[0] too),
+    as a client may send it: the compile's own conditions are all that stands here."""
+    server = start_server(tmp_path, None, "--metrics-port", "0")
+    try:
+        with Client(server.target, timeout=300) as c:
+            x = torch.randn(8, 3)
+            graph = capture(reshape_rows, [x, 8])
+            assert graph.conditions
+            del graph.conditions[:]
+            key = c.register(graph)
+            r = c.execute_detailed(key, [x, 8], wait=True)
+            assert r.path == "fused", (r.reason, r.detail, server.log())
+            torch.testing.assert_close(r.stack[0], reshape_rows(x, 8))
+            for k in (4, 12, 6):
+                y = torch.randn(8, 3)
+                r = c.execute_detailed(key, [y, k])
+                torch.testing.assert_close(r.stack[0], reshape_rows(y, k))
+                assert r.path == "fallback" and r.reason == "unsupported", (k, r.path, r.reason, r.detail)
+            y = torch.randn(5, 7)  # k == x.shape[0] again: the same kernel, fused
+            r = c.execute_detailed(key, [y, 5])
+            assert r.path == "fused", (r.reason, r.detail)
+            torch.testing.assert_close(r.stack[0], reshape_rows(y, 5))
     finally:
         server.stop()
 

@@ -506,6 +506,14 @@ class SizeConditions:
                 add(_size_op(_pb.graph.SIZE_OP_LE, _size_int(lower), ref))
             if upper is not None:
                 add(_size_op(_pb.graph.SIZE_OP_LE, ref, _size_int(upper)))
+        for symbol, ref in self.bound.items():
+            # A guard that made two symbols one (s50 == s28) is settled by a
+            # replacement, and reads true once replaced: the equality itself is
+            # the condition. (Export's symbols are bound after replacement, so
+            # there it never fires; the compile worker binds before tracing.)
+            replaced = env.replace(symbol)
+            if replaced != symbol:
+                add(_size_op(_pb.graph.SIZE_OP_EQ, ref, self.size(replaced)))
         for ref, expr in self.equal:
             add(_size_op(_pb.graph.SIZE_OP_EQ, ref, self.size(env.replace(expr))))
         for guard in env.guards:

@@ -90,7 +90,8 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
             takes.append(i)
         elif kind == "int" and not decl.static and int(item["value"]) not in (0, 1):
             value = int(item["value"])
-            symbol = env.create_symbol(value, source_of(i), dynamic_dim=DimDynamic.DYNAMIC)
+            # Not size-like: an int input may be negative (0 and 1 are in the ArgSpec).
+            symbol = env.create_symbol(value, source_of(i), dynamic_dim=DimDynamic.DYNAMIC, positive=None)
             sizes.bind(symbol, _pb.graph.SizeExpr(scalar=i))
             values.append(env.create_symintnode(symbol, hint=value, source=source_of(i)))
             takes.append(i)
@@ -116,12 +117,24 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
         node.meta["example_value"] = node.meta["val"]
     options: dict[str, Any] = {}
     if header.get("mode", "default").startswith("max-autotune"):
-        options["max_autotune"] = True
+        # The mode's options, less CUDA graphs (an artifact is called, not replayed).
+        options = dict(torch._inductor.list_mode_options("max-autotune-no-cudagraphs"))
     sources: list[str] = []
     from torch._inductor.graph import GraphLowering
 
-    with mock.patch.object(GraphLowering, "save_output_code", sources.append):
-        artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
+    # Inductor's caches key a graph without its size hints, and a load looks an
+    # artifact up in the process's shared Inductor cache with size guards skipped:
+    # two compiles of one (variant, ArgSpec) at other sizes (a recompile after an
+    # eviction, another process) would share a key, and a load could run the other
+    # one's code under this one's conditions. A tag unique to this compile makes
+    # every artifact's key its own; the C++ kernels' cache (by source) stays shared.
+    tag = torch.compiler.config.cache_key_tag
+    torch.compiler.config.cache_key_tag = f"{tag}:{os.path.basename(header['path'])}"
+    try:
+        with mock.patch.object(GraphLowering, "save_output_code", sources.append):
+            artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
+    finally:
+        torch.compiler.config.cache_key_tag = tag
     zeros = _check_eager_accepts(module, header["inputs"], values, takes, device)
     if zeros is not None:
         # And the artifact itself, once, on the same zeros, as the serving process will
@@ -158,8 +171,10 @@ def _check_eager_accepts(
     """Inductor computes where eager refuses the ArgSpec itself (a bitwise op on
     floats, softmax on ints: the CPU kernels refuse what the meta kernels
     accept): bits, not an answer. So the unfused graph runs once here, on zeros
-    of the request's sizes (this process's memory, not the serving one's), with
-    its data checks: a value a check refuses says nothing of the ArgSpec.
+    of the request's sizes (this process's memory, not the serving one's: real
+    memory of the request's size, bounded by the --max-call-bytes the call
+    passed), with its data checks: a value a check refuses says nothing of the
+    ArgSpec.
     Returns the arguments it ran with, None where a data check refused them
     (zeros as divisors: the fused kernel, which has no such checks, must not
     run on them: SIGFPE)."""
@@ -183,9 +198,17 @@ def _check_eager_accepts(
             with_data_checks(module)(*args)
     except DataError:
         return None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - only a refusal of the dtypes says something of the ArgSpec
         text = str(e).strip().splitlines()
-        raise EagerRefuses(f"{type(e).__name__}: {text[0] if text else ''}"[:300]) from e
+        if isinstance(e, NotImplementedError) or "not implemented for" in str(e):
+            raise EagerRefuses(f"{type(e).__name__}: {text[0] if text else ''}"[:300]) from e
+        # Anything else (out of memory, a value zeros cannot take: cholesky of a
+        # zero matrix) says nothing of the ArgSpec: no verdict, and no test run.
+        log.info("the unfused graph did not run on zeros (%s); no test run", type(e).__name__)
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # this process's memory, given back to the serving ones
     return args
 
 
@@ -276,12 +299,16 @@ class StandaloneCompiler(Compiler):
                 "variant": job.variant.key,
                 # Everything but the device's name: its capability stands for it.
                 "inputs": [item if isinstance(item, str) else [str(x) for x in item] for item in job.arg_spec.inputs],
-                "device": self._capability,
+                # The device's capability, and its index: Inductor's CUDA code names it.
+                "device": self._device_fields(),
                 "mode": self.mode,
                 # Which ops Inductor leaves to ATen, and our binding of its kernels.
                 "kernels": CACHE_TAG,
             }
         )
+
+    def _device_fields(self) -> list[Any]:
+        return [self._capability, self.placement.device.index]
 
     def load(self, job: Job) -> Compiled | None:
         # The artifact's C++ kernels get their Python bindings here, at load: ours
@@ -344,6 +371,7 @@ class StandaloneCompiler(Compiler):
                 "kernel": job.kernel,
                 "variant": job.variant.key,
                 "arg_spec": str(job.arg_spec),
+                "device": self._device_fields(),
                 **{k: reply[k] for k in ("takes", "outputs", "conditions", "source")},
             }
             data = tmp.read_bytes()
@@ -372,10 +400,13 @@ class StandaloneCompiler(Compiler):
 
         prepare_inductor()
         torch_key()
-        for _, name, _ in reversed(self.artifacts.entries()[-1:]):
+        entries = self.artifacts.entries()
+        if entries:
+            name = entries[-1][1]
             try:
-                artifact = self.artifacts.load(name)
-                if artifact is not None:
+                # Left in place if damaged: the call that needs it refuses it (and counts that).
+                artifact = self.artifacts.load(name, remove_damaged=False)
+                if artifact is not None and artifact.meta.get("device") == self._device_fields():
                     load(artifact.data, artifact.meta)
             except Exception as e:  # noqa: BLE001 - a bad artifact is refused when a call needs it
                 log.debug("warm-up load of %s failed: %s", name, _short(e))

@@ -9,8 +9,9 @@ fallback's). Here they run in a process of their own, started with `spawn`
   tensor's dtype, sizes and dim order, or a scalar's value) and the graph's
   own IR bytes. No pickle crosses the pipe in either direction, and nothing a
   client sent but the graph itself (which the worker validates and rebuilds
-  like any server does): the example inputs are fake tensors of the
-  request's sizes (no memory of that size is taken).
+  like any server does) and its inputs' sizes and scalar values: the compile
+  traces fake tensors of those sizes, and one test run on zeros of them
+  follows (standalone.compile_job).
 - reply: one JSON object, {"ok": true, "seconds": s, ...what
   standalone.compile_job returns} once the artifact is at the path given, or
   {"ok": false, "error": "..."}.
@@ -153,7 +154,7 @@ def _worker_main(conn: Connection) -> None:
 
         inductor_config.compile_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         _warm_up()
-    from fuseport.server.compile.standalone import compile_job
+    from fuseport.server.compile.standalone import EagerRefuses, compile_job
 
     try:
         conn.send_bytes(b'{"ready": true}')
@@ -177,7 +178,7 @@ def _worker_main(conn: Connection) -> None:
             log.debug("compile failed", exc_info=e)
             text = str(e).strip().splitlines()
             reply = {"ok": False, "error": f"{type(e).__name__}: {text[0] if text else ''}"[:500]}
-            if type(e).__name__ == "EagerRefuses":
+            if isinstance(e, EagerRefuses):
                 reply = {"ok": False, "refused": str(e)}
         try:
             conn.send_bytes(json.dumps(reply).encode())
