@@ -646,9 +646,17 @@ class _Usage:
 
     def op(self, node: torch.fx.Node, pos: int, inputs: list[torch.Tensor], out: Any) -> None:
         outputs = _tensors(out)
-        self.work += sum(t.numel() * t.element_size() for t in (*inputs, *outputs))
+        if isinstance(node.target, torch._ops.OpOverload):  # not getitem: it picks, it does no work
+            self.work += sum(t.numel() * t.element_size() for t in (*inputs, *outputs))
         until = self._last_use[node]
         for t in outputs:
+            if id(t) in self._owner:
+                # The same tensor again (getitem of a multi-output op): its maker
+                # holds it as long as this node's readers read it, no second count.
+                owner = self._owner[id(t)]
+                start, end, nbytes = self._held[owner]
+                self._held[owner] = (start, max(end, until), nbytes)
+                continue
             base = t._base if t._is_view() else None
             owner = self._owner.get(id(base)) if base is not None else None
             if owner is not None:
