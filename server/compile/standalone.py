@@ -332,6 +332,10 @@ class StandaloneCompiler(Compiler):
     def compile(self, job: Job, sample: list[Any], receive: Callable[[], None]) -> Compiled:
         import torch
 
+        if self.mode == "reduce-overhead":
+            # CUDA graphs are replayed by torch.compile's runtime; an artifact is called.
+            raise CompileFailed("compile mode reduce-overhead (CUDA graphs)", retry_in_process=True)
+
         from fuseport.wire import dtypes
 
         inputs: list[dict[str, Any]] = []
