@@ -28,7 +28,7 @@ import torch
 from torch.fx._symbolic_trace import is_fx_tracing
 
 from fuseport.server.checks import DataError, OutOfTime
-from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
+from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused, short_error
 from fuseport.server.compile.inprocess import InProcessCompiler
 from fuseport.server.compile.torch_config import configure_compiler
 from fuseport.server.devices import Placement, is_out_of_memory
@@ -172,12 +172,6 @@ def _strided(arg_spec: ArgSpec) -> bool:
     return any(not isinstance(item, str) and item[2] is None for item in arg_spec.inputs)
 
 
-def _short(e: BaseException) -> str:
-    """First line of an exception, for responses (full text goes to the log)."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
-
-
 class ExecutorEvents:
     """What the executor tells as it happens, for whoever counts (server/metrics.py
     overrides these); here they do nothing, so an executor without a listener
@@ -312,14 +306,14 @@ class Executor:
             reason = _pb.service.FALLBACK_REASON_RUNTIME_ERROR
         # If the fallback fails too, the inputs are at fault (shapes that do
         # not broadcast, ...) and the kernel stays in service.
-        outcome = self._fallback(spec, args, reason, _short(e), entry)
-        entry.fail(reason, _short(e))
+        outcome = self._fallback(spec, args, reason, short_error(e), entry)
+        entry.fail(reason, short_error(e))
         log.warning(
             "kernel %d [%s]: fused kernel failed where the fallback did not; this ArgSpec "
             "is served by the fallback from now on: %s",
             spec.key,
             entry.arg_spec,
-            _short(e),
+            short_error(e),
         )
         log.debug("fused failure", exc_info=e)
         return outcome
@@ -334,7 +328,7 @@ class Executor:
         except Exception as e:
             if is_out_of_memory(e):
                 self._out_of_memory(spec, e)
-            raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {_short(e)}") from e
+            raise ExecutionFailed(f"kernel {spec.key} failed on these inputs: {short_error(e)}") from e
         self._count(spec.key, entry, fused=False)
         if reason not in (_pb.service.FALLBACK_REASON_REQUESTED,):
             # Once per kernel and reason at INFO; every call at DEBUG. Per call it was
@@ -352,7 +346,7 @@ class Executor:
     def _out_of_memory(self, spec: _Run, e: BaseException) -> None:
         self.placement.release_memory()
         raise ResourceExhausted(
-            f"{self.placement.device} out of memory running kernel {spec.key}; memory was released: {_short(e)}"
+            f"{self.placement.device} out of memory running kernel {spec.key}; memory was released: {short_error(e)}"
         ) from e
 
     def _count(self, key: int, entry: Entry | None, *, fused: bool) -> None:
@@ -464,7 +458,7 @@ class Executor:
                 # ints): bits, not an answer. The error stands on both paths.
                 refused = self._unfused_error(spec, sample)
                 if refused is not None and not isinstance(refused, DataError):
-                    raise CompileFailed(f"the unfused graph refuses these inputs: {_short(refused)}")
+                    raise CompileFailed(f"the unfused graph refuses these inputs: {short_error(refused)}")
             entry.compile_seconds = time.perf_counter() - start
             self._ready(spec, entry, compiled)
         except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
@@ -481,7 +475,7 @@ class Executor:
                     _pb.service.FALLBACK_REASON_COMPILE_FAILED, f"the inputs it was compiled with were invalid: {e}"
                 )
             else:
-                entry.fail(_pb.service.FALLBACK_REASON_COMPILE_FAILED, str(e) if isinstance(e, CompileFailed) else _short(e))
+                entry.fail(_pb.service.FALLBACK_REASON_COMPILE_FAILED, str(e) if isinstance(e, CompileFailed) else short_error(e))
                 log.info("kernel %d: compile failed for [%s]: %s", spec.key, entry.arg_spec, entry.error)
                 log.debug("compile failure", exc_info=e)
         finally:

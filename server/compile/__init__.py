@@ -29,7 +29,13 @@ if TYPE_CHECKING:
     from fuseport.server.registry import Variant
     from fuseport.wire.sizes import Condition
 
-__all__ = ["CompileFailed", "Compiled", "Compiler", "Job", "LoadRefused", "make_compiler"]
+__all__ = ["CompileFailed", "Compiled", "Compiler", "Job", "LoadRefused", "make_compiler", "short_error"]
+
+
+def short_error(e: BaseException) -> str:
+    """First line of an exception, for responses and Describe (the full text goes to the log)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from unittest import mock
 
 import torch
 
-from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job
+from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, short_error
 from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
 from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.wire._tracing import TRACE_LOCK
@@ -62,7 +62,7 @@ class InProcessCompiler(Compiler):
         except Exception as e:
             if is_out_of_memory(e):
                 self.placement.release_memory()
-            raise CompileFailed(_short(e)) from e
+            raise CompileFailed(short_error(e)) from e
         return Compiled(lambda args: fn(*args), self.name, "\n\n".join(sources), dynamo=True)
 
     def warm_up(self) -> None:
@@ -76,9 +76,4 @@ class InProcessCompiler(Compiler):
                 self.placement.synchronize()
             log.info("compiler warmed up in %.1f s", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - a real compile will report the problem
-            log.warning("compiler warm-up failed: %s", _short(e))
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+            log.warning("compiler warm-up failed: %s", short_error(e))

@@ -29,7 +29,7 @@ from unittest import mock
 
 from fuseport.server._files import is_disk_full
 from fuseport.server.artifacts import ArtifactCache, ArtifactError, device_capability
-from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused
+from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, LoadRefused, short_error
 from fuseport.server.compile.torch_config import CACHE_TAG, prepare_inductor
 from fuseport.server.compile.worker import CompileCrashed, CompileTimedOut, CompileWorker
 
@@ -66,7 +66,6 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
     sizes = SizeConditions()
     values: list[Any] = []  # what the module is called with: constants and fakes
     takes: list[int] = []  # positions of the fakes: what the artifact takes
-    source_of = _sources()
     for i, (item, decl) in enumerate(zip(header["inputs"], signature.inputs, strict=True)):
         kind = item["kind"]
         if kind == "tensor":
@@ -91,9 +90,9 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
         elif kind == "int" and not decl.static and int(item["value"]) not in (0, 1):
             value = int(item["value"])
             # Not size-like: an int input may be negative (0 and 1 are in the ArgSpec).
-            symbol = env.create_symbol(value, source_of(i), dynamic_dim=DimDynamic.DYNAMIC, positive=None)
+            symbol = env.create_symbol(value, _input_source(i), dynamic_dim=DimDynamic.DYNAMIC, positive=None)
             sizes.bind(symbol, _pb.graph.SizeExpr(scalar=i))
-            values.append(env.create_symintnode(symbol, hint=value, source=source_of(i)))
+            values.append(env.create_symintnode(symbol, hint=value, source=_input_source(i)))
             takes.append(i)
         else:
             # Floats, bools, static inputs and ints 0 and 1 are in the ArgSpec: constants here.
@@ -219,10 +218,10 @@ def _inverse(order: Sequence[int]) -> list[int]:
     return out
 
 
-def _sources() -> Callable[[int], Any]:
+def _input_source(i: int) -> Any:
     from torch._dynamo.source import LocalSource
 
-    return lambda i: LocalSource(f"input{i}")
+    return LocalSource(f"input{i}")
 
 
 def _dim_source(i: int, d: int) -> Any:
@@ -325,7 +324,7 @@ class StandaloneCompiler(Compiler):
             # nothing against the artifact: it stays for when there is room.
             if not isinstance(e, ArtifactError) and not is_disk_full(e):
                 self.artifacts.remove(name)
-            raise LoadRefused(f"artifact {name} refused: {_short(e)}") from e
+            raise LoadRefused(f"artifact {name} refused: {short_error(e)}") from e
         source = str(artifact.meta.get("source", ""))
         return Compiled(call, self.name, source, from_cache=True, conditions=conditions)
 
@@ -413,13 +412,8 @@ class StandaloneCompiler(Compiler):
                 if artifact is not None and artifact.meta.get("device") == self._device_fields():
                     load(artifact.data, artifact.meta)
             except Exception as e:  # noqa: BLE001 - a bad artifact is refused when a call needs it
-                log.debug("warm-up load of %s failed: %s", name, _short(e))
+                log.debug("warm-up load of %s failed: %s", name, short_error(e))
         log.info("artifact loader ready in %.1f s", time.perf_counter() - start)
 
     def close(self) -> None:
         self._worker.stop()
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
