@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 from fuseport.server.core import Core
@@ -66,13 +67,25 @@ def test_capture_while_the_server_compiles_in_the_same_process(tmp_path: Path) -
     assert not failures, failures
 
 
-def test_requests_run_while_a_trace_patches_nn_module_call(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("compiler", "fused_path_during_trace"),
+    [
+        # An artifact is Inductor's code with no Dynamo frame: it runs fused during a trace too.
+        ("standalone", (1, 0)),
+        # Dynamo will not run its compiled code during a trace: the call runs unfused
+        # (reason COMPILING), and the kernel is not given up for it.
+        ("inprocess", (2, 2)),
+    ],
+)
+def test_requests_run_while_a_trace_patches_nn_module_call(
+    tmp_path: Path, compiler: str, fused_path_during_trace: tuple[int, int]
+) -> None:
     """torch.fx tracing (inside every compile and every export) patches nn.Module.__call__
     and __getattr__ for the whole process while it runs. A graph module called the usual
     way on another thread then went through the tracer and failed ("module is not
     installed as a submodule"): a valid call answered INVALID_ARGUMENT, one bench run in
     five. Here a trace is held open on purpose while both paths run."""
-    core = Core(Settings(device="cpu", store_dir=tmp_path))
+    core = Core(Settings(device="cpu", store_dir=tmp_path, compiler=compiler))
     key, _, _ = core.register(capture(lambda x: (x * 3).sin() + x, [torch.randn(8)]))
     x = torch.randn(8)
     expected = (x * 3).sin() + x
@@ -88,50 +101,16 @@ def test_requests_run_while_a_trace_patches_nn_module_call(tmp_path: Path) -> No
     tracer.start()
     try:
         assert tracing.wait(timeout=60)
-        for fused in (False, True):
-            res = core.execute(key, [x], fused=fused)
-            torch.testing.assert_close(res.stack[0], expected)
-            # An artifact is Inductor's code with no Dynamo frame: it runs fused during a
-            # trace too (Dynamo's own compiled code would not: see the in-process test).
-            assert res.path == (1 if fused else 2), res.detail
+        res = core.execute(key, [x], fused=False)
+        torch.testing.assert_close(res.stack[0], expected)
+        assert (res.path, res.reason) == (2, 1), res.detail  # FALLBACK, REQUESTED
+        res = core.execute(key, [x])
+        torch.testing.assert_close(res.stack[0], expected)
+        assert (res.path, res.reason) == fused_path_during_trace, res.detail
     finally:
         release.set()
         tracer.join(timeout=60)
     try:
-        assert core.execute(key, [x]).path == 1
-    finally:
-        core.close()
-
-
-def test_a_torch_compile_kernel_runs_unfused_while_a_trace_patches_nn_module_call(tmp_path: Path) -> None:
-    """The same with --compiler inprocess: Dynamo will not run its compiled code during
-    a trace, so the call runs unfused, and the kernel is not given up for it."""
-    core = Core(Settings(device="cpu", store_dir=tmp_path, compiler="inprocess"))
-    key, _, _ = core.register(capture(lambda x: (x * 3).sin() + x, [torch.randn(8)]))
-    x = torch.randn(8)
-    expected = (x * 3).sin() + x
-    assert core.execute(key, [x], wait=True).path == 1  # fused: compiled before the trace
-    tracing, release = threading.Event(), threading.Event()
-
-    def held_open(t: torch.Tensor) -> torch.Tensor:
-        tracing.set()
-        release.wait(timeout=120)
-        return t + 1
-
-    tracer = threading.Thread(target=lambda: torch.fx.Tracer().trace(held_open))
-    tracer.start()
-    try:
-        assert tracing.wait(timeout=60)
-        for fused in (False, True):
-            res = core.execute(key, [x], fused=fused)
-            torch.testing.assert_close(res.stack[0], expected)
-            # Dynamo will not run compiled code during a trace: this call runs unfused ...
-            assert res.path == 2 and res.reason == (2 if fused else 1), res.detail  # COMPILING, REQUESTED
-    finally:
-        release.set()
-        tracer.join(timeout=60)
-    try:
-        # ... and the kernel is not given up for it: fused again once the trace is over.
-        assert core.execute(key, [x]).path == 1
+        assert core.execute(key, [x]).path == 1  # fused once the trace is over
     finally:
         core.close()
