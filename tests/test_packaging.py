@@ -295,3 +295,16 @@ def test_cli_help_exits_zero(args: list[str], tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: fuseport {' '.join(args)}".rstrip()), proc.stdout
+
+
+def test_every_source_package_is_declared_for_the_wheel() -> None:
+    """setuptools ships only the packages pyproject lists: a new subpackage left out
+    (server/compile was, at first) installs as a wheel that cannot import its server."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(setuptools["packages"])
+    roots = {name: ROOT / path for name, path in setuptools["package-dir"].items()}
+    for name, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            sub = init.parent.relative_to(root).parts
+            dotted = ".".join((name, *sub))
+            assert dotted in declared, f"{dotted} ({init.parent}) is not in pyproject's packages"
