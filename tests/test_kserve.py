@@ -9,10 +9,7 @@ client would; .ci/beside_tritonclient.py calls it with tritonclient itself.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -430,22 +427,6 @@ def test_every_inference_method_is_served_and_gated() -> None:
     missing from INFERENCE_METHODS would be PERMISSION_DENIED to every token)."""
     declared = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
     assert set(kserve.METHODS) == {m.name for m in declared} == INFERENCE_METHODS
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("tritonclient") is None,
-    reason="tritonclient[grpc] is not installed (CI runs .ci/beside_tritonclient.py in its own venv)",
-)
-def test_tritonclient_reads_the_model_config(tmp_path: Path) -> None:
-    """tritonclient's own stubs decode ModelConfig (get_model_config), among the other calls of
-    .ci/beside_tritonclient.py. A subprocess: tritonclient cannot share a process with the
-    server's inference stubs, which this one has loaded."""
-    script = Path(__file__).resolve().parent.parent / ".ci" / "beside_tritonclient.py"
-    done = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "model config" in done.stdout
 
 
 def test_server_and_model_readiness(served: Served) -> None:
