@@ -256,22 +256,21 @@ FACTORS = [
 
 
 def _variants(fuseport: bool) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    def changed(server: tuple[Any, ...], client: dict[str, Any], where: str, idx: Any, value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """One factor of a baseline set to `value`: a server setting ("s") or a client one."""
+        s, c = list(server), dict(client)
+        if where == "s":
+            s[idx] = value
+        else:
+            c[idx] = value
+        return tuple(s), c
+
     out: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [("plain", PLAIN_S, dict(PLAIN_C))]
     for name, (where, idx), _, bench_v in FACTORS:
-        s, c = list(PLAIN_S), dict(PLAIN_C)
-        if where == "s":
-            s[idx] = bench_v  # type: ignore[index]
-        else:
-            c[idx] = bench_v  # type: ignore[index]
-        out.append((f"plain + {name}", tuple(s), c))
+        out.append((f"plain + {name}", *changed(PLAIN_S, PLAIN_C, where, idx, bench_v)))
     out.append(("bench (all of them)", BENCH_S, dict(BENCH_C)))
     for name, (where, idx), plain_v, _ in FACTORS:
-        s, c = list(BENCH_S), dict(BENCH_C)
-        if where == "s":
-            s[idx] = plain_v  # type: ignore[index]
-        else:
-            c[idx] = plain_v  # type: ignore[index]
-        out.append((f"bench - {name}", tuple(s), c))
+        out.append((f"bench - {name}", *changed(BENCH_S, BENCH_C, where, idx, plain_v)))
     out.append(("bench/echo.py as checked out", ("module",), {**BENCH_C, "channel": "module"}))
     out.append(("plain, 2 ms idle between calls", PLAIN_S, {**PLAIN_C, "gap_s": 0.002}))
     out.append(("bench, 2 ms idle between calls", BENCH_S, {**BENCH_C, "gap_s": 0.002}))

@@ -180,6 +180,7 @@ def _check_eager_accepts(
     import torch
 
     from fuseport.server.checks import DataError, with_data_checks
+    from fuseport.wire import dtypes
 
     args = list(values)
     for i in takes:
@@ -187,8 +188,6 @@ def _check_eager_accepts(
         if item["kind"] != "tensor":
             args[i] = int(item["value"])
             continue
-        from fuseport.wire import dtypes
-
         shape, order = item["shape"], item["order"]
         zeros = torch.zeros([shape[d] for d in order], dtype=dtypes.dtype_for(int(item["dtype"])), device=device)
         args[i] = zeros.permute(_inverse(order))
