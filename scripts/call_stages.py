@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Where a small Execute's time goes, end to end (issue 19): one client, a real
+`fuseport serve` (default settings) and the bench's echo server beside it,
+calls interleaved so that each row sees the same machine:
+
+  echo          the raw gRPC echo of the request's bytes (the floor)
+  raw Execute   the same Execute request bytes sent through a bare stub: the
+                server's whole cost, without the client library's Python
+  Client        Client.execute_detailed: what a user calls
+  resident      Client.execute on a RemoteTensor (keep=True, output freed)
+
+then the client's own stages in process (encode, decode) and the server's
+Timings (decode, queue, run, encode). With --py-spy, the server is sampled
+while the raw Execute loop runs and its busiest functions are printed.
+
+    python scripts/call_stages.py [--device cpu|cuda] [--n 2000] [--py-spy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fuseport.bench.context import fuseport_server
+from fuseport.bench.echo import echo_channel, echo_server, echo_stub
+from fuseport.client import Client
+from fuseport.wire import codec
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--py-spy", action="store_true")
+    args = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        target, pid = stack.enter_context(fuseport_server(args.device))
+        echo_target, echo_pid = stack.enter_context(echo_server())
+        echo = echo_stub(stack.enter_context(echo_channel(echo_target)))
+        client = stack.enter_context(Client(target))
+        x = torch.randn(args.size // 4)
+        key = client.register(lambda x: x * 2 + 1, [x])
+        client.execute(key, [x], wait=True, timeout=600)
+        handle = client.execute(key, [x], keep=True)[0]
+        request = client._execute_request(key, [x], False)  # noqa: SLF001 - the exact bytes Client sends
+        raw = client.channel.unary_unary("/fuseport.v1.KernelService/Execute")
+        md = client._metadata or None  # noqa: SLF001
+        payload = bytes(len(request))
+
+        calls = {
+            "echo": lambda: echo(payload, timeout=600),
+            "raw Execute": lambda: raw(request, timeout=600, metadata=md),
+            "Client.execute": lambda: client.execute_detailed(key, [x]),
+            "resident chained": lambda: client.execute(key, [handle], keep=True)[0].free(),
+        }
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        cpu: dict[str, tuple[float, float]] = {}
+        server: list[tuple[int, int, int, int]] = []
+        for _ in range(200):
+            for fn in calls.values():
+                fn()
+        spy = None
+        if args.py_spy:
+            out = Path(tempfile.mkdtemp()) / "server.txt"
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
+                 "--output", str(out), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # py-spy attaches
+        gc.disable()
+        # One row after the other (not interleaved), so that each server's CPU time
+        # over the row is that row's: CPU time per call is what a busy shared
+        # machine does not blur, unlike wall time.
+        for name, fn in calls.items():
+            serving = echo_pid if name == "echo" else pid
+            s0, c0 = _cpu_us(serving), time.thread_time_ns()
+            for _ in range(args.n):
+                t = time.perf_counter_ns()
+                r = fn()
+                times[name].append((time.perf_counter_ns() - t) / 1000)
+                if name == "Client.execute":
+                    s = r.timings
+                    server.append((s.decode_us, s.queue_us, s.run_us, s.encode_us))
+            cpu[name] = ((_cpu_us(serving) - s0) / args.n, (time.thread_time_ns() - c0) / 1000 / args.n)
+        gc.enable()
+        if spy is not None:
+            spy.send_signal(2)
+            spy.wait(30)
+        floor = p50(times["echo"])
+        print(f"{args.size} B, {args.n} calls each, device {args.device}")
+        for name, xs in times.items():
+            sv, cl = cpu[name]
+            print(f"{name:>20}: p50 {p50(xs):7.0f} us  p99 {sorted(xs)[int(len(xs) * 0.99)]:7.0f} us  "
+                  f"{p50(xs) / floor:5.2f}x echo   CPU per call: server {sv:6.0f} us, client {cl:6.0f} us")  # fmt: skip
+        d, q, r, e = (p50([s[i] for s in server]) for i in range(4))
+        print(f"server Timings p50: decode {d:.0f} queue {q:.0f} run {r:.0f} encode {e:.0f} us")
+        resp = raw(request, timeout=600, metadata=md)
+
+        def clock(fn, n=5000):
+            t = time.perf_counter_ns()
+            for _ in range(n):
+                fn()
+            return (time.perf_counter_ns() - t) / n / 1000
+
+        print(f"client in process: request encode {clock(lambda: client._execute_request(key, [x], False)):.1f} us, "
+              f"response decode {clock(lambda: codec.decode_execute_response(resp)):.1f} us")  # fmt: skip
+        if spy is not None:
+            _summarise(out)
+
+
+def _cpu_us(pid: int) -> float:
+    """The process's user + system CPU time so far (all threads), in us."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _summarise(path: Path) -> None:
+    """py-spy's raw format: one line per stack, `frame;frame;... count`."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        for f in set(frames):
+            own[f] = own.get(f, 0) + n
+    print(f"py-spy: {total} samples of the server (all threads, idle excluded); inclusive share:")
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:45]:
+        print(f"  {100 * n / total:5.1f}%  {f[:150]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
