@@ -90,7 +90,7 @@ _LOOP_POLL_SECONDS = 0.5
 #   registered as Register would: idempotent too.
 # * Describe, List: read only.
 # * Unregister: removing a key twice leaves it removed (the second answers
-#   removed=false). It reaches one replica: see README "Replicas and failover".
+#   removed=false). It reaches one replica: see docs/guides/replicas.md.
 # round_robin spreads calls over every address the target resolves to (one
 # server: the same as gRPC's default), skipping replicas that are down.
 _SERVICE_CONFIG = json.dumps(
