@@ -14,7 +14,7 @@ cannot share a process), then, from this process:
   perf_analyzer reads it) and the repository index, and infers through the alias
   and through the key in decimal, both checked against eager torch;
 * importing the server's inference stubs here fails with protobuf's duplicate
-  symbol error: the clash the README describes, pinned.
+  symbol error: the clash docs/guides/kserve.md describes, pinned.
 
 Exits non-zero (an AssertionError or the error) on any failure.
 """
@@ -127,7 +127,7 @@ def stubs_clash() -> None:
     except TypeError as e:  # protobuf: "Couldn't build proto file into descriptor pool: duplicate ..."
         print(f"as documented, the server's inference stubs cannot load beside tritonclient's: {e}")
         return
-    raise AssertionError("fuseport.kserve loaded beside tritonclient's stubs: update the README")
+    raise AssertionError("fuseport.kserve loaded beside tritonclient's stubs: update docs/guides/kserve.md")
 
 
 if __name__ == "__main__":

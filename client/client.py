@@ -90,7 +90,7 @@ _LOOP_POLL_SECONDS = 0.5
 #   registered as Register would: idempotent too.
 # * Describe, List: read only.
 # * Unregister: removing a key twice leaves it removed (the second answers
-#   removed=false). It reaches one replica: see README "Replicas and failover".
+#   removed=false). It reaches one replica: see docs/guides/replicas.md.
 # round_robin spreads calls over every address the target resolves to (one
 # server: the same as gRPC's default), skipping replicas that are down.
 _SERVICE_CONFIG = json.dumps(
@@ -114,8 +114,21 @@ _SERVICE_CONFIG = json.dumps(
 
 @dataclass(frozen=True)
 class Timings:
-    """Where the time of one call went, in microseconds. `total_us` is what the
-    client saw, from encoding the request to decoding the response."""
+    """Where the time of one call went, in microseconds.
+
+    The first four are the server's, from its response: `decode_us` (the request into
+    tensors), `queue_us` (waiting for a worker thread), `run_us` (placing the inputs, running
+    the kernel, fetching the outputs; with `wait=True` it includes waiting for the compile)
+    and `encode_us` (the result into the response).
+
+    `total_us` is the client's: the whole `execute`/`fallback` call as the caller waited for
+    it, from the client's first step (sizing the stack, opening a shared-memory session,
+    encoding the request) to the decoded response (through shared memory: before the
+    results are copied out of its region), retries and the re-capture of a new variant
+    included. What it holds besides the server's four stages is the client's own
+    encode and decode, gRPC on both sides (HTTP/2 framing, the channel's threads, the
+    handler's dispatch onto the server's event loop) and the network; for a small call
+    that is most of it (the hot-path notes in docs/perf.md measure where it goes)."""
 
     decode_us: int
     queue_us: int

@@ -1,6 +1,6 @@
 """`fuseport stats`: a short human summary of a server's Prometheus metrics (`--metrics-port`).
 
-Reads the metrics the README's "Metrics" section lists, nothing else; imports
+Reads the metrics docs/guides/metrics.md lists, nothing else; imports
 neither torch nor grpc, so it answers in a fraction of a second.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 __all__ = ["DEFAULT_METRICS_URL", "histogram_quantile", "scrape", "summarize"]
 
-# The port deploy/k8s and the README use; the server has none unless --metrics-port is given.
+# The port deploy/k8s and the docs use; the server has none unless --metrics-port is given.
 DEFAULT_METRICS_URL = "http://127.0.0.1:9090/metrics"
 
 _RUNS = ("Execute", "Fallback")

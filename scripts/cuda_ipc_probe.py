@@ -4,7 +4,7 @@
 
 Each scenario runs in a process of its own (an importer), which starts an
 exporter process of its own, so a scenario that breaks its CUDA context breaks
-nothing else. Prints one line per finding; the README and docs/perf.md quote them.
+nothing else. Prints one line per finding; docs/guides/paths.md and docs/perf.md quote them.
 """
 
 from __future__ import annotations

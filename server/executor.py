@@ -57,6 +57,23 @@ _DTYPE_SHORT = {
 # this. That says nothing of the kernel: the call runs unfused, the ArgSpec stays.
 _NESTED_TRACE = "symbolically trace a dynamo-optimized function"
 _TRACING = "a compile in this process is tracing; this call ran unfused"
+_DISCARDED = "the kernel was unregistered while this compile ran; its result was discarded"
+
+
+class _QuietFxTracing(logging.Filter):
+    """Drops torch's one-time "is_fx_tracing will return true for both fx.symbolic_trace and
+    torch.export ..." warning. torch logs it (torch.fx._symbolic_trace, WARNING) the first time
+    anyone calls is_fx_tracing(), and the executor calls it before a torch.compile kernel's
+    first fused call: it reached the operator's terminal after the first compile although it
+    is advice to torch's callers about an API, and the executor wants exactly what the
+    function answers (any trace at all, export included). Only that message is dropped: the
+    logger's other records still go through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("is_fx_tracing will return true")
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_QuietFxTracing())
 
 
 @dataclass(frozen=True)
@@ -460,7 +477,19 @@ class Executor:
                 if refused is not None and not isinstance(refused, DataError):
                     raise CompileFailed(f"the unfused graph refuses these inputs: {short_error(refused)}")
             entry.compile_seconds = time.perf_counter() - start
-            self._ready(spec, entry, compiled)
+            with self._lock:  # against forget(): installed only if still in the cache
+                current = self._entries.get((entry.key, entry.arg_spec)) is entry
+                if current:
+                    self._ready(spec, entry, compiled)
+            if not current:
+                # Unregistered while it compiled (forget() dropped the entry): the kernel
+                # is gone, so nothing is installed and nothing says "compiled". Callers
+                # still waiting on the entry run the fallback they hold.
+                entry.fail(_pb.service.FALLBACK_REASON_COMPILE_FAILED, _DISCARDED)
+                log.info(
+                    "kernel %d: compile for [%s] discarded after %.1f s: the kernel was unregistered meanwhile",
+                    spec.key, entry.arg_spec, entry.compile_seconds,
+                )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - any compile failure is served by the fallback
             entry.compile_seconds = time.perf_counter() - start
             ran_sample = self.compiler is self._in_process or bool(entry.compiled_by)
@@ -480,7 +509,9 @@ class Executor:
                 log.debug("compile failure", exc_info=e)
         finally:
             # Counted before the waiting callers are woken: whoever they tell sees the count.
-            self.events.compiled(entry.compile_seconds, entry.state is State.READY)
+            # A discarded compile is neither outcome (nothing failed; nothing is ready).
+            if entry.error != _DISCARDED:
+                self.events.compiled(entry.compile_seconds, entry.state is State.READY)
             entry.done.set()
 
     def _unfused_error(self, spec: _Run, sample: list[Any]) -> Exception | None:

@@ -185,7 +185,7 @@ class InferenceService:
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
     ) -> bytes:
         _parse(_kpb.ServerMetadataRequest, request)
-        # No extension is served whole (see the README), so none is claimed.
+        # No extension is served whole (see docs/guides/kserve.md), so none is claimed.
         return _kpb.ServerMetadataResponse(name="fuseport", version=self._version).SerializeToString()
 
     # ------------------------------------------------------------------ models

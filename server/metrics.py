@@ -4,7 +4,7 @@ Counting happens at the points that already exist: the servicer tells its
 `CallObserver` of every finished call (method, status code, path, reason,
 timings, bytes) and the executor its `ExecutorEvents` (compiles, evictions).
 What is a state rather than an event (kernels registered, cache entries,
-memory) is read when Prometheus scrapes. The README's "Metrics" section lists
+memory) is read when Prometheus scrapes. docs/guides/metrics.md lists
 every metric; `fuseport stats` reads them back.
 """
 
@@ -56,7 +56,7 @@ def _path_label(path: int) -> str:
 
 
 def _reason_label(reason: int) -> str:
-    """The README's names (requested, compiling, ...), none when no fallback ran."""
+    """The documented names (docs/guides/compiling.md) (requested, compiling, ...), none when no fallback ran."""
     if reason == _pb.service.FALLBACK_REASON_UNSPECIFIED:
         return "none"
     return _pb.service.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()

@@ -49,31 +49,38 @@ class Settings:
     )
     compile_mode: str = field(
         default="default",
-        metadata={"help": "torch.compile mode for fused kernels: " + ", ".join(COMPILE_MODES)},
+        metadata={
+            "help": f"torch.compile mode for fused kernels: {', '.join(COMPILE_MODES)} (reduce-overhead: "
+            "CUDA graphs, compiled by torch.compile in the serving process; off: always the fallback)"
+        },
     )
     max_kernels: int = field(
         default=256, metadata={"help": "compiled kernels kept in memory (LRU over all keys)"}
     )
     max_arg_specs: int = field(
-        default=16, metadata={"help": "compiled kernels kept per key (LRU over its ArgSpecs)"}
+        default=16, metadata={"help": "compiled kernels kept per variant (LRU over its ArgSpecs)"}
     )
     max_variants: int = field(
         default=64,
-        metadata={"help": "variants (captures for other ranks, sizes or static values) kept per kernel"},
+        metadata={
+            "help": "variants (captures for other ranks, sizes or static values) kept per kernel; past it "
+            "Register is RESOURCE_EXHAUSTED"
+        },
     )
     max_call_bytes: int = field(
         default=0,
         metadata={
             "help": "most memory one Execute/Fallback may need on the device, from its plan: its inputs and "
-            "the most its graph holds at once, intermediates and results by liveness (bytes; 0: only the "
-            "device's own size limits it)"
+            "the most its graph holds at once, intermediates and results by liveness, views counting nothing (bytes; 0: only the "
+            "device's own size limits it); host memory per call is bounded by --max-message-bytes"
         },
     )
     max_call_seconds: float = field(
         default=0.0,
         metadata={
             "help": "most time one Execute/Fallback may run: past it the unfused graph stops at its next op "
-            "and the call is RESOURCE_EXHAUSTED (0: no limit; a client's deadline stops it the same way)"
+            "and the call is RESOURCE_EXHAUSTED (0: no limit; a client's deadline stops it the same way, "
+            "DEADLINE_EXCEEDED); a fused kernel is one launch and is not interrupted"
         },
     )
     max_graph_bytes: int = field(
@@ -83,39 +90,56 @@ class Settings:
     max_store_bytes: int = field(
         default=16 << 30, metadata={"help": "bytes of graphs the store keeps, all kernels and variants"}
     )
-    max_store_kernels: int = field(default=10_000, metadata={"help": "kernels the store keeps"})
-    workers: int = field(default=8, metadata={"help": "threads that decode, run and encode requests"})
+    max_store_kernels: int = field(
+        default=10_000, metadata={"help": "kernels the store keeps (variants count towards the bytes only)"}
+    )
+    workers: int = field(
+        default=8,
+        metadata={
+            "help": "threads that decode, run and encode requests (each has its own CUDA stream); a small "
+            "call whose planned work is light (at most 1 MiB touched and 16 MFLOP) runs on the event loop itself"
+        },
+    )
     keep_host_memory: bool = field(
         default=True,
         metadata={
             "help": "keep freed host memory for the next message instead of returning it to the OS "
-            "(no page faults on large messages), up to --keep-host-memory-bytes"
+            "(glibc: one arena, no mmap; no page faults on large messages), up to --keep-host-memory-bytes"
         },
     )
     keep_host_memory_bytes: int = field(
         default=1 << 30,
         metadata={
-            "help": "most freed host memory kept for reuse (bytes, at most 2 GiB - 1); past it, "
-            "memory goes back to the OS"
+            "help": "most freed host memory kept for reuse (glibc's trim threshold; bytes, at most 2 GiB - 1); "
+            "after a call that moved more, freed memory goes back to the OS"
         },
     )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, time given to in-flight calls"}
     )
-    log_level: str = field(default="info", metadata={"help": "debug logs one line per request"})
+    log_level: str = field(
+        default="info",
+        metadata={"help": "debug logs one line per request; compiles and fallbacks log at info"},
+    )
     port_file: Path | None = field(
-        default=None, metadata={"help": "write the bound port here once serving (for tooling)"}
+        default=None,
+        metadata={
+            "help": "write the bound port here once serving, as its first line (with metrics on, a second "
+            "line metrics=PORT), for tooling"
+        },
     )
     tls_cert: Path | None = field(
         default=None,
         metadata={"help": "server certificate chain (PEM); with --tls-key the port speaks TLS only; reread on SIGHUP"},
     )
-    tls_key: Path | None = field(default=None, metadata={"help": "private key of --tls-cert (PEM)"})
+    tls_key: Path | None = field(
+        default=None, metadata={"help": "private key of --tls-cert (PEM; both or neither); reread on SIGHUP"}
+    )
     tls_client_ca: Path | None = field(
         default=None,
         metadata={
             "help": "CA bundle (PEM) that client certificates must chain to: makes a client "
-            "certificate required (mTLS); needs --tls-cert/--tls-key"
+            "certificate required (mTLS); needs --tls-cert/--tls-key; reread on SIGHUP"
         },
     )
     auth_tokens: Path | None = field(
@@ -193,7 +217,8 @@ class Settings:
         default=0,
         metadata={
             "help": "serving processes sharing the port (SO_REUSEPORT) and the store, under a supervisor "
-            "that restarts them; 0: one per device served (1 unless --device all or a list)"
+            "that restarts them; 0: one per device served (1 unless --device all or a list); 1: a single server "
+            "without a supervisor"
         },
     )
     restart_limit: int = field(
@@ -214,7 +239,7 @@ class Settings:
     )
     artifact_dir: Path | None = field(
         default=None,
-        metadata={"help": "directory of compiled artifacts (unset: the store directory's artifacts/)"},
+        metadata={"help": "directory of compiled artifacts, made 0700 (unset: the store directory's artifacts/)"},
     )
     artifact_cache_bytes: int = field(
         default=4 << 30,
@@ -233,7 +258,8 @@ class Settings:
         metadata={
             "env_only": True,
             "help": "FOR TESTS ONLY: a call carrying the metadata 'fuseport-inject-fault: device' "
-            "breaks this server's device on purpose (a real device-side assert on CUDA)",
+            "breaks this server's device on purpose (a real device-side assert on CUDA) instead of running; "
+            "logged as a warning at startup; any other server ignores that metadata. Never in production",
         },
     )
 

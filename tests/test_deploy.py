@@ -197,7 +197,7 @@ def test_the_store_and_compile_caches_are_on_a_writable_volume() -> None:
         ("FUSEPORT_AUTH_TOKENS", "tokens"),
     ],
 )
-def test_tls_and_token_files_come_from_secrets_the_readme_says_how_to_create(variable: str, secret_key: str) -> None:
+def test_tls_and_token_files_come_from_secrets_the_docs_say_how_to_create(variable: str, secret_key: str) -> None:
     path = PurePosixPath(_env()[variable])
     mount = _mount_for(str(path))
     secret = mount["volume"].get("secret")
@@ -205,8 +205,10 @@ def test_tls_and_token_files_come_from_secrets_the_readme_says_how_to_create(var
     assert mount.get("readOnly") is True
     # A whole Secret mounted: each key is a file of that name.
     assert "items" not in secret and path.relative_to(mount["mountPath"]) == PurePosixPath(secret_key)
-    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # continued shell lines joined
-    commands = [shlex.split(c) for c in re.findall(r"^kubectl create secret .*$", readme, re.M)]
+    guide = (ROOT / "docs" / "guides" / "kubernetes.md").read_text().replace("\\\n", " ")  # continued lines joined
+    commands = [shlex.split(c) for c in re.findall(r"^kubectl create secret .*$", guide, re.M)]
     creating = [c for c in commands if secret["secretName"] in c]
-    assert creating, f"the README does not say how to create Secret {secret['secretName']}"
-    assert any(secret_key in " ".join(c) for c in creating), f"the README's Secret {secret['secretName']} lacks {secret_key}"
+    assert creating, f"docs/guides/kubernetes.md does not say how to create Secret {secret['secretName']}"
+    assert any(secret_key in " ".join(c) for c in creating), (
+        f"docs/guides/kubernetes.md's Secret {secret['secretName']} lacks {secret_key}"
+    )

@@ -154,7 +154,7 @@ def test_generated_modules_import_under_fuseport_v1() -> None:
 
 def test_inference_stubs_import_under_fuseport_kserve_with_the_protocol_names() -> None:
     """The package and method paths are what KServe v2 clients call; the file name is
-    fuseport's own, so only the `inference.*` symbols meet tritonclient's (see the README)."""
+    fuseport's own, so only the `inference.*` symbols meet tritonclient's (see docs/guides/kserve.md)."""
     from fuseport.kserve import grpc_service_pb2, grpc_service_pb2_grpc
 
     assert grpc_service_pb2.DESCRIPTOR.package == "inference"
