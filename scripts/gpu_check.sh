@@ -54,6 +54,13 @@ if [[ $PART == all || $PART == probe ]]; then
     rc=$(( rc || PIPESTATUS[0] ))
     python3 "$REPO/scripts/profile_small.py" cuda 2>&1 | tee "$OUT/profile-small-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
+    # A small call end to end beside the echo, with each process's CPU per call,
+    # on the default event loop (uvloop) and on asyncio's own.
+    for loop in uvloop asyncio; do
+        python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" --server-flags "EVENT_LOOP=$loop" \
+            2>&1 | tee "$OUT/call-stages-cuda-$loop.log"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
 fi
 if [[ $PART == gpus2 ]]; then
     # Independent compute-bound calls on one GPU (one process, cuda:0) against both
