@@ -7,6 +7,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh procs    # concurrency, 1 vs 2 serving processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh gpus2    # 2 GPUs vs 1 (needs a 2-GPU machine)
 #   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
+#   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -61,6 +62,16 @@ if [[ $PART == all || $PART == probe ]]; then
             2>&1 | tee "$OUT/call-stages-cuda-$loop.log"
         rc=$(( rc || PIPESTATUS[0] ))
     done
+fi
+if [[ $PART == perf ]]; then
+    # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
+    # client counts (the bench's concurrency section), one after the other.
+    export PATH=/tmp/site/bin:$PATH
+    python3 "$REPO/scripts/perf_analyzer_run.py" --device cuda 2>&1 | tee "$OUT/perf-analyzer.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    python3 -m fuseport.client.cli bench --device cuda --sections concurrency --sizes 1K --json "$OUT/bench-concurrency.json" \
+        --no-plot 2>&1 | tee "$OUT/bench-concurrency.log"
+    rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == gpus2 ]]; then
     # Independent compute-bound calls on one GPU (one process, cuda:0) against both
