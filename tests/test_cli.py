@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from fuseport.client import Client, cli
+from fuseport.cli import commands as cli
+from fuseport.client import Client
 from fuseport.server.settings import Settings
 
 from .conftest import ServerProcess
@@ -17,7 +18,7 @@ from .conftest import ServerProcess
 
 def fuseport(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fuseport.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -30,7 +31,7 @@ def test_health_exits_zero_when_serving_and_one_when_unreachable(server: ServerP
 
 def test_health_check_does_not_import_torch(server: ServerProcess) -> None:
     code = (
-        "import sys; from fuseport.client.cli import main; "
+        "import sys; from fuseport.cli import main; "
         f"rc = main(['health', '--target', '{server.target}']); "
         "print(rc, 'torch' in sys.modules)"
     )

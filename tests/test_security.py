@@ -16,7 +16,8 @@ import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fuseport.client import Client, PermissionDenied, Unauthenticated, Unavailable, cli
+from fuseport.cli import commands as cli
+from fuseport.client import Client, PermissionDenied, Unauthenticated, Unavailable
 from fuseport.server.security import load_tokens
 from fuseport.wire.security import channel_credentials
 from tests._certs import CA, Pair
@@ -190,7 +191,7 @@ def test_cli_reaches_a_tls_server_with_its_ca_and_a_token_from_the_environment(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
 
     def health(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fuseport.client.cli", "health", "--target", guarded.target,
+        return subprocess.run([sys.executable, "-m", "fuseport.cli", "health", "--target", guarded.target,
                                *args], capture_output=True, text=True, timeout=60, env={**env, **extra})  # fmt: skip
 
     # The container's HEALTHCHECK: the CA from the environment, and no token.
@@ -320,7 +321,7 @@ def test_sighup_reloads_tokens_and_certificate(mtls: dict[str, Any], pki: dict[s
 def _serve(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     return subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", "serve", "--port", "0", "--store-dir", str(tmp / "store"),
+        [sys.executable, "-m", "fuseport.cli", "serve", "--port", "0", "--store-dir", str(tmp / "store"),
          "--device", "cpu", *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
