@@ -15,7 +15,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fuseport.client.flags import TARGET_ENV, add_target_flags, add_tls_flags, client_kwargs, default_target
+from fuseport.client.flags import (
+    TARGET_ENV,
+    TOKEN_ENV,
+    add_target_flags,
+    add_tls_flags,
+    client_kwargs,
+    default_target,
+)
+from fuseport.wire.errors import FuseportError, PermissionDenied, Unauthenticated
 
 __all__ = ["main"]
 
@@ -124,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except FuseportError as e:
+        # Whatever the command, a refused or failed call is one line, never a traceback.
+        print(_one_line(argv[0] if argv else "", e), file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         # The benchmark parses its own flags (argparse's REMAINDER would not pass
         # a leading --help through).
@@ -134,27 +151,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command
     if command == "serve":
         return _serve(args)
-    if command == "demo":
-        return _demo(args)
     if command == "stats":
         return _stats(args.metrics_url, args.timeout)
     if command == "cache":
         return _cache(args)
-
-    target = args.target or default_target()
     if command == "health":
-        return _health(target, args.service, args.timeout, client_kwargs(args))
-
-    from fuseport.client import Client, FuseportError
-
+        return _health(args.target or default_target(), args.service, args.timeout, client_kwargs(args))
     try:
-        with Client(target, timeout=args.timeout, **client_kwargs(args)) as c:
+        if command == "demo":
+            return _demo(args)
+        from fuseport.client import Client
+
+        with Client(args.target or default_target(), timeout=args.timeout, **client_kwargs(args)) as c:
             if command == "list":
                 return _list(c)
             return _describe(c, args.key, not args.no_source)
-    except (FuseportError, ValueError) as e:  # ValueError: an unreadable --tls-* file
+    except ValueError as e:  # an unreadable --tls-* file
         print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _one_line(command: str, e: FuseportError) -> str:
+    """A failed call as the user reads it: the error's class and message on one
+    line, and for a refused token, how the command sends one."""
+    hint = ""
+    if isinstance(e, Unauthenticated):
+        hint = f" (the fuseport command sends the token in ${TOKEN_ENV}: set it to one the server accepts)"
+    elif isinstance(e, PermissionDenied):
+        hint = f" (set ${TOKEN_ENV} to a token whose role may)"
+    return f"fuseport {command}: {type(e).__name__}: {' '.join(str(e).split())}{hint}"
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -247,24 +272,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if processes > 1 or len(devices) > 1:
         return supervise(settings)
-    from fuseport.server.app import serve
+    from fuseport.server.app import CannotListen, serve
 
-    return serve(settings.replace(device=devices[0]), security)
-
-
-def _signature(info: Any) -> str:
-    from fuseport.wire import _pb
-
-    parts = []
-    for i in info.inputs:
-        kind = _pb.graph.InputKind.Name(i.kind).removeprefix("INPUT_KIND_").lower()
-        if kind == "tensor":
-            dtype = _pb.values.DType.Name(i.dtype).removeprefix("DTYPE_").lower()
-            shape = ",".join("?" if d < 0 else str(d) for d in i.shape)
-            parts.append(f"{i.name}: {dtype}[{shape}]")
-        else:
-            parts.append(f"{i.name}: {kind}{' (static)' if i.static else ''}")
-    return f"({', '.join(parts)}) -> {info.num_outputs} output(s)"
+    try:
+        return serve(settings.replace(device=devices[0]), security)
+    except CannotListen as e:
+        print(f"fuseport serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _list(c: Any) -> int:
@@ -272,54 +286,13 @@ def _list(c: Any) -> int:
     if not kernels:
         print("no kernels registered")
     for k in kernels:
-        alias = f"  alias={k.alias}" if k.alias else ""
-        print(
-            f"{k.key:>20}  {_signature(k)}  nodes={k.num_nodes} fused={k.fused_runs} fallback={k.fallback_runs}{alias}"
-        )
+        print(k.summary())
     return 0
 
 
 def _describe(c: Any, key: int, source: bool) -> int:
-    from fuseport.wire import _pb
-
-    info = c.describe(key, include_source=source)
-    print(f"key:       {info.key}")
-    if info.alias:
-        print(f"alias:     {info.alias} (its KServe v2 model name)")
-    print(f"device:    {info.device}")
-    print(f"signature: {_signature(info)}")
-    print(f"ops:       {', '.join(info.ops)}")
-    if info.random_ops:
-        print(f"random:    {', '.join(info.random_ops)} (fused and fallback draw different numbers)")
-    print(f"runs:      fused={info.fused_runs} fallback={info.fallback_runs}")
-    for v in info.variants:
-        own = " (the kernel's own graph)" if v.variant == info.key else ""
-        print(f"\nvariant {v.variant}{own}: {_signature(_Inputs(v.inputs, info.num_outputs))}")
-        print(f"  conditions: {'; '.join(v.conditions) if v.conditions else 'none'}")
-        for a in (a for a in info.arg_specs if a.variant == v.variant):
-            state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
-            print(
-                f"  ArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
-                f"fused={a.fused_runs} fallback={a.fallback_runs}"
-            )
-            if a.compiled_by:
-                print(
-                    f"    compiled by: {a.compiled_by}{' (loaded from the artifact cache)' if a.from_cache else ''}"
-                )
-            if a.error:
-                print(f"    error: {a.error}")
-            if a.source:
-                print("    ---- generated source ----")
-                print(a.source)
+    print(c.describe(key, include_source=source))
     return 0
-
-
-class _Inputs:
-    """What _signature reads, for a variant."""
-
-    def __init__(self, inputs: Any, num_outputs: int) -> None:
-        self.inputs = inputs
-        self.num_outputs = num_outputs
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
 from fuseport.wire import _pb, codec
@@ -45,9 +46,9 @@ from fuseport.wire.security import (
     token_from_env,
 )
 from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
-from fuseport.wire.targets import parse_target
+from fuseport.wire.targets import PROCESS_METADATA_KEY, parse_target
 
-__all__ = ["AsyncClient", "Client", "ExecuteResult", "RemoteTensor", "Timings"]
+__all__ = ["AsyncClient", "Client", "ExecuteResult", "KernelInfo", "RemoteTensor", "Timings"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,10 @@ class ExecuteResult:
     # (shared memory, with a server on this host) or "cuda_ipc" (shared memory,
     # and CUDA inputs passed by CUDA IPC handle, on the server's GPU host).
     transport: str = "unary"
+    # The serving process that answered, "INDEX PID", under `fuseport serve
+    # --processes N` (its "fuseport-process" trailing metadata); "" for a server
+    # of one process.
+    process: str = ""
 
 
 @dataclass(frozen=True)
@@ -287,9 +292,19 @@ class _Call:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """The Execute or Fallback call itself; the driver answers with the response's
+    bytes and the serving process that answered (ExecuteResult.process)."""
+
+    method: str
+    request: bytes
+
+
+@dataclass(frozen=True)
 class _Stream:
     """A streamed call: the driver sends `requests` and feeds every response
-    message to `assembler`, which it answers with."""
+    message to `assembler`; it answers with the assembler and the serving
+    process that answered."""
 
     method: str
     requests: Iterator[bytes]
@@ -320,7 +335,7 @@ class _Blocking:
     args: tuple[Any, ...]
 
 
-_Op = _Call | _Stream | _Session | _InSlot | _Blocking
+_Op = _Call | _Run | _Stream | _Session | _InSlot | _Blocking
 _Flow = Generator[_Op, Any, T]
 
 
@@ -373,22 +388,27 @@ def _translate(e: grpc.RpcError) -> FuseportError:
     return error_from_status(e.code(), e.details() or "", name)
 
 
-def _result(raw: bytes, started: int, known: _Known | None = None, carried: bool = False) -> ExecuteResult:
+def _result(raw: bytes, started: int, known: _Known | None, carried: bool, process: str) -> ExecuteResult:
     resp = codec.decode_execute_response(raw)
     if carried and known is not None:
         known.carried(resp.registered)
+    t = resp.timings
     return _make_result(
-        resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary"
+        resp.stack, resp.path, resp.reason, resp.detail, t, resp.variant, started, "unary", process
     )
 
 
-def _streamed_result(assembler: Assembler, started: int) -> ExecuteResult:
+def _streamed_result(assembler: Assembler, started: int, process: str) -> ExecuteResult:
     stack = assembler.finish()
     h = assembler.header
     assert assembler.ended is not None  # finish() says so
-    return _make_result(
-        stack, h.path, h.reason, h.detail, assembler.ended.timings, h.variant, started, "stream"
-    )
+    t = assembler.ended.timings
+    return _make_result(stack, h.path, h.reason, h.detail, t, h.variant, started, "stream", process)
+
+
+def _process_of(trailing: Sequence[tuple[str, Any]] | None) -> str:
+    """The serving process a call's trailing metadata names ("" for none: one process)."""
+    return next((str(v) for k, v in trailing or () if k == PROCESS_METADATA_KEY), "")
 
 
 def _holds_remote(stack: Stack) -> bool:
@@ -405,6 +425,7 @@ def _make_result(
     variant: int,
     started: int,
     transport: str,
+    process: str,
 ) -> ExecuteResult:
     reason = _pb.service.FallbackReason.Name(reason_code).removeprefix("FALLBACK_REASON_").lower()
     return ExecuteResult(
@@ -417,6 +438,7 @@ def _make_result(
         ),
         variant=variant,
         transport=transport,
+        process=process,
     )
 
 
@@ -777,9 +799,9 @@ class _Base:
             try:
                 if streamed:
                     requests = self._stream_requests(key, stack, wait)
-                    assembler = yield _Stream(method, requests, Assembler("response"))
-                    return _streamed_result(assembler, job.started)
-                raw = yield _Call(method, request)
+                    assembler, process = yield _Stream(method, requests, Assembler("response"))
+                    return _streamed_result(assembler, job.started, process)
+                raw, process = yield _Run(method, request)
             except FuseportError as e:
                 again = (
                     self._plan_recovery(e, key, stack, wait, carried, streamed, keep, shared)
@@ -801,7 +823,7 @@ class _Base:
                 continue
             if adopted is not None:
                 adopted()
-            return self._adopt(_result(raw, job.started, self._known.get(key), carried))
+            return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
         raise AssertionError("unreachable")
 
     def _open_stream(self, op: _Stream, timeout: float | None) -> Any:
@@ -898,12 +920,12 @@ class _Base:
         return _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString()
 
     @staticmethod
-    def _described(raw: bytes) -> _pb.service.KernelInfo:
-        return _pb.service.DescribeResponse.FromString(raw).kernel
+    def _described(raw: bytes) -> KernelInfo:
+        return KernelInfo(_pb.service.DescribeResponse.FromString(raw).kernel)
 
     @staticmethod
-    def _listed(raw: bytes) -> list[_pb.service.KernelInfo]:
-        return list(_pb.service.ListResponse.FromString(raw).kernels)
+    def _listed(raw: bytes) -> list[KernelInfo]:
+        return [KernelInfo(k) for k in _pb.service.ListResponse.FromString(raw).kernels]
 
     def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
         def unregistered(raw: bytes) -> bool:
@@ -961,6 +983,16 @@ class Client(_Base):
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
+
+    def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """A call, and the serving process that answered it."""
+        try:
+            raw, call = self._methods[method].with_call(
+                request, timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        return raw, _process_of(call.trailing_metadata())
 
     def register(
         self,
@@ -1099,12 +1131,14 @@ class Client(_Base):
         match op:
             case _Call():
                 return self._call(op.method, op.request, timeout)
+            case _Run():
+                return self._call_answered(op.method, op.request, timeout)
             case _Stream():
                 call = self._open_stream(op, timeout)
                 with _reading(call):
                     for raw in call:
                         op.assembler.feed(raw)
-                return op.assembler
+                    return op.assembler, _process_of(call.trailing_metadata())
             case _Session():
                 return self._shared_session(op.size, timeout)
             case _InSlot():
@@ -1200,9 +1234,7 @@ class Client(_Base):
 
     # Kernels and the server -------------------------------------------------
 
-    def describe(
-        self, key: int, *, include_source: bool = False, timeout: float | None = None
-    ) -> _pb.service.KernelInfo:
+    def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> KernelInfo:
         """One kernel: its signature, variants, every ArgSpec with its state, run counts.
 
         Args:
@@ -1211,7 +1243,8 @@ class Client(_Base):
             timeout: Seconds for the call; None: the client's `timeout`.
 
         Returns:
-            The kernel's description (service.proto's KernelInfo).
+            The kernel's description: its fields as attributes, and `str()` of it a
+                readable summary (what `fuseport describe` prints).
 
         Raises:
             KernelNotFound: The server has no kernel under this key.
@@ -1220,7 +1253,7 @@ class Client(_Base):
         """
         return self._described(self._call("Describe", self._describe_request(key, include_source), timeout))
 
-    def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+    def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
         """Every kernel the server holds (without generated source).
 
         Args:
@@ -1341,6 +1374,15 @@ class AsyncClient(_Base):
             return await self._methods[method](  # type: ignore[no-any-return]
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+
+    async def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """A call, and the serving process that answered it."""
+        self._loop = asyncio.get_running_loop()
+        call = self._methods[method](request, timeout=self._timeout(timeout), metadata=self._metadata or None)
+        try:
+            return await call, _process_of(await call.trailing_metadata())
         except grpc.RpcError as e:
             raise _translate(e) from e
 
@@ -1468,12 +1510,14 @@ class AsyncClient(_Base):
         match op:
             case _Call():
                 return await self._call(op.method, op.request, timeout)
+            case _Run():
+                return await self._call_answered(op.method, op.request, timeout)
             case _Stream():
                 call = self._open_stream(op, timeout)
                 with _reading(call):
                     async for raw in call:
                         op.assembler.feed(raw)
-                return op.assembler
+                    return op.assembler, _process_of(await call.trailing_metadata())
             case _Session():
                 return await self._shared_session(op.size, timeout)
             case _InSlot():
@@ -1545,13 +1589,13 @@ class AsyncClient(_Base):
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None
-    ) -> _pb.service.KernelInfo:
+    ) -> KernelInfo:
         """As [Client.describe][fuseport.client.Client.describe]."""
         return self._described(
             await self._call("Describe", self._describe_request(key, include_source), timeout)
         )
 
-    async def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+    async def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
         """As [Client.list][fuseport.client.Client.list]."""
         return self._listed(await self._call("List", b"", timeout))
 

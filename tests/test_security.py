@@ -210,6 +210,31 @@ def test_cli_reaches_a_tls_server_with_its_ca_and_a_token_from_the_environment(
     assert "Unauthenticated" in err and WRONG not in err
 
 
+@pytest.mark.parametrize(
+    ("command", "token", "refused"),
+    [
+        ("demo", None, "Unauthenticated"),
+        ("demo", USER, "PermissionDenied"),
+        ("describe", None, "Unauthenticated"),
+        ("list", WRONG, "Unauthenticated"),
+    ],
+)
+def test_every_command_refused_by_the_server_says_so_in_one_line(
+    guarded: ServerProcess, pki: dict[str, Any], key: int, command: str, token: str | None, refused: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
+    env |= {"FUSEPORT_TLS_CA": str(pki["ca"].cert)} | ({"FUSEPORT_TOKEN": token} if token else {})
+    args = {"demo": ["demo", "--timeout", "60"], "describe": ["describe", str(key)], "list": ["list"]}[command]
+    proc = subprocess.run([sys.executable, "-m", "fuseport.cli", *args, "--target", guarded.target],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fuseport {command}: {refused}: "), lines[0]
+    assert "$FUSEPORT_TOKEN" in lines[0]  # how the command sends a token
+    assert not token or token not in proc.stderr
+
+
 def test_no_token_reaches_the_server_log(guarded: ServerProcess, pki: dict[str, Any], key: int) -> None:
     for token in (ADMIN, USER, WRONG):
         with _client(guarded, pki["ca"], token) as c:
