@@ -1461,32 +1461,32 @@ class AsyncClient(_Base):
         alias: str | None = None,
         timeout: float | None = None,
     ) -> int:
-        """As [Client.register][fuseport.client.Client.register]: the same arguments, result and errors."""
+        """As [Client.register][fuseport.client.client.Client.register]: the same arguments, result and errors."""
         request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(
         self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
-        """As [Client.execute_detailed][fuseport.client.Client.execute_detailed]."""
+        """As [Client.execute_detailed][fuseport.client.client.Client.execute_detailed]."""
         return await self._run("Execute", key, stack, wait, timeout, keep)
 
     async def fallback_detailed(
         self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
-        """As [Client.fallback_detailed][fuseport.client.Client.fallback_detailed]."""
+        """As [Client.fallback_detailed][fuseport.client.client.Client.fallback_detailed]."""
         return await self._run("Fallback", key, stack, False, timeout, keep)
 
     async def execute(
         self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """As [Client.execute][fuseport.client.Client.execute]."""
+        """As [Client.execute][fuseport.client.client.Client.execute]."""
         return (await self._run("Execute", key, stack, wait, timeout, keep)).stack
 
     async def fallback(
         self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """As [Client.fallback][fuseport.client.Client.fallback]."""
+        """As [Client.fallback][fuseport.client.client.Client.fallback]."""
         return (await self._run("Fallback", key, stack, False, timeout, keep)).stack
 
     async def _run(
@@ -1569,20 +1569,20 @@ class AsyncClient(_Base):
     async def fetch(
         self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """As [Client.fetch][fuseport.client.Client.fetch]."""
+        """As [Client.fetch][fuseport.client.client.Client.fetch]."""
         return await self._send(self._leases.fetch_tensors(tensors, free), timeout)
 
     async def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
-        """As [Client.free][fuseport.client.Client.free]."""
+        """As [Client.free][fuseport.client.client.Client.free]."""
         request = self._leases.free_tensors(tensors)
         return 0 if request is None else await self._send(request, timeout)
 
     async def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
-        """As [Client.renew_lease][fuseport.client.Client.renew_lease]."""
+        """As [Client.renew_lease][fuseport.client.client.Client.renew_lease]."""
         return await self._send(self._leases.renew_request(), timeout)
 
     async def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
-        """As [Client.resident][fuseport.client.Client.resident]."""
+        """As [Client.resident][fuseport.client.client.Client.resident]."""
         return _pb.service.ListResponse.FromString(await self._call("List", b"", timeout)).resident
 
     # Kernels and the server -------------------------------------------------
@@ -1590,22 +1590,22 @@ class AsyncClient(_Base):
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None
     ) -> KernelInfo:
-        """As [Client.describe][fuseport.client.Client.describe]."""
+        """As [Client.describe][fuseport.client.client.Client.describe]."""
         return self._described(
             await self._call("Describe", self._describe_request(key, include_source), timeout)
         )
 
     async def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
-        """As [Client.list][fuseport.client.Client.list]."""
+        """As [Client.list][fuseport.client.client.Client.list]."""
         return self._listed(await self._call("List", b"", timeout))
 
     async def unregister(self, key: int, *, timeout: float | None = None) -> bool:
-        """As [Client.unregister][fuseport.client.Client.unregister]."""
+        """As [Client.unregister][fuseport.client.client.Client.unregister]."""
         request, unregistered = self._unregister_call(key)
         return unregistered(await self._call("Unregister", request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """As [Client.health][fuseport.client.Client.health]."""
+        """As [Client.health][fuseport.client.client.Client.health]."""
         try:
             request = self._health_request(service)
             return self._status(await self._health.Check(request, timeout=self._timeout(timeout)))
