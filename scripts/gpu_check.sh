@@ -37,14 +37,14 @@ if [[ $PART == all || $PART == tests ]]; then
     rc=${PIPESTATUS[0]}
 fi
 if [[ $PART == all || $PART == bench ]]; then
-    python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
+    python3 -m fuseport.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
         --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == procs ]]; then
     # Serving processes (--processes): the concurrency section against 1 and then 2
     # processes on one GPU, each beside the same raw echo, in one run.
-    python3 -m fuseport.client.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
         --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
@@ -84,7 +84,7 @@ if [[ $PART == gpus2 ]]; then
             | tee "$OUT/bench-gpus2.log" >&2
         exit 2
     fi
-    python3 -m fuseport.client.cli bench --device all --sections gpus --server-env FUSEPORT_COMPILE_MODE=off \
+    python3 -m fuseport.cli bench --device all --sections gpus --server-env FUSEPORT_COMPILE_MODE=off \
         ${BENCH_ARGS:-} --json "$OUT/bench-gpus2.json" --no-plot 2>&1 | tee "$OUT/bench-gpus2.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
