@@ -69,7 +69,7 @@ if [[ $PART == perf ]]; then
     export PATH=/tmp/site/bin:$PATH
     python3 "$REPO/scripts/perf_analyzer_run.py" --device cuda 2>&1 | tee "$OUT/perf-analyzer.log"
     rc=$(( rc || PIPESTATUS[0] ))
-    python3 -m fuseport.client.cli bench --device cuda --sections concurrency --sizes 1K --json "$OUT/bench-concurrency.json" \
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --sizes 1K --json "$OUT/bench-concurrency.json" \
         --no-plot 2>&1 | tee "$OUT/bench-concurrency.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
