@@ -283,6 +283,10 @@ class Server:
                 self.core.placement.device
                 if settings.cuda_ipc and self.core.placement.device.type == "cuda"
                 else None,
+                max_sessions=settings.shared_memory_sessions,
+                per_identity=settings.shared_memory_sessions_per_identity,
+                ticket_seconds=settings.shared_memory_ticket_seconds,
+                idle_seconds=settings.shared_memory_idle_seconds,
             ),
         )
         self.health = HealthServicer()

@@ -132,6 +132,8 @@ class Core:
             budget_bytes=settings.max_resident_bytes,
             quota_bytes=settings.max_resident_bytes_per_client,
             max_handles=settings.max_handles_per_client,
+            token_quota_bytes=settings.max_resident_bytes_per_token,
+            token_max_handles=settings.max_handles_per_token,
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None

@@ -43,34 +43,43 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 @dataclass(frozen=True)
 class Owner:
-    """Who a handle belongs to: a digest of the client id and the caller's
-    token digest (empty without tokens). `client_id` is empty when the call
-    carried none: such a caller can hold no handles."""
+    """Who a call is: a digest of the client id and the caller's token digest
+    (empty without tokens), which owns its handles; `has_client_id` is False
+    when the call carried none (such a caller can hold no handles).
+
+    `token` (the token's digest, b"" without tokens) is the identity quotas
+    count against: a client id is the caller's own choice, so with tokens
+    everything the ids of one token hold is bounded together. `tenant` is the
+    namespace of the caller's kernels (server/tenants.py): b"" for the shared
+    one (an admin, or a server without tokens)."""
 
     key: bytes
     has_client_id: bool
+    token: bytes = b""
+    tenant: bytes = b""
 
 
-# A call without a client id: it can hold no handles.
+# A call without a client id or a token: it can hold no handles.
 NO_OWNER = Owner(b"", False)
 
 
-def owner_of(client_id: str | None, token_digest: bytes) -> Owner:
+def owner_of(client_id: str | None, token_digest: bytes, tenant: bytes = b"") -> Owner:
     """The owner of a call's handles. An id that is not 16-128 characters of
     [A-Za-z0-9_-] is InvalidArgument (it is a secret: it is not repeated)."""
     if client_id is None:
-        return NO_OWNER
-    return _owner(client_id, token_digest)
+        return NO_OWNER if not token_digest and not tenant else Owner(b"", False, token_digest, tenant)
+    return _owner(client_id, token_digest, tenant)
 
 
 # Every call names its owner, and a client sends the same id on every call: the
 # check and the hash once per (id, token) rather than once per call. Bounded, and
 # an id that is refused raises, which is never cached.
 @functools.lru_cache(maxsize=4096)
-def _owner(client_id: str, token_digest: bytes) -> Owner:
+def _owner(client_id: str, token_digest: bytes, tenant: bytes) -> Owner:
     if not _CLIENT_ID.fullmatch(client_id):
         raise InvalidArgument(f"metadata {CLIENT_ID_KEY!r} must be 16 to 128 characters of [A-Za-z0-9_-]")
-    return Owner(hashlib.sha256(token_digest + b"\0" + client_id.encode()).digest(), True)
+    key = hashlib.sha256(token_digest + b"\0" + client_id.encode()).digest()
+    return Owner(key, True, token_digest, tenant)
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,15 @@ class _Holder:
     handles: set[str] = field(default_factory=set)
     bytes: int = 0
     renewed: float = 0.0
+    token: bytes = b""  # the identity its quota counts against too (b"": no token)
+
+
+@dataclass
+class _Tally:
+    """What all the client ids of one token hold."""
+
+    handles: int = 0
+    bytes: int = 0
 
 
 class Residents:
@@ -105,14 +123,22 @@ class Residents:
         budget_bytes: int,
         quota_bytes: int,
         max_handles: int,
+        token_quota_bytes: int | None = None,
+        token_max_handles: int | None = None,
         clock: Any = time.monotonic,
     ) -> None:
+        """`token_quota_bytes`/`token_max_handles`: what all the client ids of one
+        token may hold together (None: as one client id may). Callers without a
+        token are bounded per client id and, together, by the budget."""
         self.device = device
         self.server = secrets.token_hex(6)
         self.lease_seconds = lease_seconds
         self.budget_bytes = budget_bytes
         self.quota_bytes = quota_bytes
         self.max_handles = max_handles
+        self.token_quota_bytes = quota_bytes if token_quota_bytes is None else token_quota_bytes
+        self.token_max_handles = max_handles if token_max_handles is None else token_max_handles
+        self._tokens: dict[bytes, _Tally] = {}
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
@@ -143,8 +169,8 @@ class Residents:
         """Refuses, before it is computed, what could not be kept."""
         self._require(owner)
         with self._lock:
-            holder = self._holders.get(owner.key) or _Holder()
-            self._check(holder.bytes, len(holder.handles), nbytes, 0, what)
+            holder = self._holders.get(owner.key) or _Holder(token=owner.token)
+            self._check(holder, nbytes, 0, what)
 
     def keep(
         self, owner: Owner, values: Sequence[Any], inputs: Sequence[Any], what: str, copy: bool = False
@@ -178,12 +204,17 @@ class Residents:
         out = [convert(v) for v in values]
         total = sum(n for _, _, n in kept)
         with self._lock:
-            holder = self._holders.setdefault(owner.key, _Holder())
-            self._check(holder.bytes, len(holder.handles), total, len(kept), what)
+            holder = self._holders.get(owner.key) or _Holder(token=owner.token)
+            self._check(holder, total, len(kept), what)
+            self._holders[owner.key] = holder
             for hid, t, n in kept:
                 self._entries[hid] = _Entry(t, n, owner.key)
                 holder.handles.add(hid)
             holder.bytes += total
+            if holder.token:
+                tally = self._tokens.setdefault(holder.token, _Tally())
+                tally.handles += len(kept)
+                tally.bytes += total
             holder.renewed = self._clock()
             self._bytes += total
         return out
@@ -232,6 +263,7 @@ class Residents:
         with self._lock:
             self._entries.clear()
             self._holders.clear()
+            self._tokens.clear()
             self._bytes = 0
 
     # ------------------------------------------------------------------ helpers
@@ -243,8 +275,25 @@ class Residents:
                 "(16 to 128 characters of [A-Za-z0-9_-], random per client; the Python client does)"
             )
 
-    def _check(self, held: int, handles: int, nbytes: int, count: int, what: str) -> None:
-        """Under the lock (or for a rough check before running)."""
+    def _check(self, holder: _Holder, nbytes: int, count: int, what: str) -> None:
+        """Under the lock."""
+        held, handles = holder.bytes, len(holder.handles)
+        if holder.token:
+            # Checked first: a client id is the caller's own choice, so a quota per
+            # id alone would give a caller as many quotas as ids it makes up.
+            tally = self._tokens.get(holder.token) or _Tally()
+            if tally.bytes + nbytes > self.token_quota_bytes:
+                raise ResourceExhausted(
+                    f"{what}: keeping {nbytes} bytes on the device would take this caller's token to "
+                    f"{tally.bytes + nbytes} bytes (all its client ids together), over its quota of "
+                    f"{self.token_quota_bytes} bytes (--max-resident-bytes-per-token); free handles or fetch "
+                    "the results instead"
+                )
+            if tally.handles + count > self.token_max_handles:
+                raise ResourceExhausted(
+                    f"{what}: this caller's token would hold {tally.handles + count} handles (all its client "
+                    f"ids together), over its limit of {self.token_max_handles} (--max-handles-per-token)"
+                )
         if held + nbytes > self.quota_bytes:
             raise ResourceExhausted(
                 f"{what}: keeping {nbytes} bytes on the device would take this client to {held + nbytes} "
@@ -292,6 +341,12 @@ class Residents:
         holder.handles.discard(hid)
         holder.bytes -= entry.nbytes
         self._bytes -= entry.nbytes
+        if holder.token:
+            tally = self._tokens[holder.token]
+            tally.handles -= 1
+            tally.bytes -= entry.nbytes
+            if not tally.handles:
+                del self._tokens[holder.token]
         if not holder.handles:
             del self._holders[entry.owner]
         return entry.nbytes

@@ -200,6 +200,16 @@ class Settings:
     max_handles_per_client: int = field(
         default=10_000, metadata={"help": "device-resident handles one client may hold at once"}
     )
+    # Client ids are chosen by the client: with tokens, what all the ids of one token
+    # hold is bounded together (without tokens, by --max-resident-bytes).
+    max_resident_bytes_per_token: int = field(
+        default=2 << 30,
+        metadata={"help": "bytes of device-resident values one token may keep, all its client ids together"},
+    )
+    max_handles_per_token: int = field(
+        default=10_000,
+        metadata={"help": "device-resident handles one token may hold at once, all its client ids together"},
+    )
 
     # Shared memory for co-located clients (server/shm.py).
     shared_memory: bool = field(
@@ -212,6 +222,25 @@ class Settings:
     shared_memory_max_bytes: int = field(
         default=16 << 30,
         metadata={"help": "bytes of shared-memory regions one client session may map, its inputs' and outputs'"},
+    )
+    shared_memory_sessions: int = field(
+        default=256,
+        metadata={"help": "shared-memory sessions one serving process keeps, pending and connected"},
+    )
+    shared_memory_sessions_per_identity: int = field(
+        default=64,
+        metadata={
+            "help": "shared-memory sessions (pending tickets and connected) one identity may hold: a token; "
+            "without tokens, a client id for tickets and the peer process (SO_PEERCRED) once connected"
+        },
+    )
+    shared_memory_ticket_seconds: float = field(
+        default=30.0,
+        metadata={"help": "a shared-memory ticket not presented on the socket within this is void"},
+    )
+    shared_memory_idle_seconds: float = field(
+        default=600.0,
+        metadata={"help": "a shared-memory session without a call for this long is ended (memory unmapped)"},
     )
     cuda_ipc: bool = field(
         default=True,
@@ -315,6 +344,14 @@ class Settings:
             raise ValueError("max_resident_bytes and max_resident_bytes_per_client must be >= 0")
         if self.max_handles_per_client < 1:
             raise ValueError("max_handles_per_client must be at least 1")
+        if self.max_resident_bytes_per_token < 0:
+            raise ValueError("max_resident_bytes_per_token must be >= 0")
+        if self.max_handles_per_token < 1:
+            raise ValueError("max_handles_per_token must be at least 1")
+        if self.shared_memory_sessions < 1 or self.shared_memory_sessions_per_identity < 1:
+            raise ValueError("shared_memory_sessions and shared_memory_sessions_per_identity must be >= 1")
+        if self.shared_memory_ticket_seconds <= 0 or self.shared_memory_idle_seconds <= 0:
+            raise ValueError("shared_memory_ticket_seconds and shared_memory_idle_seconds must be > 0")
         if self.processes < 0:
             raise ValueError("processes must be >= 0 (0: one per device served)")
         if self.restart_limit < 0:

@@ -53,10 +53,12 @@ log = logging.getLogger(__name__)
 
 MAX_SLOTS = 64  # output slots per session: calls one client runs at once through it
 MAX_REGIONS = 128  # input regions a session may hand over
-MAX_SESSIONS = 256  # connected sessions per serving process
+MAX_SESSIONS = 256  # sessions per serving process, pending and connected (--shared-memory-sessions)
+SESSIONS_PER_IDENTITY = 64  # of those, one identity's (--shared-memory-sessions-per-identity)
 MAX_PENDING = 32  # connections that have not yet said HELLO
 HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
-TICKET_SECONDS = 30.0  # a ticket unused this long is void
+TICKET_SECONDS = 30.0  # a ticket unused this long is void (--shared-memory-ticket-seconds)
+IDLE_SECONDS = 600.0  # a session without a call this long is ended (--shared-memory-idle-seconds)
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
 # All sessions of a process together may map this many times one session's
 # budget: a client that hands over a sparse memfd costs itself nothing, but the
@@ -75,6 +77,8 @@ class _Session:
     issued: float
     conn: socket.socket | None = None
     peer: str = ""
+    peer_pid: int = 0  # SO_PEERCRED's, once connected: the identity of a caller without a token
+    used: float = 0.0  # monotonic time of its last call or region (idle sessions are ended)
     regions: dict[int, shm.Region] = field(default_factory=dict)  # the client's (inputs)
     outputs: dict[int, shm.Region] = field(default_factory=dict)  # per slot, the server's
     next_output: int = 1
@@ -88,14 +92,45 @@ class _Session:
         # that changes size underneath raises RuntimeError.
         return sum(r.size for r in list(self.regions.values())) + sum(r.size for r in list(self.outputs.values()))
 
+    def identity(self) -> tuple[str, bytes | int]:
+        """Whom the session counts against (see SharedMemory.open): its token; without
+        one, the peer process once connected, the client id while pending."""
+        if self.owner.token:
+            return "token", self.owner.token
+        if self.conn is not None:
+            return "process", self.peer_pid
+        return "client", self.owner.key
+
 
 class SharedMemory:
     """The sessions of one serving process, and the socket their clients connect to."""
 
-    def __init__(self, enabled: bool, max_bytes: int, cuda_device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        max_bytes: int,
+        cuda_device: torch.device | None = None,
+        *,
+        max_sessions: int = MAX_SESSIONS,
+        per_identity: int = SESSIONS_PER_IDENTITY,
+        ticket_seconds: float = TICKET_SECONDS,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
         """`cuda_device`: the CUDA device this process serves on, whose allocations
-        sessions may name by CUDA IPC handle (None: no CUDA IPC)."""
+        sessions may name by CUDA IPC handle (None: no CUDA IPC).
+
+        Sessions are bounded per process (`max_sessions`, pending and connected)
+        and per identity (`per_identity`): a caller's token; without tokens, its
+        client id for pending tickets (the caller chooses it, so that bound is
+        only as good as the callers) and the peer process (SO_PEERCRED) once
+        connected. Tickets not presented within `ticket_seconds` and sessions
+        idle for `idle_seconds` are ended, so what a caller leaves lying around
+        stops counting against everyone."""
         self.max_bytes = max_bytes
+        self.max_sessions = max_sessions
+        self.per_identity = per_identity
+        self.ticket_seconds = ticket_seconds
+        self.idle_seconds = idle_seconds
         self.address = ""
         self.reason = "" if enabled else "shared memory is off on this server (--shared-memory off)"
         # The UUID of that device, once the driver confirmed it. Only the serving
@@ -133,6 +168,7 @@ class SharedMemory:
             return
         self._listener, self.address = sock, "@" + name
         threading.Thread(target=self._accept, name="fuseport-shm-accept", daemon=True).start()
+        threading.Thread(target=self._sweep_loop, name="fuseport-shm-sweep", daemon=True).start()
         log.info("shared memory for co-located clients on %s", self.address)
         if self._cuda_device is not None:
             drv = cuda_ipc.driver()
@@ -174,15 +210,48 @@ class SharedMemory:
             raise SharedMemoryUnavailable(self.reason)
         if not owner.has_client_id:
             raise InvalidArgument("OpenSharedMemory needs 'fuseport-client-id' metadata: a session belongs to a client")
+        self.sweep()
         now = time.monotonic()
+        session = _Session(secrets.token_hex(16), owner, secrets.token_hex(32), now, used=now)
         with self._lock:
-            for sid in [k for k, s in self._sessions.items() if s.conn is None and now - s.issued > TICKET_SECONDS]:
-                del self._sessions[sid]
-            if len(self._sessions) >= MAX_SESSIONS:
-                raise ResourceExhausted(f"{MAX_SESSIONS} shared-memory sessions are open on this serving process")
-            session = _Session(secrets.token_hex(16), owner, secrets.token_hex(32), now)
+            if len(self._sessions) >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"{self.max_sessions} shared-memory sessions (pending and connected) are open on this serving "
+                    "process (--shared-memory-sessions)"
+                )
+            # A pending ticket counts as a session: opening and never connecting
+            # must not be a free way to fill the table.
+            who = session.identity()
+            held = sum(1 for s in self._sessions.values() if s.identity() == who)
+            if held >= self.per_identity:
+                raise ResourceExhausted(
+                    f"this {who[0]} holds {held} shared-memory sessions (pending and connected) on this serving "
+                    f"process, its limit (--shared-memory-sessions-per-identity); close some, or wait "
+                    f"{self.ticket_seconds:g} s for unused tickets to expire"
+                )
             self._sessions[session.id] = session
         return self.address, session.ticket, session.id
+
+    def sweep(self) -> int:
+        """Voids tickets not presented in time and ends sessions idle for too long; how many."""
+        now = time.monotonic()
+        with self._lock:
+            void = [k for k, s in self._sessions.items() if s.conn is None and now - s.issued > self.ticket_seconds]
+            for sid in void:
+                del self._sessions[sid]
+            idle = [s for s in self._sessions.values() if s.conn is not None and now - s.used > self.idle_seconds]
+        for s in idle:
+            self._end(s, f"idle for more than {self.idle_seconds:g} s (--shared-memory-idle-seconds)")
+        return len(void) + len(idle)
+
+    def _sweep_loop(self) -> None:
+        interval = max(0.05, min(self.ticket_seconds / 2, self.idle_seconds / 4, 5.0))
+        while self._listener is not None:
+            time.sleep(interval)
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - the sweeper must outlive any one failure
+                log.exception("sweeping shared-memory sessions failed")
 
     def _session(self, owner: Owner, sid: str) -> _Session:
         s = self._sessions.get(sid)
@@ -192,6 +261,7 @@ class SharedMemory:
             raise SharedMemoryUnavailable(
                 "shared-memory session not open on this serving process (closed, or opened on another)"
             )
+        s.used = time.monotonic()
         return s
 
     def resolve(self, owner: Owner, sid: str, stack: list[Any], device: torch.device) -> list[Any]:
@@ -367,6 +437,11 @@ class SharedMemory:
             if p is not None and p.fd is not None:
                 os.close(p.fd)
             return None
+        try:
+            # Asked before the lock: who is at the other end (the kernel says; no caller can choose it).
+            pid, uid, _gid = shm.peer_creds(conn)
+        except OSError:
+            pid, uid = 0, -1
         with self._lock:
             # As bytes: compare_digest refuses str with non-ASCII characters.
             ticket = p.text.encode()
@@ -374,17 +449,29 @@ class SharedMemory:
                 (s for s in self._sessions.values() if s.conn is None and secrets.compare_digest(s.ticket.encode(), ticket)),
                 None,
             )
-            if session is not None and time.monotonic() - session.issued > TICKET_SECONDS:
+            if session is not None and time.monotonic() - session.issued > self.ticket_seconds:
                 del self._sessions[session.id]
                 session = None
+            refused = "unknown or expired ticket" if session is None else ""
+            if session is not None and not session.owner.token:
+                # No token: the client id was the caller's choice; the process at the
+                # other end of the socket is not.
+                held = sum(1 for s in self._sessions.values() if s.conn is not None and s.peer_pid == pid)
+                if held >= self.per_identity:
+                    del self._sessions[session.id]
+                    refused = (
+                        f"process {pid} holds {held} shared-memory sessions on this serving process, its limit "
+                        "(--shared-memory-sessions-per-identity)"
+                    )
+                    session = None
             if session is not None:
                 session.conn = conn
+                session.peer, session.peer_pid = f"pid {pid} uid {uid}", pid
+                session.used = time.monotonic()
         if session is None:
-            _send(conn, shm.Packet(shm.ERROR, text="unknown or expired ticket"))
+            _send(conn, shm.Packet(shm.ERROR, text=refused))
             return None
         try:
-            pid, uid, _gid = shm.peer_creds(conn)
-            session.peer = f"pid {pid} uid {uid}"
             conn.settimeout(None)
             shm.send_packet(conn, shm.Packet(shm.OK), _NO_WAIT)
         except OSError as e:
@@ -408,6 +495,7 @@ class SharedMemory:
                 return
             if p is None:
                 return
+            session.used = time.monotonic()
             if p.kind == shm.REGION:
                 self._take_region(session, p)
             elif p.kind == shm.DROP:
