@@ -289,6 +289,9 @@ class Server:
                 idle_seconds=settings.shared_memory_idle_seconds,
             ),
         )
+        if self.security.access is not None:
+            # A user token's kernels are its own (server/tenants.py); reloads follow.
+            self.service.tenant_of = self.security.access.tenant_of
         self.health = HealthServicer()
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
         self.inference = kserve.InferenceService(self.service)

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
+from fuseport.server.tenants import Tenants
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
     DeadlineExceeded,
@@ -33,6 +35,7 @@ from fuseport.wire.errors import (
     InternalError,
     KernelNotFound,
     NoMatchingVariant,
+    PermissionDenied,
     ResourceExhausted,
     SignatureMismatch,
     Unavailable,
@@ -143,19 +146,30 @@ class Core:
         self._injecting = 0  # deliberate faults (inject_device_fault) under way
         self.registry.on_removed = self._forget
         self.registry.load()
+        self.tenants = Tenants(self.registry, self._tenant_registry, shared_store=shared_store)
 
     # ------------------------------------------------------------------ RPCs
 
     def register(
-        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None
+        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None, tenant: bytes = b""
     ) -> tuple[int, bool, int]:
-        """(kernel key, created, the graph's own key)."""
-        return self.registry.register(graph, variant_of, alias)
+        """(kernel key, created, the graph's own key), in `tenant`'s namespace
+        (server/tenants.py; b"": the shared one)."""
+        if tenant and variant_of is not None:
+            own = self.tenants.own(tenant)
+            if (own is None or not own.knows(variant_of)) and self.registry.knows(variant_of):
+                raise PermissionDenied(
+                    f"kernel {variant_of} is shared (an admin registered it): only an admin adds variants to it; "
+                    "register its graph as your own kernel first (the same key), then add variants to that"
+                )
+        return self._own(tenant).register(graph, variant_of, alias)
 
-    def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None) -> int:
+    def adopt(
+        self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None, tenant: bytes = b""
+    ) -> int:
         """Registers the graphs an Execute/Fallback carries for `key` before it
         runs (a replica that lacks the kernel), with Register's checks and quotas."""
-        return self.registry.adopt(key, graphs, alias)
+        return self._own(tenant).adopt(key, graphs, alias)
 
     def execute(
         self,
@@ -200,13 +214,14 @@ class Core:
         if self.device_failed:  # admitted before the server began to drain
             raise self._device_gone()
         start = time.perf_counter_ns()
+        registry = self.tenants.find(owner.tenant, key) if owner.tenant else self.registry
         if planned_only:
-            built = self.registry.peek(key)
+            built = registry.peek(key)
             if built is None:
                 return None
             kernel = built
         else:
-            kernel = self.registry.get(key)
+            kernel = registry.get(key)
         n = kernel.arity
         if len(stack) < n:
             raise SignatureMismatch(
@@ -223,7 +238,7 @@ class Core:
             if planned_only:
                 return None  # the worker looks again, and may read the store
             # A shared store: another process may have added the variant that covers it.
-            newer = self.registry.refresh(key)
+            newer = registry.refresh(key)
             if newer is None or len(newer.variants) == len(kernel.variants):
                 raise
             variant, args = _select(newer, values, base, variants)
@@ -378,16 +393,28 @@ class Core:
                 f"{plan.largest_bytes} bytes, more than the device's {self.capacity}; refused before running"
             )
 
-    def describe(self, key: int, include_source: bool = False) -> _pb.service.KernelInfo:
-        kernel = self.registry.get(key)
-        return self._info(key, kernel.variants, include_source, with_arg_specs=True)
+    def describe(self, key: int, include_source: bool = False, tenant: bytes = b"") -> _pb.service.KernelInfo:
+        registry = self.tenants.find(tenant, key)
+        kernel = registry.get(key)
+        return self._info(key, kernel.variants, include_source, with_arg_specs=True, registry=registry)
 
-    def list(self) -> list[_pb.service.KernelInfo]:
-        return [self._info(key, variants, False, with_arg_specs=False) for key, variants in self.registry.kernels()]
+    def list(self, tenant: bytes = b"") -> list[_pb.service.KernelInfo]:
+        """The kernels `tenant` sees: its own, and the shared ones its own do not shadow."""
+        seen: set[int] = set()
+        out = []
+        for registry in self.tenants.visible(tenant):
+            for key, variants in registry.kernels():
+                if key not in seen:
+                    seen.add(key)
+                    out.append(self._info(key, variants, False, with_arg_specs=False, registry=registry))
+        return sorted(out, key=lambda info: info.key)
 
-    def unregister(self, key: int) -> bool:
+    def unregister(self, key: int, tenant: bytes = b"") -> bool:
+        registry = self.tenants.find(tenant, key)
+        if tenant and registry is self.registry and self.registry.knows(key):
+            raise PermissionDenied(f"kernel {key} is shared (an admin registered it): only an admin unregisters it")
         # Registry first: once the key is gone no new request can compile for it.
-        kernel = self.registry.remove(key)
+        kernel = registry.remove(key)
         if kernel is None:
             return False
         self._forget(kernel)
@@ -440,7 +467,8 @@ class Core:
 
     def _forget(self, kernel: Kernel) -> None:
         """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
-        still_used = set(self.registry.variant_keys())
+        # Compiled kernels are keyed by graph content: another namespace may hold the same graph.
+        still_used = {k for registry in self.tenants.all() for k in registry.variant_keys()}
         self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
 
     def close(self) -> None:
@@ -533,8 +561,23 @@ class Core:
 
     # ------------------------------------------------------------------ helpers
 
+    def _tenant_registry(self, directory: Path) -> Registry:
+        registry = Registry(directory, self.device, self.registry.quotas, shared=self.registry.shared)
+        registry.on_removed = self._forget
+        return registry
+
+    def _own(self, tenant: bytes) -> Registry:
+        own = self.tenants.own(tenant, create=True)
+        assert own is not None
+        return own
+
     def _info(
-        self, key: int, variants: Sequence[Variant | Summary], include_source: bool, with_arg_specs: bool
+        self,
+        key: int,
+        variants: Sequence[Variant | Summary],
+        include_source: bool,
+        with_arg_specs: bool,
+        registry: Registry | None = None,
     ) -> _pb.service.KernelInfo:
         fused, fallback = self.executor.counts(key)
         first = variants[0]
@@ -548,7 +591,7 @@ class Core:
             fallback_runs=fallback,
             device=str(self.device),
             random_ops=sorted({op for v in variants for op in v.random_ops}),
-            alias=self.registry.alias_of(key) or "",
+            alias=(registry or self.registry).alias_of(key) or "",
         )
         for v in variants:
             info.variants.add(

@@ -478,6 +478,10 @@ class Registry:
         # _stored first: a build sets _kernels before it takes the key out of _stored.
         return key in self._stored or key in self._kernels
 
+    def knows(self, key: int) -> bool:
+        """`has`, and in a shared store also a key another process registered since (one stat)."""
+        return self.has(key) or (self.shared and self._index_key(key))
+
     def peek(self, key: int) -> Kernel | None:
         """The kernel if it is built already; None otherwise (building reads the
         store: the caller on the event loop hands the call to a worker instead)."""

@@ -43,8 +43,9 @@ INFERENCE_METHODS = frozenset(
 )
 
 # What each role may call, by method name (KernelService's and the inference
-# protocol's names do not overlap). `user` runs what is registered; only
-# `admin` changes what is registered.
+# protocol's names do not overlap). `user` runs what is registered and
+# registers kernels of its own (server/tenants.py: no other user sees them);
+# only `admin` changes the shared kernels.
 _STREAM_METHODS = frozenset({"ExecuteStream", "FallbackStream"})
 # A caller reaches only its own handles (server/resident.py): every role may.
 _HANDLE_METHODS = frozenset({"FetchHandles", "FreeHandles", "RenewLease"})
@@ -58,7 +59,10 @@ ROLES: Mapping[str, frozenset[str]] = {
         | _HANDLE_METHODS
     )
     | INFERENCE_METHODS,
-    "user": frozenset({"Execute", "Fallback", "Describe", "List"}) | _STREAM_METHODS | _HANDLE_METHODS | INFERENCE_METHODS,
+    "user": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"})
+    | _STREAM_METHODS
+    | _HANDLE_METHODS
+    | INFERENCE_METHODS,
 }
 
 
@@ -143,6 +147,14 @@ class Access:
             if hmac.compare_digest(digest, known):
                 role = known_role
         return role
+
+    def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes:
+        """The kernel namespace of the call (server/tenants.py): a `user` token's
+        own (its digest), b"" (the shared one) for an admin."""
+        if self.role_of(metadata) != "user":
+            return b""
+        presented = _presented(metadata)
+        return _digest(presented) if presented else b""
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> FuseportError | None:
         """The error for a call to `method` (KernelService's or the inference protocol's), or None if it may proceed."""

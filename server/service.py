@@ -109,6 +109,9 @@ class KernelService:
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
         self.release_above = release_above
         self.observer = CallObserver()
+        # The kernel namespace of a call, from its metadata (set by the app where
+        # tokens are checked: a user token's own; b"" the shared one).
+        self.tenant_of: Callable[[Any], bytes] = _no_tenant
         self.limit = max_message_bytes
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
         self._runners = (self._execute, self._fallback)
@@ -146,7 +149,7 @@ class KernelService:
             try:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
-                record.owner = _owner(context)
+                record.owner = _owner(context, self.tenant_of)
                 loop = asyncio.get_running_loop()
                 if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
                     out = await self._run_small(loop, request, deadline, record, fused=fn == self._execute)
@@ -190,7 +193,7 @@ class KernelService:
         req = _parse(_pb.service.RegisterRequest, request)
         variant_of = req.variant_of if req.HasField("variant_of") else None
         alias = req.alias if req.HasField("alias") else None
-        key, created, variant = self.core.register(req.graph, variant_of, alias)
+        key, created, variant = self.core.register(req.graph, variant_of, alias, tenant=record.owner.tenant)
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
@@ -257,7 +260,7 @@ class KernelService:
         tensors, prepares the call (unless the loop did), runs it, responds."""
         # Registered first, in this same call: a separate Register could reach
         # another replica than this call did (see ExecuteRequest.graphs).
-        registered = self.core.adopt(req.key, req.graphs, req.alias) if req.graphs else 0
+        registered = self.core.adopt(req.key, req.graphs, req.alias, record.owner.tenant) if req.graphs else 0
         if call is None:
             stack = req.stack
             if req.shm_session:
@@ -320,17 +323,19 @@ class KernelService:
 
     def _describe(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.DescribeRequest, request)
-        info = self.core.describe(req.key, include_source=req.include_source)
+        info = self.core.describe(req.key, include_source=req.include_source, tenant=record.owner.tenant)
         return _pb.service.DescribeResponse(kernel=info).SerializeToString()
 
     def _list(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         _parse(_pb.service.ListRequest, request)
         resident = self.core.resident_info(record.owner)
-        return _pb.service.ListResponse(kernels=self.core.list(), resident=resident).SerializeToString()
+        kernels = self.core.list(record.owner.tenant)
+        return _pb.service.ListResponse(kernels=kernels, resident=resident).SerializeToString()
 
     def _unregister(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         req = _parse(_pb.service.UnregisterRequest, request)
-        return _pb.service.UnregisterResponse(removed=self.core.unregister(req.key)).SerializeToString()
+        removed = self.core.unregister(req.key, record.owner.tenant)
+        return _pb.service.UnregisterResponse(removed=removed).SerializeToString()
 
     # ------------------------------------------------------------------ streamed
 
@@ -360,7 +365,7 @@ class KernelService:
             try:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
-                record.owner = _owner(context)
+                record.owner = _owner(context, self.tenant_of)
                 pending: asyncio.Future[None] | None = None
                 async for raw in requests:
                     if pending is not None:
@@ -466,13 +471,15 @@ class KernelService:
         return _pb.service.RenewLeaseResponse(usage=self.core.renew_lease(record.owner)).SerializeToString()
 
 
-def _owner(context: grpc.aio.ServicerContext) -> Owner:
-    """The owner of the call's handles: its client id and, with tokens, its token."""
+def _no_tenant(metadata: Any) -> bytes:
+    return b""
+
+
+def _owner(context: grpc.aio.ServicerContext, tenant_of: Callable[[Any], bytes] = _no_tenant) -> Owner:
+    """Who the call is: its client id and, with tokens, its token and kernel namespace."""
     metadata = context.invocation_metadata() or ()
     client_id = None
     for key, value in metadata:
         if key == CLIENT_ID_KEY and isinstance(value, str):
             client_id = value
-    if client_id is None:
-        return NO_OWNER
-    return owner_of(client_id, presented_token_digest(metadata))
+    return owner_of(client_id, presented_token_digest(metadata), tenant_of(metadata))
