@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["is_disk_full", "write_atomically"]
@@ -22,8 +23,8 @@ def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` through a `.tmp-*` file in the same directory (mode
+def write_atomically(path: Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Writes `data` (bytes, or pieces written one after another) to `path` through a `.tmp-*` file in the same directory (mode
     0600, as mkstemp makes it), fsynced and renamed over `path`: a reader sees the
     old file or the whole new one, and a crash mid-write leaves no half file (the
     store and the cache delete `.tmp-*` leftovers). The caller fsyncs the directory
@@ -31,7 +32,11 @@ def write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                for piece in data:
+                    f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -24,6 +24,7 @@ from fuseport.server.devices import (
     resolve_device,
 )
 from fuseport.server.executor import Executor, Outcome, State
+from fuseport.server.intake import example_args
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
@@ -107,6 +108,7 @@ class Core:
                 max_store_kernels=settings.max_store_kernels,
             ),
             shared=shared_store,
+            capacity=self.capacity,
         )
         compiler = None
         if settings.compile_mode != "off":
@@ -151,7 +153,11 @@ class Core:
     # ------------------------------------------------------------------ RPCs
 
     def register(
-        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None, tenant: bytes = b""
+        self,
+        graph: _pb.graph.Graph,
+        variant_of: int | None = None,
+        alias: str | None = None,
+        tenant: bytes = b"",
     ) -> tuple[int, bool, int]:
         """(kernel key, created, the graph's own key), in `tenant`'s namespace
         (server/tenants.py; b"": the shared one)."""
@@ -412,7 +418,9 @@ class Core:
     def unregister(self, key: int, tenant: bytes = b"") -> bool:
         registry = self.tenants.find(tenant, key)
         if tenant and registry is self.registry and self.registry.knows(key):
-            raise PermissionDenied(f"kernel {key} is shared (an admin registered it): only an admin unregisters it")
+            raise PermissionDenied(
+                f"kernel {key} is shared (an admin registered it): only an admin unregisters it"
+            )
         # Registry first: once the key is gone no new request can compile for it.
         kernel = registry.remove(key)
         if kernel is None:
@@ -562,7 +570,9 @@ class Core:
     # ------------------------------------------------------------------ helpers
 
     def _tenant_registry(self, directory: Path) -> Registry:
-        registry = Registry(directory, self.device, self.registry.quotas, shared=self.registry.shared)
+        registry = Registry(
+            directory, self.device, self.registry.quotas, shared=self.registry.shared, capacity=self.capacity
+        )
         registry.on_removed = self._forget
         return registry
 
@@ -618,24 +628,11 @@ class Core:
         return info
 
 
-def _example_args(sig: Signature, size: int) -> list[Any] | None:
-    args: list[Any] = []
-    for d in sig.inputs:
-        if d.kind == "tensor":
-            assert d.dtype is not None and d.shape is not None
-            args.append(torch.empty([size if s < 0 else s for s in d.shape], dtype=d.dtype, device="meta"))
-        elif d.static:
-            args.append(d.static_value)
-        else:
-            args.append({"int": size, "float": 1.0, "bool": False}[d.kind])
-    return args if all(c.holds(args) for c in sig.conditions) else None
-
-
 def _planned_outputs(variant: Variant) -> tuple[InputSpec | None, ...] | None:
     for pair in _EXAMPLE_SIZES:
         planned = []
         for size in pair:
-            args = _example_args(variant.signature, size)
+            args = example_args(variant.signature, size)
             plan = None if args is None else variant.planner.plan(args)
             if plan is None or plan.error is not None or plan.outputs is None:
                 break

@@ -48,6 +48,7 @@ import torch
 
 from fuseport.server._files import is_disk_full, write_atomically
 from fuseport.server.checks import Planner, with_data_checks
+from fuseport.server.intake import Intake, refuse_if_only_fails, serialized
 from fuseport.wire import _pb, ops
 from fuseport.wire.errors import (
     FuseportError,
@@ -81,6 +82,13 @@ class Variant:
     fallback: torch.fx.GraphModule  # the same with data checks before index ops: what runs unfused
     planner: Planner
     random_ops: tuple[str, ...]  # ops whose results the two paths draw differently
+    # The constants' data, when `graph` is a skeleton without it (server/intake.py):
+    # the module's constants alias these bytes, so the graph's own copy need not stay.
+    datas: list[bytes] | None = None
+
+    def serialized(self) -> bytes:
+        """The whole graph, serialised (what a compile worker builds from)."""
+        return b"".join(serialized(self.graph, self.datas))
 
 
 @dataclass(frozen=True)
@@ -130,10 +138,19 @@ class Registry:
     """
 
     def __init__(
-        self, store_dir: Path, device: torch.device, quotas: Quotas = Quotas(), *, shared: bool = False
+        self,
+        store_dir: Path,
+        device: torch.device,
+        quotas: Quotas = Quotas(),
+        *,
+        shared: bool = False,
+        capacity: int | None = None,
     ) -> None:
+        """`capacity`: the device's memory in bytes; a graph registered that needs
+        more at every example size, or fails at every one, is refused (None: not planned at Register)."""
         self.dir = Path(store_dir)
         self.device = device
+        self.capacity = capacity
         self.quotas = quotas
         self.shared = shared  # other processes write the same store (see the module's doc)
         # Called with a kernel this process dropped because another process removed it.
@@ -318,7 +335,10 @@ class Registry:
 
     def _load(self, name: str, expected: int) -> Variant | None:
         try:
-            variant = self._build(self._read(name))
+            graph = self._read(name)
+            intake = Intake.of(graph)  # no copies of its constants but the module's (server/intake.py)
+            variant = self._build(graph, intake.key, intake)
+            del graph, intake  # the file's parsed message: the module keeps what it needs
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the server
             log.warning("skipping stored graph %s: %s", name, e)
             return None
@@ -337,8 +357,10 @@ class Registry:
         anything is built or written, and stored once the graph is."""
         if alias is not None:
             check_alias(alias)
-            self._check_alias(variant_of if variant_of is not None else key_for(graph), alias)
-        key, created, vkey = self._register(graph, variant_of)
+        intake = Intake.of(graph)  # the key and size without copying the constants (server/intake.py)
+        if alias is not None:
+            self._check_alias(variant_of if variant_of is not None else intake.key, alias)
+        key, created, vkey = self._register(graph, variant_of, intake)
         if alias is not None and self._alias_of.get(key) != alias:
             with self._lock:
                 self._check_alias(key, alias)  # again: taken while we registered?
@@ -365,14 +387,16 @@ class Registry:
         """The key an alias names, or None."""
         return self._aliases.get(alias)
 
-    def _register(self, graph: _pb.graph.Graph, variant_of: int | None) -> tuple[int, bool, int]:
-        size = graph.ByteSize()
+    def _register(
+        self, graph: _pb.graph.Graph, variant_of: int | None, intake: Intake
+    ) -> tuple[int, bool, int]:
+        size = intake.size
         if size > self.quotas.max_graph_bytes:
             raise ResourceExhausted(
                 f"the graph is {size} bytes (constants included); this server takes graphs of at most "
                 f"{self.quotas.max_graph_bytes} bytes (--max-graph-bytes)"
             )
-        vkey = key_for(graph)
+        vkey = intake.key
         key = vkey if variant_of is None else variant_of
         self.sync()  # a shared store: quotas count what every process registered
         kernel = self._built(key)
@@ -381,20 +405,25 @@ class Registry:
         if variant_of is not None and kernel is None:
             raise KernelNotFound(f"no kernel with key {key} to add a variant to; register it first", key)
         self._check_quotas(kernel is None, size)
-        variant = self._shared(vkey) or self._build(graph, vkey)
+        variant = self._shared(vkey)
+        if variant is None:
+            variant = self._build(graph, vkey, intake)
+            if self.capacity is not None:
+                # Once, at Register (a stored graph was checked when it was registered).
+                refuse_if_only_fails(variant.planner, variant.signature, self.capacity, self.device)
         with self._lock:
             kernel = self._kernels.get(key)  # again: registered while we waited for the lock?
             if kernel is not None and any(v.key == vkey for v in kernel.variants):
                 return key, False, vkey
             self._check_quotas(kernel is None, size)
             if kernel is None:
-                self._persist(f"{_hex(key)}.pb", graph)
+                self._persist(f"{_hex(key)}.pb", intake)
                 self._kernels[key] = Kernel(key, (variant,))
                 if self.shared and (identity := self._stat(key)) is not None:
                     self._identity[key] = identity
             else:
                 self._check_variant(kernel, variant)
-                self._persist(f"{_hex(key)}+{_hex(vkey)}.pb", graph)
+                self._persist(f"{_hex(key)}+{_hex(vkey)}.pb", intake)
                 self._kernels[key] = Kernel(key, (*kernel.variants, variant))
         log.info(
             "registered %s %d (%d nodes, %d inputs, %d conditions)",
@@ -555,10 +584,11 @@ class Registry:
             random_ops=tuple(op for op in ops_used if op in ops.RANDOM_OPS),
         )
 
-    def _build(self, graph: _pb.graph.Graph, key: int | None = None) -> Variant:
+    def _build(self, graph: _pb.graph.Graph, key: int | None = None, intake: Intake | None = None) -> Variant:
+        datas = None if intake is None else intake.datas
         try:
             signature = signature_of(graph)
-            module = build_module(graph, self.device)
+            module = build_module(graph, self.device, datas)
             fallback = with_data_checks(module)
         except FuseportError:
             raise
@@ -568,7 +598,8 @@ class Registry:
         floats = [i for i, s in enumerate(signature.inputs) if s.kind == "float"]
         return Variant(
             key=key_for(graph) if key is None else key,
-            graph=graph,
+            graph=graph if intake is None else intake.skeleton(),
+            datas=datas,
             signature=signature,
             ops=summary,
             module=module,
@@ -577,14 +608,14 @@ class Registry:
             random_ops=tuple(op for op in summary if op in ops.RANDOM_OPS),
         )
 
-    def _persist(self, name: str, graph: _pb.graph.Graph) -> None:
+    def _persist(self, name: str, intake: Intake) -> None:
         """Temp file, fsync, rename, fsync the directory: a kill -9 after
         Register returns loses nothing, and a crash mid-write leaves no half file.
-        The caller records the kernel only after this returns."""
-        data = graph.SerializeToString(deterministic=True)
-        with self._room(f"a graph of {len(data)} bytes"):
-            write_atomically(self.dir / name, data)
-        self._sizes[name] = len(data)
+        The caller records the kernel only after this returns. Written in pieces,
+        the constants from the bytes the module holds: no serialised copy."""
+        with self._room(f"a graph of {intake.size} bytes"):
+            write_atomically(self.dir / name, intake.serialized())
+        self._sizes[name] = (self.dir / name).stat().st_size
         _fsync_dir(self.dir)
 
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ from fuseport.client import (
     OpNotAllowed,
     ResourceExhausted,
 )
+from fuseport.wire import _pb
 
 from ._graphs import one_op
 from .conftest import ServerProcess, start_server
@@ -145,46 +146,69 @@ def test_integer_division_by_zero_never_reaches_a_kernel(client: Client) -> None
 
 
 @pytest.mark.parametrize(
-    ("op", "args", "outputs", "match"),
+    ("op", "args", "outputs", "match", "at_register"),
     [
         # Segfaulted eager torch: batch norm without running statistics in eval mode.
         ("aten::_native_batch_norm_legit.no_stats", [torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3), False, 0.1, 1e-5],
-         3, "training must be true"),
-        # Read past the end of running_var (3 channels, 2 values).
+         3, "training must be true", True),
+        # Read past the end of running_var (3 channels, 2 values). Runs where the sizes agree: registered.
         ("aten::_native_batch_norm_legit_no_training.default",
-         [torch.randn(2, 3, 4), None, None, torch.zeros(3), torch.ones(2), 0.1, 1e-5], 3, "running_var has 2 elements"),
+         [torch.randn(2, 3, 4), None, None, torch.zeros(3), torch.ones(2), 0.1, 1e-5], 3, "running_var has 2 elements",
+         False),
         # Segfaulted eager torch.
-        ("aten::_fft_r2c.default", [torch.randn(4, 8), [1 << 40], 0, True], 1, "not distinct dims"),
-        ("aten::_fft_c2r.default", [torch.randn(4, 5, dtype=torch.complex64), [-(1 << 40)], 0, 8], 1, "not distinct dims"),
+        ("aten::_fft_r2c.default", [torch.randn(4, 8), [1 << 40], 0, True], 1, "not distinct dims", True),
+        ("aten::_fft_c2r.default", [torch.randn(4, 5, dtype=torch.complex64), [-(1 << 40)], 0, 8], 1, "not distinct dims",
+         True),
         # Returned uninitialised memory.
         ("aten::grid_sampler_2d.default", [torch.randn(1, 1, 4, 4), torch.zeros(1, 2, 2, 2), 7, 0, False], 1,
-         "interpolation_mode 7"),
+         "interpolation_mode 7", True),
     ],
     ids=["batch_norm_no_stats", "batch_norm_short_var", "fft_r2c", "fft_c2r", "grid_sampler"],
 )  # fmt: skip
-def test_arguments_that_crashed_or_leaked_are_refused(client: Client, op: str, args: list, outputs: int, match: str) -> None:
+def test_arguments_that_crashed_or_leaked_are_refused(
+    client: Client, op: str, args: list, outputs: int, match: str, at_register: bool
+) -> None:
+    """Arguments that fail whatever the inputs' sizes are refused at Register
+    (planned on meta tensors, server/intake.py); the others on both paths."""
     graph, stack = one_op(op, args, outputs=outputs)
+    if at_register:
+        with pytest.raises(InvalidGraph, match=match):
+            client.register(graph)
+        assert client.health() == "SERVING"
+        return
     key = client.register(graph)
     _both_fail(client, key, stack, ExecutionFailed, match)
+
+
+def _from_int_input(graph: _pb.graph.Graph, arg: int, item: int) -> _pb.graph.Graph:
+    """`graph` with item `item` of its node's list argument `arg` read from a new int
+    input `n` (the last): a value of the caller's, not fixed at Register, so the graph
+    registers and the value is refused when a call brings it."""
+    graph.inputs.add(name="n", kind=_pb.graph.INPUT_KIND_INT)
+    graph.nodes[0].args[arg].list_value.items[item].CopyFrom(_pb.graph.Argument(ref="n"))
+    return graph
 
 
 # ---------------------------------------------------------------- raw strides: the two paths once disagreed
 
 
 def test_negative_strides_are_refused_on_both_paths(client: Client) -> None:
-    """Fallback said INVALID_ARGUMENT, Execute returned OK (FUSED)."""
+    """Fallback said INVALID_ARGUMENT, Execute returned OK (FUSED). A literal negative
+    stride is refused at Register (it can only fail); one the call brings, on both paths."""
     graph, _ = one_op("aten::empty_strided.default", [[4], [-1]], {"dtype": torch.float32})
-    graph.inputs.add(name="x", kind=1, dtype=9, shape=[-1])  # a stack to run it with
-    key = client.register(graph)
-    _both_fail(client, key, [torch.ones(1)], ExecutionFailed, "negative strides")
+    with pytest.raises(InvalidGraph, match="negative strides"):
+        client.register(graph)
+    key = client.register(_from_int_input(graph, 1, 0))
+    _both_fail(client, key, [-1], ExecutionFailed, "negative strides")
 
 
 def test_strides_past_any_memory_are_refused_before_allocating(client: Client) -> None:
     """Fallback said RESOURCE_EXHAUSTED, the fused kernel OK."""
     graph, _ = one_op("aten::empty_strided.default", [[4, 4], [2**40, 1]], {"dtype": torch.float32})
-    graph.inputs.add(name="x", kind=1, dtype=9, shape=[-1])
-    key = client.register(graph)
-    _both_fail(client, key, [torch.ones(1)], ResourceExhausted, "refused before running")
+    with pytest.raises(ResourceExhausted, match="more memory than cpu has"):
+        client.register(graph)  # can only fail: refused at Register
+    key = client.register(_from_int_input(graph, 1, 0))
+    _both_fail(client, key, [2**40], ResourceExhausted, "refused before running")
 
 
 def test_as_strided_cannot_read_past_its_input(client: Client) -> None:
@@ -211,6 +235,12 @@ def test_huge_expand_is_refused_before_it_is_computed(quiet: ServerProcess) -> N
     """Was INTERNAL: the encoder's contiguous() failed on 4 TiB."""
     with Client(quiet.target, timeout=120) as c:
         graph, stack = one_op("aten::expand.default", [torch.ones(1, 1), [2**20, 2**20]])
+        with pytest.raises(ResourceExhausted, match="its results are 4398046511104 bytes"):
+            c.register(graph)  # 4 TiB whatever the input: refused at Register
+        # The size from the call: registered, and refused when the call brings 2**20.
+        graph = _from_int_input(_from_int_input(graph, 1, 0), 1, 1)
+        del graph.inputs[-1]  # one `n` for both dims
+        stack = [*stack, 2**20]
         key = c.register(graph)
         before = quiet.rss()
         for run in (c.execute, c.fallback):

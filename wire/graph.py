@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ import torch
 import torch.fx
 
 from fuseport.wire import _pb, dtypes, ops
-from fuseport.wire.codec import MAX_DEPTH, MAX_RANK, tensor_from_proto
+from fuseport.wire.codec import MAX_DEPTH, MAX_RANK, tensor_from_bytes, tensor_from_proto
 from fuseport.wire.errors import FuseportError, InvalidGraph, OpNotAllowed
 from fuseport.wire.sizes import Condition, compile_conditions
 
@@ -157,8 +158,11 @@ def _input_specs(graph: _pb.graph.Graph) -> tuple[InputSpec, ...]:
 class _Builder:
     """Turns one Graph message into an FX graph, checking as it goes."""
 
-    def __init__(self, graph: _pb.graph.Graph, device: torch.device) -> None:
+    def __init__(
+        self, graph: _pb.graph.Graph, device: torch.device, datas: Sequence[bytes] | None = None
+    ) -> None:
         self.msg = graph
+        self.datas = datas
         self.device = device
         self.fx = torch.fx.Graph()
         self.root = torch.nn.Module()
@@ -176,7 +180,12 @@ class _Builder:
         for i, msg in enumerate(self.msg.constants):
             where = f"constants[{i}]"
             try:
-                t = tensor_from_proto(msg, where)
+                if self.datas is None:
+                    t = tensor_from_proto(msg, where)
+                else:  # read once already (the server's Register): aliased, not copied again
+                    t = tensor_from_bytes(
+                        msg.dtype, list(msg.shape), self.datas[i], where, list(msg.dim_order)
+                    )
             except FuseportError as e:
                 raise InvalidGraph(str(e)) from None
             self.root.register_buffer(f"c{i}", t.to(self.device), persistent=False)
@@ -331,12 +340,17 @@ def _check_call(op: torch._ops.OpOverload, node: _pb.graph.Node, where: str) -> 
 _UNINITIALISED = frozenset({"aten::empty.memory_format", "aten::empty_strided.default"})
 
 
-def build_module(graph: _pb.graph.Graph, device: torch.device) -> torch.fx.GraphModule:
+def build_module(
+    graph: _pb.graph.Graph, device: torch.device, datas: Sequence[bytes] | None = None
+) -> torch.fx.GraphModule:
     """Validates a graph and rebuilds it as a GraphModule whose constants live on `device`.
 
-    Raises InvalidGraph (or OpNotAllowed) naming the position of the problem.
+    `datas`: the constants' data, read from the message by the caller (each a
+    bytes object only it holds): the constants alias them instead of reading
+    the message again. Raises InvalidGraph (or OpNotAllowed) naming the position
+    of the problem.
     """
-    module = _Builder(graph, torch.device(device)).build()
+    module = _Builder(graph, torch.device(device), datas).build()
     logger.debug(
         "built a graph of %d nodes and %d constants for %s",
         len(graph.nodes),

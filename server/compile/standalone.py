@@ -360,7 +360,7 @@ class StandaloneCompiler(Compiler):
         header = {"device": str(self.placement.device), "path": str(tmp), "mode": self.mode, "inputs": inputs}
         try:
             try:
-                reply = self._worker.compile(header, job.variant.graph.SerializeToString(deterministic=True))
+                reply = self._worker.compile(header, job.variant.serialized())
             except (CompileCrashed, CompileTimedOut) as e:
                 raise CompileFailed(str(e)) from e
             if reply.get("refused"):

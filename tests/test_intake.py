@@ -1,0 +1,136 @@
+"""Register's intake (issue 20, finding 6): no copies of a graph's constants beyond those it keeps,
+and graphs that can only fail are refused at Register, planned on meta tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuseport.client import Client, InvalidGraph, ResourceExhausted, capture
+from fuseport.server.intake import Intake
+from fuseport.server.registry import Registry
+from fuseport.wire import _pb
+from fuseport.wire.keys import canonical_bytes, key_for
+
+from ._graphs import one_op
+from .conftest import ServerProcess, start_server
+
+MiB = 1 << 20
+
+
+def _graph_with_constants() -> _pb.graph.Graph:
+    c = torch.randn(3, 5)
+    graph = capture(lambda x, n: (x + c.t()[0, 0]).expand(n, -1) * c.sum(), [torch.ones(3), 4])
+    first = graph.constants[0]
+    first.alignment = b"\0" * 7  # filler: in the stored bytes, not in the key
+    graph.constants.add(dtype=first.dtype, shape=[0])  # no data: protobuf writes no data field
+    graph.constants.add(dtype=first.dtype, shape=[2, 2], data=bytes(range(16)), dim_order=[1, 0])
+    assert graph.inputs[0].name != "i0", "value names as captured: the key's renaming is exercised"
+    return graph
+
+
+def test_the_pieces_are_exactly_what_protobuf_writes_and_hash_to_the_key() -> None:
+    graph = _graph_with_constants()
+    intake = Intake.of(graph)
+    assert intake.datas is not None, "a graph without unknown fields takes the piecewise way"
+    assert intake.key == key_for(graph)
+    assert intake.size == graph.ByteSize() != len(canonical_bytes(graph))
+    assert b"".join(bytes(p) for p in intake.serialized()) == graph.SerializeToString(deterministic=True)
+
+
+def test_a_registered_variant_keeps_one_copy_of_its_constants_and_serialises_whole(tmp_path: Path) -> None:
+    """The module's constants alias the bytes read once; the graph kept beside them is
+    a skeleton, and the whole graph (what a compile worker builds from) is made from both."""
+    graph = _graph_with_constants()
+    registry = Registry(tmp_path, torch.device("cpu"), capacity=1 << 40)
+    key, created, _ = registry.register(graph)
+    (variant,) = registry.get(key).variants
+    assert created and variant.datas is not None
+    assert all(not c.data for c in variant.graph.constants)
+    assert variant.serialized() == graph.SerializeToString(deterministic=True)
+    assert (tmp_path / f"{key & (2**64 - 1):016x}.pb").read_bytes() == variant.serialized()
+    stored = Registry(tmp_path, torch.device("cpu"))
+    stored.load()
+    (again,) = stored.get(key).variants  # built from the store: the same graph, the same way
+    assert again.serialized() == variant.serialized() and again.datas is not None
+    x = torch.ones(3)
+    torch.testing.assert_close(again.fallback(x, 4), variant.module(x, 4))
+
+
+def test_a_graph_with_unknown_fields_keeps_them_in_its_key() -> None:
+    graph = _graph_with_constants()
+    # Field 99, varint 1: a field of a newer client that this server does not know.
+    odd = _pb.graph.Graph.FromString(graph.SerializeToString() + b"\x98\x06\x01")
+    intake = Intake.of(odd)
+    assert intake.datas is None and intake.key == key_for(odd) != key_for(graph)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("intake"), None, "--compile-mode", "off", "--keep-host-memory", "false"
+    )
+    yield s
+    s.stop()
+
+
+def _status(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_register_peak_memory_is_bounded_by_the_copies_it_keeps(server: ServerProcess) -> None:
+    """A 128 MiB constant took the server's peak 5.9 times that above where it was:
+    the request, its parsed message, then key_for's copy and serialisation, ByteSize's
+    serialisation, the built constant and the stored bytes' serialisation. What must
+    remain: the request gRPC holds, its parsed message and the constant the module keeps."""
+    big = torch.randn(128 * MiB // 4)
+    graph = capture(lambda x: x * big[:4].sum() + big[-1], [torch.ones(4)])
+    size = graph.ByteSize()
+    assert size > 128 * MiB
+    with Client(server.target, timeout=300) as c:
+        # A first Register warms what any first one does (lazy imports, the planner's
+        # first meta run): not this graph's cost.
+        small = torch.randn(1024)
+        c.register(capture(lambda x: x * small[:4].sum() + small[-1], [torch.ones(4)]))
+        pid = server.proc.pid
+        before = _status(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+        key = c.register(graph)
+        peak = _status(pid, "VmHWM")
+        torch.testing.assert_close(
+            c.fallback(key, [torch.ones(4)])[0], torch.ones(4) * big[:4].sum() + big[-1]
+        )
+    assert (peak - before) / size <= 4.25, (
+        f"Register raised the peak by {(peak - before) / size:.2f}x the graph"
+    )
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "error", "match"),
+    [
+        ("aten::full.default", [[-5], 1.0], InvalidGraph, "fails whatever its inputs"),
+        ("aten::full.default", [[2**62], 1.0], InvalidGraph, "overflowed"),
+        ("aten::full.default", [[2**40], 1.0], ResourceExhausted, "more memory than cpu has"),
+        ("aten::expand.default", [torch.ones(1), [2**42]], ResourceExhausted, "more memory than cpu has"),
+        ("aten::add.Tensor", [torch.ones(2), torch.ones(2), "oops"], InvalidGraph, ""),
+    ],
+    ids=["negative_size", "2**62_elements", "2**40_elements", "2**42_expand", "string_for_a_scalar"],
+)
+def test_a_graph_that_can_only_fail_is_refused_at_register(
+    server: ServerProcess, op: str, args: list, error: type[Exception], match: str
+) -> None:
+    graph, _ = one_op(op, args)
+    with Client(server.target, timeout=120) as c:
+        with pytest.raises(error, match=match):
+            c.register(graph)
+        assert key_for(graph) not in {k.key for k in c.list()}, "nothing was registered"
+        # A graph that fails only for some sizes is not refused: x.view(4, -1) runs at 4, 8, ...
+        ok, _ = one_op("aten::view.default", [torch.ones(8), [4, -1]])
+        assert c.register(ok) == key_for(ok)
