@@ -17,7 +17,7 @@ so that its key is still computed over everything it carries.
 
 Then the graph is planned on meta tensors at a few example sizes, once, and
 refused when it can only fail: an error at every size tried (``full([-5])``,
-``full([2**62])``, a string where a scalar goes) is INVALID_ARGUMENT, a tensor
+``full([2**62])``, a string where a tensor goes) is INVALID_ARGUMENT, a tensor
 or a result larger than the device at every size tried where it runs at all
 (``full([2**40])``, a 2**42-element expand returned) is RESOURCE_EXHAUSTED. A graph whose conditions no example size meets, or whose
 sizes depend on data, is accepted as before.

@@ -137,9 +137,9 @@ class Access:
     def role_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """The role of the call's bearer token; None when it has none the server knows."""
         presented = _presented(metadata)
-        if not presented:
-            return None
-        digest = _digest(presented)
+        return None if not presented else self._role_of_digest(_digest(presented))
+
+    def _role_of_digest(self, digest: bytes) -> str | None:
         role = None
         # Every configured token is compared (no early exit), each in constant
         # time: how long this takes says nothing about which token nearly matched.
@@ -151,10 +151,11 @@ class Access:
     def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes:
         """The kernel namespace of the call (server/tenants.py): a `user` token's
         own (its digest), b"" (the shared one) for an admin."""
-        if self.role_of(metadata) != "user":
-            return b""
         presented = _presented(metadata)
-        return _digest(presented) if presented else b""
+        if not presented:
+            return b""
+        digest = _digest(presented)  # hashed once for both questions
+        return digest if self._role_of_digest(digest) == "user" else b""
 
     def check(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> FuseportError | None:
         """The error for a call to `method` (KernelService's or the inference protocol's), or None if it may proceed."""
