@@ -343,8 +343,13 @@ class _Base:
         stream_chunk_bytes: int = CHUNK_BYTES,
         shared_memory: bool = True,
         shared_above: int = DEFAULT_SHARED_ABOVE,
+        batching: bool = True,
     ) -> None:
-        """`stream_above`: stacks with at least this many tensor bytes are sent
+        """`batching`: False marks every Execute of this client never to be
+        batched with other calls (ExecuteOptions.no_batching): each runs at once
+        as its own launch, on a server with --batch-window-us.
+
+        `stream_above`: stacks with at least this many tensor bytes are sent
         as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
         large for one message; None sends every stack as one message.
 
@@ -353,6 +358,7 @@ class _Base:
         (ExecuteResult.transport says "shm", or "cuda_ipc" where CUDA inputs
         went by CUDA IPC handle); False: never."""
         self.target = target
+        self.batching = batching
         self.stream_above = stream_above
         self.shared_above = shared_above
         self.stream_chunk_bytes = stream_chunk_bytes
@@ -432,6 +438,7 @@ class _Base:
             keep_outputs=keep,
             shm_session=shared.session if shared else "",
             shm_slot=shared.slot if shared else 0,
+            no_batching=not self.batching,
         )
 
     @property
@@ -587,12 +594,17 @@ class _Base:
         example_inputs: Sequence[Any] | None,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
     ) -> tuple[bytes, Callable[[bytes], int]]:
         if alias is not None:
             check_alias(alias)  # before capturing: the server would refuse it anyway
         graph = self._graph_of(fn_or_graph, example_inputs)
         fn = None if isinstance(fn_or_graph, _pb.graph.Graph) else fn_or_graph
-        return self._register_graph(graph, fn, variant_of, alias)
+        request, registered = self._register_graph(graph, fn, variant_of, alias)
+        if batching is not None:
+            # Appended to the serialized request: protobuf merges fields, and _register_graph stays as it is.
+            request += _pb.service.RegisterRequest(batching=batching).SerializeToString()
+        return request, registered
 
     def _register_graph(
         self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None, alias: str | None = None
@@ -780,6 +792,7 @@ class Client(_Base):
         *,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
         """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it.
@@ -789,8 +802,10 @@ class Client(_Base):
         that registered a function does this by itself when a stack needs it.
         With `alias`, the kernel is also known by that name (the model name
         KServe v2 clients call it by); InvalidAlias when it is malformed or
-        names another kernel."""
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
+        names another kernel. `batching`: False keeps the kernel's calls out of
+        dynamic batches on the server, whatever its graph; True lets them in
+        again; None leaves it as it is."""
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
@@ -1125,9 +1140,10 @@ class AsyncClient(_Base):
         *,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(

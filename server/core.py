@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fuseport.server.artifacts import ArtifactCache
+from fuseport.server.batching import Batcher
 from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
@@ -72,6 +73,7 @@ class Call:
     started: int  # perf_counter_ns when preparing began
     prepare_ns: int = 0  # how long preparing took
     entry: Any = None  # the executor's entry for the args, once light() looked it up
+    handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
 
 
 @dataclass
@@ -141,14 +143,34 @@ class Core:
         self._injecting = 0  # deliberate faults (inject_device_fault) under way
         self.registry.on_removed = self._forget
         self.registry.load()
+        # Dynamic batching (server/batching.py), when its window is not 0.
+        self.batcher: Batcher | None = None
+        if settings.batch_window_us > 0 and settings.max_batch > 1:
+            self.batcher = Batcher(self, settings.batch_window_us, settings.max_batch)
 
     # ------------------------------------------------------------------ RPCs
 
     def register(
-        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None
+        self,
+        graph: _pb.graph.Graph,
+        variant_of: int | None = None,
+        alias: str | None = None,
+        batching: bool | None = None,
     ) -> tuple[int, bool, int]:
-        """(kernel key, created, the graph's own key)."""
-        return self.registry.register(graph, variant_of, alias)
+        """(kernel key, created, the graph's own key). `batching`: False keeps the
+        kernel's calls out of batches (stored with it), True lets them in again, None: unchanged."""
+        key, created, vkey = self.registry.register(graph, variant_of, alias)
+        if batching is not None and self.registry.set_batching(key, batching) and self.batcher is not None:
+            self.batcher.forget([v.key for v in self.registry.get(key).variants])
+        return key, created, vkey
+
+    def batching_off(self, key: int) -> str:
+        """Why no call of kernel `key` is batched, whatever its graph; "" when calls may be."""
+        if self.batcher is None:
+            return "batching is off on this server (--batch-window-us 0)"
+        if not self.registry.batching_enabled(key):
+            return "the kernel was registered with batching=False"
+        return ""
 
     def adopt(self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None) -> int:
         """Registers the graphs an Execute/Fallback carries for `key` before it
@@ -213,7 +235,8 @@ class Core:
             )
         base = len(stack) - n
         values = stack[base:]
-        if any(self.residents.has_handles(v) for v in values):
+        handles = any(self.residents.has_handles(v) for v in values)
+        if handles:
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
         try:
             variant, args = _select(kernel, values, base, variants)
@@ -237,7 +260,10 @@ class Core:
             plan.check_inputs(args, variant.module)
         except DataError as e:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
-        return Call(key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start)
+        return Call(
+            key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start,
+            handles=handles,
+        )  # fmt: skip
 
     def light(self, call: Call) -> bool:
         """Whether the call's planned work is small enough to run where waiting
@@ -439,9 +465,14 @@ class Core:
     def _forget(self, kernel: Kernel) -> None:
         """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
         still_used = set(self.registry.variant_keys())
-        self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
+        gone = [v.key for v in kernel.variants if v.key not in still_used]
+        self.executor.forget(kernel.key, gone)
+        if self.batcher is not None:
+            self.batcher.forget(gone)
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.executor.shutdown()
         self.residents.close()
 
@@ -547,7 +578,15 @@ class Core:
             device=str(self.device),
             random_ops=sorted({op for v in variants for op in v.random_ops}),
             alias=self.registry.alias_of(key) or "",
+            batching_off=self.batching_off(key),
         )
+        if self.batcher is not None and with_arg_specs:
+            for vkey, verdict in self.batcher.verdicts([v.key for v in variants]):
+                info.batching.add(
+                    variant=vkey, sizes=verdict.sizes, batchable=verdict.batchable, reason=verdict.reason,
+                    batched_variants=sorted(v.key for v in verdict.variants.values() if v is not None),
+                    dynamic=verdict.dynamic,
+                )  # fmt: skip
         for v in variants:
             info.variants.add(
                 variant=v.key,

@@ -657,6 +657,7 @@ class ExecuteRequest:
     # output region takes the tensor outputs (0: they travel as bytes).
     shm_session: str = ""
     shm_slot: int = 0
+    no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
 
 
 @dataclass(frozen=True)
@@ -698,8 +699,11 @@ def encode_execute_request(
     keep_outputs: bool = False,
     shm_session: str = "",
     shm_slot: int = 0,
+    no_batching: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
+    if no_batching:
+        head.options.no_batching = True
     if shm_session:
         head.options.shared_memory_session = shm_session
         head.options.shared_memory_slot = shm_slot
@@ -754,6 +758,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         keep_outputs=head.options.keep_outputs,
         shm_session=head.options.shared_memory_session,
         shm_slot=head.options.shared_memory_slot,
+        no_batching=head.options.no_batching,
     )
 
 
