@@ -278,6 +278,8 @@ class Server:
             self.metrics = Metrics(self.core, self.service.shared)
             self.service.observer = self.metrics
             self.core.executor.events = self.metrics
+            if self.core.batcher is not None:
+                self.core.batcher.events = self.metrics
             # Under a supervisor, the supervisor serves --metrics-port (every process's
             # metrics, labelled); this process's own endpoint is for it alone.
             host = settings.host if process is None else "127.0.0.1"

@@ -397,6 +397,10 @@ class Batcher:
                 verdict = prove(
                     call.variant, args, self.core.registry.build_variant, self.core.batching_off(call.key)
                 )
+        except Exception as e:  # noqa: BLE001 - a proof that breaks leaves the calls unbatched
+            log.exception("batching proof of kernel %d failed", call.key)
+            verdict = Verdict(False, f"the proof failed: {short_error(e)}", sizes=_describe_sizes(call.args))
+        try:
             if verdict.batchable:
                 log.info("kernel %d: batchable at sizes %s", call.key, verdict.sizes)
             else:
@@ -405,8 +409,6 @@ class Batcher:
                 self._verdicts[bkey] = verdict
                 while len(self._verdicts) > _MAX_VERDICTS:
                     self._verdicts.popitem(last=False)
-        except Exception:  # noqa: BLE001 - a proof that breaks leaves the calls unbatched
-            log.exception("batching proof of kernel %d failed", call.key)
         finally:
             with self._lock:
                 self._proving.discard(bkey)

@@ -575,6 +575,11 @@ class Registry:
             random_ops=tuple(op for op in ops_used if op in ops.RANDOM_OPS),
         )
 
+    def build_variant(self, graph: _pb.graph.Graph) -> Variant:
+        """A graph built as a variant on this registry's device, neither stored nor
+        registered: the server's own derived graphs (a batched kernel, server/batching.py)."""
+        return self._build(graph)
+
     def _build(self, graph: _pb.graph.Graph, key: int | None = None) -> Variant:
         try:
             signature = signature_of(graph)
