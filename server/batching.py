@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from fuseport.server.core import Call, Core, Result
     from fuseport.server.registry import Variant
 
-__all__ = ["BatchEvents", "Batcher", "Verdict", "prove", "sizes_key"]
+__all__ = ["BatchEvents", "Batcher", "NotBatchable", "Verdict", "check_batch_leading", "prove", "sizes_key"]
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ def _describe_sizes(args: Sequence[Any]) -> str:
     )
 
 
-class _NotBatchable(Exception):
-    pass
+class NotBatchable(Exception):
+    """Why a graph is not batched (a Verdict's reason)."""
 
 
 def prove(
@@ -133,7 +133,7 @@ def prove(
         with TRACE_LOCK, torch.no_grad():
             tensors, capture_at = _prove(variant, list(args), build)
             batched = capture_at(2)
-    except _NotBatchable as e:
+    except NotBatchable as e:
         return Verdict(False, str(e), sizes=shown)
     except Exception as e:  # noqa: BLE001 - whatever the proof cannot do, the kernel is not batched
         log.debug("batching proof failed", exc_info=e)
@@ -158,13 +158,13 @@ def _prove(
     from fuseport.wire.errors import FuseportError
 
     if variant.random_ops:
-        raise _NotBatchable(
+        raise NotBatchable(
             f"it draws random numbers ({', '.join(variant.random_ops)}): one launch would draw other numbers "
             "than separate calls"
         )
     tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
     if not tensors:
-        raise _NotBatchable("it takes no tensor input: there is nothing to stack")
+        raise NotBatchable("it takes no tensor input: there is nothing to stack")
     module = variant.module
 
     def per_call(*ts: torch.Tensor) -> Any:
@@ -178,13 +178,13 @@ def _prove(
     try:
         concrete = make_fx(per_call, tracing_mode="fake")(*own)
     except Exception as e:
-        raise _NotBatchable(
+        raise NotBatchable(
             f"it cannot be traced at these sizes (shapes that depend on data?): {short_error(e)}"
         ) from e
     _refuse_shared_writes(concrete)
     expected = _output_shapes(concrete)
     if expected is None:
-        raise _NotBatchable("an output is not a tensor: there is no slice to give each call")
+        raise NotBatchable("an output is not a tensor: there is no slice to give each call")
     batched_fn = torch.func.vmap(concrete, in_dims=0, out_dims=0)
     # 2 and 3: vmap transforms it, and every output has the batch dim leading.
     for b in _CHECK_SIZES:
@@ -192,17 +192,9 @@ def _prove(
         try:
             traced = make_fx(batched_fn, tracing_mode="fake")(*stacked)
         except Exception as e:
-            raise _NotBatchable(f"vmap cannot batch it: {short_error(e)}") from e
+            raise NotBatchable(f"vmap cannot batch it: {short_error(e)}") from e
         _refuse_shared_writes(traced)
-        shapes = _output_shapes(traced)
-        if shapes is None or len(shapes) != len(expected):
-            raise _NotBatchable("the batched graph returns other values than the graph")
-        for k, (got, want) in enumerate(zip(shapes, expected)):
-            if got != (b, *want):
-                raise _NotBatchable(
-                    f"output {k} of a batch of {b} has shape {list(got)}, not the batch dim leading over "
-                    f"{list(want)}: slices would mix"
-                )
+        check_batch_leading(traced, expected, b)
     permuted = [_permuted(t) for t in own]
 
     def capture_at(size: int) -> Variant:
@@ -212,17 +204,31 @@ def _prove(
             graph = capture(batched_fn, examples)
             batched = build(graph)
         except FuseportError as e:
-            raise _NotBatchable(f"the batched graph cannot be captured: {e}") from e
+            raise NotBatchable(f"the batched graph cannot be captured: {e}") from e
         if len(batched.signature.inputs) != len(tensors) or any(
             d.kind != "tensor" or not d.shape or d.shape[0] not in (-1, size)
             for d in batched.signature.inputs
         ):
-            raise _NotBatchable("the captured batched graph takes other inputs than the stacked tensors")
+            raise NotBatchable("the captured batched graph takes other inputs than the stacked tensors")
         # 5. Checked on the call's own values, through the graph that will serve.
         _check_slices(variant, args, tensors, batched, own, permuted, size)
         return batched
 
     return tensors, capture_at
+
+
+def check_batch_leading(traced: torch.fx.GraphModule, expected: Sequence[tuple[int, ...]], size: int) -> None:
+    """Every output of the batched graph `traced` (a batch of `size`) is the batch dim
+    over the call's own output shape (`expected`); raises NotBatchable otherwise."""
+    shapes = _output_shapes(traced)
+    if shapes is None or len(shapes) != len(expected):
+        raise NotBatchable("the batched graph returns other values than the graph")
+    for k, (got, want) in enumerate(zip(shapes, expected)):
+        if got != (size, *want):
+            raise NotBatchable(
+                f"output {k} of a batch of {size} has shape {list(got)}, not the batch dim leading over "
+                f"{list(want)}: slices would mix"
+            )
 
 
 def _refuse_shared_writes(gm: torch.fx.GraphModule) -> None:
@@ -242,7 +248,7 @@ def _refuse_shared_writes(gm: torch.fx.GraphModule) -> None:
         for arg, value in zip(schema.arguments, node.args):
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
                 if value in base:
-                    raise _NotBatchable(
+                    raise NotBatchable(
                         f"{node.target} writes in place into {base[value].op} {base[value].target}: "
                         "state the calls of a batch would share"
                     )
@@ -257,7 +263,7 @@ def _output_shapes(gm: torch.fx.GraphModule) -> list[tuple[int, ...]] | None:
         if not isinstance(val, torch.Tensor):
             return None
         if not all(isinstance(s, int) for s in val.shape):
-            raise _NotBatchable(
+            raise NotBatchable(
                 "an output's shape depends on the data: calls of one size may not give one shape"
             )
         shapes.append(tuple(val.shape))
@@ -295,17 +301,17 @@ def _check_slices(
 
     reference = alone(own)
     if reference is None:
-        raise _NotBatchable("the graph refuses the inputs the proof was given; proven again on other inputs")
+        raise NotBatchable("the graph refuses the inputs the proof was given; proven again on other inputs")
     twice = batched.fallback.forward(*[torch.stack([t] * size) for t in own])
     mixed = batched.fallback.forward(*[torch.stack([t, p, *[t] * (size - 2)]) for t, p in zip(own, permuted)])
     other = alone(permuted)
     for k, ref in enumerate(reference):
         if not torch.equal(twice[k][0], mixed[k][0]) and not _same_nan(twice[k][0], mixed[k][0]):
-            raise _NotBatchable(f"output {k}: slice 0 changed with the other slice's inputs: slices mix")
+            raise NotBatchable(f"output {k}: slice 0 changed with the other slice's inputs: slices mix")
         if not _close(twice[k][0], ref) or not _close(twice[k][1], ref):
-            raise _NotBatchable(f"output {k}: a batched slice differs from the call run alone")
+            raise NotBatchable(f"output {k}: a batched slice differs from the call run alone")
         if other is not None and not _close(mixed[k][1], other[k]):
-            raise _NotBatchable(f"output {k}: slice 1 differs from its inputs run alone")
+            raise NotBatchable(f"output {k}: slice 1 differs from its inputs run alone")
 
 
 def _same_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -424,18 +430,21 @@ class Batcher:
             with self._lock:
                 self._proving.discard((bkey, size))
 
-    def verdicts(self, variants: Sequence[int]) -> list[Verdict | tuple[int, Verdict]]:
+    def verdicts(self, variants: Sequence[int]) -> list[tuple[int, Verdict]]:
         """(variant key, verdict) for each verdict of these variants, for Describe."""
         wanted = set(variants)
         with self._lock:
             return [(k[0], v) for k, v in self._verdicts.items() if k[0] in wanted]
 
-    def forget(self, variants: Sequence[int]) -> None:
-        """Drops the verdicts of these variants (their kernel's batching changed, or it is gone)."""
+    def forget(self, variants: Sequence[int]) -> list[int]:
+        """Drops the verdicts of these variants (their kernel's batching changed, or it
+        is gone); returns the keys of their batched graphs, whose compiled kernels go too."""
         gone = set(variants)
+        batched: list[int] = []
         with self._lock:
             for k in [k for k in self._verdicts if k[0] in gone]:
-                del self._verdicts[k]
+                batched += [v.key for v in self._verdicts.pop(k).variants.values() if v is not None]
+        return batched
 
     def close(self) -> None:
         self._prover.shutdown(wait=False, cancel_futures=True)

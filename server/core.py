@@ -161,7 +161,8 @@ class Core:
         kernel's calls out of batches (stored with it), True lets them in again, None: unchanged."""
         key, created, vkey = self.registry.register(graph, variant_of, alias)
         if batching is not None and self.registry.set_batching(key, batching) and self.batcher is not None:
-            self.batcher.forget([v.key for v in self.registry.get(key).variants])
+            batched = self.batcher.forget([v.key for v in self.registry.get(key).variants])
+            self.executor.forget(key, batched)
         return key, created, vkey
 
     def batching_off(self, key: int) -> str:
@@ -466,9 +467,9 @@ class Core:
         """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
         still_used = set(self.registry.variant_keys())
         gone = [v.key for v in kernel.variants if v.key not in still_used]
-        self.executor.forget(kernel.key, gone)
         if self.batcher is not None:
-            self.batcher.forget(gone)
+            gone += self.batcher.forget(gone)  # and the batched graphs' compiled kernels
+        self.executor.forget(kernel.key, gone)
 
     def close(self) -> None:
         if self.batcher is not None:
@@ -580,12 +581,14 @@ class Core:
             alias=self.registry.alias_of(key) or "",
             batching_off=self.batching_off(key),
         )
+        batched: set[int] = set()
         if self.batcher is not None and with_arg_specs:
             for vkey, verdict in self.batcher.verdicts([v.key for v in variants]):
+                keys = sorted(v.key for v in verdict.variants.values() if v is not None)
+                batched.update(keys)
                 info.batching.add(
                     variant=vkey, sizes=verdict.sizes, batchable=verdict.batchable, reason=verdict.reason,
-                    batched_variants=sorted(v.key for v in verdict.variants.values() if v is not None),
-                    dynamic=verdict.dynamic,
+                    batched_variants=keys, dynamic=verdict.dynamic,
                 )  # fmt: skip
         for v in variants:
             info.variants.add(
@@ -594,9 +597,11 @@ class Core:
                 conditions=[c.text for c in v.signature.conditions],
                 num_nodes=len(v.graph.nodes),
             )
-            if not with_arg_specs:
-                continue
-            for e in self.executor.entries(v.key):
+        if not with_arg_specs:
+            return info
+        # The batched graphs' ArgSpecs too: compiled (and failing) like any other.
+        for vkey in [v.key for v in variants] + sorted(batched):
+            for e in self.executor.entries(vkey):
                 info.arg_specs.add(
                     arg_spec=str(e.arg_spec),
                     state=e.state.value,
@@ -605,7 +610,7 @@ class Core:
                     fused_runs=e.fused_runs,
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
-                    variant=v.key,
+                    variant=vkey,
                     compiled_by=e.compiled_by,
                     from_cache=e.from_cache,
                 )
