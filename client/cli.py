@@ -348,6 +348,19 @@ def _describe(c: Any, key: int, source: bool) -> int:
             if a.source:
                 print("    ---- generated source ----")
                 print(a.source)
+        for b in (b for b in info.batching if b.variant == v.variant):
+            if b.batchable:
+                how = "one batched graph for every batch size" if b.dynamic else "batches padded to powers of two"
+                keys = ", ".join(map(str, b.batched_variants))
+                print(f"  batching at [{b.sizes}]: batchable ({how}; batched graph {keys})")
+                for a in (a for a in info.arg_specs if a.variant in b.batched_variants):
+                    state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
+                    print(f"    batched ArgSpec [{a.arg_spec}]: {state}, launches fused={a.fused_runs} "
+                          f"fallback={a.fallback_runs}{f', error: {a.error}' if a.error else ''}")
+            else:
+                print(f"  batching at [{b.sizes}]: not batched: {b.reason}")
+    if info.batching_off:
+        print(f"\nbatching:  off: {info.batching_off}")
     return 0
 
 
