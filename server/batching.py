@@ -60,8 +60,14 @@ __all__ = ["BatchEvents", "Batcher", "NotBatchable", "Verdict", "check_batch_lea
 
 log = logging.getLogger(__name__)
 
-# Verdicts kept (per process): each is one variant at one set of sizes.
-_MAX_VERDICTS = 4096
+# Verdicts kept (per process): each is one variant at one set of sizes, and holds
+# one call's inputs (at most a small request's) and the batched graphs.
+_MAX_VERDICTS = 1024
+# Sizes proven per variant: a proof costs a second or two of this process's CPU, so a
+# client that sends ever new sizes gets that many proofs, and its calls run unbatched after.
+_MAX_SIZES_PER_VARIANT = 16
+# Proofs waiting for the prover thread at once; past it a call runs unbatched and asks again later.
+_MAX_PENDING_PROOFS = 4
 # Batch sizes the traced batched graph is checked at (step 3).
 _CHECK_SIZES = (2, 3)
 
@@ -369,6 +375,7 @@ class Batcher:
         self.events = BatchEvents()
         self._verdicts: OrderedDict[tuple[Any, ...], Verdict] = OrderedDict()
         self._proving: set[tuple[Any, ...]] = set()
+        self._proven: dict[int, int] = {}  # variant key -> proofs made (_MAX_SIZES_PER_VARIANT)
         self._lock = threading.Lock()
         # One proof (and one capture of a padded size) at a time, off the event loop.
         self._prover = ThreadPoolExecutor(1, thread_name_prefix="fuseport-batch-proof")
@@ -390,7 +397,9 @@ class Batcher:
 
     def _start_proof(self, bkey: tuple[Any, ...], call: Call) -> None:
         with self._lock:
-            if bkey in self._proving or len(self._proving) >= 64:
+            if bkey in self._proving or len(self._proving) >= _MAX_PENDING_PROOFS:
+                return
+            if self._proven.get(bkey[0], 0) >= _MAX_SIZES_PER_VARIANT:
                 return
             self._proving.add(bkey)
         self._prover.submit(self._prove, bkey, call)
@@ -413,6 +422,7 @@ class Batcher:
                 log.info("kernel %d: not batched at sizes %s: %s", call.key, verdict.sizes, verdict.reason)
             with self._lock:
                 self._verdicts[bkey] = verdict
+                self._proven[bkey[0]] = self._proven.get(bkey[0], 0) + 1
                 while len(self._verdicts) > _MAX_VERDICTS:
                     self._verdicts.popitem(last=False)
         finally:
@@ -444,6 +454,8 @@ class Batcher:
         with self._lock:
             for k in [k for k in self._verdicts if k[0] in gone]:
                 batched += [v.key for v in self._verdicts.pop(k).variants.values() if v is not None]
+            for vkey in gone:
+                self._proven.pop(vkey, None)
         return batched
 
     def close(self) -> None:

@@ -250,6 +250,27 @@ def test_a_batch_that_fails_runs_its_calls_alone_and_only_the_bad_one_fails(tmp_
         core.close()
 
 
+def test_a_client_that_sends_ever_new_sizes_gets_a_bounded_number_of_proofs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fuseport.server import batching
+
+    monkeypatch.setattr(batching, "_MAX_SIZES_PER_VARIANT", 2)
+    core = Core(Settings(store_dir=tmp_path, device="cpu", compile_mode="off", batch_window_us=1000))
+    try:
+        key = core.register(capture(lambda x: x * 2 + 1, [torch.randn(4)]))[0]
+        assert core.batcher is not None
+        for n in (4, 5, 6, 7):
+            call = core.prepare(key, [torch.randn(n)])
+            core.batcher.batch_key(call)
+            core.batcher._prover.submit(lambda: None).result()  # that proof, if one started, is done
+        sizes = sorted(v.sizes for _, v in core.batcher.verdicts([call.variant.key]))
+        assert sizes == ["[4]", "[5]"]  # sizes 6 and 7 run unbatched, unproven
+        assert core.batcher.batch_key(core.prepare(key, [torch.randn(5)])) is not None
+    finally:
+        core.close()
+
+
 # ---------------------------------------------------------------- the server
 
 
@@ -275,11 +296,14 @@ def _batch_counts(server: ServerProcess) -> tuple[float, float]:
 
 def _verdict(client: Client, key: int, stack: list[Any]) -> Any:
     """Calls once, then waits (on Describe) for the server's verdict for these sizes."""
+    sizes = ", ".join(
+        f"[{','.join(map(str, v.shape))}]" if isinstance(v, torch.Tensor) else repr(v) for v in stack
+    )
     client.execute(key, stack)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         info = client.describe(key)
-        if len(info.batching):
+        if any(v.sizes == sizes for v in info.batching):
             return info
         time.sleep(0.05)  # the proof runs in the background; calls run alone meanwhile
         client.execute(key, stack)
@@ -318,7 +342,7 @@ def test_concurrent_callers_are_batched_and_each_gets_its_own_result(batch_serve
         key = client.register(_mm, [torch.randn(4, 8), torch.randn(8, 3)])
         y = torch.randn(8, 3)
         info = _verdict(client, key, [torch.randn(4, 8), y])
-        assert info.batching[0].batchable and info.batching[0].sizes == "[4,8], [8,3]", info.batching
+        assert [(v.sizes, v.batchable) for v in info.batching] == [("[4,8], [8,3]", True)], info.batching
         before = _batch_counts(batch_server)
         xs = [torch.randn(4, 8) for _ in range(4)]
         results = _concurrently(batch_server.target, [(key, [torch.ones(1), x, y], 60) for x in xs])
