@@ -39,6 +39,7 @@ COPY wire/ /tmp/fuseport-src/wire/
 COPY server/ /tmp/fuseport-src/server/
 COPY client/ /tmp/fuseport-src/client/
 COPY bench/ /tmp/fuseport-src/bench/
+COPY cli/ /tmp/fuseport-src/cli/
 
 # The constraint pins torch to the build already in the image: if a future base image
 # fell outside our torch range, pip must fail here rather than quietly replace the CUDA

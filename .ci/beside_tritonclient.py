@@ -136,7 +136,7 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="fuseport-beside-") as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fuseport.client.cli", "serve", "--port", "0", "--port-file", str(port_file),
+            [sys.executable, "-m", "fuseport.cli", "serve", "--port", "0", "--port-file", str(port_file),
              "--store-dir", str(Path(tmp) / "store"), "--compile-mode", "off"],
         )  # fmt: skip
         try:

@@ -97,7 +97,7 @@ def fuseport_server(
         port_file = Path(tmp) / "port"
         log_path = Path(tmp) / "server.log"
         cmd = [
-            sys.executable, "-m", "fuseport.client.cli", "serve",
+            sys.executable, "-m", "fuseport.cli", "serve",
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
             "--store-dir", str(store_dir or Path(tmp) / "store"), "--device", device,
             *(("--processes", str(processes)) if processes is not None else ()),

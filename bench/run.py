@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fuseport.client.cli import add_tls_flags, client_kwargs
+from fuseport.client.flags import add_tls_flags, client_kwargs
 
 __all__ = ["DEFAULT_SECTIONS", "SECTIONS", "main"]
 

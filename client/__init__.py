@@ -37,6 +37,7 @@ from fuseport.wire.hostmem import keep_host_memory
 
 if TYPE_CHECKING:
     from fuseport.client.client import AsyncClient, Client, ExecuteResult, Timings
+    from fuseport.client.info import KernelInfo
     from fuseport.client.resident import RemoteTensor
     from fuseport.wire.capture import capture
     from fuseport.wire.keys import key_for
@@ -56,6 +57,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidGraph",
     "InvalidStack",
+    "KernelInfo",
     "KernelNotFound",
     "KeyMismatch",
     "NoMatchingVariant",
@@ -79,6 +81,7 @@ __getattr__ = lazy_exports(
         "AsyncClient": "fuseport.client.client",
         "Client": "fuseport.client.client",
         "ExecuteResult": "fuseport.client.client",
+        "KernelInfo": "fuseport.client.info",
         "RemoteTensor": "fuseport.client.resident",
         "Timings": "fuseport.client.client",
         "capture": "fuseport.wire.capture",

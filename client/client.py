@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -12,13 +13,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
 from fuseport.wire import _pb, codec
@@ -44,13 +46,16 @@ from fuseport.wire.security import (
     token_from_env,
 )
 from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
-from fuseport.wire.targets import parse_target
+from fuseport.wire.targets import PROCESS_METADATA_KEY, parse_target
 
-__all__ = ["AsyncClient", "Client", "ExecuteResult", "RemoteTensor", "Timings"]
+__all__ = ["AsyncClient", "Client", "ExecuteResult", "KernelInfo", "RemoteTensor", "Timings"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A call's stack: tensors, ints, floats, bools, strings, None, lists of those,
+# and RemoteTensors of the same client.
+Stack: TypeAlias = Sequence[Any]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
@@ -107,7 +112,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
@@ -150,6 +155,10 @@ class ExecuteResult:
     # (shared memory, with a server on this host) or "cuda_ipc" (shared memory,
     # and CUDA inputs passed by CUDA IPC handle, on the server's GPU host).
     transport: str = "unary"
+    # The serving process that answered, "INDEX PID", under `fuseport serve
+    # --processes N` (its "fuseport-process" trailing metadata); "" for a server
+    # of one process.
+    process: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,106 @@ class _Recovery:
     registers: list[tuple[bytes, Callable[[bytes], int]]]
 
 
+# The execute flow, written once (_Base._run_flow) as a generator that yields
+# the steps it needs done and is sent their results (or has their errors thrown
+# in): httpx's Auth.auth_flow shape. Client drives it in place, AsyncClient
+# awaits each step; the decisions, the recovery above all, live in one place.
+
+
+@dataclass(frozen=True)
+class _Job:
+    """An Execute or Fallback call as its caller asked for it."""
+
+    method: str  # "Execute" or "Fallback"
+    key: int
+    stack: Stack
+    wait: bool
+    keep: bool
+    started: int = dataclasses.field(default_factory=time.perf_counter_ns)  # for Timings.total_us
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A unary call of `method`; the driver answers with the response's bytes."""
+
+    method: str
+    request: bytes
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The Execute or Fallback call itself; the driver answers with the response's
+    bytes and the serving process that answered (ExecuteResult.process)."""
+
+    method: str
+    request: bytes
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """A streamed call: the driver sends `requests` and feeds every response
+    message to `assembler`; it answers with the assembler and the serving
+    process that answered."""
+
+    method: str
+    requests: Iterator[bytes]
+    assembler: Assembler
+
+
+@dataclass(frozen=True)
+class _Session:
+    """The client's shared-memory session for a stack of `size` tensor bytes, or None."""
+
+    size: int
+
+
+@dataclass(frozen=True)
+class _InSlot:
+    """Hold a slot of `session` while the driver runs `flow(slot)` to its end
+    (answering with its result, or throwing its error back)."""
+
+    session: SharedSession
+    flow: Callable[[int], _Flow[Any]]
+
+
+@dataclass(frozen=True)
+class _Blocking:
+    """`fn(*args)`, which blocks (copies into or out of a slot): AsyncClient runs it in a thread."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+_Op = _Call | _Run | _Stream | _Session | _InSlot | _Blocking
+_Flow = Generator[_Op, Any, T]
+
+
+@dataclass(frozen=True)
+class _Done:
+    value: Any
+
+
+def _resume(flow: _Flow[Any], reply: Any, error: BaseException | None) -> _Op | _Done:
+    """The flow's next step, given the last one's answer or error; _Done at its end."""
+    try:
+        return flow.throw(error) if error is not None else flow.send(reply)
+    except StopIteration as stop:
+        return _Done(stop.value)
+
+
+@contextlib.contextmanager
+def _reading(call: Any) -> Iterator[None]:
+    """Around reading a streamed call's responses: its errors typed, and the
+    call cancelled when the client stops reading for another reason."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise _translate(e) from e
+    except BaseException:
+        call.cancel()  # a response this client cannot read: stop the server's work too
+        raise
+
+
 def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -279,21 +388,30 @@ def _translate(e: grpc.RpcError) -> FuseportError:
     return error_from_status(e.code(), e.details() or "", name)
 
 
-def _result(raw: bytes, started: int, known: _Known | None = None, carried: bool = False) -> ExecuteResult:
+def _result(raw: bytes, started: int, known: _Known | None, carried: bool, process: str) -> ExecuteResult:
     resp = codec.decode_execute_response(raw)
     if carried and known is not None:
         known.carried(resp.registered)
-    return _make_result(resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary")
+    t = resp.timings
+    return _make_result(
+        resp.stack, resp.path, resp.reason, resp.detail, t, resp.variant, started, "unary", process
+    )
 
 
-def _streamed_result(assembler: Assembler, started: int) -> ExecuteResult:
+def _streamed_result(assembler: Assembler, started: int, process: str) -> ExecuteResult:
     stack = assembler.finish()
     h = assembler.header
     assert assembler.ended is not None  # finish() says so
-    return _make_result(stack, h.path, h.reason, h.detail, assembler.ended.timings, h.variant, started, "stream")
+    t = assembler.ended.timings
+    return _make_result(stack, h.path, h.reason, h.detail, t, h.variant, started, "stream", process)
 
 
-def _holds_remote(stack: Sequence[Any]) -> bool:
+def _process_of(trailing: Sequence[tuple[str, Any]] | None) -> str:
+    """The serving process a call's trailing metadata names ("" for none: one process)."""
+    return next((str(v) for k, v in trailing or () if k == PROCESS_METADATA_KEY), "")
+
+
+def _holds_remote(stack: Stack) -> bool:
     """Whether a stack holds RemoteTensors (at any depth)."""
     return any(isinstance(v, RemoteTensor) or (isinstance(v, list) and _holds_remote(v)) for v in stack)
 
@@ -307,6 +425,7 @@ def _make_result(
     variant: int,
     started: int,
     transport: str,
+    process: str,
 ) -> ExecuteResult:
     reason = _pb.service.FallbackReason.Name(reason_code).removeprefix("FALLBACK_REASON_").lower()
     return ExecuteResult(
@@ -314,9 +433,12 @@ def _make_result(
         path="fused" if path == _pb.service.PATH_FUSED else "fallback",
         reason="" if reason == "unspecified" else reason,
         detail=detail,
-        timings=Timings(t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000),
+        timings=Timings(
+            t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000
+        ),
         variant=variant,
         transport=transport,
+        process=process,
     )
 
 
@@ -378,7 +500,11 @@ class _Base:
         if not tls_server_name and self._credentials is not None and self._target.server_name is not None:
             # A list of addresses has no host for TLS to check: the one they share.
             tls_server_name = self._target.server_name
-        elif not tls_server_name and self._credentials is not None and self._target.uri.startswith(("ipv4:", "ipv6:")):
+        elif (
+            not tls_server_name
+            and self._credentials is not None
+            and self._target.uri.startswith(("ipv4:", "ipv6:"))
+        ):
             raise ValueError(
                 f"TLS to replicas of different hosts ({', '.join(self._target.hosts)}) needs tls_server_name=: "
                 "the name every replica's certificate carries (or use dns:///NAME:PORT)"
@@ -402,6 +528,21 @@ class _Base:
         # is not healed (registering it again would undo the user's own call).
         self._unregistered: set[int] = set()
 
+    def _bind(self, channel: Any) -> None:
+        """The client's channel (blocking or asyncio) and its methods."""
+        self.channel = channel
+        self._methods = {
+            name: channel.unary_unary(f"/{_SERVICE}/{name}")
+            for name in (
+                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
+                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
+            )
+        }  # fmt: skip
+        self._stream_methods = {
+            name: channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
+        }
+        self._health = health_pb2_grpc.HealthStub(channel)
+
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
@@ -416,7 +557,7 @@ class _Base:
     def _execute_request(
         self,
         key: int,
-        stack: Sequence[Any],
+        stack: Stack,
         wait: bool,
         graphs: dict[int, _pb.graph.Graph] | None = None,
         keep: bool = False,
@@ -446,7 +587,7 @@ class _Base:
         """The random id this client sends as "fuseport-client-id" metadata."""
         return self._leases.client_id
 
-    def _wire_stack(self, stack: Sequence[Any]) -> list[Any]:
+    def _wire_stack(self, stack: Stack) -> list[Any]:
         """The stack as it travels: RemoteTensors become handles (another
         client's are refused here, before anything is sent)."""
         return [self._leases.to_wire(v) for v in stack]
@@ -467,7 +608,7 @@ class _Base:
         return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
 
     def _first_request(
-        self, key: int, stack: Sequence[Any], wait: bool, keep: bool = False, shared: _Shared | None = None
+        self, key: int, stack: Stack, wait: bool, keep: bool = False, shared: _Shared | None = None
     ) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
@@ -479,13 +620,13 @@ class _Base:
                 pass  # over the message limit with them: the retry path registers them
         return self._execute_request(key, stack, wait, keep=keep, shared=shared), False
 
-    def _streams(self, stack: Sequence[Any]) -> bool:
+    def _streams(self, stack: Stack) -> bool:
         """Whether a stack goes as a stream: past the threshold, or too large
         for one message (the stream has no such limit)."""
         size = payload_bytes(stack)
         return (self.stream_above is not None and size >= self.stream_above) or size > self._max - (1 << 20)
 
-    def _stream_requests(self, key: int, stack: Sequence[Any], wait: bool) -> Iterator[bytes]:
+    def _stream_requests(self, key: int, stack: Stack, wait: bool) -> Iterator[bytes]:
         """The request stream: header, data chunks straight from the tensors, end."""
         writer = Writer(list(stack), self.stream_chunk_bytes)
         known = self._known.get(key)
@@ -537,9 +678,7 @@ class _Base:
             return None
 
     @staticmethod
-    def _shared_write(
-        session: SharedSession, slot: int, stack: Sequence[Any], keep: bool
-    ) -> tuple[_Shared, bool]:
+    def _shared_write(session: SharedSession, slot: int, stack: Stack, keep: bool) -> tuple[_Shared, bool]:
         """The call as sent through `slot` (blocks: copies), and whether CUDA
         inputs went by CUDA IPC handle. Tensor outputs come back through the
         slot's region, unless kept."""
@@ -627,11 +766,88 @@ class _Base:
             request.alias = alias
         return request.SerializeToString(), registered
 
-    def _recovery(
+    # The execute flow (see _Call): what both clients run for Execute/Fallback.
+
+    def _run_flow(self, job: _Job) -> _Flow[ExecuteResult]:
+        """A call through shared memory where the server is on this host and the
+        stack is large enough, else over the network (unary or streamed)."""
+        size = payload_bytes(job.stack)
+        session: SharedSession | None = yield _Session(size)
+        if session is not None and size <= session.max_bytes:
+            try:
+                return (yield _InSlot(session, functools.partial(self._shared_flow, job, session)))
+            except SharedMemoryUnavailable as e:
+                self._shared_lost(session, e)
+            except BaseException as e:
+                self._shared_abandoned(session, e)
+                raise
+        return (yield from self._execute_flow(job))
+
+    def _shared_flow(self, job: _Job, session: SharedSession, slot: int) -> _Flow[ExecuteResult]:
+        """The call through `slot` of `session`: inputs copied in, the call, outputs copied out."""
+        shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
+        try:
+            result = yield from self._execute_flow(job, shared)
+        except CudaIpcUnavailable as e:
+            if not by_cuda:
+                raise
+            self._no_cuda_ipc(session, e)
+            shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
+            result = yield from self._execute_flow(job, shared)
+        return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
+
+    def _execute_flow(self, job: _Job, shared: _Shared | None = None) -> _Flow[ExecuteResult]:
+        """The call, and its recovery when the server lacks the kernel or a variant.
+
+        A large stack streams; its recovery registers graphs by Register (a
+        stream's header carries none), a unary call carries them (see
+        _plan_recovery). Handles travel only in unary calls (a stream's chunks
+        carry bytes)."""
+        method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
+        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
+        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
+        adopted: Callable[[], None] | None = None
+        for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
+            try:
+                if streamed:
+                    requests = self._stream_requests(key, stack, wait)
+                    assembler, process = yield _Stream(method, requests, Assembler("response"))
+                    return _streamed_result(assembler, job.started, process)
+                raw, process = yield _Run(method, request)
+            except FuseportError as e:
+                again = (
+                    self._plan_recovery(e, key, stack, wait, carried, streamed, keep, shared)
+                    if attempt < 2
+                    else None
+                )
+                if again is None:
+                    raise
+                if again.request is None:
+                    for register, registered in again.registers:
+                        registered((yield _Call("Register", register)))
+                    if not streamed:
+                        request, carried = (
+                            self._execute_request(key, stack, wait, keep=keep, shared=shared),
+                            False,
+                        )
+                else:
+                    request, carried, adopted = again.request, True, again.adopted
+                continue
+            if adopted is not None:
+                adopted()
+            return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
+        raise AssertionError("unreachable")
+
+    def _open_stream(self, op: _Stream, timeout: float | None) -> Any:
+        return self._stream_methods[op.method](
+            op.requests, timeout=self._timeout(timeout), metadata=self._metadata or None
+        )
+
+    def _plan_recovery(
         self,
         e: FuseportError,
         key: int,
-        stack: Sequence[Any],
+        stack: Stack,
         wait: bool,
         carried: bool,
         streamed: bool = False,
@@ -658,18 +874,24 @@ class _Base:
         known = self._known.get(key)
         if known is None:
             if isinstance(e, KernelNotFound) and key in self._unregistered:
-                raise KernelNotFound(f"{e}: this client unregistered it; register it again to use it", key) from e
+                raise KernelNotFound(
+                    f"{e}: this client unregistered it; register it again to use it", key
+                ) from e
             return None
         graphs = dict(known.graphs)
         if isinstance(e, KernelNotFound) and not carried:
             log.info("a server lacks kernel %d; sending its graphs with the call", key)
         elif isinstance(e, NoMatchingVariant) and not carried and len(graphs) > 1 and self._target.replicas:
-            log.info("kernel %d: no variant there covers these inputs; sending the variants this client holds", key)
+            log.info(
+                "kernel %d: no variant there covers these inputs; sending the variants this client holds", key
+            )
         elif isinstance(e, NoMatchingVariant) and known.fn is not None and len(stack) >= known.arity:
             inputs = list(stack[len(stack) - known.arity :])
             if any(isinstance(v, RemoteTensor) for v in inputs):
                 # Capture needs the values here; a RemoteTensor's are on the server.
-                log.info("kernel %d: no variant covers these inputs, and RemoteTensors cannot be captured on", key)
+                log.info(
+                    "kernel %d: no variant covers these inputs, and RemoteTensors cannot be captured on", key
+                )
                 return None
             log.info("kernel %d: no variant covers these inputs; capturing one (%s)", key, e)
             try:
@@ -710,12 +932,12 @@ class _Base:
         return _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString()
 
     @staticmethod
-    def _described(raw: bytes) -> _pb.service.KernelInfo:
-        return _pb.service.DescribeResponse.FromString(raw).kernel
+    def _described(raw: bytes) -> KernelInfo:
+        return KernelInfo(_pb.service.DescribeResponse.FromString(raw).kernel)
 
     @staticmethod
-    def _listed(raw: bytes) -> list[_pb.service.KernelInfo]:
-        return list(_pb.service.ListResponse.FromString(raw).kernels)
+    def _listed(raw: bytes) -> list[KernelInfo]:
+        return [KernelInfo(k) for k in _pb.service.ListResponse.FromString(raw).kernels]
 
     def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
         def unregistered(raw: bytes) -> bool:
@@ -748,18 +970,7 @@ class Client(_Base):
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(self._target.uri, self._credentials, self._options)
-        self._methods = {
-            name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in (
-                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
-                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
-            )
-        }  # fmt: skip
-        self._stream_methods = {
-            name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
-        }
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._bind(open_channel(self._target.uri, self._credentials, self._options))
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
@@ -785,91 +996,172 @@ class Client(_Base):
         except grpc.RpcError as e:
             raise _translate(e) from e
 
+    def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """A call, and the serving process that answered it."""
+        try:
+            raw, call = self._methods[method].with_call(
+                request, timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+        return raw, _process_of(call.trailing_metadata())
+
     def register(
         self,
         fn_or_module: Any,
-        example_inputs: Sequence[Any] | None = None,
+        example_inputs: Stack | None = None,
         *,
         variant_of: int | None = None,
         alias: str | None = None,
         batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
-        """Captures `fn_or_module` on `example_inputs` (or takes a Graph) and registers it.
+        """Captures a function (or takes a graph) and registers it as a kernel.
 
-        Returns the kernel's key. With `variant_of`, the graph becomes another
-        variant of that kernel (for stacks its variants do not cover); a client
-        that registered a function does this by itself when a stack needs it.
-        With `alias`, the kernel is also known by that name (the model name
-        KServe v2 clients call it by); InvalidAlias when it is malformed or
-        names another kernel. `batching`: False keeps the kernel's calls out of
-        dynamic batches on the server, whatever its graph; True lets them in
-        again; None leaves it as it is."""
+        A client that registered a function captures it again by itself when a
+        later stack needs another variant, and sends its graphs again to a
+        server (or replica) that lost them.
+
+        Args:
+            fn_or_module: A function or `torch.nn.Module` to capture, or a
+                `fuseport.v1` Graph to register as it is.
+            example_inputs: The inputs to capture on (not needed for a Graph).
+            variant_of: Register the graph as another variant of this kernel
+                (for stacks its variants do not cover).
+            alias: A name the kernel is also known by (the model name KServe v2
+                clients call it by).
+            batching: False keeps the kernel's calls out of dynamic batches on
+                the server (--batch-window-us), whatever its graph; True lets them
+                in again where the graph is proven batchable; None leaves it as it is.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            The kernel's key: the content key of its graph, the same on every server.
+
+        Raises:
+            CaptureError: The function cannot be captured on these inputs.
+            InvalidAlias: The alias is malformed or names another kernel.
+            InvalidGraph: The server refuses the graph (OpNotAllowed: an op
+                outside its allowlist).
+            KernelNotFound: `variant_of` names no kernel on the server.
+            ResourceExhausted: The graph is over the message limit, or the
+                server's store is full.
+            Unauthenticated: No token, or one the server does not know.
+            PermissionDenied: The token's role may not call Register.
+            Unavailable: The server cannot be reached or is shutting down.
+            DeadlineExceeded: No answer within the timeout.
+        """
         request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
-        self,
-        key: int,
-        stack: Sequence[Any],
-        *,
-        wait: bool = False,
-        keep: bool = False,
-        timeout: float | None = None,
+        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
-        """Execute, with which path ran, why, and where the time went."""
+        """Runs a kernel on a stack, fused where it can; says how it went.
+
+        The kernel's inputs are the top of the stack (its last values); they
+        are replaced by its outputs, and the values below stay where they are.
+        Large stacks travel as streamed chunks, or through shared memory when
+        the server is on this host (`ExecuteResult.transport` says which).
+
+        Args:
+            key: The kernel's key (from `register`).
+            stack: The values; RemoteTensors of this client run where they are.
+            wait: Wait for a kernel still compiling for these inputs instead of
+                running the fallback meanwhile.
+            keep: Leave the tensor outputs on the server's device and return
+                them as RemoteTensors.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            The resulting stack, which path ran (fused or fallback) and why,
+            the variant, the transport, the serving process, and the timings.
+
+        Raises:
+            KernelNotFound: The server lacks the kernel and this client did not
+                register it (a client that did sends its graphs again).
+            SignatureMismatch: The stack's top does not match the kernel's
+                inputs (NoMatchingVariant: no variant covers them, and this
+                client cannot capture one).
+            InvalidStack: A value cannot be encoded or decoded.
+            ExecutionFailed: The kernel raised on these inputs.
+            HandleNotFound: A RemoteTensor was freed, expired or is another client's.
+            ResourceExhausted: Out of device memory, or over a limit the
+                message names.
+            Unauthenticated: No token, or one the server does not know.
+            PermissionDenied: The token's role may not call the method.
+            Unavailable: The server cannot be reached or is shutting down.
+            DeadlineExceeded: No answer within the timeout.
+        """
         return self._run("Execute", key, stack, wait, timeout, keep)
 
     def fallback_detailed(
-        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
+        """Runs a kernel's unfused graph on a stack; says how it went.
+
+        Args, return value and errors: as `execute_detailed` (no `wait`: the
+        fallback never compiles).
+        """
         return self._run("Fallback", key, stack, False, timeout, keep)
 
     def execute(
-        self,
-        key: int,
-        stack: Sequence[Any],
-        *,
-        wait: bool = False,
-        keep: bool = False,
-        timeout: float | None = None,
+        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """The resulting stack: the kernel's inputs on top are replaced by its outputs.
+        """Runs a kernel on a stack, fused where it can.
 
-        With `keep`, tensor outputs stay on the server's device and come back
-        as RemoteTensors (stack values for later calls of this client)."""
+        Args, errors: as `execute_detailed`.
+
+        Returns:
+            The resulting stack: the kernel's inputs on top replaced by its
+            outputs (RemoteTensors for tensor outputs, with `keep`).
+        """
         return self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout).stack
 
     def fallback(
-        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
+        """Runs a kernel's unfused graph on a stack; returns the resulting stack.
+
+        Args, errors: as `execute_detailed`.
+        """
         return self.fallback_detailed(key, stack, keep=keep, timeout=timeout).stack
 
     def _run(
-        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
+        self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
-        started = time.perf_counter_ns()
-        size = payload_bytes(stack)
-        session = self._shared_session(size, timeout)
-        if session is not None and size <= session.max_bytes:
+        return self._drive(self._run_flow(_Job(method, key, stack, wait, keep)), timeout)
+
+    def _drive(self, flow: _Flow[T], timeout: float | None) -> T:
+        """Runs `flow` to its end, making each call it asks for, in place."""
+        reply: Any = None
+        error: BaseException | None = None
+        while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
-                with session.slot() as slot:
-                    shared, by_cuda = self._shared_write(session, slot, stack, keep)
-                    try:
-                        result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    except CudaIpcUnavailable as e:
-                        if not by_cuda:
-                            raise
-                        self._no_cuda_ipc(session, e)
-                        shared, by_cuda = self._shared_write(session, slot, stack, keep)
-                        result = self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    return self._shared_read(session, result, by_cuda)
-            except SharedMemoryUnavailable as e:
-                self._shared_lost(session, e)
-            except BaseException as e:
-                self._shared_abandoned(session, e)
-                raise
-        return self._run_on(method, key, stack, wait, timeout, keep, started)
+                reply, error = self._perform(step, timeout), None
+            except BaseException as e:  # the flow decides (a KeyboardInterrupt gives up a shm session)
+                reply, error = None, e
+        return step.value  # type: ignore[no-any-return]
+
+    def _perform(self, op: _Op, timeout: float | None) -> Any:
+        match op:
+            case _Call():
+                return self._call(op.method, op.request, timeout)
+            case _Run():
+                return self._call_answered(op.method, op.request, timeout)
+            case _Stream():
+                call = self._open_stream(op, timeout)
+                with _reading(call):
+                    for raw in call:
+                        op.assembler.feed(raw)
+                    return op.assembler, _process_of(call.trailing_metadata())
+            case _Session():
+                return self._shared_session(op.size, timeout)
+            case _InSlot():
+                with op.session.slot() as slot:
+                    return self._drive(op.flow(slot), timeout)
+            case _Blocking():
+                return op.fn(*op.args)
 
     def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
         """This client's shared-memory session, opened at the first stack of
@@ -888,99 +1180,144 @@ class Client(_Base):
             self._shared = self._shared_open(opened, timeout)
             return self._shared
 
-    def _run_on(
-        self,
-        method: str,
-        key: int,
-        stack: Sequence[Any],
-        wait: bool,
-        timeout: float | None,
-        keep: bool,
-        started: int,
-        shared: _Shared | None = None,
-    ) -> ExecuteResult:
-        # A large stack streams; its recovery registers graphs by Register (a
-        # stream's header carries none), a unary call carries them (see _recovery).
-        # Handles travel only in unary calls (a stream's chunks carry bytes).
-        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
-        adopted: Callable[[], None] | None = None
-        for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
-            try:
-                if streamed:
-                    return self._call_streamed(method, key, stack, wait, timeout, started)
-                raw = self._call(method, request, timeout)
-            except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed, keep, shared) if attempt < 2 else None
-                if again is None:
-                    raise
-                if again.request is None:
-                    for register, registered in again.registers:
-                        registered(self._call("Register", register, timeout))
-                    if not streamed:
-                        request, carried = self._execute_request(key, stack, wait, keep=keep, shared=shared), False
-                else:
-                    request, carried, adopted = again.request, True, again.adopted
-                continue
-            if adopted is not None:
-                adopted()
-            return self._adopt(_result(raw, started, self._known.get(key), carried))
-        raise AssertionError("unreachable")
-
-    def _call_streamed(
-        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int
-    ) -> ExecuteResult:
-        assembler = Assembler("response")
-        call = self._stream_methods[method](
-            self._stream_requests(key, stack, wait), timeout=self._timeout(timeout), metadata=self._metadata or None
-        )
-        try:
-            for raw in call:
-                assembler.feed(raw)
-        except grpc.RpcError as e:
-            raise _translate(e) from e
-        except BaseException:
-            call.cancel()  # a response this client cannot read: stop the server's work too
-            raise
-        return _streamed_result(assembler, started)
-
     # Device-resident values -------------------------------------------------
 
     def fetch(
         self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """The values of several RemoteTensors in one call (freed too, with `free`)."""
+        """The values of several RemoteTensors, in one call.
+
+        Args:
+            tensors: RemoteTensors of this client.
+            free: Also release them on the server.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            The tensors, on this host, in the order given.
+
+        Raises:
+            HandleNotFound: One was freed, expired, or is another client's
+                (HandleElsewhere: it lives on another serving process).
+            Unavailable, DeadlineExceeded: As for any call.
+        """
         return self._leases.send(self._leases.fetch_tensors(tensors, free), timeout)
 
     def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
-        """Frees several RemoteTensors in one call (all or none); returns how many."""
+        """Releases several RemoteTensors on the server, in one call (all or none).
+
+        Args:
+            tensors: RemoteTensors of this client; ones already freed are skipped.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            How many were freed.
+
+        Raises:
+            HandleNotFound: One expired or is another client's.
+            Unavailable, DeadlineExceeded: As for any call.
+        """
         request = self._leases.free_tensors(tensors)
         return 0 if request is None else self._leases.send(request, timeout)
 
     def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
-        """Renews this client's lease now (done in the background while it holds
-        RemoteTensors); says what it holds and its limits."""
+        """Renews this client's lease on its RemoteTensors now.
+
+        The client does this in the background while it holds any; a client
+        that stops renewing has its values freed once the lease runs out.
+
+        Args:
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            What this client holds on the server, and its limits.
+
+        Raises:
+            Unavailable, DeadlineExceeded: As for any call.
+        """
         return self._leases.renew(timeout)
 
     def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
-        """The server's device-resident values: totals, budget, and this client's own."""
+        """The server's device-resident values: totals, budget, and this client's own.
+
+        Args:
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Raises:
+            Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
+                for any call.
+        """
         return _pb.service.ListResponse.FromString(self._call("List", b"", timeout)).resident
 
-    def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> _pb.service.KernelInfo:
-        """Signature, every ArgSpec with its state, run counts, generated source."""
+    # Kernels and the server -------------------------------------------------
+
+    def describe(self, key: int, *, include_source: bool = False, timeout: float | None = None) -> KernelInfo:
+        """One kernel: its signature, variants, every ArgSpec with its state, run counts.
+
+        Args:
+            key: The kernel's key.
+            include_source: Also return the generated source of its fused kernels.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            The kernel's description: its fields as attributes, and `str()` of it a
+                readable summary (what `fuseport describe` prints).
+
+        Raises:
+            KernelNotFound: The server has no kernel under this key.
+            Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
+                for any call.
+        """
         return self._described(self._call("Describe", self._describe_request(key, include_source), timeout))
 
-    def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+    def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
+        """Every kernel the server holds (without generated source).
+
+        Args:
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Raises:
+            Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
+                for any call.
+        """
         return self._listed(self._call("List", b"", timeout))
 
     def unregister(self, key: int, *, timeout: float | None = None) -> bool:
+        """Removes a kernel from the server (with replicas: from the one the call reaches).
+
+        This client then no longer sends its graphs again where it is missing.
+
+        Args:
+            key: The kernel's key.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            Whether it was there to remove.
+
+        Raises:
+            Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
+                for any call.
+        """
         request, unregistered = self._unregister_call(key)
         return unregistered(self._call("Unregister", request, timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The server's health status name: "SERVING", "NOT_SERVING", ..."""
+        """The server's gRPC health status (open to every caller, no token needed).
+
+        Args:
+            service: The service to ask about; "": the server as a whole.
+            timeout: Seconds for the call; None: the client's `timeout`.
+
+        Returns:
+            The status name: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", ...
+
+        Raises:
+            Unavailable: The server cannot be reached.
+            DeadlineExceeded: No answer within the timeout.
+        """
         try:
-            return self._status(self._health.Check(self._health_request(service), timeout=self._timeout(timeout)))
+            return self._status(
+                self._health.Check(self._health_request(service), timeout=self._timeout(timeout))
+            )
         except grpc.RpcError as e:
             raise _translate(e) from e
 
@@ -1012,18 +1349,7 @@ class AsyncClient(_Base):
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self.channel = open_channel(self._target.uri, self._credentials, self._options, aio=True)
-        self._methods = {
-            name: self.channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in (
-                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
-                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
-            )
-        }  # fmt: skip
-        self._stream_methods = {
-            name: self.channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
-        }
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._bind(open_channel(self._target.uri, self._credentials, self._options, aio=True))
         # The loop the channel's calls run on: the last one a call ran on (a
         # grpc.aio channel serves one loop).
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1064,6 +1390,15 @@ class AsyncClient(_Base):
             return await self._methods[method](  # type: ignore[no-any-return]
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
+        except grpc.RpcError as e:
+            raise _translate(e) from e
+
+    async def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """A call, and the serving process that answered it."""
+        self._loop = asyncio.get_running_loop()
+        call = self._methods[method](request, timeout=self._timeout(timeout), metadata=self._metadata or None)
+        try:
+            return await call, _process_of(await call.trailing_metadata())
         except grpc.RpcError as e:
             raise _translate(e) from e
 
@@ -1136,74 +1471,78 @@ class AsyncClient(_Base):
     async def register(
         self,
         fn_or_module: Any,
-        example_inputs: Sequence[Any] | None = None,
+        example_inputs: Stack | None = None,
         *,
         variant_of: int | None = None,
         alias: str | None = None,
         batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
+        """As [Client.register][fuseport.client.client.Client.register]: the same arguments, result and errors."""
         request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(
-        self,
-        key: int,
-        stack: Sequence[Any],
-        *,
-        wait: bool = False,
-        keep: bool = False,
-        timeout: float | None = None,
+        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
+        """As [Client.execute_detailed][fuseport.client.client.Client.execute_detailed]."""
         return await self._run("Execute", key, stack, wait, timeout, keep)
 
     async def fallback_detailed(
-        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> ExecuteResult:
+        """As [Client.fallback_detailed][fuseport.client.client.Client.fallback_detailed]."""
         return await self._run("Fallback", key, stack, False, timeout, keep)
 
     async def execute(
-        self,
-        key: int,
-        stack: Sequence[Any],
-        *,
-        wait: bool = False,
-        keep: bool = False,
-        timeout: float | None = None,
+        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        return (await self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout)).stack
+        """As [Client.execute][fuseport.client.client.Client.execute]."""
+        return (await self._run("Execute", key, stack, wait, timeout, keep)).stack
 
     async def fallback(
-        self, key: int, stack: Sequence[Any], *, keep: bool = False, timeout: float | None = None
+        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        return (await self.fallback_detailed(key, stack, keep=keep, timeout=timeout)).stack
+        """As [Client.fallback][fuseport.client.client.Client.fallback]."""
+        return (await self._run("Fallback", key, stack, False, timeout, keep)).stack
 
     async def _run(
-        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, keep: bool = False
+        self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
-        # As Client._run, with the session's blocking parts in threads.
-        started = time.perf_counter_ns()
-        size = payload_bytes(stack)
-        session = await self._shared_session(size, timeout)
-        if session is not None and size <= session.max_bytes:
+        return await self._drive(self._run_flow(_Job(method, key, stack, wait, keep)), timeout)
+
+    async def _drive(self, flow: _Flow[T], timeout: float | None, held: _AsyncSlot | None = None) -> T:
+        """Runs `flow` to its end, awaiting each call it asks for; the blocking
+        steps of a call in `held` (a shared-memory slot) go to a thread."""
+        reply: Any = None
+        error: BaseException | None = None
+        while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
-                async with _AsyncSlot(session, self._gate(session)) as held:
-                    shared, by_cuda = await held.run(self._shared_write, session, held.slot, stack, keep)
-                    try:
-                        result = await self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    except CudaIpcUnavailable as e:
-                        if not by_cuda:
-                            raise
-                        self._no_cuda_ipc(session, e)
-                        shared, by_cuda = await held.run(self._shared_write, session, held.slot, stack, keep)
-                        result = await self._run_on(method, key, stack, wait, timeout, keep, started, shared)
-                    return await held.run(self._shared_read, session, result, by_cuda)
-            except SharedMemoryUnavailable as e:
-                self._shared_lost(session, e)
-            except BaseException as e:
-                self._shared_abandoned(session, e)
-                raise
-        return await self._run_on(method, key, stack, wait, timeout, keep, started)
+                reply, error = await self._perform(step, timeout, held), None
+            except BaseException as e:  # a cancellation too: the flow gives up its shm session
+                reply, error = None, e
+        return step.value  # type: ignore[no-any-return]
+
+    async def _perform(self, op: _Op, timeout: float | None, held: _AsyncSlot | None) -> Any:
+        match op:
+            case _Call():
+                return await self._call(op.method, op.request, timeout)
+            case _Run():
+                return await self._call_answered(op.method, op.request, timeout)
+            case _Stream():
+                call = self._open_stream(op, timeout)
+                with _reading(call):
+                    async for raw in call:
+                        op.assembler.feed(raw)
+                    return op.assembler, _process_of(await call.trailing_metadata())
+            case _Session():
+                return await self._shared_session(op.size, timeout)
+            case _InSlot():
+                async with _AsyncSlot(op.session, self._gate(op.session)) as slot:
+                    return await self._drive(op.flow(slot.slot), timeout, slot)
+            case _Blocking():
+                assert held is not None  # a flow asks for blocking steps only in a slot
+                return await held.run(op.fn, *op.args)
 
     async def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
         """As Client._shared_session; the session opens in a thread."""
@@ -1242,96 +1581,50 @@ class AsyncClient(_Base):
             self._shared_gate = (session, asyncio.Semaphore(session.slots))
         return self._shared_gate[1]
 
-    async def _run_on(
-        self,
-        method: str,
-        key: int,
-        stack: Sequence[Any],
-        wait: bool,
-        timeout: float | None,
-        keep: bool,
-        started: int,
-        shared: _Shared | None = None,
-    ) -> ExecuteResult:
-        # As Client._run_on: handles travel only in unary calls.
-        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
-        adopted: Callable[[], None] | None = None
-        for attempt in range(3):  # as Client._run_on
-            try:
-                if streamed:
-                    return await self._call_streamed(method, key, stack, wait, timeout, started)
-                raw = await self._call(method, request, timeout)
-            except FuseportError as e:
-                again = self._recovery(e, key, stack, wait, carried, streamed, keep, shared) if attempt < 2 else None
-                if again is None:
-                    raise
-                if again.request is None:
-                    for register, registered in again.registers:
-                        registered(await self._call("Register", register, timeout))
-                    if not streamed:
-                        request, carried = self._execute_request(key, stack, wait, keep=keep, shared=shared), False
-                else:
-                    request, carried, adopted = again.request, True, again.adopted
-                continue
-            if adopted is not None:
-                adopted()
-            return self._adopt(_result(raw, started, self._known.get(key), carried))
-        raise AssertionError("unreachable")
-
-    async def _call_streamed(
-        self, method: str, key: int, stack: Sequence[Any], wait: bool, timeout: float | None, started: int
-    ) -> ExecuteResult:
-        assembler = Assembler("response")
-        call = self._stream_methods[method](
-            self._stream_requests(key, stack, wait), timeout=self._timeout(timeout), metadata=self._metadata or None
-        )
-        try:
-            async for raw in call:
-                assembler.feed(raw)
-        except grpc.RpcError as e:
-            raise _translate(e) from e
-        except BaseException:
-            call.cancel()
-            raise
-        return _streamed_result(assembler, started)
-
     # Device-resident values -------------------------------------------------
 
     async def fetch(
         self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None
     ) -> list[Any]:
-        """The values of several RemoteTensors in one call (freed too, with `free`)."""
+        """As [Client.fetch][fuseport.client.client.Client.fetch]."""
         return await self._send(self._leases.fetch_tensors(tensors, free), timeout)
 
     async def free(self, tensors: Sequence[RemoteTensor], *, timeout: float | None = None) -> int:
-        """Frees several RemoteTensors in one call (all or none); returns how many."""
+        """As [Client.free][fuseport.client.client.Client.free]."""
         request = self._leases.free_tensors(tensors)
         return 0 if request is None else await self._send(request, timeout)
 
     async def renew_lease(self, *, timeout: float | None = None) -> _pb.service.ResidentUsage:
-        """Renews this client's lease now (done in the background while it holds
-        RemoteTensors); says what it holds and its limits."""
+        """As [Client.renew_lease][fuseport.client.client.Client.renew_lease]."""
         return await self._send(self._leases.renew_request(), timeout)
 
     async def resident(self, *, timeout: float | None = None) -> _pb.service.ResidentInfo:
-        """The server's device-resident values: totals, budget, and this client's own."""
+        """As [Client.resident][fuseport.client.client.Client.resident]."""
         return _pb.service.ListResponse.FromString(await self._call("List", b"", timeout)).resident
+
+    # Kernels and the server -------------------------------------------------
 
     async def describe(
         self, key: int, *, include_source: bool = False, timeout: float | None = None
-    ) -> _pb.service.KernelInfo:
-        return self._described(await self._call("Describe", self._describe_request(key, include_source), timeout))
+    ) -> KernelInfo:
+        """As [Client.describe][fuseport.client.client.Client.describe]."""
+        return self._described(
+            await self._call("Describe", self._describe_request(key, include_source), timeout)
+        )
 
-    async def list(self, *, timeout: float | None = None) -> list[_pb.service.KernelInfo]:
+    async def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
+        """As [Client.list][fuseport.client.client.Client.list]."""
         return self._listed(await self._call("List", b"", timeout))
 
     async def unregister(self, key: int, *, timeout: float | None = None) -> bool:
+        """As [Client.unregister][fuseport.client.client.Client.unregister]."""
         request, unregistered = self._unregister_call(key)
         return unregistered(await self._call("Unregister", request, timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """As [Client.health][fuseport.client.client.Client.health]."""
         try:
-            return self._status(await self._health.Check(self._health_request(service), timeout=self._timeout(timeout)))
+            request = self._health_request(service)
+            return self._status(await self._health.Check(request, timeout=self._timeout(timeout)))
         except grpc.RpcError as e:
             raise _translate(e) from e

@@ -38,7 +38,9 @@ def parse(text: str) -> list[Sample]:
     # Samples by their own names: family names differ across prometheus_client
     # versions (a counter's family drops `_total` in the OpenMetrics era).
     return [
-        Sample(s[0], dict(s[1]), float(s[2])) for family in text_string_to_metric_families(text) for s in family.samples
+        Sample(s[0], dict(s[1]), float(s[2]))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     ]
 
 
@@ -134,19 +136,57 @@ def summarize(text: str) -> str:
             "(Execute and Fallback, server side, estimated from histogram buckets)"
         )
 
-    ok, failed = total("fuseport_compiles_total", outcome="ok"), total("fuseport_compiles_total", outcome="failed")
+    ok, failed = (
+        total("fuseport_compiles_total", outcome="ok"),
+        total("fuseport_compiles_total", outcome="failed"),
+    )
     lines.append(
         f"compiles   {ok:.0f} ok, {failed:.0f} failed, {total('fuseport_compile_seconds_sum'):.1f} s in all"
     )
 
-    states = {s.labels["state"]: s.value for s in samples if s.name == "fuseport_kernel_cache_entries"}
+    # Under a supervisor (--processes N) every series carries process="INDEX". What
+    # a sum means differs: counters (requests, compiles, bytes) add up over the
+    # processes; the kernels registered are one store that every process reports,
+    # so they are not added; caches, memory and devices are each process's own,
+    # and are shown process by process.
+    processes = sorted({s.labels["process"] for s in samples if "process" in s.labels}, key=int)
+
+    def most(name: str) -> float:
+        return max((s.value for s in samples if s.name == name), default=0.0)
+
+    kernels = f"kernels    {most('fuseport_registered_kernels'):.0f} registered "
+    variants = f"{most('fuseport_registered_variants'):.0f} variants"
+    if not processes:
+        lines.append(f"{kernels}({variants}); {_cache(samples)}")
+        lines.append(f"memory     {_memory(samples)}")
+    else:
+        lines.append(f"{kernels}({variants}; one store, shared by {len(processes)} processes)")
+        for process in processes:
+            mine = [s for s in samples if s.labels.get("process") == process]
+            lines.append(f"process {process:<2} {_cache(mine)}; {_memory(mine)}")
     lines.append(
-        f"kernels    {total('fuseport_registered_kernels'):.0f} registered "
-        f"({total('fuseport_registered_variants'):.0f} variants); compiled-kernel cache "
-        f"{sum(states.values()):.0f} of {total('fuseport_kernel_cache_capacity'):.0f} "
-        f"({_counts(states) or 'empty'}), {total('fuseport_kernel_cache_evictions_total'):.0f} evicted"
+        f"traffic    {_bytes(total('fuseport_received_bytes_total'))} received, "
+        f"{_bytes(total('fuseport_sent_bytes_total'))} sent"
+    )
+    if processes:
+        states = {s.labels["state"]: s.value for s in samples if s.name == "fuseport_processes"}
+        lines.append(f"processes  {_counts(states) or 'none serving'}")
+    return "\n".join(lines)
+
+
+def _cache(samples: list[Sample]) -> str:
+    """One process's compiled-kernel cache."""
+    states = {s.labels["state"]: s.value for s in samples if s.name == "fuseport_kernel_cache_entries"}
+    capacity = sum(s.value for s in samples if s.name == "fuseport_kernel_cache_capacity")
+    evicted = sum(s.value for s in samples if s.name == "fuseport_kernel_cache_evictions_total")
+    return (
+        f"compiled-kernel cache {sum(states.values()):.0f} of {capacity:.0f} "
+        f"({_counts(states) or 'empty'}), {evicted:.0f} evicted"
     )
 
+
+def _memory(samples: list[Sample]) -> str:
+    """One process's memory: its RSS and its devices'."""
     rss = [s.value for s in samples if s.name == "process_resident_memory_bytes"]
     memory = [f"RSS {_bytes(rss[0])}" if rss else "RSS unknown (not Linux)"]
     devices: dict[str, dict[str, float]] = defaultdict(dict)
@@ -158,9 +198,4 @@ def summarize(text: str) -> str:
             f"{name} {_bytes(kinds.get('allocated', 0))} allocated, {_bytes(kinds.get('reserved', 0))} "
             f"reserved of {_bytes(kinds.get('total', 0))}"
         )
-    lines.append(f"memory     {'; '.join(memory)}")
-    lines.append(
-        f"traffic    {_bytes(total('fuseport_received_bytes_total'))} received, "
-        f"{_bytes(total('fuseport_sent_bytes_total'))} sent"
-    )
-    return "\n".join(lines)
+    return ", ".join(memory)

@@ -47,9 +47,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--py-spy", action="store_true")
+    ap.add_argument("--server-env", action="append", default=[], metavar="K=V", help="added to the server's environment")
+    ap.add_argument("--server-flags", default="", help="FUSEPORT_* settings as K=V,K=V (e.g. EVENT_LOOP=asyncio)")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
-        target, pid = stack.enter_context(fuseport_server(args.device))
+        env = dict(kv.split("=", 1) for kv in args.server_env)
+        env.update({f"FUSEPORT_{kv.split('=', 1)[0]}": kv.split("=", 1)[1] for kv in args.server_flags.split(",") if kv})
+        target, pid = stack.enter_context(fuseport_server(args.device, env=env))
         echo_target, echo_pid = stack.enter_context(echo_server())
         echo = echo_stub(stack.enter_context(echo_channel(echo_target)))
         client = stack.enter_context(Client(target))
@@ -79,7 +83,7 @@ def main() -> None:
             out = Path(tempfile.mkdtemp()) / "server.txt"
             spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "500",
-                 "--output", str(out), "--nonblocking"],
+                 "--output", str(out), "--nonblocking", *(["--native"] if os.environ.get("PYSPY_NATIVE") else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(1.0)  # py-spy attaches
@@ -87,8 +91,10 @@ def main() -> None:
         # One row after the other (not interleaved), so that each server's CPU time
         # over the row is that row's: CPU time per call is what a busy shared
         # machine does not blur, unlike wall time.
+        threads: dict[str, dict[str, float]] = {}
         for name, fn in calls.items():
             serving = echo_pid if name == "echo" else pid
+            t0 = _thread_cpu_us(serving)
             s0, c0 = _cpu_us(serving), time.thread_time_ns()
             for _ in range(args.n):
                 t = time.perf_counter_ns()
@@ -98,6 +104,11 @@ def main() -> None:
                     s = r.timings
                     server.append((s.decode_us, s.queue_us, s.run_us, s.encode_us))
             cpu[name] = ((_cpu_us(serving) - s0) / args.n, (time.thread_time_ns() - c0) / 1000 / args.n)
+            t1 = _thread_cpu_us(serving)
+            threads[name] = {}
+            for tid, (comm, us) in t1.items():
+                label = f"{comm} ({'main' if tid == serving else 'thread'})"
+                threads[name][label] = threads[name].get(label, 0.0) + (us - t0.get(tid, (comm, 0.0))[1]) / args.n
         gc.enable()
         if spy is not None:
             spy.send_signal(2)
@@ -108,6 +119,10 @@ def main() -> None:
             sv, cl = cpu[name]
             print(f"{name:>20}: p50 {p50(xs):7.0f} us  p99 {sorted(xs)[int(len(xs) * 0.99)]:7.0f} us  "
                   f"{p50(xs) / floor:5.2f}x echo   CPU per call: server {sv:6.0f} us, client {cl:6.0f} us")  # fmt: skip
+        print("server CPU per call by thread name (us):")
+        for name, by in threads.items():
+            top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
+            print(f"{name:>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in top if v >= 1))
         d, q, r, e = (p50([s[i] for s in server]) for i in range(4))
         print(f"server Timings p50: decode {d:.0f} queue {q:.0f} run {r:.0f} encode {e:.0f} us")
         resp = raw(request, timeout=600, metadata=md)
@@ -128,6 +143,18 @@ def _cpu_us(pid: int) -> float:
     """The process's user + system CPU time so far (all threads), in us."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) * 1e6 / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_us(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread's name and CPU time so far (us): which of the server's threads
+    burns the CPU (OpenMP's spinning workers are not Python threads; py-spy misses them)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            comm = (task / "comm").read_text().strip()
+            f = (task / "stat").read_text().rpartition(")")[2].split()
+            out[int(task.name)] = (comm, (int(f[11]) + int(f[12])) * 1e6 / os.sysconf("SC_CLK_TCK"))
+    return out
 
 
 def _summarise(path: Path) -> None:

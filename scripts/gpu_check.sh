@@ -7,6 +7,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh procs    # concurrency, 1 vs 2 serving processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh gpus2    # 2 GPUs vs 1 (needs a 2-GPU machine)
 #   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
+#   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -36,14 +37,14 @@ if [[ $PART == all || $PART == tests ]]; then
     rc=${PIPESTATUS[0]}
 fi
 if [[ $PART == all || $PART == bench ]]; then
-    python3 -m fuseport.client.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
+    python3 -m fuseport.cli bench --device cuda ${BENCH_ARGS:-} --json "$OUT/bench-cuda.json" \
         --plot "$OUT/bench-cuda.png" 2>&1 | tee "$OUT/bench-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == procs ]]; then
     # Serving processes (--processes): the concurrency section against 1 and then 2
     # processes on one GPU, each beside the same raw echo, in one run.
-    python3 -m fuseport.client.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
         --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
@@ -53,6 +54,23 @@ if [[ $PART == all || $PART == probe ]]; then
     python3 "$REPO/scripts/echo_floor_probe.py" ${PROBE_ARGS:-} 2>&1 | tee "$OUT/echo-floor-probe.log"
     rc=$(( rc || PIPESTATUS[0] ))
     python3 "$REPO/scripts/profile_small.py" cuda 2>&1 | tee "$OUT/profile-small-cuda.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    # A small call end to end beside the echo, with each process's CPU per call,
+    # on the default event loop (uvloop) and on asyncio's own.
+    for loop in uvloop asyncio; do
+        python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" --server-flags "EVENT_LOOP=$loop" \
+            2>&1 | tee "$OUT/call-stages-cuda-$loop.log"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
+fi
+if [[ $PART == perf ]]; then
+    # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
+    # client counts (the bench's concurrency section), one after the other.
+    export PATH=/tmp/site/bin:$PATH
+    python3 "$REPO/scripts/perf_analyzer_run.py" --device cuda 2>&1 | tee "$OUT/perf-analyzer.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --sizes 1K --json "$OUT/bench-concurrency.json" \
+        --no-plot 2>&1 | tee "$OUT/bench-concurrency.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == gpus2 ]]; then
@@ -66,7 +84,7 @@ if [[ $PART == gpus2 ]]; then
             | tee "$OUT/bench-gpus2.log" >&2
         exit 2
     fi
-    python3 -m fuseport.client.cli bench --device all --sections gpus --server-env FUSEPORT_COMPILE_MODE=off \
+    python3 -m fuseport.cli bench --device all --sections gpus --server-env FUSEPORT_COMPILE_MODE=off \
         ${BENCH_ARGS:-} --json "$OUT/bench-gpus2.json" --no-plot 2>&1 | tee "$OUT/bench-gpus2.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi

@@ -27,14 +27,13 @@ What a request could otherwise get past the kernels (docs/allowlist.md has the l
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -250,13 +249,20 @@ class OutOfTime(Exception):
 _limits = threading.local()  # (deadline, budget end) of the call this thread runs
 
 
-@contextlib.contextmanager
-def time_limits(deadline: float | None, budget_end: float | None) -> Iterator[None]:
-    """Within: the unfused graph stops at its next op once either time.monotonic() passes."""
-    _limits.ends = (deadline, budget_end) if deadline is not None or budget_end is not None else None
-    try:
-        yield
-    finally:
+class time_limits:  # noqa: N801 - used as the context manager it replaces
+    """Within: the unfused graph stops at its next op once either time.monotonic()
+    passes. A class, not a generator function: it is entered on every call, and
+    contextlib's machinery cost more than the rest of a small call's bookkeeping."""
+
+    __slots__ = ("_ends",)
+
+    def __init__(self, deadline: float | None, budget_end: float | None) -> None:
+        self._ends = (deadline, budget_end) if deadline is not None or budget_end is not None else None
+
+    def __enter__(self) -> None:
+        _limits.ends = self._ends
+
+    def __exit__(self, *exc: object) -> None:
         _limits.ends = None
 
 

@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from fuseport.server._http import bind_http
 from fuseport.server.batching import BatchEvents
 from fuseport.server.executor import ExecutorEvents
 from fuseport.server.service import CallObserver, CallRecord
@@ -160,11 +159,13 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
 
     # ------------------------------------------------------------------ endpoint
 
-    def bind(self, host: str, port: int) -> int:
-        """Binds the HTTP endpoint (0 picks a free port) and returns the port; it
-        answers once `serve` is called. Every path answers with the metrics."""
-        self._http = bind_http(host, port, make_wsgi_app(self.registry))
-        return int(self._http.server_address[1])
+    def serve_on(self, http: WSGIServer) -> int:
+        """Takes the HTTP endpoint, bound already (the server binds its ports before
+        anything else, server/_http.py), and returns its port; it answers once
+        `serve` is called. Every path answers with the metrics."""
+        http.set_app(make_wsgi_app(self.registry))
+        self._http = http
+        return int(http.server_address[1])
 
     def serve(self) -> None:
         assert self._http is not None, "bind first"

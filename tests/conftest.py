@@ -66,7 +66,7 @@ def start_server(
     port_file.unlink(missing_ok=True)
     log_path = tmp / "server.log"
     cmd = [
-        sys.executable, "-m", "fuseport.client.cli", "serve",
+        sys.executable, "-m", "fuseport.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--port-file", str(port_file),
         "--store-dir", str(store_dir), "--device", "cpu", *args,
     ]  # fmt: skip

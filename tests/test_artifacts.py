@@ -212,7 +212,7 @@ def test_cache_clear_command_empties_the_cache(tmp_path: Path) -> None:
     tmp.write_bytes(b"package")
     cache.commit(cache.key({"a": 1}), tmp, {})
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
-    cmd = [sys.executable, "-m", "fuseport.client.cli", "cache"]
+    cmd = [sys.executable, "-m", "fuseport.cli", "cache"]
     out = subprocess.run(
         [*cmd, "info", "--store-dir", str(tmp_path / "store")], env=env, capture_output=True, text=True
     )

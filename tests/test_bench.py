@@ -33,7 +33,7 @@ def quick_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", "bench", "--quick", "--device", "cpu",
+        [sys.executable, "-m", "fuseport.cli", "bench", "--quick", "--device", "cpu",
          "--json", str(out), "--no-plot"],
         capture_output=True, text=True, timeout=300, cwd=tmp,
     )  # fmt: skip
@@ -130,7 +130,7 @@ def test_bench_rejects_an_unknown_section(tmp_path: Path) -> None:
 def test_the_gpus_section_refuses_fewer_than_two_devices_before_starting_anything(tmp_path: Path) -> None:
     """On this machine `--device all` is the CPU alone: a clear refusal (status 2), not a silent pass."""
     proc = subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", "bench", "--sections", "gpus", "--device", "all",
+        [sys.executable, "-m", "fuseport.cli", "bench", "--sections", "gpus", "--device", "all",
          "--json", str(tmp_path / "r.json"), "--no-plot"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
@@ -150,7 +150,7 @@ def test_the_gpus_section_refuses_fewer_than_two_devices_before_starting_anythin
 def test_the_gpus_section_runs_on_two_cpu_processes_as_a_smoke_check(tmp_path: Path) -> None:
     out = tmp_path / "gpus.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", "bench", "--quick", "--sections", "gpus", "--device", "cpu,cpu",
+        [sys.executable, "-m", "fuseport.cli", "bench", "--quick", "--sections", "gpus", "--device", "cpu,cpu",
          "--server-env", "FUSEPORT_COMPILE_MODE=off", "--json", str(out), "--no-plot"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from fuseport.client import Client, cli
+from fuseport.cli import commands as cli
+from fuseport.client import Client
 from fuseport.server.settings import Settings
 
 from .conftest import ServerProcess
@@ -17,7 +23,7 @@ from .conftest import ServerProcess
 
 def fuseport(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fuseport.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 
@@ -30,7 +36,7 @@ def test_health_exits_zero_when_serving_and_one_when_unreachable(server: ServerP
 
 def test_health_check_does_not_import_torch(server: ServerProcess) -> None:
     code = (
-        "import sys; from fuseport.client.cli import main; "
+        "import sys; from fuseport.cli import main; "
         f"rc = main(['health', '--target', '{server.target}']); "
         "print(rc, 'torch' in sys.modules)"
     )
@@ -78,3 +84,56 @@ def test_demo_against_a_server_says_what_it_timed_and_suggests_a_command_that_wo
     for command in commands.groups():
         args = cli._parser().parse_args(command.split())
         assert args.target == Settings().address
+
+
+# ---------------------------------------------------------------- what a user sees when it goes wrong
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port some other program listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The command's error output, checked to be one line and no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_starting_anything(
+    which: str, busy_port: int, tmp_path: Path
+) -> None:
+    ports = {"--port": "0", "--metrics-port": "0", which: str(busy_port)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuseport.cli", "serve", "--host", "127.0.0.1", *itertools.chain(*ports.items()),
+         "--store-dir", str(tmp_path / "store"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_line_error(proc)
+    assert line.startswith("fuseport serve: ") and str(busy_port) in line and which in line, line
+    assert "warmed up" not in proc.stdout + proc.stderr
+
+
+def test_describe_reads_as_the_cli_prints_it_and_keeps_the_fields(client: Client) -> None:
+    def g(x, y):
+        return (x * y).relu()
+
+    key = client.register(g, [torch.randn(4), torch.randn(4)])
+    info = client.describe(key)
+    assert info.key == key and info.proto.key == key and len(info.arg_specs) == len(info.proto.arg_specs)
+    text = str(info)
+    assert (
+        text.startswith(f"key:       {key}\n")
+        and "signature: (x: float32[?], y: float32[?]) -> 1 output(s)" in text
+    )
+    assert "aten::relu.default" in text
+    (listed,) = [k for k in client.list() if k.key == key]
+    assert listed.signature == info.signature and str(key) in listed.summary()

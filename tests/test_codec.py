@@ -24,6 +24,7 @@ from fuseport.wire import _pb, codec, dtypes
 from fuseport.wire.codec import (
     MAX_DEPTH,
     MAX_RANK,
+    SMALL_MESSAGE,
     decode_execute_request,
     decode_execute_response,
     decode_stack,
@@ -671,7 +672,9 @@ def test_decoded_tensors_outlive_the_message() -> None:
 @pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython object layout")
 @pytest.mark.parametrize("framing", sorted(DECODERS))
 def test_decoded_tensors_alias_the_message_bytes_without_copy(framing: str) -> None:
-    stack = [random_tensor(dt, (3, 5), seed=i) for i, dt in enumerate(WIRE_DTYPES)]
+    # Past SMALL_MESSAGE (smaller Execute messages are parsed whole by protobuf, and copied).
+    rows = SMALL_MESSAGE // 5 + 1
+    stack = [random_tensor(dt, (rows, 5), seed=i) for i, dt in enumerate(WIRE_DTYPES)]
     stack.append([random_tensor(torch.float32, (9,))])
     buf = encode_as(framing, stack)
     start, end = id(buf) + BYTES_PAYLOAD, id(buf) + BYTES_PAYLOAD + len(buf)
@@ -814,7 +817,9 @@ def test_decode_rejects_unknown_dtype_enums(code: int) -> None:
     for framing in DECODERS:
         err = decode_or_error(framing, frame(framing, [v_int(0), v_tensor(code, [1], b"\x00")]))
         assert isinstance(err, InvalidStack)
-        assert str(err) == f"stack[1]: unknown dtype enum {code}"
+        # An enum is an int32 on the wire: protobuf (and so every framing) reads the low 32 bits, signed.
+        as_int32 = (code & 0xFFFF_FFFF) - ((code & 0x8000_0000) << 1)
+        assert str(err) == f"stack[1]: unknown dtype enum {as_int32}"
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])

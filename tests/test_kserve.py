@@ -21,7 +21,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from fuseport.client import Client, InvalidAlias, cli
+from fuseport.cli import commands as cli
+from fuseport.client import Client, InvalidAlias
 from fuseport.kserve import grpc_service_pb2 as pb
 from fuseport.kserve import grpc_service_pb2_grpc as pb_grpc
 from fuseport.server import kserve

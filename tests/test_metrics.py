@@ -189,7 +189,7 @@ def test_stats_says_what_it_could_not_read(server: ServerProcess) -> None:
 
 
 def _stats(url: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "fuseport.client.cli", "stats", "--metrics-url", url, "--timeout", "10"]
+    cmd = [sys.executable, "-m", "fuseport.cli", "stats", "--metrics-url", url, "--timeout", "10"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent)
 
 

@@ -19,13 +19,14 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from fuseport.client import cli
+from fuseport.cli import commands as cli
+from fuseport.client import flags
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DIST = "fuseport"
-TYPED_PACKAGES = ("fuseport.client", "fuseport.server", "fuseport.wire", "fuseport.bench")
+TYPED_PACKAGES = ("fuseport.client", "fuseport.server", "fuseport.wire", "fuseport.bench", "fuseport.cli")
 PROTOS = ("values.proto", "graph.proto", "service.proto")
 
 
@@ -155,14 +156,14 @@ def test_dockerfile_environment_configures_the_server_for_a_container() -> None:
     stage = _final_stage()
     ours = {k: v for k, v in stage.env.items() if k.startswith(ENV_PREFIX)}
     known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
-    unknown = set(ours) - known - set(cli.CLIENT_ENV)
+    unknown = set(ours) - known - set(flags.CLIENT_ENV)
     assert not unknown, f"the Dockerfile sets variables fuseport does not read: {sorted(unknown)}"
 
     settings = Settings.load(environ=ours)
     assert settings.host == "0.0.0.0"
     assert str(settings.port) in stage.exposed
     # The in-container CLI (and so the health check) must reach the port the server binds.
-    target = ours.get(cli.TARGET_ENV, "127.0.0.1:50051")
+    target = ours.get(flags.TARGET_ENV, "127.0.0.1:50051")
     assert target.rsplit(":", 1)[1] == str(settings.port)
     assert any(_is_under(str(settings.store_dir), v) for v in stage.volumes), (
         f"store_dir {settings.store_dir} is not on a VOLUME {stage.volumes}"
@@ -242,7 +243,7 @@ def _is_editable(dist: importlib.metadata.Distribution) -> bool:
 
 def test_distribution_exposes_the_fuseport_console_script() -> None:
     (script,) = [ep for ep in _dist().entry_points if ep.group == "console_scripts"]
-    assert (script.name, script.value) == ("fuseport", "fuseport.client.cli:main")
+    assert (script.name, script.value) == ("fuseport", "fuseport.cli:main")
     assert script.load() is cli.main
 
 
@@ -290,7 +291,7 @@ def test_distribution_installs_only_the_fuseport_namespace() -> None:
 def test_cli_help_exits_zero(args: list[str], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", *args, "--help"],
+        [sys.executable, "-m", "fuseport.cli", *args, "--help"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -319,6 +319,37 @@ def test_metrics_show_every_process_labelled_and_stats_sums_them(
     assert f"requests   {total:.0f}" in out.stdout, out.stdout  # summed over the processes
 
 
+def test_stats_adds_up_counters_but_not_the_shared_store_and_shows_each_process_apart(
+    supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    a, b = two
+    key = a.register(graphs["add_one"])
+    b.execute(key, [torch.randn(8)])  # both processes hold the kernel now
+    listed, _ = b.call("List", _pb.service.ListRequest().SerializeToString())
+    kernels = len(_pb.service.ListResponse.FromString(listed).kernels)
+    samples = scrape(supervisor)
+    gauges = [value(samples, "fuseport_registered_kernels", process=p) for p in ("0", "1")]
+    assert gauges == [kernels, kernels]  # each process reports the one store: a sum would say twice as many
+    out = _stats(supervisor.metrics_url)
+    assert out.returncode == 0, out.stderr
+    lines = {" ".join(line.split()[:2]): line for line in out.stdout.splitlines()[1:]}
+    assert lines[f"kernels {kernels}"].endswith("; one store, shared by 2 processes)"), out.stdout
+    for p in ("0", "1"):  # each process's own cache and memory, not the last one's or the first's
+        line = lines[f"process {p}"]
+        assert "compiled-kernel cache" in line and "RSS " in line, out.stdout
+    assert "processes  serving 2" in out.stdout
+
+
+def test_an_execute_result_names_the_serving_process_that_answered(
+    supervisor: ServerProcess, graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    with Client(supervisor.target, timeout=60) as c:
+        key = c.register(graphs["add_one"])
+        r = c.execute_detailed(key, [torch.randn(8)])
+    index, pid = r.process.split()
+    assert index in ("0", "1") and int(pid) in _children(supervisor.proc.pid)
+
+
 def test_a_killed_process_is_restarted_while_the_other_serves_every_call(
     supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
 ) -> None:

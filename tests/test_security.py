@@ -16,7 +16,8 @@ import pytest
 import torch
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from fuseport.client import Client, PermissionDenied, Unauthenticated, Unavailable, cli
+from fuseport.cli import commands as cli
+from fuseport.client import Client, PermissionDenied, Unauthenticated, Unavailable
 from fuseport.server.security import load_tokens
 from fuseport.wire.security import channel_credentials
 from tests._certs import CA, Pair
@@ -190,7 +191,7 @@ def test_cli_reaches_a_tls_server_with_its_ca_and_a_token_from_the_environment(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
 
     def health(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fuseport.client.cli", "health", "--target", guarded.target,
+        return subprocess.run([sys.executable, "-m", "fuseport.cli", "health", "--target", guarded.target,
                                *args], capture_output=True, text=True, timeout=60, env={**env, **extra})  # fmt: skip
 
     # The container's HEALTHCHECK: the CA from the environment, and no token.
@@ -207,6 +208,31 @@ def test_cli_reaches_a_tls_server_with_its_ca_and_a_token_from_the_environment(
     assert cli.main(["list", "--target", guarded.target, "--tls-ca", str(pki["ca"].cert)]) == 1
     err = capsys.readouterr().err
     assert "Unauthenticated" in err and WRONG not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "token", "refused"),
+    [
+        ("demo", None, "Unauthenticated"),
+        ("demo", USER, "PermissionDenied"),
+        ("describe", None, "Unauthenticated"),
+        ("list", WRONG, "Unauthenticated"),
+    ],
+)
+def test_every_command_refused_by_the_server_says_so_in_one_line(
+    guarded: ServerProcess, pki: dict[str, Any], key: int, command: str, token: str | None, refused: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
+    env |= {"FUSEPORT_TLS_CA": str(pki["ca"].cert)} | ({"FUSEPORT_TOKEN": token} if token else {})
+    args = {"demo": ["demo", "--timeout", "60"], "describe": ["describe", str(key)], "list": ["list"]}[command]
+    proc = subprocess.run([sys.executable, "-m", "fuseport.cli", *args, "--target", guarded.target],
+                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fuseport {command}: {refused}: "), lines[0]
+    assert "$FUSEPORT_TOKEN" in lines[0]  # how the command sends a token
+    assert not token or token not in proc.stderr
 
 
 def test_no_token_reaches_the_server_log(guarded: ServerProcess, pki: dict[str, Any], key: int) -> None:
@@ -320,7 +346,7 @@ def test_sighup_reloads_tokens_and_certificate(mtls: dict[str, Any], pki: dict[s
 def _serve(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     return subprocess.run(
-        [sys.executable, "-m", "fuseport.client.cli", "serve", "--port", "0", "--store-dir", str(tmp / "store"),
+        [sys.executable, "-m", "fuseport.cli", "serve", "--port", "0", "--store-dir", str(tmp / "store"),
          "--device", "cpu", *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fuseport.client.cli import _parser
+from fuseport.cli.commands import _parser
 from fuseport.server.settings import Settings
 
 

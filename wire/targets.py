@@ -28,7 +28,12 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Target", "parse_target"]
+__all__ = ["PROCESS_METADATA_KEY", "Target", "parse_target"]
+
+# Behind one port, several serving processes (`fuseport serve --processes N`):
+# every KernelService response carries this trailing metadata, "INDEX PID" of
+# the process that answered (the client's ExecuteResult.process).
+PROCESS_METADATA_KEY = "fuseport-process"
 
 # gRPC's own URI schemes that can name several addresses or none of a host (unix).
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")

@@ -1,4 +1,4 @@
-"""The `fuseport` command: serve, health, list, describe, stats, demo, bench."""
+"""The `fuseport` command: its parser and its subcommands (serve, health, list, describe, stats, demo, cache, bench)."""
 
 from __future__ import annotations
 
@@ -15,65 +15,24 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fuseport.client.flags import (
+    TARGET_ENV,
+    TOKEN_ENV,
+    add_target_flags,
+    add_tls_flags,
+    client_kwargs,
+    default_target,
+)
+from fuseport.wire.errors import FuseportError, PermissionDenied, Unauthenticated
+
 __all__ = ["main"]
-
-TARGET_ENV = "FUSEPORT_TARGET"
-# How the client commands reach a TLS server. Not FUSEPORT_TLS_CERT/KEY: those
-# are the server's own certificate, and both may be set in one container.
-TLS_CA_ENV = "FUSEPORT_TLS_CA"
-CLIENT_CERT_ENV = "FUSEPORT_CLIENT_TLS_CERT"
-CLIENT_KEY_ENV = "FUSEPORT_CLIENT_TLS_KEY"
-SERVER_NAME_ENV = "FUSEPORT_TLS_SERVER_NAME"
-# Every variable the client commands read (the server's are its settings').
-CLIENT_ENV = (TARGET_ENV, TLS_CA_ENV, CLIENT_CERT_ENV, CLIENT_KEY_ENV, SERVER_NAME_ENV, "FUSEPORT_TOKEN")
-
-
-def _default_target() -> str:
-    return os.environ.get(TARGET_ENV) or "127.0.0.1:50051"
-
-
-def add_tls_flags(p: argparse.ArgumentParser) -> None:
-    """--tls-ca/--tls-cert/--tls-key/--tls-server-name, shared with `fuseport bench`."""
-    p.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help=f"speak TLS, trusting this CA bundle for the server's certificate (default: ${TLS_CA_ENV}; "
-                        "with only --tls-cert, the system's roots)")
-    p.add_argument("--tls-cert", default=None, metavar="PEM",
-                   help=f"client certificate for a server that requires one (default: ${CLIENT_CERT_ENV})")
-    p.add_argument("--tls-key", default=None, metavar="PEM",
-                   help=f"private key of --tls-cert (default: ${CLIENT_KEY_ENV})")
-    p.add_argument("--tls-server-name", default=None, metavar="NAME",
-                   help="name the server's certificate must carry, when the target's host is another one "
-                        f"(default: ${SERVER_NAME_ENV})")
-
-
-def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The Client's TLS arguments from the flags, else the environment. The
-    token comes from $FUSEPORT_TOKEN only: a flag would show it in `ps`."""
-    return {
-        "tls_ca": args.tls_ca or os.environ.get(TLS_CA_ENV) or None,
-        "tls_cert": args.tls_cert or os.environ.get(CLIENT_CERT_ENV) or None,
-        "tls_key": args.tls_key or os.environ.get(CLIENT_KEY_ENV) or None,
-        "tls_server_name": args.tls_server_name or os.environ.get(SERVER_NAME_ENV) or None,
-    }
-
-
-def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--target",
-        default=None,
-        help=f"server address host:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
-    )
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default: 10)")
-    add_tls_flags(p)
 
 
 def _parser() -> argparse.ArgumentParser:
     from fuseport.client.stats import DEFAULT_METRICS_URL
     from fuseport.server.settings import Settings, parse_bool
 
-    parser = argparse.ArgumentParser(
-        prog="fuseport", description="Fused PyTorch kernels behind a gRPC port."
-    )
+    parser = argparse.ArgumentParser(prog="fuseport", description="Fused PyTorch kernels behind a gRPC port.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -86,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         if f.metadata.get("env_only"):
             continue  # FUSEPORT_<NAME> only (test-only switches): see Settings
         kind = str(f.type).removesuffix(" | None")
-        flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(kind, Path if "Path" in kind else str)
+        flag_type: Any = {"int": int, "float": float, "bool": parse_bool}.get(
+            kind, Path if "Path" in kind else str
+        )
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # A bool flag alone means true (`--insecure`); `--keep-host-memory false` still works.
         bool_flag: dict[str, Any] = {"nargs": "?", "const": True} if kind == "bool" else {}
@@ -99,18 +60,19 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     health = sub.add_parser(
-        "health", help="check a server's health (exit 0 when SERVING)",
+        "health",
+        help="check a server's health (exit 0 when SERVING)",
         description="Exit status 0 when the server reports SERVING, 1 otherwise: usable as a "
         "container health check.",
     )
-    _add_target(health)
+    add_target_flags(health)
     health.add_argument("--service", default="", help="service name to check (default: the server)")
 
     lst = sub.add_parser("list", help="list registered kernels")
-    _add_target(lst)
+    add_target_flags(lst)
 
     describe = sub.add_parser("describe", help="show a kernel: inputs, ArgSpecs, fused kernel source")
-    _add_target(describe)
+    add_target_flags(describe)
     describe.add_argument("key", type=int, help="the kernel's key")
     describe.add_argument("--no-source", action="store_true", help="leave out generated kernel source")
 
@@ -157,7 +119,10 @@ def _parser() -> argparse.ArgumentParser:
         "--store-dir", type=Path, default=None, help="the server's --store-dir (env FUSEPORT_STORE_DIR)"
     )
     cache.add_argument(
-        "--artifact-dir", type=Path, default=None, help="the server's --artifact-dir (env FUSEPORT_ARTIFACT_DIR)"
+        "--artifact-dir",
+        type=Path,
+        default=None,
+        help="the server's --artifact-dir (env FUSEPORT_ARTIFACT_DIR)",
     )
 
     # Listed for --help only: main() hands `bench ...` to the benchmark's own parser.
@@ -167,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(argv)
+    except FuseportError as e:
+        # Whatever the command, a refused or failed call is one line, never a traceback.
+        print(_one_line(argv[0] if argv else "", e), file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         # The benchmark parses its own flags (argparse's REMAINDER would not pass
         # a leading --help through).
@@ -177,27 +151,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command
     if command == "serve":
         return _serve(args)
-    if command == "demo":
-        return _demo(args)
     if command == "stats":
         return _stats(args.metrics_url, args.timeout)
     if command == "cache":
         return _cache(args)
-
-    target = args.target or _default_target()
     if command == "health":
-        return _health(target, args.service, args.timeout, client_kwargs(args))
-
-    from fuseport.client import Client, FuseportError
-
+        return _health(args.target or default_target(), args.service, args.timeout, client_kwargs(args))
     try:
-        with Client(target, timeout=args.timeout, **client_kwargs(args)) as c:
+        if command == "demo":
+            return _demo(args)
+        from fuseport.client import Client
+
+        with Client(args.target or default_target(), timeout=args.timeout, **client_kwargs(args)) as c:
             if command == "list":
                 return _list(c)
             return _describe(c, args.key, not args.no_source)
-    except (FuseportError, ValueError) as e:  # ValueError: an unreadable --tls-* file
+    except ValueError as e:  # an unreadable --tls-* file
         print(f"fuseport {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _one_line(command: str, e: FuseportError) -> str:
+    """A failed call as the user reads it: the error's class and message on one
+    line, and for a refused token, how the command sends one."""
+    hint = ""
+    if isinstance(e, Unauthenticated):
+        hint = f" (the fuseport command sends the token in ${TOKEN_ENV}: set it to one the server accepts)"
+    elif isinstance(e, PermissionDenied):
+        hint = f" (set ${TOKEN_ENV} to a token whose role may)"
+    return f"fuseport {command}: {type(e).__name__}: {' '.join(str(e).split())}{hint}"
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -290,24 +272,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if processes > 1 or len(devices) > 1:
         return supervise(settings)
-    from fuseport.server.app import serve
+    from fuseport.server.app import CannotListen, serve
 
-    return serve(settings.replace(device=devices[0]), security)
-
-
-def _signature(info: Any) -> str:
-    from fuseport.wire import _pb
-
-    parts = []
-    for i in info.inputs:
-        kind = _pb.graph.InputKind.Name(i.kind).removeprefix("INPUT_KIND_").lower()
-        if kind == "tensor":
-            dtype = _pb.values.DType.Name(i.dtype).removeprefix("DTYPE_").lower()
-            shape = ",".join("?" if d < 0 else str(d) for d in i.shape)
-            parts.append(f"{i.name}: {dtype}[{shape}]")
-        else:
-            parts.append(f"{i.name}: {kind}{' (static)' if i.static else ''}")
-    return f"({', '.join(parts)}) -> {info.num_outputs} output(s)"
+    try:
+        return serve(settings.replace(device=devices[0]), security)
+    except CannotListen as e:
+        print(f"fuseport serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _list(c: Any) -> int:
@@ -315,61 +286,13 @@ def _list(c: Any) -> int:
     if not kernels:
         print("no kernels registered")
     for k in kernels:
-        alias = f"  alias={k.alias}" if k.alias else ""
-        print(f"{k.key:>20}  {_signature(k)}  nodes={k.num_nodes} fused={k.fused_runs} fallback={k.fallback_runs}{alias}")
+        print(k.summary())
     return 0
 
 
 def _describe(c: Any, key: int, source: bool) -> int:
-    from fuseport.wire import _pb
-
-    info = c.describe(key, include_source=source)
-    print(f"key:       {info.key}")
-    if info.alias:
-        print(f"alias:     {info.alias} (its KServe v2 model name)")
-    print(f"device:    {info.device}")
-    print(f"signature: {_signature(info)}")
-    print(f"ops:       {', '.join(info.ops)}")
-    if info.random_ops:
-        print(f"random:    {', '.join(info.random_ops)} (fused and fallback draw different numbers)")
-    print(f"runs:      fused={info.fused_runs} fallback={info.fallback_runs}")
-    for v in info.variants:
-        own = " (the kernel's own graph)" if v.variant == info.key else ""
-        print(f"\nvariant {v.variant}{own}: {_signature(_Inputs(v.inputs, info.num_outputs))}")
-        print(f"  conditions: {'; '.join(v.conditions) if v.conditions else 'none'}")
-        for a in (a for a in info.arg_specs if a.variant == v.variant):
-            state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
-            print(f"  ArgSpec [{a.arg_spec}]: {state}, compiled in {a.compile_seconds:.2f} s, "
-                  f"fused={a.fused_runs} fallback={a.fallback_runs}")
-            if a.compiled_by:
-                print(f"    compiled by: {a.compiled_by}{' (loaded from the artifact cache)' if a.from_cache else ''}")
-            if a.error:
-                print(f"    error: {a.error}")
-            if a.source:
-                print("    ---- generated source ----")
-                print(a.source)
-        for b in (b for b in info.batching if b.variant == v.variant):
-            if b.batchable:
-                how = "one batched graph for every batch size" if b.dynamic else "batches padded to powers of two"
-                keys = ", ".join(map(str, b.batched_variants))
-                print(f"  batching at [{b.sizes}]: batchable ({how}; batched graph {keys})")
-                for a in (a for a in info.arg_specs if a.variant in b.batched_variants):
-                    state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
-                    print(f"    batched ArgSpec [{a.arg_spec}]: {state}, launches fused={a.fused_runs} "
-                          f"fallback={a.fallback_runs}{f', error: {a.error}' if a.error else ''}")
-            else:
-                print(f"  batching at [{b.sizes}]: not batched: {b.reason}")
-    if info.batching_off:
-        print(f"\nbatching:  off: {info.batching_off}")
+    print(c.describe(key, include_source=source))
     return 0
-
-
-class _Inputs:
-    """What _signature reads, for a variant."""
-
-    def __init__(self, inputs: Any, num_outputs: int) -> None:
-        self.inputs = inputs
-        self.num_outputs = num_outputs
 
 
 @contextlib.contextmanager
@@ -379,13 +302,29 @@ def _local_server() -> Iterator[str]:
 
     # Private and short-lived: loopback only, plaintext, no tokens, whatever the
     # environment configures for the real server (in the image it names tokens).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FUSEPORT_TLS_CERT", "FUSEPORT_TLS_KEY", "FUSEPORT_TLS_CLIENT_CA", "FUSEPORT_AUTH_TOKENS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in ("FUSEPORT_TLS_CERT", "FUSEPORT_TLS_KEY", "FUSEPORT_TLS_CLIENT_CA", "FUSEPORT_AUTH_TOKENS")
+    }
     with tempfile.TemporaryDirectory(prefix="fuseport-demo-") as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fuseport.client.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--port-file", str(port_file), "--store-dir", str(Path(tmp) / "store")],
+            [
+                sys.executable,
+                "-m",
+                "fuseport.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+                "--store-dir",
+                str(Path(tmp) / "store"),
+            ],
             env=env,
         )
         try:
@@ -415,7 +354,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(
-    target: str, timeout: float, own_server: bool, client: dict[str, Any] | None = None, alias: str | None = None
+    target: str,
+    timeout: float,
+    own_server: bool,
+    client: dict[str, Any] | None = None,
+    alias: str | None = None,
 ) -> int:
     import torch
 
@@ -434,11 +377,15 @@ def _run_demo(
         res = _with_progress(lambda: c.execute_detailed(key, stack, wait=True))
         expected = kernel(x, y, 2.0)
         print(f"Execute  -> path={res.path} stack={_show(res.stack)}")
-        print(f"            server timings (us): run={res.timings.run_us} total={res.timings.total_us}"
-              " (run includes waiting for the compile)")
+        print(
+            f"            server timings (us): run={res.timings.run_us} total={res.timings.total_us}"
+            " (run includes waiting for the compile)"
+        )
         again = c.execute_detailed(key, stack)
-        print(f"Execute  -> path={again.path} again, the kernel ready: run={again.timings.run_us}"
-              f" total={again.timings.total_us} (us)")
+        print(
+            f"Execute  -> path={again.path} again, the kernel ready: run={again.timings.run_us}"
+            f" total={again.timings.total_us} (us)"
+        )
         fb = c.fallback_detailed(key, stack)
         print(f"Fallback -> path={fb.path} reason={fb.reason} stack={_show(fb.stack)}")
         ok = all(torch.allclose(r.stack[-1], expected, atol=1e-5) for r in (res, again, fb))
@@ -449,8 +396,10 @@ def _run_demo(
         print("\n".join("    " + line for line in lines[:12]) + ("\n    ..." if len(lines) > 12 else ""))
         if own_server:
             # This server and its store go when the demo ends: `describe KEY` alone would find nothing.
-            print("this demo's server stops now; to keep one, run `fuseport serve` in another shell, then\n"
-                  f"    fuseport demo --target 127.0.0.1:50051 && fuseport describe {key} --target 127.0.0.1:50051")
+            print(
+                "this demo's server stops now; to keep one, run `fuseport serve` in another shell, then\n"
+                f"    fuseport demo --target 127.0.0.1:50051 && fuseport describe {key} --target 127.0.0.1:50051"
+            )
         else:
             print(f"`fuseport describe {key} --target {target}` shows it all")
         return 0 if ok else 1
@@ -480,10 +429,8 @@ def _with_progress(call: Any) -> Any:
 def _show(stack: list[Any]) -> str:
     import torch
 
-    return "[" + ", ".join(
-        f"tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v) for v in stack
-    ) + "]"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return (
+        "["
+        + ", ".join(f"tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else repr(v) for v in stack)
+        + "]"
+    )
