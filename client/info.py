@@ -87,7 +87,9 @@ class KernelInfo:
                 lines.append(f"  batching at [{b.sizes}]: not batched: {b.reason}")
                 continue
             how = "one batched graph for every batch size" if b.dynamic else "batches padded to powers of two"
-            lines.append(f"  batching at [{b.sizes}]: batchable ({how}; batched graph {', '.join(map(str, b.batched_variants))})")
+            lines.append(
+                f"  batching at [{b.sizes}]: batchable ({how}; batched graph {', '.join(map(str, b.batched_variants))})"
+            )
             for a in (a for a in p.arg_specs if a.variant in b.batched_variants):
                 state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
                 error = f", error: {a.error}" if a.error else ""

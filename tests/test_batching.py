@@ -343,6 +343,7 @@ def test_concurrent_callers_are_batched_and_each_gets_its_own_result(batch_serve
         y = torch.randn(8, 3)
         info = _verdict(client, key, [torch.randn(4, 8), y])
         assert [(v.sizes, v.batchable) for v in info.batching] == [("[4,8], [8,3]", True)], info.batching
+        assert "batching at [[4,8], [8,3]]: batchable (one batched graph for every batch size" in str(info)
         before = _batch_counts(batch_server)
         xs = [torch.randn(4, 8) for _ in range(4)]
         results = _concurrently(batch_server.target, [(key, [torch.ones(1), x, y], 60) for x in xs])
@@ -410,6 +411,8 @@ def test_opting_out_per_kernel_and_per_call(batch_server: ServerProcess) -> None
         key = client.register(fn, [torch.randn(7)], batching=False)
         info = _verdict(client, key, [torch.randn(7)])
         assert info.batching_off == "the kernel was registered with batching=False"
+        # What `fuseport describe` prints says so too.
+        assert "batching:  off: the kernel was registered with batching=False" in str(info)
         assert not info.batching[0].batchable
         other = client.register(lambda x: x * 5 - 1, [torch.randn(7)])
         assert _verdict(client, other, [torch.randn(7)]).batching[0].batchable
