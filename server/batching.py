@@ -144,7 +144,8 @@ def prove(
     except Exception as e:  # noqa: BLE001 - whatever the proof cannot do, the kernel is not batched
         log.debug("batching proof failed", exc_info=e)
         return Verdict(False, f"the proof failed: {short_error(e)}", sizes=shown)
-    dynamic = batched.signature.inputs[0].shape[0] == -1  # type: ignore[index]
+    # One graph for every batch size only where every stacked input's batch dim stayed symbolic.
+    dynamic = all(d.shape is not None and d.shape[0] == -1 for d in batched.signature.inputs)
     if dynamic:
         return Verdict(True, "", tensors, shown, True, {0: batched})
 
