@@ -417,15 +417,19 @@ class Batcher:
             log.exception("batching proof of kernel %d failed", call.key)
             verdict = Verdict(False, f"the proof failed: {short_error(e)}", sizes=_describe_sizes(call.args))
         try:
-            if verdict.batchable:
-                log.info("kernel %d: batchable at sizes %s", call.key, verdict.sizes)
-            else:
-                log.info("kernel %d: not batched at sizes %s: %s", call.key, verdict.sizes, verdict.reason)
             with self._lock:
+                # Again, with forget() held off: a kernel opted out while it was being proven
+                # (Register sets its marker, then forgets its verdicts) keeps out of batches.
+                if verdict.batchable and (off := self.core.batching_off(call.key)):
+                    verdict = Verdict(False, off, sizes=verdict.sizes)
                 self._verdicts[bkey] = verdict
                 self._proven[bkey[0]] = self._proven.get(bkey[0], 0) + 1
                 while len(self._verdicts) > _MAX_VERDICTS:
                     self._verdicts.popitem(last=False)
+            if verdict.batchable:
+                log.info("kernel %d: batchable at sizes %s", call.key, verdict.sizes)
+            else:
+                log.info("kernel %d: not batched at sizes %s: %s", call.key, verdict.sizes, verdict.reason)
         finally:
             with self._lock:
                 self._proving.discard(bkey)
