@@ -465,8 +465,13 @@ class _Base:
         stream_chunk_bytes: int = CHUNK_BYTES,
         shared_memory: bool = True,
         shared_above: int = DEFAULT_SHARED_ABOVE,
+        batching: bool = True,
     ) -> None:
-        """`stream_above`: stacks with at least this many tensor bytes are sent
+        """`batching`: False marks every Execute of this client never to be
+        batched with other calls (ExecuteOptions.no_batching): each runs at once
+        as its own launch, on a server with --batch-window-us.
+
+        `stream_above`: stacks with at least this many tensor bytes are sent
         as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
         large for one message; None sends every stack as one message.
 
@@ -475,6 +480,7 @@ class _Base:
         (ExecuteResult.transport says "shm", or "cuda_ipc" where CUDA inputs
         went by CUDA IPC handle); False: never."""
         self.target = target
+        self.batching = batching
         self.stream_above = stream_above
         self.shared_above = shared_above
         self.stream_chunk_bytes = stream_chunk_bytes
@@ -573,6 +579,7 @@ class _Base:
             keep_outputs=keep,
             shm_session=shared.session if shared else "",
             shm_slot=shared.slot if shared else 0,
+            no_batching=not self.batching,
         )
 
     @property
@@ -726,12 +733,17 @@ class _Base:
         example_inputs: Sequence[Any] | None,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
     ) -> tuple[bytes, Callable[[bytes], int]]:
         if alias is not None:
             check_alias(alias)  # before capturing: the server would refuse it anyway
         graph = self._graph_of(fn_or_graph, example_inputs)
         fn = None if isinstance(fn_or_graph, _pb.graph.Graph) else fn_or_graph
-        return self._register_graph(graph, fn, variant_of, alias)
+        request, registered = self._register_graph(graph, fn, variant_of, alias)
+        if batching is not None:
+            # Appended to the serialized request: protobuf merges fields, and _register_graph stays as it is.
+            request += _pb.service.RegisterRequest(batching=batching).SerializeToString()
+        return request, registered
 
     def _register_graph(
         self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None, alias: str | None = None
@@ -1001,6 +1013,7 @@ class Client(_Base):
         *,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
         """Captures a function (or takes a graph) and registers it as a kernel.
@@ -1017,6 +1030,9 @@ class Client(_Base):
                 (for stacks its variants do not cover).
             alias: A name the kernel is also known by (the model name KServe v2
                 clients call it by).
+            batching: False keeps the kernel's calls out of dynamic batches on
+                the server (--batch-window-us), whatever its graph; True lets them
+                in again where the graph is proven batchable; None leaves it as it is.
             timeout: Seconds for the call; None: the client's `timeout`.
 
         Returns:
@@ -1035,7 +1051,7 @@ class Client(_Base):
             Unavailable: The server cannot be reached or is shutting down.
             DeadlineExceeded: No answer within the timeout.
         """
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(self._call("Register", request, timeout))
 
     def execute_detailed(
@@ -1459,10 +1475,11 @@ class AsyncClient(_Base):
         *,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
         timeout: float | None = None,
     ) -> int:
         """As [Client.register][fuseport.client.client.Client.register]: the same arguments, result and errors."""
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias)
+        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
         return registered(await self._call("Register", request, timeout))
 
     async def execute_detailed(

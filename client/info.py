@@ -74,7 +74,30 @@ class KernelInfo:
                     lines.append(f"    error: {a.error}")
                 if a.source:
                     lines += ["    ---- generated source ----", a.source]
+            lines += self._batching(v.variant)
+        if p.batching_off:
+            lines.append(f"\nbatching:  off: {p.batching_off}")
         return "\n".join(lines)
+
+    def _batching(self, variant: int) -> list[str]:
+        """A variant's batching verdicts (per call sizes), with the batched graphs' ArgSpecs."""
+        p, lines = self.proto, []
+        for b in (b for b in p.batching if b.variant == variant):
+            if not b.batchable:
+                lines.append(f"  batching at [{b.sizes}]: not batched: {b.reason}")
+                continue
+            how = "one batched graph for every batch size" if b.dynamic else "batches padded to powers of two"
+            lines.append(
+                f"  batching at [{b.sizes}]: batchable ({how}; batched graph {', '.join(map(str, b.batched_variants))})"
+            )
+            for a in (a for a in p.arg_specs if a.variant in b.batched_variants):
+                state = _pb.service.CompileState.Name(a.state).removeprefix("COMPILE_STATE_").lower()
+                error = f", error: {a.error}" if a.error else ""
+                lines.append(
+                    f"    batched ArgSpec [{a.arg_spec}]: {state}, launches fused={a.fused_runs} "
+                    f"fallback={a.fallback_runs}{error}"
+                )
+        return lines
 
 
 def signature(inputs: Any, num_outputs: int) -> str:

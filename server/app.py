@@ -321,6 +321,8 @@ class Server:
             self.metrics = Metrics(self.core, self.service.shared)
             self.service.observer = self.metrics
             self.core.executor.events = self.metrics
+            if self.core.batcher is not None:
+                self.core.batcher.events = self.metrics
             self.metrics_port = self.metrics.serve_on(metrics_http)
 
     def _listen(self, settings: Settings) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fuseport.server.artifacts import ArtifactCache
+from fuseport.server.batching import Batcher
 from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
@@ -76,6 +77,7 @@ class Call:
     started: int  # perf_counter_ns when preparing began
     prepare_ns: int = 0  # how long preparing took
     entry: Any = None  # the executor's entry for the args, once light() looked it up
+    handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
 
 
 @dataclass
@@ -149,6 +151,10 @@ class Core:
         self.registry.on_removed = self._forget
         self.registry.load()
         self.tenants = Tenants(self.registry, self._tenant_registry, shared_store=shared_store)
+        # Dynamic batching (server/batching.py), when its window is not 0.
+        self.batcher: Batcher | None = None
+        if settings.batch_window_us > 0 and settings.max_batch > 1:
+            self.batcher = Batcher(self, settings.batch_window_us, settings.max_batch)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -157,10 +163,12 @@ class Core:
         graph: _pb.graph.Graph,
         variant_of: int | None = None,
         alias: str | None = None,
+        batching: bool | None = None,
         tenant: bytes = b"",
     ) -> tuple[int, bool, int]:
         """(kernel key, created, the graph's own key), in `tenant`'s namespace
-        (server/tenants.py; b"": the shared one)."""
+        (server/tenants.py; b"": the shared one). `batching`: False keeps the
+        kernel's calls out of batches (stored with it), True lets them in again, None: unchanged."""
         if tenant and variant_of is not None:
             own = self.tenants.own(tenant)
             if (own is None or not own.knows(variant_of)) and self.registry.knows(variant_of):
@@ -168,7 +176,20 @@ class Core:
                     f"kernel {variant_of} is shared (an admin registered it): only an admin adds variants to it; "
                     "register its graph as your own kernel first (the same key), then add variants to that"
                 )
-        return self._own(tenant).register(graph, variant_of, alias)
+        registry = self._own(tenant)
+        key, created, vkey = registry.register(graph, variant_of, alias)
+        if batching is not None and registry.set_batching(key, batching) and self.batcher is not None:
+            batched = self.batcher.forget([v.key for v in registry.get(key).variants])
+            self.executor.forget(key, batched)
+        return key, created, vkey
+
+    def batching_off(self, key: int, registry: Registry | None = None) -> str:
+        """Why no call of kernel `key` is batched, whatever its graph; "" when calls may be."""
+        if self.batcher is None:
+            return "batching is off on this server (--batch-window-us 0)"
+        if not (registry or self.registry).batching_enabled(key):
+            return "the kernel was registered with batching=False"
+        return ""
 
     def adopt(
         self, key: int, graphs: Sequence[_pb.graph.Graph], alias: str | None = None, tenant: bytes = b""
@@ -236,7 +257,8 @@ class Core:
             )
         base = len(stack) - n
         values = stack[base:]
-        if any(self.residents.has_handles(v) for v in values):
+        handles = any(self.residents.has_handles(v) for v in values)
+        if handles:
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
         try:
             variant, args = _select(kernel, values, base, variants)
@@ -260,7 +282,10 @@ class Core:
             plan.check_inputs(args, variant.module)
         except DataError as e:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
-        return Call(key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start)
+        return Call(
+            key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start,
+            handles=handles,
+        )  # fmt: skip
 
     def light(self, call: Call) -> bool:
         """Whether the call's planned work is small enough to run where waiting
@@ -477,9 +502,14 @@ class Core:
         """Drops the compiled kernels of a removed kernel (those no other kernel shares)."""
         # Compiled kernels are keyed by graph content: another namespace may hold the same graph.
         still_used = {k for registry in self.tenants.all() for k in registry.variant_keys()}
-        self.executor.forget(kernel.key, [v.key for v in kernel.variants if v.key not in still_used])
+        gone = [v.key for v in kernel.variants if v.key not in still_used]
+        if self.batcher is not None:
+            gone += self.batcher.forget(gone)  # and the batched graphs' compiled kernels
+        self.executor.forget(kernel.key, gone)
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         self.executor.shutdown()
         self.residents.close()
 
@@ -602,7 +632,17 @@ class Core:
             device=str(self.device),
             random_ops=sorted({op for v in variants for op in v.random_ops}),
             alias=(registry or self.registry).alias_of(key) or "",
+            batching_off=self.batching_off(key, registry),
         )
+        batched: set[int] = set()
+        if self.batcher is not None and with_arg_specs:
+            for vkey, verdict in self.batcher.verdicts([v.key for v in variants]):
+                keys = sorted(v.key for v in verdict.variants.values() if v is not None)
+                batched.update(keys)
+                info.batching.add(
+                    variant=vkey, sizes=verdict.sizes, batchable=verdict.batchable, reason=verdict.reason,
+                    batched_variants=keys, dynamic=verdict.dynamic,
+                )  # fmt: skip
         for v in variants:
             info.variants.add(
                 variant=v.key,
@@ -610,9 +650,11 @@ class Core:
                 conditions=[c.text for c in v.signature.conditions],
                 num_nodes=len(v.graph.nodes),
             )
-            if not with_arg_specs:
-                continue
-            for e in self.executor.entries(v.key):
+        if not with_arg_specs:
+            return info
+        # The batched graphs' ArgSpecs too: compiled (and failing) like any other.
+        for vkey in [v.key for v in variants] + sorted(batched):
+            for e in self.executor.entries(vkey):
                 info.arg_specs.add(
                     arg_spec=str(e.arg_spec),
                     state=e.state.value,
@@ -621,7 +663,7 @@ class Core:
                     fused_runs=e.fused_runs,
                     fallback_runs=e.fallback_runs,
                     source=e.source if include_source else "",
-                    variant=v.key,
+                    variant=vkey,
                     compiled_by=e.compiled_by,
                     from_cache=e.from_cache,
                 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from fuseport.server.batching import BatchEvents
 from fuseport.server.executor import ExecutorEvents
 from fuseport.server.service import CallObserver, CallRecord
 from fuseport.wire import _pb
@@ -44,6 +45,9 @@ LATENCY_BUCKETS = (
 # A first CPU compile takes 10-20 s, a later one about a second; max-autotune minutes.
 COMPILE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
+# Calls per batched launch: powers of two up to the largest --max-batch.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
 _STAGES = ("decode", "queue", "run", "encode")
 
 
@@ -61,7 +65,7 @@ def _reason_label(reason: int) -> str:
     return _pb.service.FallbackReason.Name(reason).removeprefix("FALLBACK_REASON_").lower()
 
 
-class Metrics(CallObserver, ExecutorEvents):
+class Metrics(CallObserver, ExecutorEvents, BatchEvents):
     """The metrics of one server, in a registry of its own (not prometheus_client's
     global one: several servers in one process, as in tests, each count their own)."""
 
@@ -105,6 +109,14 @@ class Metrics(CallObserver, ExecutorEvents):
             "(ok: loaded, no compile; refused: damaged or not safely ours, compiled again)",
             ["outcome"], registry=r,
         )  # fmt: skip
+        self.batch_size = Histogram(
+            "fuseport_batch_size", "Calls per launch of a kernel proven batchable (--batch-window-us), 1 included",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_wait = Histogram(
+            "fuseport_batch_wait_seconds", "Time each batched call waited in the batching window before its launch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         # Present from the first scrape, at 0: a rate() needs the series before its first event.
         for outcome in ("ok", "failed"):
             self.compiles.labels(outcome)
@@ -139,6 +151,11 @@ class Metrics(CallObserver, ExecutorEvents):
 
     def loaded(self, ok: bool) -> None:
         self.artifact_loads.labels("ok" if ok else "refused").inc()
+
+    def launched(self, size: int, waited: Sequence[float]) -> None:
+        self.batch_size.observe(size)
+        for seconds in waited:
+            self.batch_wait.observe(seconds)
 
     # ------------------------------------------------------------------ endpoint
 

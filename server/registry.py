@@ -380,6 +380,30 @@ class Registry:
         if current is not None and current != alias:
             raise InvalidAlias(f"kernel {key} has the alias {current!r}; a kernel has one alias")
 
+    def set_batching(self, key: int, enabled: bool) -> bool:
+        """Stores whether kernel `key`'s calls may be batched (an empty marker file,
+        ``<key>.nobatch``, while they may not: a restart and every process sharing
+        the store read it). Returns whether that changed anything."""
+        marker = self.dir / f"{_hex(key)}.nobatch"
+        if enabled == (not marker.exists()):
+            return False
+        with self._lock:
+            if not self.has(key):
+                raise KernelNotFound(f"kernel {key} was unregistered while its batching was being set", key)
+            if enabled:
+                marker.unlink(missing_ok=True)
+                _fsync_dir(self.dir)
+            else:
+                with self._room(f"the batching marker of kernel {key}"):
+                    _touch(self.dir, marker.name)
+        log.info("kernel %d: batching %s", key, "allowed" if enabled else "off (registered with batching=False)")
+        return True
+
+    def batching_enabled(self, key: int) -> bool:
+        """False when kernel `key` was registered with batching=False (read from the store:
+        asked once per proof, not per call)."""
+        return not (self.dir / f"{_hex(key)}.nobatch").exists()
+
     def alias_of(self, key: int) -> str | None:
         return self._alias_of.get(key)
 
@@ -541,7 +565,7 @@ class Registry:
                 self._aliases.pop(alias, None)
             if kernel is None and stored is not None:
                 kernel = Kernel(key, ())
-            paths = [self.dir / f"{_hex(key)}.pb", *self.dir.glob(f"{_hex(key)}+*.pb"), *self.dir.glob(f"{_hex(key)}=*.alias")]
+            paths = [self.dir / f"{_hex(key)}.pb", self.dir / f"{_hex(key)}.nobatch", *self.dir.glob(f"{_hex(key)}+*.pb"), *self.dir.glob(f"{_hex(key)}=*.alias")]
             removed = False
             for path in paths:
                 self._sizes.pop(path.name, None)
@@ -583,6 +607,11 @@ class Registry:
             ops=ops_used,
             random_ops=tuple(op for op in ops_used if op in ops.RANDOM_OPS),
         )
+
+    def build_variant(self, graph: _pb.graph.Graph) -> Variant:
+        """A graph built as a variant on this registry's device, neither stored nor
+        registered: the server's own derived graphs (a batched kernel, server/batching.py)."""
+        return self._build(graph)
 
     def _build(self, graph: _pb.graph.Graph, key: int | None = None, intake: Intake | None = None) -> Variant:
         datas = None if intake is None else intake.datas

@@ -193,7 +193,10 @@ class KernelService:
         req = _parse(_pb.service.RegisterRequest, request)
         variant_of = req.variant_of if req.HasField("variant_of") else None
         alias = req.alias if req.HasField("alias") else None
-        key, created, variant = self.core.register(req.graph, variant_of, alias, tenant=record.owner.tenant)
+        batching = req.batching if req.HasField("batching") else None
+        key, created, variant = self.core.register(
+            req.graph, variant_of, alias, batching, tenant=record.owner.tenant
+        )
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
@@ -224,6 +227,10 @@ class KernelService:
         if not req.wait_for_compile and not req.graphs and not req.shm_session:
             call = self._prepare(req, record, fused, planned_only=True)  # timed as run_us
             if call is not None and self.core.light(call):
+                batcher = self.core.batcher  # None unless --batch-window-us: then one check, nothing more
+                if batcher is not None and not req.no_batching and (bkey := batcher.batch_key(call)) is not None:
+                    result = await batcher.submit(bkey, call, deadline, self._pool)
+                    return self._respond(req, result, decode_ns, 0, record)
                 return self._respond(req, self.core.run(call, deadline=deadline), decode_ns, 0, record)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(

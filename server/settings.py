@@ -289,6 +289,18 @@ class Settings:
             "help": "a compile running longer is killed (its worker replaced) and its ArgSpec served unfused"
         },
     )
+    batch_window_us: int = field(
+        default=0,
+        metadata={
+            "help": "dynamic batching: small Execute calls of one kernel, variant and sizes that arrive within "
+            "this many microseconds of the first are stacked and run as one launch, where the graph is proven "
+            "batchable; 0: off (the default: on the CPU it was measured not to pay)"
+        },
+    )
+    max_batch: int = field(
+        default=64,
+        metadata={"help": "most calls one batched launch takes; a full batch launches without waiting out the window"},
+    )
     # --- fault injection (device faults stay local): for tests only, so an environment
     # variable and never a flag (`env_only`): a command line copied from a test cannot turn it on.
     fault_injection: bool = field(
@@ -332,6 +344,10 @@ class Settings:
             raise ValueError("compile_timeout_seconds must be > 0")
         if self.max_call_bytes < 0:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
+        if not 0 <= self.batch_window_us <= 1_000_000:
+            raise ValueError("batch_window_us must be in 0..1000000 (0: batching off)")
+        if not 1 <= self.max_batch <= 1024:
+            raise ValueError("max_batch must be in 1..1024")
         if self.max_call_seconds < 0:
             raise ValueError("max_call_seconds must be >= 0 (0: no limit of its own)")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:

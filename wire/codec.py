@@ -671,6 +671,7 @@ class ExecuteRequest:
     # output region takes the tensor outputs (0: they travel as bytes).
     shm_session: str = ""
     shm_slot: int = 0
+    no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
 
 
 @dataclass(frozen=True)
@@ -712,8 +713,11 @@ def encode_execute_request(
     keep_outputs: bool = False,
     shm_session: str = "",
     shm_slot: int = 0,
+    no_batching: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
+    if no_batching:
+        head.options.no_batching = True
     if shm_session:
         head.options.shared_memory_session = shm_session
         head.options.shared_memory_slot = shm_slot
@@ -778,6 +782,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         keep_outputs=options.keep_outputs,
         shm_session=options.shared_memory_session,
         shm_slot=options.shared_memory_slot,
+        no_batching=options.no_batching,
     )
 
 

@@ -50,14 +50,16 @@ COMPILE_STATE_READY: CompileState
 COMPILE_STATE_FAILED: CompileState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("graph", "variant_of", "alias")
+    __slots__ = ("graph", "variant_of", "alias", "batching")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     VARIANT_OF_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     variant_of: int
     alias: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., variant_of: _Optional[int] = ..., alias: _Optional[str] = ...) -> None: ...
+    batching: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., variant_of: _Optional[int] = ..., alias: _Optional[str] = ..., batching: bool = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("key", "created", "variant")
@@ -70,18 +72,20 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "shared_memory_session", "shared_memory_slot")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "no_batching", "shared_memory_session", "shared_memory_slot")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    NO_BATCHING_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SLOT_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
     keep_outputs: bool
+    no_batching: bool
     shared_memory_session: str
     shared_memory_slot: int
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ...) -> None: ...
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs", "alias")
@@ -172,7 +176,7 @@ class VariantInfo(_message.Message):
     def __init__(self, variant: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., conditions: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class KernelInfo(_message.Message):
-    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops", "alias")
+    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops", "alias", "batching_off", "batching")
     KEY_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +189,8 @@ class KernelInfo(_message.Message):
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     RANDOM_OPS_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_OFF_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     key: int
     inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
     num_outputs: int
@@ -197,7 +203,25 @@ class KernelInfo(_message.Message):
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     random_ops: _containers.RepeatedScalarFieldContainer[str]
     alias: str
-    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ..., alias: _Optional[str] = ...) -> None: ...
+    batching_off: str
+    batching: _containers.RepeatedCompositeFieldContainer[BatchingVerdict]
+    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ..., alias: _Optional[str] = ..., batching_off: _Optional[str] = ..., batching: _Optional[_Iterable[_Union[BatchingVerdict, _Mapping]]] = ...) -> None: ...
+
+class BatchingVerdict(_message.Message):
+    __slots__ = ("variant", "sizes", "batchable", "reason", "batched_variants", "dynamic")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    BATCHABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_FIELD_NUMBER: _ClassVar[int]
+    variant: int
+    sizes: str
+    batchable: bool
+    reason: str
+    batched_variants: _containers.RepeatedScalarFieldContainer[int]
+    dynamic: bool
+    def __init__(self, variant: _Optional[int] = ..., sizes: _Optional[str] = ..., batchable: bool = ..., reason: _Optional[str] = ..., batched_variants: _Optional[_Iterable[int]] = ..., dynamic: bool = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
     __slots__ = ("kernel",)
