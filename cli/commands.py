@@ -270,11 +270,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"fuseport serve: {e}", file=sys.stderr)
         return 2
-    if processes > 1 or len(devices) > 1:
-        return supervise(settings)
     from fuseport.server.app import CannotListen, serve
 
     try:
+        if processes > 1 or len(devices) > 1:
+            return supervise(settings)
         return serve(settings.replace(device=devices[0]), security)
     except CannotListen as e:
         print(f"fuseport serve: {e}", file=sys.stderr)

@@ -280,10 +280,17 @@ class Supervisor:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         from fuseport.server._http import bind_http
+        from fuseport.server.app import CannotListen
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_ProcessesCollector(self))
-        http = bind_http(self.settings.host, self.settings.metrics_port, make_wsgi_app(registry))
+        try:
+            http = bind_http(self.settings.host, self.settings.metrics_port, make_wsgi_app(registry))
+        except OSError as e:
+            raise CannotListen(
+                f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port} (--metrics-port): "
+                f"{e.strerror or e}"
+            ) from e
         threading.Thread(target=http.serve_forever, name="fuseport-metrics", daemon=True).start()
         return http
 
@@ -349,7 +356,11 @@ def _reserve_port(host: str, port: int) -> Iterator[int]:
         try:
             sock.bind(address)
         except OSError as e:
-            raise OSError(f"cannot bind {host}:{port}: {e}") from e
+            from fuseport.server.app import CannotListen
+
+            raise CannotListen(
+                f"cannot listen on {host}:{port} (--port): {e.strerror or e}; choose another --port (0: any free one)"
+            ) from e
         yield int(sock.getsockname()[1])
     finally:
         sock.close()
@@ -388,8 +399,12 @@ def supervise(settings: Settings) -> int:
         level=settings.log_level.upper(),
         format="[supervisor] %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from fuseport.server.app import CannotListen
+
     try:
         return Supervisor(settings, processes, devices).run()
+    except CannotListen:
+        raise  # the command says it in one line (exit 2), as for one process
     except OSError as e:
         log.error("%s", e)
         return 1

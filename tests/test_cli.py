@@ -105,15 +105,16 @@ def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])  # 2: the supervisor binds both ports
 @pytest.mark.parametrize("which", ["--port", "--metrics-port"])
 def test_serve_on_a_port_in_use_says_so_in_one_line_before_starting_anything(
-    which: str, busy_port: int, tmp_path: Path
+    which: str, processes: str, busy_port: int, tmp_path: Path
 ) -> None:
     ports = {"--port": "0", "--metrics-port": "0", which: str(busy_port)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEPORT_")}
     proc = subprocess.run(
         [sys.executable, "-m", "fuseport.cli", "serve", "--host", "127.0.0.1", *itertools.chain(*ports.items()),
-         "--store-dir", str(tmp_path / "store"), "--device", "cpu"],
+         "--store-dir", str(tmp_path / "store"), "--device", "cpu", "--processes", processes],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
