@@ -556,8 +556,9 @@ class SharedMemory:
         session.outputs.clear()
         conn, session.conn = session.conn, None
         if conn is not None:
-            _hang_up(conn)
+            # Said before the hang-up: whoever sees the connection end finds the reason logged.
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
+            _hang_up(conn)
 
 
 def check_slot(slot: int) -> None:
