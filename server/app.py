@@ -210,6 +210,12 @@ class CannotListen(OSError):
     """A port the server cannot bind (taken, or an address not this host's): the
     message names the port and its flag; `fuseport serve` prints it and exits 2."""
 
+    @classmethod
+    def port(cls, host: str, port: int, e: OSError) -> CannotListen:
+        """--port at host:port is taken (the one message, for one process or a supervisor)."""
+        reason = e.strerror or e
+        return cls(f"cannot listen on {host}:{port} (--port): {reason}; choose another --port (0: any free one)")
+
 
 def _check_free(host: str, port: int) -> None:
     """CannotListen, with the system's reason, when host:port cannot be bound.
@@ -228,10 +234,7 @@ def _check_free(host: str, port: int) -> None:
             try:
                 probe.bind(address)
             except OSError as e:
-                raise CannotListen(
-                    f"cannot listen on {host}:{port} (--port): {e.strerror or e}; choose another --port "
-                    "(0: any free one)"
-                ) from e
+                raise CannotListen.port(host, port, e) from e
 
 
 class Server:

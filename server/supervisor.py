@@ -358,9 +358,7 @@ def _reserve_port(host: str, port: int) -> Iterator[int]:
         except OSError as e:
             from fuseport.server.app import CannotListen
 
-            raise CannotListen(
-                f"cannot listen on {host}:{port} (--port): {e.strerror or e}; choose another --port (0: any free one)"
-            ) from e
+            raise CannotListen.port(host, port, e) from e
         yield int(sock.getsockname()[1])
     finally:
         sock.close()
