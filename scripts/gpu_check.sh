@@ -42,9 +42,9 @@ if [[ $PART == all || $PART == bench ]]; then
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == procs ]]; then
-    # Serving processes (--processes): the concurrency section against 1 and then 2
+    # Serving processes (--processes): the concurrency section against 1, 2, 4 and 8 ($PROCS)
     # processes on one GPU, each beside the same raw echo, in one run.
-    python3 -m fuseport.cli bench --device cuda --sections concurrency --processes 1,2 ${BENCH_ARGS:-} \
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --processes ${PROCS:-1,2,4,8} ${BENCH_ARGS:-} \
         --json "$OUT/bench-procs.json" --no-plot 2>&1 | tee "$OUT/bench-procs.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi

@@ -255,8 +255,8 @@ class Settings:
         default=0,
         metadata={
             "help": "serving processes sharing the port (SO_REUSEPORT) and the store, under a supervisor "
-            "that restarts them; 0: one per device served (1 unless --device all or a list); 1: a single server "
-            "without a supervisor"
+            "that restarts them; 0: chosen per device served: one per CPU device, and on a GPU one per 4 usable "
+            "cores of its share, at most 4 (see the Serving processes guide); 1: a single server without a supervisor"
         },
     )
     restart_limit: int = field(

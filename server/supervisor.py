@@ -69,11 +69,47 @@ def devices_of(device: str) -> list[str]:
     return names
 
 
-def plan_processes(settings: Settings) -> tuple[int, list[str]]:
-    """(processes, devices): --processes, or when 0 one per device; process i serves
-    devices[i % len(devices)]."""
+# --processes 0 on a GPU: one serving process per this many cores of the device's
+# share, at most PROCESSES_PER_GPU_MAX. One process saturates its GIL (its event
+# loop and gRPC's call machinery) long before a GPU is busy with small calls; see
+# docs/perf.md ("Serving processes by default") for the measurement behind both.
+CORES_PER_PROCESS = 4
+PROCESSES_PER_GPU_MAX = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, bounded by a cgroup v2 CPU
+    quota (a container's `--cpus` or a Kubernetes CPU limit), which affinity does not show."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    return cores
+
+
+def _is_gpu(devices: list[str]) -> bool:
+    if devices == ["auto"]:
+        import torch  # only here: what `auto` means depends on the machine
+
+        return torch.cuda.is_available()
+    return all(d.startswith("cuda") for d in devices)
+
+
+def plan_processes(settings: Settings, cores: int | None = None) -> tuple[int, list[str]]:
+    """(processes, devices); process i serves devices[i % len(devices)].
+
+    --processes N is N. The default (0) is one process per device on the CPU (more
+    processes would only share the same cores), and on GPUs one per CORES_PER_PROCESS
+    usable cores of each device's share, at most PROCESSES_PER_GPU_MAX per device."""
     devices = devices_of(settings.device)
-    return settings.processes or len(devices), devices
+    if settings.processes:
+        return settings.processes, devices
+    if not _is_gpu(devices):
+        return len(devices), devices
+    share = (usable_cores() if cores is None else cores) // len(devices)
+    per_device = max(1, min(PROCESSES_PER_GPU_MAX, share // CORES_PER_PROCESS))
+    return per_device * len(devices), devices
 
 
 @dataclass

@@ -116,7 +116,35 @@ def graphs() -> dict[str, _pb.graph.Graph]:
     ],
 )
 def test_processes_default_to_one_per_device_served(flags: dict[str, object], expected: object) -> None:
-    assert plan_processes(Settings.load(flags, environ={})) == expected
+    # 4 cores: one process per GPU, as on the CPU.
+    assert plan_processes(Settings.load(flags, environ={}), cores=4) == expected
+
+
+@pytest.mark.parametrize(
+    ("device", "cores", "expected"),
+    [
+        ("cuda", 16, 4),  # the H100/H200 machines: 16 cores per GPU
+        ("cuda", 64, 4),  # at most PROCESSES_PER_GPU_MAX per GPU
+        ("cuda:0", 8, 2),
+        ("cuda", 5, 1),
+        ("cuda", 1, 1),
+        ("cuda:0,cuda:1", 32, 8),  # each GPU's share of the cores
+        ("cuda:0,cuda:1", 12, 2),
+        ("cpu", 64, 1),  # CPU processes would share the same cores: one
+    ],
+)
+def test_the_default_on_gpus_is_processes_by_cores_per_device(device: str, cores: int, expected: int) -> None:
+    processes, devices = plan_processes(Settings.load({"device": device}, environ={}), cores=cores)
+    assert processes == expected
+    assert processes % len(devices) == 0  # every device gets the same number
+
+
+def test_usable_cores_is_within_what_the_os_reports() -> None:
+    import os
+
+    from fuseport.server.supervisor import usable_cores
+
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_a_device_list_that_names_no_device_is_refused() -> None:
