@@ -126,6 +126,7 @@ class Core:
                     else None
                 ),
                 timeout=settings.compile_timeout_seconds,
+                budget=settings.max_call_seconds,
             )
         self.executor = Executor(
             self.placement,
