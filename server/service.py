@@ -42,6 +42,9 @@ T = TypeVar("T")
 # Requests at most this large are decoded on the event loop thread, and run
 # there too when their planned work is light (KernelService._run_small).
 _INLINE_MAX_BYTES = 64 << 10
+# The unary methods that run a kernel on a worker: a deadline or --max-call-seconds
+# that passes while it runs is answered at once (KernelService._off_loop).
+_RUNS_KERNELS = frozenset({"Execute", "Fallback", "ModelInfer"})
 
 
 @dataclass
@@ -157,8 +160,10 @@ class KernelService:
                 loop = asyncio.get_running_loop()
                 if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
                     out = await self._run_small(loop, request, deadline, record, fused=fn == self._execute)
-                else:
+                elif method in _RUNS_KERNELS:
                     out = await self._off_loop(loop, record, lambda: fn(request, deadline, arrived, record))
+                else:
+                    out = await loop.run_in_executor(self._pool, fn, request, deadline, arrived, record)
                 self._observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
                 if self.release_above is not None and len(request) + len(out) > self.release_above:
                     # Once the response is sent and its buffers dropped (the next turn
