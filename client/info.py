@@ -57,6 +57,10 @@ class KernelInfo:
         if p.random_ops:
             lines.append(f"random:    {', '.join(p.random_ops)} (fused and fallback draw different numbers)")
         lines.append(f"runs:      fused={p.fused_runs} fallback={p.fallback_runs}")
+        if p.overruns:
+            lines.append(
+                f"overruns:  {p.overruns} (calls answered at their deadline or --max-call-seconds while the kernel ran on)"
+            )
         for v in p.variants:
             own = " (the kernel's own graph)" if v.variant == p.key else ""
             lines.append(f"\nvariant {v.variant}{own}: {signature(v.inputs, p.num_outputs)}")

@@ -35,7 +35,10 @@ from fuseport.wire.targets import PROCESS_METADATA_KEY
 if TYPE_CHECKING:
     from fuseport.server.metrics import Metrics
 
-__all__ = ["FAULT_METADATA", "PROCESS_METADATA_KEY", "CannotListen", "Server", "create_server", "serve"]
+__all__ = [
+    "EXIT_DEVICE_FAILED", "EXIT_RUNAWAY_KERNEL", "FAULT_METADATA", "PROCESS_METADATA_KEY", "CannotListen", "Server",
+    "create_server", "serve",
+]  # fmt: skip
 
 # FOR TESTS ONLY: on a server started with FUSEPORT_FAULT_INJECTION=1, a call
 # carrying this metadata breaks the server's device (Core.inject_device_fault)
@@ -433,6 +436,10 @@ async def create_server(
 # Exit status when the device failed (a CUDA error that poisons the context):
 # the supervisor should start a fresh process.
 EXIT_DEVICE_FAILED = 3
+# Exit status when a kernel ran on past its call's limit and --overrun-grace-seconds
+# (server/watchdog.py): the process was healthy but only its end stops the kernel;
+# the supervisor, or the container's restart policy, starts a fresh one.
+EXIT_RUNAWAY_KERNEL = 4
 
 
 async def _serve(settings: Settings, security: Security | None, process: int | None) -> NoReturn:
@@ -449,14 +456,15 @@ async def _serve(settings: Settings, security: Security | None, process: int | N
         # The daemon convention for "reread your certificates and tokens". A
         # server with neither keeps SIGHUP's default (the process ends), as before.
         loop.add_signal_handler(signal.SIGHUP, server.security.reload)
-    failed = False
+    status = 0
 
-    def device_failed() -> None:  # called from a worker thread
-        nonlocal failed
-        failed = True
+    def retire(code: int) -> None:  # called from a worker or the watchdog's thread
+        nonlocal status
+        status = status or code  # the first cause is the one the exit status says
         loop.call_soon_threadsafe(stop.set)
 
-    server.core.on_device_failure = device_failed
+    server.core.on_device_failure = lambda: retire(EXIT_DEVICE_FAILED)
+    server.core.on_runaway = lambda: retire(EXIT_RUNAWAY_KERNEL)
     await stop.wait()
     await server.drain()
     # The process ends here, the gRPC server still running: gRPC's own
@@ -468,7 +476,6 @@ async def _serve(settings: Settings, security: Security | None, process: int | N
     # connect (UNAVAILABLE too). Every call that started has finished (or had
     # its grace period); nothing else needs an orderly stop (the store is
     # written at Register).
-    status = EXIT_DEVICE_FAILED if failed else 0
     log.info("exiting with status %d", status)
     logging.shutdown()
     sys.stdout.flush()
@@ -477,9 +484,10 @@ async def _serve(settings: Settings, security: Security | None, process: int | N
 
 
 def serve(settings: Settings, security: Security | None = None, process: int | None = None) -> NoReturn:
-    """Runs until SIGTERM or SIGINT (exit status 0), or until the device fails
-    (EXIT_DEVICE_FAILED), then drains and ends the process with that exit
-    status: it never returns (see `_serve`). SIGHUP rereads the TLS files and
+    """Runs until SIGTERM or SIGINT (exit status 0), until the device fails
+    (EXIT_DEVICE_FAILED), or until a kernel runs on past its call's limit and
+    --overrun-grace-seconds (EXIT_RUNAWAY_KERNEL), then drains and ends the
+    process with that exit status: it never returns (see `_serve`). SIGHUP rereads the TLS files and
     the tokens file, when there are any.
 
     `security`: TLS and tokens as `Security.load(settings)` reads them (done

@@ -30,10 +30,12 @@ from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
 from fuseport.server.tenants import Tenants
+from fuseport.server.watchdog import Watch, Watchdog
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
     DeadlineExceeded,
     ExecutionFailed,
+    FuseportError,
     InternalError,
     KernelNotFound,
     NoMatchingVariant,
@@ -124,6 +126,7 @@ class Core:
                     else None
                 ),
                 timeout=settings.compile_timeout_seconds,
+                budget=settings.max_call_seconds,
             )
         self.executor = Executor(
             self.placement,
@@ -144,6 +147,11 @@ class Core:
         )
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
+        # Calls past their deadline or budget, and kernels that will not stop (server/watchdog.py).
+        self.watchdog = Watchdog(settings.overrun_grace_seconds, self._runaway)
+        # Set by the app: called (from the watchdog's thread) when a kernel runs away.
+        self.on_runaway: Callable[[], None] | None = None
+        self.retiring = False  # a kernel ran away: the process drains and exits
         # Once the device failed, every call is refused (see _device_failed).
         self.device_failed = False
         self._failure_lock = threading.Lock()
@@ -210,6 +218,7 @@ class Core:
         streamed: bool = False,
         owner: Owner = NO_OWNER,
         keep: bool = False,
+        answer: Callable[[FuseportError], None] | None = None,
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
@@ -218,9 +227,9 @@ class Core:
         that covers the inputs is chosen, its plan for these sizes is checked
         (shape errors, result size, index inputs, the call's budget), the same
         for both paths. A `streamed` call's result is bounded by
-        --max-stream-bytes instead of the message limit."""
+        --max-stream-bytes instead of the message limit. `answer`: see `run`."""
         call = self.prepare(key, stack, fused=fused, variants=variants, streamed=streamed, owner=owner, keep=keep)
-        return self.run(call, wait=wait, deadline=deadline)
+        return self.run(call, wait=wait, deadline=deadline, answer=answer)
 
     def prepare(
         self,
@@ -304,19 +313,54 @@ class Core:
             call.entry = entry
         return True
 
-    def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result:
-        """Runs a prepared call: the fused kernel or the fallback, results to the host or kept."""
+    def run(
+        self,
+        call: Call,
+        *,
+        wait: bool = False,
+        deadline: float | None = None,
+        answer: Callable[[FuseportError], None] | None = None,
+    ) -> Result:
+        """Runs a prepared call: the fused kernel or the fallback, results to the host or kept.
+
+        `answer`, given for a call run off the event loop: how to answer its caller
+        at once should its deadline or --max-call-seconds pass while its kernel
+        still runs (called from the watchdog's thread; the kernel runs on, what it
+        returns is dropped, and past --overrun-grace-seconds the process retires):
+        see server/watchdog.py. A light call (on the loop, or batched) is not
+        watched: its plan bounds its work below a millisecond."""
         key, args, owner, keep = call.key, call.args, call.owner, call.keep
         started = time.perf_counter_ns()
         budget = self.settings.max_call_seconds
-        budget_end = time.monotonic() + budget if budget else None
+        watch: Watch | None = None
         try:
-            with self.placement.request_scope(), time_limits(deadline, budget_end):
-                outcome: Outcome = self.executor.run(
-                    key, call.variant, self.placement.to_device(args),
-                    fused=call.fused, unfused=call.plan.unfused, wait=wait, deadline=deadline,
-                    entry=call.entry,
-                )  # fmt: skip
+            with self.placement.request_scope():
+                device_args = self.placement.to_device(args)
+                entry = call.entry
+                if wait and entry is None and call.fused and not call.plan.unfused:
+                    # Waiting for a compile is not running: the call's time limits count from after it.
+                    entry = self.executor.wait_compiled(key, call.variant, device_args, deadline)
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    # It waited (for a worker, a compile) past its deadline: nothing runs now.
+                    raise DeadlineExceeded(f"kernel {key}: the call's deadline passed before it ran")
+                budget_end = now + budget if budget else None
+                if answer is not None:
+                    watch = self.watchdog.watch(key, deadline, budget_end, budget, answer)
+                with time_limits(deadline, budget_end):
+                    outcome: Outcome = self.executor.run(
+                        key, call.variant, device_args, fused=call.fused, unfused=call.plan.unfused,
+                        wait=wait, deadline=deadline, entry=entry,
+                    )  # fmt: skip
+                del device_args
+                if watch is not None:
+                    # The kernel's whole time, on a device too (a launch returns at once), is
+                    # watched; and results its caller no longer waits for are dropped here,
+                    # before any is kept as a resident value or copied for sending.
+                    self.placement.synchronize()
+                    if not self.watchdog.finish(watch):
+                        del outcome
+                        raise _Overran(watch)
                 if keep:
                     # CUDA graphs (these two modes) reuse their output memory on the next
                     # replay: a kept output must be a copy (to_host copies anyway).
@@ -329,6 +373,10 @@ class Core:
                 else:
                     outputs = self.placement.to_host(outcome.outputs)
                 self.placement.synchronize()
+        except _Overran as e:
+            log.info("kernel %d: its run ended %.2f s after its call was answered; the results were dropped",
+                     key, time.monotonic() - e.watch.limit)  # fmt: skip
+            raise e.watch.error() from None
         except OutOfTime as e:
             # The unfused graph stopped between two ops; what it made is dropped. Said
             # here too: a caller whose deadline passed is gone and hears nothing.
@@ -349,6 +397,9 @@ class Core:
             raise ResourceExhausted(
                 f"{self.device} out of memory moving data for kernel {key}; memory was released"
             ) from e
+        finally:
+            if watch is not None:
+                self.watchdog.finish(watch)
         # run_us covers choosing the variant and checking the inputs too (not the
         # wait between preparing and running: that is queue_us): every microsecond
         # the server spends is in exactly one of the call's timings.
@@ -506,8 +557,10 @@ class Core:
         if self.batcher is not None:
             gone += self.batcher.forget(gone)  # and the batched graphs' compiled kernels
         self.executor.forget(kernel.key, gone)
+        self.watchdog.forget(kernel.key)
 
     def close(self) -> None:
+        self.watchdog.close()
         if self.batcher is not None:
             self.batcher.close()
         self.executor.shutdown()
@@ -591,6 +644,15 @@ class Core:
             ) from e
         raise self._device_gone() from e
 
+    def _runaway(self, watch: Watch) -> None:
+        """A kernel runs on past its call's limit and the grace (server/watchdog.py,
+        which logged it): only this process's end stops it. The process retires
+        the way it does after a device fault (see _device_failed), but nothing is
+        broken: calls under way finish, only new ones go elsewhere."""
+        self.retiring = True
+        if self.on_runaway is not None:
+            self.on_runaway()
+
     def _device_gone(self) -> Unavailable:
         return Unavailable(
             f"device {self.device} of this serving process failed (another call's fault) and the process "
@@ -633,6 +695,7 @@ class Core:
             random_ops=sorted({op for v in variants for op in v.random_ops}),
             alias=(registry or self.registry).alias_of(key) or "",
             batching_off=self.batching_off(key, registry),
+            overruns=self.watchdog.overruns_by_key.get(key, 0),
         )
         batched: set[int] = set()
         if self.batcher is not None and with_arg_specs:
@@ -784,3 +847,11 @@ def _kind_name(value: Any) -> str:
     if value is None:
         return "None"
     return f"a {type(value).__name__}"
+
+
+class _Overran(Exception):
+    """A run that ended after its caller was answered at its limit (Core.run drops its results)."""
+
+    def __init__(self, watch: Watch) -> None:
+        super().__init__(f"kernel {watch.key}: answered at its limit")
+        self.watch = watch

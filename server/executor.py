@@ -276,7 +276,7 @@ class Executor:
             return self._fallback(spec, args, _pb.service.FALLBACK_REASON_UNSUPPORTED, unfused, None)
         if entry is None:
             entry = self._entry(spec, args)
-        if entry.state is State.COMPILING and wait:
+        if entry.state is State.COMPILING and wait:  # where the caller did not wait_compiled first
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.done.wait(timeout):
                 raise DeadlineExceeded(f"deadline passed while kernel {key} compiled")
@@ -334,6 +334,19 @@ class Executor:
         )
         log.debug("fused failure", exc_info=e)
         return outcome
+
+    def wait_compiled(self, key: int, variant: Variant, args: list[Any], deadline: float | None) -> Entry | None:
+        """The fused kernel's entry for `args`, once its compile (started here if none
+        has) is over: what `run(wait=True)` waits for, waited for apart, so that a
+        call's time limits count its run, not the wait. None with compiling off."""
+        if self.compile_mode == "off":
+            return None
+        entry = self._entry(_Run(key, variant), args)
+        if entry.state is State.COMPILING:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not entry.done.wait(timeout):
+                raise DeadlineExceeded(f"deadline passed while kernel {key} compiled")
+        return entry
 
     def _fallback(
         self, spec: _Run, args: list[Any], reason: int, detail: str, entry: Entry | None

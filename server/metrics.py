@@ -244,6 +244,22 @@ class _StateCollector:
             "Handles freed because their client stopped renewing its lease",
             value=residents.expired,
         )
+        watchdog = self.core.watchdog
+        overruns = CounterMetricFamily(
+            "fuseport_call_overruns",
+            "Calls whose deadline or --max-call-seconds (limit) passed while their kernel still ran: answered "
+            "at the limit, the kernel's results dropped when it ended",
+            labels=["limit"],
+        )
+        for limit, n in watchdog.overruns.items():
+            overruns.add_metric([limit], n)
+        yield overruns
+        yield CounterMetricFamily(
+            "fuseport_runaway_kernels",
+            "Kernels still running --overrun-grace-seconds after their call's limit: the process retires "
+            "(drains and exits with status 4) at the first",
+            value=watchdog.runaways,
+        )
         if self.shared is not None and self.shared.enabled:
             sessions, mapped = self.shared.stats()
             yield GaugeMetricFamily(

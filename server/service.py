@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,9 @@ T = TypeVar("T")
 # Requests at most this large are decoded on the event loop thread, and run
 # there too when their planned work is light (KernelService._run_small).
 _INLINE_MAX_BYTES = 64 << 10
+# The unary methods that run a kernel on a worker: a deadline or --max-call-seconds
+# that passes while it runs is answered at once (KernelService._off_loop).
+_RUNS_KERNELS = frozenset({"Execute", "Fallback", "ModelInfer"})
 
 
 @dataclass
@@ -54,6 +58,9 @@ class CallRecord:
     timings: _pb.service.Timings | None = None
     # Who owns the call's device-resident values (from its metadata).
     owner: Owner = NO_OWNER
+    # For a call run on a worker: how the core answers it at once when its deadline or
+    # --max-call-seconds passes while its kernel runs on (KernelService._off_loop).
+    answer: Callable[[FuseportError], None] | None = None
 
 
 class CallObserver:
@@ -153,6 +160,8 @@ class KernelService:
                 loop = asyncio.get_running_loop()
                 if fn in self._runners and len(request) <= _INLINE_MAX_BYTES:
                     out = await self._run_small(loop, request, deadline, record, fused=fn == self._execute)
+                elif method in _RUNS_KERNELS:
+                    out = await self._off_loop(loop, record, lambda: fn(request, deadline, arrived, record))
                 else:
                     out = await loop.run_in_executor(self._pool, fn, request, deadline, arrived, record)
                 self._observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
@@ -169,6 +178,31 @@ class KernelService:
 
         call.__name__ = fn.__name__
         return call
+
+    async def _off_loop(self, loop: asyncio.AbstractEventLoop, record: CallRecord, fn: Callable[[], T]) -> T:
+        """What `fn` returns, run on a worker; or, should the core answer the call
+        first (`record.answer`: its deadline or --max-call-seconds passed while its
+        kernel runs on, see server/watchdog.py), that answer, raised at once: the
+        loop does not wait for the kernel, whose results the core drops when it ends."""
+        answered: asyncio.Future[T] = loop.create_future()
+
+        def answer(error: FuseportError) -> None:  # from the watchdog's thread
+            loop.call_soon_threadsafe(_settle, answered, error)
+
+        record.answer = answer
+        work = loop.run_in_executor(self._pool, fn)
+        try:
+            await asyncio.wait((work, answered), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answered.cancel()  # an answer on its way now finds it done
+            if not work.done():
+                # The handler goes on without it (answered, or cancelled by gRPC): what the
+                # worker ends with is retrieved, and dropped, whenever that is.
+                work.add_done_callback(_retrieve)
+        if work.done():
+            return work.result()
+        error = answered.exception() if not answered.cancelled() else None
+        raise error or DeadlineExceeded("the call was answered at its limit")
 
     def _observe(self, record: CallRecord, code: grpc.StatusCode, arrived: int, received: int, sent: int) -> None:
         try:
@@ -233,8 +267,9 @@ class KernelService:
                     return self._respond(req, result, decode_ns, 0, record)
                 return self._respond(req, self.core.run(call, deadline=deadline), decode_ns, 0, record)
         queued = time.perf_counter_ns()
-        return await loop.run_in_executor(
-            self._pool,
+        return await self._off_loop(
+            loop,
+            record,
             lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call),
         )
 
@@ -281,7 +316,7 @@ class KernelService:
                 decode_ns += time.perf_counter_ns() - started
             call = self._prepare(req, record, fused, stack)
             assert call is not None
-        result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline)
+        result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline, answer=record.answer)
         return self._respond(req, result, decode_ns, queue_ns, record, registered)
 
     def _respond(
@@ -390,10 +425,10 @@ class KernelService:
                     return self.core.execute(
                         header.key, values, fused=fused, wait=header.options.wait_for_compile,
                         deadline=deadline, variants=tuple(header.options.variants), streamed=True,
-                        owner=record.owner, keep=header.options.keep_outputs,
+                        owner=record.owner, keep=header.options.keep_outputs, answer=record.answer,
                     ), waited  # fmt: skip
 
-                result, queue_ns = await loop.run_in_executor(self._pool, run, stack)
+                result, queue_ns = await self._off_loop(loop, record, functools.partial(run, stack))
                 del stack
                 assembler.release()
                 encode_start = time.perf_counter_ns()
@@ -476,6 +511,16 @@ class KernelService:
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         _parse(_pb.service.RenewLeaseRequest, request)
         return _pb.service.RenewLeaseResponse(usage=self.core.renew_lease(record.owner)).SerializeToString()
+
+
+def _settle(future: asyncio.Future[Any], error: FuseportError) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: asyncio logs no "never retrieved"
 
 
 def _no_tenant(metadata: Any) -> bytes:

@@ -79,9 +79,18 @@ class Settings:
     max_call_seconds: float = field(
         default=0.0,
         metadata={
-            "help": "most time one Execute/Fallback may run: past it the unfused graph stops at its next op "
-            "and the call is RESOURCE_EXHAUSTED (0: no limit; a client's deadline stops it the same way, "
-            "DEADLINE_EXCEEDED); a fused kernel is one launch and is not interrupted"
+            "help": "most time one Execute/Fallback may run: past it the call is RESOURCE_EXHAUSTED at once and "
+            "the unfused graph stops at its next op (0: no limit; a client's deadline does the same, "
+            "DEADLINE_EXCEEDED); a fused kernel, or one op, is not interrupted: see --overrun-grace-seconds"
+        },
+    )
+    overrun_grace_seconds: float = field(
+        default=5.0,
+        metadata={
+            "help": "how long a kernel may run on after its call's deadline or --max-call-seconds passed (its "
+            "caller is answered at the limit, the results dropped): past it the kernel is a runaway that only "
+            "the process's end stops, and the serving process retires (health NOT_SERVING, drain, exit status "
+            "4) for its supervisor or the container to restart"
         },
     )
     max_graph_bytes: int = field(
@@ -350,6 +359,8 @@ class Settings:
             raise ValueError("max_batch must be in 1..1024")
         if self.max_call_seconds < 0:
             raise ValueError("max_call_seconds must be >= 0 (0: no limit of its own)")
+        if self.overrun_grace_seconds <= 0:
+            raise ValueError("overrun_grace_seconds must be > 0")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
         if self.shared_memory_max_bytes < 1 << 20:

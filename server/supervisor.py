@@ -53,6 +53,8 @@ BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 30.0
 # On SIGTERM, time beyond --grace-seconds before a process that has not ended is killed.
 STOP_SLACK_SECONDS = 30.0
+# server.app.EXIT_RUNAWAY_KERNEL (not imported: the supervisor stays free of the server's imports).
+_EXIT_RUNAWAY_KERNEL = 4
 
 
 def devices_of(device: str) -> list[str]:
@@ -258,8 +260,20 @@ class Supervisor:
             ran = now - s.started
             s.proc = None
             s.serving = False
-            s.quick_deaths = s.quick_deaths + 1 if ran < STABLE_SECONDS else 1
             how = f"signal {-code}" if code < 0 else f"status {code}"
+            if code == _EXIT_RUNAWAY_KERNEL:
+                # It retired because a caller's kernel would not stop (server/watchdog.py): not
+                # a process that cannot start, so not counted towards giving up on it, which
+                # would let callers take the server down for good by repeating such calls.
+                s.quick_deaths = 0
+                s.restarts += 1
+                s.start_at = now + BACKOFF_FIRST_SECONDS
+                log.warning(
+                    "process %d retired (%s) after %.1f s: a kernel ran on past its call's limit and "
+                    "--overrun-grace-seconds; restarting it in %.1f s", s.index, how, ran, BACKOFF_FIRST_SECONDS,
+                )  # fmt: skip
+                continue
+            s.quick_deaths = s.quick_deaths + 1 if ran < STABLE_SECONDS else 1
             if s.quick_deaths > self.settings.restart_limit:
                 s.gave_up = True
                 s.start_at = None

@@ -8,22 +8,34 @@ event loop (or GIL) the call held misses those polls. The kernel is the probe's
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fuseport.client import Client, DeadlineExceeded, ResourceExhausted
+from fuseport.client import Client, DeadlineExceeded, ResourceExhausted, capture
+from fuseport.server import supervisor
+from fuseport.server.app import EXIT_RUNAWAY_KERNEL
+from fuseport.wire import codec
 
 from .conftest import ServerProcess, start_server
+from .test_faults import _conn_on
+from .test_procs import _children, _conns_on
 
 ADMIN = "adm1n-5c1d8e2f7a9b3046"
 USER = "us3r-9e4a7c2d1f6b8053"
 # zeros(1024) expanded to (n, 1024): 32 Gi elements to read, seconds on a core even fused.
 HEAVY_N = 1 << 25
+# An eighth of it: still far past a 0.3 s deadline, and over in a few seconds.
+OVERRUN_N = 1 << 22
 
 
 def heavy(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -39,16 +51,28 @@ def chain(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the module's servers: a kernel compiled by one is loaded by the others."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("isolation")
     tokens = tmp / "tokens"
     tokens.write_text(f"{ADMIN} admin\n{USER} user\n")
-    s = start_server(tmp, None, "--auth-tokens", str(tokens), "--max-call-bytes", str(1 << 30))
+    # A grace no test here reaches: this server must not retire (the tests below that do start their own).
+    s = start_server(
+        tmp, None, "--auth-tokens", str(tokens), "--max-call-bytes", str(1 << 30), "--artifact-dir", str(artifacts),
+        "--overrun-grace-seconds", "600", "--metrics-port", "0",
+    )  # fmt: skip
     yield s
     s.stop()
 
 
-def _polls_during(server: ServerProcess, fn: Callable[[], Any]) -> tuple[Any, list[float], float]:
+def _polls_during(
+    server: ServerProcess, fn: Callable[[], Any], token: str | None = USER
+) -> tuple[Any, list[float], float]:
     """Runs `fn` on a thread while polling health: (its result, every poll's latency, its duration)."""
     done = threading.Event()
     result: dict[str, Any] = {}
@@ -64,7 +88,7 @@ def _polls_during(server: ServerProcess, fn: Callable[[], Any]) -> tuple[Any, li
             done.set()
 
     latencies: list[float] = []
-    with Client(server.target, timeout=1.0, token=USER) as poller:
+    with Client(server.target, timeout=1.0, token=token) as poller:
         assert poller.health(timeout=10) == "SERVING"  # the connection is up before the clock starts
         worker = threading.Thread(target=call)
         worker.start()
@@ -177,3 +201,155 @@ def test_a_call_past_its_time_stops_between_ops(tmp_path_factory: pytest.TempPat
             assert stopped in s.log(), s.log()[-2000:]
     finally:
         s.stop()
+
+
+def _wait_for(condition: Callable[[], bool], what: str, log: Callable[[], str], seconds: float = 300) -> None:
+    """Polls `condition` (a state the server reaches on its own) until it holds; fails after `seconds`."""
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not within {seconds:g} s; {log()[-3000:]}"
+        time.sleep(0.1)  # a poll interval, not a readiness wait: the condition is the check
+
+
+def _metric(server: ServerProcess, name: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as resp:  # noqa: S310 - loopback
+        text = resp.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found, f"no {name} in the metrics"
+    return float(found.group(1))
+
+
+def test_a_call_past_its_deadline_is_answered_and_what_its_kernel_keeps_is_dropped(
+    server: ServerProcess,
+) -> None:
+    """The caller leaves at its deadline; its fused kernel runs on (it cannot be
+    interrupted) and, when it ends, its results are dropped: no handle is kept for a
+    caller that never heard of it, the overrun is counted, later calls are served."""
+    key = _register(server, heavy)
+    x = torch.zeros(1024)
+    with Client(server.target, timeout=300, token=USER) as user:
+        assert user.execute_detailed(key, [x, 8], wait=True).path == "fused"
+        before = user.describe(key)
+        with pytest.raises(DeadlineExceeded):
+            user.execute(key, [x, OVERRUN_N], keep=True, timeout=0.3)
+        ended = f"kernel {key}: its run ended"
+        _wait_for(lambda: ended in server.log(), "the overrunning kernel's end", server.log)
+        after = user.describe(key)
+        assert after.fused_runs == before.fused_runs + 1  # it did run, fused, to its end
+        assert after.overruns == before.overruns + 1
+        assert "overruns:" in str(after)
+        assert user.resident().caller.handles == 0, "a handle was kept for a call already answered"
+        assert _metric(server, 'fuseport_call_overruns_total{limit="deadline"}') >= 1
+        assert _metric(server, "fuseport_runaway_kernels_total") == 0
+        # The same caller's next call, kept, is served as any: nothing of the dropped run is in its way.
+        (handle,) = user.execute(key, [x, 2], keep=True)
+        assert user.resident().caller.handles == 1
+        assert handle.fetch().item() == 0.0
+    assert user_health(server) == "SERVING"
+
+
+def user_health(server: ServerProcess) -> str:
+    with Client(server.target, timeout=10, token=USER) as c:
+        return c.health()
+
+
+PAST_BUDGET = r"past the 0\.5 s one call may take \(--max-call-seconds\)"
+
+
+def test_past_max_call_seconds_the_caller_is_answered_on_time_the_compile_is_bounded_and_a_runaway_retires_the_server(
+    tmp_path_factory: pytest.TempPathFactory, artifacts: Path
+) -> None:
+    """One serving process, --max-call-seconds 0.5:
+
+    - a new ArgSpec at a size past the budget: its call stops between ops, and its
+      compile, in the worker, runs the caller's sizes no longer than the budget either;
+    - a fused kernel past the budget: its caller hears RESOURCE_EXHAUSTED naming the
+      flag within the budget plus a second (its own deadline), health answering
+      meanwhile; the kernel still runs a grace (1 s) later, so the server retires:
+      drains and exits with EXIT_RUNAWAY_KERNEL, for the container to restart it."""
+    tmp = tmp_path_factory.mktemp("runaway")
+    flags = ("--max-call-seconds", "0.5", "--overrun-grace-seconds", "1", "--artifact-dir", str(artifacts))
+    s = start_server(tmp, None, *flags)
+    try:
+        x = torch.zeros(1024)
+        with Client(s.target, timeout=300) as c:
+            key = c.register(heavy, [x, 4])
+            # The compile is waited for outside the budget: only the run counts.
+            assert c.execute_detailed(key, [x, 8], wait=True).path == "fused"
+
+            many = c.register(steps, [x, 4])
+            with pytest.raises(ResourceExhausted, match=PAST_BUDGET):
+                c.execute(many, [x, 1 << 15])  # its first call: compiled at these sizes
+            _wait_for(
+                lambda: all(a.state != 1 for a in c.describe(many).arg_specs),  # COMPILE_STATE_COMPILING
+                "the compile of steps",
+                s.log,
+            )
+            bounded = r"compile-worker .*passed --max-call-seconds \(0\.5 s\)"
+            assert re.search(bounded, s.log()), s.log()[-3000:]
+            (spec,) = c.describe(many).arg_specs
+            assert spec.state == 2, spec.error  # COMPILE_STATE_READY: the artifact is kept, untested
+            assert c.execute(many, [x, 4])[0].item() == pytest.approx(steps(x, 4).item())
+
+            def overrun() -> None:
+                with pytest.raises(ResourceExhausted, match=PAST_BUDGET):
+                    c.execute(key, [x, HEAVY_N], timeout=1.5)  # answered later: DEADLINE_EXCEEDED
+
+            _, latencies, _ = _polls_during(s, overrun, token=None)
+            assert latencies and max(latencies) < 1.0, latencies
+        assert s.proc.wait(timeout=120) == EXIT_RUNAWAY_KERNEL, s.log()[-3000:]
+        log = s.log()
+        assert "this serving process retires" in log and "exiting with status 4" in log, log[-3000:]
+    finally:
+        s.stop()
+
+
+def test_with_two_processes_a_runaway_kernel_retires_its_process_alone_which_is_replaced(
+    tmp_path_factory: pytest.TempPathFactory, artifacts: Path
+) -> None:
+    """--processes 2: a fused kernel runs on past its caller's deadline (0.5 s) and the
+    grace (1 s); its process answers health meanwhile, then retires (exit status 4)
+    and the supervisor starts a fresh one, while the other process serves throughout."""
+    assert supervisor._EXIT_RUNAWAY_KERNEL == EXIT_RUNAWAY_KERNEL
+    s = start_server(
+        tmp_path_factory.mktemp("runaway-procs"), None, "--processes", "2", "--overrun-grace-seconds", "1",
+        "--artifact-dir", str(artifacts), "--log-level", "warning",
+    )  # fmt: skip
+    try:
+        x = torch.zeros(1024)
+        pids = _children(s.proc.pid)
+        conns = _conns_on(s.target, pids)
+        victim, survivor = sorted(pids)
+        key = conns[survivor].register(capture(heavy, [x, 4]))
+        warm = codec.encode_execute_request(key, [x, 8], wait_for_compile=True)
+        for pid, conn in conns.items():
+            raw, answered = conn.call("Execute", warm, timeout=300)
+            assert answered == pid and codec.decode_execute_response(raw).path == 1  # PATH_FUSED
+
+        with pytest.raises(grpc.RpcError) as e:
+            conns[victim].call("Execute", codec.encode_execute_request(key, [x, HEAVY_N]), timeout=0.5)
+        assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        # Until it retires, the victim answers health within 1 s (the kernel holds no lock
+        # of the serving process) and the survivor serves calls.
+        health = health_pb2_grpc.HealthStub(conns[victim].channel)
+        retiring = "this serving process retires"
+        while retiring not in s.log():
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+            assert status == health_pb2.HealthCheckResponse.SERVING or retiring in s.log()
+            stack, pid = conns[survivor].execute(key, [x, 3])
+            assert pid == survivor and stack[0].item() == 0.0
+        retired = re.compile(r"process \d retired \(status 4\)")
+        _wait_for(lambda: retired.search(s.log()) is not None, "the retirement", s.log)
+        _wait_for(lambda: len(_children(s.proc.pid) - {victim, survivor}) == 1, "a fresh process", s.log)
+        assert victim not in _children(s.proc.pid) and survivor in _children(s.proc.pid)
+        (fresh,) = _children(s.proc.pid) - {survivor}
+        conn = _conn_on(s.target, fresh, time.monotonic() + 300, s.log)
+        stack, pid = conn.execute(key, [x, 5])
+        assert pid == fresh and stack[0].item() == 0.0
+        stack, pid = conns[survivor].execute(key, [x, 5])
+        assert pid == survivor
+        conn.close()
+    finally:
+        for c in conns.values():
+            c.close()
+        assert s.stop() == 0

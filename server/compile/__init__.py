@@ -103,8 +103,10 @@ def make_compiler(
     *,
     artifacts: ArtifactCache | None,
     timeout: float,
+    budget: float = 0.0,
 ) -> Compiler:
-    """The settings' strategy: "standalone" (needs the artifact cache) or "inprocess"."""
+    """The settings' strategy: "standalone" (needs the artifact cache) or "inprocess".
+    `budget`: --max-call-seconds (0: none), which bounds the compile worker's test runs."""
     from fuseport.server.compile.inprocess import InProcessCompiler
 
     if strategy == "inprocess":
@@ -112,4 +114,4 @@ def make_compiler(
     from fuseport.server.compile.standalone import StandaloneCompiler
 
     assert artifacts is not None
-    return StandaloneCompiler(placement, mode, artifacts, timeout)
+    return StandaloneCompiler(placement, mode, artifacts, timeout, budget)

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -134,13 +135,23 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
             artifact = torch._inductor.standalone_compile(gm, fakes, dynamic_shapes="from_graph", options=options)
     finally:
         torch.compiler.config.cache_key_tag = tag
-    zeros = _check_eager_accepts(module, header["inputs"], values, takes, device)
-    if zeros is not None:
-        # And the artifact itself, once, on the same zeros, as the serving process will
-        # call it: code that fails at run time for the very sizes it was compiled for
-        # (a stride past int64 from a hostile step) fails here, in this process.
-        artifact(*[zeros[i] for i in takes])
+    # Saved before the test runs: one cut short at the budget (below) leaves it in place.
     artifact.save(path=header["path"], format="binary")
+    # The test runs are a call's work at the caller's sizes: no longer than
+    # --max-call-seconds lets a call run. Past it they are given up (the artifact is
+    # kept untested, as where the graph cannot run on zeros) and, since a kernel is
+    # not interrupted, this worker is replaced ("retire") to stop the one still running.
+    budget = float(header.get("budget") or 0.0)
+
+    def test_runs() -> None:
+        zeros = _check_eager_accepts(module, header["inputs"], values, takes, device, budget)
+        if zeros is not None:
+            # And the artifact itself, once, on the same zeros, as the serving process will
+            # call it: code that fails at run time for the very sizes it was compiled for
+            # (a stride past int64 from a hostile step) fails here, in this process.
+            artifact(*[zeros[i] for i in takes])
+
+    finished = _within(test_runs, budget)
     # Everything Inductor assumed of the sizes, as conditions the server checks;
     # less "dim >= 2" of a tensor's dims, which the ArgSpec ("n") already says.
     implied = {
@@ -157,7 +168,42 @@ def compile_job(header: dict[str, Any], graph_bytes: bytes) -> dict[str, Any]:
         "outputs": len(results),
         "conditions": base64.b64encode(conditions.SerializeToString(deterministic=True)).decode(),
         "source": "\n\n".join(sources)[:_MAX_SOURCE],
+        "retire": not finished,
     }
+
+
+# Beyond the budget, for the unfused test run to reach its next op and stop there.
+_STOP_SLACK_SECONDS = 0.5
+
+
+def _within(fn: Callable[[], None], budget: float) -> bool:
+    """Runs `fn` (0: no limit); False if it still runs `budget` (and a little) later,
+    on the thread it was given, which nothing stops but the process's end. What it
+    raises in time is raised here."""
+    if not budget:
+        fn()
+        return True
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - raised again on the worker's thread
+            raised.append(e)
+
+    thread = threading.Thread(target=run, name="fuseport-test-run", daemon=True)
+    thread.start()
+    thread.join(budget + _STOP_SLACK_SECONDS)
+    if thread.is_alive():
+        log.warning(
+            "the test runs on zeros of the request's sizes passed --max-call-seconds (%g s); given up, "
+            "the artifact is kept untested and this worker is replaced",
+            budget,
+        )
+        return False
+    if raised:
+        raise raised[0]
+    return True
 
 
 class EagerRefuses(Exception):
@@ -165,7 +211,7 @@ class EagerRefuses(Exception):
 
 
 def _check_eager_accepts(
-    module: Any, inputs: list[dict[str, Any]], values: list[Any], takes: list[int], device: Any
+    module: Any, inputs: list[dict[str, Any]], values: list[Any], takes: list[int], device: Any, budget: float = 0.0
 ) -> list[Any] | None:
     """Inductor computes where eager refuses the ArgSpec itself (a bitwise op on
     floats, softmax on ints: the CPU kernels refuse what the meta kernels
@@ -173,13 +219,14 @@ def _check_eager_accepts(
     of the request's sizes (this process's memory, not the serving one's: real
     memory of the request's size, bounded by the --max-call-bytes the call
     passed), with its data checks: a value a check refuses says nothing of the
-    ArgSpec.
+    ArgSpec; and for no longer than `budget` (--max-call-seconds), stopping
+    between two ops as a call does: then no verdict, and no test run.
     Returns the arguments it ran with, None where a data check refused them
     (zeros as divisors: the fused kernel, which has no such checks, must not
     run on them: SIGFPE)."""
     import torch
 
-    from fuseport.server.checks import DataError, with_data_checks
+    from fuseport.server.checks import DataError, OutOfTime, time_limits, with_data_checks
     from fuseport.wire import dtypes
 
     args = list(values)
@@ -192,9 +239,16 @@ def _check_eager_accepts(
         zeros = torch.zeros([shape[d] for d in order], dtype=dtypes.dtype_for(int(item["dtype"])), device=device)
         args[i] = zeros.permute(_inverse(order))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), time_limits(None, time.monotonic() + budget if budget else None):
             with_data_checks(module)(*args)
     except DataError:
+        return None
+    except OutOfTime:
+        log.warning(
+            "the unfused graph on zeros of the request's sizes passed --max-call-seconds (%g s) and was "
+            "stopped between two ops; no test run",
+            budget,
+        )
         return None
     except Exception as e:  # noqa: BLE001 - only a refusal of the dtypes says something of the ArgSpec
         text = str(e).strip().splitlines()
@@ -283,10 +337,14 @@ class StandaloneCompiler(Compiler):
 
     name = "inductor standalone (compile worker)"
 
-    def __init__(self, placement: Placement, mode: str, artifacts: ArtifactCache, timeout: float) -> None:
+    def __init__(
+        self, placement: Placement, mode: str, artifacts: ArtifactCache, timeout: float, budget: float = 0.0
+    ) -> None:
+        """`budget`: --max-call-seconds, which bounds the worker's test runs at the caller's sizes."""
         self.placement = placement
         self.mode = mode
         self.artifacts = artifacts
+        self.budget = budget
         self._capability = device_capability(placement.device)
         self._worker = CompileWorker(timeout)
         self._worker.start()
@@ -357,7 +415,10 @@ class StandaloneCompiler(Compiler):
             # No room in the cache (not even for an empty file: inodes, a quota):
             # compiled in process, the kernel is served all the same, uncached.
             raise CompileFailed(f"the artifact cache cannot be written: {e}", retry_in_process=True) from e
-        header = {"device": str(self.placement.device), "path": str(tmp), "mode": self.mode, "inputs": inputs}
+        header = {
+            "device": str(self.placement.device), "path": str(tmp), "mode": self.mode, "inputs": inputs,
+            "budget": self.budget,
+        }  # fmt: skip
         try:
             try:
                 reply = self._worker.compile(header, job.variant.serialized())

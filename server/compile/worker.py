@@ -14,7 +14,9 @@ fallback's). Here they run in a process of their own, started with `spawn`
   follows (standalone.compile_job).
 - reply: one JSON object, {"ok": true, "seconds": s, ...what
   standalone.compile_job returns} once the artifact is at the path given, or
-  {"ok": false, "error": "..."}.
+  {"ok": false, "error": "..."}. With "retire": true the worker's test runs
+  passed the call budget (header "budget", --max-call-seconds) and one runs on:
+  the worker is replaced before the next compile.
 
 A worker that dies or passes the timeout is killed and replaced for the next
 compile; the compile it ran is reported failed by `CompileWorker.compile`.
@@ -97,6 +99,11 @@ class CompileWorker:
             conn.send_bytes(graph)
             self._wait(proc, conn, deadline, "compile")
             reply: dict[str, Any] = json.loads(conn.recv_bytes())
+            if reply.pop("retire", False):
+                # Its test runs passed the call budget and one still runs on a thread of
+                # its own: only the worker's end stops it. The next compile starts a fresh one.
+                log.info("compile worker %d replaced: a test run passed --max-call-seconds", self.started)
+                self.stop()
             return reply
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as e:
             proc.join(5)

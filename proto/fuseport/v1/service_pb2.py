@@ -16,7 +16,7 @@ from fuseport.v1 import graph_pb2 as fuseport_dot_v1_dot_graph__pb2
 from fuseport.v1 import values_pb2 as fuseport_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66useport/v1/service.proto\x12\x0b\x66useport.v1\x1a\x17\x66useport/v1/graph.proto\x1a\x18\x66useport/v1/values.proto\"\x9e\x01\n\x0fRegisterRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.fuseport.v1.Graph\x12\x17\n\nvariant_of\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05\x61lias\x18\x14 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08\x62\x61tching\x18\x15 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_variant_ofB\x08\n\x06_aliasB\x0b\n\t_batching\"A\n\x10RegisterResponse\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07variant\x18\x03 \x01(\x03\"\xa2\x01\n\x0e\x45xecuteOptions\x12\x18\n\x10wait_for_compile\x18\x01 \x01(\x08\x12\x10\n\x08variants\x18\x02 \x03(\x03\x12\x14\n\x0ckeep_outputs\x18\x32 \x01(\x08\x12\x13\n\x0bno_batching\x18\x03 \x01(\x08\x12\x1d\n\x15shared_memory_session\x18< \x01(\t\x12\x1a\n\x12shared_memory_slot\x18= \x01(\r\"\xb0\x01\n\x0e\x45xecuteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\"\n\x06graphs\x18\x1e \x03(\x0b\x32\x12.fuseport.v1.Graph\x12\x12\n\x05\x61lias\x18\x1f \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_alias\"Q\n\x07Timings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x0e\n\x06run_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"\xde\x01\n\x0f\x45xecuteResponse\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x05stack\x18\x04 \x03(\x0b\x32\x12.fuseport.v1.Value\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.fuseport.v1.Timings\x12\x0f\n\x07variant\x18\x06 \x01(\x03\x12\x12\n\nregistered\x18\x1e \x01(\r\"6\n\x0f\x44\x65scribeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x16\n\x0einclude_source\x18\x02 \x01(\x08\"\xe6\x01\n\x0b\x41rgSpecInfo\x12\x10\n\x08\x61rg_spec\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuseport.v1.CompileState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x01\x12\x12\n\nfused_runs\x18\x05 \x01(\x04\x12\x15\n\rfallback_runs\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\x03\x12\x13\n\x0b\x63ompiled_by\x18\x46 \x01(\t\x12\x12\n\nfrom_cache\x18G \x01(\x08\"n\n\x0bVariantInfo\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x12\n\nconditions\x18\x03 \x03(\t\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\"\xf4\x02\n\nKernelInfo\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x13\n\x0bnum_outputs\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\x12\x0b\n\x03ops\x18\x05 \x03(\t\x12\x12\n\nfused_runs\x18\x06 \x01(\x04\x12\x15\n\rfallback_runs\x18\x07 \x01(\x04\x12+\n\targ_specs\x18\x08 \x03(\x0b\x32\x18.fuseport.v1.ArgSpecInfo\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x08variants\x18\n \x03(\x0b\x32\x18.fuseport.v1.VariantInfo\x12\x12\n\nrandom_ops\x18\x0b \x03(\t\x12\r\n\x05\x61lias\x18\x14 \x01(\t\x12\x14\n\x0c\x62\x61tching_off\x18\x15 \x01(\t\x12.\n\x08\x62\x61tching\x18\x16 \x03(\x0b\x32\x1c.fuseport.v1.BatchingVerdict\"\x7f\n\x0f\x42\x61tchingVerdict\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\r\n\x05sizes\x18\x02 \x01(\t\x12\x11\n\tbatchable\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61tched_variants\x18\x05 \x03(\x03\x12\x0f\n\x07\x64ynamic\x18\x06 \x01(\x08\";\n\x10\x44\x65scribeResponse\x12\'\n\x06kernel\x18\x01 \x01(\x0b\x32\x17.fuseport.v1.KernelInfo\"\r\n\x0bListRequest\"e\n\x0cListResponse\x12(\n\x07kernels\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.KernelInfo\x12+\n\x08resident\x18\x32 \x01(\x0b\x32\x19.fuseport.v1.ResidentInfo\" \n\x11UnregisterRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\"%\n\x12UnregisterResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x82\x01\n\x13StreamRequestHeader\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\r\n\x05sizes\x18\x04 \x03(\x04\"\xb7\x01\n\x14StreamResponseHeader\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\x03\x12!\n\x05stack\x18\x05 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\r\n\x05sizes\x18\x06 \x03(\x04\"J\n\nStreamData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Q\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.fuseport.v1.Timings\"\xd0\x01\n\nStackChunk\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32 .fuseport.v1.StreamRequestHeaderH\x00\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.fuseport.v1.StreamResponseHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.fuseport.v1.StreamDataH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.fuseport.v1.StreamEndH\x00\x42\x06\n\x04kind\"0\n\x13\x46\x65tchHandlesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04\x66ree\x18\x02 \x01(\x08\":\n\x14\x46\x65tchHandlesResponse\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value\".\n\x12\x46reeHandlesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"9\n\x13\x46reeHandlesResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"\x13\n\x11RenewLeaseRequest\"p\n\rResidentUsage\x12\x0f\n\x07handles\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bquota_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bmax_handles\x18\x05 \x01(\r\"?\n\x12RenewLeaseResponse\x12)\n\x05usage\x18\x01 \x01(\x0b\x32\x1a.fuseport.v1.ResidentUsage\"\x91\x01\n\x0cResidentInfo\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x63lients\x18\x04 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12*\n\x06\x63\x61ller\x18\x06 \x01(\x0b\x32\x1a.fuseport.v1.ResidentUsage\"\x19\n\x17OpenSharedMemoryRequest\"\x87\x01\n\x18OpenSharedMemoryResponse\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\x12\x11\n\tmax_slots\x18\x05 \x01(\r\x12\x14\n\x0c\x63uda_devices\x18\x06 \x03(\x0c*?\n\x04Path\x12\x14\n\x10PATH_UNSPECIFIED\x10\x00\x12\x0e\n\nPATH_FUSED\x10\x01\x12\x11\n\rPATH_FALLBACK\x10\x02*\xbd\x02\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41LLBACK_REASON_REQUESTED\x10\x01\x12\x1d\n\x19\x46\x41LLBACK_REASON_COMPILING\x10\x02\x12\"\n\x1e\x46\x41LLBACK_REASON_COMPILE_FAILED\x10\x03\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSUPPORTED\x10\x04\x12!\n\x1d\x46\x41LLBACK_REASON_MIXED_DEVICES\x10\x05\x12!\n\x1d\x46\x41LLBACK_REASON_RUNTIME_ERROR\x10\x06\x12#\n\x1f\x46\x41LLBACK_REASON_RECOMPILE_LIMIT\x10\x07\x12\x1c\n\x18\x46\x41LLBACK_REASON_DISABLED\x10\x08*}\n\x0c\x43ompileState\x12\x1d\n\x19\x43OMPILE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPILE_STATE_COMPILING\x10\x01\x12\x17\n\x13\x43OMPILE_STATE_READY\x10\x02\x12\x18\n\x14\x43OMPILE_STATE_FAILED\x10\x03\x32\xa0\x07\n\rKernelService\x12G\n\x08Register\x12\x1c.fuseport.v1.RegisterRequest\x1a\x1d.fuseport.v1.RegisterResponse\x12\x44\n\x07\x45xecute\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12\x45\n\x08\x46\x61llback\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12G\n\x08\x44\x65scribe\x12\x1c.fuseport.v1.DescribeRequest\x1a\x1d.fuseport.v1.DescribeResponse\x12;\n\x04List\x12\x18.fuseport.v1.ListRequest\x1a\x19.fuseport.v1.ListResponse\x12M\n\nUnregister\x12\x1e.fuseport.v1.UnregisterRequest\x1a\x1f.fuseport.v1.UnregisterResponse\x12\x45\n\rExecuteStream\x12\x17.fuseport.v1.StackChunk\x1a\x17.fuseport.v1.StackChunk(\x01\x30\x01\x12\x46\n\x0e\x46\x61llbackStream\x12\x17.fuseport.v1.StackChunk\x1a\x17.fuseport.v1.StackChunk(\x01\x30\x01\x12S\n\x0c\x46\x65tchHandles\x12 .fuseport.v1.FetchHandlesRequest\x1a!.fuseport.v1.FetchHandlesResponse\x12P\n\x0b\x46reeHandles\x12\x1f.fuseport.v1.FreeHandlesRequest\x1a .fuseport.v1.FreeHandlesResponse\x12M\n\nRenewLease\x12\x1e.fuseport.v1.RenewLeaseRequest\x1a\x1f.fuseport.v1.RenewLeaseResponse\x12_\n\x10OpenSharedMemory\x12$.fuseport.v1.OpenSharedMemoryRequest\x1a%.fuseport.v1.OpenSharedMemoryResponseB\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66useport/v1/service.proto\x12\x0b\x66useport.v1\x1a\x17\x66useport/v1/graph.proto\x1a\x18\x66useport/v1/values.proto\"\x9e\x01\n\x0fRegisterRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.fuseport.v1.Graph\x12\x17\n\nvariant_of\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\x05\x61lias\x18\x14 \x01(\tH\x01\x88\x01\x01\x12\x15\n\x08\x62\x61tching\x18\x15 \x01(\x08H\x02\x88\x01\x01\x42\r\n\x0b_variant_ofB\x08\n\x06_aliasB\x0b\n\t_batching\"A\n\x10RegisterResponse\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07variant\x18\x03 \x01(\x03\"\xa2\x01\n\x0e\x45xecuteOptions\x12\x18\n\x10wait_for_compile\x18\x01 \x01(\x08\x12\x10\n\x08variants\x18\x02 \x03(\x03\x12\x14\n\x0ckeep_outputs\x18\x32 \x01(\x08\x12\x13\n\x0bno_batching\x18\x03 \x01(\x08\x12\x1d\n\x15shared_memory_session\x18< \x01(\t\x12\x1a\n\x12shared_memory_slot\x18= \x01(\r\"\xb0\x01\n\x0e\x45xecuteRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\"\n\x06graphs\x18\x1e \x03(\x0b\x32\x12.fuseport.v1.Graph\x12\x12\n\x05\x61lias\x18\x1f \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_alias\"Q\n\x07Timings\x12\x11\n\tdecode_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x0e\n\x06run_us\x18\x03 \x01(\x04\x12\x11\n\tencode_us\x18\x04 \x01(\x04\"\xde\x01\n\x0f\x45xecuteResponse\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12!\n\x05stack\x18\x04 \x03(\x0b\x32\x12.fuseport.v1.Value\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.fuseport.v1.Timings\x12\x0f\n\x07variant\x18\x06 \x01(\x03\x12\x12\n\nregistered\x18\x1e \x01(\r\"6\n\x0f\x44\x65scribeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\x16\n\x0einclude_source\x18\x02 \x01(\x08\"\xe6\x01\n\x0b\x41rgSpecInfo\x12\x10\n\x08\x61rg_spec\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.fuseport.v1.CompileState\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x01\x12\x12\n\nfused_runs\x18\x05 \x01(\x04\x12\x15\n\rfallback_runs\x18\x06 \x01(\x04\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0f\n\x07variant\x18\x08 \x01(\x03\x12\x13\n\x0b\x63ompiled_by\x18\x46 \x01(\t\x12\x12\n\nfrom_cache\x18G \x01(\x08\"n\n\x0bVariantInfo\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x12\n\nconditions\x18\x03 \x03(\t\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\"\x86\x03\n\nKernelInfo\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.fuseport.v1.GraphInput\x12\x13\n\x0bnum_outputs\x18\x03 \x01(\r\x12\x11\n\tnum_nodes\x18\x04 \x01(\r\x12\x0b\n\x03ops\x18\x05 \x03(\t\x12\x12\n\nfused_runs\x18\x06 \x01(\x04\x12\x15\n\rfallback_runs\x18\x07 \x01(\x04\x12+\n\targ_specs\x18\x08 \x03(\x0b\x32\x18.fuseport.v1.ArgSpecInfo\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12*\n\x08variants\x18\n \x03(\x0b\x32\x18.fuseport.v1.VariantInfo\x12\x12\n\nrandom_ops\x18\x0b \x03(\t\x12\r\n\x05\x61lias\x18\x14 \x01(\t\x12\x14\n\x0c\x62\x61tching_off\x18\x15 \x01(\t\x12.\n\x08\x62\x61tching\x18\x16 \x03(\x0b\x32\x1c.fuseport.v1.BatchingVerdict\x12\x10\n\x08overruns\x18\x17 \x01(\x04\"\x7f\n\x0f\x42\x61tchingVerdict\x12\x0f\n\x07variant\x18\x01 \x01(\x03\x12\r\n\x05sizes\x18\x02 \x01(\t\x12\x11\n\tbatchable\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x18\n\x10\x62\x61tched_variants\x18\x05 \x03(\x03\x12\x0f\n\x07\x64ynamic\x18\x06 \x01(\x08\";\n\x10\x44\x65scribeResponse\x12\'\n\x06kernel\x18\x01 \x01(\x0b\x32\x17.fuseport.v1.KernelInfo\"\r\n\x0bListRequest\"e\n\x0cListResponse\x12(\n\x07kernels\x18\x01 \x03(\x0b\x32\x17.fuseport.v1.KernelInfo\x12+\n\x08resident\x18\x32 \x01(\x0b\x32\x19.fuseport.v1.ResidentInfo\" \n\x11UnregisterRequest\x12\x0b\n\x03key\x18\x01 \x01(\x03\"%\n\x12UnregisterResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x82\x01\n\x13StreamRequestHeader\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12,\n\x07options\x18\x02 \x01(\x0b\x32\x1b.fuseport.v1.ExecuteOptions\x12!\n\x05stack\x18\x03 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\r\n\x05sizes\x18\x04 \x03(\x04\"\xb7\x01\n\x14StreamResponseHeader\x12\x1f\n\x04path\x18\x01 \x01(\x0e\x32\x11.fuseport.v1.Path\x12+\n\x06reason\x18\x02 \x01(\x0e\x32\x1b.fuseport.v1.FallbackReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\x03\x12!\n\x05stack\x18\x05 \x03(\x0b\x32\x12.fuseport.v1.Value\x12\r\n\x05sizes\x18\x06 \x03(\x04\"J\n\nStreamData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x03 \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Q\n\tStreamEnd\x12\x0e\n\x06\x63hunks\x18\x01 \x01(\x04\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.fuseport.v1.Timings\"\xd0\x01\n\nStackChunk\x12\x33\n\x07request\x18\x01 \x01(\x0b\x32 .fuseport.v1.StreamRequestHeaderH\x00\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.fuseport.v1.StreamResponseHeaderH\x00\x12\'\n\x04\x64\x61ta\x18\x03 \x01(\x0b\x32\x17.fuseport.v1.StreamDataH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.fuseport.v1.StreamEndH\x00\x42\x06\n\x04kind\"0\n\x13\x46\x65tchHandlesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0c\n\x04\x66ree\x18\x02 \x01(\x08\":\n\x14\x46\x65tchHandlesResponse\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fuseport.v1.Value\".\n\x12\x46reeHandlesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"9\n\x13\x46reeHandlesResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\r\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"\x13\n\x11RenewLeaseRequest\"p\n\rResidentUsage\x12\x0f\n\x07handles\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\x12\x13\n\x0bquota_bytes\x18\x04 \x01(\x04\x12\x13\n\x0bmax_handles\x18\x05 \x01(\r\"?\n\x12RenewLeaseResponse\x12)\n\x05usage\x18\x01 \x01(\x0b\x32\x1a.fuseport.v1.ResidentUsage\"\x91\x01\n\x0cResidentInfo\x12\x0e\n\x06server\x18\x01 \x01(\t\x12\x0f\n\x07handles\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x63lients\x18\x04 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12*\n\x06\x63\x61ller\x18\x06 \x01(\x0b\x32\x1a.fuseport.v1.ResidentUsage\"\x19\n\x17OpenSharedMemoryRequest\"\x87\x01\n\x18OpenSharedMemoryResponse\x12\x0e\n\x06socket\x18\x01 \x01(\t\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x11\n\tmax_bytes\x18\x04 \x01(\x04\x12\x11\n\tmax_slots\x18\x05 \x01(\r\x12\x14\n\x0c\x63uda_devices\x18\x06 \x03(\x0c*?\n\x04Path\x12\x14\n\x10PATH_UNSPECIFIED\x10\x00\x12\x0e\n\nPATH_FUSED\x10\x01\x12\x11\n\rPATH_FALLBACK\x10\x02*\xbd\x02\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46\x41LLBACK_REASON_REQUESTED\x10\x01\x12\x1d\n\x19\x46\x41LLBACK_REASON_COMPILING\x10\x02\x12\"\n\x1e\x46\x41LLBACK_REASON_COMPILE_FAILED\x10\x03\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSUPPORTED\x10\x04\x12!\n\x1d\x46\x41LLBACK_REASON_MIXED_DEVICES\x10\x05\x12!\n\x1d\x46\x41LLBACK_REASON_RUNTIME_ERROR\x10\x06\x12#\n\x1f\x46\x41LLBACK_REASON_RECOMPILE_LIMIT\x10\x07\x12\x1c\n\x18\x46\x41LLBACK_REASON_DISABLED\x10\x08*}\n\x0c\x43ompileState\x12\x1d\n\x19\x43OMPILE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43OMPILE_STATE_COMPILING\x10\x01\x12\x17\n\x13\x43OMPILE_STATE_READY\x10\x02\x12\x18\n\x14\x43OMPILE_STATE_FAILED\x10\x03\x32\xa0\x07\n\rKernelService\x12G\n\x08Register\x12\x1c.fuseport.v1.RegisterRequest\x1a\x1d.fuseport.v1.RegisterResponse\x12\x44\n\x07\x45xecute\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12\x45\n\x08\x46\x61llback\x12\x1b.fuseport.v1.ExecuteRequest\x1a\x1c.fuseport.v1.ExecuteResponse\x12G\n\x08\x44\x65scribe\x12\x1c.fuseport.v1.DescribeRequest\x1a\x1d.fuseport.v1.DescribeResponse\x12;\n\x04List\x12\x18.fuseport.v1.ListRequest\x1a\x19.fuseport.v1.ListResponse\x12M\n\nUnregister\x12\x1e.fuseport.v1.UnregisterRequest\x1a\x1f.fuseport.v1.UnregisterResponse\x12\x45\n\rExecuteStream\x12\x17.fuseport.v1.StackChunk\x1a\x17.fuseport.v1.StackChunk(\x01\x30\x01\x12\x46\n\x0e\x46\x61llbackStream\x12\x17.fuseport.v1.StackChunk\x1a\x17.fuseport.v1.StackChunk(\x01\x30\x01\x12S\n\x0c\x46\x65tchHandles\x12 .fuseport.v1.FetchHandlesRequest\x1a!.fuseport.v1.FetchHandlesResponse\x12P\n\x0b\x46reeHandles\x12\x1f.fuseport.v1.FreeHandlesRequest\x1a .fuseport.v1.FreeHandlesResponse\x12M\n\nRenewLease\x12\x1e.fuseport.v1.RenewLeaseRequest\x1a\x1f.fuseport.v1.RenewLeaseResponse\x12_\n\x10OpenSharedMemory\x12$.fuseport.v1.OpenSharedMemoryRequest\x1a%.fuseport.v1.OpenSharedMemoryResponseB\x1aP\x01Z\x16\x66useport/v1;fuseportv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,12 +24,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fuseport.v1.service_pb2', _
 if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['DESCRIPTOR']._options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001Z\026fuseport/v1;fuseportv1'
-  _globals['_PATH']._serialized_start=3549
-  _globals['_PATH']._serialized_end=3612
-  _globals['_FALLBACKREASON']._serialized_start=3615
-  _globals['_FALLBACKREASON']._serialized_end=3932
-  _globals['_COMPILESTATE']._serialized_start=3934
-  _globals['_COMPILESTATE']._serialized_end=4059
+  _globals['_PATH']._serialized_start=3567
+  _globals['_PATH']._serialized_end=3630
+  _globals['_FALLBACKREASON']._serialized_start=3633
+  _globals['_FALLBACKREASON']._serialized_end=3950
+  _globals['_COMPILESTATE']._serialized_start=3952
+  _globals['_COMPILESTATE']._serialized_end=4077
   _globals['_REGISTERREQUEST']._serialized_start=94
   _globals['_REGISTERREQUEST']._serialized_end=252
   _globals['_REGISTERRESPONSE']._serialized_start=254
@@ -49,49 +49,49 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_VARIANTINFO']._serialized_start=1262
   _globals['_VARIANTINFO']._serialized_end=1372
   _globals['_KERNELINFO']._serialized_start=1375
-  _globals['_KERNELINFO']._serialized_end=1747
-  _globals['_BATCHINGVERDICT']._serialized_start=1749
-  _globals['_BATCHINGVERDICT']._serialized_end=1876
-  _globals['_DESCRIBERESPONSE']._serialized_start=1878
-  _globals['_DESCRIBERESPONSE']._serialized_end=1937
-  _globals['_LISTREQUEST']._serialized_start=1939
-  _globals['_LISTREQUEST']._serialized_end=1952
-  _globals['_LISTRESPONSE']._serialized_start=1954
-  _globals['_LISTRESPONSE']._serialized_end=2055
-  _globals['_UNREGISTERREQUEST']._serialized_start=2057
-  _globals['_UNREGISTERREQUEST']._serialized_end=2089
-  _globals['_UNREGISTERRESPONSE']._serialized_start=2091
-  _globals['_UNREGISTERRESPONSE']._serialized_end=2128
-  _globals['_STREAMREQUESTHEADER']._serialized_start=2131
-  _globals['_STREAMREQUESTHEADER']._serialized_end=2261
-  _globals['_STREAMRESPONSEHEADER']._serialized_start=2264
-  _globals['_STREAMRESPONSEHEADER']._serialized_end=2447
-  _globals['_STREAMDATA']._serialized_start=2449
-  _globals['_STREAMDATA']._serialized_end=2523
-  _globals['_STREAMEND']._serialized_start=2525
-  _globals['_STREAMEND']._serialized_end=2606
-  _globals['_STACKCHUNK']._serialized_start=2609
-  _globals['_STACKCHUNK']._serialized_end=2817
-  _globals['_FETCHHANDLESREQUEST']._serialized_start=2819
-  _globals['_FETCHHANDLESREQUEST']._serialized_end=2867
-  _globals['_FETCHHANDLESRESPONSE']._serialized_start=2869
-  _globals['_FETCHHANDLESRESPONSE']._serialized_end=2927
-  _globals['_FREEHANDLESREQUEST']._serialized_start=2929
-  _globals['_FREEHANDLESREQUEST']._serialized_end=2975
-  _globals['_FREEHANDLESRESPONSE']._serialized_start=2977
-  _globals['_FREEHANDLESRESPONSE']._serialized_end=3034
-  _globals['_RENEWLEASEREQUEST']._serialized_start=3036
-  _globals['_RENEWLEASEREQUEST']._serialized_end=3055
-  _globals['_RESIDENTUSAGE']._serialized_start=3057
-  _globals['_RESIDENTUSAGE']._serialized_end=3169
-  _globals['_RENEWLEASERESPONSE']._serialized_start=3171
-  _globals['_RENEWLEASERESPONSE']._serialized_end=3234
-  _globals['_RESIDENTINFO']._serialized_start=3237
-  _globals['_RESIDENTINFO']._serialized_end=3382
-  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_start=3384
-  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_end=3409
-  _globals['_OPENSHAREDMEMORYRESPONSE']._serialized_start=3412
-  _globals['_OPENSHAREDMEMORYRESPONSE']._serialized_end=3547
-  _globals['_KERNELSERVICE']._serialized_start=4062
-  _globals['_KERNELSERVICE']._serialized_end=4990
+  _globals['_KERNELINFO']._serialized_end=1765
+  _globals['_BATCHINGVERDICT']._serialized_start=1767
+  _globals['_BATCHINGVERDICT']._serialized_end=1894
+  _globals['_DESCRIBERESPONSE']._serialized_start=1896
+  _globals['_DESCRIBERESPONSE']._serialized_end=1955
+  _globals['_LISTREQUEST']._serialized_start=1957
+  _globals['_LISTREQUEST']._serialized_end=1970
+  _globals['_LISTRESPONSE']._serialized_start=1972
+  _globals['_LISTRESPONSE']._serialized_end=2073
+  _globals['_UNREGISTERREQUEST']._serialized_start=2075
+  _globals['_UNREGISTERREQUEST']._serialized_end=2107
+  _globals['_UNREGISTERRESPONSE']._serialized_start=2109
+  _globals['_UNREGISTERRESPONSE']._serialized_end=2146
+  _globals['_STREAMREQUESTHEADER']._serialized_start=2149
+  _globals['_STREAMREQUESTHEADER']._serialized_end=2279
+  _globals['_STREAMRESPONSEHEADER']._serialized_start=2282
+  _globals['_STREAMRESPONSEHEADER']._serialized_end=2465
+  _globals['_STREAMDATA']._serialized_start=2467
+  _globals['_STREAMDATA']._serialized_end=2541
+  _globals['_STREAMEND']._serialized_start=2543
+  _globals['_STREAMEND']._serialized_end=2624
+  _globals['_STACKCHUNK']._serialized_start=2627
+  _globals['_STACKCHUNK']._serialized_end=2835
+  _globals['_FETCHHANDLESREQUEST']._serialized_start=2837
+  _globals['_FETCHHANDLESREQUEST']._serialized_end=2885
+  _globals['_FETCHHANDLESRESPONSE']._serialized_start=2887
+  _globals['_FETCHHANDLESRESPONSE']._serialized_end=2945
+  _globals['_FREEHANDLESREQUEST']._serialized_start=2947
+  _globals['_FREEHANDLESREQUEST']._serialized_end=2993
+  _globals['_FREEHANDLESRESPONSE']._serialized_start=2995
+  _globals['_FREEHANDLESRESPONSE']._serialized_end=3052
+  _globals['_RENEWLEASEREQUEST']._serialized_start=3054
+  _globals['_RENEWLEASEREQUEST']._serialized_end=3073
+  _globals['_RESIDENTUSAGE']._serialized_start=3075
+  _globals['_RESIDENTUSAGE']._serialized_end=3187
+  _globals['_RENEWLEASERESPONSE']._serialized_start=3189
+  _globals['_RENEWLEASERESPONSE']._serialized_end=3252
+  _globals['_RESIDENTINFO']._serialized_start=3255
+  _globals['_RESIDENTINFO']._serialized_end=3400
+  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_start=3402
+  _globals['_OPENSHAREDMEMORYREQUEST']._serialized_end=3427
+  _globals['_OPENSHAREDMEMORYRESPONSE']._serialized_start=3430
+  _globals['_OPENSHAREDMEMORYRESPONSE']._serialized_end=3565
+  _globals['_KERNELSERVICE']._serialized_start=4080
+  _globals['_KERNELSERVICE']._serialized_end=5008
 # @@protoc_insertion_point(module_scope)

@@ -176,7 +176,7 @@ class VariantInfo(_message.Message):
     def __init__(self, variant: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., conditions: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ...) -> None: ...
 
 class KernelInfo(_message.Message):
-    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops", "alias", "batching_off", "batching")
+    __slots__ = ("key", "inputs", "num_outputs", "num_nodes", "ops", "fused_runs", "fallback_runs", "arg_specs", "device", "variants", "random_ops", "alias", "batching_off", "batching", "overruns")
     KEY_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class KernelInfo(_message.Message):
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     BATCHING_OFF_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    OVERRUNS_FIELD_NUMBER: _ClassVar[int]
     key: int
     inputs: _containers.RepeatedCompositeFieldContainer[_graph_pb2.GraphInput]
     num_outputs: int
@@ -205,7 +206,8 @@ class KernelInfo(_message.Message):
     alias: str
     batching_off: str
     batching: _containers.RepeatedCompositeFieldContainer[BatchingVerdict]
-    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ..., alias: _Optional[str] = ..., batching_off: _Optional[str] = ..., batching: _Optional[_Iterable[_Union[BatchingVerdict, _Mapping]]] = ...) -> None: ...
+    overruns: int
+    def __init__(self, key: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[_graph_pb2.GraphInput, _Mapping]]] = ..., num_outputs: _Optional[int] = ..., num_nodes: _Optional[int] = ..., ops: _Optional[_Iterable[str]] = ..., fused_runs: _Optional[int] = ..., fallback_runs: _Optional[int] = ..., arg_specs: _Optional[_Iterable[_Union[ArgSpecInfo, _Mapping]]] = ..., device: _Optional[str] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., random_ops: _Optional[_Iterable[str]] = ..., alias: _Optional[str] = ..., batching_off: _Optional[str] = ..., batching: _Optional[_Iterable[_Union[BatchingVerdict, _Mapping]]] = ..., overruns: _Optional[int] = ...) -> None: ...
 
 class BatchingVerdict(_message.Message):
     __slots__ = ("variant", "sizes", "batchable", "reason", "batched_variants", "dynamic")

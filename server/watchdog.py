@@ -1,0 +1,188 @@
+"""Calls past their time: answered at their limit, and a kernel that will not stop retires its serving process.
+
+A call's limit is the earlier of its caller's deadline and --max-call-seconds
+from the start of its run. The unfused graph stops itself at its next op once
+the limit passes (checks.between_ops), but one op, and a fused kernel (one
+launch of Inductor's code, with the GIL released), cannot be interrupted: its
+worker thread runs on to the kernel's end, however long that is. So:
+
+- At the limit, the caller is answered at once (DEADLINE_EXCEEDED or
+  RESOURCE_EXHAUSTED naming --max-call-seconds) through the `answer` its
+  servicer gave, without waiting for the kernel. When the kernel does return,
+  `finish` says the call was answered: the run's results are dropped there,
+  never kept as resident values nor sent.
+- At the limit plus --overrun-grace-seconds, a kernel still running is a
+  runaway: nothing but the end of the process stops it, and it holds a worker
+  and the device's cores meanwhile. `on_runaway` is told (once): the server
+  then retires as it does after a device fault (health NOT_SERVING, drain,
+  exit with its own status) and its supervisor, or the container's restart
+  policy, starts a fresh one.
+
+One thread watches every run that has a limit; it sleeps until the earliest
+limit (or runaway time) among them, and not at all while none has one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fuseport.wire.errors import DeadlineExceeded, FuseportError, ResourceExhausted
+
+__all__ = ["Watch", "Watchdog"]
+
+log = logging.getLogger(__name__)
+
+# A watch's states: its kernel runs (limit not passed), it ended in time, its
+# caller was answered at the limit (the kernel runs on), it ran past the grace too.
+_RUNNING, _FINISHED, _ANSWERED, _RUNAWAY = range(4)
+
+
+@dataclass(eq=False)
+class Watch:
+    """One run with a limit, from its start on a worker to its end."""
+
+    key: int
+    started: float  # time.monotonic()
+    limit: float
+    budget: float  # --max-call-seconds when that is the limit; 0.0: the caller's deadline is
+    answer: Callable[[FuseportError], None] | None
+    state: int = _RUNNING
+
+    def error(self) -> FuseportError:
+        """What the caller hears once the limit passed with the kernel still running."""
+        if self.budget:
+            return ResourceExhausted(
+                f"kernel {self.key}: this call ran past the {self.budget:g} s one call may take "
+                "(--max-call-seconds) and was stopped"
+            )
+        return DeadlineExceeded(f"kernel {self.key}: the call's deadline passed while it ran; it was stopped")
+
+
+class Watchdog:
+    """Watches runs (see the module's doc). `on_runaway(watch)` is called from
+    the watchdog's thread, once, for the first runaway."""
+
+    def __init__(self, grace: float, on_runaway: Callable[[Watch], None]) -> None:
+        self.grace = grace
+        self.on_runaway = on_runaway
+        self._cond = threading.Condition(threading.Lock())
+        self._running: set[Watch] = set()
+        self._wake_at = float("inf")  # when the thread wakes next (inf: only when told)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        # Counted for metrics and Describe (read without the lock: ints, one writer).
+        self.overruns = {"deadline": 0, "budget": 0}
+        self.overruns_by_key: dict[int, int] = {}
+        self.runaways = 0
+
+    def watch(
+        self,
+        key: int,
+        deadline: float | None,
+        budget_end: float | None,
+        budget: float,
+        answer: Callable[[FuseportError], None] | None,
+    ) -> Watch | None:
+        """Starts watching a run (None when it has no limit at all)."""
+        if deadline is None and budget_end is None:
+            return None
+        now = time.monotonic()
+        if budget_end is not None and (deadline is None or budget_end <= deadline):
+            w = Watch(key, now, budget_end, budget, answer)
+        else:
+            assert deadline is not None
+            w = Watch(key, now, deadline, 0.0, answer)
+        with self._cond:
+            self._running.add(w)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fuseport-watchdog", daemon=True)
+                self._thread.start()
+            if w.limit < self._wake_at:
+                self._wake_at = w.limit  # the loop, if not asleep yet, sees it changed
+                self._cond.notify()
+        return w
+
+    def finish(self, w: Watch) -> bool:
+        """The run is over (or its results are ready): False when its caller was
+        answered already at the limit, so its results must be dropped. Idempotent."""
+        with self._cond:
+            self._running.discard(w)
+            if w.state == _RUNNING:
+                w.state = _FINISHED
+            return w.state == _FINISHED
+
+    def forget(self, key: int) -> None:
+        self.overruns_by_key.pop(key, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            answers: list[Watch] = []
+            runaways: list[Watch] = []
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                wake = float("inf")
+                for w in self._running:
+                    if w.state == _RUNNING:
+                        if now < w.limit:
+                            wake = min(wake, w.limit)
+                            continue
+                        w.state = _ANSWERED
+                        answers.append(w)
+                    if w.state == _ANSWERED:
+                        if now < w.limit + self.grace:
+                            wake = min(wake, w.limit + self.grace)
+                        else:
+                            w.state = _RUNAWAY  # said once; the process's end stops it
+                            runaways.append(w)
+                self._wake_at = wake
+            for w in answers:
+                self._overran(w, now)
+            for w in runaways:
+                self._runaway(w, now)
+            with self._cond:
+                # Unless a watch that ends sooner came meanwhile (it lowered _wake_at).
+                if not self._closed and self._wake_at == wake:
+                    self._cond.wait(None if wake == float("inf") else max(0.0, wake - time.monotonic()))
+
+    def _overran(self, w: Watch, now: float) -> None:
+        limit = "budget" if w.budget else "deadline"
+        self.overruns[limit] += 1
+        self.overruns_by_key[w.key] = self.overruns_by_key.get(w.key, 0) + 1
+        log.warning(
+            "kernel %d: the call's %s passed %.2f s into its run, which goes on (a kernel is not "
+            "interrupted): the caller is answered now and the results will be dropped; should it "
+            "still run %g s from now (--overrun-grace-seconds), this serving process retires",
+            w.key, "--max-call-seconds" if w.budget else "deadline", now - w.started, self.grace,
+        )  # fmt: skip
+        if w.answer is not None:
+            try:
+                w.answer(w.error())
+            except Exception:  # noqa: BLE001 - the caller may be gone; the watch goes on
+                log.exception("answering an overrun call failed")
+
+    def _runaway(self, w: Watch, now: float) -> None:
+        self.runaways += 1
+        if self.runaways > 1:
+            log.error("kernel %d: also still running %.1f s past its call's limit", w.key, now - w.limit)
+            return  # the process retires already
+        log.error(
+            "kernel %d: still running %.1f s after its call's %s passed (--overrun-grace-seconds %g); a "
+            "kernel cannot be interrupted, so this serving process retires: health NOT_SERVING, drain, "
+            "exit status 4 (a supervisor or the container's restart policy starts a fresh one)",
+            w.key, now - w.limit, "--max-call-seconds" if w.budget else "deadline", self.grace,
+        )  # fmt: skip
+        try:
+            self.on_runaway(w)
+        except Exception:  # noqa: BLE001 - logged; the watchdog must not die
+            log.exception("retiring after a runaway kernel failed")
