@@ -7,7 +7,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.batching import Batcher
+from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
 from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
@@ -53,45 +53,6 @@ _DECIMAL = re.compile(r"-?[0-9]{1,20}")
 # between the two of a pair follows the inputs' sizes (-1). Several pairs, for
 # graphs whose conditions refuse the small ones.
 _EXAMPLE_SIZES = ((2, 3), (4, 5), (8, 9), (16, 17), (64, 65))
-# A call whose plan touches at most this many bytes and does at most this much
-# matrix arithmetic is light (Core.light): it may run on the event loop, where
-# handing it to a worker thread and back costs more than the work. Sized so that
-# the worst light call takes well under a millisecond of one CPU core (a pass
-# over 1 MiB: ~0.1 ms; 16 MFLOP: ~0.3 ms).
-_LIGHT_BYTES = 1 << 20
-_LIGHT_FLOPS = 16 << 20
-
-
-@dataclass
-class Call:
-    """A call checked and planned, not yet run (Core.prepare -> Core.run)."""
-
-    key: int
-    below: list[Any]  # the stack under the kernel's inputs: comes back untouched
-    variant: Variant
-    args: list[Any]
-    plan: Plan
-    fused: bool
-    owner: Owner
-    keep: bool
-    started: int  # perf_counter_ns when preparing began
-    prepare_ns: int = 0  # how long preparing took
-    entry: Any = None  # the executor's entry for the args, once light() looked it up
-    handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
-
-
-@dataclass
-class Result:
-    """A finished Execute/Fallback: the new stack, which path and variant ran and why."""
-
-    stack: list[Any]
-    path: int
-    reason: int
-    detail: str
-    run_us: int
-    variant: int
-
-
 class Core:
     def __init__(self, settings: Settings, *, shared_store: bool = False) -> None:
         """`shared_store`: other serving processes register and unregister in the same store
@@ -294,7 +255,7 @@ class Core:
         whatever the kernel's earlier calls took. A fused kernel not yet loaded
         (an ArgSpec this process has not met) is not light: loading takes milliseconds."""
         plan = call.plan
-        if plan.work_bytes is None or plan.work_bytes > _LIGHT_BYTES or (plan.flops or 0) > _LIGHT_FLOPS:
+        if plan.work_bytes is None or plan.work_bytes > LIGHT_BYTES or (plan.flops or 0) > LIGHT_FLOPS:
             return False
         if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
             entry = self.executor.known(call.variant, call.args)
