@@ -18,9 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fuseport.server import checks, kserve
 from fuseport.server._http import bind_http
+from fuseport.server.checks import warm_up
 from fuseport.server.core import Core
+from fuseport.server.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from fuseport.server.kserve import InferenceService
 from fuseport.server.security import Access, Security
 from fuseport.server.service import SERVICE_NAME, KernelService
 from fuseport.server.settings import Settings
@@ -297,7 +299,7 @@ class Server:
             self.service.tenant_of = self.security.access.tenant_of
         self.health = HealthServicer()
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
-        self.inference = kserve.InferenceService(self.service)
+        self.inference = InferenceService(self.service)
         self.gate = _Gate(
             _Services(self.service.handler(), self.inference.handler()),
             self.security.access,
@@ -310,7 +312,7 @@ class Server:
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
-                kserve.SERVICE_NAME,
+                KSERVE_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -351,9 +353,9 @@ class Server:
             self.metrics.serve()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         self.service.shared.start()
-        threading.Thread(target=checks.warm_up, name="fuseport-warm-up", daemon=True).start()
+        threading.Thread(target=warm_up, name="fuseport-warm-up", daemon=True).start()
         await self.grpc.start()
-        for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "fuseport serving on %s:%d (device %s, store %s; %s)",
