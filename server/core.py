@@ -29,6 +29,7 @@ from fuseport.server.intake import example_args
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
+from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_sizes
 from fuseport.server.tenants import Tenants
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
@@ -112,6 +113,18 @@ class Core:
         self.registry.on_removed = self._forget
         self.registry.load()
         self.tenants = Tenants(self.registry, self._tenant_registry, shared_store=shared_store)
+        # Shared memory for co-located clients (server/shm.py): the app starts its socket.
+        self.shared = SharedMemory(
+            settings.shared_memory,
+            settings.shared_memory_max_bytes,
+            # CUDA IPC only where this process serves on CUDA: asking a CPU
+            # server's driver for device UUIDs would make it a CUDA context.
+            self.placement.device if settings.cuda_ipc and self.placement.device.type == "cuda" else None,
+            max_sessions=settings.shared_memory_sessions,
+            per_identity=settings.shared_memory_sessions_per_identity,
+            ticket_seconds=settings.shared_memory_ticket_seconds,
+            idle_seconds=settings.shared_memory_idle_seconds,
+        )
         # Dynamic batching (server/batching.py), when its window is not 0.
         self.batcher: Batcher | None = None
         if settings.batch_window_us > 0 and settings.max_batch > 1:
@@ -171,6 +184,7 @@ class Core:
         streamed: bool = False,
         owner: Owner = NO_OWNER,
         keep: bool = False,
+        shared: SharedCall | None = None,
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
@@ -179,9 +193,30 @@ class Core:
         that covers the inputs is chosen, its plan for these sizes is checked
         (shape errors, result size, index inputs, the call's budget), the same
         for both paths. A `streamed` call's result is bounded by
-        --max-stream-bytes instead of the message limit."""
+        --max-stream-bytes instead of the message limit. With `shared`, the
+        stack's shared-memory tensors are copied out of the caller's session
+        first, and with its slot the results are placed there after."""
+        if shared is not None:
+            stack = self._read_shared(owner, shared, stack)
         call = self.prepare(key, stack, fused=fused, variants=variants, streamed=streamed, owner=owner, keep=keep)
-        return self.run(call, wait=wait, deadline=deadline)
+        result = self.run(call, wait=wait, deadline=deadline)
+        if shared is not None and shared.slot:
+            started = time.perf_counter_ns()
+            result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack)
+            shared.place_ns = time.perf_counter_ns() - started
+        return result
+
+    def _read_shared(self, owner: Owner, shared: SharedCall, stack: list[Any]) -> list[Any]:
+        """The stack with its shared-memory tensors copied out of the caller's
+        regions onto the device: nothing checks or runs what the client can
+        still rewrite (see server/shm.py)."""
+        started = time.perf_counter_ns()
+        check_slot(shared.slot)  # before running, not after
+        # Sizes first, as a stream's header: refused before anything is copied.
+        self.check_inputs(shared_sizes(stack), "shared-memory stack")
+        stack = self.shared.resolve(owner, shared.session, stack, self.placement.device)
+        shared.read_ns = time.perf_counter_ns() - started
+        return stack
 
     def prepare(
         self,
@@ -473,6 +508,7 @@ class Core:
             self.batcher.close()
         self.executor.shutdown()
         self.residents.close()
+        self.shared.close()
 
     # ------------------------------------------------------------------ names and signatures
 
