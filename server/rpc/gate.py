@@ -114,7 +114,9 @@ class Gate(grpc.GenericRpcHandler):
                 # nothing, not even that the server is draining.
                 refused = self._check(access, context.invocation_metadata(), method, request)
                 if refused is not None:
-                    log.info("%s: %s (peer %s): %s", status_for(refused).name, method, context.peer(), refused)
+                    log.info(
+                        "%s: %s (peer %s): %s", status_for(refused).name, method, context.peer(), refused
+                    )
                     self._count(method, status_for(refused), arrived, request)
                     await abort(context, refused)
             if self.closed:
@@ -148,7 +150,9 @@ class Gate(grpc.GenericRpcHandler):
             await admit(context, request)
             return await behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            call, handler.request_deserializer, handler.response_serializer
+        )
 
     @staticmethod
     def _check(access: Access, metadata: Any, method: str, request: Any) -> FuseportError | None:

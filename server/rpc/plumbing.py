@@ -126,7 +126,9 @@ async def abort(
     """Ends the call with `error`: its status code from wire/errors.py's table, its
     class in the trailing metadata (the client raises the same class), `metadata` beside it."""
     await context.abort(
-        status_for(error), str(error), trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__), *metadata)
+        status_for(error),
+        str(error),
+        trailing_metadata=((ERROR_METADATA_KEY, type(error).__name__), *metadata),
     )
 
 
@@ -248,7 +250,9 @@ class Plumbing:
         call.__name__ = method
         return grpc.stream_stream_rpc_method_handler(call)
 
-    def observe(self, record: CallRecord, code: grpc.StatusCode, arrived: int, received: int, sent: int) -> None:
+    def observe(
+        self, record: CallRecord, code: grpc.StatusCode, arrived: int, received: int, sent: int
+    ) -> None:
         try:
             self.observer.finished(record, code, (time.perf_counter_ns() - arrived) / 1e9, received, sent)
         except Exception:  # noqa: BLE001 - counting must never fail a call

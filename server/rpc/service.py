@@ -121,17 +121,25 @@ class KernelService:
             )  # fmt: skip
             if call is not None and self.core.light(call):
                 batcher = self.core.batcher  # None unless --batch-window-us: then one check, nothing more
-                if batcher is not None and not req.no_batching and (bkey := batcher.batch_key(call)) is not None:
+                if (
+                    batcher is not None
+                    and not req.no_batching
+                    and (bkey := batcher.batch_key(call)) is not None
+                ):
                     result = await batcher.submit(bkey, call, deadline, self._pool)
                     return self._respond(req, result, decode_ns, 0, record)
                 return self._respond(req, self.core.run(call, deadline=deadline), decode_ns, 0, record)
         queued = time.perf_counter_ns()
         return await loop.run_in_executor(
             self._pool,
-            lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call),
+            lambda: self._finish(
+                req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call
+            ),
         )
 
-    def _run(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord, *, fused: bool) -> bytes:
+    def _run(
+        self, request: bytes, deadline: float | None, arrived: int, record: CallRecord, *, fused: bool
+    ) -> bytes:
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
         del request  # the decoded tensors keep what they need of it
@@ -224,7 +232,9 @@ class KernelService:
 
     # ------------------------------------------------------------------ streamed
 
-    async def _streamed(self, fused: bool, requests: AsyncIterator[bytes], call: Streamed) -> AsyncIterator[bytes]:
+    async def _streamed(
+        self, fused: bool, requests: AsyncIterator[bytes], call: Streamed
+    ) -> AsyncIterator[bytes]:
         """ExecuteStream/FallbackStream: the stack arrives as chunks (wire.stream),
         each copied straight into its tensor's destination on a worker while the
         next one is received; the call then runs as Execute/Fallback does, and
@@ -303,24 +313,29 @@ class KernelService:
     def _check_stream(self, specs: list[TensorSpec]) -> None:
         self.core.check_stream([s.nbytes for s in specs])
 
-
     def _after_stream(self, loop: asyncio.AbstractEventLoop, assembler: Assembler, call: Streamed) -> None:
         assembler.release()
         release_above = self.plumbing.release_above
         if release_above is not None and assembler.declared + call.sent > release_above:
             loop.call_soon(release_host_memory)
 
-    def _fetch_handles(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+    def _fetch_handles(
+        self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
+    ) -> bytes:
         req = parse(_pb.service.FetchHandlesRequest, request)
         tensors = self.core.fetch_handles(record.owner, list(req.ids), req.free)
         return codec.encode_stack(tensors, field=1, limit=self.limit)
 
-    def _free_handles(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+    def _free_handles(
+        self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
+    ) -> bytes:
         req = parse(_pb.service.FreeHandlesRequest, request)
         freed, nbytes = self.core.free_handles(record.owner, list(req.ids), req.all)
         return _pb.service.FreeHandlesResponse(freed=freed, freed_bytes=nbytes).SerializeToString()
 
-    def _open_shared_memory(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
+    def _open_shared_memory(
+        self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
+    ) -> bytes:
         parse(_pb.service.OpenSharedMemoryRequest, request)
         shared = self.core.shared
         address, ticket, session = shared.open(record.owner)
@@ -336,4 +351,3 @@ class KernelService:
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         parse(_pb.service.RenewLeaseRequest, request)
         return _pb.service.RenewLeaseResponse(usage=self.core.renew_lease(record.owner)).SerializeToString()
-
