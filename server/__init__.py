@@ -1,6 +1,6 @@
 """The fuseport server: a gRPC service that holds kernel graphs by key and runs them.
 
-    from fuseport.server import Settings, create_server, serve
+from fuseport.server import Settings, create_server, serve
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from fuseport.wire._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from fuseport.server.app import Server, create_server, serve
-    from fuseport.server.core import Core, Result
+    from fuseport.server.calls import Result
+    from fuseport.server.core import Core
     from fuseport.server.security import Security
     from fuseport.server.settings import Settings
 
@@ -21,7 +22,7 @@ __getattr__ = lazy_exports(
     __name__,
     {
         "Core": "fuseport.server.core",
-        "Result": "fuseport.server.core",
+        "Result": "fuseport.server.calls",
         "Security": "fuseport.server.security",
         "Server": "fuseport.server.app",
         "create_server": "fuseport.server.app",

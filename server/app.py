@@ -9,25 +9,25 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from fuseport.server import checks, kserve
 from fuseport.server._http import bind_http
+from fuseport.server.checks import warm_up
 from fuseport.server.core import Core
-from fuseport.server.security import Access, Security
-from fuseport.server.service import SERVICE_NAME, KernelService
+from fuseport.server.rpc.gate import FAULT_METADATA, Gate, Services
+from fuseport.server.rpc.kserve import SERVICE_NAME as KSERVE_SERVICE_NAME
+from fuseport.server.rpc.kserve import InferenceService
+from fuseport.server.rpc.plumbing import Plumbing
+from fuseport.server.rpc.service import SERVICE_NAME, KernelService
+from fuseport.server.security import Security
 from fuseport.server.settings import Settings
-from fuseport.server.shm import SharedMemory
-from fuseport.wire import codec
 from fuseport.wire._local import write_port_file
-from fuseport.wire.errors import ERROR_METADATA_KEY, FuseportError, PermissionDenied, status_for
 from fuseport.wire.hostmem import keep_host_memory
 from fuseport.wire.security import is_loopback
 from fuseport.wire.targets import PROCESS_METADATA_KEY
@@ -40,173 +40,7 @@ __all__ = [
     "create_server", "serve",
 ]  # fmt: skip
 
-# FOR TESTS ONLY: on a server started with FUSEPORT_FAULT_INJECTION=1, a call
-# carrying this metadata breaks the server's device (Core.inject_device_fault)
-# instead of running. Any other server ignores it.
-FAULT_METADATA = ("fuseport-inject-fault", "device")
-
 log = logging.getLogger(__name__)
-
-
-class _Services(grpc.GenericRpcHandler):
-    """The methods of several services, as one handler: what the gate guards."""
-
-    def __init__(self, *handlers: grpc.GenericRpcHandler) -> None:
-        self._handlers = handlers
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        for handler in self._handlers:
-            found = handler.service(details)
-            if found is not None:
-                return found
-        return None
-
-
-class _Gate(grpc.GenericRpcHandler):
-    """The service's methods behind a gate: it counts the calls in flight and,
-    once closed, answers every call that has not started with UNAVAILABLE (it
-    never ran, so a retry is safe; the client's retry policy makes one).
-
-    A call counts from the start of its handler until gRPC has sent its status
-    (the context's done callback): when `idle()` returns, every response has
-    been handed to the transport.
-
-    With `access`, a call must first carry a token whose role may call the
-    method (UNAUTHENTICATED / PERMISSION_DENIED otherwise). Only the service's
-    methods pass through here (KernelService's and the KServe v2 protocol's):
-    health and reflection stay open for probes. An Execute or Fallback that
-    carries graphs registers them, so its caller must also be allowed to call
-    Register.
-
-    `refused(method, code, arrived, received)` is told of each call the gate
-    refuses, so that metrics count them with their status code. `process`: what
-    PROCESS_METADATA_KEY says on every response (None, one process: nothing).
-    `inject` (FUSEPORT_FAULT_INJECTION only, tests): what an admitted call that
-    carries FAULT_METADATA runs (on a thread) instead of its method; None: the
-    metadata means nothing."""
-
-    def __init__(
-        self,
-        inner: grpc.GenericRpcHandler,
-        access: Access | None = None,
-        refused: Callable[[str, grpc.StatusCode, int, int], None] | None = None,
-        process: str | None = None,
-        inject: Callable[[], None] | None = None,
-    ) -> None:
-        self._inner = inner
-        self._access = access
-        self._refused = refused
-        self._process = None if process is None else ((PROCESS_METADATA_KEY, process),)
-        self._inject = inject
-        self._gated: dict[str, grpc.RpcMethodHandler] = {}
-        self.closed = False
-        self.in_flight = 0
-        self._idle: asyncio.Event | None = None
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        gated = self._gated.get(details.method)
-        if gated is None:
-            handler = self._inner.service(details)
-            if handler is None:
-                return None  # not the service's: health, reflection, unknown
-            gated = self._gated[details.method] = self._gate(handler, details.method.rsplit("/", 1)[-1])
-        return gated
-
-    def _gate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        behaviour: Callable[[Any, grpc.aio.ServicerContext], Any] | None = handler.unary_unary
-        streams = behaviour is None
-        if streams:
-            behaviour = handler.stream_stream
-        if behaviour is None:
-            raise TypeError("gated methods are unary-unary or stream-stream")
-        access = self._access
-        process = self._process
-        inject = self._inject
-
-        async def admit(context: grpc.aio.ServicerContext, request: Any) -> None:
-            """Token, role and drain checks; `request` is None for a stream (its
-            messages have not arrived yet)."""
-            arrived = time.perf_counter_ns()
-            if access is not None:
-                # Before anything else: a caller without a valid token learns
-                # nothing, not even that the server is draining.
-                refused = self._check(access, context.invocation_metadata(), method, request)
-                if refused is not None:
-                    log.info("%s: %s (peer %s): %s", status_for(refused).name, method, context.peer(), refused)
-                    self._count(method, status_for(refused), arrived, request)
-                    await context.abort(
-                        status_for(refused),
-                        str(refused),
-                        trailing_metadata=((ERROR_METADATA_KEY, type(refused).__name__),),
-                    )
-            if self.closed:
-                self._count(method, grpc.StatusCode.UNAVAILABLE, arrived, request)
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the server is shutting down",
-                    trailing_metadata=((ERROR_METADATA_KEY, "Unavailable"),),
-                )
-            self.in_flight += 1
-            context.add_done_callback(self._finished)
-            if process is not None:
-                context.set_trailing_metadata(process)
-            if inject is not None and any(
-                (k, v) == FAULT_METADATA for k, v in context.invocation_metadata() or ()
-            ):
-                log.warning("%s (peer %s): injecting a device fault (tests only)", method, context.peer())
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, inject)
-                except FuseportError as e:
-                    await context.abort(
-                        status_for(e),
-                        str(e),
-                        trailing_metadata=((ERROR_METADATA_KEY, type(e).__name__), *(process or ())),
-                    )
-
-        if streams:
-
-            async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                await admit(context, None)
-                async for response in behaviour(requests, context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await admit(context, request)
-            return await behaviour(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)
-
-    @staticmethod
-    def _check(access: Access, metadata: Any, method: str, request: Any) -> FuseportError | None:
-        refused = access.check(metadata, method)
-        if refused is None and method in ("Execute", "Fallback") and codec.carries_graphs(request):
-            # The graphs are registered as Register would: the caller needs its right too.
-            if access.check(metadata, "Register") is not None:
-                refused = PermissionDenied(
-                    f"role {access.role_of(metadata)!r} may not call {method} with graphs: "
-                    "registering them needs a role that may call Register"
-                )
-        return refused
-
-    def _count(self, method: str, code: grpc.StatusCode, arrived: int, request: Any) -> None:
-        if self._refused is not None:
-            self._refused(method, code, arrived, len(request) if isinstance(request, bytes) else 0)
-
-    def _finished(self, _context: object) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        """Returns once no call is in flight (once closed, none starts)."""
-        while self.in_flight:
-            if self._idle is None or self._idle.is_set():
-                self._idle = asyncio.Event()
-            await self._idle.wait()
 
 
 class CannotListen(OSError):
@@ -274,37 +108,26 @@ class Server:
                     f"cannot serve metrics on {host}:{settings.metrics_port} (--metrics-port): {e.strerror or e}"
                 ) from e
         self.core = Core(settings, shared_store=process is not None)
+        self.plumbing = Plumbing(
+            settings.workers, settings.keep_host_memory_bytes if settings.keep_host_memory else None
+        )
         self.service = KernelService(
             self.core,
-            settings.workers,
+            self.plumbing,
             settings.max_message_bytes,
-            settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             # A chunk and its header must fit one message (a small --max-message-bytes).
             min(settings.stream_chunk_bytes, settings.max_message_bytes - 1024),
-            SharedMemory(
-                settings.shared_memory,
-                settings.shared_memory_max_bytes,
-                # CUDA IPC only where this process serves on CUDA: asking a CPU
-                # server's driver for device UUIDs would make it a CUDA context.
-                self.core.placement.device
-                if settings.cuda_ipc and self.core.placement.device.type == "cuda"
-                else None,
-                max_sessions=settings.shared_memory_sessions,
-                per_identity=settings.shared_memory_sessions_per_identity,
-                ticket_seconds=settings.shared_memory_ticket_seconds,
-                idle_seconds=settings.shared_memory_idle_seconds,
-            ),
         )
         if self.security.access is not None:
             # A user token's kernels are its own (server/tenants.py); reloads follow.
-            self.service.tenant_of = self.security.access.tenant_of
+            self.plumbing.tenant_of = self.security.access.tenant_of
         self.health = HealthServicer()
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
-        self.inference = kserve.InferenceService(self.service)
-        self.gate = _Gate(
-            _Services(self.service.handler(), self.inference.handler()),
+        self.inference = InferenceService(self.core, self.plumbing)
+        self.gate = Gate(
+            Services(self.service.handler(), self.inference.handler()),
             self.security.access,
-            self.service.refused,
+            self.plumbing.refused,
             None if process is None else f"{process} {os.getpid()}",
             self.core.inject_device_fault if settings.fault_injection else None,
         )
@@ -313,7 +136,7 @@ class Server:
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
-                kserve.SERVICE_NAME,
+                KSERVE_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -324,8 +147,8 @@ class Server:
         if settings.metrics_port is not None:
             from fuseport.server.metrics import Metrics
 
-            self.metrics = Metrics(self.core, self.service.shared)
-            self.service.observer = self.metrics
+            self.metrics = Metrics(self.core, self.core.shared)
+            self.plumbing.observer = self.metrics
             self.core.executor.events = self.metrics
             if self.core.batcher is not None:
                 self.core.batcher.events = self.metrics
@@ -353,10 +176,10 @@ class Server:
             # Before health says SERVING: whoever waits for that can scrape at once.
             self.metrics.serve()
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
-        self.service.shared.start()
-        threading.Thread(target=checks.warm_up, name="fuseport-warm-up", daemon=True).start()
+        self.core.shared.start()
+        threading.Thread(target=warm_up, name="fuseport-warm-up", daemon=True).start()
         await self.grpc.start()
-        for name in ("", SERVICE_NAME, kserve.SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KSERVE_SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "fuseport serving on %s:%d (device %s, store %s; %s)",
@@ -415,8 +238,7 @@ class Server:
         deadline = loop.time() + grace
         await self.drain(grace)
         await self.grpc.stop(max(0.0, deadline - loop.time()))
-        self.service.close()
-        self.service.shared.close()
+        self.plumbing.close()
         self.core.close()
         if self.metrics is not None:
             self.metrics.close()

@@ -45,18 +45,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from fuseport.server.compile import short_error
+from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
+from fuseport.server.checks import time_limits
+from fuseport.server.compile.interface import short_error
 from fuseport.wire._tracing import TRACE_LOCK
+from fuseport.wire.errors import DeadlineExceeded, FuseportError
 
 if TYPE_CHECKING:
-    from fuseport.server.core import Call, Core, Result
-    from fuseport.server.registry import Variant
+    from fuseport.server.devices import Placement
+    from fuseport.server.executor import Executor
+    from fuseport.server.registry import Registry, Variant
+    from fuseport.server.settings import Settings
+    from fuseport.server.tenants import Tenants
 
-__all__ = ["BatchEvents", "Batcher", "NotBatchable", "Verdict", "check_batch_leading", "prove", "sizes_key"]
+__all__ = ["BatchEvents", "Batcher", "Host", "NotBatchable", "Verdict", "check_batch_leading", "prove", "sizes_key"]
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,6 @@ def _prove(
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from fuseport.wire.capture import capture
-    from fuseport.wire.errors import FuseportError
 
     if variant.random_ops:
         raise NotBatchable(
@@ -348,6 +353,20 @@ class BatchEvents:
         waited `waited[i]` seconds in the window."""
 
 
+class Host(Protocol):
+    """What the batcher uses of the core that makes it (server/core.py's Core):
+    named here, so that the batcher does not import the core back."""
+
+    settings: Settings
+    placement: Placement
+    executor: Executor
+    tenants: Tenants
+
+    def batching_off(self, key: int, registry: Registry | None = None) -> str: ...
+
+    def run(self, call: Call, *, wait: bool = False, deadline: float | None = None) -> Result: ...
+
+
 @dataclass
 class _Member:
     call: Call
@@ -369,7 +388,7 @@ class Batcher:
     waits out the window (or a full batch) and returns the call's own Result or
     raises its own error."""
 
-    def __init__(self, core: Core, window_us: int, max_batch: int) -> None:
+    def __init__(self, core: Host, window_us: int, max_batch: int) -> None:
         self.core = core
         self.window = window_us / 1e6
         self.max_batch = max_batch
@@ -486,8 +505,6 @@ class Batcher:
             # The caller's own deadline: it stops waiting, and its batch goes on without it.
             return await asyncio.wait_for(member.future, timeout)
         except TimeoutError:
-            from fuseport.wire.errors import DeadlineExceeded
-
             raise DeadlineExceeded("the call's deadline passed while it waited for its batch") from None
 
     def _flush(self, bkey: tuple[Any, ...], group: _Group, pool: Any) -> None:
@@ -556,11 +573,9 @@ class Batcher:
 
     def _inline(self, variant: Variant, batch: list[torch.Tensor], members: list[_Member]) -> bool:
         """Whether the launch is light enough for the event loop (as Core.light asks of one call)."""
-        from fuseport.server.core import _LIGHT_BYTES, _LIGHT_FLOPS
-
         rows = batch[0].shape[0]
         plan = members[0].call.plan
-        if (plan.work_bytes or 0) * rows > _LIGHT_BYTES or (plan.flops or 0) * rows > _LIGHT_FLOPS:
+        if (plan.work_bytes or 0) * rows > LIGHT_BYTES or (plan.flops or 0) * rows > LIGHT_FLOPS:
             return False
         if self.core.settings.compile_mode == "off":
             return True
@@ -576,9 +591,6 @@ class Batcher:
     def _run_batch(self, variant: Variant, batch: list[torch.Tensor], members: list[_Member]) -> list[Any]:
         """One launch for every member; where it fails, each member runs alone
         (its own result, or its own error: a bad input fails its call only)."""
-        from fuseport.server.checks import time_limits
-        from fuseport.server.core import Result
-
         core = self.core
         started = time.perf_counter_ns()
         deadlines = [m.deadline for m in members]

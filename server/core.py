@@ -7,7 +7,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.batching import Batcher
+from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
 from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
@@ -29,6 +29,7 @@ from fuseport.server.intake import example_args
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
+from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_sizes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog
 from fuseport.wire import _pb
@@ -55,45 +56,6 @@ _DECIMAL = re.compile(r"-?[0-9]{1,20}")
 # between the two of a pair follows the inputs' sizes (-1). Several pairs, for
 # graphs whose conditions refuse the small ones.
 _EXAMPLE_SIZES = ((2, 3), (4, 5), (8, 9), (16, 17), (64, 65))
-# A call whose plan touches at most this many bytes and does at most this much
-# matrix arithmetic is light (Core.light): it may run on the event loop, where
-# handing it to a worker thread and back costs more than the work. Sized so that
-# the worst light call takes well under a millisecond of one CPU core (a pass
-# over 1 MiB: ~0.1 ms; 16 MFLOP: ~0.3 ms).
-_LIGHT_BYTES = 1 << 20
-_LIGHT_FLOPS = 16 << 20
-
-
-@dataclass
-class Call:
-    """A call checked and planned, not yet run (Core.prepare -> Core.run)."""
-
-    key: int
-    below: list[Any]  # the stack under the kernel's inputs: comes back untouched
-    variant: Variant
-    args: list[Any]
-    plan: Plan
-    fused: bool
-    owner: Owner
-    keep: bool
-    started: int  # perf_counter_ns when preparing began
-    prepare_ns: int = 0  # how long preparing took
-    entry: Any = None  # the executor's entry for the args, once light() looked it up
-    handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
-
-
-@dataclass
-class Result:
-    """A finished Execute/Fallback: the new stack, which path and variant ran and why."""
-
-    stack: list[Any]
-    path: int
-    reason: int
-    detail: str
-    run_us: int
-    variant: int
-
-
 class Core:
     def __init__(self, settings: Settings, *, shared_store: bool = False) -> None:
         """`shared_store`: other serving processes register and unregister in the same store
@@ -159,6 +121,18 @@ class Core:
         self.registry.on_removed = self._forget
         self.registry.load()
         self.tenants = Tenants(self.registry, self._tenant_registry, shared_store=shared_store)
+        # Shared memory for co-located clients (server/shm.py): the app starts its socket.
+        self.shared = SharedMemory(
+            settings.shared_memory,
+            settings.shared_memory_max_bytes,
+            # CUDA IPC only where this process serves on CUDA: asking a CPU
+            # server's driver for device UUIDs would make it a CUDA context.
+            self.placement.device if settings.cuda_ipc and self.placement.device.type == "cuda" else None,
+            max_sessions=settings.shared_memory_sessions,
+            per_identity=settings.shared_memory_sessions_per_identity,
+            ticket_seconds=settings.shared_memory_ticket_seconds,
+            idle_seconds=settings.shared_memory_idle_seconds,
+        )
         # Dynamic batching (server/batching.py), when its window is not 0.
         self.batcher: Batcher | None = None
         if settings.batch_window_us > 0 and settings.max_batch > 1:
@@ -219,6 +193,7 @@ class Core:
         owner: Owner = NO_OWNER,
         keep: bool = False,
         answer: Callable[[FuseportError], None] | None = None,
+        shared: SharedCall | None = None,
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
@@ -227,9 +202,30 @@ class Core:
         that covers the inputs is chosen, its plan for these sizes is checked
         (shape errors, result size, index inputs, the call's budget), the same
         for both paths. A `streamed` call's result is bounded by
-        --max-stream-bytes instead of the message limit. `answer`: see `run`."""
+        --max-stream-bytes instead of the message limit. `answer`: see `run`. With `shared`, the
+        stack's shared-memory tensors are copied out of the caller's session
+        first, and with its slot the results are placed there after."""
+        if shared is not None:
+            stack = self._read_shared(owner, shared, stack)
         call = self.prepare(key, stack, fused=fused, variants=variants, streamed=streamed, owner=owner, keep=keep)
-        return self.run(call, wait=wait, deadline=deadline, answer=answer)
+        result = self.run(call, wait=wait, deadline=deadline, answer=answer)
+        if shared is not None and shared.slot:
+            started = time.perf_counter_ns()
+            result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack)
+            shared.place_ns = time.perf_counter_ns() - started
+        return result
+
+    def _read_shared(self, owner: Owner, shared: SharedCall, stack: list[Any]) -> list[Any]:
+        """The stack with its shared-memory tensors copied out of the caller's
+        regions onto the device: nothing checks or runs what the client can
+        still rewrite (see server/shm.py)."""
+        started = time.perf_counter_ns()
+        check_slot(shared.slot)  # before running, not after
+        # Sizes first, as a stream's header: refused before anything is copied.
+        self.check_inputs(shared_sizes(stack), "shared-memory stack")
+        stack = self.shared.resolve(owner, shared.session, stack, self.placement.device)
+        shared.read_ns = time.perf_counter_ns() - started
+        return stack
 
     def prepare(
         self,
@@ -303,7 +299,7 @@ class Core:
         whatever the kernel's earlier calls took. A fused kernel not yet loaded
         (an ArgSpec this process has not met) is not light: loading takes milliseconds."""
         plan = call.plan
-        if plan.work_bytes is None or plan.work_bytes > _LIGHT_BYTES or (plan.flops or 0) > _LIGHT_FLOPS:
+        if plan.work_bytes is None or plan.work_bytes > LIGHT_BYTES or (plan.flops or 0) > LIGHT_FLOPS:
             return False
         if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
             entry = self.executor.known(call.variant, call.args)
@@ -565,6 +561,7 @@ class Core:
             self.batcher.close()
         self.executor.shutdown()
         self.residents.close()
+        self.shared.close()
 
     # ------------------------------------------------------------------ names and signatures
 

@@ -24,7 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from fuseport.server.batching import BatchEvents
 from fuseport.server.executor import ExecutorEvents
-from fuseport.server.service import CallObserver, CallRecord
+from fuseport.server.rpc.plumbing import CallObserver, CallRecord
 from fuseport.wire import _pb
 
 if TYPE_CHECKING:

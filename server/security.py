@@ -1,6 +1,6 @@
 """Who may call the server: TLS credentials and bearer tokens with roles, both reloadable on SIGHUP.
 
-The servicer knows nothing of this: `app._Gate` asks `Access.check` before a
+The servicer knows nothing of this: `rpc.gate.Gate` asks `Access.check` before a
 KernelService or KServe v2 method runs. Health and reflection are never gated (probes carry
 no token). Tokens are never logged and never put in an error message.
 """
@@ -26,7 +26,7 @@ __all__ = ["INFERENCE_METHODS", "ROLES", "Access", "Security", "Tls", "load_toke
 
 log = logging.getLogger(__name__)
 
-# The KServe v2 protocol's methods (server/kserve.py): ModelInfer runs a kernel,
+# The KServe v2 protocol's methods (server/rpc/kserve.py): ModelInfer runs a kernel,
 # as Execute does; the others only read, as Describe and List do. Every role may
 # call them all; none changes what is registered.
 INFERENCE_METHODS = frozenset(

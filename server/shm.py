@@ -47,7 +47,7 @@ from fuseport.wire.errors import (
     SharedMemoryUnavailable,
 )
 
-__all__ = ["MAX_SLOTS", "SharedMemory", "check_slot", "shared_sizes"]
+__all__ = ["MAX_SLOTS", "SharedCall", "SharedMemory", "check_slot", "shared_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,18 @@ TOTAL_SESSIONS_OF_BUDGET = 4
 # Sends after HELLO never wait: a client's unread packets fill its socket only
 # if it stopped reading, and then the session ends instead.
 _NO_WAIT = socket.MSG_DONTWAIT
+
+
+@dataclass
+class SharedCall:
+    """A call whose stack names tensors in a shared-memory session (and, with a
+    slot, whose results go back there): what Core.execute needs of it, and how
+    long reading and placing took (the call's decoding and encoding)."""
+
+    session: str
+    slot: int = 0
+    read_ns: int = 0
+    place_ns: int = 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from fuseport.cli import commands as cli
 from fuseport.client import Client, InvalidAlias
 from fuseport.kserve import grpc_service_pb2 as pb
 from fuseport.kserve import grpc_service_pb2_grpc as pb_grpc
-from fuseport.server import kserve
+from fuseport.server.rpc import kserve
 from fuseport.server.security import INFERENCE_METHODS
 from fuseport.v1 import service_pb2, service_pb2_grpc
 from fuseport.wire.capture import capture
@@ -265,7 +265,7 @@ def test_malformed_protobuf_is_invalid_argument(served: Served) -> None:
 
 def test_typed_uint64_contents_take_the_full_range() -> None:
     """Past 2**63 (no int64 holds them): decoded as the bits they are, not an INTERNAL error."""
-    from fuseport.server.kserve import _tensor
+    from fuseport.server.rpc.kserve import _tensor
 
     tensor = pb.ModelInferRequest.InferInputTensor(name="u", datatype="UINT64", shape=[2])
     tensor.contents.uint64_contents.extend([(1 << 64) - 1, 5])
@@ -526,19 +526,19 @@ def test_only_the_server_imports_the_inference_stubs() -> None:
     root = Path(__file__).resolve().parent.parent
     importers = set()
     for folder in ("client", "wire", "server", "bench"):
-        for path in (root / folder).glob("*.py"):
+        for path in sorted((root / folder).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
                 if any(n == "fuseport.kserve" or n.startswith("fuseport.kserve.") for n in names):
-                    importers.add(f"{folder}/{path.name}")
-                if any(n == "fuseport.server.kserve" for n in names) or (
+                    importers.add(path.relative_to(root).as_posix())
+                if any(n == "fuseport.server.rpc.kserve" for n in names) or (
                     isinstance(node, ast.ImportFrom)
-                    and node.module == "fuseport.server"
+                    and node.module == "fuseport.server.rpc"
                     and any(a.name == "kserve" for a in node.names)
                 ):
-                    importers.add(f"{folder}/{path.name} (server.kserve)")
-    assert importers == {"server/kserve.py", "server/app.py (server.kserve)"}
+                    importers.add(f"{path.relative_to(root).as_posix()} (server.rpc.kserve)")
+    assert importers == {"server/rpc/kserve.py", "server/app.py (server.rpc.kserve)"}
 
 
 def test_a_client_that_heals_a_lost_kernel_gives_it_its_alias_again(served: Served) -> None:

@@ -11,6 +11,12 @@ A package imports only its own floor and those below it. The client library
 above all must not reach the server, the benchmarks or the CLI: a client-only
 install would pull the server's code (and a circle makes either side's change
 the other's problem).
+
+Within a package the modules import one another without a circle either
+(`test_no_module_imports_itself_round_a_circle`): every import counts, at
+module level, inside a function or under TYPE_CHECKING, since a circle hidden
+in a function is still one a reader must hold in mind, and it breaks the day
+the import moves up. A piece two modules share goes in a module below both.
 """
 
 from __future__ import annotations
@@ -54,6 +60,82 @@ def _imported(path: Path) -> set[str]:
     return names
 
 
+def _modules() -> dict[str, Path]:
+    """Every module of the installed layout (fuseport.server.core, ...) and its source file."""
+    modules: dict[str, Path] = {}
+    for name, folder in _roots().items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join((name, *parts))] = path
+    return modules
+
+
+def _edges(path: Path, module: str, modules: dict[str, Path]) -> dict[str, int]:
+    """The fuseport modules a file imports -> the line of the first such import.
+
+    `from P import name` reads P (its __init__ runs and is asked for `name`), and
+    P.name as well where that is a module; `import P.Q` names P.Q. The parent
+    packages every import runs first are not counted: every module has them."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: dict[str, int] = {}
+
+    def add(name: str, line: int) -> None:
+        if name in modules and name != module:
+            found.setdefault(name, line)
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from the file's own package upwards
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            add(source, node.lineno)
+            for alias in node.names:
+                add(f"{source}.{alias.name}", node.lineno)
+    return found
+
+
+def _circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's), each in import order."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
 def _package_of(module: str, packages: set[str]) -> str | None:
     return next((p for p in packages if module == p or module.startswith(p + ".")), None)
 
@@ -87,6 +169,31 @@ def test_no_import_runs_back_up() -> None:
                         (path.relative_to(ROOT), target), f"{module} ({package} may not import {target})"
                     )
     assert not wrong, "\n".join(f"{path} imports {what}" for (path, _), what in wrong.items())
+
+
+def test_no_module_imports_itself_round_a_circle() -> None:
+    modules = _modules()
+    graph = {m: _edges(path, m, modules) for m, path in modules.items()}
+    assert "fuseport.server.core" in graph["fuseport.server.app"]  # the edges are really read
+    circles = _circles(graph)
+    shown = []
+    for component in circles:
+        inside = set(component)
+        lines = [
+            f"  {modules[m].relative_to(ROOT)}:{line} imports {target}"
+            for m in component
+            for target, line in sorted(graph[m].items())
+            if target in inside
+        ]
+        shown.append(" <-> ".join(component) + "\n" + "\n".join(lines))
+    assert not circles, "import circles:\n" + "\n".join(shown)
+
+
+def test_the_circle_finder_finds_a_circle() -> None:
+    # The check above passes on an empty answer, so the finder itself is pinned.
+    graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}, "e": {}}
+    assert _circles(graph) == [["a", "b", "c"]]
+    assert _circles({"a": {"b": 1}, "b": {}}) == []
 
 
 def test_the_client_library_loads_nothing_of_the_server_bench_or_cli() -> None:

@@ -11,7 +11,7 @@ from unittest import mock
 
 import torch
 
-from fuseport.server.compile import Compiled, CompileFailed, Compiler, Job, short_error
+from fuseport.server.compile.interface import Compiled, CompileFailed, Compiler, Job, short_error
 from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
 from fuseport.server.devices import Placement, is_out_of_memory
 from fuseport.wire._tracing import TRACE_LOCK

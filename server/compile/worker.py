@@ -11,9 +11,9 @@ fallback's). Here they run in a process of their own, started with `spawn`
   client sent but the graph itself (which the worker validates and rebuilds
   like any server does) and its inputs' sizes and scalar values: the compile
   traces fake tensors of those sizes, and one test run on zeros of them
-  follows (standalone.compile_job).
+  follows (build.compile_job).
 - reply: one JSON object, {"ok": true, "seconds": s, ...what
-  standalone.compile_job returns} once the artifact is at the path given, or
+  build.compile_job returns} once the artifact is at the path given, or
   {"ok": false, "error": "..."}. With "retire": true the worker's test runs
   passed the call budget (header "budget", --max-call-seconds) and one runs on:
   the worker is replaced before the next compile.
@@ -161,7 +161,7 @@ def _worker_main(conn: Connection) -> None:
 
         inductor_config.compile_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
         _warm_up()
-    from fuseport.server.compile.standalone import EagerRefuses, compile_job
+    from fuseport.server.compile.build import EagerRefuses, compile_job
 
     try:
         conn.send_bytes(b'{"ready": true}')

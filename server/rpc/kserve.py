@@ -7,7 +7,7 @@ and Triton's ModelConfig (what perf_analyzer reads) says the same in Triton's
 terms. A ModelInfer runs the same core path as Execute (the fused kernel when
 it is ready, the fallback otherwise) and answers in raw_output_contents. Errors
 are fuseport's own (wire/errors.py) and travel with the same status codes as
-KernelService's.
+KernelService's: both run through plumbing.py.
 
 This is the only module that imports the generated `inference` stubs
 (fuseport.kserve): they register the `inference.*` names in protobuf's default
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 
 from fuseport.kserve import grpc_service_pb2 as _kpb
 from fuseport.server.core import Core
-from fuseport.server.service import CallRecord, KernelService, _parse
+from fuseport.server.rpc.plumbing import CallRecord, Method, Plumbing, parse
 from fuseport.wire import _pb, codec, dtypes
 from fuseport.wire.codec import MAX_RANK
 from fuseport.wire.errors import (
@@ -140,17 +140,17 @@ def _shape(spec: InputSpec) -> list[int]:
 
 
 class InferenceService:
-    """The `inference.GRPCInferenceService` methods. Calls go through the
-    KernelService's plumbing (worker threads, deadline, error mapping, the
+    """The `inference.GRPCInferenceService` methods. Calls go through the same
+    plumbing as KernelService's (worker threads, deadline, error mapping, the
     metrics observer), so they behave, fail and count like its own."""
 
-    def __init__(self, kernels: KernelService) -> None:
-        self.kernels = kernels
-        self.core: Core = kernels.core
+    def __init__(self, core: Core, plumbing: Plumbing) -> None:
+        self.core = core
+        self.plumbing = plumbing
         self._version = _server_version()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        methods: dict[str, Callable[[bytes, float | None, int, CallRecord], bytes]] = {
+        methods: dict[str, Method] = {
             "ServerLive": self._server_live,
             "ServerReady": self._server_ready,
             "ServerMetadata": self._server_metadata,
@@ -162,29 +162,26 @@ class InferenceService:
         }
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
-            {
-                name: grpc.unary_unary_rpc_method_handler(self.kernels._wrap(fn, name))
-                for name, fn in methods.items()
-            },
+            {name: self.plumbing.unary(fn, name) for name, fn in methods.items()},
         )
 
     # ------------------------------------------------------------------ server
 
     def _server_live(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
-        _parse(_kpb.ServerLiveRequest, request)
+        parse(_kpb.ServerLiveRequest, request)
         return _kpb.ServerLiveResponse(live=True).SerializeToString()
 
     def _server_ready(
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
     ) -> bytes:
         # A draining server never gets here: the gate answers UNAVAILABLE first.
-        _parse(_kpb.ServerReadyRequest, request)
+        parse(_kpb.ServerReadyRequest, request)
         return _kpb.ServerReadyResponse(ready=True).SerializeToString()
 
     def _server_metadata(
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
     ) -> bytes:
-        _parse(_kpb.ServerMetadataRequest, request)
+        parse(_kpb.ServerMetadataRequest, request)
         # No extension is served whole (see docs/guides/kserve.md), so none is claimed.
         return _kpb.ServerMetadataResponse(name="fuseport", version=self._version).SerializeToString()
 
@@ -199,7 +196,7 @@ class InferenceService:
         return key
 
     def _model_ready(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
-        req = _parse(_kpb.ModelReadyRequest, request)
+        req = parse(_kpb.ModelReadyRequest, request)
         try:
             sig = self.core.signature(self._key(req.name, req.version))
             ready = _unavailable(sig) is None
@@ -210,7 +207,7 @@ class InferenceService:
     def _model_metadata(
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
     ) -> bytes:
-        req = _parse(_kpb.ModelMetadataRequest, request)
+        req = parse(_kpb.ModelMetadataRequest, request)
         key = self._key(req.name, req.version)
         out = _kpb.ModelMetadataResponse(name=req.name, versions=[_VERSION], platform=_PLATFORM)
         inputs, outputs = self._tensors(key)
@@ -225,7 +222,7 @@ class InferenceService:
     ) -> bytes:
         # Triton's model configuration, as far as fuseport has one: perf_analyzer reads it
         # before it sends anything. The same tensors as ModelMetadata, with Triton's types.
-        req = _parse(_kpb.ModelConfigRequest, request)
+        req = parse(_kpb.ModelConfigRequest, request)
         key = self._key(req.name, req.version)
         inputs, outputs = self._tensors(key)
         alias = self.core.registry.alias_of(key)
@@ -265,7 +262,7 @@ class InferenceService:
     def _repository_index(
         self, request: bytes, deadline: float | None, arrived: int, record: CallRecord
     ) -> bytes:
-        req = _parse(_kpb.RepositoryIndexRequest, request)
+        req = parse(_kpb.RepositoryIndexRequest, request)
         out = _kpb.RepositoryIndexResponse()
         for key, alias, sig in self.core.models():
             reason = _unavailable(sig)
@@ -283,7 +280,7 @@ class InferenceService:
 
     def _model_infer(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         started = time.perf_counter_ns()
-        req = _parse(_kpb.ModelInferRequest, request)
+        req = parse(_kpb.ModelInferRequest, request)
         del request
         key = self._key(req.model_name, req.model_version)
         sig = self.core.signature(key)
