@@ -944,7 +944,9 @@ def _put_small(out: Any, stack: Sequence[StackValue]) -> None:
             if order:
                 t.dim_order.extend(order)
             if memory.numel():
-                t.data = _memory_of(memory)
+                # A copy (the stack is small): protobuf's bytes field takes no memoryview,
+                # which _memory_of gives for a tensor over _SMALL_COPY.
+                t.data = ctypes.string_at(memory.data_ptr(), memory.nbytes)
             else:
                 t.SetInParent()
         else:
