@@ -246,11 +246,11 @@ class KernelService:
 
     def _prepare(
         self, req: codec.ExecuteRequest, record: CallRecord, fused: bool, stack: list[Any] | None = None,
-        *, planned_only: bool = False,
+        *, planned_only: bool = False, transport: str = "unary",
     ) -> Call | None:  # fmt: skip
         return self.core.prepare(
             req.key, req.stack if stack is None else stack, fused=fused, variants=req.variants,
-            owner=record.owner, keep=req.keep_outputs, planned_only=planned_only,
+            owner=record.owner, keep=req.keep_outputs, planned_only=planned_only, transport=transport,
         )  # fmt: skip
 
     def _finish(
@@ -279,8 +279,15 @@ class KernelService:
                 self.core.check_inputs(shared_sizes(stack), "shared-memory stack")
                 stack = self.shared.resolve(record.owner, req.shm_session, stack, self.core.placement.device)
                 decode_ns += time.perf_counter_ns() - started
-            call = self._prepare(req, record, fused, stack)
+            # Results bound for a shared-memory slot are checked against the
+            # session's room below, not against one message.
+            to_slot = bool(req.shm_session and req.shm_slot and not req.keep_outputs)
+            call = self._prepare(req, record, fused, stack, transport="shm" if to_slot else "unary")
             assert call is not None
+            if to_slot and call.plan.outputs is not None:
+                self.shared.check_results(
+                    record.owner, req.shm_session, req.shm_slot, [*call.below, *call.plan.outputs], self.limit
+                )
         result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline)
         return self._respond(req, result, decode_ns, queue_ns, record, registered)
 
@@ -389,7 +396,7 @@ class KernelService:
                     waited = time.perf_counter_ns() - queued
                     return self.core.execute(
                         header.key, values, fused=fused, wait=header.options.wait_for_compile,
-                        deadline=deadline, variants=tuple(header.options.variants), streamed=True,
+                        deadline=deadline, variants=tuple(header.options.variants), transport="stream",
                         owner=record.owner, keep=header.options.keep_outputs,
                     ), waited  # fmt: skip
 

@@ -39,11 +39,13 @@ import torch
 
 from fuseport.server.resident import Owner
 from fuseport.wire import codec, cuda_ipc, dtypes, shm
+from fuseport.wire.codec import message_room
 from fuseport.wire.errors import (
     CudaIpcUnavailable,
     InvalidArgument,
     InvalidStack,
     ResourceExhausted,
+    ResultTooLarge,
     SharedMemoryUnavailable,
 )
 
@@ -349,6 +351,32 @@ class SharedMemory:
             return codec.Shared(region.id, offset, v.dtype, tuple(v.shape), n)
 
         return shm.replace(stack, write, torch.Tensor)
+
+    def check_results(self, owner: Owner, sid: str, slot: int, results: list[Any], message_limit: int) -> None:
+        """Refuses, before the call runs, results (as planned: `results` may hold
+        meta tensors) that neither fit the slot's output region, nor a new one
+        within the session's room (--shared-memory-max-bytes, less what the
+        session's other regions map), nor one message (where they would go as
+        bytes): ResultTooLarge, so that the client sends the call as a stream."""
+        check_slot(slot)
+        session = self._session(owner, sid)
+        tensors: list[torch.Tensor] = []
+        shm.walk(results, tensors.append)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        need = sum(shm.align(n) for n in sizes)
+        current = session.outputs.get(slot)
+        if current is not None and current.size >= need:
+            return
+        size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
+        room = self._room(session) + (current.size if current is not None else 0)
+        if size <= room or sum(sizes) <= message_room(message_limit):
+            return
+        raise ResultTooLarge(
+            f"the result would be {sum(sizes)} bytes: over the {max(0, room)} bytes this shared-memory session "
+            f"can still map for it (--shared-memory-max-bytes, {self.max_bytes} a session, its other regions "
+            f"included) and over one message (--max-message-bytes, {message_limit}); refused before running "
+            "(a stream carries it: ExecuteStream/FallbackStream)"
+        )
 
     def _new_output(self, session: _Session, slot: int, need: int) -> shm.Region | None:
         old = session.outputs.pop(slot, None)

@@ -50,6 +50,7 @@ __all__ = [
     "SMALL_MESSAGE",
     "StackValue",
     "carries_graphs",
+    "message_room",
     "decode_execute_request",
     "decode_execute_response",
     "decode_stack",
@@ -128,6 +129,15 @@ _RESP_STACK, _RESP_TIMINGS = 4, 5
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def message_room(limit: int) -> int:
+    """Tensor bytes a stack may hold to travel in one message of at most `limit`
+    bytes: the limit less room for everything else the message carries (tags,
+    shapes, scalars, timings): 1 MiB, or a sixteenth of a limit under 16 MiB.
+    Past it, a stack or a result goes as a stream: client and server decide
+    with the same number."""
+    return limit - min(1 << 20, limit // 16)
 
 
 def _varint(n: int) -> bytes:
