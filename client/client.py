@@ -132,7 +132,7 @@ class Timings:
     `total_us` is the client's: the whole `execute`/`fallback` call as the caller waited for
     it, from the client's first step (sizing the stack, opening a shared-memory session,
     encoding the request) to the decoded response (through shared memory: before the
-    results are copied out of its region), retries and the re-capture of a new variant
+    result tensors are made over its region), retries and the re-capture of a new variant
     included. What it holds besides the server's four stages is the client's own
     encode and decode, gRPC on both sides (HTTP/2 framing, the channel's threads, the
     handler's dispatch onto the server's event loop) and the network; for a small call
@@ -172,6 +172,7 @@ class _Shared:
     stack: list[Any]
     session: str
     slot: int
+    fresh: bool = False  # ExecuteOptions.shared_memory_fresh_output (see SharedSession.fresh_output)
 
 
 class _AsyncSlot:
@@ -598,6 +599,7 @@ class _Base:
             keep_outputs=keep,
             shm_session=shared.session if shared else "",
             shm_slot=shared.slot if shared else 0,
+            shm_fresh_output=shared.fresh if shared else False,
             no_batching=not self.batching,
         )
 
@@ -703,7 +705,7 @@ class _Base:
         inputs went by CUDA IPC handle. Tensor outputs come back through the
         slot's region, unless kept."""
         written, by_cuda = session.write(slot, list(stack))
-        return _Shared(written, session.id, 0 if keep else slot), by_cuda
+        return _Shared(written, session.id, 0 if keep else slot, not keep and session.fresh_output(slot)), by_cuda
 
     @staticmethod
     def _no_cuda_ipc(session: SharedSession, e: CudaIpcUnavailable) -> None:
@@ -715,7 +717,8 @@ class _Base:
 
     @staticmethod
     def _shared_read(session: SharedSession, result: ExecuteResult, by_cuda: bool) -> ExecuteResult:
-        """The result with its tensors copied out of the slot's region (blocks)."""
+        """The result with its tensors over the slot's region (or copied out of it,
+        from a server without `fresh_outputs`); blocks until the region is here."""
         transport = "cuda_ipc" if by_cuda else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
@@ -821,6 +824,12 @@ class _Base:
             self._no_cuda_ipc(session, e)
             shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
             result = yield from self._execute_flow(job, shared)
+        if session.views:
+            # Only the wait for the regions blocks; the tensors over them are made here, not
+            # handed back through a thread's future (a worker that has not yet dropped it
+            # would keep them alive, and the region from being written again).
+            yield _Blocking(session.wait_outputs, (result.stack,))
+            return self._shared_read(session, result, by_cuda)
         return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
 
     def _execute_flow(

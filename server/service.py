@@ -286,8 +286,9 @@ class KernelService:
             assert call is not None
             if to_slot and call.plan.outputs is not None:
                 self.shared.check_results(
-                    record.owner, req.shm_session, req.shm_slot, [*call.below, *call.plan.outputs], self.limit
-                )
+                    record.owner, req.shm_session, req.shm_slot, [*call.below, *call.plan.outputs], self.limit,
+                    req.shm_fresh_output,
+                )  # fmt: skip
         result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline)
         return self._respond(req, result, decode_ns, queue_ns, record, registered)
 
@@ -308,7 +309,9 @@ class KernelService:
         out_stack = result.stack
         if req.shm_session and req.shm_slot:
             start = time.perf_counter_ns()
-            out_stack = self.shared.place(record.owner, req.shm_session, req.shm_slot, out_stack)
+            out_stack = self.shared.place(
+                record.owner, req.shm_session, req.shm_slot, out_stack, req.shm_fresh_output
+            )
             timings.encode_us = (time.perf_counter_ns() - start) // 1000  # the response's encoding adds to it
         out = codec.encode_execute_response(
             out_stack,
@@ -478,6 +481,7 @@ class KernelService:
             max_bytes=self.shared.max_bytes,
             max_slots=MAX_SLOTS,
             cuda_devices=self.shared.cuda_devices,
+            fresh_outputs=True,
         ).SerializeToString()
 
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:

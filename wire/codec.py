@@ -681,6 +681,7 @@ class ExecuteRequest:
     # output region takes the tensor outputs (0: they travel as bytes).
     shm_session: str = ""
     shm_slot: int = 0
+    shm_fresh_output: bool = False  # ExecuteOptions.shared_memory_fresh_output
     no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
 
 
@@ -724,6 +725,7 @@ def encode_execute_request(
     shm_session: str = "",
     shm_slot: int = 0,
     no_batching: bool = False,
+    shm_fresh_output: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if no_batching:
@@ -731,6 +733,8 @@ def encode_execute_request(
     if shm_session:
         head.options.shared_memory_session = shm_session
         head.options.shared_memory_slot = shm_slot
+        if shm_fresh_output:
+            head.options.shared_memory_fresh_output = True
     if wait_for_compile:
         head.options.wait_for_compile = True
     if keep_outputs:
@@ -792,6 +796,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         keep_outputs=options.keep_outputs,
         shm_session=options.shared_memory_session,
         shm_slot=options.shared_memory_slot,
+        shm_fresh_output=options.shared_memory_fresh_output,
         no_batching=options.no_batching,
     )
 
