@@ -645,7 +645,8 @@ class _Base:
         """Whether a stack goes as a stream: past the threshold, or too large
         for one message (the stream has no such limit)."""
         size = payload_bytes(stack)
-        return (self.stream_above is not None and size >= self.stream_above) or size > codec.message_room(self._max)
+        over = size > codec.message_room(self._max)
+        return (self.stream_above is not None and size >= self.stream_above) or over
 
     def _stream_requests(self, key: int, stack: Stack, wait: bool) -> Iterator[bytes]:
         """The request stream: header, data chunks straight from the tensors, end."""
@@ -705,7 +706,8 @@ class _Base:
         inputs went by CUDA IPC handle. Tensor outputs come back through the
         slot's region, unless kept."""
         written, by_cuda = session.write(slot, list(stack))
-        return _Shared(written, session.id, 0 if keep else slot, not keep and session.fresh_output(slot)), by_cuda
+        fresh = not keep and session.fresh_output(slot)
+        return _Shared(written, session.id, 0 if keep else slot, fresh), by_cuda
 
     @staticmethod
     def _no_cuda_ipc(session: SharedSession, e: CudaIpcUnavailable) -> None:

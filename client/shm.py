@@ -364,14 +364,16 @@ class SharedSession:
                             spare = self._spares.pop(p.id, None)
                         if spare is None:
                             self.closed = True
-                            raise SharedMemoryUnavailable(f"the server named output region {p.id}, not one it sent")
+                            why = f"the server named output region {p.id}, not one it sent"
+                            raise SharedMemoryUnavailable(why)
                         region = spare
                     else:
                         try:
                             region = shm.map_region(p.fd, p.id, p.size, self.max_bytes)
                         except ValueError as e:
                             self.closed = True
-                            raise SharedMemoryUnavailable(f"the server's output region is unusable: {e}") from None
+                            why = f"the server's output region is unusable: {e}"
+                            raise SharedMemoryUnavailable(why) from None
                     with self._lend:
                         old = self._slot_outputs.get(p.slot, -1)
                         self._outputs.pop(old, None)  # grown: the slot's old region was free (or retired)

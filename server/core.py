@@ -417,13 +417,14 @@ class Core:
                     f"kernel {key}: this call needs at least {needs} bytes ({what}), over the {budget} "
                     "bytes one call may use (--max-call-bytes); refused before running"
                 )
-        out = plan.output_bytes
-        if not keep and out is not None and transport == "stream" and out > self.settings.max_stream_bytes:
+        out = None if keep else plan.output_bytes
+        message = message_room(self.settings.max_message_bytes)
+        if out is not None and transport == "stream" and out > self.settings.max_stream_bytes:
             raise ResourceExhausted(
                 f"kernel {key}: the result would be {out} bytes, over the streamed result limit of "
                 f"{self.settings.max_stream_bytes} bytes (--max-stream-bytes); refused before running"
             )
-        if not keep and out is not None and transport == "unary" and out > message_room(self.settings.max_message_bytes):
+        if out is not None and transport == "unary" and out > message:
             raise ResultTooLarge(
                 f"kernel {key}: the result would be {out} bytes, over the message limit of "
                 f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running "

@@ -245,7 +245,8 @@ def test_huge_expand_is_refused_before_it_is_computed(quiet: ServerProcess) -> N
         before = quiet.rss()
         for run in (c.execute, c.fallback):
             # Over one message: the client sends it again as a stream, whose limit refuses it.
-            with pytest.raises(ResourceExhausted, match="4398046511104 bytes, over the streamed result limit") as e:
+            over = "4398046511104 bytes, over the streamed result limit"
+            with pytest.raises(ResourceExhausted, match=over) as e:
                 run(key, stack)
             assert e.value.__cause__.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert quiet.rss() <= before * 1.1
@@ -259,7 +260,8 @@ def test_result_over_every_paths_limit_is_refused_before_it_is_computed(quiet: S
     with Client(quiet.target, timeout=120) as c:
         key = c.register(lambda x: x.repeat(2**24, 1), [torch.ones(2, 256)])
         before = quiet.rss()
-        with pytest.raises(ResourceExhausted, match="34359738368 bytes, over the streamed result limit of 8589934592"):
+        over = "34359738368 bytes, over the streamed result limit of 8589934592"
+        with pytest.raises(ResourceExhausted, match=over):
             c.fallback(key, [torch.ones(2, 256)])
         assert quiet.rss() <= before * 1.1
 
