@@ -30,9 +30,12 @@ from fuseport.wire.errors import (
     CudaIpcUnavailable,
     DeadlineExceeded,
     FuseportError,
+    InternalError,
+    InvalidArgument,
     KernelNotFound,
     NoMatchingVariant,
     ResourceExhausted,
+    ResultTooLarge,
     SharedMemoryUnavailable,
     Unavailable,
     error_from_status,
@@ -129,7 +132,7 @@ class Timings:
     `total_us` is the client's: the whole `execute`/`fallback` call as the caller waited for
     it, from the client's first step (sizing the stack, opening a shared-memory session,
     encoding the request) to the decoded response (through shared memory: before the
-    results are copied out of its region), retries and the re-capture of a new variant
+    result tensors are made over its region), retries and the re-capture of a new variant
     included. What it holds besides the server's four stages is the client's own
     encode and decode, gRPC on both sides (HTTP/2 framing, the channel's threads, the
     handler's dispatch onto the server's event loop) and the network; for a small call
@@ -169,6 +172,7 @@ class _Shared:
     stack: list[Any]
     session: str
     slot: int
+    fresh: bool = False  # ExecuteOptions.shared_memory_fresh_output (see SharedSession.fresh_output)
 
 
 class _AsyncSlot:
@@ -350,6 +354,22 @@ def _resume(flow: _Flow[Any], reply: Any, error: BaseException | None) -> _Op | 
         return flow.throw(error) if error is not None else flow.send(reply)
     except StopIteration as stop:
         return _Done(stop.value)
+
+
+class _Sent:
+    """A streamed call's requests as sent: the first (its header), and whether all were."""
+
+    def __init__(self, requests: Iterator[bytes]) -> None:
+        self._requests = requests
+        self.first: bytes | None = None
+        self.done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for message in self._requests:
+            if self.first is None:
+                self.first = message
+            yield message
+        self.done = True
 
 
 @contextlib.contextmanager
@@ -579,6 +599,7 @@ class _Base:
             keep_outputs=keep,
             shm_session=shared.session if shared else "",
             shm_slot=shared.slot if shared else 0,
+            shm_fresh_output=shared.fresh if shared else False,
             no_batching=not self.batching,
         )
 
@@ -624,11 +645,13 @@ class _Base:
         """Whether a stack goes as a stream: past the threshold, or too large
         for one message (the stream has no such limit)."""
         size = payload_bytes(stack)
-        return (self.stream_above is not None and size >= self.stream_above) or size > self._max - (1 << 20)
+        over = size > codec.message_room(self._max)
+        return (self.stream_above is not None and size >= self.stream_above) or over
 
     def _stream_requests(self, key: int, stack: Stack, wait: bool) -> Iterator[bytes]:
         """The request stream: header, data chunks straight from the tensors, end."""
-        writer = Writer(list(stack), self.stream_chunk_bytes)
+        # Every chunk is one message: never larger than the channel lets through.
+        writer = Writer(list(stack), max(1, min(self.stream_chunk_bytes, codec.message_room(self._max))))
         known = self._known.get(key)
         header = _pb.service.StreamRequestHeader(key=key, stack=writer.header_stack, sizes=writer.sizes)
         if wait:
@@ -683,7 +706,8 @@ class _Base:
         inputs went by CUDA IPC handle. Tensor outputs come back through the
         slot's region, unless kept."""
         written, by_cuda = session.write(slot, list(stack))
-        return _Shared(written, session.id, 0 if keep else slot), by_cuda
+        fresh = not keep and session.fresh_output(slot)
+        return _Shared(written, session.id, 0 if keep else slot, fresh), by_cuda
 
     @staticmethod
     def _no_cuda_ipc(session: SharedSession, e: CudaIpcUnavailable) -> None:
@@ -695,7 +719,8 @@ class _Base:
 
     @staticmethod
     def _shared_read(session: SharedSession, result: ExecuteResult, by_cuda: bool) -> ExecuteResult:
-        """The result with its tensors copied out of the slot's region (blocks)."""
+        """The result with its tensors over the slot's region (or copied out of it,
+        from a server without `fresh_outputs`); blocks until the region is here."""
         transport = "cuda_ipc" if by_cuda else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
@@ -776,11 +801,18 @@ class _Base:
         if session is not None and size <= session.max_bytes:
             try:
                 return (yield _InSlot(session, functools.partial(self._shared_flow, job, session)))
+            except ResultTooLarge as e:
+                # Nothing ran: the results would not fit the session's room nor one
+                # message. The stream carries them (the session stays).
+                log.info("results over what shared memory can take (%s); sending the call as a stream", e)
+                return (yield from self._execute_flow(job, stream=True))
             except SharedMemoryUnavailable as e:
                 self._shared_lost(session, e)
             except BaseException as e:
                 self._shared_abandoned(session, e)
                 raise
+        # A stack over what the session may map goes over the network: as a
+        # stream where it is over one message (_streams).
         return (yield from self._execute_flow(job))
 
     def _shared_flow(self, job: _Job, session: SharedSession, slot: int) -> _Flow[ExecuteResult]:
@@ -794,32 +826,51 @@ class _Base:
             self._no_cuda_ipc(session, e)
             shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
             result = yield from self._execute_flow(job, shared)
+        if session.views:
+            # Only the wait for the regions blocks; the tensors over them are made here, not
+            # handed back through a thread's future (a worker that has not yet dropped it
+            # would keep them alive, and the region from being written again).
+            yield _Blocking(session.wait_outputs, (result.stack,))
+            return self._shared_read(session, result, by_cuda)
         return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
 
-    def _execute_flow(self, job: _Job, shared: _Shared | None = None) -> _Flow[ExecuteResult]:
+    def _execute_flow(
+        self, job: _Job, shared: _Shared | None = None, stream: bool = False
+    ) -> _Flow[ExecuteResult]:
         """The call, and its recovery when the server lacks the kernel or a variant.
 
-        A large stack streams; its recovery registers graphs by Register (a
-        stream's header carries none), a unary call carries them (see
-        _plan_recovery). Handles travel only in unary calls (a stream's chunks
-        carry bytes)."""
+        A large stack streams (any stack, with `stream`); its recovery registers
+        graphs by Register (a stream's header carries none), a unary call
+        carries them (see _plan_recovery). Handles travel only in unary calls
+        (a stream's chunks carry bytes). A unary call whose result the server
+        refused as over one message (ResultTooLarge: nothing ran) is sent again
+        as a stream, which carries any result --max-stream-bytes allows."""
         method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
-        streamed = shared is None and not keep and not _holds_remote(stack) and self._streams(stack)
+        can_stream = shared is None and not keep and not _holds_remote(stack)
+        streamed = can_stream and (stream or self._streams(stack))
         request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
         adopted: Callable[[], None] | None = None
-        for attempt in range(3):  # NoMatchingVariant may take two: the variants held, then a new capture
+        attempt = 0
+        while True:  # NoMatchingVariant may take two more: the variants held, then a new capture
             try:
                 if streamed:
                     requests = self._stream_requests(key, stack, wait)
                     assembler, process = yield _Stream(method, requests, Assembler("response"))
                     return _streamed_result(assembler, job.started, process)
                 raw, process = yield _Run(method, request)
+            except ResultTooLarge as e:
+                if streamed or not can_stream:
+                    raise
+                log.info("the result is over one message (%s); sending the call as a stream", e)
+                streamed = True
+                continue
             except FuseportError as e:
                 again = (
                     self._plan_recovery(e, key, stack, wait, carried, streamed, keep, shared)
                     if attempt < 2
                     else None
                 )
+                attempt += 1
                 if again is None:
                     raise
                 if again.request is None:
@@ -836,7 +887,6 @@ class _Base:
             if adopted is not None:
                 adopted()
             return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
-        raise AssertionError("unreachable")
 
     def _open_stream(self, op: _Stream, timeout: float | None) -> Any:
         return self._stream_methods[op.method](
@@ -1530,11 +1580,18 @@ class AsyncClient(_Base):
             case _Run():
                 return await self._call_answered(op.method, op.request, timeout)
             case _Stream():
-                call = self._open_stream(op, timeout)
-                with _reading(call):
-                    async for raw in call:
-                        op.assembler.feed(raw)
-                    return op.assembler, _process_of(await call.trailing_metadata())
+                sent = _Sent(op.requests)
+                call = self._open_stream(dataclasses.replace(op, requests=iter(sent)), timeout)
+                try:
+                    with _reading(call):
+                        async for raw in call:
+                            op.assembler.feed(raw)
+                        return op.assembler, _process_of(await call.trailing_metadata())
+                except InternalError:
+                    if sent.done or sent.first is None:
+                        raise
+                    await self._why_stream_ended(op.method, sent.first, timeout)
+                    raise
             case _Session():
                 return await self._shared_session(op.size, timeout)
             case _InSlot():
@@ -1543,6 +1600,23 @@ class AsyncClient(_Base):
             case _Blocking():
                 assert held is not None  # a flow asks for blocking steps only in a slot
                 return await held.run(op.fn, *op.args)
+
+    async def _why_stream_ended(self, method: str, header: bytes, timeout: float | None) -> None:
+        """After a streamed call failed INTERNAL before all of it was sent: grpc.aio
+        reports a write that failed because the server had already ended the call
+        (a header it refused: over --max-stream-bytes, say) as INTERNAL, and the
+        server's own status is lost. The header alone, sent again, gets that status
+        (raised here); where the server takes the header (then it answers that the
+        stream ended early: InvalidArgument), the INTERNAL stands. Nothing runs."""
+        probe = self._open_stream(_Stream(method, iter([header]), Assembler("response")), timeout)
+        try:
+            with _reading(probe):
+                async for _ in probe:
+                    pass
+        except InvalidArgument:
+            return
+        except FuseportError as e:
+            raise e from None
 
     async def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
         """As Client._shared_session; the session opens in a thread."""

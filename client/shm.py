@@ -7,6 +7,22 @@ concurrent calls of one client never share a region. Regions are reused from
 call to call (fresh memory would page-fault at a fraction of copy speed) and
 grow when a stack needs more. CUDA tensors on the device the server offered
 travel as CUDA IPC handles instead (wire/cuda_ipc.py).
+
+Results are not copied: the tensors handed to the caller view the server's output
+region itself (where the server offers `fresh_outputs`). Their lifetime rules:
+
+* A region whose tensors are still alive is never written again: the slot's next
+  call asks for a new region (ExecuteOptions.shared_memory_fresh_output), and when
+  the last tensor over the old one dies the client returns it (RETURN), which frees
+  its share of the session's budget, or hands it back (SPARE) for a later call to
+  be written into again. A region whose tensors all died before the slot's next
+  call is reused as it is (its pages are warm).
+* The mapping lives as long as any tensor viewing it: after the client is closed,
+  after the session is lost (the server restarted, or ended it), the tensors stay
+  valid and unchanged. The memory is the memfd's, freed with the last tensor.
+* A fork copies the mappings into the child (MAP_SHARED): every region with live
+  tensors at the fork is never written again by this process's session, even once
+  the parent's own tensors are gone, so the child's copies stay unchanged too.
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +47,25 @@ log = logging.getLogger(__name__)
 
 SLOTS = 8  # calls one client runs through shared memory at once; more wait for a slot
 _STEP = 1 << 20  # regions are sized in whole MiB
+
+# The sessions of this process, for the fork hook (_before_fork).
+_SESSIONS: weakref.WeakSet[SharedSession] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for session in list(_SESSIONS):
+        session._pin_lent()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork)
+
+
+def _view_gone(session_ref: weakref.ref[SharedSession], region: int) -> None:
+    """The last tensor over a lent output region died (a weakref.finalize callback)."""
+    session = session_ref()
+    if session is not None:
+        session._views_gone(region)
 
 
 class SharedSession:
@@ -55,6 +91,16 @@ class SharedSession:
         in_process = shm.peer_creds(self._sock)[0] == self.pid
         self.cuda_devices = frozenset() if in_process else frozenset(opened.cuda_devices)
         self._held: dict[int, list[torch.Tensor]] = {}
+        # Results handed out as tensors over the output regions (module doc): by
+        # region id, the memoryview those tensors hold (alive exactly while any is).
+        self.views = opened.fresh_outputs
+        self._lend = threading.RLock()  # reentrant: a finalizer may run inside a locked section (gc)
+        self._lent: dict[int, weakref.ref[memoryview]] = {}
+        self._pinned: set[int] = set()  # regions lent when the process forked: never written again
+        # Taken off their slot while lent: handed back (SPARE) or returned when their tensors die.
+        self._retired: dict[int, shm.Region] = {}
+        # Handed back: the server names one of these for a slot that needs a new region.
+        self._spares: dict[int, shm.Region] = {}
         self._next_id = 1
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self.slots = slots  # how many calls run through it at once
@@ -69,6 +115,7 @@ class SharedSession:
         if reply.kind != shm.OK:
             self.close()
             raise SharedMemoryUnavailable(f"the server refused the shared-memory session: {reply.text}")
+        _SESSIONS.add(self)
 
     def close(self) -> None:
         self.closed = True
@@ -81,6 +128,7 @@ class SharedSession:
             self._sock.close()
         self._outputs.clear()
         self._inputs.clear()
+        self._spares.clear()
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[int]:
@@ -183,18 +231,110 @@ class SharedSession:
 
     # ------------------------------------------------------------------ outputs
 
-    def read(self, stack: list[Any]) -> list[Any]:
-        """The result stack with each Shared value copied out of the server's
-        region (the tensors are the caller's; the region is reused)."""
+    def fresh_output(self, slot: int) -> bool:
+        """Whether the slot's next call must have its results written into a new
+        region (ExecuteOptions.shared_memory_fresh_output): the slot's current one
+        is still read by tensors handed out earlier, or none is known to be free.
+        That region leaves the slot here, and is returned once its tensors die."""
+        if not self.views:
+            return False
+        with self._lend:
+            current = self._slot_outputs.get(slot)
+            if current is None:
+                return True  # a first call, or one after a call that failed after retiring
+            if not self._in_use(current):
+                return False
+            del self._slot_outputs[slot]
+            region = self._outputs.pop(current, None)
+            if region is not None:
+                self._retired[current] = region
+            if not self._alive(current):  # pinned at a fork, its tensors here gone since
+                self._return(current)
+            return True
 
-        def get(v: codec.Shared, where: str) -> torch.Tensor:
+    def _alive(self, region: int) -> bool:
+        ref = self._lent.get(region)
+        return ref is not None and ref() is not None
+
+    def _in_use(self, region: int) -> bool:
+        return region in self._pinned or self._alive(region)
+
+    def _views_gone(self, region: int) -> None:
+        with self._lend:
+            if region not in self._retired:
+                return  # still its slot's: the slot's next call writes it again
+            if region in self._pinned or len(self._spares) >= self.slots or os.getpid() != self.pid:
+                self._return(region)
+                return
+            # Handed back for reuse: a slot that needs a new region gets this one, pages warm.
+            self._spares[region] = self._retired.pop(region)
+            self._lent.pop(region, None)
+        self._tell(shm.SPARE, region)
+
+    def _return(self, region: int) -> None:
+        """Tells the server that output region `region` is read no more (and unmaps it here)."""
+        with self._lend:
+            self._retired.pop(region, None)
+            self._spares.pop(region, None)
+            self._pinned.discard(region)
+            self._lent.pop(region, None)
+        self._tell(shm.RETURN, region)
+
+    def _tell(self, kind: int, region: int) -> None:
+        if self.closed or os.getpid() != self.pid:
+            return  # the server forgot it with the session; a forked child's socket is its parent's
+        with contextlib.suppress(OSError):  # a session that broke: the server forgot it anyway
+            shm.send_packet(self._sock, shm.Packet(kind, id=region), socket.MSG_DONTWAIT)
+
+    def _pin_lent(self) -> None:
+        """Before a fork: the child keeps tensors over the regions lent now, so
+        this process never lets the server write them again."""
+        with self._lend:
+            self._pinned.update(r for r in list(self._lent) if self._alive(r))
+
+    def wait_outputs(self, stack: list[Any]) -> None:
+        """Blocks until every output region the result stack names is here (its
+        OUTPUT packet read): then `read` does not block where the session lends."""
+        regions: list[int] = []
+        shm.replace(stack, lambda v, _where: regions.append(v.region) if v.nbytes else None, codec.Shared)
+        for region in regions:
+            self._wait(lambda region=region: self._outputs.get(region))
+
+    def read(self, stack: list[Any]) -> list[Any]:
+        """The result stack with each Shared value made a tensor: over the
+        server's output region itself where the server offers `fresh_outputs`
+        (the module doc says how long such a tensor stays valid: as long as it
+        lives), else a copy out of it (the region is reused)."""
+        bases: dict[int, tuple[shm.Region, torch.Tensor]] = {}
+
+        def lent(v: codec.Shared, where: str) -> torch.Tensor:
+            if not v.nbytes:
+                return torch.empty(v.shape, dtype=v.dtype)
+            got = bases.get(v.region)
+            if got is None:
+                # Here already after wait_outputs (then this never waits on the socket's lock:
+                # AsyncClient runs it on its loop).
+                region = self._outputs.get(v.region) or self._wait(lambda: self._outputs.get(v.region))
+                # A memoryview of its own for this call's tensors: it lives exactly as long as
+                # any of them (torch.frombuffer holds it), and its finalizer says when they died.
+                view = memoryview(region.mapping)
+                got = bases[v.region] = (region, torch.frombuffer(view, dtype=torch.uint8))
+                with self._lend:
+                    self._lent[v.region] = weakref.ref(view)
+                weakref.finalize(view, _view_gone, weakref.ref(self), v.region)
+                del view
+            region, base = got
+            region.view(v.offset, v.nbytes, where)  # bounds, checked
+            return base[v.offset : v.offset + v.nbytes].view(v.dtype).view(v.shape)
+
+        def copied(v: codec.Shared, where: str) -> torch.Tensor:
             out = torch.empty(v.shape, dtype=v.dtype)
             if v.nbytes:
                 region = self._wait(lambda: self._outputs.get(v.region))
                 shm.copy_into(out, region.view(v.offset, v.nbytes, where))
             return out
 
-        return shm.replace(stack, get, codec.Shared)
+        return shm.replace(stack, lent if self.views else copied, codec.Shared)
 
     # ------------------------------------------------------------------ socket
 
@@ -218,17 +358,33 @@ class SharedSession:
                 if p is None:
                     self.closed = True
                     raise SharedMemoryUnavailable("shared-memory session closed by the server")
-                if p.kind == shm.OUTPUT and p.fd is not None:
-                    try:
-                        region = shm.map_region(p.fd, p.id, p.size, self.max_bytes)
-                    except ValueError as e:
-                        self.closed = True
-                        raise SharedMemoryUnavailable(f"the server's output region is unusable: {e}") from None
-                    self._outputs.pop(self._slot_outputs.get(p.slot, -1), None)
-                    self._slot_outputs[p.slot] = p.id
-                    self._outputs[p.id] = region
+                if p.kind == shm.OUTPUT:
+                    if p.fd is None:  # one of the regions this client handed back (SPARE)
+                        with self._lend:
+                            spare = self._spares.pop(p.id, None)
+                        if spare is None:
+                            self.closed = True
+                            why = f"the server named output region {p.id}, not one it sent"
+                            raise SharedMemoryUnavailable(why)
+                        region = spare
+                    else:
+                        try:
+                            region = shm.map_region(p.fd, p.id, p.size, self.max_bytes)
+                        except ValueError as e:
+                            self.closed = True
+                            why = f"the server's output region is unusable: {e}"
+                            raise SharedMemoryUnavailable(why) from None
+                    with self._lend:
+                        old = self._slot_outputs.get(p.slot, -1)
+                        self._outputs.pop(old, None)  # grown: the slot's old region was free (or retired)
+                        self._lent.pop(old, None)
+                        self._slot_outputs[p.slot] = p.id
+                        self._outputs[p.id] = region
                 elif p.kind in (shm.OK, shm.ERROR):
                     self._replies[p.id] = p
+                elif p.kind == shm.RETURN:  # a spare the server let go of (for room, or enough of them)
+                    with self._lend:
+                        self._spares.pop(p.id, None)
                 elif p.fd is not None:
                     os.close(p.fd)
             return got

@@ -33,6 +33,7 @@ from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_siz
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog
 from fuseport.wire import _pb
+from fuseport.wire.codec import message_room
 from fuseport.wire.errors import (
     DeadlineExceeded,
     ExecutionFailed,
@@ -42,6 +43,7 @@ from fuseport.wire.errors import (
     NoMatchingVariant,
     PermissionDenied,
     ResourceExhausted,
+    ResultTooLarge,
     SignatureMismatch,
     Unavailable,
 )
@@ -189,7 +191,7 @@ class Core:
         wait: bool = False,
         deadline: float | None = None,
         variants: Sequence[int] = (),
-        streamed: bool = False,
+        transport: str = "unary",
         owner: Owner = NO_OWNER,
         keep: bool = False,
         answer: Callable[[FuseportError], None] | None = None,
@@ -201,17 +203,27 @@ class Core:
         Before either path runs: the first variant (of `variants`, when given)
         that covers the inputs is chosen, its plan for these sizes is checked
         (shape errors, result size, index inputs, the call's budget), the same
-        for both paths. A `streamed` call's result is bounded by
-        --max-stream-bytes instead of the message limit. `answer`: see `run`. With `shared`, the
-        stack's shared-memory tensors are copied out of the caller's session
-        first, and with its slot the results are placed there after."""
+        for both paths. The result's bound is the `transport`'s (see _check_budget).
+        `answer`: see `run`. With `shared`, the stack's shared-memory tensors are
+        copied out of the caller's session first, and with its slot the results
+        are placed there after (checked against the session's room, not one message)."""
         if shared is not None:
             stack = self._read_shared(owner, shared, stack)
-        call = self.prepare(key, stack, fused=fused, variants=variants, streamed=streamed, owner=owner, keep=keep)
+        to_slot = shared is not None and bool(shared.slot) and not keep
+        call = self.prepare(
+            key, stack, fused=fused, variants=variants, transport="shm" if to_slot else transport, owner=owner,
+            keep=keep,
+        )  # fmt: skip
+        if to_slot and call.plan.outputs is not None:
+            assert shared is not None
+            self.shared.check_results(
+                owner, shared.session, shared.slot, [*call.below, *call.plan.outputs],
+                self.settings.max_message_bytes, shared.fresh_output,
+            )  # fmt: skip
         result = self.run(call, wait=wait, deadline=deadline, answer=answer)
         if shared is not None and shared.slot:
             started = time.perf_counter_ns()
-            result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack)
+            result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack, shared.fresh_output)
             shared.place_ns = time.perf_counter_ns() - started
         return result
 
@@ -234,7 +246,7 @@ class Core:
         *,
         fused: bool = True,
         variants: Sequence[int] = (),
-        streamed: bool = False,
+        transport: str = "unary",
         owner: Owner = NO_OWNER,
         keep: bool = False,
         planned_only: bool = False,
@@ -280,7 +292,7 @@ class Core:
             return None
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args, streamed, keep)
+        self._check_budget(key, plan, args, transport, keep)
         if keep:
             self.residents.check_room(owner, plan.output_bytes or 0, f"kernel {key}")
         try:
@@ -434,10 +446,16 @@ class Core:
             )
 
     def _check_budget(
-        self, key: int, plan: Plan, args: Sequence[Any], streamed: bool = False, keep: bool = False
+        self, key: int, plan: Plan, args: Sequence[Any], transport: str = "unary", keep: bool = False
     ) -> None:
         """Refuses, before anything is allocated, what could only fail later or
-        take more than one call may."""
+        take more than one call may.
+
+        The result is bounded by the path it goes back on (`transport`): one
+        message ("unary": --max-message-bytes, ResultTooLarge so that the client
+        sends the call again as a stream), a stream ("stream": --max-stream-bytes),
+        or nothing here ("shm": the servicer checks the session's room for
+        results, which the core does not know)."""
         budget = self.settings.max_call_bytes
         if budget:
             inputs = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
@@ -455,15 +473,18 @@ class Core:
                     f"kernel {key}: this call needs at least {needs} bytes ({what}), over the {budget} "
                     "bytes one call may use (--max-call-bytes); refused before running"
                 )
-        limit, flag = (
-            (self.settings.max_stream_bytes, "--max-stream-bytes")
-            if streamed
-            else (self.settings.max_message_bytes, "--max-message-bytes")
-        )
-        if not keep and plan.output_bytes is not None and plan.output_bytes > limit:
+        out = None if keep else plan.output_bytes
+        message = message_room(self.settings.max_message_bytes)
+        if out is not None and transport == "stream" and out > self.settings.max_stream_bytes:
             raise ResourceExhausted(
-                f"kernel {key}: the result would be {plan.output_bytes} bytes, over the "
-                f"{'streamed result' if streamed else 'message'} limit of {limit} bytes ({flag}); refused before running"
+                f"kernel {key}: the result would be {out} bytes, over the streamed result limit of "
+                f"{self.settings.max_stream_bytes} bytes (--max-stream-bytes); refused before running"
+            )
+        if out is not None and transport == "unary" and out > message:
+            raise ResultTooLarge(
+                f"kernel {key}: the result would be {out} bytes, over the message limit of "
+                f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running "
+                "(a stream carries it: ExecuteStream/FallbackStream)"
             )
         if plan.largest_bytes > self.capacity:
             raise ResourceExhausted(

@@ -39,11 +39,13 @@ import torch
 
 from fuseport.server.resident import Owner
 from fuseport.wire import codec, cuda_ipc, dtypes, shm
+from fuseport.wire.codec import message_room
 from fuseport.wire.errors import (
     CudaIpcUnavailable,
     InvalidArgument,
     InvalidStack,
     ResourceExhausted,
+    ResultTooLarge,
     SharedMemoryUnavailable,
 )
 
@@ -77,6 +79,9 @@ class SharedCall:
 
     session: str
     slot: int = 0
+    # The client asks for a fresh output region: its last results still live as
+    # tensors over the slot's current one (see client/shm.py).
+    fresh_output: bool = False
     read_ns: int = 0
     place_ns: int = 0
 
@@ -93,6 +98,13 @@ class _Session:
     used: float = 0.0  # monotonic time of its last call or region (idle sessions are ended)
     regions: dict[int, shm.Region] = field(default_factory=dict)  # the client's (inputs)
     outputs: dict[int, shm.Region] = field(default_factory=dict)  # per slot, the server's
+    # Output regions taken off their slot (ExecuteOptions.shared_memory_fresh_output):
+    # the client still reads them, so they count against its budget until it returns
+    # them (RETURN) or hands them back for reuse (SPARE). Never written meanwhile.
+    retired: dict[int, shm.Region] = field(default_factory=dict)
+    # Retired regions the client reads no more and keeps mapped: a slot that needs a
+    # new output region takes one of these first (warm pages, no new memfd).
+    spares: dict[int, shm.Region] = field(default_factory=dict)
     next_output: int = 1
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -102,7 +114,12 @@ class _Session:
         # Snapshots (list() copies a dict in one step): the socket's thread adds
         # regions while a call's thread adds outputs, and summing over a dict
         # that changes size underneath raises RuntimeError.
-        return sum(r.size for r in list(self.regions.values())) + sum(r.size for r in list(self.outputs.values()))
+        return (
+            sum(r.size for r in list(self.regions.values()))
+            + sum(r.size for r in list(self.outputs.values()))
+            + sum(r.size for r in list(self.retired.values()))
+            + sum(r.size for r in list(self.spares.values()))
+        )
 
     def identity(self) -> tuple[str, bytes | int]:
         """Whom the session counts against (see SharedMemory.open): its token; without
@@ -338,12 +355,18 @@ class SharedMemory:
 
         return codec._make_tensor(dtypes.code_for(v.dtype), list(v.shape), [], v.nbytes, where, copy)
 
-    def place(self, owner: Owner, sid: str, slot: int, stack: list[Any]) -> list[Any]:
+    def place(self, owner: Owner, sid: str, slot: int, stack: list[Any], fresh: bool = False) -> list[Any]:
         """The result stack with each tensor written into the slot's output
         region and replaced by a Shared value naming it. A region too small is
-        replaced by a larger one, handed to the client before this returns."""
+        replaced by a larger one, handed to the client before this returns.
+        `fresh`: the client still reads the slot's region (it handed results out
+        as tensors over it): that one is retired and the results go to a new one."""
         check_slot(slot)
         session = self._session(owner, sid)
+        if fresh:
+            old = session.outputs.pop(slot, None)
+            if old is not None:
+                session.retired[old.id] = old
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
         need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
@@ -362,9 +385,52 @@ class SharedMemory:
 
         return shm.replace(stack, write, torch.Tensor)
 
+    def check_results(
+        self, owner: Owner, sid: str, slot: int, results: list[Any], message_limit: int, fresh: bool = False
+    ) -> None:
+        """Refuses, before the call runs, results (as planned: `results` may hold
+        meta tensors) that neither fit the slot's output region, nor a new one
+        within the session's room (--shared-memory-max-bytes, less what the
+        session's other regions map), nor one message (where they would go as
+        bytes): ResultTooLarge, so that the client sends the call as a stream."""
+        check_slot(slot)
+        session = self._session(owner, sid)
+        tensors: list[torch.Tensor] = []
+        shm.walk(results, tensors.append)
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        need = sum(shm.align(n) for n in sizes)
+        # With `fresh` the slot's region is retired, not reused: it stays counted.
+        current = None if fresh else session.outputs.get(slot)
+        if current is not None and current.size >= need:
+            return
+        size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
+        # Spares count as room: they are a cache, let go of before a new region is refused.
+        spares = sum(r.size for r in list(session.spares.values()))
+        room = self._room(session) + (current.size if current is not None else 0) + spares
+        if size <= room or sum(sizes) <= message_room(message_limit):
+            return
+        raise ResultTooLarge(
+            f"the result would be {sum(sizes)} bytes: over the {max(0, room)} bytes this shared-memory session "
+            f"can still map for it (--shared-memory-max-bytes, {self.max_bytes} a session, its other regions "
+            f"included) and over one message (--max-message-bytes, {message_limit}); refused before running "
+            "(a stream carries it: ExecuteStream/FallbackStream)"
+        )
+
     def _new_output(self, session: _Session, slot: int, need: int) -> shm.Region | None:
         old = session.outputs.pop(slot, None)
         size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
+        fits = [r for r in list(session.spares.values()) if r.size >= need]
+        if fits and (spare := session.spares.pop(min(fits, key=lambda r: r.size).id, None)) is not None:
+            # A region the client handed back: it still maps it, so it is named, not sent.
+            self._reply(session, shm.Packet(shm.OUTPUT, slot, spare.id, spare.size))
+            if session.closed:
+                raise SharedMemoryUnavailable("shared-memory session lost")
+            session.outputs[slot] = spare
+            return spare
+        if size > self._room(session) and session.spares:
+            for ident in list(session.spares):  # room before spares: they are only a cache
+                if session.spares.pop(ident, None) is not None:
+                    self._reply(session, shm.Packet(shm.RETURN, id=ident))
         if size > self._room(session):
             log.info(
                 "shared-memory session %s…: results of %d bytes over its budget (--shared-memory-max-bytes, "
@@ -514,6 +580,25 @@ class SharedMemory:
                 session.regions.pop(p.id, None)
                 if p.fd is not None:
                     os.close(p.fd)
+            elif p.kind == shm.RETURN:
+                # An output region the client reads no more: retired, a spare, or still its
+                # slot's (the call that would have retired it failed before writing results).
+                session.retired.pop(p.id, None)
+                session.spares.pop(p.id, None)
+                for slot, region in list(session.outputs.items()):
+                    if region.id == p.id:
+                        session.outputs.pop(slot, None)
+                if p.fd is not None:
+                    os.close(p.fd)
+            elif p.kind == shm.SPARE:
+                # A retired region whose tensors are gone, kept mapped by the client for reuse.
+                region = session.retired.pop(p.id, None)
+                if region is not None and len(session.spares) < MAX_SLOTS:
+                    session.spares[p.id] = region
+                elif region is not None:
+                    self._reply(session, shm.Packet(shm.RETURN, id=p.id))  # enough of them: let it go
+                if p.fd is not None:
+                    os.close(p.fd)
             else:
                 if p.fd is not None:
                     os.close(p.fd)
@@ -566,6 +651,8 @@ class SharedMemory:
         mapped = session.mapped
         session.regions.clear()
         session.outputs.clear()
+        session.retired.clear()
+        session.spares.clear()
         conn, session.conn = session.conn, None
         if conn is not None:
             # Said before the hang-up: whoever sees the connection end finds the reason logged.

@@ -1084,3 +1084,14 @@ def test_message_aliases_use_power_of_two_ctypes_lengths() -> None:
     assert all(length & (length - 1) == 0 for length in lengths)
     assert len(lengths) <= 13 < len(sizes)
     assert all(len(codec._WritableAlias(bytes(n))._buf) >= n for n in sizes)
+
+
+@pytest.mark.parametrize("n", [(16 << 10) // 4 + 1, (24 << 10) // 4, (32 << 10) // 4 - 16])
+def test_a_small_request_with_a_tensor_over_16_kib_encodes_and_round_trips(n: int) -> None:
+    """Was TypeError: the small-message encoder put a memoryview into protobuf's bytes field
+    for a tensor of 16-32 KiB (over _memory_of's copy threshold, under the small message's)."""
+    x = torch.arange(n, dtype=torch.float32)
+    req = codec.decode_execute_request(codec.encode_execute_request(7, [x, 3]))
+    assert req.key == 7 and torch.equal(req.stack[0], x) and req.stack[1] == 3
+    resp = codec.decode_execute_response(codec.encode_execute_response([x], 1, 0, "", _pb.service.Timings()))
+    assert torch.equal(resp.stack[0], x)

@@ -244,19 +244,24 @@ def test_huge_expand_is_refused_before_it_is_computed(quiet: ServerProcess) -> N
         key = c.register(graph)
         before = quiet.rss()
         for run in (c.execute, c.fallback):
-            with pytest.raises(ResourceExhausted, match="4398046511104 bytes, over the message limit") as e:
+            # Over one message: the client sends it again as a stream, whose limit refuses it.
+            over = "4398046511104 bytes, over the streamed result limit"
+            with pytest.raises(ResourceExhausted, match=over) as e:
                 run(key, stack)
             assert e.value.__cause__.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert quiet.rss() <= before * 1.1
         assert c.health() == "SERVING"
 
 
-def test_result_over_the_message_limit_is_refused_before_it_is_computed(quiet: ServerProcess) -> None:
-    """A 2 GiB result used to be computed in full before the 1 GiB limit refused it."""
+def test_result_over_every_paths_limit_is_refused_before_it_is_computed(quiet: ServerProcess) -> None:
+    """A 2 GiB result used to be computed in full before the 1 GiB limit refused it. Now one
+    over the message limit goes as a stream; one over the stream's limit (8 GiB) too is refused
+    before anything is computed, naming that limit."""
     with Client(quiet.target, timeout=120) as c:
-        key = c.register(lambda x: x.repeat(2**20, 1), [torch.ones(2, 256)])
+        key = c.register(lambda x: x.repeat(2**24, 1), [torch.ones(2, 256)])
         before = quiet.rss()
-        with pytest.raises(ResourceExhausted, match="2147483648 bytes, over the message limit of 1073741824"):
+        over = "34359738368 bytes, over the streamed result limit of 8589934592"
+        with pytest.raises(ResourceExhausted, match=over):
             c.fallback(key, [torch.ones(2, 256)])
         assert quiet.rss() <= before * 1.1
 

@@ -958,10 +958,11 @@ def test_an_async_clients_session_is_closed_with_the_client(server: ServerProces
 
 
 def test_an_async_clients_copies_and_socket_waits_run_off_the_loop(server: ServerProcess, key: int) -> None:
-    """The session's blocking parts (its copies in and out, the waits on its
-    socket) run in threads: the loop's own thread is never the one that blocks."""
+    """The session's blocking parts (its copies in, the waits on its socket, for the
+    output regions too) run in threads: the loop's own thread is never the one that
+    blocks. (Results are tensors over the regions: making them copies nothing.)"""
     a, b = torch.randn(BIG), torch.randn(BIG)
-    threads: dict[str, set[int]] = {"write": set(), "read": set(), "_wait": set()}
+    threads: dict[str, set[int]] = {"write": set(), "wait_outputs": set(), "_wait": set()}
 
     async def main() -> tuple[int, list[str]]:
         async with AsyncClient(server.target) as c:
@@ -983,8 +984,8 @@ def test_an_async_clients_copies_and_socket_waits_run_off_the_loop(server: Serve
 
     loop_thread, transports = asyncio.run(main())
     assert transports == ["shm", "shm"]
-    assert threads["write"] and threads["read"] and threads["_wait"]
-    assert loop_thread not in threads["write"] | threads["read"] | threads["_wait"]
+    assert threads["write"] and threads["wait_outputs"] and threads["_wait"]
+    assert loop_thread not in threads["write"] | threads["wait_outputs"] | threads["_wait"]
 
 
 @pytest.mark.gpu
@@ -1026,3 +1027,142 @@ def test_an_async_clients_cuda_tensors_travel_by_cuda_ipc_or_through_host_memory
     for r, want in zip(by_host, [wants[0], *wants]):
         assert r.transport == "shm"
         assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+
+
+# --------------------------------------------------------------------------- results over the output region
+
+
+def _in_output_region(t: torch.Tensor) -> bool:
+    """Whether a tensor's memory lies in a mapping of one of the server's output memfds."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "memfd:fuseport-out" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if start <= ptr and ptr + t.nbytes <= end:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_results_are_tensors_over_the_output_region_kept_unchanged_by_later_calls(
+    server: ServerProcess, key: int, kind: str
+) -> None:
+    """No copy on the client: the tensors view the region. One the caller keeps is never
+    written again (the slot's next call gets a new region); once a result is gone, its
+    region is written again (its pages warm)."""
+    inputs = [(torch.randn(BIG), torch.randn(BIG)) for _ in range(4)]
+
+    async def on_async() -> list[Any]:
+        async with AsyncClient(server.target, shared_above=0) as c:
+            return await _keep_then_drop(lambda s: c.execute(key, s), inputs)
+
+    async def on_sync() -> list[Any]:
+        with Client(server.target, shared_above=0) as c:
+            return await _keep_then_drop(lambda s: _done(c.execute(key, s)), inputs)
+
+    kept = asyncio.run(on_async() if kind == "async" else on_sync())
+    a, b = inputs[0]
+    assert _in_output_region(kept[0]) and _in_output_region(kept[1])
+    assert torch.equal(kept[0], a * 2 + b) and torch.equal(kept[1], (a - b).abs())
+
+
+async def _done(value: Any) -> Any:
+    return value
+
+
+async def _keep_then_drop(run: Any, inputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+    """The first result, kept through the other calls, whose results are dropped at once:
+    those reuse one region (the same memory each call), never the kept one's."""
+    kept = await run(list(inputs[0]))
+    ptrs = []
+    for a, b in inputs[1:]:
+        out = await run([a, b])
+        assert _in_output_region(out[0]) and torch.equal(out[0], a * 2 + b)
+        ptrs.append(out[0].data_ptr())
+        del out
+    assert kept[0].data_ptr() not in ptrs
+    assert len(set(ptrs)) == 1
+    return kept  # type: ignore[no-any-return]
+
+
+def test_result_tensors_outlive_the_client_and_a_lost_session(server: ServerProcess, key: int) -> None:
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target, shared_above=0) as c:
+        lost = c.execute(key, [a, b])
+        assert c._shared is not None and _in_output_region(lost[0])
+        held = len(_mappings(server.proc.pid))
+        c._shared._sock.close()  # as if the server had gone: it ends the session and unmaps it all
+        deadline = time.monotonic() + 30
+        while len(_mappings(server.proc.pid)) >= held and time.monotonic() < deadline:
+            time.sleep(0.02)
+        transports = [c.execute_detailed(key, [b, a]).transport for _ in range(2)]
+        closed = c.execute(key, [b, a])
+        assert transports == ["unary", "shm"] and _in_output_region(closed[0])
+    # The client is closed and its sessions ended; the tensors hold their mappings themselves.
+    assert torch.equal(lost[0], a * 2 + b) and torch.equal(lost[1], (a - b).abs())
+    assert torch.equal(closed[0], b * 2 + a)
+
+
+def test_a_kept_results_region_counts_until_its_last_tensor_dies_then_serves_again(
+    server: ServerProcess, key: int
+) -> None:
+    assert _until(server, (0, 0)) == (0, 0)
+    a, b = torch.randn(BIG), torch.randn(BIG)
+    with Client(server.target, shared_above=0) as c:
+        kept = c.execute(key, [a, b])
+        view = kept[1][10:20]  # a view keeps the region as the tensor does
+        second = c.execute(key, [b, a])  # a new output region; the kept one is retired, still counted
+        assert _gauges(server) == (1, 3 << 20)  # the input region and two output regions
+        del kept
+        assert torch.equal(view, (a - b).abs()[10:20])
+        del view  # the last one: the region is handed back to the server
+        ptrs = set()
+        for _ in range(4):  # each result kept until the next call returns: the two regions alternate
+            second = c.execute(key, [a, b])
+            assert torch.equal(second[0], a * 2 + b)
+            ptrs.add(second[0].data_ptr())
+        assert len(ptrs) == 2 and _gauges(server) == (1, 3 << 20)
+    assert _until(server, (0, 0)) == (0, 0)
+
+
+_FORKED_RESULTS = r"""
+import os, sys, torch
+torch.set_num_threads(1)  # torch's thread pool does not survive a fork
+from fuseport.client import Client
+c = Client(sys.argv[1], shared_above=0)
+key = int(sys.argv[2])
+a, b = torch.randn(%(big)d), torch.randn(%(big)d)
+r = c.execute(key, [a, b])
+want = r[0].clone()
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(go_r, 1)  # the parent's later calls are done
+    os._exit(0 if torch.equal(r[0], want) else 3)
+del r  # the parent's own tensors over the region are gone; the child's copy is not
+for _ in range(3):
+    z = torch.randn(%(big)d)
+    out = c.execute(key, [z, z])
+    assert torch.equal(out[0], z * 3)
+    del out
+os.write(go_w, b"x")
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def test_result_tensors_a_forked_child_holds_stay_unchanged_after_the_parents_calls(
+    server: ServerProcess, key: int
+) -> None:
+    """The child's tensors share the region with the parent (MAP_SHARED): a region lent at
+    the fork is never written again, even once the parent's own tensors over it are gone."""
+    env = os.environ | {"GRPC_ENABLE_FORK_SUPPORT": "1", "GRPC_POLL_STRATEGY": "poll"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED_RESULTS % {"big": BIG}, server.target, str(key)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0"], out.stderr[-2000:]

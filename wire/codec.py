@@ -50,6 +50,7 @@ __all__ = [
     "SMALL_MESSAGE",
     "StackValue",
     "carries_graphs",
+    "message_room",
     "decode_execute_request",
     "decode_execute_response",
     "decode_stack",
@@ -128,6 +129,15 @@ _RESP_STACK, _RESP_TIMINGS = 4, 5
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def message_room(limit: int) -> int:
+    """Tensor bytes a stack may hold to travel in one message of at most `limit`
+    bytes: the limit less room for everything else the message carries (tags,
+    shapes, scalars, timings): 1 MiB, or a sixteenth of a limit under 16 MiB.
+    Past it, a stack or a result goes as a stream: client and server decide
+    with the same number."""
+    return limit - min(1 << 20, limit // 16)
 
 
 def _varint(n: int) -> bytes:
@@ -671,6 +681,7 @@ class ExecuteRequest:
     # output region takes the tensor outputs (0: they travel as bytes).
     shm_session: str = ""
     shm_slot: int = 0
+    shm_fresh_output: bool = False  # ExecuteOptions.shared_memory_fresh_output
     no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
 
 
@@ -714,6 +725,7 @@ def encode_execute_request(
     shm_session: str = "",
     shm_slot: int = 0,
     no_batching: bool = False,
+    shm_fresh_output: bool = False,
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
     if no_batching:
@@ -721,6 +733,8 @@ def encode_execute_request(
     if shm_session:
         head.options.shared_memory_session = shm_session
         head.options.shared_memory_slot = shm_slot
+        if shm_fresh_output:
+            head.options.shared_memory_fresh_output = True
     if wait_for_compile:
         head.options.wait_for_compile = True
     if keep_outputs:
@@ -782,6 +796,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         keep_outputs=options.keep_outputs,
         shm_session=options.shared_memory_session,
         shm_slot=options.shared_memory_slot,
+        shm_fresh_output=options.shared_memory_fresh_output,
         no_batching=options.no_batching,
     )
 
@@ -944,7 +959,9 @@ def _put_small(out: Any, stack: Sequence[StackValue]) -> None:
             if order:
                 t.dim_order.extend(order)
             if memory.numel():
-                t.data = _memory_of(memory)
+                # A copy (the stack is small): protobuf's bytes field takes no memoryview,
+                # which _memory_of gives for a tensor over _SMALL_COPY.
+                t.data = ctypes.string_at(memory.data_ptr(), memory.nbytes)
             else:
                 t.SetInParent()
         else:

@@ -16,7 +16,10 @@
     │   │                          made, freed, expired or another client's: not told apart)
     │   └── HandleElsewhere        made by another serving process (or before a restart)
     ├── ResourceExhausted          RESOURCE_EXHAUSTED (out of memory, message too large, a quota,
-    │                              a full disk: the message names what and the remedy)
+    │   │                          a full disk: the message names what and the remedy)
+    │   └── ResultTooLarge         the planned result is over what the call's path carries (one
+    │                              message, or the shared-memory session's room): nothing ran,
+    │                              and the client sends the call again as a stream
     ├── DeadlineExceeded           DEADLINE_EXCEEDED
     ├── Unauthenticated            UNAUTHENTICATED (no token, or one the server does not know)
     ├── PermissionDenied           PERMISSION_DENIED (the token's role may not call the method)
@@ -61,6 +64,7 @@ __all__ = [
     "OpNotAllowed",
     "PermissionDenied",
     "ResourceExhausted",
+    "ResultTooLarge",
     "SharedMemoryUnavailable",
     "SignatureMismatch",
     "Unauthenticated",
@@ -146,6 +150,15 @@ class ResourceExhausted(FuseportError):
     """Out of device memory, a message over the size limit, a quota reached (the
     message names its flag), or a store whose disk is full (the message names the
     directory). Nothing was kept: the same call can succeed once there is room."""
+
+
+class ResultTooLarge(ResourceExhausted):
+    """The call's result, as planned before running, is over what the path the
+    call took can carry back: one message (--max-message-bytes), or a
+    shared-memory session's room for results (--shared-memory-max-bytes) when
+    it is over one message too. Nothing ran: the Python client sends the call
+    again as a stream by itself, whose own limit (--max-stream-bytes) then
+    applies. A streamed call over that limit gets plain ResourceExhausted."""
 
 
 class DeadlineExceeded(FuseportError):

@@ -46,7 +46,7 @@ __all__ = [
 AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 ALIGN = 64  # every tensor starts on a cache line (and on any dtype's size)
-HELLO, REGION, DROP, OK, ERROR, OUTPUT = 1, 2, 3, 4, 5, 6
+HELLO, REGION, DROP, OK, ERROR, OUTPUT, RETURN, SPARE = 1, 2, 3, 4, 5, 6, 7, 8
 MAX_TEXT = 1024
 _HEADER = struct.Struct("<4sIIQQ")
 _MAGIC = b"FPSM"
@@ -124,11 +124,12 @@ class Region:
     """A mapped region: its bytes as a flat uint8 tensor. The mapping lives as
     long as any tensor viewing it (dropping the Region unmaps nothing early)."""
 
-    __slots__ = ("bytes", "id", "size")
+    __slots__ = ("bytes", "id", "mapping", "size")
 
     def __init__(self, ident: int, size: int, mapping: mmap.mmap) -> None:
         self.id = ident
         self.size = size
+        self.mapping = mapping
         self.bytes = torch.frombuffer(mapping, dtype=torch.uint8)
 
     def view(self, offset: int, nbytes: int, where: str) -> torch.Tensor:

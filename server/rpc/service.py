@@ -162,7 +162,7 @@ class KernelService:
         if call is not None:
             result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline, answer=record.answer)
             return self._respond(req, result, decode_ns, queue_ns, record, registered)
-        shared = SharedCall(req.shm_session, req.shm_slot) if req.shm_session else None
+        shared = SharedCall(req.shm_session, req.shm_slot, req.shm_fresh_output) if req.shm_session else None
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants,
             owner=record.owner, keep=req.keep_outputs, shared=shared, answer=record.answer,
@@ -263,7 +263,7 @@ class KernelService:
                 waited = time.perf_counter_ns() - queued
                 return self.core.execute(
                     header.key, values, fused=fused, wait=header.options.wait_for_compile,
-                    deadline=deadline, variants=tuple(header.options.variants), streamed=True,
+                    deadline=deadline, variants=tuple(header.options.variants), transport="stream",
                     owner=record.owner, keep=header.options.keep_outputs, answer=record.answer,
                 ), waited  # fmt: skip
 
@@ -344,6 +344,7 @@ class KernelService:
             session=session,
             max_bytes=shared.max_bytes,
             max_slots=MAX_SLOTS,
+            fresh_outputs=True,
             cuda_devices=shared.cuda_devices,
         ).SerializeToString()
 

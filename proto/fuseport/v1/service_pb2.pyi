@@ -72,20 +72,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "no_batching", "shared_memory_session", "shared_memory_slot")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "no_batching", "shared_memory_session", "shared_memory_slot", "shared_memory_fresh_output")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     NO_BATCHING_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SLOT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FRESH_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
     keep_outputs: bool
     no_batching: bool
     shared_memory_session: str
     shared_memory_slot: int
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ...) -> None: ...
+    shared_memory_fresh_output: bool
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ..., shared_memory_fresh_output: bool = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs", "alias")
@@ -392,17 +394,19 @@ class OpenSharedMemoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenSharedMemoryResponse(_message.Message):
-    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots", "cuda_devices")
+    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots", "cuda_devices", "fresh_outputs")
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    FRESH_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     socket: str
     ticket: str
     session: str
     max_bytes: int
     max_slots: int
     cuda_devices: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    fresh_outputs: bool
+    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[bytes]] = ..., fresh_outputs: bool = ...) -> None: ...
