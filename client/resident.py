@@ -297,7 +297,16 @@ class Leases:
             self._thread.start()
 
     def _run(self) -> None:
-        """Renews while any RemoteTensor lives; ends when none is left."""
+        """Renews while any RemoteTensor lives; ends when none is left, or when the
+        client is closed (even in the middle of a renewal or a free: grpc raises
+        ValueError on a channel closed under it, which is then no error)."""
+        try:
+            self._renewing()
+        except ValueError:
+            if not self.closed:
+                raise
+
+    def _renewing(self) -> None:
         while not self.closed:
             self._flush()
             with self._lock:

@@ -402,3 +402,40 @@ def test_handles_expire_when_their_client_stops_renewing(
         # The renewing client's handle outlived the other's lease.
         assert torch.equal(c.execute(key, [alive])[0], torch.full((2,), 7.0))
         assert c.renew_lease().handles == 1
+
+
+def test_a_client_closed_during_its_lease_renewal_ends_the_lease_thread_quietly(
+    server: ServerProcess, kernels: dict[str, int]
+) -> None:
+    """close() may land while the lease thread is inside a renewal: grpc then
+    raises ValueError ("closed channel") on that thread, which is no error once
+    the client is closed (it escaped as an unhandled thread exception)."""
+    import threading
+
+    raised: list[BaseException | None] = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: raised.append(args.exc_value)
+    try:
+        c = user(server)
+        (kept,) = c.execute(kernels["affine"], [torch.ones(4)], keep=True)  # starts the lease thread
+        leases = c._leases
+        thread = leases._thread
+        assert thread is not None
+        real = leases._call
+        renewing = threading.Event()
+
+        def close_midway(method: str, body: bytes, timeout: float | None) -> bytes:
+            if method == "RenewLease":
+                leases.closing()  # what close() does first, then the channel goes
+                c.channel.close()
+                renewing.set()
+            return real(method, body, timeout)
+
+        leases._call = close_midway
+        leases._wake.set()  # renew now, not a third of the lease from now
+        assert renewing.wait(30)
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        threading.excepthook = hook
+    assert raised == []
