@@ -552,6 +552,11 @@ class _Base:
         """The first connection's shared-memory session (the client's only one with connections=1)."""
         return self._pool.first.shared
 
+    @property
+    def _shared_retry_at(self) -> float:
+        """When the first connection asks for a session again (after none could be had)."""
+        return self._pool.first.shared_retry_at
+
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
