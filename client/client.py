@@ -11,15 +11,15 @@ import inspect
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from fuseport.client.connections import HANDLE_METHODS, Connection, Connections, check_connections
 from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
@@ -486,8 +486,18 @@ class _Base:
         shared_memory: bool = True,
         shared_above: int = DEFAULT_SHARED_ABOVE,
         batching: bool = True,
+        connections: int = 1,
     ) -> None:
-        """`batching`: False marks every Execute of this client never to be
+        """`connections`: how many TCP connections (gRPC channels) to open to
+        the target. Behind `fuseport serve --processes N` each connection
+        reaches one serving process: several let one client's concurrent calls
+        (from threads, or tasks of an AsyncClient) reach several processes. A
+        call goes to the connection with the fewest calls in flight (ties in
+        turn); one naming a RemoteTensor to the connection whose call made it;
+        each connection opens its own shared-memory session. 1 (the default):
+        one channel, as a client has always had.
+
+        `batching`: False marks every Execute of this client never to be
         batched with other calls (ExecuteOptions.no_batching): each runs at once
         as its own launch, on a server with --batch-window-us.
 
@@ -499,7 +509,9 @@ class _Base:
         with at least `shared_above` tensor bytes travel through shared memory
         (ExecuteResult.transport says "shm", or "cuda_ipc" where CUDA inputs
         went by CUDA IPC handle); False: never."""
+        check_connections(connections)  # before anything is opened
         self.target = target
+        self.connections = connections
         self.batching = batching
         self.stream_above = stream_above
         self.shared_above = shared_above
@@ -509,9 +521,6 @@ class _Base:
         # One server only: replicas' calls alternate between hosts, and a
         # session belongs to one serving process.
         self._shared_wanted = shared_memory and not self._target.replicas
-        self._shared: SharedSession | None = None
-        self._shared_lock = threading.Lock()
-        self._shared_retry_at = 0.0
         self.timeout = timeout
         from_files = channel_credentials(tls_ca, tls_cert, tls_key)
         if credentials is not None and from_files is not None:
@@ -548,20 +557,25 @@ class _Base:
         # is not healed (registering it again would undo the user's own call).
         self._unregistered: set[int] = set()
 
-    def _bind(self, channel: Any) -> None:
-        """The client's channel (blocking or asyncio) and its methods."""
-        self.channel = channel
-        self._methods = {
-            name: channel.unary_unary(f"/{_SERVICE}/{name}")
-            for name in (
-                "Register", "Execute", "Fallback", "Describe", "List", "Unregister",
-                "FetchHandles", "FreeHandles", "RenewLease", "OpenSharedMemory",
-            )
-        }  # fmt: skip
-        self._stream_methods = {
-            name: channel.stream_stream(f"/{_SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
-        }
-        self._health = health_pb2_grpc.HealthStub(channel)
+    def _bind(self, aio: bool) -> None:
+        """The client's channels (blocking or asyncio) and their methods
+        (client/connections.py); `channel` is the first."""
+        self._pool = Connections(
+            self.connections,
+            lambda options: open_channel(self._target.uri, self._credentials, options, aio=aio),
+            self._options,
+        )
+        self.channel = self._pool.first.channel
+
+    @property
+    def _shared(self) -> SharedSession | None:
+        """The first connection's shared-memory session (the client's only one with connections=1)."""
+        return self._pool.first.shared
+
+    @property
+    def _shared_retry_at(self) -> float:
+        """When the first connection asks for a session again (after none could be had)."""
+        return self._pool.first.shared_retry_at
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -671,20 +685,23 @@ class _Base:
         where a session can be had."""
         return self._shared_wanted and size >= self.shared_above
 
-    def _shared_now(self) -> SharedSession | bool | None:
-        """The session a large stack goes through; None: the network; True: one
-        is to be opened first. Under `_shared_lock`."""
-        if self._shared is not None and self._shared.pid != os.getpid():
+    @staticmethod
+    def _shared_now(conn: Connection) -> SharedSession | bool | None:
+        """The session a large stack on `conn` goes through; None: the network;
+        True: one is to be opened first. Under `conn.shared_lock`."""
+        if conn.shared is not None and conn.shared.pid != os.getpid():
             # A forked child: the session's socket and regions are its parent's
             # (its writes would land in the parent's inputs). It lets go of its
             # copies only, and opens a session of its own.
-            self._shared.close()
-            self._shared, self._shared_retry_at = None, 0.0
-        if self._shared is not None and not self._shared.closed:
-            return self._shared
-        return None if time.monotonic() < self._shared_retry_at else True
+            conn.shared.close()
+            conn.shared, conn.shared_retry_at = None, 0.0
+        if conn.shared is not None and not conn.shared.closed:
+            return conn.shared
+        return None if time.monotonic() < conn.shared_retry_at else True
 
-    def _shared_open(self, opened: bytes | FuseportError, timeout: float | None) -> SharedSession | None:
+    def _shared_open(
+        self, conn: Connection, opened: bytes | FuseportError, timeout: float | None
+    ) -> SharedSession | None:
         """The session the OpenSharedMemory answer `opened` names (blocks: it
         connects and waits for the server's hello); None, and no new try for a
         while, when there is none to be had."""
@@ -697,7 +714,7 @@ class _Base:
             # OSError: the server's socket is not reachable from here (another
             # host or network namespace), the usual case for a remote server.
             log.info("no shared memory with %s (%s); using the network", self.target, e)
-            self._shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
+            conn.shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
             return None
 
     @staticmethod
@@ -743,11 +760,14 @@ class _Base:
         self._shared_drop(session)
 
     def _shared_drop(self, session: SharedSession) -> None:
-        """Closes `session`; the next large call opens a new one."""
-        with self._shared_lock:
-            session.close()
-            if self._shared is session:
-                self._shared = None
+        """Closes `session`; the next large call on its connection opens a new one."""
+        for conn in self._pool.all:
+            with conn.shared_lock:
+                if conn.shared is session:
+                    session.close()
+                    conn.shared = None
+                    return
+        session.close()
 
     # Requests and their parsers, shared by both clients (which differ only in
     # how they wait for the call).
@@ -888,8 +908,8 @@ class _Base:
                 adopted()
             return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
 
-    def _open_stream(self, op: _Stream, timeout: float | None) -> Any:
-        return self._stream_methods[op.method](
+    def _open_stream(self, op: _Stream, timeout: float | None, conn: Connection) -> Any:
+        return conn.stream_methods[op.method](
             op.requests, timeout=self._timeout(timeout), metadata=self._metadata or None
         )
 
@@ -1020,7 +1040,7 @@ class Client(_Base):
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self._bind(open_channel(self._target.uri, self._credentials, self._options))
+        self._bind(aio=False)
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
@@ -1032,24 +1052,42 @@ class Client(_Base):
         self.close()
 
     def close(self) -> None:
-        """Frees this client's handles on the server, then closes the channel."""
+        """Frees this client's handles on the server, then closes the channels."""
         self._leases.close(self.timeout)
-        if self._shared is not None:
-            self._shared.close()
-        self.channel.close()
+        for conn in self._pool.all:
+            if conn.shared is not None:
+                conn.shared.close()
+        for channel in self._pool.channels():
+            channel.close()
 
-    def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
+    def _call(
+        self, method: str, request: bytes, timeout: float | None, conn: Connection | None = None
+    ) -> bytes:
+        """A unary call on `conn`; None: on the connection the pool chooses
+        (for a handle method: where the handles live, see Connections.handle_calls)."""
+        pool = self._pool
+        if conn is None and pool.many:
+            if method in HANDLE_METHODS:
+                calls = pool.handle_calls(method, request)
+                return calls.join([self._call(method, body, timeout, c) for c, body, _ in calls.parts])
+            conn = pool.acquire()
+            try:
+                return self._call(method, request, timeout, conn)
+            finally:
+                pool.release(conn)
         try:
-            return self._methods[method](  # type: ignore[no-any-return]
+            return (conn or pool.first).methods[method](  # type: ignore[no-any-return]
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
 
-    def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
-        """A call, and the serving process that answered it."""
+    def _call_answered(
+        self, method: str, request: bytes, timeout: float | None, conn: Connection
+    ) -> tuple[bytes, str]:
+        """A call on `conn`, and the serving process that answered it."""
         try:
-            raw, call = self._methods[method].with_call(
+            raw, call = conn.methods[method].with_call(
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
         except grpc.RpcError as e:
@@ -1180,55 +1218,67 @@ class Client(_Base):
     def _run(
         self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
-        return self._drive(self._run_flow(_Job(method, key, stack, wait, keep)), timeout)
+        job = _Job(method, key, stack, wait, keep)
+        pool = self._pool
+        if not pool.many:
+            return self._drive(self._run_flow(job), timeout, pool.first)
+        # Every step of the call on one connection: its shared-memory session is that connection's.
+        conn = pool.acquire(stack)
+        try:
+            result = self._drive(self._run_flow(job), timeout, conn)
+        finally:
+            pool.release(conn)
+        if keep:
+            pool.learn(conn, result.stack)
+        return result
 
-    def _drive(self, flow: _Flow[T], timeout: float | None) -> T:
-        """Runs `flow` to its end, making each call it asks for, in place."""
+    def _drive(self, flow: _Flow[T], timeout: float | None, conn: Connection) -> T:
+        """Runs `flow` to its end on `conn`, making each call it asks for, in place."""
         reply: Any = None
         error: BaseException | None = None
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
-                reply, error = self._perform(step, timeout), None
+                reply, error = self._perform(step, timeout, conn), None
             except BaseException as e:  # the flow decides (a KeyboardInterrupt gives up a shm session)
                 reply, error = None, e
         return step.value  # type: ignore[no-any-return]
 
-    def _perform(self, op: _Op, timeout: float | None) -> Any:
+    def _perform(self, op: _Op, timeout: float | None, conn: Connection) -> Any:
         match op:
             case _Call():
-                return self._call(op.method, op.request, timeout)
+                return self._call(op.method, op.request, timeout, conn)
             case _Run():
-                return self._call_answered(op.method, op.request, timeout)
+                return self._call_answered(op.method, op.request, timeout, conn)
             case _Stream():
-                call = self._open_stream(op, timeout)
+                call = self._open_stream(op, timeout, conn)
                 with _reading(call):
                     for raw in call:
                         op.assembler.feed(raw)
                     return op.assembler, _process_of(call.trailing_metadata())
             case _Session():
-                return self._shared_session(op.size, timeout)
+                return self._shared_session(op.size, timeout, conn)
             case _InSlot():
                 with op.session.slot() as slot:
-                    return self._drive(op.flow(slot), timeout)
+                    return self._drive(op.flow(slot), timeout, conn)
             case _Blocking():
                 return op.fn(*op.args)
 
-    def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
-        """This client's shared-memory session, opened at the first stack of
-        `size` tensor bytes large enough; None when the server is not on this
-        host or has it off."""
+    def _shared_session(self, size: int, timeout: float | None, conn: Connection) -> SharedSession | None:
+        """This client's shared-memory session on `conn`, opened at the first
+        stack of `size` tensor bytes large enough; None when the server is not
+        on this host or has it off."""
         if not self._shared_wants(size):
             return None  # without waiting for the lock (held while a session opens)
-        with self._shared_lock:
-            now = self._shared_now()
+        with conn.shared_lock:
+            now = self._shared_now(conn)
             if now is not True:
                 return now
             try:
-                opened: bytes | FuseportError = self._call("OpenSharedMemory", b"", timeout)
+                opened: bytes | FuseportError = self._call("OpenSharedMemory", b"", timeout, conn)
             except FuseportError as e:
                 opened = e
-            self._shared = self._shared_open(opened, timeout)
-            return self._shared
+            conn.shared = self._shared_open(conn, opened, timeout)
+            return conn.shared
 
     # Device-resident values -------------------------------------------------
 
@@ -1364,12 +1414,15 @@ class Client(_Base):
             Unavailable: The server cannot be reached.
             DeadlineExceeded: No answer within the timeout.
         """
+        conn = self._pool.acquire()
         try:
             return self._status(
-                self._health.Check(self._health_request(service), timeout=self._timeout(timeout))
+                conn.health.Check(self._health_request(service), timeout=self._timeout(timeout))
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
+        finally:
+            self._pool.release(conn)
 
 
 class AsyncClient(_Base):
@@ -1385,34 +1438,34 @@ class AsyncClient(_Base):
     the loop it blocks). close() frees every handle the client still holds.
 
     The lease is renewed by the blocking client's lease thread (Leases), whose
-    calls go through this client's channel on its event loop
-    (`_call_from_thread`): one copy of the lease logic, and one connection, so
-    renewals reach the serving process that holds the handles (with several
-    processes on one port, a second channel could reach another). The price: a
-    loop kept busy for longer than the lease stalls renewals, as it stalls
-    every call of the client.
+    calls go through this client's channels on its event loop
+    (`_call_from_thread`): one copy of the lease logic, and the client's own
+    connections, so renewals reach the serving processes that hold the handles
+    (with several processes on one port, a new channel could reach another).
+    The price: a loop kept busy for longer than the lease stalls renewals, as
+    it stalls every call of the client.
 
-    Shared memory works as the blocking Client's (one SharedSession, the same
-    decisions in _Base); its blocking parts, the session's copies and socket
-    waits, run in the loop's default executor (_AsyncSlot).
+    Shared memory works as the blocking Client's (one SharedSession per
+    connection, the same decisions in _Base); its blocking parts, the session's
+    copies and socket waits, run in the loop's default executor (_AsyncSlot).
     """
 
     def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
-        self._bind(open_channel(self._target.uri, self._credentials, self._options, aio=True))
+        self._bind(aio=True)
         # The loop the channel's calls run on: the last one a call ran on (a
         # grpc.aio channel serves one loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call_from_thread, self._refuse_on_loop)
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
-        # One opener of the shared-memory session at a time; and the session's
-        # slots as a semaphore, so that a call waits for one on the loop, never
-        # in a thread (threads waiting for slots could take every worker the
-        # calls holding them need to finish).
-        self._shared_opening = asyncio.Lock()
-        self._shared_pending: asyncio.Future[SharedSession | None] | None = None
-        self._shared_gate: tuple[SharedSession, asyncio.Semaphore] | None = None
+        # Per connection: one opener of its shared-memory session at a time
+        # (`opening`, and `pending`: a session still opening); and the session's
+        # slots as a semaphore (`gate`), so that a call waits for one on the
+        # loop, never in a thread (threads waiting for slots could take every
+        # worker the calls holding them need to finish).
+        for conn in self._pool.all:
+            conn.opening = asyncio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -1421,32 +1474,49 @@ class AsyncClient(_Base):
         await self.close()
 
     async def close(self) -> None:
-        """Frees this client's handles on the server, then closes the channel."""
+        """Frees this client's handles on the server, then closes the channels."""
         request = self._leases.closing()
         if request is not None:
             try:
                 await self._send(request, self.timeout)
             except FuseportError as e:  # the server is gone: its lease frees them
                 log.info("could not free this client's handles on close: %s", e)
-        if self._shared is not None:
-            self._shared.close()
-        if self._shared_pending is not None:  # a session still opening for a cancelled call
-            self._shared_pending.add_done_callback(_close_opened)
-        await self.channel.close()
+        for conn in self._pool.all:
+            if conn.shared is not None:
+                conn.shared.close()
+            if conn.pending is not None:  # a session still opening for a cancelled call
+                conn.pending.add_done_callback(_close_opened)
+        for channel in self._pool.channels():
+            await channel.close()
 
-    async def _call(self, method: str, request: bytes, timeout: float | None) -> bytes:
+    async def _call(
+        self, method: str, request: bytes, timeout: float | None, conn: Connection | None = None
+    ) -> bytes:
+        """As Client._call."""
         self._loop = asyncio.get_running_loop()
+        pool = self._pool
+        if conn is None and pool.many:
+            if method in HANDLE_METHODS:
+                calls = pool.handle_calls(method, request)
+                return calls.join([await self._call(method, body, timeout, c) for c, body, _ in calls.parts])
+            conn = pool.acquire()
+            try:
+                return await self._call(method, request, timeout, conn)
+            finally:
+                pool.release(conn)
         try:
-            return await self._methods[method](  # type: ignore[no-any-return]
+            return await (conn or pool.first).methods[method](  # type: ignore[no-any-return]
                 request, timeout=self._timeout(timeout), metadata=self._metadata or None
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
 
-    async def _call_answered(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
-        """A call, and the serving process that answered it."""
+    async def _call_answered(
+        self, method: str, request: bytes, timeout: float | None, conn: Connection
+    ) -> tuple[bytes, str]:
+        """A call on `conn`, and the serving process that answered it."""
         self._loop = asyncio.get_running_loop()
-        call = self._methods[method](request, timeout=self._timeout(timeout), metadata=self._metadata or None)
+        call = conn.methods[method](request, timeout=self._timeout(timeout), metadata=self._metadata or None)
         try:
             return await call, _process_of(await call.trailing_metadata())
         except grpc.RpcError as e:
@@ -1559,29 +1629,44 @@ class AsyncClient(_Base):
     async def _run(
         self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
     ) -> ExecuteResult:
-        return await self._drive(self._run_flow(_Job(method, key, stack, wait, keep)), timeout)
+        job = _Job(method, key, stack, wait, keep)
+        pool = self._pool
+        if not pool.many:
+            return await self._drive(self._run_flow(job), timeout, pool.first)
+        conn = pool.acquire(stack)  # as Client._run: the whole call on one connection
+        try:
+            result = await self._drive(self._run_flow(job), timeout, conn)
+        finally:
+            pool.release(conn)
+        if keep:
+            pool.learn(conn, result.stack)
+        return result
 
-    async def _drive(self, flow: _Flow[T], timeout: float | None, held: _AsyncSlot | None = None) -> T:
-        """Runs `flow` to its end, awaiting each call it asks for; the blocking
-        steps of a call in `held` (a shared-memory slot) go to a thread."""
+    async def _drive(
+        self, flow: _Flow[T], timeout: float | None, conn: Connection, held: _AsyncSlot | None = None
+    ) -> T:
+        """Runs `flow` to its end on `conn`, awaiting each call it asks for; the
+        blocking steps of a call in `held` (a shared-memory slot) go to a thread."""
         reply: Any = None
         error: BaseException | None = None
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
-                reply, error = await self._perform(step, timeout, held), None
+                reply, error = await self._perform(step, timeout, conn, held), None
             except BaseException as e:  # a cancellation too: the flow gives up its shm session
                 reply, error = None, e
         return step.value  # type: ignore[no-any-return]
 
-    async def _perform(self, op: _Op, timeout: float | None, held: _AsyncSlot | None) -> Any:
+    async def _perform(
+        self, op: _Op, timeout: float | None, conn: Connection, held: _AsyncSlot | None
+    ) -> Any:
         match op:
             case _Call():
-                return await self._call(op.method, op.request, timeout)
+                return await self._call(op.method, op.request, timeout, conn)
             case _Run():
-                return await self._call_answered(op.method, op.request, timeout)
+                return await self._call_answered(op.method, op.request, timeout, conn)
             case _Stream():
                 sent = _Sent(op.requests)
-                call = self._open_stream(dataclasses.replace(op, requests=iter(sent)), timeout)
+                call = self._open_stream(dataclasses.replace(op, requests=iter(sent)), timeout, conn)
                 try:
                     with _reading(call):
                         async for raw in call:
@@ -1590,25 +1675,27 @@ class AsyncClient(_Base):
                 except InternalError:
                     if sent.done or sent.first is None:
                         raise
-                    await self._why_stream_ended(op.method, sent.first, timeout)
+                    await self._why_stream_ended(op.method, sent.first, timeout, conn)
                     raise
             case _Session():
-                return await self._shared_session(op.size, timeout)
+                return await self._shared_session(op.size, timeout, conn)
             case _InSlot():
-                async with _AsyncSlot(op.session, self._gate(op.session)) as slot:
-                    return await self._drive(op.flow(slot.slot), timeout, slot)
+                async with _AsyncSlot(op.session, self._gate(conn, op.session)) as slot:
+                    return await self._drive(op.flow(slot.slot), timeout, conn, slot)
             case _Blocking():
                 assert held is not None  # a flow asks for blocking steps only in a slot
                 return await held.run(op.fn, *op.args)
 
-    async def _why_stream_ended(self, method: str, header: bytes, timeout: float | None) -> None:
+    async def _why_stream_ended(
+        self, method: str, header: bytes, timeout: float | None, conn: Connection
+    ) -> None:
         """After a streamed call failed INTERNAL before all of it was sent: grpc.aio
         reports a write that failed because the server had already ended the call
         (a header it refused: over --max-stream-bytes, say) as INTERNAL, and the
         server's own status is lost. The header alone, sent again, gets that status
         (raised here); where the server takes the header (then it answers that the
         stream ended early: InvalidArgument), the INTERNAL stands. Nothing runs."""
-        probe = self._open_stream(_Stream(method, iter([header]), Assembler("response")), timeout)
+        probe = self._open_stream(_Stream(method, iter([header]), Assembler("response")), timeout, conn)
         try:
             with _reading(probe):
                 async for _ in probe:
@@ -1618,42 +1705,45 @@ class AsyncClient(_Base):
         except FuseportError as e:
             raise e from None
 
-    async def _shared_session(self, size: int, timeout: float | None) -> SharedSession | None:
+    async def _shared_session(
+        self, size: int, timeout: float | None, conn: Connection
+    ) -> SharedSession | None:
         """As Client._shared_session; the session opens in a thread."""
         if not self._shared_wants(size):
             return None
-        async with self._shared_opening:
-            with self._shared_lock:
-                now = self._shared_now()
+        async with conn.opening:
+            with conn.shared_lock:
+                now = self._shared_now(conn)
             if now is not True:
                 return now
-            if self._shared_pending is None:
+            if conn.pending is None:
                 try:
-                    opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout)
+                    opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout, conn)
                 except FuseportError as e:
                     opened = e
                 loop = asyncio.get_running_loop()
-                self._shared_pending = loop.run_in_executor(None, self._shared_open, opened, timeout)
+                conn.pending = loop.run_in_executor(None, self._shared_open, conn, opened, timeout)
             # Else a call cancelled while its session opened: the thread went on,
-            # and the session it opens is this client's all the same.
-            opening = self._shared_pending
+            # and the session it opens is this connection's all the same.
+            opening = conn.pending
             try:
                 await asyncio.shield(opening)
             finally:
                 # Done (even as this call is cancelled): the session is kept. Not yet:
                 # the next large call waits for it.
                 if opening.done():
-                    self._shared_pending = None
+                    conn.pending = None
                     if not opening.cancelled() and opening.exception() is None:
-                        with self._shared_lock:
-                            self._shared = opening.result()
-            return self._shared
+                        with conn.shared_lock:
+                            conn.shared = opening.result()
+            return conn.shared
 
-    def _gate(self, session: SharedSession) -> asyncio.Semaphore:
-        """The semaphore of `session`'s slots (a new one with each session)."""
-        if self._shared_gate is None or self._shared_gate[0] is not session:
-            self._shared_gate = (session, asyncio.Semaphore(session.slots))
-        return self._shared_gate[1]
+    @staticmethod
+    def _gate(conn: Connection, session: SharedSession) -> asyncio.Semaphore:
+        """The semaphore of `session`'s slots (a new one with each session of `conn`)."""
+        if conn.gate is None or conn.gate[0] is not session:
+            conn.gate = (session, asyncio.Semaphore(session.slots))
+        return conn.gate[1]  # type: ignore[no-any-return]
 
     # Device-resident values -------------------------------------------------
 
@@ -1697,8 +1787,11 @@ class AsyncClient(_Base):
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """As [Client.health][fuseport.client.client.Client.health]."""
+        conn = self._pool.acquire()
         try:
             request = self._health_request(service)
-            return self._status(await self._health.Check(request, timeout=self._timeout(timeout)))
+            return self._status(await conn.health.Check(request, timeout=self._timeout(timeout)))
         except grpc.RpcError as e:
             raise _translate(e) from e
+        finally:
+            self._pool.release(conn)

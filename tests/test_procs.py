@@ -378,6 +378,194 @@ def test_an_execute_result_names_the_serving_process_that_answered(
     assert index in ("0", "1") and int(pid) in _children(supervisor.proc.pid)
 
 
+# ---------------------------------------------------------------------- one client, several connections
+
+
+def _spread_client(target: str, tries: int = 30) -> Client:
+    """A Client(connections=4) whose connections reach both processes. The kernel picks a
+    process for each connection by a hash of its addresses, so 1 in 8 such clients has all
+    four on one process: a new client then (30 in a row: 1 in 8**30). Idle calls take the
+    connections in turn, so four in a row use each once."""
+    for _ in range(tries):
+        c = Client(target, timeout=60, connections=4)
+        if len({c.execute_detailed(_probe_key(c), [torch.zeros(1)]).process for _ in range(4)}) == 2:
+            return c
+        c.close()
+    raise AssertionError(
+        f"{tries} clients of 4 connections each reached one process only: one connection each?"
+    )
+
+
+def _probe_key(c: Client) -> int:
+    return c.register(_add_one, [torch.randn(8)])
+
+
+def test_connections_must_be_a_positive_int() -> None:
+    from fuseport.client import AsyncClient
+
+    for bad in (0, -1):
+        for cls in (Client, AsyncClient):
+            with pytest.raises(
+                ValueError, match=f"connections={bad}: a client needs at least one connection"
+            ):
+                cls("127.0.0.1:1", connections=bad)
+    with pytest.raises(TypeError, match="connections=2.5: expected an int"):
+        Client("127.0.0.1:1", connections=2.5)  # type: ignore[arg-type]
+
+
+def test_one_connection_keeps_every_call_of_every_thread_on_one_process(supervisor: ServerProcess) -> None:
+    with Client(supervisor.target, timeout=60) as c:
+        key = _probe_key(c)
+        answered: set[str] = set()
+
+        def caller() -> None:
+            for _ in range(5):
+                x = torch.randn(8)
+                r = c.execute_detailed(key, [x])
+                torch.testing.assert_close(r.stack[0], x + 1)
+                answered.add(r.process)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(answered) == 1, answered
+
+
+def test_a_client_with_several_connections_spreads_its_threads_over_the_processes(
+    supervisor: ServerProcess,
+) -> None:
+    with _spread_client(supervisor.target) as c:
+        key = _probe_key(c)
+        # A connection stays on its process, and idle calls take the connections in turn.
+        rounds = [[c.execute_detailed(key, [torch.zeros(1)]).process for _ in range(4)] for _ in range(3)]
+        assert rounds[0] == rounds[1] == rounds[2], rounds
+        answered: collections.Counter[str] = collections.Counter()
+        wrong: list[str] = []
+        lock = threading.Lock()
+
+        def caller() -> None:
+            for _ in range(10):
+                x = torch.randn(8)
+                r = c.execute_detailed(key, [x])
+                if not torch.equal(r.stack[0], x + 1):
+                    wrong.append(r.process)
+                with lock:
+                    answered[r.process] += 1
+
+        threads = [threading.Thread(target=caller) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong
+        assert sum(answered.values()) == 80
+        pids = {int(p.split()[1]) for p in answered}
+        assert pids == _children(supervisor.proc.pid), answered
+        assert all(conn.inflight == 0 for conn in c._pool.all)
+
+
+def test_a_handle_made_on_one_connection_is_used_by_every_thread_on_its_own_process(
+    supervisor: ServerProcess,
+) -> None:
+    with _spread_client(supervisor.target) as c:
+        key = _probe_key(c)
+        xs = [torch.randn(8) for _ in range(4)]
+        made = [c.execute_detailed(key, [x], keep=True) for x in xs]  # one per connection, in turn
+        handles = [r.stack[0] for r in made]
+        assert len({r.process for r in made}) == 2  # on both processes
+        failures: list[str] = []
+
+        def user(n: int) -> None:
+            try:
+                for i in range(8):
+                    j = (n + i) % 4
+                    r = c.execute_detailed(key, [handles[j]], keep=i % 2 == 1)
+                    assert r.process == made[j].process, (j, r.process, made[j].process)
+                    out = r.stack[0]
+                    if i % 2:  # a handle made from a handle: on the same process, fetched from here
+                        assert out.server == handles[j].server
+                        out = out.fetch(free=True)
+                    torch.testing.assert_close(out, xs[j] + 2)
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=user, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        # Handle methods split by process and joined in the caller's order.
+        assert c.renew_lease().handles == 4
+        for got, x in zip(c.fetch(handles), xs, strict=True):
+            torch.testing.assert_close(got, x + 1)
+        assert c.free(handles[:3]) == 3
+        assert c.renew_lease().handles == 1
+    # close() freed the last one through its own process: nothing of this client is left.
+    for conn in _conns_on(supervisor.target, _children(supervisor.proc.pid)).values():
+        raw, _ = conn.call("List", _pb.service.ListRequest().SerializeToString())
+        assert _pb.service.ListResponse.FromString(raw).resident.clients == 0
+        conn.close()
+
+
+def test_shared_memory_works_from_several_threads_with_a_session_per_connection(
+    supervisor: ServerProcess,
+) -> None:
+    with _spread_client(supervisor.target) as c:
+        key = _probe_key(c)
+        failures: list[str] = []
+        processes: set[str] = set()
+
+        def caller() -> None:
+            try:
+                for _ in range(4):
+                    x = torch.randn(1 << 16)  # 256 KiB: through shared memory
+                    r = c.execute_detailed(key, [x])
+                    assert r.transport == "shm", r.transport
+                    torch.testing.assert_close(r.stack[0], x + 1)
+                    processes.add(r.process)
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=caller) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        assert len(processes) == 2
+        sessions = [conn.shared for conn in c._pool.all if conn.shared is not None]
+        assert len(sessions) >= 2 and len({s.id for s in sessions}) == len(sessions)
+
+
+def test_an_async_client_spreads_over_connections_and_keeps_handles_home(supervisor: ServerProcess) -> None:
+    import asyncio
+
+    from fuseport.client import AsyncClient
+
+    async def main() -> tuple[set[str], list[str]]:
+        async with AsyncClient(supervisor.target, timeout=60, connections=4) as c:
+            key = await c.register(_add_one, [torch.randn(8)])
+            xs = [torch.randn(8) for _ in range(8)]
+            made = [await c.execute_detailed(key, [x], keep=True) for x in xs]  # in turn: 2 per connection
+            rs = await asyncio.gather(
+                *(c.execute_detailed(key, [r.stack[0]]) for r in made for _ in range(3))
+            )
+            for i, r in enumerate(rs):
+                assert r.process == made[i // 3].process
+                torch.testing.assert_close(r.stack[0], xs[i // 3] + 2)
+            for got, x in zip(await c.fetch([r.stack[0] for r in made]), xs, strict=True):
+                torch.testing.assert_close(got, x + 1)
+            seen = {r.process for r in made}
+            assert [r.process for r in made[:4]] == [r.process for r in made[4:]]
+            return seen, [r.process for r in made]
+
+    seen, _ = asyncio.run(main())
+    assert {int(p.split()[1]) for p in seen} <= _children(supervisor.proc.pid)
+
+
 def test_a_killed_process_is_restarted_while_the_other_serves_every_call(
     supervisor: ServerProcess, two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
 ) -> None:
@@ -559,4 +747,3 @@ def test_device_all_spreads_the_processes_over_the_gpus(
         assert s.stop() == 0
     finally:
         s.stop(signal.SIGKILL)
-
