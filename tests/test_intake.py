@@ -4,6 +4,7 @@ and graphs that can only fail are refused at Register, planned on meta tensors.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,32 @@ def test_a_graph_that_can_only_fail_is_refused_at_register(
         # A graph that fails only for some sizes is not refused: x.view(4, -1) runs at 4, 8, ...
         ok, _ = one_op("aten::view.default", [torch.ones(8), [4, -1]])
         assert c.register(ok) == key_for(ok)
+
+
+def test_a_mangled_register_request_reads_as_protobuf_reads_it() -> None:
+    """Bytes changed, cut or added anywhere: decode_register_request refuses exactly what
+    protobuf refuses, and what it takes is protobuf's message, the data put back."""
+    rng = random.Random(20)
+    good = _pb.service.RegisterRequest(graph=_graph_with_constants(), alias="abc").SerializeToString()
+    for _ in range(2000):
+        buf = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            what, at = rng.randrange(3), rng.randrange(len(buf))
+            if what == 0:
+                buf[at] = rng.randrange(256)
+            elif what == 1:
+                del buf[at : at + rng.randint(1, 8)]
+            else:
+                buf[at:at] = rng.randbytes(rng.randint(1, 4))
+        request = bytes(buf)
+        try:
+            whole = _pb.service.RegisterRequest.FromString(request)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            with pytest.raises(InvalidArgument, match="malformed RegisterRequest"):
+                codec.decode_register_request(request)
+            continue
+        req, datas = codec.decode_register_request(request)
+        if datas is not None:
+            for c, d in zip(req.graph.constants, datas):
+                c.data = bytes(d)
+        assert req == whole
