@@ -33,7 +33,7 @@ from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_siz
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog
 from fuseport.wire import _pb
-from fuseport.wire.codec import message_room
+from fuseport.wire.codec import Buffer, message_room
 from fuseport.wire.errors import (
     DeadlineExceeded,
     ExecutionFailed,
@@ -149,10 +149,12 @@ class Core:
         alias: str | None = None,
         batching: bool | None = None,
         tenant: bytes = b"",
+        datas: Sequence[Buffer] | None = None,
     ) -> tuple[int, bool, int]:
         """(kernel key, created, the graph's own key), in `tenant`'s namespace
         (server/tenants.py; b"": the shared one). `batching`: False keeps the
-        kernel's calls out of batches (stored with it), True lets them in again, None: unchanged."""
+        kernel's calls out of batches (stored with it), True lets them in again, None: unchanged.
+        `datas`: the constants' data when `graph` was decoded without it (Registry.register)."""
         if tenant and variant_of is not None:
             own = self.tenants.own(tenant)
             if (own is None or not own.knows(variant_of)) and self.registry.knows(variant_of):
@@ -161,7 +163,7 @@ class Core:
                     "register its graph as your own kernel first (the same key), then add variants to that"
                 )
         registry = self._own(tenant)
-        key, created, vkey = registry.register(graph, variant_of, alias)
+        key, created, vkey = registry.register(graph, variant_of, alias, datas)
         if batching is not None and registry.set_batching(key, batching) and self.batcher is not None:
             batched = self.batcher.forget([v.key for v in registry.get(key).variants])
             self.executor.forget(key, batched)

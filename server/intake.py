@@ -15,6 +15,11 @@ message field as tag, length, body per element (the test pins both against
 fields this server does not know (unknown fields) takes the old, copying way,
 so that its key is still computed over everything it carries.
 
+Register's servicer goes further: codec.decode_register_request parses the
+request without the constants' data and hands `datas` as views of the request's
+own bytes (Intake.of(graph, datas)), so not even the one read copies them; what
+is left of Register's peak is gRPC's receive of the message (docs/perf.md).
+
 Then the graph is planned on meta tensors at a few example sizes, once, and
 refused when it can only fail: an error at every size tried (``full([-5])``,
 ``full([2**62])``, a string where a tensor goes) is INVALID_ARGUMENT, a tensor
@@ -26,7 +31,7 @@ sizes depend on data, is accepted as before.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +39,7 @@ import torch
 from google.protobuf import unknown_fields
 
 from fuseport.wire import _pb
+from fuseport.wire.codec import Buffer
 from fuseport.wire.errors import InvalidGraph, ResourceExhausted
 from fuseport.wire.graph import Signature
 from fuseport.wire.keys import KEY_DOMAIN, canonicalize, key_for
@@ -75,15 +81,18 @@ class Intake:
     """A graph taken in by Register: its constants' data read once, its key and canonical size."""
 
     graph: _pb.graph.Graph
-    datas: list[bytes] | None  # None: the copying way (unknown fields)
+    datas: Sequence[Buffer] | None  # None: the copying way (unknown fields)
     key: int
     size: int  # bytes of its serialisation, as ByteSize says (what --max-graph-bytes bounds and the store holds)
 
     @classmethod
-    def of(cls, graph: _pb.graph.Graph) -> Intake:
-        if _has_unknown(graph) or any(_has_unknown(c) for c in graph.constants):
-            return cls(graph, None, key_for(graph), graph.ByteSize())
-        datas = [c.data for c in graph.constants]  # the one copy of each
+    def of(cls, graph: _pb.graph.Graph, datas: Sequence[Buffer] | None = None) -> Intake:
+        """`datas`: the constants' data when `graph` carries none (decoded without it,
+        known to carry no unknown fields: codec.decode_register_request); None: read here."""
+        if datas is None:
+            if _has_unknown(graph) or any(_has_unknown(c) for c in graph.constants):
+                return cls(graph, None, key_for(graph), graph.ByteSize())
+            datas = [c.data for c in graph.constants]  # the one copy of each
         digest = hashlib.sha256(KEY_DOMAIN)
         for piece in _pieces(graph, datas, canonical=True):
             digest.update(piece)
@@ -107,7 +116,7 @@ class Intake:
         return out
 
 
-def serialized(graph: _pb.graph.Graph, datas: list[bytes] | None) -> Iterator[bytes | memoryview]:
+def serialized(graph: _pb.graph.Graph, datas: Sequence[Buffer] | None) -> Iterator[bytes | memoryview]:
     """The serialisation of `graph` whose constants' data are `datas` (None: in the
     graph itself), in pieces: a skeleton and the data it left out make the whole graph."""
     if datas is None:
@@ -116,7 +125,9 @@ def serialized(graph: _pb.graph.Graph, datas: list[bytes] | None) -> Iterator[by
         yield from _pieces(graph, datas, canonical=False)
 
 
-def _pieces(graph: _pb.graph.Graph, datas: list[bytes], *, canonical: bool) -> Iterator[bytes | memoryview]:
+def _pieces(
+    graph: _pb.graph.Graph, datas: Sequence[Buffer], *, canonical: bool
+) -> Iterator[bytes | memoryview]:
     skeleton = _pb.graph.Graph(inputs=graph.inputs, nodes=graph.nodes, outputs=graph.outputs,
                                conditions=graph.conditions)  # fmt: skip
     if canonical:

@@ -50,6 +50,7 @@ from fuseport.server._files import is_disk_full, write_atomically
 from fuseport.server.checks import Planner, with_data_checks
 from fuseport.server.intake import Intake, refuse_if_only_fails, serialized
 from fuseport.wire import _pb, ops
+from fuseport.wire.codec import Buffer
 from fuseport.wire.errors import (
     FuseportError,
     InvalidAlias,
@@ -84,7 +85,7 @@ class Variant:
     random_ops: tuple[str, ...]  # ops whose results the two paths draw differently
     # The constants' data, when `graph` is a skeleton without it (server/intake.py):
     # the module's constants alias these bytes, so the graph's own copy need not stay.
-    datas: list[bytes] | None = None
+    datas: Sequence[Buffer] | None = None
 
     def serialized(self) -> bytes:
         """The whole graph, serialised (what a compile worker builds from)."""
@@ -348,16 +349,24 @@ class Registry:
         return variant
 
     def register(
-        self, graph: _pb.graph.Graph, variant_of: int | None = None, alias: str | None = None
+        self,
+        graph: _pb.graph.Graph,
+        variant_of: int | None = None,
+        alias: str | None = None,
+        datas: Sequence[Buffer] | None = None,
     ) -> tuple[int, bool, int]:
         """Returns (kernel key, created, the graph's own key). Registering again does no work.
+
+        `datas`: the constants' data, one per constant, when `graph` carries none
+        (codec.decode_register_request: views of the request, which the built module's
+        constants then alias, so the graph costs no copy of them).
 
         `alias` names the kernel besides its key (InvalidAlias when malformed, when it
         names another kernel, or when the kernel has another one): checked before
         anything is built or written, and stored once the graph is."""
         if alias is not None:
             check_alias(alias)
-        intake = Intake.of(graph)  # the key and size without copying the constants (server/intake.py)
+        intake = Intake.of(graph, datas)  # the key and size without copying the constants (server/intake.py)
         if alias is not None:
             self._check_alias(variant_of if variant_of is not None else intake.key, alias)
         key, created, vkey = self._register(graph, variant_of, intake)

@@ -4,16 +4,18 @@ and graphs that can only fail are refused at Register, planned on meta tensors.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from fuseport.client import Client, InvalidGraph, ResourceExhausted, capture
+from fuseport.client import Client, InvalidArgument, InvalidGraph, ResourceExhausted, capture
 from fuseport.server.intake import Intake
 from fuseport.server.registry import Registry
-from fuseport.wire import _pb
+from fuseport.wire import _pb, codec
+from fuseport.wire.graph import build_module
 from fuseport.wire.keys import canonical_bytes, key_for
 
 from ._graphs import one_op
@@ -85,11 +87,13 @@ def _status(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def test_register_peak_memory_is_bounded_by_the_copies_it_keeps(server: ServerProcess) -> None:
-    """A 128 MiB constant took the server's peak 5.9 times that above where it was:
-    the request, its parsed message, then key_for's copy and serialisation, ByteSize's
-    serialisation, the built constant and the stored bytes' serialisation. What must
-    remain: the request gRPC holds, its parsed message and the constant the module keeps."""
+def test_register_peak_memory_is_what_grpc_takes_to_receive_the_graph(server: ServerProcess) -> None:
+    """Register's own work adds no copy of a graph's constants: they stay in the request's
+    bytes. What remains of the peak is gRPC's receive of one unary message: its byte buffer,
+    the bytearray grpcio reads it into and the bytes made from that, 3.0 times the message
+    (measured with a bare grpc.aio server). Before, Register raised the peak by 3.2-3.9
+    times a 128 MiB graph (protobuf's parse of the request and the constant read from it
+    came on top); now 2.96-2.97. Issue 20's 2x needs the graph in chunks (docs/perf.md)."""
     big = torch.randn(128 * MiB // 4)
     graph = capture(lambda x: x * big[:4].sum() + big[-1], [torch.ones(4)])
     size = graph.ByteSize()
@@ -107,9 +111,81 @@ def test_register_peak_memory_is_bounded_by_the_copies_it_keeps(server: ServerPr
         torch.testing.assert_close(
             c.fallback(key, [torch.ones(4)])[0], torch.ones(4) * big[:4].sum() + big[-1]
         )
-    assert (peak - before) / size <= 4.25, (
-        f"Register raised the peak by {(peak - before) / size:.2f}x the graph"
+    ratio = (peak - before) / size
+    assert ratio <= 3.1, f"Register raised the peak by {ratio:.2f}x the graph"
+
+
+def _address_range(buf: bytes) -> range:
+    start = id(buf) + bytes.__basicsize__ - 1  # CPython: a bytes object's payload
+    return range(start, start + len(buf))
+
+
+def test_a_register_requests_constants_stay_in_its_bytes(tmp_path: Path) -> None:
+    """decode_register_request leaves each constant's data in the request (a writable
+    view), and the registered module's constants are those bytes: no copy."""
+    graph = _graph_with_constants()
+    request = _pb.service.RegisterRequest(graph=graph, alias="abc", variant_of=7).SerializeToString()
+    req, datas = codec.decode_register_request(request)
+    assert datas is not None and req.alias == "abc" and req.variant_of == 7
+    assert all(not c.data for c in req.graph.constants), "protobuf parsed no constant's data"
+    assert [bytes(d) for d in datas] == [c.data for c in graph.constants]
+    inside = _address_range(request)
+    assert all(torch.frombuffer(d, dtype=torch.uint8).data_ptr() in inside for d in datas if len(d))
+    registry = Registry(tmp_path, torch.device("cpu"), capacity=1 << 40)
+    key, created, _ = registry.register(req.graph, None, None, datas)
+    (variant,) = registry.get(key).variants
+    assert created and key == key_for(graph)
+    constants = [t for name, t in variant.module.named_buffers() if t.numel() > 1]
+    assert constants and all(t.data_ptr() in inside for t in constants)
+    assert (tmp_path / f"{key & (2**64 - 1):016x}.pb").read_bytes() == graph.SerializeToString(
+        deterministic=True
     )
+    x = torch.ones(3)
+    torch.testing.assert_close(variant.fallback(x, 4), build_module(graph, torch.device("cpu"))(x, 4))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        # graph again: protobuf merges it (one more constant, with data)
+        _pb.service.RegisterRequest(
+            graph=_pb.graph.Graph(constants=[_pb.values.Tensor(dtype=1, shape=[1], data=b"\1\2\3\4")])
+        ).SerializeToString(),
+        b"\x98\x06\x01",  # an unknown field of the request: ignored, as before
+    ],
+    ids=["graph_twice", "unknown_request_field"],
+)
+def test_a_register_request_walked_otherwise_reads_as_protobuf_reads_it(tail: bytes) -> None:
+    request = _pb.service.RegisterRequest(graph=_graph_with_constants()).SerializeToString() + tail
+    req, datas = codec.decode_register_request(request)
+    whole = _pb.service.RegisterRequest.FromString(request)
+    if datas is None:
+        assert req == whole
+    else:
+        assert [bytes(d) for d in datas] == [c.data for c in whole.graph.constants]
+        assert Intake.of(req.graph, datas).key == key_for(whole.graph)
+
+
+def test_a_constant_with_its_data_twice_or_unknown_fields_is_parsed_whole() -> None:
+    """Protobuf keeps the last of a bytes field given twice, and a graph with unknown
+    fields is keyed over everything it carries: both go to protobuf whole, as does a
+    message that does not parse (the same error as before)."""
+    graph = _graph_with_constants()
+    c = graph.constants[0]
+    # The constant's data given again (field 4, 2 bytes) after its own.
+    constant = (
+        _pb.values.Tensor(dtype=c.dtype, shape=c.shape, data=c.data).SerializeToString() + b"\x22\x02ab"
+    )
+    body = b"\x12" + bytes([len(constant)]) + constant  # Graph.constants
+    request = b"\x0a" + bytes([len(body)]) + body  # RegisterRequest.graph
+    req, datas = codec.decode_register_request(request)
+    assert datas is None and req.graph.constants[0].data == b"ab"
+    odd = _pb.graph.Graph.FromString(graph.SerializeToString() + b"\x98\x06\x01")  # field 99 of Graph
+    req, datas = codec.decode_register_request(_pb.service.RegisterRequest(graph=odd).SerializeToString())
+    assert datas is None and req.graph == odd and key_for(req.graph) != key_for(graph)
+    whole = _pb.service.RegisterRequest(graph=graph).SerializeToString()
+    with pytest.raises(InvalidArgument, match="malformed RegisterRequest"):
+        codec.decode_register_request(whole[:-3])
 
 
 @pytest.mark.parametrize(
@@ -139,3 +215,32 @@ def test_a_graph_that_can_only_fail_is_refused_at_register(
         # A graph that fails only for some sizes is not refused: x.view(4, -1) runs at 4, 8, ...
         ok, _ = one_op("aten::view.default", [torch.ones(8), [4, -1]])
         assert c.register(ok) == key_for(ok)
+
+
+def test_a_mangled_register_request_reads_as_protobuf_reads_it() -> None:
+    """Bytes changed, cut or added anywhere: decode_register_request refuses exactly what
+    protobuf refuses, and what it takes is protobuf's message, the data put back."""
+    rng = random.Random(20)
+    good = _pb.service.RegisterRequest(graph=_graph_with_constants(), alias="abc").SerializeToString()
+    for _ in range(2000):
+        buf = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            what, at = rng.randrange(3), rng.randrange(len(buf))
+            if what == 0:
+                buf[at] = rng.randrange(256)
+            elif what == 1:
+                del buf[at : at + rng.randint(1, 8)]
+            else:
+                buf[at:at] = rng.randbytes(rng.randint(1, 4))
+        request = bytes(buf)
+        try:
+            whole = _pb.service.RegisterRequest.FromString(request)
+        except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+            with pytest.raises(InvalidArgument, match="malformed RegisterRequest"):
+                codec.decode_register_request(request)
+            continue
+        req, datas = codec.decode_register_request(request)
+        if datas is not None:
+            for c, d in zip(req.graph.constants, datas):
+                c.data = bytes(d)
+        assert req == whole

@@ -37,7 +37,7 @@ import torch
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from fuseport.wire import _pb, dtypes
-from fuseport.wire.errors import InvalidStack, ResourceExhausted
+from fuseport.wire.errors import InvalidArgument, InvalidStack, ResourceExhausted
 
 __all__ = [
     "ExecuteRequest",
@@ -52,6 +52,7 @@ __all__ = [
     "carries_graphs",
     "message_room",
     "decode_execute_request",
+    "decode_register_request",
     "decode_execute_response",
     "decode_stack",
     "encode_execute_request",
@@ -767,6 +768,99 @@ def carries_graphs(buf: Buffer) -> bool:
         return False
 
 
+# RegisterRequest.graph, Graph.constants, Tensor.data (proto/fuseport/v1/service.proto, graph.proto, values.proto).
+_REG_GRAPH, _GRAPH_CONSTANTS, _TENSOR_DATA = 1, 2, 4
+
+
+def _writable_view(buf: Buffer) -> memoryview:
+    """`buf` as a writable byte view (see _WritableAlias): slices of it alias the message."""
+    alias = _WritableAlias(buf)._buf
+    return memoryview(alias).cast("B")[: len(buf)]
+
+
+def _strip_constants(buf: Buffer) -> tuple[bytes, list[tuple[int, int]]]:
+    """A RegisterRequest's bytes without its constants' data fields (the lengths around
+    them written again), and where each constant's data lies in `buf`. InvalidStack for
+    anything this walk does not take as protobuf would (a field twice where protobuf
+    would merge or replace it, a wire type protobuf would keep as unknown, framing it
+    would refuse): the caller then leaves the whole message to protobuf."""
+    r = _Reader(buf)
+    out: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    seen_graph = False
+    pos = 0
+    for f, wt, a, b in r.fields(0, len(r.view), "request"):
+        if f != _REG_GRAPH:
+            out.append(bytes(r.view[pos:b]))
+        elif wt != _LEN or seen_graph:
+            raise InvalidStack("request: graph field not once, as a message")
+        else:
+            seen_graph = True
+            graph: list[bytes] = []
+            gpos = a
+            for gf, gwt, ga, gb in r.fields(a, b, "graph"):
+                if gf != _GRAPH_CONSTANTS:
+                    graph.append(bytes(r.view[gpos:gb]))
+                elif gwt != _LEN:
+                    raise InvalidStack("graph: constants field not a message")
+                else:
+                    body: list[bytes] = []
+                    span = (ga, ga)  # no data field: empty data
+                    cpos, seen_data = ga, False
+                    for cf, cwt, ca, cb in r.fields(ga, gb, "constant"):
+                        if cf != _TENSOR_DATA:
+                            body.append(bytes(r.view[cpos:cb]))
+                        elif cwt != _LEN or seen_data:
+                            raise InvalidStack("constant: data field not once, as bytes")
+                        else:
+                            span, seen_data = (ca, cb), True
+                        cpos = cb
+                    constant = b"".join(body)
+                    graph.append(_tag(_GRAPH_CONSTANTS, _LEN) + _varint(len(constant)) + constant)
+                    spans.append(span)
+                gpos = gb
+            whole = b"".join(graph)
+            out.append(_tag(_REG_GRAPH, _LEN) + _varint(len(whole)) + whole)
+        pos = b
+    return b"".join(out), spans
+
+
+def _parse_register(buf: Buffer) -> _pb.service.RegisterRequest:
+    try:
+        return _pb.service.RegisterRequest.FromString(buf)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidArgument(f"malformed RegisterRequest: {e}") from None
+
+
+def decode_register_request(buf: Buffer) -> tuple[_pb.service.RegisterRequest, list[memoryview] | None]:
+    """A RegisterRequest, its graph's constants without their data, and that data as
+    writable views of `buf` (one per constant, in order), so that a graph's constants
+    cost no bytes beyond the request's own (issue 20): protobuf's parse of the whole
+    message would copy them (upb copies the buffer), and each read of a bytes field
+    copies again. Only the data fields are taken out; protobuf parses and checks the
+    rest as it would the whole message. `buf` must be a bytes object only the caller
+    holds (gRPC's request), as for decode_stack: the views alias it, writable.
+
+    A message whose constants this walk cannot take out exactly as protobuf reads
+    them, or whose graph or constants carry fields this server does not know (their
+    key covers everything they carry: server/intake.py), is parsed whole by protobuf:
+    (the message, None)."""
+    try:
+        skeleton, spans = _strip_constants(buf)
+    except InvalidStack:
+        return _parse_register(buf), None
+    req = _parse_register(skeleton)
+    graph = req.graph
+    if (
+        len(UnknownFieldSet(graph))
+        or len(spans) != len(graph.constants)
+        or any(len(UnknownFieldSet(c)) for c in graph.constants)
+    ):
+        return _parse_register(buf), None
+    view = _writable_view(buf)
+    return req, [view[a:b] for a, b in spans]
+
+
 def _decode_execute(buf: Buffer, stack_field: int, cls: Any, what: str) -> tuple[Any, list[StackValue]]:
     """The message's other fields (parsed by protobuf) and its decoded stack."""
     if len(buf) <= SMALL_MESSAGE:
@@ -990,12 +1084,12 @@ def tensor_from_proto(msg: _pb.values.Tensor, where: str = "tensor") -> torch.Te
 
 
 def tensor_from_bytes(
-    code: int, shape: list[int], data: bytes, where: str = "tensor", order: list[int] | None = None
+    code: int, shape: list[int], data: Buffer, where: str = "tensor", order: list[int] | None = None
 ) -> torch.Tensor:
     """A tensor over `data` (row-major, or in `order`), with every check of the
     codec (rank, sizes, byte length, bool bytes). `data` must be a bytes object
-    that only the caller holds, as a protobuf field read once is: the tensor
-    aliases it, writable, without a copy."""
+    that only the caller holds, as a protobuf field read once is, or a writable
+    view (decode_register_request's): the tensor aliases it, writable, without a copy."""
     if len(data) < 2:  # CPython shares b"" and 1-byte bytes objects: never alias those
         data = bytearray(data)  # type: ignore[assignment]
     return _make_tensor(

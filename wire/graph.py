@@ -25,7 +25,7 @@ import torch
 import torch.fx
 
 from fuseport.wire import _pb, dtypes, ops
-from fuseport.wire.codec import MAX_DEPTH, MAX_RANK, tensor_from_bytes, tensor_from_proto
+from fuseport.wire.codec import MAX_DEPTH, MAX_RANK, Buffer, tensor_from_bytes, tensor_from_proto
 from fuseport.wire.errors import FuseportError, InvalidGraph, OpNotAllowed
 from fuseport.wire.sizes import Condition, compile_conditions
 
@@ -159,7 +159,7 @@ class _Builder:
     """Turns one Graph message into an FX graph, checking as it goes."""
 
     def __init__(
-        self, graph: _pb.graph.Graph, device: torch.device, datas: Sequence[bytes] | None = None
+        self, graph: _pb.graph.Graph, device: torch.device, datas: Sequence[Buffer] | None = None
     ) -> None:
         self.msg = graph
         self.datas = datas
@@ -341,12 +341,12 @@ _UNINITIALISED = frozenset({"aten::empty.memory_format", "aten::empty_strided.de
 
 
 def build_module(
-    graph: _pb.graph.Graph, device: torch.device, datas: Sequence[bytes] | None = None
+    graph: _pb.graph.Graph, device: torch.device, datas: Sequence[Buffer] | None = None
 ) -> torch.fx.GraphModule:
     """Validates a graph and rebuilds it as a GraphModule whose constants live on `device`.
 
     `datas`: the constants' data, read from the message by the caller (each a
-    bytes object only it holds): the constants alias them instead of reading
+    bytes object only it holds, or a writable view): the constants alias them instead of reading
     the message again. Raises InvalidGraph (or OpNotAllowed) naming the position
     of the problem.
     """

@@ -80,12 +80,13 @@ class KernelService:
     # ------------------------------------------------------------------ methods
 
     def _register(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
-        req = parse(_pb.service.RegisterRequest, request)
+        # The constants' data stay in the request bytes (views): no copy of them (issue 20).
+        req, datas = codec.decode_register_request(request)
         variant_of = req.variant_of if req.HasField("variant_of") else None
         alias = req.alias if req.HasField("alias") else None
         batching = req.batching if req.HasField("batching") else None
         key, created, variant = self.core.register(
-            req.graph, variant_of, alias, batching, tenant=record.owner.tenant
+            req.graph, variant_of, alias, batching, tenant=record.owner.tenant, datas=datas
         )
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
 
