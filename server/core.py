@@ -112,7 +112,8 @@ class Core:
         # Set by the app: called (from a worker thread) when the device fails.
         self.on_device_failure: Callable[[], None] | None = None
         # Calls past their deadline or budget, and kernels that will not stop (server/watchdog.py).
-        self.watchdog = Watchdog(settings.overrun_grace_seconds, self._runaway)
+        # A single process retires for --max-call-seconds only (see Watchdog).
+        self.watchdog = Watchdog(settings.overrun_grace_seconds, self._runaway, retire_on_deadline=shared_store)
         # Set by the app: called (from the watchdog's thread) when a kernel runs away.
         self.on_runaway: Callable[[], None] | None = None
         self.retiring = False  # a kernel ran away: the process drains and exits

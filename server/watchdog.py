@@ -66,9 +66,18 @@ class Watchdog:
     """Watches runs (see the module's doc). `on_runaway(watch)` is called from
     the watchdog's thread, once, for the first runaway."""
 
-    def __init__(self, grace: float, on_runaway: Callable[[Watch], None]) -> None:
+    def __init__(
+        self, grace: float, on_runaway: Callable[[Watch], None], *, retire_on_deadline: bool = True
+    ) -> None:
+        """`retire_on_deadline`: whether a kernel running on past its caller's own
+        deadline (not --max-call-seconds) retires the process too. A single serving
+        process (no supervisor, no sibling to take its calls) does not: a caller's
+        short deadline on an ordinary kernel must not take the whole server away;
+        the kernel runs to its end on its worker, its results dropped. Past
+        --max-call-seconds, the operator's bound, it retires either way."""
         self.grace = grace
         self.on_runaway = on_runaway
+        self.retire_on_deadline = retire_on_deadline
         self._cond = threading.Condition(threading.Lock())
         self._running: set[Watch] = set()
         self._wake_at = float("inf")  # when the thread wakes next (inf: only when told)
@@ -162,7 +171,8 @@ class Watchdog:
         log.warning(
             "kernel %d: the call's %s passed %.2f s into its run, which goes on (a kernel is not "
             "interrupted): the caller is answered now and the results will be dropped; should it "
-            "still run %g s from now (--overrun-grace-seconds), this serving process retires",
+            "still run %g s from now (--overrun-grace-seconds), this serving process retires (for a "
+            "caller's deadline: only under a supervisor)",
             w.key, "--max-call-seconds" if w.budget else "deadline", now - w.started, self.grace,
         )  # fmt: skip
         if w.answer is not None:
@@ -172,6 +182,14 @@ class Watchdog:
                 log.exception("answering an overrun call failed")
 
     def _runaway(self, w: Watch, now: float) -> None:
+        if not w.budget and not self.retire_on_deadline:
+            log.warning(
+                "kernel %d: still running %.1f s after its caller's deadline (--overrun-grace-seconds %g); a "
+                "single serving process does not retire for a caller's deadline: it runs to its end, its "
+                "results dropped (--max-call-seconds bounds every call; --processes adds a supervisor)",
+                w.key, now - w.limit, self.grace,
+            )  # fmt: skip
+            return
         self.runaways += 1
         if self.runaways > 1:
             log.error("kernel %d: also still running %.1f s past its call's limit", w.key, now - w.limit)

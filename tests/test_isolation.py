@@ -34,8 +34,9 @@ ADMIN = "adm1n-5c1d8e2f7a9b3046"
 USER = "us3r-9e4a7c2d1f6b8053"
 # zeros(1024) expanded to (n, 1024): 32 Gi elements to read, seconds on a core even fused.
 HEAVY_N = 1 << 25
-# An eighth of it: still far past a 0.3 s deadline, and over in a few seconds.
-OVERRUN_N = 1 << 22
+# A quarter of it: far past a 0.3 s deadline and the module server's 0.5 s grace
+# after it (fused: 3.5 s on the 2-core CI machine), and over in a few seconds.
+OVERRUN_N = 1 << 23
 
 
 def heavy(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,10 +62,11 @@ def server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterato
     tmp = tmp_path_factory.mktemp("isolation")
     tokens = tmp / "tokens"
     tokens.write_text(f"{ADMIN} admin\n{USER} user\n")
-    # A grace no test here reaches: this server must not retire (the tests below that do start their own).
+    # A short grace, and no --max-call-seconds: one serving process does not retire for
+    # its callers' deadlines (the tests below that retire a server start their own).
     s = start_server(
         tmp, None, "--auth-tokens", str(tokens), "--max-call-bytes", str(1 << 30), "--artifact-dir", str(artifacts),
-        "--overrun-grace-seconds", "600", "--metrics-port", "0",
+        "--overrun-grace-seconds", "0.5", "--metrics-port", "0",
     )  # fmt: skip
     yield s
     s.stop()
@@ -227,7 +229,9 @@ def test_a_call_past_its_deadline_is_answered_and_what_its_kernel_keeps_is_dropp
 ) -> None:
     """The caller leaves at its deadline; its fused kernel runs on (it cannot be
     interrupted) and, when it ends, its results are dropped: no handle is kept for a
-    caller that never heard of it, the overrun is counted, later calls are served."""
+    caller that never heard of it, the overrun is counted, later calls are served.
+    It runs past the grace too, yet a single serving process does not retire for a
+    caller's own deadline (only for --max-call-seconds, or under a supervisor)."""
     key = _register(server, heavy)
     x = torch.zeros(1024)
     with Client(server.target, timeout=300, token=USER) as user:
@@ -237,6 +241,7 @@ def test_a_call_past_its_deadline_is_answered_and_what_its_kernel_keeps_is_dropp
             user.execute(key, [x, OVERRUN_N], keep=True, timeout=0.3)
         ended = f"kernel {key}: its run ended"
         _wait_for(lambda: ended in server.log(), "the overrunning kernel's end", server.log)
+        assert "does not retire for a caller's deadline" in server.log(), server.log()[-3000:]
         after = user.describe(key)
         assert after.fused_runs == before.fused_runs + 1  # it did run, fused, to its end
         assert after.overruns == before.overruns + 1
