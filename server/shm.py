@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -62,6 +63,9 @@ HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
 TICKET_SECONDS = 30.0  # a ticket unused this long is void (--shared-memory-ticket-seconds)
 IDLE_SECONDS = 600.0  # a session without a call this long is ended (--shared-memory-idle-seconds)
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
+# The longest a call waits for its session's packets already sent to be handled
+# before it picks a new output region (_Session.settle).
+_SETTLE_SECONDS = 0.5
 # All sessions of a process together may map this many times one session's
 # budget: a client that hands over a sparse memfd costs itself nothing, but the
 # pages the server faults in reading it are the server's while it is mapped.
@@ -108,6 +112,26 @@ class _Session:
     next_output: int = 1
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+    # Set by the socket's thread from when a packet is readable until it is handled.
+    handling: bool = False
+    handled: threading.Condition = field(default_factory=threading.Condition)
+
+    def settle(self) -> None:
+        """Waits (at most _SETTLE_SECONDS) until every packet the client has sent so
+        far is handled. A client hands a region back (SPARE, RETURN) when its last
+        result tensor dies, on the session's socket, and its next call goes by gRPC:
+        nothing else orders the two, and the call would take a new region where the
+        spare was already on its way (the region count then depended on threads)."""
+        conn = self.conn
+        if conn is None:
+            return
+        end = time.monotonic() + _SETTLE_SECONDS
+        with self.handled:
+            while not self.closed and (self.handling or _readable(conn)):
+                left = end - time.monotonic()
+                if left <= 0:
+                    return
+                self.handled.wait(min(left, 0.005))
 
     @property
     def mapped(self) -> int:
@@ -395,6 +419,8 @@ class SharedMemory:
         bytes): ResultTooLarge, so that the client sends the call as a stream."""
         check_slot(slot)
         session = self._session(owner, sid)
+        if fresh:
+            session.settle()  # regions the client handed back before this call count as room
         tensors: list[torch.Tensor] = []
         shm.walk(results, tensors.append)
         sizes = [t.numel() * t.element_size() for t in tensors]
@@ -417,6 +443,7 @@ class SharedMemory:
         )
 
     def _new_output(self, session: _Session, slot: int, need: int) -> shm.Region | None:
+        session.settle()  # a region the client handed back before this call is taken first
         old = session.outputs.pop(slot, None)
         size = max(_OUTPUT_STEP, -(-need // _OUTPUT_STEP) * _OUTPUT_STEP)
         fits = [r for r in list(session.spares.values()) if r.size >= need]
@@ -565,45 +592,59 @@ class SharedMemory:
         assert conn is not None
         while not session.closed:
             try:
-                p = shm.recv_packet(conn)
+                # Readable first, then marked handling before it is read: settle()
+                # sees a packet as pending from its arrival to the end of its handling.
+                select.select([conn], [], [])
+                with session.handled:
+                    session.handling = True
+                try:
+                    p = shm.recv_packet(conn)
+                    if p is None or not self._handle(session, p):
+                        return
+                finally:
+                    with session.handled:
+                        session.handling = False
+                        session.handled.notify_all()
             except ValueError as e:
                 log.info("shared-memory session %s…: %s; closing it", session.id[:8], e)
                 return
             except OSError:
                 return
-            if p is None:
-                return
-            session.used = time.monotonic()
-            if p.kind == shm.REGION:
-                self._take_region(session, p)
-            elif p.kind == shm.DROP:
-                session.regions.pop(p.id, None)
-                if p.fd is not None:
-                    os.close(p.fd)
-            elif p.kind == shm.RETURN:
-                # An output region the client reads no more: retired, a spare, or still its
-                # slot's (the call that would have retired it failed before writing results).
-                session.retired.pop(p.id, None)
-                session.spares.pop(p.id, None)
-                for slot, region in list(session.outputs.items()):
-                    if region.id == p.id:
-                        session.outputs.pop(slot, None)
-                if p.fd is not None:
-                    os.close(p.fd)
-            elif p.kind == shm.SPARE:
-                # A retired region whose tensors are gone, kept mapped by the client for reuse.
-                region = session.retired.pop(p.id, None)
-                if region is not None and len(session.spares) < MAX_SLOTS:
-                    session.spares[p.id] = region
-                elif region is not None:
-                    self._reply(session, shm.Packet(shm.RETURN, id=p.id))  # enough of them: let it go
-                if p.fd is not None:
-                    os.close(p.fd)
-            else:
-                if p.fd is not None:
-                    os.close(p.fd)
-                log.info("shared-memory session %s…: packet kind %d is not a client's; closing it", session.id[:8], p.kind)
-                return
+
+    def _handle(self, session: _Session, p: shm.Packet) -> bool:
+        """One packet from the client; False: the session ends (a kind no client sends)."""
+        session.used = time.monotonic()
+        if p.kind == shm.REGION:
+            self._take_region(session, p)
+        elif p.kind == shm.DROP:
+            session.regions.pop(p.id, None)
+            if p.fd is not None:
+                os.close(p.fd)
+        elif p.kind == shm.RETURN:
+            # An output region the client reads no more: retired, a spare, or still its
+            # slot's (the call that would have retired it failed before writing results).
+            session.retired.pop(p.id, None)
+            session.spares.pop(p.id, None)
+            for slot, region in list(session.outputs.items()):
+                if region.id == p.id:
+                    session.outputs.pop(slot, None)
+            if p.fd is not None:
+                os.close(p.fd)
+        elif p.kind == shm.SPARE:
+            # A retired region whose tensors are gone, kept mapped by the client for reuse.
+            region = session.retired.pop(p.id, None)
+            if region is not None and len(session.spares) < MAX_SLOTS:
+                session.spares[p.id] = region
+            elif region is not None:
+                self._reply(session, shm.Packet(shm.RETURN, id=p.id))  # enough of them: let it go
+            if p.fd is not None:
+                os.close(p.fd)
+        else:
+            if p.fd is not None:
+                os.close(p.fd)
+            log.info("shared-memory session %s…: packet kind %d is not a client's; closing it", session.id[:8], p.kind)
+            return False
+        return True
 
     def _take_region(self, session: _Session, p: shm.Packet) -> None:
         def refuse(why: str) -> None:
@@ -706,3 +747,11 @@ def _send(conn: socket.socket, p: shm.Packet) -> None:
         shm.send_packet(conn, p)
     except OSError:
         pass  # the client went away: its reader notices
+
+
+def _readable(conn: socket.socket) -> bool:
+    """Whether the client has sent something not yet read (or closed the socket)."""
+    try:
+        return bool(select.select([conn], [], [], 0)[0])
+    except (OSError, ValueError):  # closed under us: nothing more will come
+        return False
