@@ -594,7 +594,7 @@ class SharedMemory:
             try:
                 # Readable first, then marked handling before it is read: settle()
                 # sees a packet as pending from its arrival to the end of its handling.
-                select.select([conn], [], [])
+                _wait_readable(conn)
                 with session.handled:
                     session.handling = True
                 try:
@@ -749,9 +749,21 @@ def _send(conn: socket.socket, p: shm.Packet) -> None:
         pass  # the client went away: its reader notices
 
 
+def _poller(conn: socket.socket) -> select.poll:
+    # poll, not select: a serving process may hold descriptors past select's 1024.
+    p = select.poll()
+    p.register(conn, select.POLLIN | select.POLLPRI)
+    return p
+
+
+def _wait_readable(conn: socket.socket) -> None:
+    """Blocks until the client has sent something (or hung up)."""
+    _poller(conn).poll()
+
+
 def _readable(conn: socket.socket) -> bool:
-    """Whether the client has sent something not yet read (or closed the socket)."""
+    """Whether the client has sent something not yet read (or hung up)."""
     try:
-        return bool(select.select([conn], [], [], 0)[0])
+        return bool(_poller(conn).poll(0))
     except (OSError, ValueError):  # closed under us: nothing more will come
         return False
