@@ -31,7 +31,7 @@ from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
 from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_sizes
 from fuseport.server.tenants import Tenants
-from fuseport.server.watchdog import Watch, Watchdog
+from fuseport.server.watchdog import Watch, Watchdog, past_limit
 from fuseport.wire import _pb
 from fuseport.wire.codec import Buffer, message_room
 from fuseport.wire.errors import (
@@ -116,7 +116,6 @@ class Core:
         self.watchdog = Watchdog(settings.overrun_grace_seconds, self._runaway, retire_on_deadline=shared_store)
         # Set by the app: called (from the watchdog's thread) when a kernel runs away.
         self.on_runaway: Callable[[], None] | None = None
-        self.retiring = False  # a kernel ran away: the process drains and exits
         # Once the device failed, every call is refused (see _device_failed).
         self.device_failed = False
         self._failure_lock = threading.Lock()
@@ -392,12 +391,7 @@ class Core:
             # The unfused graph stopped between two ops; what it made is dropped. Said
             # here too: a caller whose deadline passed is gone and hears nothing.
             log.info("kernel %d: stopped between two ops, the %s", key, e)
-            if e.budget:
-                raise ResourceExhausted(
-                    f"kernel {key}: this call ran past the {budget:g} s one call may take "
-                    "(--max-call-seconds) and was stopped"
-                ) from None
-            raise DeadlineExceeded(f"kernel {key}: the call's deadline passed while it ran; it was stopped") from None
+            raise past_limit(key, budget if e.budget else 0.0) from None
         except Exception as e:
             if is_device_failure(e):
                 self._device_failed(e)
@@ -670,7 +664,6 @@ class Core:
         which logged it): only this process's end stops it. The process retires
         the way it does after a device fault (see _device_failed), but nothing is
         broken: calls under way finish, only new ones go elsewhere."""
-        self.retiring = True
         if self.on_runaway is not None:
             self.on_runaway()
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from fuseport.wire.errors import DeadlineExceeded, FuseportError, ResourceExhausted
 
-__all__ = ["Watch", "Watchdog"]
+__all__ = ["Watch", "Watchdog", "past_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,18 @@ class Watch:
 
     def error(self) -> FuseportError:
         """What the caller hears once the limit passed with the kernel still running."""
-        if self.budget:
-            return ResourceExhausted(
-                f"kernel {self.key}: this call ran past the {self.budget:g} s one call may take "
-                "(--max-call-seconds) and was stopped"
-            )
-        return DeadlineExceeded(f"kernel {self.key}: the call's deadline passed while it ran; it was stopped")
+        return past_limit(self.key, self.budget)
+
+
+def past_limit(key: int, budget: float) -> FuseportError:
+    """What a call hears when its limit passed while it ran: `budget` (--max-call-seconds)
+    when that was the limit, 0.0 when the caller's deadline was. Whether the kernel was
+    stopped between two ops (Core.run) or answered while it runs on (the watchdog)."""
+    if budget:
+        return ResourceExhausted(
+            f"kernel {key}: this call ran past the {budget:g} s one call may take (--max-call-seconds) and was stopped"
+        )
+    return DeadlineExceeded(f"kernel {key}: the call's deadline passed while it ran; it was stopped")
 
 
 class Watchdog:
