@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from fuseport.client.connections import HANDLE_METHODS, Connection, Connections, check_connections
+from fuseport.client.connections import HANDLE_METHODS, SERVICE, Connection, Connections, check_connections
 from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
@@ -62,7 +62,6 @@ Stack: TypeAlias = Sequence[Any]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-_SERVICE = "fuseport.v1.KernelService"
 _RETRY_BUFFER_BYTES = 16 << 20
 # Stacks with at least this many tensor bytes go through ExecuteStream/FallbackStream.
 # Measured on the 2-core CPU machine (docs/perf.md, "Streamed stacks"): below
@@ -106,7 +105,7 @@ _SERVICE_CONFIG = json.dumps(
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": _SERVICE}],
+                "name": [{"service": SERVICE}],
                 "retryPolicy": {
                     "maxAttempts": 5,
                     "initialBackoff": "0.1s",
