@@ -137,7 +137,8 @@ def run(ctx: Context) -> Section:
                      into: list[float] = run_us[label]) -> None:  # fmt: skip
                 res = runner(key, stack, keep=True, timeout=o.timeout)
                 into.append(res.timings.run_us)
-                res.stack[0].free()
+                # Its output dropped here: the next call frees it (ExecuteOptions.free_handles),
+                # as in a user's loop; a free() would add a FreeHandles call to each one.
 
             times[label] = time_host(once, iterations, 1)
     c.free([resident_x, *ln_resident])

@@ -595,6 +595,7 @@ class _Base:
         graphs: dict[int, _pb.graph.Graph] | None = None,
         keep: bool = False,
         shared: _Shared | None = None,
+        free_handles: Sequence[str] = (),
     ) -> bytes:
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
@@ -614,6 +615,7 @@ class _Base:
             shm_slot=shared.slot if shared else 0,
             shm_fresh_output=shared.fresh if shared else False,
             no_batching=not self.batching,
+            free_handles=free_handles,
         )
 
     @property
@@ -642,17 +644,23 @@ class _Base:
         return {key: graphs[key], **{v: g for v, g in graphs.items() if v != key}}
 
     def _first_request(
-        self, key: int, stack: Stack, wait: bool, keep: bool = False, shared: _Shared | None = None
+        self,
+        key: int,
+        stack: Stack,
+        wait: bool,
+        keep: bool = False,
+        shared: _Shared | None = None,
+        free_handles: Sequence[str] = (),
     ) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
         known = self._known.get(key)
         if known is not None and known.heal > 0 and (graphs := self._ordered(key, known.graphs)) is not None:
             try:
-                return self._execute_request(key, stack, wait, graphs, keep, shared), True
+                return self._execute_request(key, stack, wait, graphs, keep, shared, free_handles), True
             except ResourceExhausted:
                 pass  # over the message limit with them: the retry path registers them
-        return self._execute_request(key, stack, wait, keep=keep, shared=shared), False
+        return self._execute_request(key, stack, wait, keep=keep, shared=shared, free_handles=free_handles), False
 
     def _streams(self, stack: Stack) -> bool:
         """Whether a stack goes as a stream: past the threshold, or too large
@@ -867,7 +875,16 @@ class _Base:
         method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
         can_stream = shared is None and not keep and not _holds_remote(stack)
         streamed = can_stream and (stream or self._streams(stack))
-        request, carried = (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared)
+        # The frees of RemoteTensors dropped since the last call ride on this one (one
+        # connection only: with several, a handle's free must reach its own process).
+        carrying = [] if streamed or self._pool.many else self._leases.take_dropped()
+        try:
+            request, carried = (
+                (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared, carrying)
+            )
+        except BaseException:
+            self._leases.untake(carrying)  # never sent: the lease thread frees them
+            raise
         adopted: Callable[[], None] | None = None
         attempt = 0
         while True:  # NoMatchingVariant may take two more: the variants held, then a new capture
@@ -876,7 +893,14 @@ class _Base:
                     requests = self._stream_requests(key, stack, wait)
                     assembler, process = yield _Stream(method, requests, Assembler("response"))
                     return _streamed_result(assembler, job.started, process)
-                raw, process = yield _Run(method, request)
+                try:
+                    raw, process = yield _Run(method, request)
+                except BaseException:
+                    # The server may not have read them (refused at the door, a lost
+                    # connection): the lease thread frees them; the retries carry none.
+                    self._leases.untake(carrying)
+                    carrying = []
+                    raise
             except ResultTooLarge as e:
                 if streamed or not can_stream:
                     raise

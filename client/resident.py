@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -17,6 +18,14 @@ from fuseport.wire.errors import FuseportError, HandleNotFound
 __all__ = ["CLIENT_ID_KEY", "Leases", "RemoteTensor"]
 
 log = logging.getLogger(__name__)
+
+# How long a dropped RemoteTensor's id waits for the client's next call to carry its free
+# (ExecuteOptions.free_handles) before the lease thread sends a FreeHandles of its own: a
+# chain of calls then frees what it drops at no cost of its own, and a client that stops
+# calling holds the memory this much longer.
+_CARRY_SECONDS = 0.1
+# Ids one call carries at most (about 40 bytes each).
+_CARRY_MAX = 1024
 
 # The call metadata naming the client, to which the server binds its handles.
 CLIENT_ID_KEY = "fuseport-client-id"
@@ -147,6 +156,10 @@ class Leases:
         self.closed = False
         self.used = False  # whether this client ever held a handle
         self.lease_seconds: float | None = None
+        # The server frees the dropped handles a call carries (ResidentUsage.frees_with_calls,
+        # learnt at the first renewal): they wait for the client's next call, up to _CARRY_SECONDS.
+        self.frees_with_calls = False
+        self._dropped_at = 0.0  # when the oldest id in _dropped was dropped
 
     # ------------------------------------------------------------------ stacks
 
@@ -199,6 +212,7 @@ class Leases:
         def renewed(raw: bytes) -> _pb.service.ResidentUsage:
             usage = _pb.service.RenewLeaseResponse.FromString(raw).usage
             self.lease_seconds = usage.lease_seconds or None
+            self.frees_with_calls = usage.frees_with_calls
             return usage
 
         return "RenewLease", _pb.service.RenewLeaseRequest().SerializeToString(), renewed
@@ -263,12 +277,36 @@ class Leases:
 
     def dropped(self, hid: str) -> None:
         with self._lock:
+            first = not self._dropped
+            if first:
+                self._dropped_at = time.monotonic()
             self._dropped.append(hid)
-        self._wake.set()
+        if first or not self.frees_with_calls:
+            # The lease thread frees them at once, or, where calls carry them, sets its
+            # wake-up for when they have waited _CARRY_SECONDS.
+            self._wake.set()
         try:
             self._start()
         except RuntimeError:  # interpreter shutdown: the lease frees it on the server
             pass
+
+    def take_dropped(self) -> list[str]:
+        """The dropped handles' ids for a call to carry (ExecuteOptions.free_handles),
+        taken from the lease thread's list; none where the server would not free them."""
+        if not self.frees_with_calls or not self._dropped:
+            return []
+        with self._lock:
+            ids, self._dropped = self._dropped[:_CARRY_MAX], self._dropped[_CARRY_MAX:]
+        return ids
+
+    def untake(self, ids: list[str]) -> None:
+        """Gives back ids a call took and may not have delivered (it failed): the lease
+        thread frees them (an id the server freed already is skipped there)."""
+        if ids:
+            with self._lock:
+                if not self._dropped:
+                    self._dropped_at = time.monotonic()
+                self._dropped.extend(ids)
 
     def close(self, timeout: float | None) -> None:
         """Frees every handle of this client on the server (when it ever had one)."""
@@ -307,21 +345,33 @@ class Leases:
                 raise
 
     def _renewing(self) -> None:
+        renew_at = 0.0  # at once: the first renewal also says whether calls carry frees
         while not self.closed:
-            self._flush()
             with self._lock:
                 alive = len(self._live) > 0
+            # Dropped ids wait for a call to carry them while handles are alive (a chain of
+            # calls), for at most _CARRY_SECONDS; then, or with none alive, they go now.
+            carry_until = self._dropped_at + _CARRY_SECONDS if self.frees_with_calls and alive else 0.0
+            if time.monotonic() >= carry_until:
+                self._flush()
+            with self._lock:
                 if not alive and not self._dropped:
                     self._thread = None  # a later handle starts a new thread
                     return
-            if alive:
+                waiting = bool(self._dropped)
+            now = time.monotonic()
+            if alive and now >= renew_at:
                 try:
                     self.renew()
                 except FuseportError as e:
                     if not self.closed:  # else closing cut it short: nothing is wrong
                         log.warning("could not renew the lease of this client's handles: %s", e)
-            interval = (self.lease_seconds or 3.0) / 3
-            self._wake.wait(interval)
+                now = time.monotonic()
+                renew_at = now + (self.lease_seconds or 3.0) / 3
+            wake_at = renew_at if alive else now
+            if waiting:
+                wake_at = min(wake_at, max(carry_until, now))
+            self._wake.wait(max(0.0, wake_at - now))
             self._wake.clear()
 
     def _flush(self) -> None:

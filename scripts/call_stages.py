@@ -7,7 +7,8 @@ calls interleaved so that each row sees the same machine:
   raw Execute   the same Execute request bytes sent through a bare stub: the
                 server's whole cost, without the client library's Python
   Client        Client.execute_detailed: what a user calls
-  resident      Client.execute on a RemoteTensor (keep=True, output freed)
+  resident      Client.execute on a RemoteTensor (keep=True, output dropped: the
+                next call frees it)
 
 then the client's own stages in process (encode, decode) and the server's
 Timings (decode, queue, run, encode). With --py-spy, the server is sampled
@@ -70,7 +71,8 @@ def main() -> None:
             "echo": lambda: echo(payload, timeout=600),
             "raw Execute": lambda: raw(request, timeout=600, metadata=md),
             "Client.execute": lambda: client.execute_detailed(key, [x]),
-            "resident chained": lambda: client.execute(key, [handle], keep=True)[0].free(),
+            # Its output dropped at once: the next call carries its free (ExecuteOptions.free_handles).
+            "resident chained": lambda: client.execute(key, [handle], keep=True),
         }
         times: dict[str, list[float]] = {k: [] for k in calls}
         cpu: dict[str, tuple[float, float]] = {}

@@ -539,6 +539,11 @@ class Core:
         """(handles, bytes) freed: `ids`, all or none, or every handle of the owner."""
         return self.residents.free(owner, None if everything else ids)
 
+    def release_handles(self, owner: Owner, ids: Sequence[str]) -> None:
+        """Frees the owner's handles among `ids`, skipping the others (see
+        Residents.release): the dropped handles a call carries."""
+        self.residents.release(owner, ids)
+
     def renew_lease(self, owner: Owner) -> _pb.service.ResidentUsage:
         return self._usage(self.residents.renew(owner))
 
@@ -561,6 +566,7 @@ class Core:
             lease_seconds=r.lease_seconds,
             quota_bytes=r.quota_bytes,
             max_handles=r.max_handles,
+            frees_with_calls=True,
         )
 
     def _forget(self, kernel: Kernel) -> None:

@@ -240,6 +240,22 @@ class Residents:
                 holder.renewed = self._clock()
         return len(freed), sum(freed)
 
+    def release(self, owner: Owner, ids: Iterable[str]) -> tuple[int, int]:
+        """Frees those of `ids` that are the owner's live handles here and skips
+        the rest (freed, expired, another process's or owner's: a client's
+        dropped handles, carried by its next call, which a lease may have ended
+        first): (handles, bytes) freed."""
+        if not owner.has_client_id:
+            return 0, 0
+        count = nbytes = 0
+        with self._lock:
+            for hid in dict.fromkeys(ids):
+                entry = self._entries.get(hid)
+                if entry is not None and hmac.compare_digest(entry.owner, owner.key):
+                    nbytes += self._drop_locked(hid)
+                    count += 1
+        return count, nbytes
+
     def renew(self, owner: Owner) -> Usage:
         self._require(owner)
         with self._lock:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
+
+import fuseport.client.resident
 from prometheus_client.parser import text_string_to_metric_families
 
 from fuseport.client import (
@@ -194,6 +196,75 @@ def test_dropped_remote_tensors_and_closed_clients_free_their_handles(
     assert resident(server, c.client_id).caller.handles == 0
     with pytest.raises(HandleNotFound, match="closed client"):
         kept.fetch()
+
+
+def free_handles_calls(server: ServerProcess) -> float:
+    """FreeHandles calls the server has finished, by any client."""
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "fuseport_requests_total" and s.labels.get("method") == "FreeHandles"
+    )
+
+
+def test_a_chain_frees_what_it_drops_with_its_next_call(
+    server: ServerProcess, kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h = execute(k, [h], keep=True)[0] in a loop: each step drops the last step's
+    output, and the next call carries its free (ExecuteOptions.free_handles), so a
+    chain costs one call a step, not a call and a FreeHandles."""
+    # Dropped ids wait for a call as long as the test takes: none goes by the lease thread.
+    monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 600.0)
+    with user(server) as c:
+        (h,) = c.execute(kernels["affine"], [torch.ones(8)], keep=True)
+        assert c.renew_lease().handles == 1  # and the client learns that calls carry frees
+        before = free_handles_calls(server)
+        expected = torch.ones(8) * 2 + 1
+        for _ in range(6):
+            (h,) = c.execute(kernels["affine"], [h], keep=True)  # the last h is dropped here
+            expected = expected * 2 + 1
+            # The server holds this step's output and the one dropped just now: every
+            # earlier one was freed by the call after it.
+            assert resident(server, c.client_id).caller.handles == 2
+        assert torch.equal(h.fetch(), expected)
+        assert free_handles_calls(server) == before
+        # A call that fails before it is sent gives its ids back; the lease thread frees them.
+        dropped_id = c.execute(kernels["affine"], [h], keep=True)[0].id
+        assert resident(server, c.client_id).caller.handles == 2  # h and the output just dropped
+        with pytest.raises(InvalidStack):
+            c.execute(kernels["affine"], [object()])  # took the dropped id, refused before sending
+        assert resident(server, c.client_id).caller.handles == 2
+        monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 0.0)
+        c._leases._wake.set()
+        deadline = time.monotonic() + 60
+        while resident(server, c.client_id).caller.handles != 1:  # h only
+            assert time.monotonic() < deadline, "dropped handles were not freed"
+            time.sleep(0.05)
+        with pytest.raises(HandleNotFound):
+            execute_raw(server, kernels["affine"], [codec.Handle(dropped_id)], c.client_id)
+
+
+def test_a_call_frees_only_its_callers_live_handles(server: ServerProcess, kernels: dict[str, int]) -> None:
+    """free_handles skips ids that are not the caller's live handles (another
+    client's, forged, already freed), where FreeHandles refuses them all."""
+    with user(server) as mine, user(server) as other:
+        (theirs,) = other.execute(kernels["affine"], [torch.ones(4)], keep=True)
+        (kept,) = mine.execute(kernels["affine"], [torch.ones(4)], keep=True)
+        (gone,) = mine.execute(kernels["affine"], [torch.ones(4)], keep=True)
+        request = codec.encode_execute_request(
+            kernels["affine"], [torch.ones(2)], free_handles=[theirs.id, "f" * 40, gone.id, gone.id]
+        )
+        out = codec.decode_execute_response(call(server, "Execute", request, mine.client_id)).stack
+        assert torch.equal(out[0], torch.full((2,), 3.0))  # the call itself ran
+        assert resident(server, mine.client_id).caller.handles == 1
+        assert resident(server, other.client_id).caller.handles == 1
+        assert torch.equal(theirs.fetch(), torch.full((4,), 3.0))
+        assert torch.equal(kept.fetch(), torch.full((4,), 3.0))
+        with pytest.raises(HandleNotFound):
+            gone.fetch()
 
 
 def test_memory_is_returned_after_free(

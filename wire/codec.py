@@ -684,6 +684,7 @@ class ExecuteRequest:
     shm_slot: int = 0
     shm_fresh_output: bool = False  # ExecuteOptions.shared_memory_fresh_output
     no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
+    free_handles: tuple[str, ...] = ()  # the caller's handles to free first (ExecuteOptions.free_handles)
 
 
 @dataclass(frozen=True)
@@ -727,8 +728,11 @@ def encode_execute_request(
     shm_slot: int = 0,
     no_batching: bool = False,
     shm_fresh_output: bool = False,
+    free_handles: Sequence[str] = (),
 ) -> bytes:
     head = _pb.service.ExecuteRequest(key=key)
+    if free_handles:
+        head.options.free_handles.extend(free_handles)
     if no_batching:
         head.options.no_batching = True
     if shm_session:
@@ -892,6 +896,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         shm_slot=options.shared_memory_slot,
         shm_fresh_output=options.shared_memory_fresh_output,
         no_batching=options.no_batching,
+        free_handles=tuple(options.free_handles),
     )
 
 

@@ -113,6 +113,8 @@ class KernelService:
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
         decode_ns = time.perf_counter_ns() - started
+        if req.free_handles:
+            self.core.release_handles(record.owner, req.free_handles)
         call: Call | None = None
         if not req.wait_for_compile and not req.graphs and not req.shm_session:
             # Timed as run_us.
@@ -143,6 +145,8 @@ class KernelService:
         started = time.perf_counter_ns()
         req = codec.decode_execute_request(request)
         del request  # the decoded tensors keep what they need of it
+        if req.free_handles:
+            self.core.release_handles(record.owner, req.free_handles)
         return self._finish(req, time.perf_counter_ns() - started, started - arrived, deadline, record, fused)
 
     def _finish(

@@ -72,10 +72,11 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "no_batching", "shared_memory_session", "shared_memory_slot", "shared_memory_fresh_output")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "free_handles", "no_batching", "shared_memory_session", "shared_memory_slot", "shared_memory_fresh_output")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_HANDLES_FIELD_NUMBER: _ClassVar[int]
     NO_BATCHING_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -83,11 +84,12 @@ class ExecuteOptions(_message.Message):
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
     keep_outputs: bool
+    free_handles: _containers.RepeatedScalarFieldContainer[str]
     no_batching: bool
     shared_memory_session: str
     shared_memory_slot: int
     shared_memory_fresh_output: bool
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ..., shared_memory_fresh_output: bool = ...) -> None: ...
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., free_handles: _Optional[_Iterable[str]] = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ..., shared_memory_fresh_output: bool = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs", "alias")
@@ -354,18 +356,20 @@ class RenewLeaseRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ResidentUsage(_message.Message):
-    __slots__ = ("handles", "bytes", "lease_seconds", "quota_bytes", "max_handles")
+    __slots__ = ("handles", "bytes", "lease_seconds", "quota_bytes", "max_handles", "frees_with_calls")
     HANDLES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    FREES_WITH_CALLS_FIELD_NUMBER: _ClassVar[int]
     handles: int
     bytes: int
     lease_seconds: float
     quota_bytes: int
     max_handles: int
-    def __init__(self, handles: _Optional[int] = ..., bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., quota_bytes: _Optional[int] = ..., max_handles: _Optional[int] = ...) -> None: ...
+    frees_with_calls: bool
+    def __init__(self, handles: _Optional[int] = ..., bytes: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., quota_bytes: _Optional[int] = ..., max_handles: _Optional[int] = ..., frees_with_calls: bool = ...) -> None: ...
 
 class RenewLeaseResponse(_message.Message):
     __slots__ = ("usage",)
