@@ -81,11 +81,17 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
-def _conns_on(target: str, pids: set[int], token: str | None = None, tries: int = 200) -> dict[int, _Conn]:
+def _conns_on(target: str, pids: set[int], token: str | None = None, within: float = 120.0) -> dict[int, _Conn]:
     """A connection to each process of `pids`: new connections until each pid has answered one
-    (the kernel spreads connections over the listening processes by a hash of their addresses)."""
+    (the kernel spreads connections over the listening processes by a hash of their addresses).
+    Until a deadline, not a number of tries: the server is ready when one process serves, and
+    on a loaded machine the other may start listening seconds later (200 tries in a row were
+    all answered by the first)."""
     found: dict[int, _Conn] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + within
+    tries = 0
+    while time.monotonic() < deadline:
+        tries += 1
         conn = _Conn(target, token)
         pid = conn.pid()
         if pid in pids and pid not in found:
