@@ -15,7 +15,7 @@ import torch
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.batching import Batcher
 from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
-from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
+from fuseport.server.checks import OVERFLOW_BYTES, DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
     Placement,
@@ -453,6 +453,12 @@ class Core:
         sends the call again as a stream), a stream ("stream": --max-stream-bytes),
         or nothing here ("shm": the servicer checks the session's room for
         results, which the core does not know)."""
+        if plan.overflow:
+            # Checked first: the other checks' numbers would count it as a size the data decides.
+            raise ResourceExhausted(
+                f"kernel {key}: a tensor of this call would be more than {OVERFLOW_BYTES - 1} bytes (its size "
+                f"does not fit 64 bits), more than any device holds: {plan.overflow}; refused before running"
+            )
         budget = self.settings.max_call_bytes
         if budget:
             inputs = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))

@@ -27,7 +27,12 @@ from fuseport.client import AsyncClient, Client
 from fuseport.server.core import Core
 from fuseport.server.settings import Settings
 from fuseport.wire import _pb
-from fuseport.wire.errors import ERROR_METADATA_KEY, ResourceExhausted, SharedMemoryUnavailable
+from fuseport.wire.errors import (
+    ERROR_METADATA_KEY,
+    ResourceExhausted,
+    ResultTooLarge,
+    SharedMemoryUnavailable,
+)
 from fuseport.wire.stream import Writer
 
 from .conftest import ServerProcess, start_server
@@ -244,6 +249,27 @@ def test_result_over_the_stream_limit_is_refused_before_running(server: ServerPr
         assert c.execute_detailed(k, [x, 3]).transport == "stream"
         with pytest.raises(ResourceExhausted, match="--max-stream-bytes"):
             c.execute(k, [x, (STREAM_LIMIT >> 20) + 1])  # 1 MiB in, 2 GiB + 1 MiB out
+    still_serves(server, key)
+
+
+def test_a_result_whose_size_overflows_64_bits_is_refused_as_too_large_before_running(
+    server: ServerProcess, key: int
+) -> None:
+    """2**59 rows of 4 floats are 2**63 bytes, one byte past what torch counts in an
+    int64 (its meta run raises "Storage size calculation overflowed"); 2**61 rows
+    overflow the element count itself. Either is a size no device holds:
+    RESOURCE_EXHAUSTED before anything runs, on every path, not ExecutionFailed."""
+    x = torch.ones(4)
+    with Client(server.target) as unary, Client(server.target, stream_above=0) as streamed:
+        k = unary.register(_rows, [x, 8])
+        for n in (1 << 59, 1 << 61):
+            for run in (unary.execute, unary.fallback, streamed.execute):
+                with pytest.raises(ResourceExhausted, match="refused before running") as info:
+                    run(k, [x, n])
+                assert not isinstance(info.value, ResultTooLarge)  # no stream is sent again for it
+                assert f"more than {2**63 - 1} bytes" in str(info.value), str(info.value)
+                assert "aten::" in str(info.value)  # the op that makes it
+        assert torch.equal(unary.execute(k, [x, 3])[0], torch.ones(3, 4))
     still_serves(server, key)
 
 
