@@ -323,6 +323,93 @@ def test_client_killed_mid_stream_frees_the_calls_memory_and_the_server_keeps_se
     still_serves(server, key)
 
 
+# --------------------------------------------------------------------------- stalled streams
+
+IDLE_SECONDS = 1  # --stream-idle-seconds of the idle server below
+U8 = _pb.values.DTYPE_UINT8
+
+
+class Stalled:
+    """A raw streamed call (ExecuteStream) that sends its header, declaring one
+    uint8 tensor of `nbytes`, and a first chunk, then nothing until closed: what
+    a client that stopped mid-stack looks like to the server."""
+
+    def __init__(
+        self, server: ServerProcess, nbytes: int, key: int = 0, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._closed = threading.Event()
+        self.channel = grpc.insecure_channel(server.target)
+
+        def messages() -> Iterator[bytes]:
+            yield header(key, [(U8, [nbytes])], [nbytes])
+            yield data(0, 0, bytes(min(1 << 20, nbytes)))
+            self._closed.wait()
+
+        self.call = self.channel.stream_stream(SERVICE + "ExecuteStream")(messages(), metadata=metadata)
+        self._ended: dict[str, Any] = {}
+        self._done = threading.Event()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            list(self.call)
+            self._ended["code"], self._ended["details"] = grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            self._ended["code"], self._ended["details"] = e.code(), e.details()  # type: ignore[attr-defined]
+        self._done.set()
+
+    def outcome(self, timeout: float) -> tuple[grpc.StatusCode, str]:
+        """How the server ended the call; fails if it has not within `timeout` seconds."""
+        assert self._done.wait(timeout), f"the server did not end the stalled stream within {timeout:g} s"
+        return self._ended["code"], self._ended["details"]
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._closed.set()
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("stream-idle"),
+        None,
+        "--compile-mode", "off",
+        "--shared-memory", "off",
+        "--stream-idle-seconds", str(IDLE_SECONDS),
+        "--metrics-port", "0",
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what_it_held_is_freed(
+    idle_server: ServerProcess,
+) -> None:
+    """A client that sends a header (the server allocates the stack it declares) and
+    a chunk, then nothing, used to keep that memory for as long as it kept the call
+    open. Past --stream-idle-seconds without a message the server ends the call,
+    DEADLINE_EXCEEDED naming the flag, and gives the reservation back."""
+    with Client(idle_server.target) as c:
+        key = c.register(_double, [torch.ones(4)])
+    held = "fuseport_stream_buffer_bytes"
+    stalled = Stalled(idle_server, 32 << 20, key)
+    try:
+        code, details = stalled.outcome(timeout=60)
+    finally:
+        stalled.close()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert "--stream-idle-seconds" in details and f"nothing for {IDLE_SECONDS} s" in details, details
+    deadline = time.monotonic() + 30
+    while idle_server.metric(held) != 0:
+        assert time.monotonic() < deadline, f"{held} still {idle_server.metric(held)}"
+        time.sleep(0.05)
+    assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
+    # Streams that keep sending are served as ever, through the real client.
+    still_serves(idle_server, key)
+    assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
+
+
 # --------------------------------------------------------------------------- round trips
 
 
