@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from fuseport.server.resident import Owner
-from fuseport.wire.errors import ResourceExhausted
+from fuseport.wire.errors import InvalidStack, ResourceExhausted
 
 __all__ = ["Hold", "StreamBuffers", "default_buffer_bytes", "host_memory_bytes"]
 
@@ -97,26 +97,30 @@ class StreamBuffers:
 
 class Hold:
     """One stream's reservation: `take` once its header is checked, `release` (any
-    number of times, from any thread) when its stack is complete or it ended."""
+    number of times, from any thread) when its stack is complete or it ended.
+    Released is final: a header still being checked on a worker when its stream
+    ended (cancelled, or idle) takes nothing, or it would hold its bytes for good."""
 
-    __slots__ = ("_buffers", "_lock", "_nbytes", "_token")
+    __slots__ = ("_buffers", "_lock", "_nbytes", "_released", "_token")
 
     def __init__(self, buffers: StreamBuffers, token: bytes) -> None:
         self._buffers = buffers
         self._token = token
         self._nbytes = 0
+        self._released = False
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> None:
         """Reserves `nbytes` (the header's declared total), or ResourceExhausted naming the flag."""
-        if nbytes <= 0:
-            return
         with self._lock:
-            self._buffers._take(self._token, nbytes)
-            self._nbytes += nbytes
+            if self._released:
+                raise InvalidStack("stream: the call ended while its header was being read")
+            if nbytes > 0:
+                self._buffers._take(self._token, nbytes)
+                self._nbytes += nbytes
 
     def release(self) -> None:
         with self._lock:
-            nbytes, self._nbytes = self._nbytes, 0
+            nbytes, self._nbytes, self._released = self._nbytes, 0, True
         if nbytes:
             self._buffers._give_back(self._token, nbytes)

@@ -25,10 +25,13 @@ import torch
 
 from fuseport.client import AsyncClient, Client
 from fuseport.server.core import Core
+from fuseport.server.resident import NO_OWNER, Owner
 from fuseport.server.settings import Settings
+from fuseport.server.streams import StreamBuffers
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
+    InvalidStack,
     ResourceExhausted,
     ResultTooLarge,
     SharedMemoryUnavailable,
@@ -236,6 +239,30 @@ def test_stream_over_the_call_budget_is_refused_from_its_header(tmp_path: Path) 
     with pytest.raises(ResourceExhausted, match="--max-call-bytes"):
         core.check_stream([1 << 29, (1 << 29) + 1])
     core.check_stream([1 << 29, 1 << 29])  # exactly the budget
+
+
+def test_stream_buffers_count_headers_in_total_and_per_token_and_an_ended_stream_takes_nothing() -> None:
+    buffers = StreamBuffers(limit=100, per_token=60)
+    token_a, token_b = Owner(b"", False, b"a"), Owner(b"", False, b"b")
+    first = buffers.hold(token_a)
+    first.take(50)
+    with pytest.raises(ResourceExhausted, match="--max-stream-buffer-bytes-per-token"):
+        buffers.hold(token_a).take(11)
+    anonymous = buffers.hold(NO_OWNER)  # no token: the total alone bounds it
+    anonymous.take(50)
+    with pytest.raises(ResourceExhausted, match=r"\(--max-stream-buffer-bytes\)"):
+        buffers.hold(token_b).take(1)
+    first.release()
+    first.release()  # once only
+    assert buffers.held == 50
+    # A header checked on a worker after its stream ended (idle, cancelled) must not hold for good.
+    late = buffers.hold(token_b)
+    late.release()
+    with pytest.raises(InvalidStack):
+        late.take(10)
+    anonymous.release()
+    assert buffers.held == 0
+    buffers.hold(token_a).take(60)  # the token's whole share again: nothing of the first is left
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
