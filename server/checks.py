@@ -43,14 +43,19 @@ import torch.fx
 from fuseport.wire import ops
 
 __all__ = [
-    "DataError", "OutOfTime", "Plan", "Planner", "between_ops", "check_data", "device_capacity", "time_limits",
-    "with_data_checks",
+    "OVERFLOW_BYTES", "DataError", "OutOfTime", "Plan", "Planner", "between_ops", "check_data", "device_capacity",
+    "time_limits", "with_data_checks",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 META = torch.device("meta")
 _PLANS_PER_GRAPH = 256
+# A tensor's size past what torch counts in an int64: more than any device holds.
+OVERFLOW_BYTES = 1 << 63
+# c10's checks for such a size (the byte size, and the element count, of a shape):
+# torch raises them as plain RuntimeErrors, so their words are all there is to know them by.
+_OVERFLOW_WORDS = ("Storage size calculation overflowed", "integer multiplication overflow")
 
 
 class DataError(ValueError):
@@ -481,6 +486,10 @@ class Plan:
     input_checks: tuple[_InputCheck, ...] = ()
     unfused: str = ""
     outputs: tuple[Any, ...] | None = None
+    # Set (the op, and torch's words) when a tensor of these sizes would have more
+    # bytes or elements than 64 bits count: planning stops there, and the call is
+    # refused as too large (largest_bytes is then OVERFLOW_BYTES), not as an error.
+    overflow: str = ""
 
     def check_inputs(self, args: Sequence[Any], module: torch.nn.Module) -> None:
         """Makes the data checks of inputs (on the host) and constants; raises DataError."""
@@ -600,6 +609,10 @@ class Planner:
                     return Plan(largest_bytes=largest, largest_what=largest_what, input_checks=tuple(checks),
                                 unfused=unfused)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - whatever the op raises on these arguments
+                    if isinstance(e, RuntimeError) and any(w in str(e) for w in _OVERFLOW_WORDS):
+                        # Not a shape error: sizes this large are a resource no device has.
+                        what = f"{_where(node)} ({_first_line(e)})"
+                        return Plan(largest_bytes=OVERFLOW_BYTES, largest_what=what, overflow=what)
                     return Plan(error=f"{_where(node)}: {_first_line(e)}")
                 env[node] = out
                 usage.op(node, pos, _tensors(a) + _tensors(k), out)

@@ -15,7 +15,7 @@ import torch
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.batching import Batcher
 from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
-from fuseport.server.checks import DataError, OutOfTime, Plan, device_capacity, time_limits
+from fuseport.server.checks import OVERFLOW_BYTES, DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
     Placement,
@@ -30,6 +30,7 @@ from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
 from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_sizes
+from fuseport.server.streams import Hold, StreamBuffers, default_buffer_bytes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog, past_limit
 from fuseport.wire import _pb
@@ -134,6 +135,11 @@ class Core:
             per_identity=settings.shared_memory_sessions_per_identity,
             ticket_seconds=settings.shared_memory_ticket_seconds,
             idle_seconds=settings.shared_memory_idle_seconds,
+        )
+        # What streamed calls still arriving hold (server/streams.py).
+        buffer_limit = settings.max_stream_buffer_bytes or default_buffer_bytes()
+        self.stream_buffers = StreamBuffers(
+            buffer_limit, settings.max_stream_buffer_bytes_per_token or max(1, buffer_limit // 2)
         )
         # Dynamic batching (server/batching.py), when its window is not 0.
         self.batcher: Batcher | None = None
@@ -411,10 +417,12 @@ class Core:
         run_us = (call.prepare_ns + time.perf_counter_ns() - started) // 1000
         return Result(call.below + outputs, outcome.path, outcome.reason, outcome.detail, run_us, call.variant.key)
 
-    def check_stream(self, sizes: Sequence[int]) -> None:
+    def check_stream(self, sizes: Sequence[int], hold: Hold | None = None) -> None:
         """Refuses a streamed stack from its header alone, before any of it is
         allocated: over --max-stream-bytes, over --max-call-bytes (its inputs alone),
-        or a tensor larger than the device."""
+        a tensor larger than the device, or (with `hold`, the stream's share of
+        server/streams.py's budget, which then holds the bytes) more than the
+        streams still arriving may hold (--max-stream-buffer-bytes, and per token)."""
         total = sum(sizes)
         limit = self.settings.max_stream_bytes
         if total > limit:
@@ -423,6 +431,8 @@ class Core:
                 "send (--max-stream-bytes); refused before allocating"
             )
         self.check_inputs(sizes, "streamed stack")
+        if hold is not None:
+            hold.take(total)
 
     def check_inputs(self, sizes: Sequence[int], what: str) -> None:
         """Refuses a stack from its tensors' declared sizes, before any is
@@ -453,6 +463,12 @@ class Core:
         sends the call again as a stream), a stream ("stream": --max-stream-bytes),
         or nothing here ("shm": the servicer checks the session's room for
         results, which the core does not know)."""
+        if plan.overflow:
+            # Checked first: the other checks' numbers would count it as a size the data decides.
+            raise ResourceExhausted(
+                f"kernel {key}: a tensor of this call would be more than {OVERFLOW_BYTES - 1} bytes (its size "
+                f"does not fit 64 bits), more than any device holds: {plan.overflow}; refused before running"
+            )
         budget = self.settings.max_call_bytes
         if budget:
             inputs = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))

@@ -180,6 +180,9 @@ def refuse_if_only_fails(planner: Any, sig: Signature, capacity: int, device: to
         plan = planner.plan(args)
         if plan.error is not None:
             failures.append((size, plan.error, 0))
+        elif plan.overflow:
+            over = plan.largest_bytes
+            failures.append((size, f"{plan.overflow}: over {over - 1} bytes", over))
         elif plan.largest_bytes > capacity:
             failures.append((size, f"{plan.largest_what} is {plan.largest_bytes} bytes", plan.largest_bytes))
         elif (plan.output_bytes or 0) > capacity:

@@ -244,6 +244,22 @@ class _StateCollector:
             "Handles freed because their client stopped renewing its lease",
             value=residents.expired,
         )
+        buffers = self.core.stream_buffers
+        yield GaugeMetricFamily(
+            "fuseport_stream_buffer_bytes",
+            "Bytes reserved by streamed calls whose stack is still arriving (their headers' declared sizes)",
+            value=buffers.held,
+        )
+        yield GaugeMetricFamily(
+            "fuseport_stream_buffer_limit_bytes",
+            "Bytes streamed calls still arriving may hold together (--max-stream-buffer-bytes)",
+            value=buffers.limit,
+        )
+        yield CounterMetricFamily(
+            "fuseport_stream_idle_ends",
+            "Streamed calls ended because their client sent nothing for --stream-idle-seconds",
+            value=buffers.idle_ends,
+        )
         watchdog = self.core.watchdog
         overruns = CounterMetricFamily(
             "fuseport_call_overruns",

@@ -191,6 +191,30 @@ class Settings:
     stream_chunk_bytes: int = field(
         default=4 << 20, metadata={"help": "data bytes per chunk of a streamed result"}
     )
+    # A stalled client must not hold a stream's memory for as long as it keeps the call open.
+    stream_idle_seconds: float = field(
+        default=30.0,
+        metadata={
+            "help": "a streamed call whose client sends no message for this long before its stack is "
+            "complete is ended (DEADLINE_EXCEEDED) and what it received is freed"
+        },
+    )
+    max_stream_buffer_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "bytes that streamed calls still arriving may hold together on one serving process: each "
+            "header reserves what it declares (its destination is allocated whole), until its stack is "
+            "complete; a header past it is RESOURCE_EXHAUSTED (unset: half the host memory the server may "
+            "use, its cgroup's limit if lower, shared among the serving processes)"
+        },
+    )
+    max_stream_buffer_bytes_per_token: int | None = field(
+        default=None,
+        metadata={
+            "help": "with --auth-tokens, what one token's streamed calls still arriving may hold of "
+            "--max-stream-buffer-bytes (unset: half of it)"
+        },
+    )
     # Device-resident values (ExecuteOptions.keep_outputs: outputs kept on the device as handles).
     handle_lease_seconds: float = field(
         default=60.0,
@@ -343,6 +367,12 @@ class Settings:
             raise ValueError("max_stream_bytes must be >= 0")
         if self.stream_chunk_bytes < 1:
             raise ValueError("stream_chunk_bytes must be at least 1")
+        if self.stream_idle_seconds <= 0:
+            raise ValueError("stream_idle_seconds must be > 0")
+        for name in ("max_stream_buffer_bytes", "max_stream_buffer_bytes_per_token"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (unset: derived from memory)")
         if self.event_loop not in EVENT_LOOPS:
             raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, not {self.event_loop!r}")
         if self.compiler not in COMPILERS:

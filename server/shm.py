@@ -26,6 +26,8 @@ unmaps it, all before the call goes on. Nothing of the server's is exported.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import secrets
@@ -59,7 +61,12 @@ MAX_REGIONS = 128  # input regions a session may hand over
 MAX_SESSIONS = 256  # sessions per serving process, pending and connected (--shared-memory-sessions)
 SESSIONS_PER_IDENTITY = 64  # of those, one identity's (--shared-memory-sessions-per-identity)
 MAX_PENDING = 32  # connections that have not yet said HELLO
-HELLO_SECONDS = 5.0  # a connection has this long to present its ticket
+# Of those, what one user (the peer's uid, SO_PEERCRED) may hold: past it, its own
+# oldest goes; past MAX_PENDING, the oldest of the user holding the most goes. So
+# connections that never say HELLO take no slot from another user, and a client
+# (which says HELLO as soon as it connects) gets one even among its own user's idle ones.
+PENDING_PER_UID = 8
+HELLO_SECONDS = 2.0  # a connection has this long to present its ticket (a client sends it on connecting)
 TICKET_SECONDS = 30.0  # a ticket unused this long is void (--shared-memory-ticket-seconds)
 IDLE_SECONDS = 600.0  # a session without a call this long is ended (--shared-memory-idle-seconds)
 _OUTPUT_STEP = 1 << 20  # output regions are sized in whole MiB
@@ -195,7 +202,8 @@ class SharedMemory:
         self._cuda_ordinal = 0 if cuda_device is None else cuda_device.index or 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
-        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        # Connections yet to say HELLO, oldest first: their peer's uid (see PENDING_PER_UID).
+        self._pending: dict[socket.socket, int] = {}
         self._listener: socket.socket | None = None
         if enabled and not shm.AVAILABLE:
             self.reason = "shared memory needs Linux (memfd seals, abstract Unix sockets)"
@@ -503,15 +511,47 @@ class SharedMemory:
                 time.sleep(pause)
                 continue
             pause = 0.0
-            if not self._pending.acquire(blocking=False):
-                conn.close()  # too many connections yet to say HELLO
-                continue
+            self._admit(conn)
             try:
                 threading.Thread(target=self._serve, args=(conn,), name="fuseport-shm-session", daemon=True).start()
             except RuntimeError as e:  # can't start new thread
-                self._pending.release()
+                self._leave(conn)
                 conn.close()
                 log.warning("shared memory: cannot serve a connection (%s)", e)
+
+    def _admit(self, conn: socket.socket) -> None:
+        """Counts a new connection as pending, making room by ending another
+        pending one if need be: the oldest of its own user once that user holds
+        PENDING_PER_UID, else, with MAX_PENDING pending, the oldest of the user
+        holding the most. A connection that never says HELLO is a slot held at
+        no cost; refusing newcomers instead let anyone on the host keep every
+        client from a session by holding them."""
+        try:
+            uid = shm.peer_creds(conn)[1]  # the kernel says (at connect); no caller chooses it
+        except OSError:
+            uid = -1
+        with self._lock:
+            pending = self._pending
+            mine = [c for c, u in pending.items() if u == uid]
+            victim = None
+            if len(mine) >= PENDING_PER_UID:
+                victim = mine[0]
+            elif len(pending) >= MAX_PENDING:
+                counts = collections.Counter(pending.values())
+                most = max(counts, key=counts.__getitem__)
+                victim = next(c for c, u in pending.items() if u == most)
+            if victim is not None:
+                del pending[victim]
+            pending[conn] = uid
+        if victim is not None:
+            # Shut down, not closed: its own thread, waiting in recv, wakes up and closes it.
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)
+
+    def _leave(self, conn: socket.socket) -> bool:
+        """No longer pending; False if it had been ended to make room (_admit)."""
+        with self._lock:
+            return self._pending.pop(conn, None) is not None
 
     def _serve(self, conn: socket.socket) -> None:
         session: _Session | None = None
@@ -519,7 +559,7 @@ class SharedMemory:
             try:
                 session = self._hello(conn)
             finally:
-                self._pending.release()
+                self._leave(conn)
             if session is None:
                 return
             self._read(session)
@@ -537,6 +577,11 @@ class SharedMemory:
             p = shm.recv_packet(conn)
         except (OSError, ValueError) as e:
             log.info("shared memory: a connection without a valid HELLO: %s", e)
+            return None
+        if not self._leave(conn):
+            # Ended to make room while its HELLO arrived: it is gone, whatever it said.
+            if p is not None and p.fd is not None:
+                os.close(p.fd)
             return None
         if p is None or p.kind != shm.HELLO:
             if p is not None and p.fd is not None:

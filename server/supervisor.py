@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fuseport.server.settings import Settings
+from fuseport.server.streams import default_buffer_bytes
 from fuseport.wire._local import read_named_port, write_port_file
 
 __all__ = ["Supervisor", "devices_of", "plan_processes"]
@@ -209,12 +210,15 @@ class Supervisor:
     # ------------------------------------------------------------------ processes
 
     def _child_settings(self, slot: _Slot, port: int) -> Settings:
+        # Unset: the host's share, divided among the processes (each holds its own streams).
+        buffers = self.settings.max_stream_buffer_bytes or default_buffer_bytes(self.processes)
         return self.settings.replace(
             port=port,
             port_file=slot.port_file,
             device=slot.device,
             processes=1,
             metrics_port=None if self.settings.metrics_port is None else 0,
+            max_stream_buffer_bytes=buffers,
         )
 
     def _start(self, slot: _Slot, port: int) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,14 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str) -> float:
+        """One sample of its Prometheus metrics (started with --metrics-port), by its full name and labels."""
+        with urllib.request.urlopen(self.metrics_url, timeout=30) as resp:  # noqa: S310 - loopback
+            text = resp.read().decode()
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert found, f"no {name} in the metrics"
+        return float(found.group(1))
 
     def rss(self) -> int:
         """The server's resident memory in bytes (Linux)."""

@@ -29,9 +29,13 @@ from fuseport.wire import codec
 from .conftest import ServerProcess, start_server
 from .test_faults import _conn_on
 from .test_procs import _children, _conns_on
+from .test_stream import Stalled, _double
 
 ADMIN = "adm1n-5c1d8e2f7a9b3046"
 USER = "us3r-9e4a7c2d1f6b8053"
+USER2 = "us3r-2b7d4f9a6c1e8035"
+# --max-stream-buffer-bytes of the module server; a token's share is half of it.
+STREAM_BUFFER = 64 << 20
 # zeros(1024) expanded to (n, 1024): 32 Gi elements to read, seconds on a core even fused.
 HEAVY_N = 1 << 25
 # A quarter of it: far past a 0.3 s deadline and the module server's 0.5 s grace
@@ -61,12 +65,12 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("isolation")
     tokens = tmp / "tokens"
-    tokens.write_text(f"{ADMIN} admin\n{USER} user\n")
+    tokens.write_text(f"{ADMIN} admin\n{USER} user\n{USER2} user\n")
     # A short grace, and no --max-call-seconds: one serving process does not retire for
     # its callers' deadlines (the tests below that retire a server start their own).
     s = start_server(
         tmp, None, "--auth-tokens", str(tokens), "--max-call-bytes", str(1 << 30), "--artifact-dir", str(artifacts),
-        "--overrun-grace-seconds", "0.5", "--metrics-port", "0",
+        "--overrun-grace-seconds", "0.5", "--metrics-port", "0", "--max-stream-buffer-bytes", str(STREAM_BUFFER),
     )  # fmt: skip
     yield s
     s.stop()
@@ -254,6 +258,59 @@ def test_a_call_past_its_deadline_is_answered_and_what_its_kernel_keeps_is_dropp
         assert user.resident().caller.handles == 1
         assert handle.fetch().item() == 0.0
     assert user_health(server) == "SERVING"
+
+
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_streams_still_arriving_hold_at_most_their_budget_together_and_per_token(
+    server: ServerProcess,
+) -> None:
+    """A stream's header reserves the stack it declares (the server allocates it
+    whole) until the stack is complete: streams that stall hold it. Together they
+    hold at most --max-stream-buffer-bytes, one token's at most its share (half);
+    a header past either is RESOURCE_EXHAUSTED naming the flag, and other tokens'
+    streams, whole streams within what is left and unary calls are served."""
+    with Client(server.target, timeout=300, token=ADMIN) as admin:
+        key = admin.register(_double, [torch.ones(4)])
+    held = "fuseport_stream_buffer_bytes"
+    assert _metric(server, "fuseport_stream_buffer_limit_bytes") == STREAM_BUFFER
+
+    def holding(n: int) -> None:
+        _wait_for(lambda: _metric(server, held) == n, f"{held} == {n}", server.log, 60)
+
+    stalls: list[Stalled] = []
+
+    def stall(token: str, nbytes: int) -> Stalled:
+        stalls.append(Stalled(server, nbytes, key, _bearer(token)))
+        return stalls[-1]
+
+    try:
+        holding(0)
+        stall(USER, 24 << 20)
+        holding(24 << 20)
+        code, details = stall(USER, 16 << 20).outcome(timeout=60)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "--max-stream-buffer-bytes-per-token" in details, details
+        assert "refused before allocating" in details, details
+        stall(ADMIN, 24 << 20)  # another token: a share of its own
+        holding(48 << 20)
+        code, details = stall(USER2, 24 << 20).outcome(timeout=60)  # its share is free, the budget is not
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "(--max-stream-buffer-bytes)" in details, details
+        assert f"of the {STREAM_BUFFER} bytes" in details, details
+        x = torch.randn(2 << 20)  # 8 MiB: within what is left
+        with Client(server.target, timeout=60, token=USER2, stream_above=0, shared_memory=False) as user2:
+            r = user2.execute_detailed(key, [x])
+            assert r.transport == "stream" and torch.equal(r.stack[0], x * 2 + 1)
+        with Client(server.target, timeout=60, token=USER) as user:
+            assert torch.equal(user.execute(key, [torch.ones(4)])[0], torch.full((4,), 3.0))
+        assert _metric(server, held) == 48 << 20  # the whole stream gave its bytes back
+    finally:
+        for s in stalls:
+            s.close()
+    holding(0)  # cancelled: what the stalled streams held is given back
 
 
 def user_health(server: ServerProcess) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from fuseport.client import Client
-from fuseport.server.shm import MAX_SESSIONS
+from fuseport.server.shm import MAX_PENDING, MAX_SESSIONS
 from fuseport.wire import codec, shm
 
 from .conftest import ServerProcess, start_server
@@ -201,6 +202,45 @@ def test_the_socket_keeps_accepting_after_the_server_ran_out_of_descriptors(serv
             s.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, limit)
     still_serves(server, key)
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the server ended this connection (it reads as at its end)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN | select.POLLHUP)
+    return bool(p.poll(0))
+
+
+def test_idle_connections_to_the_socket_neither_keep_a_client_from_its_session_nor_stay(
+    server: ServerProcess, key: int
+) -> None:
+    """Anyone on the host can connect to the socket and say nothing. Those used to
+    hold the slots of connections yet to say HELLO (MAX_PENDING), and a client
+    connecting meanwhile was turned away (and sent its calls over the network).
+    Now a newcomer takes the slot of the oldest idle connection of the user holding
+    the most (here the attacker is the client's own user, the hardest case), and
+    an idle connection is ended after HELLO_SECONDS whatever happens."""
+    probe = _raw(server, key)
+    address = probe.opened.socket
+    probe.close()
+    idle = [shm.connect(address, 10) for _ in range(2 * MAX_PENDING)]
+    try:
+        # The server took them all in: past MAX_PENDING they are ended, so every
+        # slot is held by an idle connection when the client comes.
+        deadline = time.monotonic() + 60
+        while sum(_hung_up(s) for s in idle) < len(idle) - MAX_PENDING:
+            assert time.monotonic() < deadline, "the server never took the idle connections in"
+            time.sleep(0.01)
+        still_serves(server, key)  # through a session of its own: transport "shm"
+        # None of them stays: each is ended HELLO_SECONDS after it came, at the latest.
+        deadline = time.monotonic() + 60
+        while not all(_hung_up(s) for s in idle):
+            stayed = sum(not _hung_up(s) for s in idle)
+            assert time.monotonic() < deadline, f"{stayed} idle connections stayed"
+            time.sleep(0.05)
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_a_session_the_server_no_longer_knows_is_replaced_not_tried_on_every_call(

@@ -25,9 +25,17 @@ import torch
 
 from fuseport.client import AsyncClient, Client
 from fuseport.server.core import Core
+from fuseport.server.resident import NO_OWNER, Owner
 from fuseport.server.settings import Settings
+from fuseport.server.streams import StreamBuffers
 from fuseport.wire import _pb
-from fuseport.wire.errors import ERROR_METADATA_KEY, ResourceExhausted, SharedMemoryUnavailable
+from fuseport.wire.errors import (
+    ERROR_METADATA_KEY,
+    InvalidStack,
+    ResourceExhausted,
+    ResultTooLarge,
+    SharedMemoryUnavailable,
+)
 from fuseport.wire.stream import Writer
 
 from .conftest import ServerProcess, start_server
@@ -233,6 +241,30 @@ def test_stream_over_the_call_budget_is_refused_from_its_header(tmp_path: Path) 
     core.check_stream([1 << 29, 1 << 29])  # exactly the budget
 
 
+def test_stream_buffers_count_headers_in_total_and_per_token_and_an_ended_stream_takes_nothing() -> None:
+    buffers = StreamBuffers(limit=100, per_token=60)
+    token_a, token_b = Owner(b"", False, b"a"), Owner(b"", False, b"b")
+    first = buffers.hold(token_a)
+    first.take(50)
+    with pytest.raises(ResourceExhausted, match="--max-stream-buffer-bytes-per-token"):
+        buffers.hold(token_a).take(11)
+    anonymous = buffers.hold(NO_OWNER)  # no token: the total alone bounds it
+    anonymous.take(50)
+    with pytest.raises(ResourceExhausted, match=r"\(--max-stream-buffer-bytes\)"):
+        buffers.hold(token_b).take(1)
+    first.release()
+    first.release()  # once only
+    assert buffers.held == 50
+    # A header checked on a worker after its stream ended (idle, cancelled) must not hold for good.
+    late = buffers.hold(token_b)
+    late.release()
+    with pytest.raises(InvalidStack):
+        late.take(10)
+    anonymous.release()
+    assert buffers.held == 0
+    buffers.hold(token_a).take(60)  # the token's whole share again: nothing of the first is left
+
+
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.expand(n, -1) * 1
 
@@ -244,6 +276,27 @@ def test_result_over_the_stream_limit_is_refused_before_running(server: ServerPr
         assert c.execute_detailed(k, [x, 3]).transport == "stream"
         with pytest.raises(ResourceExhausted, match="--max-stream-bytes"):
             c.execute(k, [x, (STREAM_LIMIT >> 20) + 1])  # 1 MiB in, 2 GiB + 1 MiB out
+    still_serves(server, key)
+
+
+def test_a_result_whose_size_overflows_64_bits_is_refused_as_too_large_before_running(
+    server: ServerProcess, key: int
+) -> None:
+    """2**59 rows of 4 floats are 2**63 bytes, one byte past what torch counts in an
+    int64 (its meta run raises "Storage size calculation overflowed"); 2**61 rows
+    overflow the element count itself. Either is a size no device holds:
+    RESOURCE_EXHAUSTED before anything runs, on every path, not ExecutionFailed."""
+    x = torch.ones(4)
+    with Client(server.target) as unary, Client(server.target, stream_above=0) as streamed:
+        k = unary.register(_rows, [x, 8])
+        for n in (1 << 59, 1 << 61):
+            for run in (unary.execute, unary.fallback, streamed.execute):
+                with pytest.raises(ResourceExhausted, match="refused before running") as info:
+                    run(k, [x, n])
+                assert not isinstance(info.value, ResultTooLarge)  # no stream is sent again for it
+                assert f"more than {2**63 - 1} bytes" in str(info.value), str(info.value)
+                assert "aten::" in str(info.value)  # the op that makes it
+        assert torch.equal(unary.execute(k, [x, 3])[0], torch.ones(3, 4))
     still_serves(server, key)
 
 
@@ -295,6 +348,93 @@ def test_client_killed_mid_stream_frees_the_calls_memory_and_the_server_keeps_se
         time.sleep(0.1)
     assert grown <= KEEP + (32 << 20), f"the server still holds {grown >> 20} MiB of a dead client's call"
     still_serves(server, key)
+
+
+# --------------------------------------------------------------------------- stalled streams
+
+IDLE_SECONDS = 1  # --stream-idle-seconds of the idle server below
+U8 = _pb.values.DTYPE_UINT8
+
+
+class Stalled:
+    """A raw streamed call (ExecuteStream) that sends its header, declaring one
+    uint8 tensor of `nbytes`, and a first chunk, then nothing until closed: what
+    a client that stopped mid-stack looks like to the server."""
+
+    def __init__(
+        self, server: ServerProcess, nbytes: int, key: int = 0, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self._closed = threading.Event()
+        self.channel = grpc.insecure_channel(server.target)
+
+        def messages() -> Iterator[bytes]:
+            yield header(key, [(U8, [nbytes])], [nbytes])
+            yield data(0, 0, bytes(min(1 << 20, nbytes)))
+            self._closed.wait()
+
+        self.call = self.channel.stream_stream(SERVICE + "ExecuteStream")(messages(), metadata=metadata)
+        self._ended: dict[str, Any] = {}
+        self._done = threading.Event()
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            list(self.call)
+            self._ended["code"], self._ended["details"] = grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            self._ended["code"], self._ended["details"] = e.code(), e.details()  # type: ignore[attr-defined]
+        self._done.set()
+
+    def outcome(self, timeout: float) -> tuple[grpc.StatusCode, str]:
+        """How the server ended the call; fails if it has not within `timeout` seconds."""
+        assert self._done.wait(timeout), f"the server did not end the stalled stream within {timeout:g} s"
+        return self._ended["code"], self._ended["details"]
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._closed.set()
+        self.channel.close()
+
+
+@pytest.fixture(scope="module")
+def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    s = start_server(
+        tmp_path_factory.mktemp("stream-idle"),
+        None,
+        "--compile-mode", "off",
+        "--shared-memory", "off",
+        "--stream-idle-seconds", str(IDLE_SECONDS),
+        "--metrics-port", "0",
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what_it_held_is_freed(
+    idle_server: ServerProcess,
+) -> None:
+    """A client that sends a header (the server allocates the stack it declares) and
+    a chunk, then nothing, used to keep that memory for as long as it kept the call
+    open. Past --stream-idle-seconds without a message the server ends the call,
+    DEADLINE_EXCEEDED naming the flag, and gives the reservation back."""
+    with Client(idle_server.target) as c:
+        key = c.register(_double, [torch.ones(4)])
+    held = "fuseport_stream_buffer_bytes"
+    stalled = Stalled(idle_server, 32 << 20, key)
+    try:
+        code, details = stalled.outcome(timeout=60)
+    finally:
+        stalled.close()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert "--stream-idle-seconds" in details and f"nothing for {IDLE_SECONDS} s" in details, details
+    deadline = time.monotonic() + 30
+    while idle_server.metric(held) != 0:
+        assert time.monotonic() < deadline, f"{held} still {idle_server.metric(held)}"
+        time.sleep(0.05)
+    assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
+    # Streams that keep sending are served as ever, through the real client.
+    still_serves(idle_server, key)
+    assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
 
 
 # --------------------------------------------------------------------------- round trips

@@ -18,9 +18,11 @@ from fuseport.server.calls import Call, Result
 from fuseport.server.core import Core
 from fuseport.server.rpc.plumbing import CallRecord, Plumbing, Streamed, parse
 from fuseport.server.shm import MAX_SLOTS, SharedCall
+from fuseport.server.streams import Hold
 from fuseport.wire import _pb, codec
+from fuseport.wire.errors import DeadlineExceeded
 from fuseport.wire.hostmem import release_host_memory
-from fuseport.wire.stream import CHUNK_BYTES, Assembler, TensorSpec, Writer
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer
 
 __all__ = ["SERVICE_NAME", "KernelService"]
 
@@ -246,19 +248,28 @@ class KernelService:
         tensors' memory (the next one made while the current one is sent)."""
         record, deadline = call.record, call.deadline
         loop = asyncio.get_running_loop()
-        assembler = Assembler("request", sink=self._stream_sink, check=self._check_stream)
+        # Its share of what streams still arriving may hold: taken by the header's
+        # check, given back once the stack is complete or the stream ends.
+        hold = self.core.stream_buffers.hold(record.owner)
+        assembler = Assembler(
+            "request",
+            sink=self._stream_sink,
+            check=lambda specs: self.core.check_stream([s.nbytes for s in specs], hold),
+        )
         # Whatever happens (an error, a client that went away), a large call
         # hands its freed memory back once it is over.
-        call.context.add_done_callback(lambda _: self._after_stream(loop, assembler, call))
+        call.context.add_done_callback(lambda _: self._after_stream(loop, assembler, call, hold))
         try:
             pending: asyncio.Future[None] | None = None
-            async for raw in requests:
+            messages = aiter(requests)
+            while (raw := await self._next_message(messages)) is not None:
                 if pending is not None:
                     await pending
                 pending = loop.run_in_executor(self._pool, assembler.feed, raw)
             if pending is not None:
                 await pending
             stack = assembler.finish()
+            hold.release()  # complete: the call's now, bounded as every call is
             header = assembler.header
             call.received = assembler.bytes
             decode_ns = time.perf_counter_ns() - call.arrived
@@ -306,6 +317,25 @@ class KernelService:
         finally:
             call.received = assembler.bytes
             assembler.release()
+            hold.release()
+
+    async def _next_message(self, messages: AsyncIterator[bytes]) -> bytes | None:
+        """The stream's next message, None at its end; DeadlineExceeded naming
+        --stream-idle-seconds when the client sends none for that long. A client
+        that stops mid-stack would otherwise hold its stack's memory for as long as
+        it keeps the call open (without a deadline: for ever). DEADLINE_EXCEEDED, not
+        CANCELLED: a time limit passed, and the status table has no CANCELLED."""
+        idle = self.core.settings.stream_idle_seconds
+        try:
+            return await asyncio.wait_for(anext(messages), idle)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            self.core.stream_buffers.idle_ends += 1  # on the event loop only
+            raise DeadlineExceeded(
+                f"the client sent nothing for {idle:g} s before its streamed stack was complete "
+                "(--stream-idle-seconds); the call is ended and what it sent is freed"
+            ) from None
 
     def _stream_sink(self, nbytes: int) -> Any:
         # Past the keep-for-reuse budget a buffer is not kept anyway: give it
@@ -314,11 +344,11 @@ class KernelService:
         own = release_above is not None and nbytes > release_above
         return self.core.placement.stream_sink(nbytes, own_pages=own)
 
-    def _check_stream(self, specs: list[TensorSpec]) -> None:
-        self.core.check_stream([s.nbytes for s in specs])
-
-    def _after_stream(self, loop: asyncio.AbstractEventLoop, assembler: Assembler, call: Streamed) -> None:
+    def _after_stream(
+        self, loop: asyncio.AbstractEventLoop, assembler: Assembler, call: Streamed, hold: Hold
+    ) -> None:
         assembler.release()
+        hold.release()
         release_above = self.plumbing.release_above
         if release_above is not None and assembler.declared + call.sent > release_above:
             loop.call_soon(release_host_memory)
