@@ -520,7 +520,9 @@ class _Base:
 
         `stream_above`: stacks with at least this many tensor bytes are sent
         as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
-        large for one message; None sends every stack as one message.
+        large for one message; None sends every stack as one message. Register
+        does the same with graphs of at least this many bytes (RegisterStream:
+        their large constants in chunks, so that the server holds the graph once).
 
         `shared_memory`: when the server is on this host and offers it, stacks
         with at least `shared_above` tensor bytes travel through shared memory
@@ -1196,7 +1198,9 @@ class Client(_Base):
 
         A client that registered a function captures it again by itself when a
         later stack needs another variant, and sends its graphs again to a
-        server (or replica) that lost them.
+        server (or replica) that lost them. A graph of `stream_above` bytes or
+        more, or one over the message limit, travels as a stream of chunks
+        (RegisterStream), with the same key and errors.
 
         Args:
             fn_or_module: A function or `torch.nn.Module` to capture, or a
@@ -1220,8 +1224,9 @@ class Client(_Base):
             InvalidGraph: The server refuses the graph (OpNotAllowed: an op
                 outside its allowlist).
             KernelNotFound: `variant_of` names no kernel on the server.
-            ResourceExhausted: The graph is over the message limit, or the
-                server's store is full.
+            ResourceExhausted: The graph is over the server's --max-graph-bytes
+                (to a server older than RegisterStream: over the message limit),
+                or the server's store is full.
             Unauthenticated: No token, or one the server does not know.
             PermissionDenied: The token's role may not call Register.
             Unavailable: The server cannot be reached or is shutting down.
