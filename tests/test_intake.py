@@ -487,3 +487,25 @@ def test_a_register_stream_declaring_more_than_max_graph_bytes_is_refused_before
     with Client(server.target, stream_above=0) as c:
         assert c.register(graph) == key_for(graph)
         assert c.unregister(key_for(graph))
+
+
+def test_a_client_facing_a_server_without_register_stream_registers_the_graph_as_one_message(
+    server: ServerProcess, one_mib_graph: _pb.graph.Graph
+) -> None:
+    """An older server answers RegisterStream with UNIMPLEMENTED (here: a method name this
+    server does not have, in its place): the client sends the same Register unary."""
+    graph = one_mib_graph
+    missing = "/fuseport.v1.KernelService/RegisterStreamOfTheFuture"
+    with Client(server.target, stream_above=0) as c:
+        c._pool.first.register_stream = c.channel.stream_unary(missing)
+        assert c.register(graph) == key_for(graph)
+        assert c.unregister(key_for(graph))
+
+    async def main() -> int:
+        async with AsyncClient(server.target, stream_above=0) as ac:
+            ac._pool.first.register_stream = ac.channel.stream_unary(missing)
+            k = await ac.register(graph)
+            assert await ac.unregister(k)
+            return k
+
+    assert asyncio.run(main()) == key_for(graph)
