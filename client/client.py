@@ -68,6 +68,13 @@ _RETRY_BUFFER_BYTES = 16 << 20
 # it one unary message is as fast or faster; above it the stream wins, and grows
 # its lead with size (unary pays for the whole message at once, twice).
 DEFAULT_STREAM_ABOVE = 16 << 20
+# Register sends a graph of at least `stream_above` bytes (or one over a message)
+# through RegisterStream: a unary Register costs the server 3 times the graph at
+# its peak (gRPC's receive), the stream the graph and a chunk (docs/perf.md,
+# "Register's peak memory"). Its constants of at least this many bytes travel as
+# chunks; smaller ones stay in the header, where a chunk of their own would cost
+# a message each for nothing.
+_STREAM_CONSTANT_BYTES = 64 << 10
 # Stacks with at least this many tensor bytes go through shared memory when the
 # server is on this host (docs/perf.md, "Shared memory"): on the CPU machine shm
 # took 0.48x unary's time at 256 KiB and 1.34x at 64 KiB (the copies and the
@@ -265,7 +272,7 @@ class _Recovery:
 
     request: bytes | None
     adopted: Callable[[], None]
-    registers: list[tuple[bytes, Callable[[bytes], int]]]
+    registers: list[tuple[_Call | _RegisterStream, Callable[[bytes], int]]]
 
 
 # The execute flow, written once (_Base._run_flow) as a generator that yields
@@ -315,6 +322,17 @@ class _Stream:
 
 
 @dataclass(frozen=True)
+class _RegisterStream:
+    """A Register whose graph's large constants travel as chunks (RegisterStream):
+    the driver sends `messages()` and answers with the RegisterResponse's bytes.
+    `unary()` is the same Register as one message, for a server older than
+    RegisterStream (UNIMPLEMENTED)."""
+
+    messages: Callable[[], Iterator[bytes]]
+    unary: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
 class _Session:
     """The client's shared-memory session for a stack of `size` tensor bytes, or None."""
 
@@ -338,7 +356,7 @@ class _Blocking:
     args: tuple[Any, ...]
 
 
-_Op = _Call | _Run | _Stream | _Session | _InSlot | _Blocking
+_Op = _Call | _Run | _Stream | _RegisterStream | _Session | _InSlot | _Blocking
 _Flow = Generator[_Op, Any, T]
 
 
@@ -502,7 +520,9 @@ class _Base:
 
         `stream_above`: stacks with at least this many tensor bytes are sent
         as a stream of chunks (ExecuteStream/FallbackStream), as are stacks too
-        large for one message; None sends every stack as one message.
+        large for one message; None sends every stack as one message. Register
+        does the same with graphs of at least this many bytes (RegisterStream:
+        their large constants in chunks, so that the server holds the graph once).
 
         `shared_memory`: when the server is on this host and offers it, stacks
         with at least `shared_above` tensor bytes travel through shared memory
@@ -786,20 +806,23 @@ class _Base:
         variant_of: int | None = None,
         alias: str | None = None,
         batching: bool | None = None,
-    ) -> tuple[bytes, Callable[[bytes], int]]:
+    ) -> tuple[_Call | _RegisterStream, Callable[[bytes], int]]:
         if alias is not None:
             check_alias(alias)  # before capturing: the server would refuse it anyway
         graph = self._graph_of(fn_or_graph, example_inputs)
         fn = None if isinstance(fn_or_graph, _pb.graph.Graph) else fn_or_graph
-        request, registered = self._register_graph(graph, fn, variant_of, alias)
-        if batching is not None:
-            # Appended to the serialized request: protobuf merges fields, and _register_graph stays as it is.
-            request += _pb.service.RegisterRequest(batching=batching).SerializeToString()
-        return request, registered
+        return self._register_graph(graph, fn, variant_of, alias, batching)
 
     def _register_graph(
-        self, graph: _pb.graph.Graph, fn: Any, variant_of: int | None, alias: str | None = None
-    ) -> tuple[bytes, Callable[[bytes], int]]:
+        self,
+        graph: _pb.graph.Graph,
+        fn: Any,
+        variant_of: int | None,
+        alias: str | None = None,
+        batching: bool | None = None,
+    ) -> tuple[_Call | _RegisterStream, Callable[[bytes], int]]:
+        """The Register of `graph` (unary, or streamed for a large graph) and what makes its key of the answer."""
+
         def registered(raw: bytes) -> int:
             resp = _pb.service.RegisterResponse.FromString(raw)
             self._unregistered.discard(resp.key)
@@ -811,12 +834,56 @@ class _Base:
             known.graphs[resp.variant] = graph
             return resp.key
 
-        request = _pb.service.RegisterRequest(graph=graph)
-        if variant_of is not None:
-            request.variant_of = variant_of
-        if alias is not None:
-            request.alias = alias
-        return request.SerializeToString(), registered
+        def request(g: _pb.graph.Graph) -> _pb.service.RegisterRequest:
+            out = _pb.service.RegisterRequest(graph=g)
+            if variant_of is not None:
+                out.variant_of = variant_of
+            if alias is not None:
+                out.alias = alias
+            if batching is not None:
+                out.batching = batching
+            return out
+
+        if self._streams_graph(graph):
+            return _RegisterStream(
+                functools.partial(self._graph_messages, graph, request),
+                lambda: request(graph).SerializeToString(),
+            ), registered
+        return _Call("Register", request(graph).SerializeToString()), registered
+
+    def _streams_graph(self, graph: _pb.graph.Graph) -> bool:
+        """Whether a graph goes through RegisterStream: from `stream_above` bytes on, or
+        over one message. A graph carrying fields this client does not know goes whole
+        (its key covers them; a server that knows them keys it as sent)."""
+        size = graph.ByteSize()
+        over = size > codec.message_room(self._max)
+        wanted = (self.stream_above is not None and size >= self.stream_above) or over
+        return wanted and not codec.has_unknown_fields(graph)
+
+    def _graph_messages(
+        self, graph: _pb.graph.Graph, request: Callable[[_pb.graph.Graph], _pb.service.RegisterRequest]
+    ) -> Iterator[bytes]:
+        """RegisterStream's messages: the header (the graph, its large constants without
+        their data), their chunks, one constant at a time (each read once more from the
+        graph, the copy dropped before the next), and the end."""
+        header = _pb.graph.Graph()
+        header.CopyFrom(graph)  # every field, known now or added later, as the key sees it
+        sizes: list[int] = []
+        for c in header.constants:
+            n = len(c.data)
+            if n >= _STREAM_CONSTANT_BYTES:
+                c.ClearField("data")
+            sizes.append(n if n >= _STREAM_CONSTANT_BYTES else 0)
+        first = _pb.service.StackChunk(
+            register=_pb.service.StreamRegisterHeader(request=request(header), sizes=sizes)
+        ).SerializeToString()
+        del header
+        yield first
+        writer = Writer([], max(1, min(self.stream_chunk_bytes, codec.message_room(self._max))))
+        for i, n in enumerate(sizes):
+            if n:
+                yield from writer.data_chunks(i, memoryview(graph.constants[i].data))
+        yield writer.end()
 
     # The execute flow (see _Call): what both clients run for Execute/Fallback.
 
@@ -918,7 +985,7 @@ class _Base:
                     raise
                 if again.request is None:
                     for register, registered in again.registers:
-                        registered((yield _Call("Register", register)))
+                        registered((yield register))
                     if not streamed:
                         request, carried = (
                             self._execute_request(key, stack, wait, keep=keep, shared=shared),
@@ -1131,7 +1198,9 @@ class Client(_Base):
 
         A client that registered a function captures it again by itself when a
         later stack needs another variant, and sends its graphs again to a
-        server (or replica) that lost them.
+        server (or replica) that lost them. A graph of `stream_above` bytes or
+        more, or one over the message limit, travels as a stream of chunks
+        (RegisterStream), with the same key and errors.
 
         Args:
             fn_or_module: A function or `torch.nn.Module` to capture, or a
@@ -1155,15 +1224,39 @@ class Client(_Base):
             InvalidGraph: The server refuses the graph (OpNotAllowed: an op
                 outside its allowlist).
             KernelNotFound: `variant_of` names no kernel on the server.
-            ResourceExhausted: The graph is over the message limit, or the
-                server's store is full.
+            ResourceExhausted: The graph is over the server's --max-graph-bytes
+                (to a server older than RegisterStream: over the message limit),
+                or the server's store is full.
             Unauthenticated: No token, or one the server does not know.
             PermissionDenied: The token's role may not call Register.
             Unavailable: The server cannot be reached or is shutting down.
             DeadlineExceeded: No answer within the timeout.
         """
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
-        return registered(self._call("Register", request, timeout))
+        op, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
+        return registered(self._register(op, timeout))
+
+    def _register(
+        self, op: _Call | _RegisterStream, timeout: float | None, conn: Connection | None = None
+    ) -> bytes:
+        """A Register's response: one message, or the graph streamed (RegisterStream)."""
+        if isinstance(op, _Call):
+            return self._call(op.method, op.request, timeout, conn)
+        held = conn or self._pool.acquire()
+        try:
+            return held.register_stream(  # type: ignore[no-any-return]
+                op.messages(), timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                log.info(
+                    "%s has no RegisterStream (an older server): registering the graph as one message",
+                    self.target,
+                )
+                return self._call("Register", op.unary(), timeout, held)
+            raise _translate(e) from e
+        finally:
+            if conn is None:
+                self._pool.release(held)
 
     def execute_detailed(
         self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
@@ -1278,6 +1371,8 @@ class Client(_Base):
                     for raw in call:
                         op.assembler.feed(raw)
                     return op.assembler, _process_of(call.trailing_metadata())
+            case _RegisterStream():
+                return self._register(op, timeout, conn)
             case _Session():
                 return self._shared_session(op.size, timeout, conn)
             case _InSlot():
@@ -1622,8 +1717,46 @@ class AsyncClient(_Base):
         timeout: float | None = None,
     ) -> int:
         """As [Client.register][fuseport.client.client.Client.register]: the same arguments, result and errors."""
-        request, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
-        return registered(await self._call("Register", request, timeout))
+        op, registered = self._register_call(fn_or_module, example_inputs, variant_of, alias, batching)
+        return registered(await self._register(op, timeout))
+
+    async def _register(
+        self, op: _Call | _RegisterStream, timeout: float | None, conn: Connection | None = None
+    ) -> bytes:
+        """As Client._register."""
+        if isinstance(op, _Call):
+            return await self._call(op.method, op.request, timeout, conn)
+        self._loop = asyncio.get_running_loop()
+        held = conn or self._pool.acquire()
+        sent = _Sent(op.messages())
+        try:
+            return await held.register_stream(  # type: ignore[no-any-return]
+                iter(sent), timeout=self._timeout(timeout), metadata=self._metadata or None
+            )
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                log.info(
+                    "%s has no RegisterStream (an older server): registering the graph as one message",
+                    self.target,
+                )
+                return await self._call("Register", op.unary(), timeout, held)
+            error = _translate(e)
+            if isinstance(error, InternalError) and not sent.done and sent.first is not None:
+                # As for a streamed Execute (_why_stream_ended): the server's refusal of the
+                # header (over --max-graph-bytes, say) reaches grpc.aio as a failed write.
+                probe = held.register_stream(
+                    iter([sent.first]), timeout=self._timeout(timeout), metadata=self._metadata or None
+                )
+                try:
+                    await probe
+                except grpc.RpcError as again:
+                    told = _translate(again)
+                    if not isinstance(told, InvalidArgument):  # the header taken: the stream just ended early
+                        raise told from e
+            raise error from e
+        finally:
+            if conn is None:
+                self._pool.release(held)
 
     async def execute_detailed(
         self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
@@ -1700,6 +1833,8 @@ class AsyncClient(_Base):
                         raise
                     await self._why_stream_ended(op.method, sent.first, timeout, conn)
                     raise
+            case _RegisterStream():
+                return await self._register(op, timeout, conn)
             case _Session():
                 return await self._shared_session(op.size, timeout, conn)
             case _InSlot():

@@ -74,6 +74,8 @@ class Connection:
         self.stream_methods = {
             name: channel.stream_stream(f"/{SERVICE}/{name}Stream") for name in ("Execute", "Fallback")
         }
+        # Register of a large graph: its constants as chunks, one RegisterResponse back.
+        self.register_stream = channel.stream_unary(f"/{SERVICE}/RegisterStream")
         self.health = health_pb2_grpc.HealthStub(channel)
         self.inflight = 0  # calls on it now (under Connections' lock)
         # The shared-memory session opened through this connection (None: none yet, or given up).

@@ -434,6 +434,18 @@ class Core:
         if hold is not None:
             hold.take(total)
 
+    def check_graph_stream(self, sizes: Sequence[int]) -> None:
+        """Refuses a streamed graph (RegisterStream) from its header alone, before any
+        of it is allocated: its constants' declared bytes over --max-graph-bytes (the
+        whole graph's size, checked again once it is assembled, can only be larger)."""
+        total = sum(sizes)
+        limit = self.settings.max_graph_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"the streamed graph declares {total} bytes of constants; this server takes graphs of at most "
+                f"{limit} bytes (--max-graph-bytes); refused before allocating"
+            )
+
     def check_inputs(self, sizes: Sequence[int], what: str) -> None:
         """Refuses a stack from its tensors' declared sizes, before any is
         allocated: over --max-call-bytes (its inputs alone), or a tensor larger

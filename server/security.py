@@ -47,6 +47,8 @@ INFERENCE_METHODS = frozenset(
 # registers kernels of its own (server/tenants.py: no other user sees them);
 # only `admin` changes the shared kernels.
 _STREAM_METHODS = frozenset({"ExecuteStream", "FallbackStream"})
+# Register's streamed form (large graphs): whoever may call Register may call it.
+_REGISTER = frozenset({"Register", "RegisterStream"})
 # A caller reaches only its own handles (server/resident.py): every role may.
 _HANDLE_METHODS = frozenset({"FetchHandles", "FreeHandles", "RenewLease"})
 # A session carries the caller's own Execute/Fallback calls, nothing more.
@@ -54,12 +56,14 @@ _HANDLE_METHODS |= {"OpenSharedMemory"}
 
 ROLES: Mapping[str, frozenset[str]] = {
     "admin": frozenset(
-        {"Register", "Execute", "Fallback", "Describe", "List", "Unregister"}
+        {"Execute", "Fallback", "Describe", "List", "Unregister"}
+        | _REGISTER
         | _STREAM_METHODS
         | _HANDLE_METHODS
     )
     | INFERENCE_METHODS,
-    "user": frozenset({"Register", "Execute", "Fallback", "Describe", "List", "Unregister"})
+    "user": frozenset({"Execute", "Fallback", "Describe", "List", "Unregister"})
+    | _REGISTER
     | _STREAM_METHODS
     | _HANDLE_METHODS
     | INFERENCE_METHODS,

@@ -135,6 +135,27 @@ def test_streamed_calls_need_a_token_and_a_user_may_make_them(
         c.fallback(key, [torch.ones(3)])
 
 
+def test_a_streamed_register_needs_a_token_and_a_users_lands_in_its_own_namespace(
+    guarded: ServerProcess, pki: dict[str, Any]
+) -> None:
+    """RegisterStream is Register: the same token check and the same tenants (server/tenants.py)."""
+    weights = torch.randn(1 << 16)  # 256 KiB: streamed in chunks with stream_above=0
+
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * weights[:4]
+
+    with _client(guarded, pki["ca"], "", stream_above=0) as c, pytest.raises(Unauthenticated):
+        c.register(scaled, [torch.ones(4)])
+    with _client(guarded, pki["ca"], USER, stream_above=0) as c:
+        own = c.register(scaled, [torch.ones(4)])
+        torch.testing.assert_close(c.fallback(own, [torch.ones(4)])[0], weights[:4])
+        assert own in [k.key for k in c.list()]
+    with _client(guarded, pki["ca"], ADMIN) as admin:
+        assert own not in [k.key for k in admin.list()], "a user's kernel is its own"
+    with _client(guarded, pki["ca"], USER) as c:
+        assert c.unregister(own) is True
+
+
 def test_user_runs_shared_kernels_registers_its_own_but_cannot_unregister_shared_ones(
     guarded: ServerProcess, pki: dict[str, Any], key: int
 ) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "message_room",
     "decode_execute_request",
     "decode_register_request",
+    "has_unknown_fields",
     "decode_execute_response",
     "decode_stack",
     "encode_execute_request",
@@ -836,6 +837,12 @@ def _parse_register(buf: Buffer) -> _pb.service.RegisterRequest:
         raise InvalidArgument(f"malformed RegisterRequest: {e}") from None
 
 
+def has_unknown_fields(graph: _pb.graph.Graph) -> bool:
+    """Whether a graph or one of its constants carries fields this server does not
+    know: its key covers them, so it is keyed and stored whole (server/intake.py)."""
+    return bool(len(UnknownFieldSet(graph)) or any(len(UnknownFieldSet(c)) for c in graph.constants))
+
+
 def decode_register_request(buf: Buffer) -> tuple[_pb.service.RegisterRequest, list[memoryview] | None]:
     """A RegisterRequest, its graph's constants without their data, and that data as
     writable views of `buf` (one per constant, in order), so that a graph's constants
@@ -855,11 +862,7 @@ def decode_register_request(buf: Buffer) -> tuple[_pb.service.RegisterRequest, l
         return _parse_register(buf), None
     req = _parse_register(skeleton)
     graph = req.graph
-    if (
-        len(UnknownFieldSet(graph))
-        or len(spans) != len(graph.constants)
-        or any(len(UnknownFieldSet(c)) for c in graph.constants)
-    ):
+    if len(spans) != len(graph.constants) or has_unknown_fields(graph):
         return _parse_register(buf), None
     view = _writable_view(buf)
     return req, [view[a:b] for a, b in spans]

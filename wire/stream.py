@@ -1,4 +1,4 @@
-"""Streamed stacks: the StackChunk format of ExecuteStream/FallbackStream (service.proto), both ways.
+"""Streamed stacks and graphs: the StackChunk format of ExecuteStream/FallbackStream and RegisterStream (service.proto).
 
 A stream is a header (the stack with every tensor's dtype and shape but no
 bytes, and each tensor's byte size), data chunks (tensor index, offset,
@@ -9,6 +9,12 @@ copies each chunk's bytes straight into its tensor's preallocated destination
 (a `Sink`: host memory here, pinned staging to the device on the server), so a
 stack never exists as one message: not past protobuf's 2 GiB ceiling, and not
 twice in memory.
+
+RegisterStream speaks the same format with a register header in the place of
+the request's: its chunks carry a graph's large constants (StreamData.tensor is
+the constant's index), each assembled into a `BufferSink` that the registered
+graph's constant then aliases, so that Register's peak is the graph and a chunk
+(a unary Register's receive alone is 3 times the graph: docs/perf.md).
 
 Errors are InvalidStack (INVALID_ARGUMENT) naming the chunk and what is wrong
 with it; the budget check the reader is given raises ResourceExhausted.
@@ -34,6 +40,7 @@ from fuseport.wire.errors import InvalidStack
 __all__ = [
     "CHUNK_BYTES",
     "Assembler",
+    "BufferSink",
     "HostSink",
     "Sink",
     "TensorSpec",
@@ -47,7 +54,8 @@ __all__ = [
 CHUNK_BYTES = 4 << 20
 
 # Field numbers, as in service.proto.
-_C_REQUEST, _C_RESPONSE, _C_DATA, _C_END = 1, 2, 3, 4
+_C_REQUEST, _C_RESPONSE, _C_DATA, _C_END, _C_REGISTER = 1, 2, 3, 4, 5
+_HEADERS = {"request": _C_REQUEST, "response": _C_RESPONSE, "register": _C_REGISTER}
 _D_TENSOR, _D_OFFSET, _D_CRC, _D_DATA = 1, 2, 3, 4
 _VARINT, _I32, _LEN = 0, 5, 2
 _U32 = struct.Struct("<I")
@@ -105,26 +113,28 @@ class Writer:
 
     def chunks(self) -> Iterator[bytes]:
         """The data chunks, each one bytes object made from the tensor's memory."""
-        step = self.chunk_bytes
         for index, memory in enumerate(self._memory):
-            view = codec._memory_of(memory)
-            for offset in range(0, len(view), step):
-                piece = view[offset : offset + step]
-                head = (
-                    codec._tag(_D_TENSOR, _VARINT)
-                    + codec._varint(index)
-                    + codec._tag(_D_OFFSET, _VARINT)
-                    + codec._varint(offset)
-                    + codec._tag(_D_CRC, _I32)
-                    + _U32.pack(crc32c.crc32c(piece))
-                    + codec._tag(_D_DATA, _LEN)
-                    + codec._varint(len(piece))
-                )
-                self.chunks_sent += 1
-                self.bytes_sent += len(piece)
-                yield b"".join(
-                    (codec._tag(_C_DATA, _LEN), codec._varint(len(head) + len(piece)), head, piece)
-                )
+            yield from self.data_chunks(index, codec._memory_of(memory))
+
+    def data_chunks(self, index: int, view: memoryview) -> Iterator[bytes]:
+        """The chunks of one tensor's (or a streamed graph's constant's) bytes, counted
+        towards the end's totals."""
+        step = self.chunk_bytes
+        for offset in range(0, len(view), step):
+            piece = view[offset : offset + step]
+            head = (
+                codec._tag(_D_TENSOR, _VARINT)
+                + codec._varint(index)
+                + codec._tag(_D_OFFSET, _VARINT)
+                + codec._varint(offset)
+                + codec._tag(_D_CRC, _I32)
+                + _U32.pack(crc32c.crc32c(piece))
+                + codec._tag(_D_DATA, _LEN)
+                + codec._varint(len(piece))
+            )
+            self.chunks_sent += 1
+            self.bytes_sent += len(piece)
+            yield b"".join((codec._tag(_C_DATA, _LEN), codec._varint(len(head) + len(piece)), head, piece))
 
     def end(self, timings: _pb.service.Timings | None = None) -> bytes:
         end = _pb.service.StreamEnd(chunks=self.chunks_sent, bytes=self.bytes_sent)
@@ -142,8 +152,9 @@ class Sink(Protocol):
     def write(self, offset: int, source: int, nbytes: int) -> None:
         """Copies `nbytes` from address `source` to `offset` (the caller keeps the source alive)."""
 
-    def result(self) -> torch.Tensor:
-        """The assembled bytes as a flat uint8 tensor, once every chunk is written."""
+    def result(self) -> Any:
+        """The assembled bytes, once every chunk is written: a flat uint8 tensor
+        (a stack's tensor), or a writable memoryview (BufferSink: a graph's constant)."""
 
 
 class HostSink:
@@ -171,6 +182,31 @@ class HostSink:
         return self._buf
 
 
+# A streamed constant this large gets an anonymous mapping of its own (BufferSink):
+# its pages go back to the OS when its kernel is unregistered, whatever the heap
+# around it holds; smaller ones would cost a mapping each for little.
+_OWN_PAGES_FROM = 1 << 20
+
+
+class BufferSink:
+    """A streamed graph's constant (RegisterStream): one writable buffer of the
+    declared size, written in place as chunks arrive, whose memoryview the
+    registered graph then keeps as the constant's data: the built module's tensor
+    and the store's write alias it (server/intake.py), so the constant exists
+    once, from its first chunk on."""
+
+    def __init__(self, nbytes: int) -> None:
+        buf: mmap.mmap | bytearray = mmap.mmap(-1, nbytes) if nbytes >= _OWN_PAGES_FROM else bytearray(nbytes)
+        self._view = memoryview(buf)  # an export: the buffer can neither move nor be resized now
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+    def write(self, offset: int, source: int, nbytes: int) -> None:
+        ctypes.memmove(self._addr + offset, source, nbytes)  # the GIL is released around the copy
+
+    def result(self) -> memoryview:
+        return self._view
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a header, checked: what a budget check gets before allocation."""
@@ -194,7 +230,10 @@ class _Slot:
 class Assembler:
     """Reads one stream of StackChunk messages (raw bytes, in order) into a stack.
 
-    `expect` is "request" or "response": which header this side accepts.
+    `expect` is "request", "response" or "register": which header this side
+    accepts. For "register" the streamed values are the constants of the
+    header's graph whose `sizes` are not 0 (their dtype and shape are the
+    graph's to check, as for a unary Register), and `finish()` answers their data.
     `check(specs)` runs once the header is read and checked, before anything is
     allocated (the server's budgets). `sink(nbytes)` makes each tensor's destination."""
 
@@ -204,7 +243,8 @@ class Assembler:
         sink: Callable[[int], Sink] = HostSink,
         check: Callable[[list[TensorSpec]], None] | None = None,
     ) -> None:
-        self._expect = _C_REQUEST if expect == "request" else _C_RESPONSE
+        self._expect = _HEADERS[expect]
+        self._noun = "constant" if expect == "register" else "tensor"  # what a chunk's index names
         self._sink = sink
         self._check = check
         self.header: Any = None
@@ -228,7 +268,7 @@ class Assembler:
             raise InvalidStack(f"stream: chunk field {kind} has wire type {wt}")
         if self.ended is not None:
             raise InvalidStack("stream: a message after the end")
-        if kind in (_C_REQUEST, _C_RESPONSE):
+        if kind in (_C_REQUEST, _C_RESPONSE, _C_REGISTER):
             self._read_header(kind, raw)
         elif kind == _C_DATA:
             self._read_data(r, raw, a, b)
@@ -243,25 +283,29 @@ class Assembler:
         if self.header is not None:
             raise InvalidStack("stream: a second header")
         if kind != self._expect:
-            want = "request" if self._expect == _C_REQUEST else "response"
+            want = next(name for name, k in _HEADERS.items() if k == self._expect)
             raise InvalidStack(f"stream: expected a {want} header first")
         try:
             msg = _pb.service.StackChunk.FromString(raw)
         except Exception as e:  # protobuf's DecodeError and friends
             raise InvalidStack(f"stream: cannot parse the header: {e}") from None
-        header = msg.request if kind == _C_REQUEST else msg.response
-        counter = [0]
-        skeleton = [self._value(v, f"stack[{i}]", 0, counter) for i, v in enumerate(header.stack)]
-        if len(header.sizes) != len(self.specs):
-            raise InvalidStack(
-                f"stream header: {len(header.sizes)} sizes for {len(self.specs)} tensors (one size per tensor)"
-            )
-        for spec, declared in zip(self.specs, header.sizes):
-            if declared != spec.nbytes:
+        if kind == _C_REGISTER:
+            header = msg.register
+            skeleton = self._constants(header)
+        else:
+            header = msg.request if kind == _C_REQUEST else msg.response
+            counter = [0]
+            skeleton = [self._value(v, f"stack[{i}]", 0, counter) for i, v in enumerate(header.stack)]
+            if len(header.sizes) != len(self.specs):
                 raise InvalidStack(
-                    f"stream header: {spec.where}: {dtypes.name_for(spec.code)} tensor of shape {spec.shape} "
-                    f"needs {spec.nbytes} bytes, but its declared size is {declared}"
+                    f"stream header: {len(header.sizes)} sizes for {len(self.specs)} tensors (one size per tensor)"
                 )
+            for spec, declared in zip(self.specs, header.sizes):
+                if declared != spec.nbytes:
+                    raise InvalidStack(
+                        f"stream header: {spec.where}: {dtypes.name_for(spec.code)} tensor of shape {spec.shape} "
+                        f"needs {spec.nbytes} bytes, but its declared size is {declared}"
+                    )
         self.declared = sum(s.nbytes for s in self.specs)
         if self._check is not None:
             self._check(self.specs)  # before any allocation
@@ -269,6 +313,28 @@ class Assembler:
         self._received = [0] * len(self.specs)
         self._skeleton = skeleton
         self.header = header
+
+    def _constants(self, header: Any) -> list[Any]:
+        """A register header's constants as specs (their declared sizes: whether the
+        bytes fit the dtype and shape is the graph's check, made where a unary
+        Register's is, with the same error), and a slot for each streamed one,
+        None for one whose data (if any) is in the header."""
+        constants = header.request.graph.constants
+        sizes = header.sizes
+        if len(sizes) != len(constants):
+            raise InvalidStack(
+                f"stream header: {len(sizes)} sizes for {len(constants)} constants of the graph (one size per constant)"
+            )
+        for i, (c, declared) in enumerate(zip(constants, sizes)):
+            where = f"graph.constants[{i}]"
+            if declared and c.data:
+                raise InvalidStack(
+                    f"stream header: {where} carries data and a size of {declared}: a constant's data travels "
+                    "in the header (size 0) or in data chunks, not both"
+                )
+            # Every constant has its spec, so that a chunk's index is the constant's; one of size 0 takes no chunk.
+            self.specs.append(TensorSpec(c.dtype, list(c.shape), list(c.dim_order), declared, where))
+        return [_Slot(i) if declared else None for i, declared in enumerate(sizes)]
 
     def _value(self, v: _pb.values.Value, where: str, depth: int, counter: list[int]) -> Any:
         counter[0] += 1
@@ -328,7 +394,7 @@ class Assembler:
                 raise InvalidStack(f"stream: chunk {n}: field {field} has wire type {wt}")
         if index >= len(self.specs):
             raise InvalidStack(
-                f"stream: chunk {n} is for tensor {index}, but the header declares {len(self.specs)} tensors"
+                f"stream: chunk {n} is for {self._noun} {index}, but the header declares {len(self.specs)} {self._noun}s"
             )
         spec = self.specs[index]
         pos, size = data
@@ -388,12 +454,16 @@ class Assembler:
                 )
 
     def finish(self) -> list[Any]:
-        """The assembled stack, once the stream is over (raises if it stopped short)."""
+        """The assembled stack, once the stream is over (raises if it stopped short).
+        For a register header: per constant of its graph, the streamed data (the
+        sink's result), or None for a constant whose data is the header's."""
         if self.header is None:
             raise InvalidStack("stream: ended before its header")
         if self.ended is None:
             self._missing("the stream stopped before its end")
             raise InvalidStack("stream: the stream stopped before its end message (truncated)")
+        if self._expect == _C_REGISTER:
+            return [None if v is None else self._sinks[v.index].result() for v in self._skeleton]  # type: ignore[union-attr]
         return [self._fill(v) for v in self._skeleton]
 
     def _fill(self, v: Any) -> Any:

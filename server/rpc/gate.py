@@ -96,11 +96,14 @@ class Gate(grpc.GenericRpcHandler):
 
     def _gate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         behaviour: Callable[[Any, grpc.aio.ServicerContext], Any] | None = handler.unary_unary
-        streams = behaviour is None
+        streams = behaviour is None and handler.stream_stream is not None
+        streams_in = behaviour is None and handler.stream_unary is not None
         if streams:
             behaviour = handler.stream_stream
+        elif streams_in:
+            behaviour = handler.stream_unary
         if behaviour is None:
-            raise TypeError("gated methods are unary-unary or stream-stream")
+            raise TypeError("gated methods are unary-unary, stream-stream or stream-unary")
         access = self._access
         process = self._process
         inject = self._inject
@@ -144,6 +147,16 @@ class Gate(grpc.GenericRpcHandler):
 
             return grpc.stream_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
+            )
+
+        if streams_in:
+
+            async def gathered(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                await admit(context, None)
+                return await behaviour(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                gathered, handler.request_deserializer, handler.response_serializer
             )
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -2,8 +2,8 @@
 
 A servicer (service.py: fuseport's own; kserve.py: KServe v2) writes its
 methods as plain functions of (request bytes, deadline, arrival time,
-CallRecord) that decode, call the core and encode; `Plumbing.unary` and
-`Plumbing.streamed` turn them into gRPC handlers. Everything a call does
+CallRecord) that decode, call the core and encode; `Plumbing.unary`,
+`Plumbing.streamed` and `Plumbing.streamed_in` turn them into gRPC handlers. Everything a call does
 besides translating is here, once: the deadline, the caller (`Owner`, from the
 metadata), where the method runs (a worker thread, or the event loop for what
 a servicer says is small), the observer that counts the call, the error a
@@ -259,6 +259,43 @@ class Plumbing:
 
         call.__name__ = method
         return grpc.stream_stream_rpc_method_handler(call)
+
+    def streamed_in(
+        self,
+        body: Callable[[AsyncIterator[bytes], Streamed], Awaitable[bytes]],
+        method: str,
+    ) -> grpc.RpcMethodHandler:
+        """`body(requests, call)` as a stream-unary handler of raw bytes (a request
+        that arrives as a stream, one response: RegisterStream): it answers the
+        response and keeps `call.received` up to date (it runs on the event loop;
+        it hands its own work to `self.pool`)."""
+
+        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+            arrived = time.perf_counter_ns()
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            state = Streamed(CallRecord(method), deadline, arrived, context)
+            error: FuseportError
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("deadline passed before the call started")
+                state.record.owner = owner(context, self.tenant_of)
+                out = await body(requests, state)
+                self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, len(out))
+                return out
+            except Exception as e:  # noqa: BLE001 - the last line of defence
+                error = error_of(e, method)
+            finally:
+                if self.release_above is not None and state.received > self.release_above:
+                    # gRPC's buffers of the received chunks, and a failed call's own.
+                    loop = asyncio.get_running_loop()
+                    context.add_done_callback(lambda _: loop.call_soon(release_host_memory))
+            self.observe(state.record, status_for(error), arrived, state.received, 0)
+            await _fail(context, error)
+            raise AssertionError("unreachable")  # context.abort raises
+
+        call.__name__ = method
+        return grpc.stream_unary_rpc_method_handler(call)
 
     async def off_loop(self, loop: asyncio.AbstractEventLoop, record: CallRecord, fn: Callable[[], T]) -> T:
         """What `fn` returns, run on a worker; or, should the core answer the call

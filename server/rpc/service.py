@@ -22,7 +22,7 @@ from fuseport.server.streams import Hold
 from fuseport.wire import _pb, codec
 from fuseport.wire.errors import DeadlineExceeded
 from fuseport.wire.hostmem import release_host_memory
-from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, BufferSink, TensorSpec, Writer
 
 __all__ = ["SERVICE_NAME", "KernelService"]
 
@@ -77,6 +77,7 @@ class KernelService:
         }
         for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
             handlers[name] = self.plumbing.streamed(functools.partial(self._streamed, fused), name)
+        handlers["RegisterStream"] = self.plumbing.streamed_in(self._register_stream, "RegisterStream")
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     # ------------------------------------------------------------------ methods
@@ -91,6 +92,60 @@ class KernelService:
             req.graph, variant_of, alias, batching, tenant=record.owner.tenant, datas=datas
         )
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
+
+    async def _register_stream(self, requests: AsyncIterator[bytes], call: Streamed) -> bytes:
+        """RegisterStream: the graph's large constants arrive as chunks (wire.stream),
+        each copied on a worker, while the next is received, straight into its
+        constant's own buffer (BufferSink), which the registered graph then keeps:
+        the server holds the graph and the chunk in flight, never the graph as one
+        message (issue 20: a unary Register's receive alone is 3 times the graph).
+        Then Register's own path: the same key, checks, store and answer."""
+        loop = asyncio.get_running_loop()
+        assembler = Assembler("register", sink=BufferSink, check=self._check_graph_stream)
+        try:
+            pending: asyncio.Future[None] | None = None
+            async for raw in requests:
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(self._pool, assembler.feed, raw)
+                call.received += len(raw)
+            if pending is not None:
+                await pending
+            datas = assembler.finish()
+            header = assembler.header
+            return await loop.run_in_executor(
+                self._pool, self._register_assembled, header.request, datas, call.record
+            )
+        finally:
+            assembler.release()
+
+    def _register_assembled(
+        self, req: _pb.service.RegisterRequest, streamed: list[memoryview | None], record: CallRecord
+    ) -> bytes:
+        """Register of a streamed graph: its constants' data are the assembled buffers
+        (and, for a constant that took no chunk, the header's own data)."""
+        graph = req.graph
+        datas: list[codec.Buffer] | None = [
+            c.data if d is None else d for c, d in zip(graph.constants, streamed)
+        ]
+        if codec.has_unknown_fields(graph):
+            # A graph's key covers fields this server does not know (server/intake.py): it goes
+            # whole, the way a unary Register takes such a graph, its data put back (copied).
+            for c, d in zip(graph.constants, streamed):
+                if d is not None:
+                    c.data = bytes(d)
+            datas = None
+        del streamed
+        variant_of = req.variant_of if req.HasField("variant_of") else None
+        alias = req.alias if req.HasField("alias") else None
+        batching = req.batching if req.HasField("batching") else None
+        key, created, variant = self.core.register(
+            graph, variant_of, alias, batching, tenant=record.owner.tenant, datas=datas
+        )
+        return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
+
+    def _check_graph_stream(self, specs: list[TensorSpec]) -> None:
+        self.core.check_graph_stream([s.nbytes for s in specs])
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         return self._run(request, deadline, arrived, record, fused=True)

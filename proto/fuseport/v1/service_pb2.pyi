@@ -310,16 +310,26 @@ class StreamEnd(_message.Message):
     def __init__(self, chunks: _Optional[int] = ..., bytes: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class StackChunk(_message.Message):
-    __slots__ = ("request", "response", "data", "end")
+    __slots__ = ("request", "response", "data", "end", "register")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_FIELD_NUMBER: _ClassVar[int]
     request: StreamRequestHeader
     response: StreamResponseHeader
     data: StreamData
     end: StreamEnd
-    def __init__(self, request: _Optional[_Union[StreamRequestHeader, _Mapping]] = ..., response: _Optional[_Union[StreamResponseHeader, _Mapping]] = ..., data: _Optional[_Union[StreamData, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+    register: StreamRegisterHeader
+    def __init__(self, request: _Optional[_Union[StreamRequestHeader, _Mapping]] = ..., response: _Optional[_Union[StreamResponseHeader, _Mapping]] = ..., data: _Optional[_Union[StreamData, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., register: _Optional[_Union[StreamRegisterHeader, _Mapping]] = ...) -> None: ...
+
+class StreamRegisterHeader(_message.Message):
+    __slots__ = ("request", "sizes")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    request: RegisterRequest
+    sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request: _Optional[_Union[RegisterRequest, _Mapping]] = ..., sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchHandlesRequest(_message.Message):
     __slots__ = ("ids", "free")

@@ -54,6 +54,11 @@ class KernelServiceStub(object):
                 request_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
                 response_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
                 )
+        self.RegisterStream = channel.stream_unary(
+                '/fuseport.v1.KernelService/RegisterStream',
+                request_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+                response_deserializer=fuseport_dot_v1_dot_service__pb2.RegisterResponse.FromString,
+                )
         self.FetchHandles = channel.unary_unary(
                 '/fuseport.v1.KernelService/FetchHandles',
                 request_serializer=fuseport_dot_v1_dot_service__pb2.FetchHandlesRequest.SerializeToString,
@@ -131,6 +136,18 @@ class KernelServiceServicer(object):
 
     def FallbackStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterStream(self, request_iterator, context):
+        """Register for large graphs: the graph's constants travel as data chunks
+        (see "Streamed graphs" below), each written straight into its constant's
+        own buffer on the server, so that the server holds the graph and one chunk,
+        never the whole graph as one message besides (a unary Register's receive
+        costs the server about 3 times the graph). The same checks, key, answer,
+        errors and roles as Register; a client picks it by the graph's size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -213,6 +230,11 @@ def add_KernelServiceServicer_to_server(servicer, server):
                     servicer.FallbackStream,
                     request_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
                     response_serializer=fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            ),
+            'RegisterStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.RegisterStream,
+                    request_deserializer=fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+                    response_serializer=fuseport_dot_v1_dot_service__pb2.RegisterResponse.SerializeToString,
             ),
             'FetchHandles': grpc.unary_unary_rpc_method_handler(
                     servicer.FetchHandles,
@@ -377,6 +399,23 @@ class KernelService(object):
         return grpc.experimental.stream_stream(request_iterator, target, '/fuseport.v1.KernelService/FallbackStream',
             fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
             fuseport_dot_v1_dot_service__pb2.StackChunk.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RegisterStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(request_iterator, target, '/fuseport.v1.KernelService/RegisterStream',
+            fuseport_dot_v1_dot_service__pb2.StackChunk.SerializeToString,
+            fuseport_dot_v1_dot_service__pb2.RegisterResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
