@@ -70,7 +70,9 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
     """The metrics of one server, in a registry of its own (not prometheus_client's
     global one: several servers in one process, as in tests, each count their own)."""
 
-    def __init__(self, core: Core, shared: SharedMemory | None = None, share: WorkerShare | None = None) -> None:
+    def __init__(
+        self, core: Core, shared: SharedMemory | None = None, share: WorkerShare | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

@@ -400,7 +400,9 @@ def test_one_callers_long_calls_leave_a_worker_for_another_callers_call(
         for t in hogs:
             t.start()
         _wait_for(
-            lambda: _metric(s, "fuseport_worker_calls_running") + _metric(s, "fuseport_worker_calls_waiting") == 2,
+            lambda: (
+                _metric(s, "fuseport_worker_calls_running") + _metric(s, "fuseport_worker_calls_waiting") == 2
+            ),
             "both long calls at a worker or waiting for one",
             s.log,
         )
@@ -441,7 +443,10 @@ def test_a_caller_whose_kernel_retired_the_server_is_refused_heavy_calls_after_i
         s.stop()
     s = start_server(tmp / "again", s.store_dir, *flags)
     try:
-        with Client(s.target, timeout=120, token=USER) as user, Client(s.target, timeout=120, token=OTHER) as other:
+        with (
+            Client(s.target, timeout=120, token=USER) as user,
+            Client(s.target, timeout=120, token=OTHER) as other,
+        ):
             with pytest.raises(ResourceExhausted, match=r"refused for \d+ s more.*--runaway-penalty-seconds"):
                 user.fallback(key, [x, 1024])
             assert other.fallback(key, [x, 1024])[0].item() == 0.0
