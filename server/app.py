@@ -109,7 +109,9 @@ class Server:
                 ) from e
         self.core = Core(settings, shared_store=process is not None)
         self.plumbing = Plumbing(
-            settings.workers, settings.keep_host_memory_bytes if settings.keep_host_memory else None
+            settings.workers,
+            settings.keep_host_memory_bytes if settings.keep_host_memory else None,
+            per_identity=settings.worker_share,
         )
         self.service = KernelService(
             self.core,
@@ -121,6 +123,8 @@ class Server:
         if self.security.access is not None:
             # A user token's kernels are its own (server/tenants.py); reloads follow.
             self.plumbing.tenant_of = self.security.access.tenant_of
+            # A caller is its token (the gate checked it): for the workers' share and penalties.
+            self.plumbing.tokens = True
         self.health = HealthServicer()
         # The KServe v2 protocol on the same port, behind the same gate (tokens, drain).
         self.inference = InferenceService(self.core, self.plumbing)
@@ -147,7 +151,7 @@ class Server:
         if settings.metrics_port is not None:
             from fuseport.server.metrics import Metrics
 
-            self.metrics = Metrics(self.core, self.core.shared)
+            self.metrics = Metrics(self.core, self.core.shared, self.plumbing.share)
             self.plumbing.observer = self.metrics
             self.core.executor.events = self.metrics
             if self.core.batcher is not None:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from fuseport.server.registry import Variant
     from fuseport.server.resident import Owner
 
-__all__ = ["LIGHT_BYTES", "LIGHT_FLOPS", "Call", "Result"]
+__all__ = ["LIGHT_BYTES", "LIGHT_FLOPS", "Call", "Result", "light_work"]
 
 # A call whose plan touches at most this many bytes and does at most this much
 # matrix arithmetic is light (Core.light): it may run on the event loop, where
@@ -24,6 +24,12 @@ __all__ = ["LIGHT_BYTES", "LIGHT_FLOPS", "Call", "Result"]
 # over 1 MiB: ~0.1 ms; 16 MFLOP: ~0.3 ms).
 LIGHT_BYTES = 1 << 20
 LIGHT_FLOPS = 16 << 20
+
+
+def light_work(plan: Plan) -> bool:
+    """Whether the plan bounds this call's work below LIGHT_BYTES touched and LIGHT_FLOPS
+    (False where it cannot tell: sizes that depend on data)."""
+    return plan.work_bytes is not None and plan.work_bytes <= LIGHT_BYTES and (plan.flops or 0) <= LIGHT_FLOPS
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Call:
     prepare_ns: int = 0  # how long preparing took
     entry: Any = None  # the executor's entry for the args, once light() looked it up
     handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
+    # Who the caller is for fair shares and penalties (plumbing.identity_of; b"": nobody in particular).
+    who: bytes = b""
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 
 from fuseport.server.artifacts import ArtifactCache
 from fuseport.server.batching import Batcher
-from fuseport.server.calls import LIGHT_BYTES, LIGHT_FLOPS, Call, Result
+from fuseport.server.calls import Call, Result, light_work
 from fuseport.server.checks import OVERFLOW_BYTES, DataError, OutOfTime, Plan, device_capacity, time_limits
 from fuseport.server.compile import make_compiler
 from fuseport.server.devices import (
@@ -26,6 +26,7 @@ from fuseport.server.devices import (
 )
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.intake import example_args
+from fuseport.server.penalties import Penalties
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
@@ -117,6 +118,8 @@ class Core:
         self.watchdog = Watchdog(settings.overrun_grace_seconds, self._runaway, retire_on_deadline=shared_store)
         # Set by the app: called (from the watchdog's thread) when a kernel runs away.
         self.on_runaway: Callable[[], None] | None = None
+        # Whose kernel ran away is refused heavy calls for a while, on every process of the store.
+        self.penalties = Penalties(Path(settings.store_dir) / "penalties", settings.runaway_penalty_seconds)
         # Once the device failed, every call is refused (see _device_failed).
         self.device_failed = False
         self._failure_lock = threading.Lock()
@@ -204,6 +207,7 @@ class Core:
         keep: bool = False,
         answer: Callable[[FuseportError], None] | None = None,
         shared: SharedCall | None = None,
+        who: bytes = b"",
     ) -> Result:
         """runFusion / runFallback: pops the kernel's inputs off the top of the
         stack, pushes its outputs; the values below come back untouched.
@@ -214,13 +218,14 @@ class Core:
         for both paths. The result's bound is the `transport`'s (see _check_budget).
         `answer`: see `run`. With `shared`, the stack's shared-memory tensors are
         copied out of the caller's session first, and with its slot the results
-        are placed there after (checked against the session's room, not one message)."""
+        are placed there after (checked against the session's room, not one message).
+        `who`: the caller's identity, for runaway penalties (see `prepare`)."""
         if shared is not None:
             stack = self._read_shared(owner, shared, stack)
         to_slot = shared is not None and bool(shared.slot) and not keep
         call = self.prepare(
             key, stack, fused=fused, variants=variants, transport="shm" if to_slot else transport, owner=owner,
-            keep=keep,
+            keep=keep, who=who,
         )  # fmt: skip
         if to_slot and call.plan.outputs is not None:
             assert shared is not None
@@ -258,11 +263,16 @@ class Core:
         owner: Owner = NO_OWNER,
         keep: bool = False,
         planned_only: bool = False,
+        who: bytes = b"",
     ) -> Call | None:
         """Everything `execute` does before a kernel runs: no kernel runs here, and
         with `planned_only` no planning and no reading of the store either: None
         when these sizes were never planned or the kernel is not built, so that a
-        caller on the event loop hands the call on."""
+        caller on the event loop hands the call on.
+
+        `who` (the caller's identity: its token, or its host) is refused a call whose
+        planned work is not light while one of its kernels' runaways is penalised
+        (server/penalties.py); a light call cannot run away, so it is served."""
         if self.device_failed:  # admitted before the server began to drain
             raise self._device_gone()
         start = time.perf_counter_ns()
@@ -301,6 +311,8 @@ class Core:
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
         self._check_budget(key, plan, args, transport, keep)
+        if who and not light_work(plan):
+            self.penalties.check(who, key)
         if keep:
             self.residents.check_room(owner, plan.output_bytes or 0, f"kernel {key}")
         try:
@@ -309,7 +321,7 @@ class Core:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {e}") from None
         return Call(
             key, stack[:base], variant, args, plan, fused, owner, keep, start, time.perf_counter_ns() - start,
-            handles=handles,
+            handles=handles, who=who,
         )  # fmt: skip
 
     def light(self, call: Call) -> bool:
@@ -318,10 +330,9 @@ class Core:
         its ops touch and every matrix product's arithmetic, for these sizes,
         whatever the kernel's earlier calls took. A fused kernel not yet loaded
         (an ArgSpec this process has not met) is not light: loading takes milliseconds."""
-        plan = call.plan
-        if plan.work_bytes is None or plan.work_bytes > LIGHT_BYTES or (plan.flops or 0) > LIGHT_FLOPS:
+        if not light_work(call.plan):
             return False
-        if call.fused and self.settings.compile_mode != "off" and not plan.unfused:
+        if call.fused and self.settings.compile_mode != "off" and not call.plan.unfused:
             entry = self.executor.known(call.variant, call.args)
             # A torch.compile kernel (in process) may recompile on a guard failure: seconds.
             if entry is None or (entry.compiled is not None and entry.compiled.dynamo):
@@ -362,7 +373,7 @@ class Core:
                     raise DeadlineExceeded(f"kernel {key}: the call's deadline passed before it ran")
                 budget_end = now + budget if budget else None
                 if answer is not None:
-                    watch = self.watchdog.watch(key, deadline, budget_end, budget, answer)
+                    watch = self.watchdog.watch(key, deadline, budget_end, budget, answer, call.who)
                 with time_limits(deadline, budget_end):
                     outcome: Outcome = self.executor.run(
                         key, call.variant, device_args, fused=call.fused, unfused=call.plan.unfused,
@@ -697,7 +708,13 @@ class Core:
         """A kernel runs on past its call's limit and the grace (server/watchdog.py,
         which logged it): only this process's end stops it. The process retires
         the way it does after a device fault (see _device_failed), but nothing is
-        broken: calls under way finish, only new ones go elsewhere."""
+        broken: calls under way finish, only new ones go elsewhere. Its caller is
+        penalised first (server/penalties.py), so that the processes that serve
+        meanwhile, and this one's replacement, refuse its next heavy calls."""
+        try:
+            self.penalties.strike(watch.who, watch.key)
+        except OSError:  # a full disk must not keep the process from retiring
+            log.exception("kernel %d: recording its caller's runaway penalty failed", watch.key)
         if self.on_runaway is not None:
             self.on_runaway()
 

@@ -29,6 +29,7 @@ from fuseport.wire import _pb
 
 if TYPE_CHECKING:
     from fuseport.server.core import Core
+    from fuseport.server.rpc.share import WorkerShare
     from fuseport.server.shm import SharedMemory
 
 __all__ = ["Metrics"]
@@ -69,7 +70,9 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
     """The metrics of one server, in a registry of its own (not prometheus_client's
     global one: several servers in one process, as in tests, each count their own)."""
 
-    def __init__(self, core: Core, shared: SharedMemory | None = None) -> None:
+    def __init__(
+        self, core: Core, shared: SharedMemory | None = None, share: WorkerShare | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -122,7 +125,7 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
             self.compiles.labels(outcome)
         for outcome in ("ok", "refused"):
             self.artifact_loads.labels(outcome)
-        r.register(_StateCollector(core, shared))
+        r.register(_StateCollector(core, shared, share))
         # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
         ProcessCollector(registry=r)
         self._http: WSGIServer | None = None
@@ -180,9 +183,10 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
 class _StateCollector:
     """What is read at scrape time: kernels registered, the compiled-kernel cache, memory."""
 
-    def __init__(self, core: Core, shared: SharedMemory | None) -> None:
+    def __init__(self, core: Core, shared: SharedMemory | None, share: WorkerShare | None = None) -> None:
         self.core = core
         self.shared = shared
+        self.share = share
 
     def describe(self) -> list[Any]:
         # Declared empty so that registering does not call collect() (and read the
@@ -276,6 +280,18 @@ class _StateCollector:
             "(drains and exits with status 4) at the first",
             value=watchdog.runaways,
         )
+        if self.share is not None:
+            # Read from the scrape's thread: two ints the event loop sets.
+            yield GaugeMetricFamily(
+                "fuseport_worker_calls_running",
+                "Calls holding a worker to run a kernel (one caller holds at most --workers-per-identity)",
+                value=self.share.running,
+            )
+            yield GaugeMetricFamily(
+                "fuseport_worker_calls_waiting",
+                "Calls waiting for a worker, queued per caller (the caller holding fewest goes first)",
+                value=self.share.waiting,
+            )
         if self.shared is not None and self.shared.enabled:
             sessions, mapped = self.shared.stats()
             yield GaugeMetricFamily(

@@ -93,6 +93,16 @@ class Settings:
             "4) for its supervisor or the container to restart"
         },
     )
+    runaway_penalty_seconds: float = field(
+        default=60.0,
+        metadata={
+            "help": "after a caller's kernel ran away and retired a serving process (--overrun-grace-seconds), "
+            "how long that caller's calls that are not light are refused (RESOURCE_EXHAUSTED naming this flag), "
+            "on every serving process sharing --store-dir, across restarts; doubled on each further runaway "
+            "(at most a day), back to this after a day without one. The caller is its token, or without "
+            "--auth-tokens its host (0: no penalty)"
+        },
+    )
     max_graph_bytes: int = field(
         default=512 << 20,
         metadata={"help": "largest graph Register accepts, constants included (bytes)"},
@@ -108,6 +118,14 @@ class Settings:
         metadata={
             "help": "threads that decode, run and encode requests (each has its own CUDA stream); a small "
             "call whose planned work is light (at most 1 MiB touched and 16 MFLOP) runs on the event loop itself"
+        },
+    )
+    workers_per_identity: int = field(
+        default=0,
+        metadata={
+            "help": "most workers the calls of one caller (its token; without --auth-tokens, its host) may hold "
+            "running kernels at once, so that another caller's call always finds one; calls waiting for a worker "
+            "are served caller by caller, the caller holding fewest first (0: --workers minus one, at least 1)"
         },
     )
     event_loop: str = field(
@@ -363,6 +381,10 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.workers_per_identity <= self.workers:
+            raise ValueError("workers_per_identity must be in 0..workers (0: workers minus one, at least 1)")
+        if self.runaway_penalty_seconds < 0:
+            raise ValueError("runaway_penalty_seconds must be >= 0 (0: no penalty)")
         if self.max_stream_bytes < 0:
             raise ValueError("max_stream_bytes must be >= 0")
         if self.stream_chunk_bytes < 1:
@@ -459,6 +481,11 @@ class Settings:
     def artifact_path(self) -> Path:
         """Where compiled artifacts live: --artifact-dir, else beside the graphs in the store."""
         return self.artifact_dir if self.artifact_dir is not None else Path(self.store_dir) / "artifacts"
+
+    @property
+    def worker_share(self) -> int:
+        """The most workers one caller's calls hold at once (--workers-per-identity)."""
+        return self.workers_per_identity or max(1, self.workers - 1)
 
     @property
     def tls(self) -> bool:

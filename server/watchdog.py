@@ -50,6 +50,7 @@ class Watch:
     limit: float
     budget: float  # --max-call-seconds when that is the limit; 0.0: the caller's deadline is
     answer: Callable[[FuseportError], None] | None
+    who: bytes = b""  # the caller's identity (penalised should it run away: server/penalties.py)
     state: int = _RUNNING
 
     def error(self) -> FuseportError:
@@ -70,7 +71,8 @@ def past_limit(key: int, budget: float) -> FuseportError:
 
 class Watchdog:
     """Watches runs (see the module's doc). `on_runaway(watch)` is called from
-    the watchdog's thread, once, for the first runaway."""
+    the watchdog's thread for each runaway that retires the process (the first
+    retires it; each names a caller whose kernel ran away)."""
 
     def __init__(
         self, grace: float, on_runaway: Callable[[Watch], None], *, retire_on_deadline: bool = True
@@ -101,16 +103,17 @@ class Watchdog:
         budget_end: float | None,
         budget: float,
         answer: Callable[[FuseportError], None] | None,
+        who: bytes = b"",
     ) -> Watch | None:
         """Starts watching a run (None when it has no limit at all)."""
         if deadline is None and budget_end is None:
             return None
         now = time.monotonic()
         if budget_end is not None and (deadline is None or budget_end <= deadline):
-            w = Watch(key, now, budget_end, budget, answer)
+            w = Watch(key, now, budget_end, budget, answer, who)
         else:
             assert deadline is not None
-            w = Watch(key, now, deadline, 0.0, answer)
+            w = Watch(key, now, deadline, 0.0, answer, who)
         with self._cond:
             self._running.add(w)
             if self._thread is None:
@@ -198,14 +201,15 @@ class Watchdog:
             return
         self.runaways += 1
         if self.runaways > 1:
+            # The process retires already; its caller ran a runaway all the same.
             log.error("kernel %d: also still running %.1f s past its call's limit", w.key, now - w.limit)
-            return  # the process retires already
-        log.error(
-            "kernel %d: still running %.1f s after its call's %s passed (--overrun-grace-seconds %g); a "
-            "kernel cannot be interrupted, so this serving process retires: health NOT_SERVING, drain, "
-            "exit status 4 (a supervisor or the container's restart policy starts a fresh one)",
-            w.key, now - w.limit, "--max-call-seconds" if w.budget else "deadline", self.grace,
-        )  # fmt: skip
+        else:
+            log.error(
+                "kernel %d: still running %.1f s after its call's %s passed (--overrun-grace-seconds %g); a "
+                "kernel cannot be interrupted, so this serving process retires: health NOT_SERVING, drain, "
+                "exit status 4 (a supervisor or the container's restart policy starts a fresh one)",
+                w.key, now - w.limit, "--max-call-seconds" if w.budget else "deadline", self.grace,
+            )  # fmt: skip
         try:
             self.on_runaway(w)
         except Exception:  # noqa: BLE001 - logged; the watchdog must not die

@@ -418,3 +418,95 @@ def test_with_two_processes_a_runaway_kernel_retires_its_process_alone_which_is_
         for c in conns.values():
             c.close()
         assert s.stop() == 0
+
+
+OTHER = "0th3r-4b7e2a9c6d1f8350"
+
+
+def _tokens(tmp: Path) -> Path:
+    tokens = tmp / "tokens"
+    tokens.write_text(f"{ADMIN} admin\n{USER} user\n{OTHER} user\n")
+    return tokens
+
+
+def test_one_callers_long_calls_leave_a_worker_for_another_callers_call(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """--workers 2: a `user` token's two calls without a deadline, each minutes of one
+    op (two clients, two made-up client ids: still one caller), hold one worker, the
+    second waiting for its own; another token's call that needs a worker takes the
+    other at once, however long the first caller's calls run."""
+    tmp = tmp_path_factory.mktemp("fairshare")
+    s = start_server(
+        tmp, None, "--auth-tokens", str(_tokens(tmp)), "--workers", "2", "--compile-mode", "off",
+        "--metrics-port", "0", "--grace-seconds", "1",
+    )  # fmt: skip
+    x = torch.zeros(1024)
+    errors: list[BaseException] = []
+
+    def hog() -> None:
+        try:
+            with Client(s.target, timeout=None, token=USER) as c:
+                c.fallback(key, [x, 1 << 33])  # no deadline: minutes, ended by the server's stop
+        except BaseException as e:  # noqa: BLE001 - any end will do; the server is stopped under it
+            errors.append(e)
+
+    hogs = [threading.Thread(target=hog) for _ in range(2)]
+    try:
+        key = _register(s, heavy)
+        for t in hogs:
+            t.start()
+        _wait_for(
+            lambda: (
+                _metric(s, "fuseport_worker_calls_running") + _metric(s, "fuseport_worker_calls_waiting") == 2
+            ),
+            "both long calls at a worker or waiting for one",
+            s.log,
+        )
+        with Client(s.target, timeout=120, token=OTHER) as other:
+            # 4 MiB to read: not light, so it needs a worker.
+            assert other.fallback(key, [x, 1024])[0].item() == 0.0
+        # The first caller still holds one worker and waits for no other: at most --workers - 1.
+        assert _metric(s, "fuseport_worker_calls_running") == 1
+        assert _metric(s, "fuseport_worker_calls_waiting") == 1
+    finally:
+        s.stop()
+        for t in hogs:
+            t.join(timeout=120)
+    assert len(errors) == 2, errors  # neither long call finished: the server stopped under them
+
+
+def test_a_caller_whose_kernel_retired_the_server_is_refused_heavy_calls_after_its_restart(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """--max-call-seconds 0.5: a `user` token's one-op Fallback runs on past it and the
+    grace, so the process retires. Restarted on the same store, the server refuses that
+    token's calls that are not light (RESOURCE_EXHAUSTED naming --runaway-penalty-seconds),
+    while another token's same call is served, and so is the first token's light call."""
+    tmp = tmp_path_factory.mktemp("penalty")
+    flags = (
+        "--auth-tokens", str(_tokens(tmp)), "--max-call-seconds", "0.5", "--overrun-grace-seconds", "1",
+        "--compile-mode", "off", "--grace-seconds", "1",
+    )  # fmt: skip
+    s = start_server(tmp, None, *flags)
+    try:
+        key = _register(s, heavy)
+        x = torch.zeros(1024)
+        with Client(s.target, timeout=120, token=USER) as user:
+            with pytest.raises(ResourceExhausted, match=PAST_BUDGET):
+                user.fallback(key, [x, 1 << 29])  # one op of a minute or more: it cannot stop between ops
+        assert s.proc.wait(timeout=120) == EXIT_RUNAWAY_KERNEL, s.log()[-3000:]
+    finally:
+        s.stop()
+    s = start_server(tmp / "again", s.store_dir, *flags)
+    try:
+        with (
+            Client(s.target, timeout=120, token=USER) as user,
+            Client(s.target, timeout=120, token=OTHER) as other,
+        ):
+            with pytest.raises(ResourceExhausted, match=r"refused for \d+ s more.*--runaway-penalty-seconds"):
+                user.fallback(key, [x, 1024])
+            assert other.fallback(key, [x, 1024])[0].item() == 0.0
+            assert user.fallback(key, [x, 2])[0].item() == 0.0  # light: it cannot run away
+    finally:
+        s.stop()

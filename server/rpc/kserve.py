@@ -287,7 +287,9 @@ class InferenceService:
         stack = _decode_inputs(req, sig)
         wanted = _requested_outputs(req, sig.num_outputs)
         decode_ns = time.perf_counter_ns() - started
-        result = self.core.execute(key, stack, fused=True, deadline=deadline, answer=record.answer)
+        result = self.core.execute(
+            key, stack, fused=True, deadline=deadline, answer=record.answer, who=record.identity
+        )
         encoding = time.perf_counter_ns()
         out = _kpb.ModelInferResponse(model_name=req.model_name, model_version=_VERSION, id=req.id)
         for i in wanted:

@@ -14,6 +14,7 @@ that names its class (what the client raises).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ import grpc
 
 from fuseport.server.devices import is_out_of_memory
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
+from fuseport.server.rpc.share import WorkerShare
 from fuseport.server.security import presented_token_digest
 from fuseport.wire import _pb
 from fuseport.wire.errors import (
@@ -46,6 +48,7 @@ __all__ = [
     "Streamed",
     "abort",
     "error_of",
+    "identity_of",
     "parse",
 ]
 
@@ -69,6 +72,8 @@ class CallRecord:
     timings: _pb.service.Timings | None = None
     # Who owns the call's device-resident values (from its metadata).
     owner: Owner = NO_OWNER
+    # Who the caller is for the workers' fair share and runaway penalties (identity_of).
+    identity: bytes = b""
     # For a call run on a worker: how the core answers it at once when its deadline or
     # --max-call-seconds passes while its kernel runs on (Plumbing.off_loop).
     answer: Callable[[FuseportError], None] | None = None
@@ -160,14 +165,42 @@ def owner(context: grpc.aio.ServicerContext, tenant_of: Callable[[Any], bytes] =
     return owner_of(client_id, presented_token_digest(metadata), tenant_of(metadata))
 
 
+def identity_of(owner: Owner, peer: str, tokens: bool) -> bytes:
+    """Who a caller is, for what callers share (the workers, runaway penalties): with
+    tokens (`tokens`: the gate checked the call's), its token; without, its host, from
+    the transport (`peer`, gRPC's "ipv4:ADDR:PORT"). Never the client id, nor anything
+    else a caller chooses: a made-up id must not buy another share. Without tokens,
+    every caller of one host (and every caller behind one proxy) is one identity."""
+    if tokens and owner.token:
+        return b"token:" + owner.token
+    return _host_of(peer)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_of(peer: str) -> bytes:
+    # The port is the connection's, which a caller picks by opening another one.
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        address = address.rpartition(":")[0] or address
+    return f"host:{kind}:{address}".encode()
+
+
 class Plumbing:
     """The worker threads, the observer and the caller's namespace that every
     servicer's calls share; `unary` and `streamed` make their gRPC handlers."""
 
-    def __init__(self, workers: int, release_above: int | None = None) -> None:
+    def __init__(
+        self, workers: int, release_above: int | None = None, per_identity: int | None = None
+    ) -> None:
+        """`per_identity`: the most workers one identity's kernels hold at once
+        (server/rpc/share.py; None: `workers` minus one, at least 1)."""
         # Decoding, running and encoding happen here unless a method runs inline
         # (so large messages never block the event loop).
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
+        # The calls that run kernels take their worker through here: a fair share per identity.
+        self.share = WorkerShare(workers, max(1, workers - 1) if per_identity is None else per_identity)
+        # Whether the gate checks tokens (set by the app): then a caller is its token.
+        self.tokens = False
         # A call that moved more than this many bytes hands freed host memory back
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
         self.release_above = release_above
@@ -199,11 +232,14 @@ class Plumbing:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
                 record.owner = owner(context, self.tenant_of)
+                record.identity = identity_of(record.owner, context.peer(), self.tokens)
                 loop = asyncio.get_running_loop()
                 if inline is not None and len(request) <= inline_max_bytes:
                     out = await inline(loop, request, deadline, record)
                 elif watched:
-                    out = await self.off_loop(loop, record, lambda: fn(request, deadline, arrived, record))
+                    out = await self.off_loop(
+                        loop, record, deadline, lambda: fn(request, deadline, arrived, record)
+                    )
                 else:
                     out = await loop.run_in_executor(pool, fn, request, deadline, arrived, record)
                 self.observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
@@ -241,6 +277,7 @@ class Plumbing:
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceeded("deadline passed before the call started")
                 state.record.owner = owner(context, self.tenant_of)
+                state.record.identity = identity_of(state.record.owner, context.peer(), self.tokens)
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
@@ -297,18 +334,30 @@ class Plumbing:
         call.__name__ = method
         return grpc.stream_unary_rpc_method_handler(call)
 
-    async def off_loop(self, loop: asyncio.AbstractEventLoop, record: CallRecord, fn: Callable[[], T]) -> T:
-        """What `fn` returns, run on a worker; or, should the core answer the call
-        first (`record.answer`: its deadline or --max-call-seconds passed while its
-        kernel runs on, see server/watchdog.py), that answer, raised at once: the
-        loop does not wait for the kernel, whose results the core drops when it ends."""
+    async def off_loop(
+        self, loop: asyncio.AbstractEventLoop, record: CallRecord, deadline: float | None, fn: Callable[[], T]
+    ) -> T:
+        """What `fn` returns, run on a worker once the caller's fair share gives it one
+        (server/rpc/share.py: DeadlineExceeded if `deadline` passes first); or, should
+        the core answer the call first (`record.answer`: its deadline or
+        --max-call-seconds passed while its kernel runs on, see server/watchdog.py),
+        that answer, raised at once: the loop does not wait for the kernel, whose
+        results the core drops when it ends. The worker counts as the caller's until
+        `fn` returns, answered or not: a kernel that runs on still holds its thread."""
+        identity = record.identity
+        await self.share.acquire(identity, deadline)
         answered: asyncio.Future[T] = loop.create_future()
 
         def answer(error: FuseportError) -> None:  # from the watchdog's thread
             loop.call_soon_threadsafe(_settle, answered, error)
 
         record.answer = answer
-        work = loop.run_in_executor(self.pool, fn)
+        try:
+            work = loop.run_in_executor(self.pool, fn)
+        except BaseException:
+            self.share.release(identity)  # the pool is shut down: nothing runs
+            raise
+        work.add_done_callback(lambda _: self.share.release(identity))
         try:
             await asyncio.wait((work, answered), return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -177,7 +177,7 @@ class KernelService:
             # Timed as run_us.
             call = self.core.prepare(
                 req.key, req.stack, fused=fused, variants=req.variants, owner=record.owner,
-                keep=req.keep_outputs, planned_only=True,
+                keep=req.keep_outputs, planned_only=True, who=record.identity,
             )  # fmt: skip
             if call is not None and self.core.light(call):
                 batcher = self.core.batcher  # None unless --batch-window-us: then one check, nothing more
@@ -193,6 +193,7 @@ class KernelService:
         return await self.plumbing.off_loop(
             loop,
             record,
+            deadline,
             lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call),
         )
 
@@ -227,7 +228,7 @@ class KernelService:
         shared = SharedCall(req.shm_session, req.shm_slot, req.shm_fresh_output) if req.shm_session else None
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants,
-            owner=record.owner, keep=req.keep_outputs, shared=shared, answer=record.answer,
+            owner=record.owner, keep=req.keep_outputs, shared=shared, answer=record.answer, who=record.identity,
         )  # fmt: skip
         if shared is not None:
             decode_ns += shared.read_ns  # reading the client's regions is this call's decoding
@@ -336,9 +337,12 @@ class KernelService:
                     header.key, values, fused=fused, wait=header.options.wait_for_compile,
                     deadline=deadline, variants=tuple(header.options.variants), transport="stream",
                     owner=record.owner, keep=header.options.keep_outputs, answer=record.answer,
+                    who=record.identity,
                 ), waited  # fmt: skip
 
-            result, queue_ns = await self.plumbing.off_loop(loop, record, functools.partial(run, stack))
+            result, queue_ns = await self.plumbing.off_loop(
+                loop, record, deadline, functools.partial(run, stack)
+            )
             del stack
             assembler.release()
             encode_start = time.perf_counter_ns()
