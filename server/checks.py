@@ -480,6 +480,10 @@ class Plan:
     flops: int | None = None
     input_checks: tuple[_InputCheck, ...] = ()
     unfused: str = ""
+    # A data check reads a value the graph computes (checked in front of its op on
+    # the unfused path, or on the CPU by the fused kernel itself): it may be a view
+    # of an input, so an input a client can rewrite mid-call must not be read there.
+    checks_computed: bool = False
     outputs: tuple[Any, ...] | None = None
 
     def check_inputs(self, args: Sequence[Any], module: torch.nn.Module) -> None:
@@ -568,6 +572,7 @@ class Planner:
         checks: list[_InputCheck] = []
         largest, largest_what = 0, ""
         unfused = ""
+        computed = False
         usage = _Usage(self._last_use)
 
         def value(v: Any) -> Any:
@@ -590,6 +595,7 @@ class Planner:
                     if name in DATA_CHECKED_OPS:
                         for c in _data_checks(name, node.target, node.args, dict(node.kwargs), value):
                             if not self._before_launch(c, origin, checks):
+                                computed = True
                                 unfused = unfused or (
                                     "" if self.cpu and c.cpu_fused_safe else _UNFUSED.format(op=name)
                                 )
@@ -598,7 +604,7 @@ class Planner:
                     if not unfused and any(_data_checked(n) for n in self._nodes[pos:]):
                         unfused = _UNFUSED.format(op="after a size that depends on data")
                     return Plan(largest_bytes=largest, largest_what=largest_what, input_checks=tuple(checks),
-                                unfused=unfused)  # fmt: skip
+                                unfused=unfused, checks_computed=True)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - whatever the op raises on these arguments
                     return Plan(error=f"{_where(node)}: {_first_line(e)}")
                 env[node] = out
@@ -611,10 +617,10 @@ class Planner:
                 results = torch.fx.map_arg(node.args[0], env.__getitem__)
                 total = sum(t.numel() * t.element_size() for t in _tensors(results))
                 return Plan(output_bytes=total, largest_bytes=largest, largest_what=largest_what,
-                            input_checks=tuple(checks), unfused=unfused,
+                            input_checks=tuple(checks), unfused=unfused, checks_computed=computed,
                             outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,),
                             peak_bytes=usage.peak(), work_bytes=usage.work)  # fmt: skip
-        return Plan(unfused=unfused)
+        return Plan(unfused=unfused, checks_computed=True)
 
     def _before_launch(self, c: _DataCheck, origin: dict[torch.fx.Node, tuple[str, Any]], checks: list[_InputCheck]) -> bool:
         """Records a check of inputs and constants for before launch; False when
