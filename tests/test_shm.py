@@ -1287,3 +1287,41 @@ def test_an_index_the_client_rewrites_during_calls_is_checked_as_the_kernel_read
         assert torch.equal(r.response.stack[0], w[2:3] * 2)
     finally:
         r.close()
+
+
+def _plus0(x: torch.Tensor) -> torch.Tensor:
+    return x + 0
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_large_call_through_shared_memory_holds_only_its_result_in_server_memory(tmp_path: Path) -> None:
+    """96 MiB in, 96 MiB out: at its peak the server's own memory (beside the session's
+    regions, which the client maps too and which count against its budget) holds the
+    kernel's result alone, its input read in the client's region, where a copy of the
+    input made it 2x the payload (issue 21: <= 1.5x)."""
+    s = start_server(
+        tmp_path, None, "--compile-mode", "off", "--processes", "1", "--shared-memory-max-bytes", str(1 << 30)
+    )
+    try:
+        with Client(s.target, timeout=120, shared_above=0) as c:
+            k = c.register(_plus0, [torch.zeros(16, dtype=torch.int32)])
+            assert c.execute(k, [torch.arange(8, dtype=torch.int32)])[0].tolist() == list(range(8))
+            x = torch.randint(-(2**31), 2**31 - 1, ((96 << 20) // 4,), dtype=torch.int32)
+            pid = s.proc.pid
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here
+            base, shared = _status_bytes(pid, "VmRSS"), _status_bytes(pid, "RssShmem")
+            r = c.execute_detailed(k, [x])
+            # The regions stay mapped and touched: what they added is in RssShmem now.
+            regions = _status_bytes(pid, "RssShmem") - shared
+            grown = _status_bytes(pid, "VmHWM") - base - regions
+            assert r.transport == "shm" and torch.equal(r.stack[0], x)
+        assert regions > 1.9 * x.nbytes  # the input region and the output region, both touched
+        assert grown <= 1.5 * x.nbytes, f"the server grew by {grown >> 20} MiB for a {x.nbytes >> 20} MiB call"
+    finally:
+        s.stop()
