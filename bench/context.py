@@ -87,17 +87,19 @@ def fuseport_server(
     timeout: float = 180.0,
     processes: int | None = None,
     store_dir: Path | None = None,
+    python: str | None = None,
 ) -> Iterator[tuple[str, int]]:
     """`fuseport serve` on 127.0.0.1 and a free port, with a fresh store (or
     `store_dir`); yields (target, pid) once gRPC health says SERVING. `env` is
-    added to its environment; `processes`: its --processes (None: its default)."""
+    added to its environment; `processes`: its --processes (None: its default);
+    `python`: the interpreter that runs it (another checkout's, to compare two versions)."""
     from fuseport.wire._local import read_port_file, stop_process, wait_until_serving
 
     with tempfile.TemporaryDirectory(prefix="fuseport-bench-") as tmp:
         port_file = Path(tmp) / "port"
         log_path = Path(tmp) / "server.log"
         cmd = [
-            sys.executable, "-m", "fuseport.cli", "serve",
+            python or sys.executable, "-m", "fuseport.cli", "serve",
             "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
             "--store-dir", str(store_dir or Path(tmp) / "store"), "--device", device,
             *(("--processes", str(processes)) if processes is not None else ()),

@@ -1,19 +1,24 @@
 """A co-located client's shared-memory Execute against the unary echo of the same bytes.
 
-    python scripts/shm_echo_ratio.py [MiB] [rounds]
+    python scripts/shm_echo_ratio.py [MiB] [rounds] [--dtype float32] [--before PYTHON]
 
 Starts a CPU `fuseport serve` and the raw gRPC echo server, then times, interleaved
 round by round (drift falls on all alike): the unary echo of MiB bytes; `x + 0` on a
-uint8 tensor of MiB through shared memory with the caller keeping each result until the
-next call (`out = c.execute(...)` in a loop); and the same with the result dropped before
-the next call. Prints each p50 and its ratio to the echo's (docs/perf.md, issue 21)."""
+tensor of MiB (uint8 unless --dtype) through shared memory with the caller keeping each
+result until the next call (`out = c.execute(...)` in a loop); and the same with the
+result dropped before the next call. `--before PYTHON`: a second server run by another
+checkout's interpreter (e.g. /work/main/.venv/bin/python), timed the same way in the
+same rounds, so that a change is measured before and after in one run. Prints each p50
+and its ratio to the echo's (docs/perf.md, issue 21)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import gc
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,34 +28,56 @@ from fuseport.bench.echo import echo_channel, echo_server, echo_stub
 from fuseport.client import Client
 
 
-def main(mib: int = 16, rounds: int = 30) -> None:
-    size = mib << 20
-    with fuseport_server("cpu") as (target, _pid), echo_server() as (echo_target, _epid):
+def _shm_calls(
+    target: str, x: torch.Tensor, label: str, clients: list[Client]
+) -> dict[str, Callable[[], None]]:
+    c = Client(target, timeout=300, shared_above=0)
+    d = Client(target, timeout=300, shared_above=0)  # a session of its own: slots not shared with `c`
+    clients += [c, d]
+    key = c.register(lambda x: x + 0, [torch.zeros(16, dtype=x.dtype)])
+    held: list[Any] = [None]
+
+    def kept() -> None:
+        held[0] = c.execute_detailed(key, [x])  # the previous result lives until this returns
+
+    def dropped() -> None:
+        r = d.execute_detailed(key, [x])
+        assert r.stack[0].numel() == x.numel() and r.transport == "shm", r.transport
+        del r
+
+    c.execute(key, [x], wait=True)
+    return {f"shm kept{label}": kept, f"shm dropped{label}": dropped}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mib", type=int, nargs="?", default=16)
+    ap.add_argument("rounds", type=int, nargs="?", default=30)
+    ap.add_argument("--dtype", default="uint8")
+    ap.add_argument("--before", help="the interpreter of another checkout, for a second server to compare")
+    args = ap.parse_args()
+    size = args.mib << 20
+    dtype = getattr(torch, args.dtype)
+    x = torch.full((size // dtype.itemsize,), 7, dtype=dtype)
+    clients: list[Client] = []
+    with contextlib.ExitStack() as stack:
+        target, _pid = stack.enter_context(fuseport_server("cpu"))
+        echo_target, _epid = stack.enter_context(echo_server())
         channel = echo_channel(echo_target)
         echo = echo_stub(channel)
         payload = b"\x07" * size
-        c = Client(target, timeout=300, shared_above=0)
-        d = Client(target, timeout=300, shared_above=0)  # a session of its own: slots not shared with `c`
-        key = c.register(lambda x: x + 0, [torch.zeros(16, dtype=torch.uint8)])
-        x = torch.full((size,), 7, dtype=torch.uint8)
-        held: list[Any] = [None]
-
-        def kept() -> None:
-            held[0] = c.execute_detailed(key, [x])  # the previous result lives until this returns
-
-        def dropped() -> None:
-            r = d.execute_detailed(key, [x])
-            assert r.stack[0].numel() == size and r.transport == "shm", r.transport
-            del r
-
-        calls = {"echo": lambda: echo(payload, timeout=300), "shm kept": kept, "shm dropped": dropped}
+        calls: dict[str, Callable[[], Any]] = {"echo": lambda: echo(payload, timeout=300)}
+        calls.update(_shm_calls(target, x, "", clients))
+        if args.before:
+            before, _bpid = stack.enter_context(fuseport_server("cpu", python=args.before))
+            calls.update(_shm_calls(before, x, " (before)", clients))
         for _ in range(3):
             for f in calls.values():
                 f()
         lat: dict[str, list[float]] = {k: [] for k in calls}
         names = list(calls)
         gc.disable()
-        for i in range(rounds):
+        for i in range(args.rounds):
             for j in range(len(names)):
                 name = names[(i + j) % len(names)]
                 t0 = time.perf_counter()
@@ -58,13 +85,14 @@ def main(mib: int = 16, rounds: int = 30) -> None:
                 lat[name].append((time.perf_counter() - t0) * 1e3)
         gc.enable()
         echo_ms = statistics.median(lat["echo"])
+        print(f"{args.mib} MiB of {args.dtype}, {args.rounds} rounds", flush=True)
         for name, values in lat.items():
             p50 = statistics.median(values)
-            print(f"{name:12s} p50 {p50:8.2f} ms  {p50 / echo_ms:5.2f}x the unary echo", flush=True)
-        c.close()
-        d.close()
+            print(f"{name:22s} p50 {p50:8.2f} ms  {p50 / echo_ms:5.2f}x the unary echo", flush=True)
+        for c in clients:
+            c.close()
         channel.close()
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main()

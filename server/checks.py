@@ -485,6 +485,10 @@ class Plan:
     flops: int | None = None
     input_checks: tuple[_InputCheck, ...] = ()
     unfused: str = ""
+    # A data check reads a value the graph computes (checked in front of its op on
+    # the unfused path, or on the CPU by the fused kernel itself): it may be a view
+    # of an input, so an input a client can rewrite mid-call must not be read there.
+    checks_computed: bool = False
     outputs: tuple[Any, ...] | None = None
     # Set (the op, and torch's words) when a tensor of these sizes would have more
     # bytes or elements than 64 bits count: planning stops there, and the call is
@@ -577,6 +581,7 @@ class Planner:
         checks: list[_InputCheck] = []
         largest, largest_what = 0, ""
         unfused = ""
+        computed = False
         usage = _Usage(self._last_use)
 
         def value(v: Any) -> Any:
@@ -599,6 +604,7 @@ class Planner:
                     if name in DATA_CHECKED_OPS:
                         for c in _data_checks(name, node.target, node.args, dict(node.kwargs), value):
                             if not self._before_launch(c, origin, checks):
+                                computed = True
                                 unfused = unfused or (
                                     "" if self.cpu and c.cpu_fused_safe else _UNFUSED.format(op=name)
                                 )
@@ -607,7 +613,7 @@ class Planner:
                     if not unfused and any(_data_checked(n) for n in self._nodes[pos:]):
                         unfused = _UNFUSED.format(op="after a size that depends on data")
                     return Plan(largest_bytes=largest, largest_what=largest_what, input_checks=tuple(checks),
-                                unfused=unfused)  # fmt: skip
+                                unfused=unfused, checks_computed=True)  # fmt: skip
                 except Exception as e:  # noqa: BLE001 - whatever the op raises on these arguments
                     if isinstance(e, RuntimeError) and any(w in str(e) for w in _OVERFLOW_WORDS):
                         # Not a shape error: sizes this large are a resource no device has.
@@ -624,10 +630,10 @@ class Planner:
                 results = torch.fx.map_arg(node.args[0], env.__getitem__)
                 total = sum(t.numel() * t.element_size() for t in _tensors(results))
                 return Plan(output_bytes=total, largest_bytes=largest, largest_what=largest_what,
-                            input_checks=tuple(checks), unfused=unfused,
+                            input_checks=tuple(checks), unfused=unfused, checks_computed=computed,
                             outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,),
                             peak_bytes=usage.peak(), work_bytes=usage.work)  # fmt: skip
-        return Plan(unfused=unfused)
+        return Plan(unfused=unfused, checks_computed=True)
 
     def _before_launch(self, c: _DataCheck, origin: dict[torch.fx.Node, tuple[str, Any]], checks: list[_InputCheck]) -> bool:
         """Records a check of inputs and constants for before launch; False when

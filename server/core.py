@@ -225,7 +225,7 @@ class Core:
         to_slot = shared is not None and bool(shared.slot) and not keep
         call = self.prepare(
             key, stack, fused=fused, variants=variants, transport="shm" if to_slot else transport, owner=owner,
-            keep=keep, who=who,
+            keep=keep, who=who, views=shared.views if shared is not None else None,
         )  # fmt: skip
         if to_slot and call.plan.outputs is not None:
             assert shared is not None
@@ -241,14 +241,14 @@ class Core:
         return result
 
     def _read_shared(self, owner: Owner, shared: SharedCall, stack: list[Any]) -> list[Any]:
-        """The stack with its shared-memory tensors copied out of the caller's
-        regions onto the device: nothing checks or runs what the client can
-        still rewrite (see server/shm.py)."""
+        """The stack with its shared-memory tensors made tensors: on a device, copies
+        there; on the CPU, views of the caller's regions (`shared.views`), of which
+        `prepare` copies what a check reads (`_own_inputs`; see server/shm.py)."""
         started = time.perf_counter_ns()
         check_slot(shared.slot)  # before running, not after
         # Sizes first, as a stream's header: refused before anything is copied.
         self.check_inputs(shared_sizes(stack), "shared-memory stack")
-        stack = self.shared.resolve(owner, shared.session, stack, self.placement.device)
+        stack = self.shared.resolve(owner, shared.session, stack, self.placement.device, shared.views)
         shared.read_ns = time.perf_counter_ns() - started
         return stack
 
@@ -264,11 +264,14 @@ class Core:
         keep: bool = False,
         planned_only: bool = False,
         who: bytes = b"",
+        views: dict[int, torch.Tensor] | None = None,
     ) -> Call | None:
         """Everything `execute` does before a kernel runs: no kernel runs here, and
         with `planned_only` no planning and no reading of the store either: None
         when these sizes were never planned or the kernel is not built, so that a
-        caller on the event loop hands the call on.
+        caller on the event loop hands the call on. `views`: inputs still in a
+        client's shared-memory region (by id()); those the plan's checks read are
+        copied before they are checked (`_own_inputs`).
 
         `who` (the caller's identity: its token, or its host) is refused a call whose
         planned work is not light while one of its kernels' runaways is penalised
@@ -315,6 +318,8 @@ class Core:
             self.penalties.check(who, key)
         if keep:
             self.residents.check_room(owner, plan.output_bytes or 0, f"kernel {key}")
+        if views:
+            args = _own_inputs(plan, args, views, keep)
         try:
             plan.check_inputs(args, variant.module)
         except DataError as e:
@@ -821,6 +826,33 @@ def _merged(name: str, a: Any, b: Any) -> InputSpec | None:
         if type(a) is cls and type(b) is cls:
             return InputSpec(name, kind)  # type: ignore[arg-type]
     return None
+
+
+def _own_inputs(plan: Plan, args: list[Any], views: dict[int, torch.Tensor], keep: bool) -> list[Any]:
+    """`args` with the inputs that must not stay in a client's shared-memory region
+    (`views`) copied into server memory: the client may rewrite its region while the
+    call runs, so bytes a check reads must be the bytes the kernel reads. Those are
+    the operands of the plan's data checks; and every input where a check reads a
+    value the graph computes (`plan.checks_computed`: it may be a view of an input), where
+    sizes depend on the data (planning stopped: an op sized its result by reading
+    values), or where results are kept on the server (one may be a view of an input,
+    and later calls would check it). Anything else only reads values no check
+    depends on: a client that rewrites them changes its own results, nothing more."""
+    if keep or plan.unfused or plan.checks_computed or plan.output_bytes is None:
+        checked = set(range(len(args)))
+    else:
+        checked = {x for c in plan.input_checks for kind, x in c.operands if kind == "input"}
+    if not checked:
+        return args
+
+    def own(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.clone() if views.get(id(v)) is v else v
+        if isinstance(v, (list, tuple)):
+            return type(v)(own(x) for x in v)
+        return v
+
+    return [own(a) if i in checked else a for i, a in enumerate(args)]
 
 
 def _select(kernel: Kernel, values: list[Any], base: int, allowed: Sequence[int]) -> tuple[Variant, list[Any]]:

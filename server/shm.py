@@ -12,9 +12,17 @@ to wait for. The socket lives in Linux's abstract namespace: a client in the
 same network namespace (the same host, the same pod) reaches it, one anywhere
 else cannot, which is exactly "co-located".
 
-The server copies every input out of the client's region before anything
-checks or runs it: the client may rewrite its region at any time, and a check
-that read bytes the kernel then reads again would be a race it could win.
+The client may rewrite its region at any time, so a check that read an input's
+bytes and a kernel that then read them again would be a race it could win. On
+the CPU the kernel runs on the region itself (no copy), except for the inputs
+whose values decide whether it may run at all: those the plan's data checks
+read (an index, an integer divisor), bool tensors (checked to hold 0 and 1),
+and all of them where a check reads a value the graph computes (it may be a
+view of an input), where sizes depend on the data, or where results are kept
+on the server. Those are copied before anything checks them
+(`Core._own_inputs`). What is left reads client bytes that no check depends
+on: rewriting them mid-call changes nothing but the caller's own results. A
+device server copies every input onto its device anyway.
 
 A client's CUDA tensors, on the device this process serves on, travel as CUDA IPC
 handles instead (wire/cuda_ipc.py): only within a session (the socket proved
@@ -93,6 +101,9 @@ class SharedCall:
     # The client asks for a fresh output region: its last results still live as
     # tensors over the slot's current one (see client/shm.py).
     fresh_output: bool = False
+    # The inputs left in the client's region (views, by id()): what
+    # Core._own_inputs copies where the plan's checks read them.
+    views: dict[int, torch.Tensor] = field(default_factory=dict)
     read_ns: int = 0
     place_ns: int = 0
 
@@ -325,9 +336,18 @@ class SharedMemory:
         s.used = time.monotonic()
         return s
 
-    def resolve(self, owner: Owner, sid: str, stack: list[Any], device: torch.device) -> list[Any]:
-        """The stack with each Shared value replaced by a copy of its bytes on
-        `device` (server-owned memory: what the client writes later changes nothing)."""
+    def resolve(
+        self,
+        owner: Owner,
+        sid: str,
+        stack: list[Any],
+        device: torch.device,
+        views: dict[int, torch.Tensor] | None = None,
+    ) -> list[Any]:
+        """The stack with each Shared value replaced by its tensor on `device`: a copy
+        of its bytes (server-owned memory: what the client writes later changes
+        nothing), or, with `views` on the CPU, the bytes in the client's region
+        themselves, recorded in `views` (the module doc says which may stay there)."""
         session = self._session(owner, sid)
 
         def value(v: codec.Shared, where: str) -> torch.Tensor:
@@ -338,9 +358,19 @@ class SharedMemory:
                 raise InvalidStack(f"{where}: shared-memory region {v.region} was not handed over in this session")
             src = region.view(v.offset, v.nbytes, where)
             code = dtypes.code_for(v.dtype)
-            return codec._make_tensor(
-                code, list(v.shape), [], v.nbytes, where, lambda dt, n, shape: _copy(src, device).view(dt).view(shape)
-            )
+            if views is None or device.type != "cpu" or v.dtype == torch.bool:
+                # A bool's bytes are checked (0 or 1) as it is made: a view could change after.
+                def copied(dt: torch.dtype, n: int, shape: list[int]) -> torch.Tensor:
+                    return _copy(src, device).view(dt).view(shape)
+
+                return codec._make_tensor(code, list(v.shape), [], v.nbytes, where, copied)
+
+            def viewed(dt: torch.dtype, n: int, shape: list[int]) -> torch.Tensor:
+                return region.exact(v.offset, n).view(dt).view(shape)
+
+            t = codec._make_tensor(code, list(v.shape), [], v.nbytes, where, viewed)
+            views[id(t)] = t
+            return t
 
         return shm.replace(stack, value, codec.Shared)
 

@@ -390,7 +390,7 @@ def test_a_hand_made_session_runs_a_call_and_gets_its_outputs_in_the_servers_reg
     assert all(isinstance(v, codec.Shared) and v.region == out.id for v in refs)
     got = [region.view(v.offset, v.nbytes, "out").view(v.dtype).view(v.shape) for v in refs]
     assert torch.equal(got[0], a * 2 + b) and torch.equal(got[1], (a - b).abs())
-    # The client rewrites its region after the call: the server had copied it.
+    # The client rewrites its region after the call: the results are in the server's region.
     m[:24] = bytes(24)
     assert raw.execute(stack)[0] == grpc.StatusCode.OK
     assert torch.equal(raw.response.stack[0], b)  # 0 * 2 + b: this call read the new bytes
@@ -1166,3 +1166,162 @@ def test_result_tensors_a_forked_child_holds_stay_unchanged_after_the_parents_ca
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["0"], out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- inputs read in place
+
+
+def _aten_module(n: int, body: Any) -> torch.fx.GraphModule:
+    """An fx graph of `n` inputs whose nodes call the aten ops `body(graph, inputs)` does."""
+    g = torch.fx.Graph()
+    xs = [g.placeholder(f"x{i}") for i in range(n)]
+    g.output(body(g, xs))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def _planned(module: torch.fx.GraphModule, args: list[Any]) -> Any:
+    from fuseport.server.checks import Planner
+
+    return Planner(module, [], torch.device("cpu")).plan(args)
+
+
+def test_inputs_a_check_reads_are_copied_out_of_the_region_and_the_rest_are_read_in_place() -> None:
+    """The server runs kernels on the client's region itself, except for what decides
+    whether they may run: an index a check reads must be the index the kernel reads."""
+    from fuseport.server.core import _own_inputs
+
+    aten = torch.ops.aten
+    region = torch.zeros(1 << 12, dtype=torch.uint8)
+    w = region[:64].view(torch.float32).view(8, 2)
+    i = region[64:80].view(torch.int64)
+    x = region[128:160].view(torch.float32)
+    views = {id(t): t for t in (w, i, x)}
+
+    def in_place(t: torch.Tensor) -> bool:
+        return t.data_ptr() == views[id(t)].data_ptr() if id(t) in views else False
+
+    # index_select(w, 0, i) + x: the index is copied, the table and the addend stay.
+    picked = _aten_module(3, lambda g, xs: g.call_function(
+        aten.add.Tensor, (g.call_function(aten.index_select.default, (xs[0], 0, xs[1])), xs[2])
+    ))  # fmt: skip
+    args = [w, i, x[:4].view(2, 2)]
+    views[id(args[2])] = args[2]
+    plan = _planned(picked, args)
+    assert plan.error is None and plan.input_checks
+    owned = _own_inputs(plan, args, views, keep=False)
+    assert [in_place(a) for a in owned] == [True, False, True]
+    assert torch.equal(owned[1], i) and owned[1].data_ptr() != i.data_ptr()
+    # Results kept on the server may be views of an input, and later calls check them: all copied.
+    assert not any(in_place(a) for a in _own_inputs(plan, args, views, keep=True))
+
+    # The index is computed (i + 0, a value that may view the input): every input is copied.
+    computed = _aten_module(2, lambda g, xs: g.call_function(
+        aten.index_select.default, (xs[0], 0, g.call_function(aten.add.Scalar, (xs[1], 0)))
+    ))  # fmt: skip
+    plan = _planned(computed, [w, i])
+    assert plan.checks_computed
+    assert not any(in_place(a) for a in _own_inputs(plan, [w, i], views, keep=False))
+
+    # Sizes that depend on the data (nonzero reads values to size its result): copied.
+    sized = _aten_module(1, lambda g, xs: g.call_function(aten.nonzero.default, (xs[0],)))
+    plan = _planned(sized, [x])
+    assert plan.output_bytes is None
+    assert not any(in_place(a) for a in _own_inputs(plan, [x], views, keep=False))
+
+    # Nothing checked: every input stays in the region (no pass over its bytes).
+    plain = _aten_module(2, lambda g, xs: g.call_function(aten.mul.Tensor, (xs[0], xs[1])))
+    plan = _planned(plain, [x, x])
+    assert all(in_place(a) for a in _own_inputs(plan, [x, x], views, keep=False))
+
+
+def _pick_rows(w: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    return torch.index_select(w, 0, i) * 2
+
+
+def test_an_index_the_client_rewrites_during_calls_is_checked_as_the_kernel_reads_it(
+    server: ServerProcess,
+) -> None:
+    """A client flips its index between valid and far out of range while its calls run:
+    each call answers the rows of a valid index or refuses an out-of-range one, and the
+    server keeps serving (a check of one value and a kernel reading another would read
+    far outside the table)."""
+    with Client(server.target) as c:
+        key = c.register(_pick_rows, [torch.ones(4, 2), torch.zeros(1, dtype=torch.int64)])
+    r = RawSession(server)
+    try:
+        assert r.hello().kind == shm.OK  # type: ignore[union-attr]
+        w = torch.arange(8, dtype=torch.float32).view(4, 2)
+        fd, m = _sealed(1 << 20, w.numpy().tobytes())
+        assert r.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+        r.key = key  # type: ignore[attr-defined]
+        stack = [codec.Shared(1, 0, torch.float32, (4, 2), 32), codec.Shared(1, 64, torch.int64, (1,), 8)]
+        good, bad = (2).to_bytes(8, "little"), (1 << 40).to_bytes(8, "little")
+        stop = threading.Event()
+
+        def flip() -> None:
+            while not stop.is_set():
+                m[64:72] = good
+                m[64:72] = bad
+
+        flipper = threading.Thread(target=flip, daemon=True)
+        flipper.start()
+        answers = set()
+        try:
+            for _ in range(60):
+                code, kind, details = r.execute(stack, slot=1)
+                if code == grpc.StatusCode.OK:
+                    out = r.response.stack[0]
+                    assert isinstance(out, codec.Shared) and out.shape == (1, 2)
+                    answers.add("rows")
+                else:
+                    refused = (grpc.StatusCode.INVALID_ARGUMENT, "ExecutionFailed")
+                    assert (code, kind) == refused, (code, details)
+                    assert "out of range" in details
+                    answers.add("refused")
+        finally:
+            stop.set()
+            flipper.join()
+        assert answers  # every call answered, one way or the other
+        m[64:72] = good
+        assert r.execute(stack)[0] == grpc.StatusCode.OK
+        assert torch.equal(r.response.stack[0], w[2:3] * 2)
+    finally:
+        r.close()
+
+
+def _plus0(x: torch.Tensor) -> torch.Tensor:
+    return x + 0
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_large_call_through_shared_memory_holds_only_its_result_in_server_memory(tmp_path: Path) -> None:
+    """96 MiB in, 96 MiB out: at its peak the server's own memory (beside the session's
+    regions, which the client maps too and which count against its budget) holds the
+    kernel's result alone, its input read in the client's region, where a copy of the
+    input made it 2x the payload (issue 21: <= 1.5x)."""
+    s = start_server(
+        tmp_path, None, "--compile-mode", "off", "--processes", "1", "--shared-memory-max-bytes", str(1 << 30)
+    )
+    try:
+        with Client(s.target, timeout=120, shared_above=0) as c:
+            k = c.register(_plus0, [torch.zeros(16, dtype=torch.int32)])
+            assert c.execute(k, [torch.arange(8, dtype=torch.int32)])[0].tolist() == list(range(8))
+            x = torch.randint(-(2**31), 2**31 - 1, ((96 << 20) // 4,), dtype=torch.int32)
+            pid = s.proc.pid
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here
+            base, shared = _status_bytes(pid, "VmRSS"), _status_bytes(pid, "RssShmem")
+            r = c.execute_detailed(k, [x])
+            # The regions stay mapped and touched: what they added is in RssShmem now.
+            regions = _status_bytes(pid, "RssShmem") - shared
+            grown = _status_bytes(pid, "VmHWM") - base - regions
+            assert r.transport == "shm" and torch.equal(r.stack[0], x)
+        assert regions > 1.9 * x.nbytes  # the input region and the output region, both touched
+        assert grown <= 1.5 * x.nbytes, f"the server grew by {grown >> 20} MiB for a {x.nbytes >> 20} MiB call"
+    finally:
+        s.stop()

@@ -141,6 +141,15 @@ class Region:
             )
         return self.bytes[offset : offset + nbytes]
 
+    def exact(self, offset: int, nbytes: int) -> torch.Tensor:
+        """Bytes [offset, offset + nbytes) of the region (checked by `view` first) as a
+        tensor whose storage is exactly those bytes: the server's checks bound what a
+        view may reach (as_strided) by its storage, and the call's byte budget counts
+        storages; neither must see the rest of the region."""
+        if nbytes <= 0:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes, offset=offset)
+
 
 # Up to this size a host copy is one memmove; past it, torch's copy_, whose
 # threads pay for their wake-up there (46 GB/s for 256 MiB on the H200 host).
