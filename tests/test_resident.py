@@ -11,10 +11,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-
-import fuseport.client.resident
 from prometheus_client.parser import text_string_to_metric_families
 
+import fuseport.client.resident
 from fuseport.client import (
     Client,
     HandleElsewhere,
