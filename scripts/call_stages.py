@@ -73,6 +73,8 @@ def main() -> None:
             "Client.execute": lambda: client.execute_detailed(key, [x]),
             # Its output dropped at once: the next call carries its free (ExecuteOptions.free_handles).
             "resident chained": lambda: client.execute(key, [handle], keep=True),
+            # The same with an explicit free(): a FreeHandles call of its own per step.
+            "resident + free()": lambda: client.execute(key, [handle], keep=True)[0].free(),
         }
         times: dict[str, list[float]] = {k: [] for k in calls}
         cpu: dict[str, tuple[float, float]] = {}
