@@ -257,6 +257,16 @@ class Plumbing:
         call.__name__ = name
         return grpc.unary_unary_rpc_method_handler(call)
 
+    def _admit(self, state: Streamed, context: grpc.aio.ServicerContext) -> None:
+        """A streamed call's deadline, owner and identity, read from its context."""
+        remaining = context.time_remaining()
+        if remaining is not None:
+            if remaining <= 0:
+                raise DeadlineExceeded("deadline passed before the call started")
+            state.deadline = time.monotonic() + remaining
+        state.record.owner = owner(context, self.tenant_of)
+        state.record.identity = identity_of(state.record.owner, context.peer(), self.tokens)
+
     def streamed(
         self,
         body: Callable[[AsyncIterator[bytes], Streamed], AsyncIterator[bytes]],
@@ -267,17 +277,12 @@ class Plumbing:
         runs on the event loop; it hands its own work to `self.pool`)."""
 
         async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-            arrived = time.perf_counter_ns()
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            state = Streamed(CallRecord(method), deadline, arrived, context)
+            state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
+            arrived = state.arrived
             error: FuseportError
             responses: AsyncIterator[bytes] | None = None
             try:
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("deadline passed before the call started")
-                state.record.owner = owner(context, self.tenant_of)
-                state.record.identity = identity_of(state.record.owner, context.peer(), self.tokens)
+                self._admit(state, context)
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
@@ -308,15 +313,11 @@ class Plumbing:
         it hands its own work to `self.pool`)."""
 
         async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-            arrived = time.perf_counter_ns()
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            state = Streamed(CallRecord(method), deadline, arrived, context)
+            state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
+            arrived = state.arrived
             error: FuseportError
             try:
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("deadline passed before the call started")
-                state.record.owner = owner(context, self.tenant_of)
+                self._admit(state, context)
                 out = await body(requests, state)
                 self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, len(out))
                 return out
