@@ -28,8 +28,14 @@ LIGHT_FLOPS = 16 << 20
 
 def light_work(plan: Plan) -> bool:
     """Whether the plan bounds this call's work below LIGHT_BYTES touched and LIGHT_FLOPS
-    (False where it cannot tell: sizes that depend on data)."""
-    return plan.work_bytes is not None and plan.work_bytes <= LIGHT_BYTES and (plan.flops or 0) <= LIGHT_FLOPS
+    (False where it cannot tell: sizes that depend on data, or an op whose work its bytes
+    do not bound, checks.UNBOUNDED_WORK_OPS)."""
+    return (
+        plan.work_bytes is not None
+        and not plan.unbounded_work
+        and plan.work_bytes <= LIGHT_BYTES
+        and (plan.flops or 0) <= LIGHT_FLOPS
+    )
 
 
 @dataclass

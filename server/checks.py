@@ -57,6 +57,23 @@ OVERFLOW_BYTES = 1 << 63
 # torch raises them as plain RuntimeErrors, so their words are all there is to know them by.
 _OVERFLOW_WORDS = ("Storage size calculation overflowed", "integer multiplication overflow")
 
+# Ops whose work the plan does not bound: the bytes they read and write (what the plan
+# counts) can be far fewer than what they compute, and the FLOP counter does not count
+# them. A pooling window is read once per output element (avg_pool2d of a 360x360
+# constant with a 360 window: 1 MiB touched, 1.7e10 adds, 10 s of a CPU core); cdist
+# and pdist compare every pair; the FFTs, sorts and cumulative
+# ops are n log n or worse. A plan with one of them is never
+# light (calls.light_work): its calls go to a worker, under their deadline and the
+# watchdog, whatever their sizes.
+UNBOUNDED_WORK_OPS = frozenset({
+    "aten::_adaptive_avg_pool2d.default", "aten::_adaptive_avg_pool3d.default",
+    "aten::adaptive_avg_pool1d.default", "aten::avg_pool1d.default", "aten::avg_pool2d.default",
+    "aten::avg_pool3d.default", "aten::max_pool2d_with_indices.default", "aten::max_pool3d_with_indices.default",
+    "aten::_cdist_forward.default", "aten::_pdist_forward.default", "aten::_fft_c2r.default",
+    "aten::_fft_r2c.default", "aten::col2im.default", "aten::grid_sampler_2d.default", "aten::sort.default",
+    "aten::topk.default", "aten::cumsum.default", "aten::randperm.default",
+})  # fmt: skip
+
 
 class DataError(ValueError):
     """An operand's values make the op unsafe to run (an index out of range, a zero divisor)."""
@@ -494,6 +511,9 @@ class Plan:
     # bytes or elements than 64 bits count: planning stops there, and the call is
     # refused as too large (largest_bytes is then OVERFLOW_BYTES), not as an error.
     overflow: str = ""
+    # The first op of UNBOUNDED_WORK_OPS the graph runs ("" for none): work_bytes and
+    # flops do not bound what it computes, so the call is never light.
+    unbounded_work: str = ""
 
     def check_inputs(self, args: Sequence[Any], module: torch.nn.Module) -> None:
         """Makes the data checks of inputs (on the host) and constants; raises DataError."""
@@ -580,6 +600,7 @@ class Planner:
             origin[node] = ("input", i)
         checks: list[_InputCheck] = []
         largest, largest_what = 0, ""
+        unbounded = ""
         unfused = ""
         computed = False
         usage = _Usage(self._last_use)
@@ -595,6 +616,8 @@ class Planner:
                 a = torch.fx.map_arg(node.args, env.__getitem__)
                 k = torch.fx.map_arg(dict(node.kwargs), env.__getitem__)
                 name = ops.op_name(node.target) if isinstance(node.target, torch._ops.OpOverload) else ""
+                if not unbounded and name in UNBOUNDED_WORK_OPS:
+                    unbounded = name
                 try:
                     if name in _VALIDATORS:
                         try:
@@ -632,7 +655,7 @@ class Planner:
                 return Plan(output_bytes=total, largest_bytes=largest, largest_what=largest_what,
                             input_checks=tuple(checks), unfused=unfused, checks_computed=computed,
                             outputs=tuple(results) if isinstance(results, (tuple, list)) else (results,),
-                            peak_bytes=usage.peak(), work_bytes=usage.work)  # fmt: skip
+                            peak_bytes=usage.peak(), work_bytes=usage.work, unbounded_work=unbounded)  # fmt: skip
         return Plan(unfused=unfused, checks_computed=True)
 
     def _before_launch(self, c: _DataCheck, origin: dict[torch.fx.Node, tuple[str, Any]], checks: list[_InputCheck]) -> bool:

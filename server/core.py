@@ -26,7 +26,7 @@ from fuseport.server.devices import (
 )
 from fuseport.server.executor import Executor, Outcome, State
 from fuseport.server.intake import example_args
-from fuseport.server.penalties import Penalties
+from fuseport.server.penalties import TOKEN_IDENTITY, Penalties
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
@@ -273,9 +273,9 @@ class Core:
         client's shared-memory region (by id()); those the plan's checks read are
         copied before they are checked (`_own_inputs`).
 
-        `who` (the caller's identity: its token, or its host) is refused a call whose
-        planned work is not light while one of its kernels' runaways is penalised
-        (server/penalties.py); a light call cannot run away, so it is served."""
+        `who` (the caller's identity: its token, or its host) is refused its calls
+        while one of its kernels' runaways is penalised (server/penalties.py): a
+        token all of them, a host those that are not light."""
         if self.device_failed:  # admitted before the server began to drain
             raise self._device_gone()
         start = time.perf_counter_ns()
@@ -314,7 +314,10 @@ class Core:
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
         self._check_budget(key, plan, args, transport, keep)
-        if who and not light_work(plan):
+        if who and (who.startswith(TOKEN_IDENTITY) or not light_work(plan)):
+            # A penalised token is refused every call: a plan may take for light what is
+            # not. Without tokens the identity is a host, where other callers may be:
+            # they keep their light calls (see server/penalties.py).
             self.penalties.check(who, key)
         if keep:
             self.residents.check_room(owner, plan.output_bytes or 0, f"kernel {key}")

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fuseport.server.devices import is_out_of_memory
+from fuseport.server.penalties import TOKEN_IDENTITY
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
 from fuseport.server.rpc.share import WorkerShare
 from fuseport.server.security import presented_token_digest
@@ -172,7 +173,7 @@ def identity_of(owner: Owner, peer: str, tokens: bool) -> bytes:
     else a caller chooses: a made-up id must not buy another share. Without tokens,
     every caller of one host (and every caller behind one proxy) is one identity."""
     if tokens and owner.token:
-        return b"token:" + owner.token
+        return TOKEN_IDENTITY + owner.token
     return _host_of(peer)
 
 
