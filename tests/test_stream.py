@@ -381,6 +381,7 @@ class Stalled:
         register: bool = False,
     ) -> None:
         self._closed = threading.Event()
+        self._register = register
         self.channel = grpc.insecure_channel(server.target)
 
         def messages() -> Iterator[bytes]:
@@ -400,11 +401,13 @@ class Stalled:
 
     def _wait(self) -> None:
         try:
-            if isinstance(self.call, grpc.Future):
+            if self._register:
                 self.call.result()
             else:
                 list(self.call)
             self._ended["code"], self._ended["details"] = grpc.StatusCode.OK, ""
+        except grpc.FutureCancelledError:  # closed (cancelled) by the test before the server ended it
+            self._ended["code"], self._ended["details"] = grpc.StatusCode.CANCELLED, "cancelled by the test"
         except grpc.RpcError as e:
             self._ended["code"], self._ended["details"] = e.code(), e.details()  # type: ignore[attr-defined]
         self._done.set()
