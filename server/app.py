@@ -112,6 +112,7 @@ class Server:
             settings.workers,
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             per_identity=settings.worker_share,
+            max_waiting=settings.max_waiting_calls_per_identity,
         )
         self.service = KernelService(
             self.core,

@@ -128,6 +128,15 @@ class Settings:
             "are served caller by caller, the caller holding fewest first (0: --workers minus one, at least 1)"
         },
     )
+    # Calls waiting for a worker hold their request (gRPC's buffer, or a streamed stack's
+    # reservation): without a bound, one caller holding its workers could queue any number.
+    max_waiting_calls_per_identity: int = field(
+        default=64,
+        metadata={
+            "help": "most calls of one caller (its token; without --auth-tokens, its host) that may wait for a "
+            "worker at once; one past it is RESOURCE_EXHAUSTED at once (each holds its request meanwhile)"
+        },
+    )
     event_loop: str = field(
         default="auto",
         metadata={
@@ -381,6 +390,8 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_waiting_calls_per_identity < 1:
+            raise ValueError("max_waiting_calls_per_identity must be at least 1")
         if not 0 <= self.workers_per_identity <= self.workers:
             raise ValueError("workers_per_identity must be in 0..workers (0: workers minus one, at least 1)")
         if self.runaway_penalty_seconds < 0:

@@ -114,10 +114,15 @@ def _register(server: ServerProcess, fn: Callable[..., Any]) -> int:
         return admin.register(fn, [torch.zeros(1024), 4])
 
 
-def test_a_heavy_fused_call_from_a_user_token_leaves_health_and_other_calls_answered(server: ServerProcess) -> None:
+def test_a_heavy_fused_call_from_a_user_token_leaves_health_and_other_calls_answered(
+    server: ServerProcess,
+) -> None:
     key = _register(server, heavy)
     x = torch.zeros(1024)
-    with Client(server.target, timeout=300, token=USER) as user, Client(server.target, timeout=30, token=USER) as other:
+    with (
+        Client(server.target, timeout=300, token=USER) as user,
+        Client(server.target, timeout=30, token=USER) as other,
+    ):
         # Compiled at a row of 8 * 1024: a kernel compiled at 4 * 1024 may be a persistent
         # reduction that Inductor assumes stays <= 4096 long (a condition: the heavy call
         # would then run unfused, rightly, and show nothing about the fused path).
@@ -126,7 +131,9 @@ def test_a_heavy_fused_call_from_a_user_token_leaves_health_and_other_calls_answ
         others: list[float] = []
 
         def heavy_and_others() -> Any:
-            heavy_call = threading.Thread(target=lambda: others.append(user.execute_detailed(key, [x, HEAVY_N])))
+            heavy_call = threading.Thread(
+                target=lambda: others.append(user.execute_detailed(key, [x, HEAVY_N]))
+            )
             heavy_call.start()
             time.sleep(0.2)  # the heavy call is running by now
             # Another caller's small calls go on meanwhile, each within its 30 s.
@@ -190,7 +197,9 @@ def test_a_call_past_its_time_stops_between_ops(tmp_path_factory: pytest.TempPat
         with Client(s.target, timeout=120) as c:
             key = c.register(steps, [x, 4])
             assert c.fallback(key, [x, 4])[0].item() == pytest.approx(steps(x, 4).item())
-            with pytest.raises(ResourceExhausted, match=r"past the 1\.5 s one call may take \(--max-call-seconds\)"):
+            with pytest.raises(
+                ResourceExhausted, match=r"past the 1\.5 s one call may take \(--max-call-seconds\)"
+            ):
                 c.fallback(key, [x, 1 << 17])
             assert c.health() == "SERVING"
     finally:
@@ -429,17 +438,27 @@ def _tokens(tmp: Path) -> Path:
     return tokens
 
 
+def _more(x: torch.Tensor) -> torch.Tensor:
+    return x + 2
+
+
 def test_one_callers_long_calls_leave_a_worker_for_another_callers_call(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """--workers 2: a `user` token's two calls without a deadline, each minutes of one
     op (two clients, two made-up client ids: still one caller), hold one worker, the
     second waiting for its own; another token's call that needs a worker takes the
-    other at once, however long the first caller's calls run."""
+    other at once, however long the first caller's calls run.
+
+    Every method takes its worker through the same share, not only those that run
+    kernels (a caller's Registers of large graphs took every worker): the first
+    caller's Register waits for its own worker too, while the other's is served. And
+    one caller may have at most --max-waiting-calls-per-identity calls waiting (each
+    holds its request): one more is RESOURCE_EXHAUSTED at once."""
     tmp = tmp_path_factory.mktemp("fairshare")
     s = start_server(
         tmp, None, "--auth-tokens", str(_tokens(tmp)), "--workers", "2", "--compile-mode", "off",
-        "--metrics-port", "0", "--grace-seconds", "1",
+        "--metrics-port", "0", "--grace-seconds", "1", "--max-waiting-calls-per-identity", "2",
     )  # fmt: skip
     x = torch.zeros(1024)
     errors: list[BaseException] = []
@@ -451,10 +470,17 @@ def test_one_callers_long_calls_leave_a_worker_for_another_callers_call(
         except BaseException as e:  # noqa: BLE001 - any end will do; the server is stopped under it
             errors.append(e)
 
-    hogs = [threading.Thread(target=hog) for _ in range(2)]
+    def registers() -> None:
+        try:
+            with Client(s.target, timeout=None, token=USER) as c:
+                c.register(_more, [x])  # waits for the worker the caller's long calls hold
+        except BaseException as e:  # noqa: BLE001 - ended by the server's stop, as the long calls
+            errors.append(e)
+
+    hogs = [threading.Thread(target=hog) for _ in range(2)] + [threading.Thread(target=registers)]
     try:
         key = _register(s, heavy)
-        for t in hogs:
+        for t in hogs[:2]:
             t.start()
         _wait_for(
             lambda: (
@@ -469,11 +495,28 @@ def test_one_callers_long_calls_leave_a_worker_for_another_callers_call(
         # The first caller still holds one worker and waits for no other: at most --workers - 1.
         assert _metric(s, "fuseport_worker_calls_running") == 1
         assert _metric(s, "fuseport_worker_calls_waiting") == 1
+        # Not even with a Register (no kernel runs): it waits for the caller's own worker...
+        hogs[2].start()
+        _wait_for(
+            lambda: _metric(s, "fuseport_worker_calls_waiting") == 2, "the Register waiting too", s.log, 60
+        )
+        # ...while the other caller's is served at once.
+        with Client(s.target, timeout=120, token=OTHER) as other:
+            more = other.register(_more, [x])
+            assert torch.equal(other.execute(more, [torch.ones(4)])[0], torch.full((4,), 3.0))
+            assert key in {k.key for k in other.list()}
+        assert _metric(s, "fuseport_worker_calls_running") == 1
+        # Two calls waiting are the most this caller may have: a third is refused at once.
+        with Client(s.target, timeout=120, token=USER) as user:
+            with pytest.raises(ResourceExhausted, match=r"2 calls waiting.*--max-waiting-calls-per-identity"):
+                user.list()
+        assert _metric(s, "fuseport_worker_calls_waiting") == 2
     finally:
         s.stop()
         for t in hogs:
-            t.join(timeout=120)
-    assert len(errors) == 2, errors  # neither long call finished: the server stopped under them
+            if t.ident is not None:
+                t.join(timeout=120)
+    assert len(errors) == 3, errors  # no waiting call finished: the server stopped under them
 
 
 def test_a_caller_whose_kernel_retired_the_server_is_refused_its_calls_after_its_restart(

@@ -353,34 +353,61 @@ def test_client_killed_mid_stream_frees_the_calls_memory_and_the_server_keeps_se
 # --------------------------------------------------------------------------- stalled streams
 
 IDLE_SECONDS = 1  # --stream-idle-seconds of the idle server below
+IDLE_BUFFER = 96 << 20  # its --max-stream-buffer-bytes
 U8 = _pb.values.DTYPE_UINT8
 
 
+def register_header(nbytes: int) -> bytes:
+    """A RegisterStream header declaring one uint8 constant of `nbytes`, to come in chunks."""
+    graph = _pb.graph.Graph()
+    graph.constants.add(dtype=U8, shape=[nbytes])
+    request = _pb.service.RegisterRequest(graph=graph)
+    return _pb.service.StackChunk(
+        register=_pb.service.StreamRegisterHeader(request=request, sizes=[nbytes])
+    ).SerializeToString()
+
+
 class Stalled:
-    """A raw streamed call (ExecuteStream) that sends its header, declaring one
-    uint8 tensor of `nbytes`, and a first chunk, then nothing until closed: what
-    a client that stopped mid-stack looks like to the server."""
+    """A raw streamed call (ExecuteStream; with `register`, RegisterStream) that sends
+    its header, declaring one uint8 tensor (or constant) of `nbytes`, and a first chunk,
+    then nothing until closed: what a client that stopped mid-stack looks like to the server."""
 
     def __init__(
-        self, server: ServerProcess, nbytes: int, key: int = 0, metadata: tuple[tuple[str, str], ...] = ()
+        self,
+        server: ServerProcess,
+        nbytes: int,
+        key: int = 0,
+        metadata: tuple[tuple[str, str], ...] = (),
+        register: bool = False,
     ) -> None:
         self._closed = threading.Event()
+        self._register = register
         self.channel = grpc.insecure_channel(server.target)
 
         def messages() -> Iterator[bytes]:
-            yield header(key, [(U8, [nbytes])], [nbytes])
+            yield register_header(nbytes) if register else header(key, [(U8, [nbytes])], [nbytes])
             yield data(0, 0, bytes(min(1 << 20, nbytes)))
             self._closed.wait()
 
-        self.call = self.channel.stream_stream(SERVICE + "ExecuteStream")(messages(), metadata=metadata)
+        if register:
+            self.call = self.channel.stream_unary(SERVICE + "RegisterStream").future(
+                messages(), metadata=metadata
+            )
+        else:
+            self.call = self.channel.stream_stream(SERVICE + "ExecuteStream")(messages(), metadata=metadata)
         self._ended: dict[str, Any] = {}
         self._done = threading.Event()
         threading.Thread(target=self._wait, daemon=True).start()
 
     def _wait(self) -> None:
         try:
-            list(self.call)
+            if self._register:
+                self.call.result()
+            else:
+                list(self.call)
             self._ended["code"], self._ended["details"] = grpc.StatusCode.OK, ""
+        except grpc.FutureCancelledError:  # closed (cancelled) by the test before the server ended it
+            self._ended["code"], self._ended["details"] = grpc.StatusCode.CANCELLED, "cancelled by the test"
         except grpc.RpcError as e:
             self._ended["code"], self._ended["details"] = e.code(), e.details()  # type: ignore[attr-defined]
         self._done.set()
@@ -404,6 +431,7 @@ def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         "--compile-mode", "off",
         "--shared-memory", "off",
         "--stream-idle-seconds", str(IDLE_SECONDS),
+        "--max-stream-buffer-bytes", str(IDLE_BUFFER),
         "--metrics-port", "0",
     )  # fmt: skip
     yield s
@@ -435,6 +463,39 @@ def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what
     # Streams that keep sending are served as ever, through the real client.
     still_serves(idle_server, key)
     assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
+
+
+def test_a_register_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_its_constants_counted(
+    idle_server: ServerProcess,
+) -> None:
+    """RegisterStream's constants are allocated whole from its header, as a streamed
+    stack is: its header takes their bytes from --max-stream-buffer-bytes before
+    anything is allocated (past it: RESOURCE_EXHAUSTED naming the flag), and a client
+    that stops sending is ended after --stream-idle-seconds, what it held given back."""
+    held = "fuseport_stream_buffer_bytes"
+    ends = idle_server.metric("fuseport_stream_idle_ends_total")
+    over = Stalled(idle_server, IDLE_BUFFER + 1, register=True)
+    try:
+        code, details = over.outcome(timeout=60)
+    finally:
+        over.close()
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "(--max-stream-buffer-bytes)" in details and "refused before allocating" in details, details
+    stalled = Stalled(idle_server, 32 << 20, register=True)
+    try:
+        code, details = stalled.outcome(timeout=60)
+    finally:
+        stalled.close()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert "--stream-idle-seconds" in details and f"nothing for {IDLE_SECONDS} s" in details, details
+    deadline = time.monotonic() + 30
+    while idle_server.metric(held) != 0:
+        assert time.monotonic() < deadline, f"{held} still {idle_server.metric(held)}"
+        time.sleep(0.05)
+    assert idle_server.metric("fuseport_stream_idle_ends_total") == ends + 1
+    with Client(idle_server.target, stream_above=0) as c:  # RegisterStream that keeps sending: served
+        key = c.register(_double, [torch.ones(4)])
+        assert torch.equal(c.execute(key, [torch.ones(4)])[0], torch.full((4,), 3.0))
 
 
 # --------------------------------------------------------------------------- round trips

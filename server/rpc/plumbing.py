@@ -191,15 +191,22 @@ class Plumbing:
     servicer's calls share; `unary` and `streamed` make their gRPC handlers."""
 
     def __init__(
-        self, workers: int, release_above: int | None = None, per_identity: int | None = None
+        self,
+        workers: int,
+        release_above: int | None = None,
+        per_identity: int | None = None,
+        max_waiting: int = 64,
     ) -> None:
-        """`per_identity`: the most workers one identity's kernels hold at once
-        (server/rpc/share.py; None: `workers` minus one, at least 1)."""
+        """`per_identity`: the most workers one identity's calls hold at once
+        (server/rpc/share.py; None: `workers` minus one, at least 1); `max_waiting`:
+        the most of its calls that may wait for one."""
         # Decoding, running and encoding happen here unless a method runs inline
         # (so large messages never block the event loop).
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
-        # The calls that run kernels take their worker through here: a fair share per identity.
-        self.share = WorkerShare(workers, max(1, workers - 1) if per_identity is None else per_identity)
+        # Every call takes its worker through here (on_worker, off_loop): a fair share per identity.
+        self.share = WorkerShare(
+            workers, max(1, workers - 1) if per_identity is None else per_identity, max_waiting
+        )
         # Whether the gate checks tokens (set by the app): then a caller is its token.
         self.tokens = False
         # A call that moved more than this many bytes hands freed host memory back
@@ -219,7 +226,6 @@ class Plumbing:
         """`fn` as a unary-unary handler of raw bytes, run on a worker thread;
         a request of at most `inline_max_bytes` goes to `inline` instead, on the
         event loop (which may still hand it to a worker: see service.py)."""
-        pool = self.pool
         name = fn.__name__
         watched = method in RUNS_KERNELS
 
@@ -242,7 +248,9 @@ class Plumbing:
                         loop, record, deadline, lambda: fn(request, deadline, arrived, record)
                     )
                 else:
-                    out = await loop.run_in_executor(pool, fn, request, deadline, arrived, record)
+                    out = await self.on_worker(
+                        record, deadline, functools.partial(fn, request, deadline, arrived, record)
+                    )
                 self.observe(record, grpc.StatusCode.OK, arrived, len(request), len(out))
                 if self.release_above is not None and len(request) + len(out) > self.release_above:
                     # Once the response is sent and its buffers dropped (the next turn
@@ -335,6 +343,27 @@ class Plumbing:
 
         call.__name__ = method
         return grpc.stream_unary_rpc_method_handler(call)
+
+    async def on_worker(self, record: CallRecord, deadline: float | None, fn: Callable[[], T]) -> T:
+        """What `fn` returns, run on a worker once the caller's fair share gives it one
+        (server/rpc/share.py: DeadlineExceeded if `deadline` passes first, ResourceExhausted
+        past --max-waiting-calls-per-identity): whatever a call does on a worker (decode,
+        register, describe, a stream's chunk) goes through here, so that one caller never
+        holds every worker, whatever it calls. The place is the caller's until `fn` returns,
+        even if the handler gave up on it (cancelled by gRPC): it still holds the thread."""
+        identity = record.identity
+        await self.share.acquire(identity, deadline)
+        try:
+            work = asyncio.get_running_loop().run_in_executor(self.pool, fn)
+        except BaseException:
+            self.share.release(identity)  # the pool is shut down: nothing runs
+            raise
+        work.add_done_callback(lambda _: self.share.release(identity))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(_retrieve)
+            raise
 
     async def off_loop(
         self, loop: asyncio.AbstractEventLoop, record: CallRecord, deadline: float | None, fn: Callable[[], T]

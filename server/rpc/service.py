@@ -99,25 +99,43 @@ class KernelService:
         constant's own buffer (BufferSink), which the registered graph then keeps:
         the server holds the graph and the chunk in flight, never the graph as one
         message (issue 20: a unary Register's receive alone is 3 times the graph).
-        Then Register's own path: the same key, checks, store and answer."""
-        loop = asyncio.get_running_loop()
-        assembler = Assembler("register", sink=BufferSink, check=self._check_graph_stream)
+        Then Register's own path: the same key, checks, store and answer.
+
+        As a streamed stack is (_streamed): a client that stops sending is ended after
+        --stream-idle-seconds, and the constants' bytes its header declares are held in
+        server/streams.py's budget (--max-stream-buffer-bytes, and per token), taken
+        before anything is allocated, until Register answers or the stream ends: stalled
+        RegisterStreams cannot take the memory the others need."""
+        record, deadline = call.record, call.deadline
+        hold = self.core.stream_buffers.hold(record.owner)
+
+        def check(specs: list[TensorSpec]) -> None:
+            sizes = [s.nbytes for s in specs]
+            self.core.check_graph_stream(sizes)
+            hold.take(sum(sizes))
+
+        assembler = Assembler("register", sink=BufferSink, check=check)
+        pending: asyncio.Future[None] | None = None
         try:
-            pending: asyncio.Future[None] | None = None
-            async for raw in requests:
+            messages = aiter(requests)
+            while (raw := await self._next_message(messages)) is not None:
                 if pending is not None:
                     await pending
-                pending = loop.run_in_executor(self._pool, assembler.feed, raw)
+                pending = asyncio.ensure_future(
+                    self.plumbing.on_worker(record, deadline, functools.partial(assembler.feed, raw))
+                )
                 call.received += len(raw)
             if pending is not None:
                 await pending
             datas = assembler.finish()
             header = assembler.header
-            return await loop.run_in_executor(
-                self._pool, self._register_assembled, header.request, datas, call.record
+            return await self.plumbing.on_worker(
+                record, deadline, functools.partial(self._register_assembled, header.request, datas, record)
             )
         finally:
+            _drop(pending)  # its worker, if it has one, runs on; the hold is released below
             assembler.release()
+            hold.release()
 
     def _register_assembled(
         self, req: _pb.service.RegisterRequest, streamed: list[memoryview | None], record: CallRecord
@@ -143,9 +161,6 @@ class KernelService:
             graph, variant_of, alias, batching, tenant=record.owner.tenant, datas=datas
         )
         return _pb.service.RegisterResponse(key=key, created=created, variant=variant).SerializeToString()
-
-    def _check_graph_stream(self, specs: list[TensorSpec]) -> None:
-        self.core.check_graph_stream([s.nbytes for s in specs])
 
     def _execute(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         return self._run(request, deadline, arrived, record, fused=True)
@@ -194,7 +209,9 @@ class KernelService:
             loop,
             record,
             deadline,
-            lambda: self._finish(req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call),
+            lambda: self._finish(
+                req, decode_ns, time.perf_counter_ns() - queued, deadline, record, fused, call
+            ),
         )
 
     def _run(
@@ -305,7 +322,8 @@ class KernelService:
         record, deadline = call.record, call.deadline
         loop = asyncio.get_running_loop()
         # Its share of what streams still arriving may hold: taken by the header's
-        # check, given back once the stack is complete or the stream ends.
+        # check, given back once the complete stack has its worker or the stream ends
+        # (a stack waiting for a worker is memory held too: the budget counts it).
         hold = self.core.stream_buffers.hold(record.owner)
         assembler = Assembler(
             "request",
@@ -315,17 +333,19 @@ class KernelService:
         # Whatever happens (an error, a client that went away), a large call
         # hands its freed memory back once it is over.
         call.context.add_done_callback(lambda _: self._after_stream(loop, assembler, call, hold))
+        pending: asyncio.Future[None] | None = None
+        nxt: asyncio.Future[bytes | None] | None = None
         try:
-            pending: asyncio.Future[None] | None = None
             messages = aiter(requests)
             while (raw := await self._next_message(messages)) is not None:
                 if pending is not None:
                     await pending
-                pending = loop.run_in_executor(self._pool, assembler.feed, raw)
+                pending = asyncio.ensure_future(
+                    self.plumbing.on_worker(record, deadline, functools.partial(assembler.feed, raw))
+                )
             if pending is not None:
                 await pending
             stack = assembler.finish()
-            hold.release()  # complete: the call's now, bounded as every call is
             header = assembler.header
             call.received = assembler.bytes
             decode_ns = time.perf_counter_ns() - call.arrived
@@ -333,6 +353,7 @@ class KernelService:
 
             def run(values: list[Any]) -> tuple[Any, int]:
                 waited = time.perf_counter_ns() - queued
+                hold.release()  # it has its worker: the call's now, bounded as every call is
                 return self.core.execute(
                     header.key, values, fused=fused, wait=header.options.wait_for_compile,
                     deadline=deadline, variants=tuple(header.options.variants), transport="stream",
@@ -358,12 +379,18 @@ class KernelService:
             del result
             yield first
             chunks = writer.chunks()
-            nxt = loop.run_in_executor(self._pool, next, chunks, None)
+
+            def encode() -> asyncio.Future[bytes | None]:
+                return asyncio.ensure_future(
+                    self.plumbing.on_worker(record, deadline, functools.partial(next, chunks, None))
+                )
+
+            nxt = encode()
             while True:
                 chunk = await nxt
                 if chunk is None:
                     break
-                nxt = loop.run_in_executor(self._pool, next, chunks, None)
+                nxt = encode()
                 yield chunk
             timings = _pb.service.Timings(
                 decode_us=decode_ns // 1000,
@@ -374,6 +401,8 @@ class KernelService:
             record.timings = timings
             yield writer.end(timings)
         finally:
+            for future in (pending, nxt):
+                _drop(future)  # its worker, if it has one, runs on; what it fills is released below
             call.received = assembler.bytes
             assembler.release()
             hold.release()
@@ -392,7 +421,7 @@ class KernelService:
         except TimeoutError:
             self.core.stream_buffers.idle_ends += 1  # on the event loop only
             raise DeadlineExceeded(
-                f"the client sent nothing for {idle:g} s before its streamed stack was complete "
+                f"the client sent nothing for {idle:g} s before its stream was complete "
                 "(--stream-idle-seconds); the call is ended and what it sent is freed"
             ) from None
 
@@ -445,3 +474,14 @@ class KernelService:
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:
         parse(_pb.service.RenewLeaseRequest, request)
         return _pb.service.RenewLeaseResponse(usage=self.core.renew_lease(record.owner)).SerializeToString()
+
+
+def _drop(future: asyncio.Future[Any] | None) -> None:
+    """A stream's chunk on a worker that the stream no longer waits for (it ended):
+    cancelled if still to come, its error retrieved if it had one (asyncio logs none)."""
+    if future is None:
+        return
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()

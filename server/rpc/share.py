@@ -1,9 +1,11 @@
 """The workers shared fairly among callers: a call waits for a worker in its caller's queue, and the caller holding fewest goes first.
 
-Every call that runs a kernel on a worker thread (Plumbing.off_loop) first takes
-one of --workers places here, and gives it back when its worker is free again:
-when the kernel ends, not when its caller was answered (a kernel past its limit
-still holds its thread). Calls that wait are queued per identity (a token, or a
+Every call that needs a worker thread (Plumbing.on_worker, and off_loop for a
+kernel: every method, a stream's chunks included, not only those that run
+kernels, or one caller's Registers of large graphs could take every worker)
+first takes one of --workers places here, and gives it back when its worker is
+free again: when the kernel ends, not when its caller was answered (a kernel
+past its limit still holds its thread). Calls that wait are queued per identity (a token, or a
 host: plumbing.identity_of), and a place that frees goes to the waiting identity
 that holds fewest, ties in turn (round robin), each identity's calls in order.
 
@@ -15,6 +17,11 @@ holds at most `per_identity` places (--workers-per-identity; by default
 finds a worker. With more callers than that leaves room for, a call waits for the
 next place to free, and then goes ahead of every caller that holds more.
 
+A call that waits holds its request meanwhile (gRPC's buffer of a unary one; a
+streamed stack keeps its reservation, server/streams.py), so one identity may
+have at most `max_waiting` calls waiting (--max-waiting-calls-per-identity): one
+more is RESOURCE_EXHAUSTED at once, and never runs.
+
 A call whose deadline passes while it waits is DEADLINE_EXCEEDED and never
 runs. Runs on the event loop only: no lock.
 """
@@ -25,17 +32,19 @@ import asyncio
 import time
 from collections import deque
 
-from fuseport.wire.errors import DeadlineExceeded
+from fuseport.wire.errors import DeadlineExceeded, ResourceExhausted
 
 __all__ = ["WorkerShare"]
 
 
 class WorkerShare:
-    """`workers` places, at most `per_identity` of them held by one identity."""
+    """`workers` places, at most `per_identity` of them held by one identity, which
+    may have at most `max_waiting` calls waiting for one."""
 
-    def __init__(self, workers: int, per_identity: int) -> None:
+    def __init__(self, workers: int, per_identity: int, max_waiting: int = 64) -> None:
         self.workers = workers
         self.per_identity = max(1, min(per_identity, workers))
+        self.max_waiting = max(1, max_waiting)
         self.running = 0  # places held
         self.waiting = 0  # calls queued
         self._held: dict[bytes, int] = {}
@@ -51,6 +60,13 @@ class WorkerShare:
         if not self._queues and self.running < self.workers and self.held(identity) < self.per_identity:
             self._take(identity)  # nobody waits: no future, no turn of the loop
             return
+        queue = self._queues.get(identity)
+        if queue is not None and len(queue) >= self.max_waiting:
+            raise ResourceExhausted(
+                f"this caller already has {len(queue)} calls waiting for a worker, the most one caller may "
+                f"(--max-waiting-calls-per-identity; {self.held(identity)} of the {self.workers} workers are "
+                "this caller's): refused at once, it did not run; send it again once earlier calls are done"
+            )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(identity, deque()).append(waiter)
         self.waiting += 1
