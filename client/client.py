@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2
 
 from fuseport.client.connections import HANDLE_METHODS, SERVICE, Connection, Connections, check_connections
@@ -48,7 +49,7 @@ from fuseport.wire.security import (
     open_channel,
     token_from_env,
 )
-from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer
 from fuseport.wire.targets import PROCESS_METADATA_KEY, parse_target
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "KernelInfo", "RemoteTensor", "Timings"]
@@ -249,10 +250,33 @@ class _Known:
     alias: str | None = None  # given at Register: a server that lost the kernel gets it again
     heal: int = 0
     barren: int = 0  # calls in a row that carried graphs and filled no replica
+    # ExecuteRequest heads (key, options, the variants held) by (wait, keep, no_batching,
+    # len(graphs)): made once, not at every call. Graphs are only ever added, so the
+    # count names the set of variants; a head made from fewer is never used again.
+    heads: dict[tuple[bool, bool, bool, int], bytes] = field(default_factory=dict)
 
     @property
     def arity(self) -> int:
         return len(next(iter(self.graphs.values())).inputs)
+
+    def hold(self, variant: int, graph: _pb.graph.Graph) -> None:
+        """Holds `graph` as a variant of the kernel (in its place, where it was held already)."""
+        self.graphs[variant] = graph
+        self.heads.clear()  # heads of fewer variants are never used again (see `heads`)
+
+    def head(self, key: int, wait: bool, keep: bool, no_batching: bool) -> bytes:
+        """The head of a call with these options that runs only the variants held."""
+        options = (wait, keep, no_batching, len(self.graphs))
+        head = self.heads.get(options)
+        if head is None:
+            head = self.heads[options] = codec.execute_request_head(
+                key,
+                wait_for_compile=wait,
+                keep_outputs=keep,
+                no_batching=no_batching,
+                variants=list(self.graphs),
+            )
+        return head
 
     def carried(self, registered: int) -> None:
         """A call that carried the graphs succeeded, registering `registered` of them."""
@@ -281,16 +305,35 @@ class _Recovery:
 # awaits each step; the decisions, the recovery above all, live in one place.
 
 
-@dataclass(frozen=True)
 class _Job:
-    """An Execute or Fallback call as its caller asked for it."""
+    """An Execute or Fallback call as its caller asked for it, and what its stack
+    holds: its tensor bytes (what decides the transport) and whether it names
+    RemoteTensors (which only a unary call carries), found in one walk."""
 
-    method: str  # "Execute" or "Fallback"
-    key: int
-    stack: Stack
-    wait: bool
-    keep: bool
-    started: int = dataclasses.field(default_factory=time.perf_counter_ns)  # for Timings.total_us
+    __slots__ = ("key", "keep", "method", "remote", "size", "stack", "started", "wait")
+
+    def __init__(self, method: str, key: int, stack: Stack, wait: bool, keep: bool) -> None:
+        self.started = time.perf_counter_ns()  # for Timings.total_us
+        self.method = method  # "Execute" or "Fallback"
+        self.key = key
+        self.stack = stack
+        self.wait = wait
+        self.keep = keep
+        self.size, self.remote = _survey(stack)
+
+
+def _survey(stack: Stack) -> tuple[int, bool]:
+    """A stack's tensor bytes (lists included) and whether it holds RemoteTensors (at any depth)."""
+    size, remote = 0, False
+    for v in stack:
+        if isinstance(v, torch.Tensor):
+            size += v.numel() * v.element_size()
+        elif isinstance(v, RemoteTensor):
+            remote = True
+        elif isinstance(v, (list, tuple)):
+            inner, held = _survey(v)
+            size, remote = size + inner, remote or held
+    return size, remote
 
 
 @dataclass(frozen=True)
@@ -429,9 +472,8 @@ def _result(raw: bytes, started: int, known: _Known | None, carried: bool, proce
     resp = codec.decode_execute_response(raw)
     if carried and known is not None:
         known.carried(resp.registered)
-    t = resp.timings
     return _make_result(
-        resp.stack, resp.path, resp.reason, resp.detail, t, resp.variant, started, "unary", process
+        resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary", process
     )
 
 
@@ -445,12 +487,18 @@ def _streamed_result(assembler: Assembler, started: int, process: str) -> Execut
 
 def _process_of(trailing: Sequence[tuple[str, Any]] | None) -> str:
     """The serving process a call's trailing metadata names ("" for none: one process)."""
-    return next((str(v) for k, v in trailing or () if k == PROCESS_METADATA_KEY), "")
+    for k, v in trailing or ():
+        if k == PROCESS_METADATA_KEY:
+            return str(v)
+    return ""
 
 
-def _holds_remote(stack: Stack) -> bool:
-    """Whether a stack holds RemoteTensors (at any depth)."""
-    return any(isinstance(v, RemoteTensor) or (isinstance(v, list) and _holds_remote(v)) for v in stack)
+_PATH_FUSED = _pb.service.PATH_FUSED
+# ExecuteResult.reason of each FallbackReason ("" for UNSPECIFIED), made once.
+_REASONS = {
+    code: "" if name == "FALLBACK_REASON_UNSPECIFIED" else name.removeprefix("FALLBACK_REASON_").lower()
+    for name, code in _pb.service.FallbackReason.items()
+}
 
 
 def _make_result(
@@ -464,11 +512,13 @@ def _make_result(
     transport: str,
     process: str,
 ) -> ExecuteResult:
-    reason = _pb.service.FallbackReason.Name(reason_code).removeprefix("FALLBACK_REASON_").lower()
+    reason = _REASONS.get(reason_code)
+    if reason is None:  # a code this client does not know: Name() says so, as it always has
+        reason = _pb.service.FallbackReason.Name(reason_code)
     return ExecuteResult(
         stack=stack,
-        path="fused" if path == _pb.service.PATH_FUSED else "fallback",
-        reason="" if reason == "unspecified" else reason,
+        path="fused" if path == _PATH_FUSED else "fallback",
+        reason=reason,
         detail=detail,
         timings=Timings(
             t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000
@@ -477,6 +527,12 @@ def _make_result(
         transport=transport,
         process=process,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _bare_head(key: int, wait: bool, keep: bool, no_batching: bool) -> bytes:
+    """The head of a call of a kernel this client did not register (any variant runs)."""
+    return codec.execute_request_head(key, wait_for_compile=wait, keep_outputs=keep, no_batching=no_batching)
 
 
 class _Base:
@@ -616,11 +672,22 @@ class _Base:
         keep: bool = False,
         shared: _Shared | None = None,
         free_handles: Sequence[str] = (),
+        remote: bool = True,
     ) -> bytes:
+        """`remote`: whether `stack` may hold RemoteTensors (False: it is sent as it is)."""
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
         # never trusted with this client's function.
         known = self._known.get(key)
+        if graphs is None and shared is None and not free_handles:  # the common call: its head made once
+            head = (
+                known.head(key, wait, keep, not self.batching)
+                if known is not None
+                else _bare_head(key, wait, keep, not self.batching)
+            )
+            return codec.encode_execute_request(
+                key, self._wire_stack(stack) if remote else stack, limit=self._max, head=head
+            )
         variants = list(graphs if graphs is not None else known.graphs if known else ())
         return codec.encode_execute_request(
             key,
@@ -650,8 +717,9 @@ class _Base:
 
     def _adopt(self, result: ExecuteResult) -> ExecuteResult:
         """The result with the handles of kept outputs wrapped as RemoteTensors."""
-        if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
-            result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
+        for v in result.stack:
+            if isinstance(v, (codec.Handle, list)):
+                return dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
         return result
 
     @staticmethod
@@ -671,6 +739,7 @@ class _Base:
         keep: bool = False,
         shared: _Shared | None = None,
         free_handles: Sequence[str] = (),
+        remote: bool = True,
     ) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
@@ -680,12 +749,11 @@ class _Base:
                 return self._execute_request(key, stack, wait, graphs, keep, shared, free_handles), True
             except ResourceExhausted:
                 pass  # over the message limit with them: the retry path registers them
-        return self._execute_request(key, stack, wait, keep=keep, shared=shared, free_handles=free_handles), False
+        return self._execute_request(key, stack, wait, None, keep, shared, free_handles, remote), False
 
-    def _streams(self, stack: Stack) -> bool:
-        """Whether a stack goes as a stream: past the threshold, or too large
-        for one message (the stream has no such limit)."""
-        size = payload_bytes(stack)
+    def _streams(self, size: int) -> bool:
+        """Whether a stack of `size` tensor bytes goes as a stream: past the
+        threshold, or too large for one message (the stream has no such limit)."""
         over = size > codec.message_room(self._max)
         return (self.stream_above is not None and size >= self.stream_above) or over
 
@@ -831,7 +899,7 @@ class _Base:
                 known.fn = fn
             if alias is not None:
                 known.alias = alias
-            known.graphs[resp.variant] = graph
+            known.hold(resp.variant, graph)
             return resp.key
 
         def request(g: _pb.graph.Graph) -> _pb.service.RegisterRequest:
@@ -890,8 +958,9 @@ class _Base:
     def _run_flow(self, job: _Job) -> _Flow[ExecuteResult]:
         """A call through shared memory where the server is on this host and the
         stack is large enough, else over the network (unary or streamed)."""
-        size = payload_bytes(job.stack)
-        session: SharedSession | None = yield _Session(size)
+        size = job.size
+        # A small stack never asks for the session (nor waits for its lock).
+        session: SharedSession | None = (yield _Session(size)) if self._shared_wants(size) else None
         if session is not None and size <= session.max_bytes:
             try:
                 return (yield _InSlot(session, functools.partial(self._shared_flow, job, session)))
@@ -940,14 +1009,16 @@ class _Base:
         refused as over one message (ResultTooLarge: nothing ran) is sent again
         as a stream, which carries any result --max-stream-bytes allows."""
         method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
-        can_stream = shared is None and not keep and not _holds_remote(stack)
-        streamed = can_stream and (stream or self._streams(stack))
+        can_stream = shared is None and not keep and not job.remote
+        streamed = can_stream and (stream or self._streams(job.size))
         # The frees of RemoteTensors dropped since the last call ride on this one (one
         # connection only: with several, a handle's free must reach its own process).
         carrying = [] if streamed or self._pool.many else self._leases.take_dropped()
         try:
             request, carried = (
-                (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared, carrying)
+                (b"", False)
+                if streamed
+                else self._first_request(key, stack, wait, keep, shared, carrying, job.remote)
             )
         except BaseException:
             self._leases.untake(carrying)  # never sent: the lease thread frees them
@@ -988,7 +1059,9 @@ class _Base:
                         registered((yield register))
                     if not streamed:
                         request, carried = (
-                            self._execute_request(key, stack, wait, keep=keep, shared=shared),
+                            self._execute_request(
+                                key, stack, wait, keep=keep, shared=shared, remote=job.remote
+                            ),
                             False,
                         )
                 else:
@@ -1079,7 +1152,8 @@ class _Base:
 
         def adopted() -> None:
             for v, g in ordered.items():
-                known.graphs.setdefault(v, g)
+                if v not in known.graphs:
+                    known.hold(v, g)
 
         registers = [
             self._register_graph(g, known.fn, None if v == key else key, known.alias if v == key else None)

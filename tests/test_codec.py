@@ -593,7 +593,9 @@ def test_random_stacks_agree_with_generated_classes(stack: list[Any]) -> None:
 
 @given(stack=stacks, variant=st.integers(INT64_MIN, INT64_MAX), detail=st.text(max_size=8))
 @SLOW_SETTINGS
-def test_small_messages_are_byte_for_byte_what_protobuf_writes(stack: list[Any], variant: int, detail: str) -> None:
+def test_small_messages_are_byte_for_byte_what_protobuf_writes(
+    stack: list[Any], variant: int, detail: str
+) -> None:
     """The small path writes Execute messages by hand (no generated classes on the hot
     path): protobuf, parsing and writing them again, gives the very same bytes."""
     graph = service.RegisterRequest(alias="g").graph  # an empty Graph: a field 30 to place
@@ -737,9 +739,7 @@ def test_top_level_tensors_decode_16_byte_aligned() -> None:
             stack: list[Any] = ["x" * pad]
             stack += [random_tensor(torch.uint8, (n,)) for n in sizes]
             stack += [random_tensor(torch.float64, (2, 3)).t(), random_tensor(torch.bool, ())]
-            assert_top_level_tensors_aligned(
-                encode_execute_request(key, stack), DECODERS["request"]
-            )
+            assert_top_level_tensors_aligned(encode_execute_request(key, stack), DECODERS["request"])
             assert_top_level_tensors_aligned(
                 encode_execute_response(stack, 1, 0, "d" * pad, service.Timings()),
                 DECODERS["response"],
@@ -1089,7 +1089,13 @@ def test_channels_last_keeps_its_layout() -> None:
 
 def test_decode_rejects_dim_order_that_is_not_a_permutation() -> None:
     bad = values_pb2.Stack(
-        values=[values_pb2.Value(tensor=values_pb2.Tensor(dtype=values_pb2.DTYPE_UINT8, shape=[2, 2], dim_order=[0, 0], data=bytes(4)))]
+        values=[
+            values_pb2.Value(
+                tensor=values_pb2.Tensor(
+                    dtype=values_pb2.DTYPE_UINT8, shape=[2, 2], dim_order=[0, 0], data=bytes(4)
+                )
+            )
+        ]
     ).SerializeToString()
     with pytest.raises(InvalidStack, match=r"stack\[0\]: dim_order \[0, 0\] is not a permutation"):
         codec.decode_stack(bad)
@@ -1099,7 +1105,6 @@ def test_decode_rejects_more_than_max_values() -> None:
     many = codec.encode_stack([[None] * codec.MAX_VALUES])
     with pytest.raises(InvalidStack, match=f"at most {codec.MAX_VALUES} values"):
         codec.decode_stack(many)
-
 
 
 def test_message_aliases_use_power_of_two_ctypes_lengths() -> None:

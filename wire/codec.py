@@ -71,7 +71,6 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("fuseport's codec assumes a little-endian host")
 
 
-
 @dataclass(frozen=True)
 class Handle:
     """A TensorHandle on a stack: a tensor the server keeps on its device, by
@@ -226,9 +225,7 @@ class _Writer:
 
     def getvalue(self, limit: int | None = None) -> bytes:
         if limit is not None and self.size > limit:
-            raise ResourceExhausted(
-                f"message of {self.size} bytes is over the limit of {limit} bytes"
-            )
+            raise ResourceExhausted(f"message of {self.size} bytes is over the limit of {limit} bytes")
         out = b"".join(self.chunks)
         self._keep.clear()
         return out
@@ -275,7 +272,6 @@ class _Writer:
         if n:
             self._keep.append(t)
             self.put(data)
-
 
 
 def _tensor_bytes_checked(t: torch.Tensor, where: str) -> tuple[int, torch.Tensor, tuple[int, ...]]:
@@ -342,7 +338,9 @@ def _value_body(value: Any, where: str, depth: int) -> bytes:
 
 
 def _handle_body(h: Handle, where: str) -> bytes:
-    msg = _pb.values.TensorHandle(id=h.id, shape=list(h.shape), device=h.device, nbytes=h.nbytes, server=h.server)
+    msg = _pb.values.TensorHandle(
+        id=h.id, shape=list(h.shape), device=h.device, nbytes=h.nbytes, server=h.server
+    )
     if h.dtype is not None:
         code = dtypes.code_for(h.dtype)
         if code is None:
@@ -401,7 +399,9 @@ def _shared_of(msg: _pb.values.SharedTensor, where: str) -> Shared:
     if nbytes >= 1 << 62:
         raise InvalidStack(f"{where}: shape {list(shape)} is too large")
     if msg.offset % itemsize:
-        raise InvalidStack(f"{where}: offset {msg.offset} is not a multiple of {dtypes.name_for(msg.dtype)}'s size")
+        raise InvalidStack(
+            f"{where}: offset {msg.offset} is not a multiple of {dtypes.name_for(msg.dtype)}'s size"
+        )
     if msg.cuda_handle or msg.cuda_device:
         if len(msg.cuda_handle) != CUDA_HANDLE_BYTES or len(msg.cuda_device) != CUDA_UUID_BYTES:
             raise InvalidStack(
@@ -409,7 +409,9 @@ def _shared_of(msg: _pb.values.SharedTensor, where: str) -> Shared:
                 f"{CUDA_UUID_BYTES}-byte cuda_device, got {len(msg.cuda_handle)} and {len(msg.cuda_device)}"
             )
         if msg.region:
-            raise InvalidStack(f"{where}: a SharedTensor names either a region or a CUDA IPC handle, not both")
+            raise InvalidStack(
+                f"{where}: a SharedTensor names either a region or a CUDA IPC handle, not both"
+            )
     return Shared(msg.region, msg.offset, dtype, shape, nbytes, msg.cuda_handle, msg.cuda_device)
 
 
@@ -501,9 +503,7 @@ class _Reader:
             if shift >= 70:
                 raise InvalidStack(f"{where}: varint longer than 10 bytes")
 
-    def fields(
-        self, pos: int, end: int, where: str | _StackIndex
-    ) -> Iterable[tuple[int, int, int, int]]:
+    def fields(self, pos: int, end: int, where: str | _StackIndex) -> Iterable[tuple[int, int, int, int]]:
         """Yields (field, wire_type, start, stop) of each field; for VARINT/I64/I32
         start is the value's position and stop its end; for LEN, the payload."""
         while pos < end:
@@ -964,7 +964,9 @@ def encode_execute_response(
     A small stack's message is byte for byte what protobuf writes."""
     start = clock() if clock else 0
     # Fields 1-3 (path, reason, detail), the stack (4), the timings (5), then 6 and 30.
-    head = (_tag(1, _VARINT) + _varint(path) if path else b"") + (_tag(2, _VARINT) + _varint(reason) if reason else b"")
+    head = (_tag(1, _VARINT) + _varint(path) if path else b"") + (
+        _tag(2, _VARINT) + _varint(reason) if reason else b""
+    )
     if detail:
         raw = detail.encode("utf-8")
         head += _tag(3, _LEN) + _varint(len(raw)) + raw
