@@ -401,6 +401,8 @@ class _Blocking:
 
 _Op = _Call | _Run | _Stream | _RegisterStream | _Session | _InSlot | _Blocking
 _Flow = Generator[_Op, Any, T]
+# A unary call's first request, whether it carries graphs, the dropped handles it frees (_Base._prepare).
+_First = tuple[bytes, bool, list[str]]
 
 
 @dataclass(frozen=True)
@@ -997,8 +999,37 @@ class _Base:
             return self._shared_read(session, result, by_cuda)
         return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
 
+    def _unary(self, job: _Job) -> _First | None:
+        """The first request of a call that goes as one message (no shared memory,
+        no stream), as _execute_flow would send it; None for a call that goes
+        another way. The clients send it themselves, and hand _execute_flow the
+        request (`first`) only when it fails: the common small call then runs no
+        flow at all (a third of the client's own CPU per call)."""
+        if self._shared_wants(job.size) or (not job.keep and not job.remote and self._streams(job.size)):
+            return None
+        return self._prepare(job, None)
+
+    def _prepare(self, job: _Job, shared: _Shared | None) -> _First:
+        """A unary call's first request, whether it carries the kernel's graphs,
+        and the ids of dropped RemoteTensors whose frees it carries."""
+        # The frees of RemoteTensors dropped since the last call ride on this one (one
+        # connection only: with several, a handle's free must reach its own process).
+        carrying = [] if self._pool.many else self._leases.take_dropped()
+        try:
+            request, carried = self._first_request(
+                job.key, job.stack, job.wait, job.keep, shared, carrying, job.remote
+            )
+        except BaseException:
+            self._leases.untake(carrying)  # never sent: the lease thread frees them
+            raise
+        return request, carried, carrying
+
+    def _answered(self, job: _Job, raw: bytes, process: str, carried: bool) -> ExecuteResult:
+        """The result of a unary call's response."""
+        return self._adopt(_result(raw, job.started, self._known.get(job.key), carried, process))
+
     def _execute_flow(
-        self, job: _Job, shared: _Shared | None = None, stream: bool = False
+        self, job: _Job, shared: _Shared | None = None, stream: bool = False, first: _First | None = None
     ) -> _Flow[ExecuteResult]:
         """The call, and its recovery when the server lacks the kernel or a variant.
 
@@ -1007,22 +1038,12 @@ class _Base:
         carries them (see _plan_recovery). Handles travel only in unary calls
         (a stream's chunks carry bytes). A unary call whose result the server
         refused as over one message (ResultTooLarge: nothing ran) is sent again
-        as a stream, which carries any result --max-stream-bytes allows."""
+        as a stream, which carries any result --max-stream-bytes allows.
+        `first`: the unary request _unary made (its first step is that call)."""
         method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
         can_stream = shared is None and not keep and not job.remote
-        streamed = can_stream and (stream or self._streams(job.size))
-        # The frees of RemoteTensors dropped since the last call ride on this one (one
-        # connection only: with several, a handle's free must reach its own process).
-        carrying = [] if streamed or self._pool.many else self._leases.take_dropped()
-        try:
-            request, carried = (
-                (b"", False)
-                if streamed
-                else self._first_request(key, stack, wait, keep, shared, carrying, job.remote)
-            )
-        except BaseException:
-            self._leases.untake(carrying)  # never sent: the lease thread frees them
-            raise
+        streamed = first is None and can_stream and (stream or self._streams(job.size))
+        request, carried, carrying = (b"", False, []) if streamed else first or self._prepare(job, shared)
         adopted: Callable[[], None] | None = None
         attempt = 0
         while True:  # NoMatchingVariant may take two more: the variants held, then a new capture
@@ -1069,7 +1090,7 @@ class _Base:
                 continue
             if adopted is not None:
                 adopted()
-            return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
+            return self._answered(job, raw, process, carried)
 
     def _open_stream(self, op: _Stream, timeout: float | None, conn: Connection) -> Any:
         return conn.stream_methods[op.method](
@@ -1411,21 +1432,40 @@ class Client(_Base):
         job = _Job(method, key, stack, wait, keep)
         pool = self._pool
         if not pool.many:
-            return self._drive(self._run_flow(job), timeout, pool.first)
+            return self._job(job, timeout, pool.first)
         # Every step of the call on one connection: its shared-memory session is that connection's.
         conn = pool.acquire(stack)
         try:
-            result = self._drive(self._run_flow(job), timeout, conn)
+            result = self._job(job, timeout, conn)
         finally:
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
         return result
 
-    def _drive(self, flow: _Flow[T], timeout: float | None, conn: Connection) -> T:
-        """Runs `flow` to its end on `conn`, making each call it asks for, in place."""
+    def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
+        """The call on `conn`: a unary one made here, its failure (and any other
+        call) left to the flow, which decides what follows."""
+        first = self._unary(job)
+        if first is None:
+            return self._drive(self._run_flow(job), timeout, conn)
+        try:
+            raw, process = self._call_answered(job.method, first[0], timeout, conn)
+        except BaseException as e:
+            return self._drive(self._execute_flow(job, first=first), timeout, conn, e)
+        return self._answered(job, raw, process, first[1])
+
+    def _drive(
+        self, flow: _Flow[T], timeout: float | None, conn: Connection, failed: BaseException | None = None
+    ) -> T:
+        """Runs `flow` to its end on `conn`, making each call it asks for, in place.
+        `failed`: its first step was made already, and failed so."""
         reply: Any = None
         error: BaseException | None = None
+        if failed is not None:
+            step = _resume(flow, None, None)  # the call that was made: answered by its failure
+            assert isinstance(step, _Run)
+            error = failed
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
                 reply, error = self._perform(step, timeout, conn), None
@@ -1862,23 +1902,44 @@ class AsyncClient(_Base):
         job = _Job(method, key, stack, wait, keep)
         pool = self._pool
         if not pool.many:
-            return await self._drive(self._run_flow(job), timeout, pool.first)
+            return await self._job(job, timeout, pool.first)
         conn = pool.acquire(stack)  # as Client._run: the whole call on one connection
         try:
-            result = await self._drive(self._run_flow(job), timeout, conn)
+            result = await self._job(job, timeout, conn)
         finally:
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
         return result
 
+    async def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
+        """As Client._job."""
+        first = self._unary(job)
+        if first is None:
+            return await self._drive(self._run_flow(job), timeout, conn)
+        try:
+            raw, process = await self._call_answered(job.method, first[0], timeout, conn)
+        except BaseException as e:  # a cancellation too: the flow gives back the frees it carried
+            return await self._drive(self._execute_flow(job, first=first), timeout, conn, failed=e)
+        return self._answered(job, raw, process, first[1])
+
     async def _drive(
-        self, flow: _Flow[T], timeout: float | None, conn: Connection, held: _AsyncSlot | None = None
+        self,
+        flow: _Flow[T],
+        timeout: float | None,
+        conn: Connection,
+        held: _AsyncSlot | None = None,
+        failed: BaseException | None = None,
     ) -> T:
         """Runs `flow` to its end on `conn`, awaiting each call it asks for; the
-        blocking steps of a call in `held` (a shared-memory slot) go to a thread."""
+        blocking steps of a call in `held` (a shared-memory slot) go to a thread.
+        `failed`: as for Client._drive."""
         reply: Any = None
         error: BaseException | None = None
+        if failed is not None:
+            step = _resume(flow, None, None)
+            assert isinstance(step, _Run)
+            error = failed
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
                 reply, error = await self._perform(step, timeout, conn, held), None
