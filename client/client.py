@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2
 
 from fuseport.client.connections import HANDLE_METHODS, SERVICE, Connection, Connections, check_connections
@@ -48,7 +49,7 @@ from fuseport.wire.security import (
     open_channel,
     token_from_env,
 )
-from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer, payload_bytes
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer
 from fuseport.wire.targets import PROCESS_METADATA_KEY, parse_target
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "KernelInfo", "RemoteTensor", "Timings"]
@@ -249,10 +250,33 @@ class _Known:
     alias: str | None = None  # given at Register: a server that lost the kernel gets it again
     heal: int = 0
     barren: int = 0  # calls in a row that carried graphs and filled no replica
+    # ExecuteRequest heads (key, options, the variants held) by (wait, keep, no_batching,
+    # len(graphs)): made once, not at every call. Graphs are only ever added, so the
+    # count names the set of variants; a head made from fewer is never used again.
+    heads: dict[tuple[bool, bool, bool, int], bytes] = field(default_factory=dict)
 
     @property
     def arity(self) -> int:
         return len(next(iter(self.graphs.values())).inputs)
+
+    def hold(self, variant: int, graph: _pb.graph.Graph) -> None:
+        """Holds `graph` as a variant of the kernel (in its place, where it was held already)."""
+        self.graphs[variant] = graph
+        self.heads.clear()  # heads of fewer variants are never used again (see `heads`)
+
+    def head(self, key: int, wait: bool, keep: bool, no_batching: bool) -> bytes:
+        """The head of a call with these options that runs only the variants held."""
+        options = (wait, keep, no_batching, len(self.graphs))
+        head = self.heads.get(options)
+        if head is None:
+            head = self.heads[options] = codec.execute_request_head(
+                key,
+                wait_for_compile=wait,
+                keep_outputs=keep,
+                no_batching=no_batching,
+                variants=list(self.graphs),
+            )
+        return head
 
     def carried(self, registered: int) -> None:
         """A call that carried the graphs succeeded, registering `registered` of them."""
@@ -281,16 +305,35 @@ class _Recovery:
 # awaits each step; the decisions, the recovery above all, live in one place.
 
 
-@dataclass(frozen=True)
 class _Job:
-    """An Execute or Fallback call as its caller asked for it."""
+    """An Execute or Fallback call as its caller asked for it, and what its stack
+    holds: its tensor bytes (what decides the transport) and whether it names
+    RemoteTensors (which only a unary call carries), found in one walk."""
 
-    method: str  # "Execute" or "Fallback"
-    key: int
-    stack: Stack
-    wait: bool
-    keep: bool
-    started: int = dataclasses.field(default_factory=time.perf_counter_ns)  # for Timings.total_us
+    __slots__ = ("key", "keep", "method", "remote", "size", "stack", "started", "wait")
+
+    def __init__(self, method: str, key: int, stack: Stack, wait: bool, keep: bool) -> None:
+        self.started = time.perf_counter_ns()  # for Timings.total_us
+        self.method = method  # "Execute" or "Fallback"
+        self.key = key
+        self.stack = stack
+        self.wait = wait
+        self.keep = keep
+        self.size, self.remote = _survey(stack)
+
+
+def _survey(stack: Stack) -> tuple[int, bool]:
+    """A stack's tensor bytes (lists included) and whether it holds RemoteTensors (at any depth)."""
+    size, remote = 0, False
+    for v in stack:
+        if isinstance(v, torch.Tensor):
+            size += v.numel() * v.element_size()
+        elif isinstance(v, RemoteTensor):
+            remote = True
+        elif isinstance(v, (list, tuple)):
+            inner, held = _survey(v)
+            size, remote = size + inner, remote or held
+    return size, remote
 
 
 @dataclass(frozen=True)
@@ -358,6 +401,8 @@ class _Blocking:
 
 _Op = _Call | _Run | _Stream | _RegisterStream | _Session | _InSlot | _Blocking
 _Flow = Generator[_Op, Any, T]
+# A unary call's first request, whether it carries graphs, the dropped handles it frees (_Base._prepare).
+_First = tuple[bytes, bool, list[str]]
 
 
 @dataclass(frozen=True)
@@ -429,9 +474,8 @@ def _result(raw: bytes, started: int, known: _Known | None, carried: bool, proce
     resp = codec.decode_execute_response(raw)
     if carried and known is not None:
         known.carried(resp.registered)
-    t = resp.timings
     return _make_result(
-        resp.stack, resp.path, resp.reason, resp.detail, t, resp.variant, started, "unary", process
+        resp.stack, resp.path, resp.reason, resp.detail, resp.timings, resp.variant, started, "unary", process
     )
 
 
@@ -445,12 +489,18 @@ def _streamed_result(assembler: Assembler, started: int, process: str) -> Execut
 
 def _process_of(trailing: Sequence[tuple[str, Any]] | None) -> str:
     """The serving process a call's trailing metadata names ("" for none: one process)."""
-    return next((str(v) for k, v in trailing or () if k == PROCESS_METADATA_KEY), "")
+    for k, v in trailing or ():
+        if k == PROCESS_METADATA_KEY:
+            return str(v)
+    return ""
 
 
-def _holds_remote(stack: Stack) -> bool:
-    """Whether a stack holds RemoteTensors (at any depth)."""
-    return any(isinstance(v, RemoteTensor) or (isinstance(v, list) and _holds_remote(v)) for v in stack)
+_PATH_FUSED = _pb.service.PATH_FUSED
+# ExecuteResult.reason of each FallbackReason ("" for UNSPECIFIED), made once.
+_REASONS = {
+    code: "" if name == "FALLBACK_REASON_UNSPECIFIED" else name.removeprefix("FALLBACK_REASON_").lower()
+    for name, code in _pb.service.FallbackReason.items()
+}
 
 
 def _make_result(
@@ -464,11 +514,13 @@ def _make_result(
     transport: str,
     process: str,
 ) -> ExecuteResult:
-    reason = _pb.service.FallbackReason.Name(reason_code).removeprefix("FALLBACK_REASON_").lower()
+    reason = _REASONS.get(reason_code)
+    if reason is None:  # a code this client does not know: Name() says so, as it always has
+        reason = _pb.service.FallbackReason.Name(reason_code)
     return ExecuteResult(
         stack=stack,
-        path="fused" if path == _pb.service.PATH_FUSED else "fallback",
-        reason="" if reason == "unspecified" else reason,
+        path="fused" if path == _PATH_FUSED else "fallback",
+        reason=reason,
         detail=detail,
         timings=Timings(
             t.decode_us, t.queue_us, t.run_us, t.encode_us, (time.perf_counter_ns() - started) // 1000
@@ -477,6 +529,12 @@ def _make_result(
         transport=transport,
         process=process,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _bare_head(key: int, wait: bool, keep: bool, no_batching: bool) -> bytes:
+    """The head of a call of a kernel this client did not register (any variant runs)."""
+    return codec.execute_request_head(key, wait_for_compile=wait, keep_outputs=keep, no_batching=no_batching)
 
 
 class _Base:
@@ -616,11 +674,22 @@ class _Base:
         keep: bool = False,
         shared: _Shared | None = None,
         free_handles: Sequence[str] = (),
+        remote: bool = True,
     ) -> bytes:
+        """`remote`: whether `stack` may hold RemoteTensors (False: it is sent as it is)."""
         # A client that registered the kernel runs only the variants it
         # registered itself: another client's graph under the same key is
         # never trusted with this client's function.
         known = self._known.get(key)
+        if graphs is None and shared is None and not free_handles:  # the common call: its head made once
+            head = (
+                known.head(key, wait, keep, not self.batching)
+                if known is not None
+                else _bare_head(key, wait, keep, not self.batching)
+            )
+            return codec.encode_execute_request(
+                key, self._wire_stack(stack) if remote else stack, limit=self._max, head=head
+            )
         variants = list(graphs if graphs is not None else known.graphs if known else ())
         return codec.encode_execute_request(
             key,
@@ -650,8 +719,9 @@ class _Base:
 
     def _adopt(self, result: ExecuteResult) -> ExecuteResult:
         """The result with the handles of kept outputs wrapped as RemoteTensors."""
-        if any(isinstance(v, (codec.Handle, list)) for v in result.stack):
-            result = dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
+        for v in result.stack:
+            if isinstance(v, (codec.Handle, list)):
+                return dataclasses.replace(result, stack=[self._leases.adopt(v) for v in result.stack])
         return result
 
     @staticmethod
@@ -671,6 +741,7 @@ class _Base:
         keep: bool = False,
         shared: _Shared | None = None,
         free_handles: Sequence[str] = (),
+        remote: bool = True,
     ) -> tuple[bytes, bool]:
         """The call's request, and whether it carries the kernel's graphs (while
         some replica is known to lack them)."""
@@ -680,12 +751,11 @@ class _Base:
                 return self._execute_request(key, stack, wait, graphs, keep, shared, free_handles), True
             except ResourceExhausted:
                 pass  # over the message limit with them: the retry path registers them
-        return self._execute_request(key, stack, wait, keep=keep, shared=shared, free_handles=free_handles), False
+        return self._execute_request(key, stack, wait, None, keep, shared, free_handles, remote), False
 
-    def _streams(self, stack: Stack) -> bool:
-        """Whether a stack goes as a stream: past the threshold, or too large
-        for one message (the stream has no such limit)."""
-        size = payload_bytes(stack)
+    def _streams(self, size: int) -> bool:
+        """Whether a stack of `size` tensor bytes goes as a stream: past the
+        threshold, or too large for one message (the stream has no such limit)."""
         over = size > codec.message_room(self._max)
         return (self.stream_above is not None and size >= self.stream_above) or over
 
@@ -831,7 +901,7 @@ class _Base:
                 known.fn = fn
             if alias is not None:
                 known.alias = alias
-            known.graphs[resp.variant] = graph
+            known.hold(resp.variant, graph)
             return resp.key
 
         def request(g: _pb.graph.Graph) -> _pb.service.RegisterRequest:
@@ -890,8 +960,9 @@ class _Base:
     def _run_flow(self, job: _Job) -> _Flow[ExecuteResult]:
         """A call through shared memory where the server is on this host and the
         stack is large enough, else over the network (unary or streamed)."""
-        size = payload_bytes(job.stack)
-        session: SharedSession | None = yield _Session(size)
+        size = job.size
+        # A small stack never asks for the session (nor waits for its lock).
+        session: SharedSession | None = (yield _Session(size)) if self._shared_wants(size) else None
         if session is not None and size <= session.max_bytes:
             try:
                 return (yield _InSlot(session, functools.partial(self._shared_flow, job, session)))
@@ -928,8 +999,37 @@ class _Base:
             return self._shared_read(session, result, by_cuda)
         return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
 
+    def _unary(self, job: _Job) -> _First | None:
+        """The first request of a call that goes as one message (no shared memory,
+        no stream), as _execute_flow would send it; None for a call that goes
+        another way. The clients send it themselves, and hand _execute_flow the
+        request (`first`) only when it fails: the common small call then runs no
+        flow at all (a third of the client's own CPU per call)."""
+        if self._shared_wants(job.size) or (not job.keep and not job.remote and self._streams(job.size)):
+            return None
+        return self._prepare(job, None)
+
+    def _prepare(self, job: _Job, shared: _Shared | None) -> _First:
+        """A unary call's first request, whether it carries the kernel's graphs,
+        and the ids of dropped RemoteTensors whose frees it carries."""
+        # The frees of RemoteTensors dropped since the last call ride on this one (one
+        # connection only: with several, a handle's free must reach its own process).
+        carrying = [] if self._pool.many else self._leases.take_dropped()
+        try:
+            request, carried = self._first_request(
+                job.key, job.stack, job.wait, job.keep, shared, carrying, job.remote
+            )
+        except BaseException:
+            self._leases.untake(carrying)  # never sent: the lease thread frees them
+            raise
+        return request, carried, carrying
+
+    def _answered(self, job: _Job, raw: bytes, process: str, carried: bool) -> ExecuteResult:
+        """The result of a unary call's response."""
+        return self._adopt(_result(raw, job.started, self._known.get(job.key), carried, process))
+
     def _execute_flow(
-        self, job: _Job, shared: _Shared | None = None, stream: bool = False
+        self, job: _Job, shared: _Shared | None = None, stream: bool = False, first: _First | None = None
     ) -> _Flow[ExecuteResult]:
         """The call, and its recovery when the server lacks the kernel or a variant.
 
@@ -938,20 +1038,12 @@ class _Base:
         carries them (see _plan_recovery). Handles travel only in unary calls
         (a stream's chunks carry bytes). A unary call whose result the server
         refused as over one message (ResultTooLarge: nothing ran) is sent again
-        as a stream, which carries any result --max-stream-bytes allows."""
+        as a stream, which carries any result --max-stream-bytes allows.
+        `first`: the unary request _unary made (its first step is that call)."""
         method, key, stack, wait, keep = job.method, job.key, job.stack, job.wait, job.keep
-        can_stream = shared is None and not keep and not _holds_remote(stack)
-        streamed = can_stream and (stream or self._streams(stack))
-        # The frees of RemoteTensors dropped since the last call ride on this one (one
-        # connection only: with several, a handle's free must reach its own process).
-        carrying = [] if streamed or self._pool.many else self._leases.take_dropped()
-        try:
-            request, carried = (
-                (b"", False) if streamed else self._first_request(key, stack, wait, keep, shared, carrying)
-            )
-        except BaseException:
-            self._leases.untake(carrying)  # never sent: the lease thread frees them
-            raise
+        can_stream = shared is None and not keep and not job.remote
+        streamed = first is None and can_stream and (stream or self._streams(job.size))
+        request, carried, carrying = (b"", False, []) if streamed else first or self._prepare(job, shared)
         adopted: Callable[[], None] | None = None
         attempt = 0
         while True:  # NoMatchingVariant may take two more: the variants held, then a new capture
@@ -988,7 +1080,9 @@ class _Base:
                         registered((yield register))
                     if not streamed:
                         request, carried = (
-                            self._execute_request(key, stack, wait, keep=keep, shared=shared),
+                            self._execute_request(
+                                key, stack, wait, keep=keep, shared=shared, remote=job.remote
+                            ),
                             False,
                         )
                 else:
@@ -996,7 +1090,7 @@ class _Base:
                 continue
             if adopted is not None:
                 adopted()
-            return self._adopt(_result(raw, job.started, self._known.get(key), carried, process))
+            return self._answered(job, raw, process, carried)
 
     def _open_stream(self, op: _Stream, timeout: float | None, conn: Connection) -> Any:
         return conn.stream_methods[op.method](
@@ -1079,7 +1173,8 @@ class _Base:
 
         def adopted() -> None:
             for v, g in ordered.items():
-                known.graphs.setdefault(v, g)
+                if v not in known.graphs:
+                    known.hold(v, g)
 
         registers = [
             self._register_graph(g, known.fn, None if v == key else key, known.alias if v == key else None)
@@ -1337,21 +1432,40 @@ class Client(_Base):
         job = _Job(method, key, stack, wait, keep)
         pool = self._pool
         if not pool.many:
-            return self._drive(self._run_flow(job), timeout, pool.first)
+            return self._job(job, timeout, pool.first)
         # Every step of the call on one connection: its shared-memory session is that connection's.
         conn = pool.acquire(stack)
         try:
-            result = self._drive(self._run_flow(job), timeout, conn)
+            result = self._job(job, timeout, conn)
         finally:
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
         return result
 
-    def _drive(self, flow: _Flow[T], timeout: float | None, conn: Connection) -> T:
-        """Runs `flow` to its end on `conn`, making each call it asks for, in place."""
+    def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
+        """The call on `conn`: a unary one made here, its failure (and any other
+        call) left to the flow, which decides what follows."""
+        first = self._unary(job)
+        if first is None:
+            return self._drive(self._run_flow(job), timeout, conn)
+        try:
+            raw, process = self._call_answered(job.method, first[0], timeout, conn)
+        except BaseException as e:
+            return self._drive(self._execute_flow(job, first=first), timeout, conn, e)
+        return self._answered(job, raw, process, first[1])
+
+    def _drive(
+        self, flow: _Flow[T], timeout: float | None, conn: Connection, failed: BaseException | None = None
+    ) -> T:
+        """Runs `flow` to its end on `conn`, making each call it asks for, in place.
+        `failed`: its first step was made already, and failed so."""
         reply: Any = None
         error: BaseException | None = None
+        if failed is not None:
+            step = _resume(flow, None, None)  # the call that was made: answered by its failure
+            assert isinstance(step, _Run)
+            error = failed
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
                 reply, error = self._perform(step, timeout, conn), None
@@ -1788,23 +1902,44 @@ class AsyncClient(_Base):
         job = _Job(method, key, stack, wait, keep)
         pool = self._pool
         if not pool.many:
-            return await self._drive(self._run_flow(job), timeout, pool.first)
+            return await self._job(job, timeout, pool.first)
         conn = pool.acquire(stack)  # as Client._run: the whole call on one connection
         try:
-            result = await self._drive(self._run_flow(job), timeout, conn)
+            result = await self._job(job, timeout, conn)
         finally:
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
         return result
 
+    async def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
+        """As Client._job."""
+        first = self._unary(job)
+        if first is None:
+            return await self._drive(self._run_flow(job), timeout, conn)
+        try:
+            raw, process = await self._call_answered(job.method, first[0], timeout, conn)
+        except BaseException as e:  # a cancellation too: the flow gives back the frees it carried
+            return await self._drive(self._execute_flow(job, first=first), timeout, conn, failed=e)
+        return self._answered(job, raw, process, first[1])
+
     async def _drive(
-        self, flow: _Flow[T], timeout: float | None, conn: Connection, held: _AsyncSlot | None = None
+        self,
+        flow: _Flow[T],
+        timeout: float | None,
+        conn: Connection,
+        held: _AsyncSlot | None = None,
+        failed: BaseException | None = None,
     ) -> T:
         """Runs `flow` to its end on `conn`, awaiting each call it asks for; the
-        blocking steps of a call in `held` (a shared-memory slot) go to a thread."""
+        blocking steps of a call in `held` (a shared-memory slot) go to a thread.
+        `failed`: as for Client._drive."""
         reply: Any = None
         error: BaseException | None = None
+        if failed is not None:
+            step = _resume(flow, None, None)
+            assert isinstance(step, _Run)
+            error = failed
         while not isinstance(step := _resume(flow, reply, error), _Done):
             try:
                 reply, error = await self._perform(step, timeout, conn, held), None

@@ -591,6 +591,34 @@ def test_random_stacks_agree_with_generated_classes(stack: list[Any]) -> None:
     assert_same(stack, decode_execute_request(gen).stack)
 
 
+@given(stack=stacks, variant=st.integers(INT64_MIN, INT64_MAX), detail=st.text(max_size=8))
+@SLOW_SETTINGS
+def test_small_messages_are_byte_for_byte_what_protobuf_writes(
+    stack: list[Any], variant: int, detail: str
+) -> None:
+    """The small path writes Execute messages by hand (no generated classes on the hot
+    path): protobuf, parsing and writing them again, gives the very same bytes."""
+    graph = service.RegisterRequest(alias="g").graph  # an empty Graph: a field 30 to place
+    requests = [
+        encode_execute_request(-3, stack),
+        encode_execute_request(
+            7, stack, wait_for_compile=True, variants=[1, -2], keep_outputs=True, free_handles=["a.b"],
+            no_batching=True, shm_session="s", shm_slot=2, shm_fresh_output=True, graphs=[graph], alias="x",
+        ),
+    ]  # fmt: skip
+    for buf in requests:
+        assert service.ExecuteRequest.FromString(buf).SerializeToString() == buf
+    head = codec.execute_request_head(7, wait_for_compile=True, variants=[5])
+    assert encode_execute_request(0, stack, head=head) == encode_execute_request(
+        7, stack, wait_for_compile=True, variants=[5]
+    )
+    for path, reason, registered in ((1, 0, 0), (2, 6, 3)):
+        buf = encode_execute_response(
+            stack, path, reason, detail, service.Timings(**TIMINGS), variant=variant, registered=registered
+        )
+        assert service.ExecuteResponse.FromString(buf).SerializeToString() == buf
+
+
 def test_decoder_reads_unpacked_shape_and_fields_in_any_order() -> None:
     t = random_tensor(torch.int16, (2, 3, 1), seed=4)
     data = bytes(raw_bytes(t).tolist())
@@ -711,9 +739,7 @@ def test_top_level_tensors_decode_16_byte_aligned() -> None:
             stack: list[Any] = ["x" * pad]
             stack += [random_tensor(torch.uint8, (n,)) for n in sizes]
             stack += [random_tensor(torch.float64, (2, 3)).t(), random_tensor(torch.bool, ())]
-            assert_top_level_tensors_aligned(
-                encode_execute_request(key, stack), DECODERS["request"]
-            )
+            assert_top_level_tensors_aligned(encode_execute_request(key, stack), DECODERS["request"])
             assert_top_level_tensors_aligned(
                 encode_execute_response(stack, 1, 0, "d" * pad, service.Timings()),
                 DECODERS["response"],
@@ -1063,7 +1089,13 @@ def test_channels_last_keeps_its_layout() -> None:
 
 def test_decode_rejects_dim_order_that_is_not_a_permutation() -> None:
     bad = values_pb2.Stack(
-        values=[values_pb2.Value(tensor=values_pb2.Tensor(dtype=values_pb2.DTYPE_UINT8, shape=[2, 2], dim_order=[0, 0], data=bytes(4)))]
+        values=[
+            values_pb2.Value(
+                tensor=values_pb2.Tensor(
+                    dtype=values_pb2.DTYPE_UINT8, shape=[2, 2], dim_order=[0, 0], data=bytes(4)
+                )
+            )
+        ]
     ).SerializeToString()
     with pytest.raises(InvalidStack, match=r"stack\[0\]: dim_order \[0, 0\] is not a permutation"):
         codec.decode_stack(bad)
@@ -1073,7 +1105,6 @@ def test_decode_rejects_more_than_max_values() -> None:
     many = codec.encode_stack([[None] * codec.MAX_VALUES])
     with pytest.raises(InvalidStack, match=f"at most {codec.MAX_VALUES} values"):
         codec.decode_stack(many)
-
 
 
 def test_message_aliases_use_power_of_two_ctypes_lengths() -> None:

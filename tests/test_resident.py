@@ -246,6 +246,31 @@ def test_a_chain_frees_what_it_drops_with_its_next_call(
             execute_raw(server, kernels["affine"], [codec.Handle(dropped_id)], c.client_id)
 
 
+def test_a_call_the_server_refuses_unread_gives_back_the_frees_it_carried(
+    server: ServerProcess, kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call sent with the frees of dropped RemoteTensors that the server refuses before
+    it reads them (its stack does not decode there) hands them back to the lease thread,
+    which frees them: they are not lost with the call, and the next call carries none."""
+    monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 600.0)
+    with user(server) as c:
+        (h,) = c.execute(kernels["affine"], [torch.ones(8)], keep=True)
+        assert c.renew_lease().handles == 1  # the client learns that calls carry frees
+        dropped_id = c.execute(kernels["affine"], [h], keep=True)[0].id  # dropped at once
+        assert resident(server, c.client_id).caller.handles == 2
+        bad = torch.tensor([2, 0, 1, 1], dtype=torch.uint8).view(torch.bool)  # a bool byte of 2
+        with pytest.raises(InvalidStack, match="bool tensor"):
+            c.execute(kernels["affine"], [bad])
+        assert resident(server, c.client_id).caller.handles == 2  # the refused call freed nothing
+        assert c._leases._dropped == [dropped_id]  # given back
+        monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 0.0)
+        c._leases._wake.set()
+        deadline = time.monotonic() + 60
+        while resident(server, c.client_id).caller.handles != 1:  # h only
+            assert time.monotonic() < deadline, "the dropped handle was not freed"
+            time.sleep(0.05)
+
+
 def test_a_call_frees_only_its_callers_live_handles(server: ServerProcess, kernels: dict[str, int]) -> None:
     """free_handles skips ids that are not the caller's live handles (another
     client's, forged, already freed), where FreeHandles refuses them all."""
