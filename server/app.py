@@ -327,8 +327,30 @@ def serve(settings: Settings, security: Security | None = None, process: int | N
     )
     if settings.keep_host_memory and not keep_host_memory(settings.keep_host_memory_bytes):
         log.warning("could not set glibc's malloc options; large messages will page-fault")
+    _leave_a_core_to_the_loop(settings)
     with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
         runner.run(_serve(settings, security, process))
+
+
+def _leave_a_core_to_the_loop(settings: Settings) -> None:
+    """On a CPU server, kernels run on one intra-op thread fewer than torch's default
+    (one per core), so that one long kernel leaves a core to the event loop, and with it
+    to everyone else's calls: with every core busy in one caller's kernel, other callers'
+    small calls had a p99 of 4.5x their idle one, 2.4x with one core left (2-core machine,
+    scripts/isolation_p99.py, docs/perf.md). OMP_NUM_THREADS, when set, decides instead.
+    A CUDA server's kernels run on the device: nothing to leave."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    from fuseport.server.devices import resolve_device
+
+    if resolve_device(settings.device).type != "cpu":
+        return
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(threads - 1)
+        log.info("kernels run on %d of %d intra-op threads: one core is left to serving", threads - 1, threads)
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
