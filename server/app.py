@@ -349,8 +349,11 @@ def _leave_a_core_to_the_loop(settings: Settings) -> None:
         return
     threads = torch.get_num_threads()
     if threads > 1:
+        # Before anything runs an op: torch gives each thread the count it finds at its
+        # first parallel op. Said at debug level: `fuseport serve` on a port in use says
+        # so in one line and nothing before it.
         torch.set_num_threads(threads - 1)
-        log.info("kernels run on %d of %d intra-op threads: one core is left to serving", threads - 1, threads)
+        log.debug("kernels run on %d of %d intra-op threads: one core is left to serving", threads - 1, threads)
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -115,6 +115,21 @@ class KernelService:
             hold.take(sum(sizes))
 
         assembler = Assembler("register", sink=BufferSink, check=check)
+        try:
+            await self._assemble(requests, assembler, call)
+            datas = assembler.finish()
+            header = assembler.header
+            return await self.plumbing.on_worker(
+                record, deadline, functools.partial(self._register_assembled, header.request, datas, record)
+            )
+        finally:
+            assembler.release()
+            hold.release()
+
+    async def _assemble(self, requests: AsyncIterator[bytes], assembler: Assembler, call: Streamed) -> None:
+        """Feeds every message of a request stream to `assembler`, each on a worker
+        (the caller's share) while the next is received, until the stream ends (or goes
+        idle: _next_message); `call.received` counts them."""
         pending: asyncio.Future[None] | None = None
         try:
             messages = aiter(requests)
@@ -122,20 +137,13 @@ class KernelService:
                 if pending is not None:
                     await pending
                 pending = asyncio.ensure_future(
-                    self.plumbing.on_worker(record, deadline, functools.partial(assembler.feed, raw))
+                    self.plumbing.on_worker(call.record, call.deadline, functools.partial(assembler.feed, raw))
                 )
                 call.received += len(raw)
             if pending is not None:
                 await pending
-            datas = assembler.finish()
-            header = assembler.header
-            return await self.plumbing.on_worker(
-                record, deadline, functools.partial(self._register_assembled, header.request, datas, record)
-            )
         finally:
-            _drop(pending)  # its worker, if it has one, runs on; the hold is released below
-            assembler.release()
-            hold.release()
+            _drop(pending)  # its worker, if it has one, runs on; the caller releases what it fills
 
     def _register_assembled(
         self, req: _pb.service.RegisterRequest, streamed: list[memoryview | None], record: CallRecord
@@ -333,18 +341,9 @@ class KernelService:
         # Whatever happens (an error, a client that went away), a large call
         # hands its freed memory back once it is over.
         call.context.add_done_callback(lambda _: self._after_stream(loop, assembler, call, hold))
-        pending: asyncio.Future[None] | None = None
         nxt: asyncio.Future[bytes | None] | None = None
         try:
-            messages = aiter(requests)
-            while (raw := await self._next_message(messages)) is not None:
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(
-                    self.plumbing.on_worker(record, deadline, functools.partial(assembler.feed, raw))
-                )
-            if pending is not None:
-                await pending
+            await self._assemble(requests, assembler, call)
             stack = assembler.finish()
             header = assembler.header
             call.received = assembler.bytes
@@ -401,8 +400,7 @@ class KernelService:
             record.timings = timings
             yield writer.end(timings)
         finally:
-            for future in (pending, nxt):
-                _drop(future)  # its worker, if it has one, runs on; what it fills is released below
+            _drop(nxt)  # its worker, if it has one, runs on
             call.received = assembler.bytes
             assembler.release()
             hold.release()
