@@ -232,14 +232,9 @@ class Plumbing:
         async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
-            remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
             error: FuseportError
             try:
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("deadline passed before the call started")
-                record.owner = owner(context, self.tenant_of)
-                record.identity = identity_of(record.owner, context.peer(), self.tokens)
+                deadline = self._admit(record, context)
                 loop = asyncio.get_running_loop()
                 if inline is not None and len(request) <= inline_max_bytes:
                     out = await inline(loop, request, deadline, record)
@@ -266,15 +261,15 @@ class Plumbing:
         call.__name__ = name
         return grpc.unary_unary_rpc_method_handler(call)
 
-    def _admit(self, state: Streamed, context: grpc.aio.ServicerContext) -> None:
-        """A streamed call's deadline, owner and identity, read from its context."""
+    def _admit(self, record: CallRecord, context: grpc.aio.ServicerContext) -> float | None:
+        """A call's owner and identity, read from its context, into `record`; its
+        deadline (time.monotonic; None: none), DeadlineExceeded if it has passed."""
         remaining = context.time_remaining()
-        if remaining is not None:
-            if remaining <= 0:
-                raise DeadlineExceeded("deadline passed before the call started")
-            state.deadline = time.monotonic() + remaining
-        state.record.owner = owner(context, self.tenant_of)
-        state.record.identity = identity_of(state.record.owner, context.peer(), self.tokens)
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("deadline passed before the call started")
+        record.owner = owner(context, self.tenant_of)
+        record.identity = identity_of(record.owner, context.peer(), self.tokens)
+        return None if remaining is None else time.monotonic() + remaining
 
     def streamed(
         self,
@@ -291,7 +286,7 @@ class Plumbing:
             error: FuseportError
             responses: AsyncIterator[bytes] | None = None
             try:
-                self._admit(state, context)
+                state.deadline = self._admit(state.record, context)
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
@@ -326,7 +321,7 @@ class Plumbing:
             arrived = state.arrived
             error: FuseportError
             try:
-                self._admit(state, context)
+                state.deadline = self._admit(state.record, context)
                 out = await body(requests, state)
                 self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, len(out))
                 return out
@@ -344,6 +339,21 @@ class Plumbing:
         call.__name__ = method
         return grpc.stream_unary_rpc_method_handler(call)
 
+    async def _started(
+        self, loop: asyncio.AbstractEventLoop, record: CallRecord, deadline: float | None, fn: Callable[[], T]
+    ) -> asyncio.Future[T]:
+        """`fn` started on a worker once the caller's share gives it a place, which
+        stays the caller's until `fn` returns."""
+        identity = record.identity
+        await self.share.acquire(identity, deadline)
+        try:
+            work = loop.run_in_executor(self.pool, fn)
+        except BaseException:
+            self.share.release(identity)  # the pool is shut down: nothing runs
+            raise
+        work.add_done_callback(lambda _: self.share.release(identity))
+        return work
+
     async def on_worker(self, record: CallRecord, deadline: float | None, fn: Callable[[], T]) -> T:
         """What `fn` returns, run on a worker once the caller's fair share gives it one
         (server/rpc/share.py: DeadlineExceeded if `deadline` passes first, ResourceExhausted
@@ -351,14 +361,7 @@ class Plumbing:
         register, describe, a stream's chunk) goes through here, so that one caller never
         holds every worker, whatever it calls. The place is the caller's until `fn` returns,
         even if the handler gave up on it (cancelled by gRPC): it still holds the thread."""
-        identity = record.identity
-        await self.share.acquire(identity, deadline)
-        try:
-            work = asyncio.get_running_loop().run_in_executor(self.pool, fn)
-        except BaseException:
-            self.share.release(identity)  # the pool is shut down: nothing runs
-            raise
-        work.add_done_callback(lambda _: self.share.release(identity))
+        work = await self._started(asyncio.get_running_loop(), record, deadline, fn)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -375,20 +378,13 @@ class Plumbing:
         that answer, raised at once: the loop does not wait for the kernel, whose
         results the core drops when it ends. The worker counts as the caller's until
         `fn` returns, answered or not: a kernel that runs on still holds its thread."""
-        identity = record.identity
-        await self.share.acquire(identity, deadline)
         answered: asyncio.Future[T] = loop.create_future()
 
         def answer(error: FuseportError) -> None:  # from the watchdog's thread
             loop.call_soon_threadsafe(_settle, answered, error)
 
         record.answer = answer
-        try:
-            work = loop.run_in_executor(self.pool, fn)
-        except BaseException:
-            self.share.release(identity)  # the pool is shut down: nothing runs
-            raise
-        work.add_done_callback(lambda _: self.share.release(identity))
+        work = await self._started(loop, record, deadline, fn)
         try:
             await asyncio.wait((work, answered), return_when=asyncio.FIRST_COMPLETED)
         finally:
