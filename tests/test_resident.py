@@ -209,6 +209,19 @@ def free_handles_calls(server: ServerProcess) -> float:
     )
 
 
+def _lease_thread_frees_what_is_dropped(
+    server: ServerProcess, c: Client, monkeypatch: pytest.MonkeyPatch, leaving: int
+) -> None:
+    """Dropped ids no longer wait for a call: the lease thread frees them now; until
+    the server holds `leaving` handles of the client."""
+    monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 0.0)
+    c._leases._wake.set()
+    deadline = time.monotonic() + 60
+    while resident(server, c.client_id).caller.handles != leaving:
+        assert time.monotonic() < deadline, "dropped handles were not freed"
+        time.sleep(0.05)
+
+
 def test_a_chain_frees_what_it_drops_with_its_next_call(
     server: ServerProcess, kernels: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -236,12 +249,7 @@ def test_a_chain_frees_what_it_drops_with_its_next_call(
         with pytest.raises(InvalidStack):
             c.execute(kernels["affine"], [object()])  # took the dropped id, refused before sending
         assert resident(server, c.client_id).caller.handles == 2
-        monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 0.0)
-        c._leases._wake.set()
-        deadline = time.monotonic() + 60
-        while resident(server, c.client_id).caller.handles != 1:  # h only
-            assert time.monotonic() < deadline, "dropped handles were not freed"
-            time.sleep(0.05)
+        _lease_thread_frees_what_is_dropped(server, c, monkeypatch, leaving=1)  # h only
         with pytest.raises(HandleNotFound):
             execute_raw(server, kernels["affine"], [codec.Handle(dropped_id)], c.client_id)
 
@@ -263,12 +271,7 @@ def test_a_call_the_server_refuses_unread_gives_back_the_frees_it_carried(
             c.execute(kernels["affine"], [bad])
         assert resident(server, c.client_id).caller.handles == 2  # the refused call freed nothing
         assert c._leases._dropped == [dropped_id]  # given back
-        monkeypatch.setattr(fuseport.client.resident, "_CARRY_SECONDS", 0.0)
-        c._leases._wake.set()
-        deadline = time.monotonic() + 60
-        while resident(server, c.client_id).caller.handles != 1:  # h only
-            assert time.monotonic() < deadline, "the dropped handle was not freed"
-            time.sleep(0.05)
+        _lease_thread_frees_what_is_dropped(server, c, monkeypatch, leaving=1)  # h only
 
 
 def test_a_call_frees_only_its_callers_live_handles(server: ServerProcess, kernels: dict[str, int]) -> None:

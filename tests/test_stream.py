@@ -438,6 +438,15 @@ def idle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     s.stop()
 
 
+def _wait_until_nothing_held(server: ServerProcess) -> None:
+    """Until the server's streams hold no reserved bytes (an ended stream gives its back)."""
+    held = "fuseport_stream_buffer_bytes"
+    deadline = time.monotonic() + 30
+    while server.metric(held) != 0:
+        assert time.monotonic() < deadline, f"{held} still {server.metric(held)}"
+        time.sleep(0.05)
+
+
 def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what_it_held_is_freed(
     idle_server: ServerProcess,
 ) -> None:
@@ -447,7 +456,6 @@ def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what
     DEADLINE_EXCEEDED naming the flag, and gives the reservation back."""
     with Client(idle_server.target) as c:
         key = c.register(_double, [torch.ones(4)])
-    held = "fuseport_stream_buffer_bytes"
     stalled = Stalled(idle_server, 32 << 20, key)
     try:
         code, details = stalled.outcome(timeout=60)
@@ -455,10 +463,7 @@ def test_a_stream_that_stops_sending_is_ended_after_stream_idle_seconds_and_what
         stalled.close()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
     assert "--stream-idle-seconds" in details and f"nothing for {IDLE_SECONDS} s" in details, details
-    deadline = time.monotonic() + 30
-    while idle_server.metric(held) != 0:
-        assert time.monotonic() < deadline, f"{held} still {idle_server.metric(held)}"
-        time.sleep(0.05)
+    _wait_until_nothing_held(idle_server)
     assert idle_server.metric("fuseport_stream_idle_ends_total") == 1
     # Streams that keep sending are served as ever, through the real client.
     still_serves(idle_server, key)
@@ -472,7 +477,6 @@ def test_a_register_stream_that_stops_sending_is_ended_after_stream_idle_seconds
     stack is: its header takes their bytes from --max-stream-buffer-bytes before
     anything is allocated (past it: RESOURCE_EXHAUSTED naming the flag), and a client
     that stops sending is ended after --stream-idle-seconds, what it held given back."""
-    held = "fuseport_stream_buffer_bytes"
     ends = idle_server.metric("fuseport_stream_idle_ends_total")
     over = Stalled(idle_server, IDLE_BUFFER + 1, register=True)
     try:
@@ -488,10 +492,7 @@ def test_a_register_stream_that_stops_sending_is_ended_after_stream_idle_seconds
         stalled.close()
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
     assert "--stream-idle-seconds" in details and f"nothing for {IDLE_SECONDS} s" in details, details
-    deadline = time.monotonic() + 30
-    while idle_server.metric(held) != 0:
-        assert time.monotonic() < deadline, f"{held} still {idle_server.metric(held)}"
-        time.sleep(0.05)
+    _wait_until_nothing_held(idle_server)
     assert idle_server.metric("fuseport_stream_idle_ends_total") == ends + 1
     with Client(idle_server.target, stream_above=0) as c:  # RegisterStream that keeps sending: served
         key = c.register(_double, [torch.ones(4)])
