@@ -641,7 +641,7 @@ class Core:
         key = self.registry.resolve(name)
         if key is None and _DECIMAL.fullmatch(name) and -(1 << 63) <= int(name) < (1 << 63):
             key = int(name)
-        if key is None or not self.registry.has(key):
+        if key is None or not self.registry.knows(key):
             shown = repr(name[:80] + ("..." if len(name) > 80 else ""))
             raise KernelNotFound(f"no kernel named {shown}: neither an alias nor a registered key", key)
         return key

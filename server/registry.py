@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 _BASE = re.compile(r"^([0-9a-f]{16})\.pb$")
 _VARIANT = re.compile(r"^([0-9a-f]{16})\+([0-9a-f]{16})\.pb$")
 _ALIAS_FILE = re.compile(rf"^([0-9a-f]{{16}})=({ALIAS_PATTERN})\.alias$")
+_ALIAS_NAME = re.compile(ALIAS_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -417,8 +418,23 @@ class Registry:
         return self._alias_of.get(key)
 
     def resolve(self, alias: str) -> int | None:
-        """The key an alias names, or None."""
-        return self._aliases.get(alias)
+        """The key an alias names, or None. In a shared store, an alias this process
+        has not seen is looked for among the store's alias files (another serving
+        process may have registered it: each client connection goes to one process)."""
+        key = self._aliases.get(alias)
+        if key is not None or not self.shared or not _ALIAS_NAME.fullmatch(alias):
+            return key
+        suffix = f"={alias}.alias"
+        for name in os.listdir(self.dir):
+            if name.endswith(suffix) and (m := _ALIAS_FILE.match(name)) and m.group(2) == alias:
+                found = _signed(m.group(1))
+                if not self.knows(found):
+                    return None
+                with self._lock:
+                    if alias not in self._aliases and found not in self._alias_of:
+                        self._aliases[alias], self._alias_of[found] = found, alias
+                return self._aliases.get(alias)
+        return None
 
     def _register(
         self, graph: _pb.graph.Graph, variant_of: int | None, intake: Intake

@@ -261,6 +261,39 @@ def test_a_kernel_registered_through_one_process_runs_on_the_other(
     assert key in {k.key for k in _pb.service.ListResponse.FromString(listed).kernels}
 
 
+def test_an_alias_registered_through_one_process_names_the_kernel_on_the_other(
+    two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
+) -> None:
+    """KServe calls a kernel by its alias, on whichever process its connection reached:
+    an alias set through one process resolves on the other (from the store's alias file),
+    and the result is the kernel's."""
+    from fuseport.kserve import grpc_service_pb2 as kpb
+
+    a, b = two
+    raw, _ = a.call(
+        "Register", _pb.service.RegisterRequest(graph=graphs["add_one"], alias="add-one").SerializeToString()
+    )
+    key = _pb.service.RegisterResponse.FromString(raw).key
+    x = torch.randn(8)
+    req = kpb.ModelInferRequest(model_name="add-one")
+    req.inputs.add(name="x", datatype="FP32", shape=[8])
+    req.raw_input_contents.append(x.numpy().tobytes())
+    infer = b.channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=kpb.ModelInferRequest.SerializeToString,
+        response_deserializer=kpb.ModelInferResponse.FromString,
+    )
+    resp, call = infer.with_call(req, timeout=60)
+    assert int(dict(call.trailing_metadata())[PROCESS_METADATA_KEY].split()[1]) == b.pid() != a.pid()
+    got = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
+    torch.testing.assert_close(got, x + 1)
+    # Unregistered through the first process, the name is gone on the second too.
+    _, _ = a.call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString())
+    with pytest.raises(grpc.RpcError) as e:
+        infer(req, timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_an_unregister_through_one_process_is_seen_by_the_other_and_not_undone(
     two: tuple[_Conn, _Conn], graphs: dict[str, _pb.graph.Graph]
 ) -> None:
