@@ -449,7 +449,17 @@ def _distance(a: dict[str, Any]) -> None:
         raise ValueError(f"p must be >= 0, got {a['p']}")
 
 
+def _int_pow(a: dict[str, Any]) -> None:
+    """Eager refuses an integer tensor to a negative integer power; Triton's kernel
+    on CUDA computed one (0 where eager has no answer), so both paths refuse it."""
+    x, e = a["self"], a["exponent"]
+    if isinstance(x, torch.Tensor) and not (x.dtype.is_floating_point or x.dtype.is_complex):
+        if isinstance(e, int) and e < 0:
+            raise ValueError(f"a {x.dtype} tensor to the negative integer power {e}: integers to negative integer powers are not allowed")
+
+
 _VALIDATORS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "aten::pow.Tensor_Scalar": _int_pow,
     "aten::empty_strided.default": lambda a: _strides("aten::empty_strided.default", a),
     "aten::as_strided.default": lambda a: _strides("aten::as_strided.default", a),
     "aten::_native_batch_norm_legit.no_stats": _batch_norm_no_stats,

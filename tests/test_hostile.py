@@ -162,8 +162,10 @@ def test_integer_division_by_zero_never_reaches_a_kernel(client: Client) -> None
         # Returned uninitialised memory.
         ("aten::grid_sampler_2d.default", [torch.randn(1, 1, 4, 4), torch.zeros(1, 2, 2, 2), 7, 0, False], 1,
          "interpolation_mode 7", True),
+        # Eager refuses; Triton's kernel on CUDA answered (0 for 2 ** -1).
+        ("aten::pow.Tensor_Scalar", [torch.tensor([2, -1, 0]), -1], 1, "negative integer power", True),
     ],
-    ids=["batch_norm_no_stats", "batch_norm_short_var", "fft_r2c", "fft_c2r", "grid_sampler"],
+    ids=["batch_norm_no_stats", "batch_norm_short_var", "fft_r2c", "fft_c2r", "grid_sampler", "int_pow_negative"],
 )  # fmt: skip
 def test_arguments_that_crashed_or_leaked_are_refused(
     client: Client, op: str, args: list, outputs: int, match: str, at_register: bool
