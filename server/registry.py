@@ -422,8 +422,15 @@ class Registry:
         has not seen is looked for among the store's alias files (another serving
         process may have registered it: each client connection goes to one process)."""
         key = self._aliases.get(alias)
-        if key is not None or not self.shared or not _ALIAS_NAME.fullmatch(alias):
+        if not self.shared or not _ALIAS_NAME.fullmatch(alias):
             return key
+        if key is not None:
+            if (self.dir / f"{_hex(key)}={alias}.alias").exists():
+                return key
+            with self._lock:  # unregistered elsewhere (and maybe given to another kernel)
+                if self._aliases.get(alias) == key:
+                    del self._aliases[alias]
+                    self._alias_of.pop(key, None)
         suffix = f"={alias}.alias"
         for name in os.listdir(self.dir):
             if name.endswith(suffix) and (m := _ALIAS_FILE.match(name)) and m.group(2) == alias:

@@ -287,11 +287,16 @@ def test_an_alias_registered_through_one_process_names_the_kernel_on_the_other(
     assert int(dict(call.trailing_metadata())[PROCESS_METADATA_KEY].split()[1]) == b.pid() != a.pid()
     got = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
     torch.testing.assert_close(got, x + 1)
-    # Unregistered through the first process, the name is gone on the second too.
-    _, _ = a.call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString())
+    # Unregistered through the first process, the name is gone on the second too; given
+    # to another kernel, it names that one there.
+    a.call("Unregister", _pb.service.UnregisterRequest(key=key).SerializeToString())
     with pytest.raises(grpc.RpcError) as e:
         infer(req, timeout=60)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    a.call("Register", _pb.service.RegisterRequest(graph=graphs["times_three"], alias="add-one").SerializeToString())
+    resp = infer(req, timeout=60)
+    got = torch.frombuffer(bytearray(resp.raw_output_contents[0]), dtype=torch.float32)
+    torch.testing.assert_close(got, x * 3)
 
 
 def test_an_unregister_through_one_process_is_seen_by_the_other_and_not_undone(
