@@ -128,8 +128,9 @@ def test_a_stack_of_empty_tensors_only_runs_through_a_session(server: ServerProc
 
 
 _FORKING_CLIENT = r"""
-import os, sys, torch
+import logging, os, sys, torch
 torch.set_num_threads(1)  # torch's thread pool does not survive a fork
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # why a call left shared memory, if one does
 from fuseport.client import Client
 c = Client(sys.argv[1])
 key = int(sys.argv[2])
@@ -142,7 +143,9 @@ pid = os.fork()
 if pid == 0:
     b = torch.randn(%(big)d)
     r = c.execute_detailed(key, [b, b], timeout=60)
-    os._exit(0 if r.transport == "shm" and torch.equal(r.stack[0], b * 3) else 3)
+    ok = r.transport == "shm" and torch.equal(r.stack[0], b * 3)
+    print("child:", r.transport, torch.equal(r.stack[0], b * 3), file=sys.stderr, flush=True)
+    os._exit(0 if ok else 3)
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status), torch.equal(region.bytes, before), flush=True)
 r = c.execute_detailed(key, [a, a])
