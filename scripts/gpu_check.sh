@@ -8,6 +8,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh gpus2    # 2 GPUs vs 1 (needs a 2-GPU machine)
 #   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
 #   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
+#   device run --carry .whl -- bash scripts/gpu_check.sh hot      # a small call: device part, stages, bench rows (~3 min)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -62,6 +63,18 @@ if [[ $PART == all || $PART == probe ]]; then
             2>&1 | tee "$OUT/call-stages-cuda-$loop.log"
         rc=$(( rc || PIPESTATUS[0] ))
     done
+fi
+if [[ $PART == hot ]]; then
+    # The small-call path (issue 19) in one call of a few minutes: a 1 KiB call's device
+    # part alone by how the GPU idled, then end to end by stage beside the echo (server
+    # CPU by thread), then the bench's transport and resident rows at 1 KiB.
+    python3 "$REPO/scripts/cuda_small_call.py" --n 2000 2>&1 | tee "$OUT/cuda-small-call.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" 2>&1 | tee "$OUT/call-stages-cuda.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    python3 -m fuseport.cli bench --device cuda --sections transport,resident --sizes 1K ${BENCH_ARGS:-} \
+        --json "$OUT/bench-hot.json" --no-plot 2>&1 | tee "$OUT/bench-hot.log"
+    rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == perf ]]; then
     # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
