@@ -60,7 +60,7 @@ from fuseport.wire.errors import (
     ResourceExhausted,
 )
 from fuseport.wire.graph import Signature, build_module, graph_summary, signature_of
-from fuseport.wire.keys import ALIAS_PATTERN, check_alias, key_for
+from fuseport.wire.keys import ALIAS_PATTERN, check_alias, is_alias, key_for
 
 __all__ = ["Kernel", "Quotas", "Registry", "Summary", "Variant"]
 
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 _BASE = re.compile(r"^([0-9a-f]{16})\.pb$")
 _VARIANT = re.compile(r"^([0-9a-f]{16})\+([0-9a-f]{16})\.pb$")
 _ALIAS_FILE = re.compile(rf"^([0-9a-f]{{16}})=({ALIAS_PATTERN})\.alias$")
-_ALIAS_NAME = re.compile(ALIAS_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -422,7 +421,7 @@ class Registry:
         has not seen is looked for among the store's alias files (another serving
         process may have registered it: each client connection goes to one process)."""
         key = self._aliases.get(alias)
-        if not self.shared or not _ALIAS_NAME.fullmatch(alias):
+        if not self.shared or not is_alias(alias):
             return key
         if key is not None:
             if (self.dir / f"{_hex(key)}={alias}.alias").exists():

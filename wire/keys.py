@@ -36,7 +36,7 @@ import re
 from fuseport.wire import _pb
 from fuseport.wire.errors import InvalidAlias, InvalidGraph
 
-__all__ = ["ALIAS_PATTERN", "KEY_DOMAIN", "canonical_bytes", "canonicalize", "check_alias", "key_for"]
+__all__ = ["ALIAS_PATTERN", "KEY_DOMAIN", "canonical_bytes", "canonicalize", "check_alias", "is_alias", "key_for"]
 
 # A kernel's alias (RegisterRequest.alias): a letter first, so that no alias reads
 # as a key in decimal (both name a KServe model); a set that is safe in a file
@@ -45,9 +45,14 @@ ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_.\-]{0,63}"
 _ALIAS = re.compile(ALIAS_PATTERN)
 
 
+def is_alias(name: str) -> bool:
+    """Whether `name` is a well-formed alias."""
+    return _ALIAS.fullmatch(name) is not None
+
+
 def check_alias(alias: str) -> str:
     """`alias` if it is well formed, else InvalidAlias (showing at most its start)."""
-    if not _ALIAS.fullmatch(alias):
+    if not is_alias(alias):
         shown = repr(alias[:40] + ("..." if len(alias) > 40 else ""))
         raise InvalidAlias(
             f"alias {shown} ({len(alias)} characters) is not 1 to 64 characters of a letter "
