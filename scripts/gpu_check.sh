@@ -9,6 +9,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
 #   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
 #   device run --carry .whl -- bash scripts/gpu_check.sh hot      # a small call: device part, stages, bench rows (~3 min)
+#   device run --carry .whl -- bash scripts/gpu_check.sh isolation  # other callers' calls while one runs ~20 s (issue 20)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -74,6 +75,13 @@ if [[ $PART == hot ]]; then
     rc=$(( rc || PIPESTATUS[0] ))
     python3 -m fuseport.cli bench --device cuda --sections transport,resident --sizes 1K ${BENCH_ARGS:-} \
         --json "$OUT/bench-hot.json" --no-plot 2>&1 | tee "$OUT/bench-hot.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == isolation ]]; then
+    # Issue 20 on the device: another token's small calls and health while one token's
+    # call holds the GPU for ~20 s (the heavy kernel is sized on this device).
+    python3 "$REPO/scripts/isolation_p99.py" --device cuda --seconds "${ISOLATION_SECONDS:-20}" --n 1000 2>&1 \
+        | tee "$OUT/isolation-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == perf ]]; then

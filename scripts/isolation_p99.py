@@ -4,7 +4,10 @@ callers' small calls keep a p99 within 2x their idle p99, and health answers eve
 within 1 s. A real `fuseport serve` with the default settings (and tokens, so that the two
 callers are two identities); the heavy call is a Fallback of `x.expand(n, 1024).sum()`.
 
-    python scripts/isolation_p99.py [--seconds 30] [--n 2000]
+    python scripts/isolation_p99.py [--device cpu|cuda] [--seconds 30] [--n 2000]
+
+On CUDA the heavy kernel holds the device, not a core: what the other caller's
+small calls then wait for is the GPU itself.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def p(xs: list[float], q: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the heavy call should run (about)")
     ap.add_argument("--n", type=int, default=2000, help="small calls per phase")
     ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE")
@@ -49,18 +53,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tokens = Path(tmp) / "tokens"
         tokens.write_text(f"{admin} admin\n{user} user\n{other} user\n")
-        with fuseport_server("cpu", env={"FUSEPORT_AUTH_TOKENS": str(tokens), **dict(e.split("=", 1) for e in a.server_env)}) as (target, _pid):
+        with fuseport_server(a.device, env={"FUSEPORT_AUTH_TOKENS": str(tokens), **dict(e.split("=", 1) for e in a.server_env)}) as (target, _pid):
             with Client(target, timeout=600, token=admin) as c:
                 hk = c.register(heavy, [torch.zeros(1024), 4])
                 sk = c.register(small, [torch.ones(256)])
             x = torch.zeros(1024)
             with Client(target, timeout=600, token=user) as u, Client(target, timeout=60, token=other) as o:
                 o.execute(sk, [torch.ones(256)], wait=True)
-                # Size the heavy call: time a small one, scale to --seconds.
-                t0 = time.perf_counter()
-                u.fallback(hk, [x, 1 << 20])
-                per = (time.perf_counter() - t0) / (1 << 20)
-                n = max(1 << 20, int(a.seconds / per))
+                # Size the heavy call: double n until a call takes long enough that the
+                # call's fixed cost does not count (a GPU does 2**20 rows in well under a
+                # millisecond), then scale to --seconds.
+                n = 1 << 20
+                while True:
+                    t0 = time.perf_counter()
+                    u.fallback(hk, [x, n])
+                    took_n = time.perf_counter() - t0
+                    if took_n > 0.25 or n >= 1 << 40:
+                        break
+                    n *= 2
+                n = max(n, int(n * a.seconds / took_n))
 
                 def phase() -> list[float]:
                     lat = []

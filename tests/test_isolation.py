@@ -594,3 +594,44 @@ def test_every_op_of_unbounded_work_is_on_the_allowlist() -> None:
     from fuseport.wire import ops
 
     assert sorted(o for o in UNBOUNDED_WORK_OPS if not ops.is_allowed(o)) == []
+
+
+@pytest.mark.gpu
+def test_a_heavy_call_on_cuda_leaves_health_and_another_callers_calls_answered(tmp_path: Path) -> None:
+    """On CUDA a heavy kernel holds the device, not the event loop: while a `user`
+    token's Fallback of seconds runs, health answers every poll within 1 s and another
+    token's small calls (fused, run on the loop) are answered, each right."""
+    assert torch.cuda.is_available(), "the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)"
+    s = start_server(tmp_path, None, "--device", "cuda", "--auth-tokens", str(_tokens(tmp_path)))
+    try:
+        key = _register(s, heavy)
+        x = torch.zeros(1024)
+        with (
+            Client(s.target, timeout=300, token=USER) as user,
+            Client(s.target, timeout=60, token=OTHER) as other,
+        ):
+            assert other.execute_detailed(key, [x, 8], wait=True).path == "fused"
+            # Sized on this device: doubled until a call takes long enough to time, then ~3 s.
+            n, took = 1 << 20, 0.0
+            while took < 0.3 and n < 1 << 36:
+                n *= 2
+                start = time.perf_counter()
+                assert user.fallback(key, [x, n])[0].item() == 0.0
+                took = time.perf_counter() - start
+            n = int(n * 3 / took)
+            heavy_result: list[float] = []
+
+            def heavy_and_others() -> list[float]:
+                heavy_call = threading.Thread(target=lambda: heavy_result.append(user.fallback(key, [x, n])[0].item()))
+                heavy_call.start()
+                time.sleep(0.2)  # the heavy call is running by now
+                small = [other.execute(key, [x, k])[0].item() for k in (2, 3, 5)]
+                heavy_call.join()
+                return small
+
+            small, latencies, seconds = _polls_during(s, heavy_and_others)
+    finally:
+        s.stop()
+    assert heavy_result == [0.0] and small == [0.0, 0.0, 0.0]
+    assert seconds > 1.0, f"the heavy call took {seconds:.2f} s: too quick to show anything"
+    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
