@@ -10,6 +10,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
 #   device run --carry .whl -- bash scripts/gpu_check.sh hot      # a small call: device part, stages, bench rows (~3 min)
 #   device run --carry .whl -- bash scripts/gpu_check.sh isolation  # other callers' calls while one runs ~20 s (issue 20)
+#   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -83,6 +84,15 @@ if [[ $PART == isolation ]]; then
     python3 "$REPO/scripts/isolation_p99.py" --device cuda --seconds "${ISOLATION_SECONDS:-20}" --n 1000 2>&1 \
         | tee "$OUT/isolation-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == batch ]]; then
+    # Issue 24: the same small kernel from 16 and 64 client processes, batching off and on
+    # ($BATCH_WINDOWS, one server per window), and a kernel that is not batchable.
+    for w in ${BATCH_WINDOWS:-200}; do
+        python3 "$REPO/scripts/batch_bench.py" --device cuda --clients "${BATCH_CLIENTS:-16,64}" --window-us "$w" \
+            --duration 4 --json "$OUT/batch-cuda-$w.json" 2>&1 | tee "$OUT/batch-cuda-$w.log"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
 fi
 if [[ $PART == perf ]]; then
     # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
