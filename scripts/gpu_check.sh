@@ -11,6 +11,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh hot      # a small call: device part, stages, bench rows (~3 min)
 #   device run --carry .whl -- bash scripts/gpu_check.sh isolation  # other callers' calls while one runs ~20 s (issue 20)
 #   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
+#   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -93,6 +94,24 @@ if [[ $PART == batch ]]; then
             --duration 4 --json "$OUT/batch-cuda-$w.json" 2>&1 | tee "$OUT/batch-cuda-$w.log"
         rc=$(( rc || PIPESTATUS[0] ))
     done
+fi
+if [[ $PART == mps ]]; then
+    # Issue 19's 16-client row: 1 process gave 0.54x the echo, 4 processes only 0.61x
+    # (H100, 2026-12-07). Without MPS the processes' small kernels and copies take turns
+    # on the GPU context by context; under MPS they share one. The same section under an
+    # MPS daemon of this run's own (a user-space daemon: the GPU's settings are untouched).
+    if ! command -v nvidia-cuda-mps-control >/dev/null; then
+        echo "gpu_check.sh mps: no nvidia-cuda-mps-control on this machine: nothing measured" | tee "$OUT/bench-mps.log" >&2
+        exit 2
+    fi
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/fuseport-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/fuseport-mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d || exit 1
+    python3 -m fuseport.cli bench --device cuda --sections concurrency --processes ${PROCS:-1,4} ${BENCH_ARGS:-} \
+        --json "$OUT/bench-mps.json" --no-plot 2>&1 | tee "$OUT/bench-mps.log"
+    rc=$(( rc || PIPESTATUS[0] ))
+    echo quit | nvidia-cuda-mps-control
+    cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log" 2>/dev/null
 fi
 if [[ $PART == perf ]]; then
     # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
