@@ -600,9 +600,13 @@ def test_every_op_of_unbounded_work_is_on_the_allowlist() -> None:
 def test_a_heavy_call_on_cuda_leaves_health_and_another_callers_calls_answered(tmp_path: Path) -> None:
     """On CUDA a heavy kernel holds the device, not the event loop: while a `user`
     token's Fallback of seconds runs, health answers every poll within 1 s and another
-    token's small calls (fused, run on the loop) are answered, each right."""
+    token's small calls (light: otherwise run on the loop) are answered, each right.
+    One serving process, so that both callers and health reach the one whose loop a
+    small kernel queued behind the heavy one would hold (see Core.light)."""
     assert torch.cuda.is_available(), "the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)"
-    s = start_server(tmp_path, None, "--device", "cuda", "--auth-tokens", str(_tokens(tmp_path)))
+    s = start_server(
+        tmp_path, None, "--device", "cuda", "--processes", "1", "--auth-tokens", str(_tokens(tmp_path))
+    )
     try:
         key = _register(s, heavy)
         x = torch.zeros(1024)
