@@ -1187,12 +1187,14 @@ class _Base:
         return _pb.service.DescribeRequest(key=key, include_source=include_source).SerializeToString()
 
     @staticmethod
-    def _described(raw: bytes) -> KernelInfo:
-        return KernelInfo(_pb.service.DescribeResponse.FromString(raw).kernel)
+    def _described(answer: tuple[bytes, str]) -> KernelInfo:
+        raw, process = answer
+        return KernelInfo(_pb.service.DescribeResponse.FromString(raw).kernel, process)
 
     @staticmethod
-    def _listed(raw: bytes) -> list[KernelInfo]:
-        return [KernelInfo(k) for k in _pb.service.ListResponse.FromString(raw).kernels]
+    def _listed(answer: tuple[bytes, str]) -> list[KernelInfo]:
+        raw, process = answer
+        return [KernelInfo(k, process) for k in _pb.service.ListResponse.FromString(raw).kernels]
 
     def _unregister_call(self, key: int) -> tuple[bytes, Callable[[bytes], bool]]:
         def unregistered(raw: bytes) -> bool:
@@ -1266,6 +1268,14 @@ class Client(_Base):
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
+
+    def _call_on_any(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """A call on the connection the pool chooses, and the serving process that answered it."""
+        conn = self._pool.acquire()
+        try:
+            return self._call_answered(method, request, timeout, conn)
+        finally:
+            self._pool.release(conn)
 
     def _call_answered(
         self, method: str, request: bytes, timeout: float | None, conn: Connection
@@ -1599,7 +1609,8 @@ class Client(_Base):
             Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
                 for any call.
         """
-        return self._described(self._call("Describe", self._describe_request(key, include_source), timeout))
+        request = self._describe_request(key, include_source)
+        return self._described(self._call_on_any("Describe", request, timeout))
 
     def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
         """Every kernel the server holds (without generated source).
@@ -1611,7 +1622,7 @@ class Client(_Base):
             Unauthenticated, PermissionDenied, Unavailable, DeadlineExceeded: As
                 for any call.
         """
-        return self._listed(self._call("List", b"", timeout))
+        return self._listed(self._call_on_any("List", b"", timeout))
 
     def unregister(self, key: int, *, timeout: float | None = None) -> bool:
         """Removes a kernel from the server (with replicas: from the one the call reaches).
@@ -1742,6 +1753,14 @@ class AsyncClient(_Base):
             )
         except grpc.RpcError as e:
             raise _translate(e) from e
+
+    async def _call_on_any(self, method: str, request: bytes, timeout: float | None) -> tuple[bytes, str]:
+        """As Client._call_on_any."""
+        conn = self._pool.acquire()
+        try:
+            return await self._call_answered(method, request, timeout, conn)
+        finally:
+            self._pool.release(conn)
 
     async def _call_answered(
         self, method: str, request: bytes, timeout: float | None, conn: Connection
@@ -2065,13 +2084,12 @@ class AsyncClient(_Base):
         self, key: int, *, include_source: bool = False, timeout: float | None = None
     ) -> KernelInfo:
         """As [Client.describe][fuseport.client.client.Client.describe]."""
-        return self._described(
-            await self._call("Describe", self._describe_request(key, include_source), timeout)
-        )
+        request = self._describe_request(key, include_source)
+        return self._described(await self._call_on_any("Describe", request, timeout))
 
     async def list(self, *, timeout: float | None = None) -> list[KernelInfo]:
         """As [Client.list][fuseport.client.client.Client.list]."""
-        return self._listed(await self._call("List", b"", timeout))
+        return self._listed(await self._call_on_any("List", b"", timeout))
 
     async def unregister(self, key: int, *, timeout: float | None = None) -> bool:
         """As [Client.unregister][fuseport.client.client.Client.unregister]."""

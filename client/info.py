@@ -17,12 +17,18 @@ class KernelInfo:
     what each means); `proto` is the message itself. `str(info)` is the
     summary `fuseport describe` prints: signature, ops, variants, and each
     ArgSpec with its compile state (and generated source, when asked for).
+
+    `process`: the serving process that answered, as `ExecuteResult.process`
+    says it ("" from a server of one process). Run counts, overruns, compile
+    states and batching verdicts are that process's own: under `--processes`
+    (the default on a GPU) each process counts the calls it served.
     """
 
-    __slots__ = ("proto",)
+    __slots__ = ("proto", "process")
 
-    def __init__(self, proto: _pb.service.KernelInfo) -> None:
+    def __init__(self, proto: _pb.service.KernelInfo, process: str = "") -> None:
         self.proto = proto
+        self.process = process
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.proto, name)
@@ -56,7 +62,8 @@ class KernelInfo:
         lines += [f"device:    {p.device}", f"signature: {self.signature}", f"ops:       {', '.join(p.ops)}"]
         if p.random_ops:
             lines.append(f"random:    {', '.join(p.random_ops)} (fused and fallback draw different numbers)")
-        lines.append(f"runs:      fused={p.fused_runs} fallback={p.fallback_runs}")
+        own = f" (serving process {self.process}'s own: each process counts its calls)" if self.process else ""
+        lines.append(f"runs:      fused={p.fused_runs} fallback={p.fallback_runs}{own}")
         if p.overruns:
             lines.append(
                 f"overruns:  {p.overruns} (calls answered at their deadline or --max-call-seconds while the kernel ran on)"

@@ -444,6 +444,36 @@ def _probe_key(c: Client) -> int:
     return c.register(_add_one, [torch.randn(8)])
 
 
+def test_describe_and_list_name_the_serving_process_whose_counts_they_give(supervisor: ServerProcess) -> None:
+    """Each serving process counts the calls it served: a Describe or List says whose
+    counts it gives (its `process`, as ExecuteResult.process), sync and async alike."""
+    import asyncio
+
+    from fuseport.client import AsyncClient
+
+    with Client(supervisor.target, timeout=60) as c:  # one connection: one process for all its calls
+        key = c.register(_add_one, [torch.randn(8)])  # the module's other tests run it too
+        before = c.describe(key)
+        ran = c.execute_detailed(key, [torch.randn(8)])
+        info = c.describe(key)
+        listed = {k.key: k for k in c.list()}
+    assert ran.process and before.process == info.process == listed[key].process == ran.process
+    assert info.fused_runs + info.fallback_runs == before.fused_runs + before.fallback_runs + 1
+    assert f"serving process {ran.process}'s own" in str(info)
+
+    async def main() -> tuple[str, str, int]:
+        async with AsyncClient(supervisor.target, timeout=60) as a:
+            b = await a.describe(key)
+            r = await a.execute_detailed(key, [torch.randn(8)])
+            d = await a.describe(key)
+            assert b.process == r.process
+            return r.process, d.process, d.fused_runs + d.fallback_runs - b.fused_runs - b.fallback_runs
+
+    ran_async, described, runs = asyncio.run(main())
+    assert described == ran_async and int(described.split()[1]) in _children(supervisor.proc.pid)
+    assert runs == 1
+
+
 def test_connections_must_be_a_positive_int() -> None:
     from fuseport.client import AsyncClient
 
