@@ -109,6 +109,26 @@ def _polls_during(
     return result["value"], latencies, result["seconds"]
 
 
+def _small_calls_beside(
+    server: ServerProcess, heavy: Callable[[], Any], small: Callable[[int], Any]
+) -> tuple[list[Any], list[Any], list[float], float]:
+    """`heavy()` on a thread and, once it runs, `small(n)` for n in 2, 3 and 5, while
+    health is polled (_polls_during): (heavy's result, none if it raised; the small
+    calls' results; every poll's latency; how long it all took)."""
+    done: list[Any] = []
+
+    def both() -> list[Any]:
+        heavy_call = threading.Thread(target=lambda: done.append(heavy()))
+        heavy_call.start()
+        time.sleep(0.2)  # the heavy call is running by now
+        results = [small(n) for n in (2, 3, 5)]
+        heavy_call.join()
+        return results
+
+    results, latencies, seconds = _polls_during(server, both)
+    return done, results, latencies, seconds
+
+
 def _register(server: ServerProcess, fn: Callable[..., Any]) -> int:
     with Client(server.target, timeout=300, token=ADMIN) as admin:
         return admin.register(fn, [torch.zeros(1024), 4])
@@ -128,20 +148,10 @@ def test_a_heavy_fused_call_from_a_user_token_leaves_health_and_other_calls_answ
         # would then run unfused, rightly, and show nothing about the fused path).
         warm = user.execute_detailed(key, [x, 8], wait=True)
         assert warm.path == "fused", (warm.reason, warm.detail)
-        others: list[float] = []
-
-        def heavy_and_others() -> Any:
-            heavy_call = threading.Thread(
-                target=lambda: others.append(user.execute_detailed(key, [x, HEAVY_N]))
-            )
-            heavy_call.start()
-            time.sleep(0.2)  # the heavy call is running by now
-            # Another caller's small calls go on meanwhile, each within its 30 s.
-            small = [other.execute(key, [x, n])[0].item() for n in (2, 3, 5)]
-            heavy_call.join()
-            return small
-
-        small, latencies, seconds = _polls_during(server, heavy_and_others)
+        # Another caller's small calls go on meanwhile, each within its 30 s.
+        others, small, latencies, seconds = _small_calls_beside(
+            server, lambda: user.execute_detailed(key, [x, HEAVY_N]), lambda n: other.execute(key, [x, n])[0].item()
+        )
     (r,) = others
     assert r.path == "fused", (r.reason, r.detail)
     assert r.stack[0].item() == 0.0 and small == [0.0, 0.0, 0.0]
@@ -623,17 +633,9 @@ def test_a_heavy_call_on_cuda_leaves_health_and_another_callers_calls_answered(t
                 assert user.fallback(key, [x, n])[0].item() == 0.0
                 took = time.perf_counter() - start
             n = int(n * 3 / took)
-            heavy_result: list[float] = []
-
-            def heavy_and_others() -> list[float]:
-                heavy_call = threading.Thread(target=lambda: heavy_result.append(user.fallback(key, [x, n])[0].item()))
-                heavy_call.start()
-                time.sleep(0.2)  # the heavy call is running by now
-                small = [other.execute(key, [x, k])[0].item() for k in (2, 3, 5)]
-                heavy_call.join()
-                return small
-
-            small, latencies, seconds = _polls_during(s, heavy_and_others)
+            heavy_result, small, latencies, seconds = _small_calls_beside(
+                s, lambda: user.fallback(key, [x, n])[0].item(), lambda k: other.execute(key, [x, k])[0].item()
+            )
     finally:
         s.stop()
     assert heavy_result == [0.0] and small == [0.0, 0.0, 0.0]
