@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -99,15 +99,18 @@ def _serve_sync(host: str, port: int, port_file: Path | None, max_message_bytes:
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
-    stop = threading.Event()
+    # A list, not a threading.Event: a handler that takes a lock (Event.set) deadlocks when
+    # Python runs it while the main thread holds that lock (inside Event.wait) or inside
+    # another handler (see server/supervisor.py's _Signals). A sleep ends at a signal.
+    stopped: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     server.start()
     if port_file is not None:
         write_port_file(port_file, bound)
     log.info("echo server (sync) on %s:%d", host, bound)
-    while not stop.wait(0.5):
-        pass
+    while not stopped:
+        time.sleep(0.5)
     server.stop(1.0).wait()
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -143,25 +144,9 @@ class Supervisor:
     def run(self) -> int:
         """Serves until SIGTERM/SIGINT (exit status 0 once every process drained), or
         until every process has died too often (1)."""
-        wake = threading.Event()
-        stop = threading.Event()
-        hup = threading.Event()
-
-        def on_stop(signum: int, _frame: Any) -> None:
-            stop.set()
-            wake.set()
-
-        def on_hup(_signum: int, _frame: Any) -> None:
-            hup.set()
-            wake.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGCHLD, lambda *_: wake.set())
-        if self.settings.tls or self.settings.auth_tokens is not None:
-            # As a single server: SIGHUP rereads TLS files and tokens; without any it ends the process.
-            signal.signal(signal.SIGHUP, on_hup)
-        with _reserve_port(self.settings.host, self.settings.port) as port, _private_dir() as private:
+        # Installed before the port is held: a SIGTERM from here on is read as a stop.
+        with _Signals(hup=self.settings.tls or self.settings.auth_tokens is not None) as signals, \
+                _reserve_port(self.settings.host, self.settings.port) as port, _private_dir() as private:  # fmt: skip
             self.slots = [
                 _Slot(i, self.devices[i % len(self.devices)], private / f"port-{i}")
                 for i in range(self.processes)
@@ -172,9 +157,9 @@ class Supervisor:
                 os.getpid(), self.processes, self.settings.host, port, ", ".join(self.devices), self.settings.store_dir,
             )  # fmt: skip
             announced = False
+            got: set[int] = set()
             try:
-                while not stop.is_set():
-                    wake.clear()  # before looking: a signal from here on wakes the wait below
+                while not got & _STOP_SIGNALS:
                     now = time.monotonic()
                     self._reap(now)
                     if all(s.gave_up for s in self.slots):
@@ -191,12 +176,11 @@ class Supervisor:
                             others = {} if metrics is None else {"metrics": metrics.server_address[1]}
                             write_port_file(self.settings.port_file, port, others)
                         log.info("all %d serving processes started", self.processes)
-                    if hup.is_set():
-                        hup.clear()
+                    if signal.SIGHUP in got:
                         self._signal_all(signal.SIGHUP)
                     # Short waits only while a process is starting (its port file is awaited).
                     starting = any(s.proc is not None and not s.serving for s in self.slots)
-                    wake.wait(0.05 if starting else self._next_due(time.monotonic()))
+                    got = signals.wait(0.05 if starting else self._next_due(time.monotonic()))
                 return self._stop()
             finally:
                 if metrics is not None:
@@ -397,6 +381,54 @@ class _ProcessesCollector:
         for s in slots:
             restarts.add_metric([str(s.index)], s.restarts)
         yield restarts
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _Signals:
+    """The supervisor's signals, read by its one thread from a pipe that the C signal handler
+    writes each signal's number to (`signal.set_wakeup_fd`); the Python handlers do nothing.
+
+    Not a handler that sets a `threading.Event`: Python runs a handler in the main thread
+    between any two bytecodes, inside another handler too, and `Event.set` takes a lock
+    that is not reentrant. Two SIGCHLDs close together (two serving processes ending at
+    once, as at every stop) then deadlocked the supervisor in its own handler: seen in CI,
+    a supervisor that never exited after both its processes had."""
+
+    def __init__(self, hup: bool) -> None:
+        self.sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD]
+        if hup:  # As a single server: SIGHUP rereads TLS files and tokens; without any it ends the process.
+            self.sigs.append(signal.SIGHUP)
+        self._read, self._write = os.pipe()
+
+    def __enter__(self) -> _Signals:
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        # A Python handler of any kind is what makes the C handler write to the pipe.
+        self._previous = {sig: signal.signal(sig, _no_op) for sig in self.sigs}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read)
+        os.close(self._write)
+
+    def wait(self, timeout: float) -> set[int]:
+        """The signals that came since the last call, after waiting up to `timeout` s for one."""
+        select.select([self._read], [], [], timeout)
+        got: set[int] = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self._read, 4096):
+                got.update(data)
+        return got
+
+
+def _no_op(_signum: int, _frame: Any) -> None:
+    pass
 
 
 @contextlib.contextmanager

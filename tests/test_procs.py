@@ -26,7 +26,7 @@ from fuseport.client import Client, capture
 from fuseport.server.app import PROCESS_METADATA_KEY
 from fuseport.server.registry import Registry
 from fuseport.server.settings import Settings
-from fuseport.server.supervisor import plan_processes
+from fuseport.server.supervisor import _Signals, plan_processes
 from fuseport.wire import _pb, codec, shm
 from fuseport.wire.errors import KernelNotFound
 
@@ -704,6 +704,31 @@ def test_a_killed_process_is_restarted_while_the_other_serves_every_call(
     assert "process 0 died (signal 9)" in supervisor.log() or "process 1 died (signal 9)" in supervisor.log()
 
 
+def test_the_supervisor_reads_a_burst_of_signals_and_restores_the_handlers() -> None:
+    """Every serving process ending at once is a SIGCHLD each, close together. The supervisor
+    once set a threading.Event in its handlers and deadlocked on the Event's lock when one
+    handler ran inside another (CI: a supervisor that never exited after its processes had).
+    It now reads signal numbers from a pipe; a burst ends in the SIGTERM that follows it."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
+
+    def send() -> None:
+        for _ in range(2000):
+            os.kill(os.getpid(), signal.SIGCHLD)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    got: set[int] = set()
+    with _Signals(hup=False) as signals:
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 60
+        while signal.SIGTERM not in got:
+            assert time.monotonic() < deadline, f"no SIGTERM read; read {got}"
+            got |= signals.wait(1.0)
+        sender.join()
+    assert signal.SIGCHLD in got
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)) == before
+
+
 def test_health_is_serving_while_a_process_serves(supervisor: ServerProcess) -> None:
     for _ in range(4):  # new connections: whichever process takes one answers
         with grpc.insecure_channel(supervisor.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
@@ -760,6 +785,34 @@ def test_sigterm_drains_every_process_and_no_call_is_cancelled(
     assert codes[grpc.StatusCode.UNAVAILABLE] >= len(threads)  # each caller's last call found it gone
     log = supervisor.log()
     assert log.count("exiting with status 0") == 3  # both processes and the supervisor
+
+
+def test_sighup_reaches_every_serving_process_and_sigterm_ends_them_all(tmp_path: Path) -> None:
+    """The supervisor forwards SIGHUP (each process rereads the tokens file) and SIGTERM."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token admin\n")
+    s = start_server(tmp_path, None, "--processes", "2", "--compile-mode", "off", "--auth-tokens", str(tokens))
+    try:
+        conns = _conns_on(s.target, _children(s.proc.pid), token="old-token")  # one pinned to each process
+        tokens.write_text("new-token admin\n")
+        s.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        for pid, conn in conns.items():
+            while True:
+                try:
+                    conn.pid()
+                except grpc.RpcError as e:
+                    assert e.code() is grpc.StatusCode.UNAUTHENTICATED, e.details()
+                    break
+                assert time.monotonic() < deadline, f"process {pid} still takes the old token"
+                time.sleep(0.05)
+            conn.metadata = (("authorization", "Bearer new-token"),)
+            assert conn.pid() == pid
+            conn.close()
+        assert s.stop() == 0, s.log()[-3000:]
+        assert s.log().count("exiting with status 0") == 3  # both processes and the supervisor
+    finally:
+        s.stop(signal.SIGKILL)
 
 
 @pytest.mark.slow  # a second supervisor: two more processes importing torch
