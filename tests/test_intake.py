@@ -278,7 +278,10 @@ REGISTER_STREAM = "/fuseport.v1.KernelService/RegisterStream"
 def _large_graph(n: int = 3 * MiB // 4) -> _pb.graph.Graph:
     """A graph with a large constant (streamed in chunks) beside small ones (in the header)."""
     big = torch.randn(n)
-    graph = capture(lambda x: (x + big[:3]) * big.sum(), [torch.ones(3)])
+    # Summed in float64: every byte of the constant counts, and no order of the sum's terms (the
+    # server runs fewer intra-op threads than this process) moves the float32 result. In float32
+    # two orders differed by 1.6e-6 relative (CI), over assert_close's 1.3e-6.
+    graph = capture(lambda x: (x + big[:3]) * big.double().sum(), [torch.ones(3)])
     graph.constants.add(dtype=_pb.values.DTYPE_FLOAT32, shape=[2, 2], data=bytes(range(16)), dim_order=[1, 0])
     graph.constants.add(dtype=_pb.values.DTYPE_FLOAT32, shape=[0])  # no data at all
     return graph
