@@ -44,6 +44,7 @@ __all__ = [
     "echo_channel",
     "echo_server",
     "echo_stream_stub",
+    "echo_stream_whole_stub",
     "echo_stub",
     "main",
 ]
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 ECHO_METHOD = "/fuseport.bench.Echo/Echo"
 # The streaming floor: every message of the request stream comes straight back.
 ECHO_STREAM_METHOD = "/fuseport.bench.Echo/EchoStream"
+# The same, store and forward: the messages come back once the whole request stream is in,
+# as a call's results can only start once all its inputs are (a kernel needs all of them).
+ECHO_STREAM_WHOLE_METHOD = "/fuseport.bench.Echo/EchoStreamWhole"
 MAX_MESSAGE_BYTES = 1 << 30
 # Threads of the sync server's pool: one per call in flight (the concurrency
 # section runs up to 16 client processes; a stream holds its thread while it
@@ -79,13 +83,18 @@ def _echo_stream_sync(requests: Any, context: grpc.ServicerContext) -> Any:
     yield from requests
 
 
-def _handlers(echo: Any, echo_stream: Any) -> tuple[grpc.GenericRpcHandler, ...]:
+def _echo_stream_whole_sync(requests: Any, context: grpc.ServicerContext) -> Any:
+    yield from list(requests)
+
+
+def _handlers(echo: Any, echo_stream: Any, echo_stream_whole: Any) -> tuple[grpc.GenericRpcHandler, ...]:
     return (
         grpc.method_handlers_generic_handler(
             "fuseport.bench.Echo",
             {
                 "Echo": grpc.unary_unary_rpc_method_handler(echo),
                 "EchoStream": grpc.stream_stream_rpc_method_handler(echo_stream),
+                "EchoStreamWhole": grpc.stream_stream_rpc_method_handler(echo_stream_whole),
             },
         ),
     )
@@ -95,7 +104,7 @@ def _serve_sync(host: str, port: int, port_file: Path | None, max_message_bytes:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=SYNC_WORKERS), options=_server_options(max_message_bytes)
     )
-    server.add_generic_rpc_handlers(_handlers(_echo_sync, _echo_stream_sync))
+    server.add_generic_rpc_handlers(_handlers(_echo_sync, _echo_stream_sync, _echo_stream_whole_sync))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
@@ -123,9 +132,14 @@ async def _echo_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         yield message
 
 
+async def _echo_stream_whole(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+    for message in [m async for m in requests]:
+        yield message
+
+
 async def _serve(host: str, port: int, port_file: Path | None, max_message_bytes: int) -> None:
     server = grpc.aio.server(options=_server_options(max_message_bytes))
-    server.add_generic_rpc_handlers(_handlers(_echo, _echo_stream))
+    server.add_generic_rpc_handlers(_handlers(_echo, _echo_stream, _echo_stream_whole))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
@@ -175,6 +189,11 @@ def echo_stub(channel: grpc.Channel) -> Callable[..., bytes]:
 def echo_stream_stub(channel: grpc.Channel) -> Callable[..., Any]:
     """The streaming echo: an iterator of bytes in, an iterator of the same bytes out."""
     return channel.stream_stream(ECHO_STREAM_METHOD)
+
+
+def echo_stream_whole_stub(channel: grpc.Channel) -> Callable[..., Any]:
+    """The streaming echo, store and forward: nothing comes back until all went."""
+    return channel.stream_stream(ECHO_STREAM_WHOLE_METHOD)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,11 @@ four calls from this process, in turn (the order rotates each iteration):
 * echo: one `bytes` message of the size to the raw echo server and back;
 * echo stream: the same bytes as chunks of the stream's chunk size, each echoed
   back on a bidirectional stream (the floor a streamed call is measured against);
+* echo stream, whole: the same, store and forward: the chunks come back once all
+  of them are in. A call's results can start only once all its inputs are in, so
+  where the two directions overlap (more cores than the transport's threads), this
+  is the floor of any call that needs its whole stack, and the echo stream's
+  throughput is out of such a call's reach (info rows);
 * Execute unary: `x + 0` on a uint8 tensor of the size in one message each way;
 * Execute stream: the same call through ExecuteStream/FallbackStream chunks;
 * Execute shm: the same call through shared memory (the server is on this host);
@@ -31,7 +36,7 @@ from typing import Any
 import torch
 
 from fuseport.bench.context import Context
-from fuseport.bench.echo import echo_channel, echo_stream_stub, echo_stub
+from fuseport.bench.echo import echo_channel, echo_stream_stub, echo_stream_whole_stub, echo_stub
 from fuseport.bench.stats import Row, Section, fmt_bytes, gbps, no_gc, summary
 from fuseport.client import Client
 from fuseport.wire.stream import CHUNK_BYTES
@@ -75,7 +80,7 @@ def run(ctx: Context) -> Section:
     key = ctx.identity_key()
     timeout = ctx.options.timeout
     channel = echo_channel(ctx.echo_target)
-    echo, echo_stream = echo_stub(channel), echo_stream_stub(channel)
+    echo, echo_stream = echo_stub(channel), (echo_stream_stub(channel), echo_stream_whole_stub(channel))
     unary = Client(ctx.target, timeout=timeout, stream_above=None, **ctx.client_kwargs)
     streamed = Client(ctx.target, timeout=timeout, stream_above=0, **ctx.client_kwargs)
     shared = Client(ctx.target, timeout=timeout, **{**ctx.client_kwargs, "shared_memory": True, "shared_above": 0})
@@ -100,7 +105,7 @@ def run(ctx: Context) -> Section:
 
 
 def _echo_calls(
-    size: int, chunk: int, echo: Any, echo_stream: Any, timeout: float
+    size: int, chunk: int, echo: Any, echo_stream: tuple[Any, Any], timeout: float
 ) -> dict[str, Callable[[], Any]]:
     payload = b"\x07" * size
     pieces = [payload[i : i + chunk] for i in range(0, size, chunk)]
@@ -109,16 +114,26 @@ def _echo_calls(
         if len(echo(payload, timeout=timeout)) != size:
             raise RuntimeError("the echo lost bytes")
 
-    def call_echo_stream() -> None:
-        got = sum(len(m) for m in echo_stream(iter(pieces), timeout=timeout))
-        if got != size:
-            raise RuntimeError(f"the streaming echo returned {got} bytes of {size}")
+    def streaming(stub: Any) -> Callable[[], None]:
+        def call() -> None:
+            got = sum(len(m) for m in stub(iter(pieces), timeout=timeout))
+            if got != size:
+                raise RuntimeError(f"the streaming echo returned {got} bytes of {size}")
 
-    return {"echo": call_echo, "echo stream": call_echo_stream}
+        return call
+
+    return {"echo": call_echo, "echo stream": streaming(echo_stream[0]), "echo stream whole": streaming(echo_stream[1])}
 
 
 def _point(
-    ctx: Context, key: int, size: int, echo: Any, echo_stream: Any, unary: Client, streamed: Client, shared: Client
+    ctx: Context,
+    key: int,
+    size: int,
+    echo: Any,
+    echo_stream: tuple[Any, Any],
+    unary: Client,
+    streamed: Client,
+    shared: Client,
 ) -> dict[str, Any]:
     timeout = ctx.options.timeout
     n = _iterations(size, ctx)
@@ -157,7 +172,8 @@ def _rows(point: dict[str, Any]) -> list[Row]:
     ms = {k: v["p50_us"] / 1e3 for k, v in m.items()}
     note = (
         f"p50: stream {ms['execute stream']:.1f} ms, unary {ms['execute unary']:.1f} ms, "
-        f"echo {ms['echo']:.1f} ms, echo stream {ms['echo stream']:.1f} ms"
+        f"echo {ms['echo']:.1f} ms, echo stream {ms['echo stream']:.1f} ms, "
+        f"whole {ms['echo stream whole']:.1f} ms"
     )
     time_target = {16 << 20: "<= 1.0x", 256 << 20: "<= 0.5x"}.get(size, "")
     rows = [
@@ -166,6 +182,10 @@ def _rows(point: dict[str, Any]) -> list[Row]:
         Row("stream", f"Execute stream {label} GB/s", m["execute stream"]["gbps_p50"], "GB/s",
             "echo stream GB/s", m["echo stream"]["gbps_p50"],
             target=">= 0.8x" if size == 256 << 20 else "").judge(),
+        Row("stream", f"Execute stream {label} time, store and forward", ms["execute stream"], "ms",
+            "echo stream whole ms", ms["echo stream whole"]).judge(),
+        Row("stream", f"echo stream whole {label} time", ms["echo stream whole"], "ms", "unary echo ms",
+            ms["echo"], note="the floor of a call that needs its whole stack before its results").judge(),
         Row("stream", f"Execute unary {label} time", ms["execute unary"], "ms", "unary echo ms", ms["echo"]).judge(),
         Row("stream", f"Execute shm {label} time", ms["execute shm"], "ms", "unary echo ms", ms["echo"],
             target="<= 0.2x" if size in (16 << 20, 256 << 20) else "",

@@ -41,6 +41,7 @@ from fuseport.wire.errors import (
     Unavailable,
     error_from_status,
 )
+from fuseport.wire.hostmem import PagePool
 from fuseport.wire.keys import check_alias, key_for
 from fuseport.wire.security import (
     bearer_metadata,
@@ -49,7 +50,7 @@ from fuseport.wire.security import (
     open_channel,
     token_from_env,
 )
-from fuseport.wire.stream import CHUNK_BYTES, Assembler, Writer
+from fuseport.wire.stream import CHUNK_BYTES, Assembler, HostSink, Writer
 from fuseport.wire.targets import PROCESS_METADATA_KEY, parse_target
 
 __all__ = ["AsyncClient", "Client", "ExecuteResult", "KernelInfo", "RemoteTensor", "Timings"]
@@ -81,6 +82,11 @@ _STREAM_CONSTANT_BYTES = 64 << 10
 # took 0.48x unary's time at 256 KiB and 1.34x at 64 KiB (the copies and the
 # slot cost more than the bytes do in one small message).
 DEFAULT_SHARED_ABOVE = 256 << 10
+# A streamed result's bytes land in pages reused from an earlier result the caller
+# dropped (one process-wide pool): a fresh 256 MiB tensor page-faults its way in, a
+# fifth of the call on the CPU machine (wire.hostmem.PagePool).
+_RESULT_PAGES = PagePool()
+_result_sink = functools.partial(HostSink, pool=_RESULT_PAGES)
 # A client that found no shared memory (not on the server's host, or the server
 # has it off) asks again after this long: the server may have been restarted.
 _SHARED_RETRY_SECONDS = 60.0
@@ -796,23 +802,25 @@ class _Base:
             return conn.shared
         return None if time.monotonic() < conn.shared_retry_at else True
 
-    def _shared_open(
-        self, conn: Connection, opened: bytes | FuseportError, timeout: float | None
-    ) -> SharedSession | None:
+    def _shared_open(self, conn: Connection, opened: bytes, timeout: float | None) -> SharedSession | None:
         """The session the OpenSharedMemory answer `opened` names (blocks: it
         connects and waits for the server's hello); None, and no new try for a
         while, when there is none to be had."""
         try:
-            if isinstance(opened, FuseportError):
-                raise opened
             response = _pb.service.OpenSharedMemoryResponse.FromString(opened)
             return SharedSession(response, self._timeout(timeout) or 30.0)
         except (FuseportError, OSError) as e:
             # OSError: the server's socket is not reachable from here (another
             # host or network namespace), the usual case for a remote server.
-            log.info("no shared memory with %s (%s); using the network", self.target, e)
-            conn.shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
-            return None
+            return self._no_shared(conn, e)
+
+    def _no_shared(self, conn: Connection, why: BaseException) -> None:
+        """No shared memory on `conn`, and no new try for a while. Called inside the
+        `except` that caught `why`: an exception kept in a local of the frame its
+        traceback holds is a cycle, which kept that call's result alive until the
+        collector ran (a 256 MiB result, for a client of a server on another host)."""
+        log.info("no shared memory with %s (%s); using the network", self.target, why)
+        conn.shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
 
     @staticmethod
     def _shared_write(session: SharedSession, slot: int, stack: Stack, keep: bool) -> tuple[_Shared, bool]:
@@ -1050,7 +1058,7 @@ class _Base:
             try:
                 if streamed:
                     requests = self._stream_requests(key, stack, wait)
-                    assembler, process = yield _Stream(method, requests, Assembler("response"))
+                    assembler, process = yield _Stream(method, requests, Assembler("response", _result_sink))
                     return _streamed_result(assembler, job.started, process)
                 try:
                     raw, process = yield _Run(method, request)
@@ -1476,11 +1484,16 @@ class Client(_Base):
             step = _resume(flow, None, None)  # the call that was made: answered by its failure
             assert isinstance(step, _Run)
             error = failed
-        while not isinstance(step := _resume(flow, reply, error), _Done):
-            try:
-                reply, error = self._perform(step, timeout, conn), None
-            except BaseException as e:  # the flow decides (a KeyboardInterrupt gives up a shm session)
-                reply, error = None, e
+        try:
+            while not isinstance(step := _resume(flow, reply, error), _Done):
+                try:
+                    reply, error = self._perform(step, timeout, conn), None
+                except BaseException as e:  # the flow decides (a KeyboardInterrupt gives up a shm session)
+                    reply, error = None, e
+        finally:
+            # An exception caught here has this frame in its traceback: held here, the two
+            # would be a cycle keeping `step` (the call's result) alive until the collector ran.
+            error = failed = None
         return step.value  # type: ignore[no-any-return]
 
     def _perform(self, op: _Op, timeout: float | None, conn: Connection) -> Any:
@@ -1516,9 +1529,10 @@ class Client(_Base):
             if now is not True:
                 return now
             try:
-                opened: bytes | FuseportError = self._call("OpenSharedMemory", b"", timeout, conn)
+                opened = self._call("OpenSharedMemory", b"", timeout, conn)
             except FuseportError as e:
-                opened = e
+                conn.shared = self._no_shared(conn, e)
+                return None
             conn.shared = self._shared_open(conn, opened, timeout)
             return conn.shared
 
@@ -1959,11 +1973,14 @@ class AsyncClient(_Base):
             step = _resume(flow, None, None)
             assert isinstance(step, _Run)
             error = failed
-        while not isinstance(step := _resume(flow, reply, error), _Done):
-            try:
-                reply, error = await self._perform(step, timeout, conn, held), None
-            except BaseException as e:  # a cancellation too: the flow gives up its shm session
-                reply, error = None, e
+        try:
+            while not isinstance(step := _resume(flow, reply, error), _Done):
+                try:
+                    reply, error = await self._perform(step, timeout, conn, held), None
+                except BaseException as e:  # a cancellation too: the flow gives up its shm session
+                    reply, error = None, e
+        finally:
+            error = failed = None  # as in Client._drive: no cycle through this frame
         return step.value  # type: ignore[no-any-return]
 
     async def _perform(
@@ -2030,9 +2047,11 @@ class AsyncClient(_Base):
                 return now
             if conn.pending is None:
                 try:
-                    opened: bytes | FuseportError = await self._call("OpenSharedMemory", b"", timeout, conn)
+                    opened = await self._call("OpenSharedMemory", b"", timeout, conn)
                 except FuseportError as e:
-                    opened = e
+                    with conn.shared_lock:
+                        conn.shared = self._no_shared(conn, e)
+                    return None
                 loop = asyncio.get_running_loop()
                 conn.pending = loop.run_in_executor(None, self._shared_open, conn, opened, timeout)
             # Else a call cancelled while its session opened: the thread went on,

@@ -8,6 +8,7 @@ and keep serving."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import signal
 import subprocess
@@ -36,6 +37,7 @@ from fuseport.wire.errors import (
     ResultTooLarge,
     SharedMemoryUnavailable,
 )
+from fuseport.wire.hostmem import PagePool
 from fuseport.wire.stream import Writer
 
 from .conftest import ServerProcess, start_server
@@ -571,6 +573,63 @@ def test_async_client_streams_too(server: ServerProcess, key: int) -> None:
     e, f = asyncio.run(run())
     assert (e.transport, f.transport, f.reason) == ("stream", "stream", "requested")
     assert torch.equal(e.stack[0], _double(x)) and torch.equal(f.stack[0], _double(x))
+
+
+def test_page_pool_reuses_a_buffer_only_once_every_tensor_over_it_died() -> None:
+    pool = PagePool(keep=1, min_bytes=1 << 20)
+    a = pool.tensor(4 << 20)
+    a.fill_(3)
+    where = a.data_ptr()
+    view = a[10:20]  # a view keeps the buffer as the tensor does
+    b = pool.tensor(4 << 20)
+    assert b.data_ptr() != where
+    del a
+    c = pool.tensor(4 << 20)
+    assert c.data_ptr() != where and pool.reused == 0 and torch.equal(view, torch.full((10,), 3, dtype=torch.uint8))
+    del view
+    e = pool.tensor(1 << 20)
+    assert e.data_ptr() != where  # 4 MiB would waste over half of itself on 1 MiB
+    d = pool.tensor(3 << 20)
+    assert d.data_ptr() == where and d.numel() == 3 << 20 and pool.reused == 1
+    del b, c, d, e  # one buffer waits (keep=1), the others are unmapped
+    assert len(pool._waiting) == 1
+    small = pool.tensor((1 << 20) - 1)  # under min_bytes: glibc's heap, not the pool
+    assert small.numel() == (1 << 20) - 1 and len(pool._waiting) == 1
+
+
+def test_a_streamed_result_reuses_the_pages_of_a_result_dropped_and_never_of_one_kept(
+    server: ServerProcess, key: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's streamed results come from its page pool (wire.hostmem.PagePool): a result
+    the caller keeps is never written again by a later one; a dropped one's pages are reused,
+    at once. With the collector off: the first call's result was held by a reference cycle (an
+    exception kept beside the frame its traceback holds, when the server offers no shared
+    memory) until the collector ran."""
+    from fuseport.client.client import _RESULT_PAGES
+
+    monkeypatch.setattr(_RESULT_PAGES, "min_bytes", 1 << 20)
+    _RESULT_PAGES.clear()
+    n = 1 << 19  # 2 MiB of float32
+    gc.collect()
+    gc.disable()
+    try:
+        _reuse_after_drop(server, key, n, _RESULT_PAGES)
+    finally:
+        gc.enable()
+        _RESULT_PAGES.clear()
+
+
+def _reuse_after_drop(server: ServerProcess, key: int, n: int, pages: PagePool) -> None:
+    with Client(server.target, stream_above=0) as c:
+        first = c.execute(key, [torch.full((n,), 1.0)])[0]
+        second = c.execute(key, [torch.full((n,), 2.0)])[0]
+        assert first.data_ptr() != second.data_ptr()
+        assert torch.equal(first, torch.full((n,), 3.0)) and torch.equal(second, torch.full((n,), 5.0))
+        where, reused = first.data_ptr(), pages.reused
+        del first
+        third = c.execute(key, [torch.full((n,), 4.0)])[0]
+        assert third.data_ptr() == where and pages.reused == reused + 1
+        assert torch.equal(third, torch.full((n,), 9.0)) and torch.equal(second, torch.full((n,), 5.0))
 
 
 def _triple(x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import torch
 
 from fuseport.wire import _pb, codec, dtypes
 from fuseport.wire.errors import InvalidStack
+from fuseport.wire.hostmem import PagePool
 
 __all__ = [
     "CHUNK_BYTES",
@@ -167,8 +168,10 @@ class HostSink:
     has run (a chunk still being copied in when a client vanished) stayed
     resident for good, 0.5 GiB of a dead client's call in one run of six."""
 
-    def __init__(self, nbytes: int, *, own_pages: bool = False) -> None:
-        if own_pages and nbytes > 0:
+    def __init__(self, nbytes: int, *, own_pages: bool = False, pool: PagePool | None = None) -> None:
+        if pool is not None:  # `pool`: pages reused from an earlier buffer whose tensors died
+            self._buf = pool.tensor(nbytes)
+        elif own_pages and nbytes > 0:
             self._buf = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
         else:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
