@@ -8,8 +8,10 @@ import logging
 import mmap
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PagePool", "keep_host_memory", "release_host_memory"]
 
@@ -78,6 +80,8 @@ class PagePool:
 
     def tensor(self, nbytes: int) -> torch.Tensor:
         """A flat uint8 tensor of `nbytes` bytes, of unspecified content."""
+        import torch  # here: `fuseport health` and the supervisor import this module, not torch
+
         if nbytes < self.min_bytes:
             return torch.empty(nbytes, dtype=torch.uint8)
         with self._lock:
