@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -146,9 +147,6 @@ class Core:
         )
         # Dynamic batching (server/batching.py), when its window is not 0.
         self.batcher: Batcher | None = None
-        # Calls past the light bound running on the device now (CUDA only; see `light`).
-        self._heavy_lock = threading.Lock()
-        self._heavy_running = 0
         if settings.batch_window_us > 0 and settings.max_batch > 1:
             self.batcher = Batcher(self, settings.batch_window_us, settings.max_batch)
 
@@ -343,10 +341,9 @@ class Core:
         (an ArgSpec this process has not met) is not light: loading takes milliseconds."""
         if not light_work(call.plan):
             return False
-        if self.placement.cuda and self._heavy_running:
-            # A heavy kernel holds the device: a small one queued behind it (a kernel's
-            # blocks are not preempted for another stream's, whatever its priority) would
-            # hold the loop waiting for it, seconds maybe; a worker waits instead.
+        if self.placement.held:
+            # A heavy kernel (or a compile's run) holds the device: a small one queued behind
+            # it would hold the loop waiting for it, seconds maybe; a worker waits instead.
             return False
         if call.fused and self.settings.compile_mode != "off" and not call.plan.unfused:
             entry = self.executor.known(call.variant, call.args)
@@ -376,12 +373,10 @@ class Core:
         started = time.perf_counter_ns()
         budget = self.settings.max_call_seconds
         watch: Watch | None = None
-        heavy = self.placement.cuda and not light_work(call.plan)
-        if heavy:
-            with self._heavy_lock:
-                self._heavy_running += 1
+        # Past the light bound, on CUDA: light calls stay off the loop while it runs.
+        holding = contextlib.nullcontext() if light_work(call.plan) else self.placement.holding()
         try:
-            with self.placement.request_scope():
+            with holding, self.placement.request_scope():
                 device_args = self.placement.to_device(args)
                 entry = call.entry
                 if wait and entry is None and call.fused and not call.plan.unfused:
@@ -442,9 +437,6 @@ class Core:
         finally:
             if watch is not None:
                 self.watchdog.finish(watch)
-            if heavy:
-                with self._heavy_lock:
-                    self._heavy_running -= 1
         # run_us covers choosing the variant and checking the inputs too (not the
         # wait between preparing and running: that is queue_us): every microsecond
         # the server spends is in exactly one of the call's timings.

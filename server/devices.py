@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -100,6 +100,33 @@ class Placement:
         self.device = device
         self.cuda = device.type == "cuda"
         self._local = threading.local()
+        # Work running now that may hold the device for long (CUDA only; see `holding`).
+        self._holding_lock = threading.Lock()
+        self._holding = 0
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Marks work that may keep the device busy for long, while it runs: a call past
+        the light bound (Core.run), a compile that runs the kernel on a caller's inputs
+        (compile/inprocess.py). Meanwhile no call runs on the event loop (Core.light):
+        a small kernel queued behind such work (a kernel's blocks are not preempted for
+        another stream's, whatever its priority) would hold the loop for as long. A no-op
+        on the CPU, where a kernel holds its own thread only."""
+        if not self.cuda:
+            yield
+            return
+        with self._holding_lock:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._holding_lock:
+                self._holding -= 1
+
+    @property
+    def held(self) -> bool:
+        """Whether work marked by `holding` runs now."""
+        return self._holding > 0
 
     def request_scope(self) -> contextlib.AbstractContextManager[None]:
         """Puts this thread on a stream of its own, the first time (a no-op on CPU).

@@ -606,6 +606,39 @@ def test_every_op_of_unbounded_work_is_on_the_allowlist() -> None:
     assert sorted(o for o in UNBOUNDED_WORK_OPS if not ops.is_allowed(o)) == []
 
 
+def test_work_holding_a_cuda_device_is_counted_across_threads_and_released_on_error() -> None:
+    """Placement.holding counts what may keep a CUDA device busy (heavy calls, an in-process
+    compile's run on a caller's inputs), from any thread; Core.light sends every call to a
+    worker while any runs. The counting touches no device, so it is checked here; what it is
+    for, on a device, by the gpu test below. On the CPU a kernel holds only its own thread."""
+    from fuseport.server.devices import Placement
+
+    cuda = Placement(torch.device("cuda", 0))
+    entered, release = threading.Barrier(5), threading.Event()
+
+    def hold() -> None:
+        with cuda.holding():
+            entered.wait(timeout=30)
+            release.wait(timeout=30)
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for t in threads:
+        t.start()
+    entered.wait(timeout=30)
+    assert cuda.held and cuda._holding == 4
+    release.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert not cuda.held
+    with pytest.raises(RuntimeError), cuda.holding():
+        assert cuda.held
+        raise RuntimeError("a kernel failed")
+    assert not cuda.held
+    cpu = Placement(torch.device("cpu"))
+    with cpu.holding():
+        assert not cpu.held
+
+
 @pytest.mark.gpu
 def test_a_heavy_call_on_cuda_leaves_health_and_another_callers_calls_answered(tmp_path: Path) -> None:
     """On CUDA a heavy kernel holds the device, not the event loop: while a `user`

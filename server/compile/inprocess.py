@@ -57,8 +57,11 @@ class InProcessCompiler(Compiler):
                 # calls a module, so no trace can reach it.
                 fn = torch.compile(module.forward, dynamic=True, fullgraph=True, mode=mode)
                 receive()
-                fn(*sample)
-                self.placement.synchronize()
+                # It compiles, then runs the kernel on the caller's inputs on the device (and
+                # autotuning's benchmark runs with them): light calls wait off the loop meanwhile.
+                with self.placement.holding():
+                    fn(*sample)
+                    self.placement.synchronize()
         except Exception as e:
             if is_out_of_memory(e):
                 self.placement.release_memory()
