@@ -387,27 +387,29 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class _Signals:
-    """The supervisor's signals, read by its one thread from a pipe that the C signal handler
-    writes each signal's number to (`signal.set_wakeup_fd`); the Python handlers do nothing.
+    """The supervisor's signals, for its one thread: each handler only adds the signal's
+    number to a set (one C call: nothing a handler running inside another could wait on),
+    and the C handler writes it to a pipe (`signal.set_wakeup_fd`) that `wait` sleeps on.
 
     Not a handler that sets a `threading.Event`: Python runs a handler in the main thread
     between any two bytecodes, inside another handler too, and `Event.set` takes a lock
     that is not reentrant. Two SIGCHLDs close together (two serving processes ending at
     once, as at every stop) then deadlocked the supervisor in its own handler: seen in CI,
-    a supervisor that never exited after both its processes had."""
+    a supervisor that never exited after both its processes had. The set, not the pipe,
+    says which signals came: a full pipe drops bytes, the set drops none."""
 
     def __init__(self, hup: bool) -> None:
         self.sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGCHLD]
         if hup:  # As a single server: SIGHUP rereads TLS files and tokens; without any it ends the process.
             self.sigs.append(signal.SIGHUP)
         self._read, self._write = os.pipe()
+        self._came: set[int] = set()
 
     def __enter__(self) -> _Signals:
         for fd in (self._read, self._write):
             os.set_blocking(fd, False)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        # A Python handler of any kind is what makes the C handler write to the pipe.
-        self._previous = {sig: signal.signal(sig, _no_op) for sig in self.sigs}
+        self._previous = {sig: signal.signal(sig, self._came_in) for sig in self.sigs}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -417,18 +419,20 @@ class _Signals:
         os.close(self._read)
         os.close(self._write)
 
+    def _came_in(self, signum: int, _frame: Any) -> None:
+        self._came.add(signum)
+
     def wait(self, timeout: float) -> set[int]:
         """The signals that came since the last call, after waiting up to `timeout` s for one."""
-        select.select([self._read], [], [], timeout)
-        got: set[int] = set()
+        if not self._came:
+            # A signal from here on makes the pipe readable: select returns (after running
+            # the handler: an interrupted select runs the handlers before it goes on).
+            select.select([self._read], [], [], timeout)
         with contextlib.suppress(BlockingIOError):
-            while data := os.read(self._read, 4096):
-                got.update(data)
+            while os.read(self._read, 4096):
+                pass
+        got, self._came = self._came, set()  # a handler running from here on adds to the new set
         return got
-
-
-def _no_op(_signum: int, _frame: Any) -> None:
-    pass
 
 
 @contextlib.contextmanager
