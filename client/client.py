@@ -1531,7 +1531,8 @@ class Client(_Base):
             try:
                 opened = self._call("OpenSharedMemory", b"", timeout, conn)
             except FuseportError as e:
-                conn.shared = self._no_shared(conn, e)
+                self._no_shared(conn, e)
+                conn.shared = None
                 return None
             conn.shared = self._shared_open(conn, opened, timeout)
             return conn.shared
@@ -2049,8 +2050,9 @@ class AsyncClient(_Base):
                 try:
                     opened = await self._call("OpenSharedMemory", b"", timeout, conn)
                 except FuseportError as e:
+                    self._no_shared(conn, e)
                     with conn.shared_lock:
-                        conn.shared = self._no_shared(conn, e)
+                        conn.shared = None
                     return None
                 loop = asyncio.get_running_loop()
                 conn.pending = loop.run_in_executor(None, self._shared_open, conn, opened, timeout)
