@@ -708,7 +708,7 @@ def test_the_supervisor_reads_a_burst_of_signals_and_restores_the_handlers() -> 
     """Every serving process ending at once is a SIGCHLD each, close together. The supervisor
     once set a threading.Event in its handlers and deadlocked on the Event's lock when one
     handler ran inside another (CI: a supervisor that never exited after its processes had).
-    It now reads signal numbers from a pipe; a burst ends in the SIGTERM that follows it."""
+    Its handlers now add to a set, a pipe wakes its loop; a burst ends in the SIGTERM that follows it."""
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
 
     def send() -> None:
