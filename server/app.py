@@ -272,9 +272,6 @@ EXIT_RUNAWAY_KERNEL = 4
 async def _serve(settings: Settings, security: Security | None, process: int | None) -> NoReturn:
     server, port = await create_server(settings, security, process)
     await server.start()
-    if settings.port_file is not None:
-        others = {} if server.metrics_port is None else {"metrics": server.metrics_port}
-        write_port_file(settings.port_file, port, others)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,6 +280,10 @@ async def _serve(settings: Settings, security: Security | None, process: int | N
         # The daemon convention for "reread your certificates and tokens". A
         # server with neither keeps SIGHUP's default (the process ends), as before.
         loop.add_signal_handler(signal.SIGHUP, server.security.reload)
+    # Only now: whoever reads the port file (a supervisor forwarding SIGHUP) finds the handlers.
+    if settings.port_file is not None:
+        others = {} if server.metrics_port is None else {"metrics": server.metrics_port}
+        write_port_file(settings.port_file, port, others)
     status = 0
 
     def retire(code: int) -> None:  # called from a worker or the watchdog's thread

@@ -177,7 +177,9 @@ class Supervisor:
                             write_port_file(self.settings.port_file, port, others)
                         log.info("all %d serving processes started", self.processes)
                     if signal.SIGHUP in got:
-                        self._signal_all(signal.SIGHUP)
+                        # Not to a process still starting: it has no handler yet (SIGHUP would end
+                        # it), and it reads the files as it starts anyway.
+                        self._signal_all(signal.SIGHUP, serving_only=True)
                     # Short waits only while a process is starting (its port file is awaited).
                     starting = any(s.proc is not None and not s.serving for s in self.slots)
                     got = signals.wait(0.05 if starting else self._next_due(time.monotonic()))
@@ -279,9 +281,9 @@ class Supervisor:
                 "process %d died (%s) after %.1f s: restarting it in %.1f s", s.index, how, ran, delay
             )
 
-    def _signal_all(self, sig: int) -> None:
+    def _signal_all(self, sig: int, serving_only: bool = False) -> None:
         for s in self.slots:
-            if s.proc is not None and s.proc.poll() is None:
+            if s.proc is not None and s.proc.poll() is None and (s.serving or not serving_only):
                 s.proc.send_signal(sig)
 
     def _stop(self) -> int:

@@ -66,7 +66,7 @@ class PagePool:
 
     At most `keep` buffers wait, each marked MADV_FREE: the kernel may take their pages
     back whenever it needs memory (they then fault in again, zeroed), so what waits
-    costs nothing the host needs. Every byte of a buffer handed out is written before
+    costs nothing the host needs; until it does, they count in the process's RSS. Every byte of a buffer handed out is written before
     it is read (a stream's sink is complete, or dropped); what a reused one held
     before is this process's own. Thread-safe: a buffer comes back in whichever
     thread drops its last tensor."""
@@ -89,8 +89,12 @@ class PagePool:
             fits = [m for m in self._waiting if nbytes <= len(m) <= 2 * nbytes]
             buf = min(fits, key=len) if fits else None
             if buf is not None:
-                self._waiting.remove(buf)
-                self.reused += 1
+                try:
+                    self._waiting.remove(buf)
+                except ValueError:  # dropped meanwhile: a buffer came back (a gc pass, in this thread)
+                    buf = None
+                else:
+                    self.reused += 1
         if buf is None:
             buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         view = memoryview(buf)  # the tensor holds this export: its finalizer says when the tensor died
