@@ -80,7 +80,8 @@ def run(ctx: Context) -> Section:
     key = ctx.identity_key()
     timeout = ctx.options.timeout
     channel = echo_channel(ctx.echo_target)
-    echo, echo_stream = echo_stub(channel), (echo_stream_stub(channel), echo_stream_whole_stub(channel))
+    echo = echo_stub(channel)
+    echo_streams = {"echo stream": echo_stream_stub(channel), "echo stream whole": echo_stream_whole_stub(channel)}
     unary = Client(ctx.target, timeout=timeout, stream_above=None, **ctx.client_kwargs)
     streamed = Client(ctx.target, timeout=timeout, stream_above=0, **ctx.client_kwargs)
     shared = Client(ctx.target, timeout=timeout, **{**ctx.client_kwargs, "shared_memory": True, "shared_above": 0})
@@ -88,7 +89,7 @@ def run(ctx: Context) -> Section:
     data: dict[str, Any] = {"kernel": "x + 0 (uint8)", "chunk_bytes": CHUNK_BYTES, "points": []}
     try:
         for size in QUICK_SIZES if ctx.options.quick else SIZES:
-            point = _point(ctx, key, size, echo, echo_stream, unary, streamed, shared)
+            point = _point(ctx, key, size, echo, echo_streams, unary, streamed, shared)
             data["points"].append(point)
             rows.extend(_rows(point))
         if not ctx.options.quick:
@@ -105,7 +106,7 @@ def run(ctx: Context) -> Section:
 
 
 def _echo_calls(
-    size: int, chunk: int, echo: Any, echo_stream: tuple[Any, Any], timeout: float
+    size: int, chunk: int, echo: Any, echo_streams: dict[str, Any], timeout: float
 ) -> dict[str, Callable[[], Any]]:
     payload = b"\x07" * size
     pieces = [payload[i : i + chunk] for i in range(0, size, chunk)]
@@ -122,7 +123,7 @@ def _echo_calls(
 
         return call
 
-    return {"echo": call_echo, "echo stream": streaming(echo_stream[0]), "echo stream whole": streaming(echo_stream[1])}
+    return {"echo": call_echo, **{name: streaming(stub) for name, stub in echo_streams.items()}}
 
 
 def _point(
@@ -130,7 +131,7 @@ def _point(
     key: int,
     size: int,
     echo: Any,
-    echo_stream: tuple[Any, Any],
+    echo_streams: dict[str, Any],
     unary: Client,
     streamed: Client,
     shared: Client,
@@ -150,7 +151,7 @@ def _point(
 
         return call
 
-    calls = _echo_calls(size, CHUNK_BYTES, echo, echo_stream, timeout)
+    calls = _echo_calls(size, CHUNK_BYTES, echo, echo_streams, timeout)
     calls["execute unary"] = execute(unary, "execute unary")
     calls["execute stream"] = execute(streamed, "execute stream")
     calls["execute shm"] = execute(shared, "execute shm")
