@@ -412,6 +412,8 @@ class _Signals:
             os.set_blocking(fd, False)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
         self._previous = {sig: signal.signal(sig, self._came_in) for sig in self.sigs}
+        self._poll = select.poll()  # not select.select: it refuses descriptors past 1023
+        self._poll.register(self._read, select.POLLIN)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -427,9 +429,9 @@ class _Signals:
     def wait(self, timeout: float) -> set[int]:
         """The signals that came since the last call, after waiting up to `timeout` s for one."""
         if not self._came:
-            # A signal from here on makes the pipe readable: select returns (after running
-            # the handler: an interrupted select runs the handlers before it goes on).
-            select.select([self._read], [], [], timeout)
+            # A signal from here on makes the pipe readable: poll returns (after running
+            # the handler: an interrupted poll runs the handlers before it goes on).
+            self._poll.poll(timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read, 4096):
                 pass
