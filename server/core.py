@@ -54,6 +54,8 @@ from fuseport.wire.graph import InputSpec, Signature
 
 __all__ = ["Call", "Core", "Result"]
 
+_NOT_HOLDING = contextlib.nullcontext()  # stateless: one for every call
+
 log = logging.getLogger(__name__)
 
 _DECIMAL = re.compile(r"-?[0-9]{1,20}")
@@ -373,8 +375,10 @@ class Core:
         started = time.perf_counter_ns()
         budget = self.settings.max_call_seconds
         watch: Watch | None = None
-        # Past the light bound, on CUDA: light calls stay off the loop while it runs.
-        holding = contextlib.nullcontext() if light_work(call.plan) else self.placement.holding()
+        # Past the light bound, on CUDA: light calls stay off the loop while it runs. On the
+        # CPU nothing is counted, and the small call's path asks nothing more than before.
+        heavy = self.placement.cuda and not light_work(call.plan)
+        holding = self.placement.holding() if heavy else _NOT_HOLDING
         try:
             with holding, self.placement.request_scope():
                 device_args = self.placement.to_device(args)
