@@ -75,6 +75,13 @@ if [[ $PART == hot ]]; then
     rc=$(( rc || PIPESTATUS[0] ))
     python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" 2>&1 | tee "$OUT/call-stages-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
+    # The same with the small-tensor staging off (each tensor copied, and waited for, on
+    # its own), then on again: the change's effect beside the machine's drift.
+    for staging in 0 1048576; do
+        python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" \
+            --server-flags "CUDA_STAGING_BYTES=$staging" 2>&1 | tee "$OUT/call-stages-cuda-staging-$staging.log"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
     python3 -m fuseport.cli bench --device cuda --sections transport,resident --sizes 1K ${BENCH_ARGS:-} \
         --json "$OUT/bench-hot.json" --no-plot 2>&1 | tee "$OUT/bench-hot.log"
     rc=$(( rc || PIPESTATUS[0] ))

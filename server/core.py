@@ -70,7 +70,7 @@ class Core:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.capacity = device_capacity(self.device)
-        self.placement = Placement(self.device)
+        self.placement = Placement(self.device, staging_bytes=settings.cuda_staging_bytes)
         self.registry = Registry(
             settings.store_dir,
             self.device,

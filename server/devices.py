@@ -30,6 +30,13 @@ log = logging.getLogger(__name__)
 _STAGING_CHUNK = 8 << 20
 # Below this, a plain copy is cheaper than arranging a staged one.
 _STAGING_MIN = 256 << 10
+# Small tensors are packed into a thread's pinned buffer at this alignment, the caching
+# allocator's own: a kernel compiled for aligned inputs (Triton's 16-byte vector loads)
+# keeps its fast path, and every dtype's view of the bytes is legal.
+_ALIGN = 512
+# A thread's pinned buffers start this small (most calls need a few KiB) and grow to
+# Placement's staging_bytes.
+_STAGING_FIRST = 64 << 10
 
 _SAME_SCOPE = contextlib.nullcontext()  # stateless, so one serves every request
 
@@ -96,9 +103,13 @@ class Placement:
     overlap their copies and kernels; a request synchronises only its stream.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, staging_bytes: int = 1 << 20) -> None:
+        """`staging_bytes` (CUDA): the most bytes of small tensors (each under
+        _STAGING_MIN) a call moves each way through its thread's pinned buffers
+        (see `to_device`); 0: every tensor on its own."""
         self.device = device
         self.cuda = device.type == "cuda"
+        self.staging_bytes = staging_bytes if self.cuda else 0
         self._local = threading.local()
         # Work running now that may hold the device for long (CUDA only; see `holding`).
         self._holding_lock = threading.Lock()
@@ -138,6 +149,7 @@ class Placement:
             torch.cuda.set_device(self.device)
             self._local.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self._local.stream)
+            self._local.staging = _Staging()
         return _SAME_SCOPE
 
     def share(self, values: list[Any]) -> Callable[[], None]:
@@ -160,18 +172,33 @@ class Placement:
         return receive
 
     def to_device(self, value: Any) -> Any:
+        """A stack's values on the device (call inside request_scope).
+
+        On CUDA, a list's small host tensors go together: packed into the thread's
+        pinned buffer and copied in one asynchronous copy, where a copy of each from
+        pageable memory would wait for the device, once per tensor. Each wait on a GPU
+        that idled costs 40-50 us (docs/perf.md, H100), more than a small kernel."""
         if isinstance(value, torch.Tensor):
             return self._tensor_to_device(value)
         if isinstance(value, list):
+            if self.staging_bytes:
+                staged = self._stage_in(value)
+                if staged is not None:
+                    return staged
             return [self.to_device(v) for v in value]
         return value
 
     def to_host(self, value: Any) -> Any:
-        """Results back on the host; call inside request_scope, then `synchronize`."""
+        """Results back on the host; call inside request_scope, then `synchronize`:
+        until it returns, a small result on CUDA is allocated but not yet written."""
         if isinstance(value, torch.Tensor):
             if value.device.type == "cpu":
                 return value
             if value.numel() * value.element_size() < _STAGING_MIN:
+                if self.staging_bytes:
+                    staged = self._stage_out(value)
+                    if staged is not None:
+                        return staged
                 return value.cpu()  # a plain copy beats allocating pinned memory
             out = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
             out.copy_(value, non_blocking=True)
@@ -189,9 +216,69 @@ class Placement:
         return HostSink(nbytes, own_pages=own_pages)
 
     def synchronize(self) -> None:
-        """Waits for this thread's stream (call after request_scope)."""
+        """Waits for this thread's stream (call after request_scope), then writes the
+        small results `to_host` staged into the tensors it returned."""
         if self.cuda:
             self._local.stream.synchronize()
+            self._local.staging.landed()
+
+    def _stage_in(self, values: list[Any]) -> list[Any] | None:
+        """`values` on the device, the small host tensors among them through the
+        thread's pinned buffer in one copy into one device block, each a view of it;
+        None when there is none or they are more than staging_bytes."""
+        picked = []
+        total = 0
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor) and v.device.type == "cpu" and _plain(v):
+                n = v.numel() * v.element_size()
+                if 0 < n < _STAGING_MIN:
+                    picked.append((i, v, total, n))
+                    total += -(-n // _ALIGN) * _ALIGN
+        if not picked or total > self.staging_bytes:
+            return None
+        staging: _Staging = self._local.staging
+        if staging.sent:
+            # The buffer's last copy may not have been read yet (a call that failed before
+            # synchronize, or a list inside this stack's list): it is, once the stream is.
+            self._local.stream.synchronize()
+            staging.sent = False
+        buf = staging.inbound = _pinned(staging.inbound, total, self.staging_bytes)
+        base = buf.data_ptr()
+        for _, v, offset, n in picked:
+            ctypes.memmove(base + offset, v.data_ptr(), n)
+        block = torch.empty(total, dtype=torch.uint8, device=self.device)
+        block.copy_(buf[:total], non_blocking=True)
+        staging.sent = True
+        out = list(values)
+        staged = set()
+        for i, v, offset, n in picked:
+            out[i] = block[offset : offset + n].view(v.dtype).view(v.shape)
+            staged.add(i)
+        for i, v in enumerate(values):
+            if i not in staged:
+                out[i] = self.to_device(v)
+        return out
+
+    def _stage_out(self, value: torch.Tensor) -> torch.Tensor | None:
+        """A host tensor that `synchronize` fills with the small device tensor
+        `value`, copied meanwhile into the thread's pinned buffer; None when the
+        buffer has no room left in this call."""
+        n = value.numel() * value.element_size()
+        staging: _Staging = self._local.staging
+        offset = staging.used
+        end = offset + -(-n // _ALIGN) * _ALIGN
+        if n == 0 or end > self.staging_bytes or value.layout != torch.strided:
+            return None
+        if staging.outbound is None or staging.outbound.numel() < end:
+            if staging.pending:
+                return None  # copies into the buffer are queued: it cannot be replaced now
+            staging.outbound = _pinned(staging.outbound, end, self.staging_bytes)
+        src = staging.outbound[offset : offset + n].view(value.dtype).view(value.shape)
+        src.copy_(value, non_blocking=True)
+        host = torch.empty(value.shape, dtype=value.dtype)
+        staging.pending.append((host, src))
+        staging.used = end
+        return host
 
     def release_memory(self) -> None:
         """After an out-of-memory error: give cached blocks back to the driver."""
@@ -218,6 +305,49 @@ class Placement:
             staging[start:stop].copy_(src[start:stop])
             dst[start:stop].copy_(staging[start:stop], non_blocking=True)
         return dst.view(t.dtype).view(t.shape)
+
+
+class _Staging:
+    """A thread's pinned buffers for small copies (Placement._stage_in / _stage_out).
+
+    `sent`: the inbound buffer's content was queued for the device and the stream
+    has not been waited on since. `pending`: the host tensors `to_host` returned
+    and their pinned sources, to be copied once the stream is waited on; the
+    tensors are held here, so a call that failed in between leaves nothing dangling."""
+
+    __slots__ = ("inbound", "outbound", "pending", "sent", "used")
+
+    def __init__(self) -> None:
+        self.inbound: torch.Tensor | None = None
+        self.outbound: torch.Tensor | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.sent = False
+        self.used = 0
+
+    def landed(self) -> None:
+        """The stream was waited on: the queued copies have landed."""
+        self.sent = False
+        for host, src in self.pending:
+            ctypes.memmove(host.data_ptr(), src.data_ptr(), host.numel() * host.element_size())
+        self.pending.clear()
+        self.used = 0
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor whose bytes are its values in order: dense and contiguous, without a
+    lazy conjugate or negation bit (a raw copy would skip those)."""
+    return t.layout == torch.strided and t.is_contiguous() and not t.is_conj() and not t.is_neg()
+
+
+def _pinned(buf: torch.Tensor | None, need: int, most: int) -> torch.Tensor:
+    """`buf`, or a larger pinned buffer when it holds less than `need` bytes: twice
+    the size, from _STAGING_FIRST up to `most`."""
+    if buf is not None and buf.numel() >= need:
+        return buf
+    size = max(_STAGING_FIRST, buf.numel() * 2 if buf is not None else 0)
+    while size < need:
+        size *= 2
+    return torch.empty(max(min(size, most), need), dtype=torch.uint8, pin_memory=True)
 
 
 class DeviceSink:

@@ -159,6 +159,15 @@ class Settings:
             "after a call that moved more, freed memory goes back to the OS"
         },
     )
+    cuda_staging_bytes: int = field(
+        default=1 << 20,
+        metadata={
+            "help": "CUDA: a call's small inputs (each under 256 KiB) go to the device through one pinned "
+            "buffer per serving thread, in one copy, and its small results come back the same way, so "
+            "the call waits on the device once, not once per tensor; a call with more than this many "
+            "bytes of them copies them one by one; 0: off"
+        },
+    )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, time given to in-flight calls"}
     )
@@ -426,6 +435,8 @@ class Settings:
             raise ValueError("overrun_grace_seconds must be > 0")
         if not 0 <= self.keep_host_memory_bytes <= 2**31 - 1:
             raise ValueError("keep_host_memory_bytes must be in 0..2147483647 (glibc's limit)")
+        if not 0 <= self.cuda_staging_bytes <= 1 << 30:
+            raise ValueError("cuda_staging_bytes must be in 0..1073741824 (0: off)")
         if self.shared_memory_max_bytes < 1 << 20:
             raise ValueError("shared_memory_max_bytes must be at least 1 MiB")
         if not 0 < self.handle_lease_seconds <= 86400:

@@ -76,6 +76,100 @@ def test_concurrent_requests_on_their_own_streams_stay_correct(gpu: Client, cuda
         torch.testing.assert_close(res.stack[0], f(x, y), rtol=1e-3, atol=1e-3)
 
 
+def _mixed(x, i, b, h):
+    """Small inputs of four dtypes; results that are inputs' copies too."""
+    return x * 2 + 1, i + 3, b.logical_not(), h.float().sum(-1), x.clone()
+
+
+def _mixed_inputs(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(n, generator=g),
+        torch.randint(-(1 << 40), 1 << 40, (n,), generator=g),
+        torch.rand(n, generator=g) > 0.5,
+        torch.randn(3, n, generator=g).half(),
+    ]
+
+
+def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client, cuda_server: ServerProcess) -> None:
+    """A call's small tensors go to the device packed in its thread's pinned buffer and come
+    back the same way (Placement._stage_in/_stage_out): concurrent callers on the same
+    serving threads, both paths, mixed dtypes and sizes (at n = 60,000 the int64 input is
+    over the staging size and goes on its own beside the staged ones), each call's results
+    exactly its own inputs' results."""
+    key = gpu.register(_mixed, _mixed_inputs(8, 0))
+    sizes = (2, 7, 100, 3000, 60_000)
+    for n in sizes:  # fused variants ready for every size first
+        res = gpu.execute_detailed(key, _mixed_inputs(n, 1), wait=True)
+        assert res.path == "fused", (n, res.reason, res.detail)
+
+    def call(seed: int) -> None:
+        n = sizes[seed % len(sizes)]
+        inputs = _mixed_inputs(n, seed)
+        expected = _mixed(*inputs)
+        with Client(cuda_server.target, timeout=300) as c:
+            for res in (c.execute_detailed(key, inputs), c.fallback_detailed(key, inputs)):
+                assert res.path in ("fused", "fallback")
+                assert len(res.stack) == len(expected)
+                for j, (got, want) in enumerate(zip(res.stack, expected)):
+                    assert got.dtype == want.dtype and got.shape == want.shape, (seed, n, j)
+                    if j == 3:  # a sum: the kernel's order of adding is its own
+                        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+                    else:
+                        assert torch.equal(got, want), (seed, n, j)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(call, range(200)))
+    # Kept on the device, from staged inputs: the handles hold their own values.
+    inputs = _mixed_inputs(100, 7)
+    handles = gpu.execute(key, inputs, wait=True, keep=True)
+    gpu.execute(key, _mixed_inputs(100, 8), wait=True)  # the thread's buffers written again
+    assert torch.equal(handles[0].fetch(), _mixed(*inputs)[0]) and torch.equal(handles[4].fetch(), inputs[0])
+    gpu.free(handles)
+
+
+def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size() -> None:
+    """Placement alone: what `to_device` packs (aligned views of one device block) and
+    what it leaves to plain copies (non-contiguous, empty, conjugate-bit, large, nested
+    lists, everything past staging_bytes) all arrive equal; `to_host`'s results are right
+    after `synchronize`, also when a call before failed between the two."""
+    from fuseport.server.devices import Placement
+
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(3)
+    values = [
+        torch.randn(5, generator=g),
+        torch.arange(12).reshape(3, 4).mT,  # not contiguous
+        torch.empty(0),
+        torch.randn(4, dtype=torch.complex64, generator=g).conj(),  # a lazy conjugate
+        torch.randn(70_000, generator=g),  # 280,000 bytes: over the small size
+        [torch.ones(3), torch.zeros(2, dtype=torch.int16)],  # a tensor list
+        torch.tensor(2.5, dtype=torch.float64),  # 0-dim
+        7,
+        torch.rand(9, generator=g) > 0.5,
+    ]
+    for staging_bytes in (1 << 20, 1024, 0):
+        p = Placement(dev, staging_bytes=staging_bytes)
+        with p.request_scope():
+            moved = p.to_device(values)
+            for want, got in zip(values, moved):
+                if isinstance(want, torch.Tensor):
+                    assert got.device == dev and got.data_ptr() % 16 == 0 or got.numel() == 0
+                    assert torch.equal(got.cpu(), want.resolve_conj())
+                elif isinstance(want, list):
+                    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+                else:
+                    assert got == want
+            outputs = [m * 2 for m in moved if isinstance(m, torch.Tensor)]
+            dropped = p.to_host(outputs)  # a call that failed before synchronize
+            host = p.to_host([o + 1 for o in outputs])
+            p.synchronize()
+            expected = [v.resolve_conj() * 2 + 1 for v in values if isinstance(v, torch.Tensor)]
+            for got, want in zip(host, expected):
+                assert got.device.type == "cpu" and torch.equal(got, want)
+            assert len(dropped) == len(host)
+
+
 def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: Client) -> None:
     def blow_up(x):
         return (x.reshape(1, -1).expand(2**21, -1) * 2).sum()  # 8 TiB in the middle
