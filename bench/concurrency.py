@@ -34,16 +34,18 @@ PAYLOAD = 1024
 
 def _kernel_call(spec: dict[str, Any], cfg: dict[str, Any], closers: list[Any]) -> Any:
     """A call of kernel spec["key"] on a float32 input of spec["shape"], made by
-    a client with a connection of its own; with spec["process"], new connections
-    until one reaches that serving process (its ListResponse.resident.server id),
-    so that the driver can spread clients evenly over a server's processes."""
+    a client with a connection of its own (Client keyword arguments: cfg["client"],
+    then spec["client"]); with spec["process"], new connections until one reaches
+    that serving process (its ListResponse.resident.server id), so that the driver
+    can spread clients evenly over a server's processes."""
     import torch
 
     from fuseport.client import Client
 
     options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own, not a shared one
     for _ in range(200):
-        client = Client(spec["target"], timeout=cfg["timeout"], options=options, **cfg.get("client", {}))
+        kwargs = {**cfg.get("client", {}), **spec.get("client", {})}
+        client = Client(spec["target"], timeout=cfg["timeout"], options=options, **kwargs)
         if spec.get("process") in (None, client.resident().server):
             break
         client.close()

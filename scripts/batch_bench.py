@@ -1,17 +1,21 @@
-"""Dynamic batching measured: N client processes calling one small kernel, the same server with batching off and on.
+"""Dynamic batching measured: N client processes calling one small kernel, batched and not, on one server.
 
     python scripts/batch_bench.py --device cpu --clients 16,32,64 --window-us 500
     python scripts/batch_bench.py --device cuda --clients 16,32,64 --window-us 200 --json out.json
 
-For each setting (off: --batch-window-us 0; on: the window given) a fresh server
-is started, one small kernel registered (a 1 KiB float32 input), and the same
-client processes (bench/concurrency.py's, each with its own connection) run one
-round per client count. Before the rounds of "on", the batched graph's fused
-kernel is made ready (warm-up rounds until Describe shows its ArgSpec READY), so
-that both settings run fused. Printed: throughput and p50/p99 per client count for
-both, and the ratios (on / off) of the same run; a kernel that is not batchable
-(dropout) is measured too, its p50 with batching on against off (it must cost
-nothing). Numbers on a shared machine are noisy: compare ratios of one run.
+One server with --batch-window-us, one small kernel registered (a 1 KiB float32
+input) and a kernel that is not batchable (dropout). Each client process (bench/
+concurrency.py's) holds two connections per kernel: one of a default Client
+("on") and one of `Client(batching=False)`, whose calls say ExecuteOptions.no_batching
+and so run one by one as on a server without a window ("off"): both sides meet the
+same serving processes, in rounds that alternate off/on (--repeats times, the order
+turned each time), so that the machine's drift falls on both. Before the rounds the
+batched graph's fused kernel is made ready (warm-up rounds until Describe shows its
+ArgSpec READY), so that both sides run fused. Each round is logged as it ends;
+printed: throughput and p50/p99 per client count for both (their means over the
+rounds), the ratios (on / off), and the kernel that is not batchable, whose p50 on
+against off is the batching check's own cost. Numbers on a shared machine are noisy:
+compare ratios of one run.
 """
 
 from __future__ import annotations
@@ -52,33 +56,60 @@ def _ready(client: Client, key: int) -> tuple[bool, str]:
     return bool(batched) and batched <= ready, said
 
 
-def _setting(args: argparse.Namespace, window_us: int, levels: list[int]) -> dict[str, Any]:
-    env = {"FUSEPORT_BATCH_WINDOW_US": str(window_us), "FUSEPORT_MAX_BATCH": str(args.max_batch)}
+def _mean(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row of several rounds: calls over the rounds' wall time, the mean of their percentiles."""
+    calls = sum(r["calls"] for r in rounds)
+    paths: dict[str, int] = {}
+    for r in rounds:
+        for k, v in r.get("paths", {}).items():
+            paths[k] = paths.get(k, 0) + v
+    return {
+        "rounds": len(rounds),
+        "calls": calls,
+        "throughput": calls / sum(r["wall_s"] for r in rounds),
+        "p50_us": sum(r["p50_us"] for r in rounds) / len(rounds),
+        "p99_us": sum(r["p99_us"] for r in rounds) / len(rounds),
+        "paths": paths,
+    }
+
+
+def _measure(args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
+    env = {"FUSEPORT_BATCH_WINDOW_US": str(args.window_us), "FUSEPORT_MAX_BATCH": str(args.max_batch)}
     with fuseport_server(args.device, env=env) as (target, _pid), Client(target, timeout=600) as client:
         x = torch.randn(SHAPE)
         keys = {"small": client.register(_small, [x]), "dropout": client.register(_dropout, [x])}
         for key in keys.values():
             client.execute(key, [x], wait=True)
-        specs = [{"name": name, "key": key, "target": target, "shape": SHAPE} for name, key in keys.items()]
+        specs = [
+            {"name": f"{name} {side}", "key": key, "target": target, "shape": SHAPE, "client": {"batching": side == "on"}}
+            for name, key in keys.items()
+            for side in ("off", "on")
+        ]
         clients = _Clients(max(levels), {"kernels": specs, "timeout": 600})
+        rounds: dict[str, dict[int, list[dict[str, Any]]]] = {"off": {n: [] for n in levels}, "on": {n: [] for n in levels}}
+        unbatchable: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
         try:
-            if window_us:
-                deadline = time.monotonic() + args.warm_up_seconds
-                while True:
-                    clients.round(max(levels), "small", 10**9, 2.0)  # batches: the batched graph compiles
-                    ready, said = _ready(client, keys["small"])
-                    if ready:
-                        break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"the batched kernel was not ready in {args.warm_up_seconds} s: {said}"
-                        )
-                log.info("batching: %s", said)
-            rounds = {}
-            for n in levels:
-                log.info("window %d us: %d clients", window_us, n)
-                rounds[n] = clients.round(n, "small", 10**9, args.duration)
-            unbatchable = clients.round(max(levels), "dropout", 10**9, args.duration)
+            deadline = time.monotonic() + args.warm_up_seconds
+            while True:
+                clients.round(max(levels), "small on", 10**9, 2.0)  # batches: the batched graph compiles
+                ready, said = _ready(client, keys["small"])
+                if ready:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the batched kernel was not ready in {args.warm_up_seconds} s: {said}")
+            log.info("batching: %s", said)
+            for rep in range(args.repeats):
+                sides = ("off", "on") if rep % 2 == 0 else ("on", "off")
+                for n in levels:
+                    for side in sides:
+                        r = clients.round(n, f"small {side}", 10**9, args.duration)
+                        rounds[side][n].append(r)
+                        log.info("%3d clients, batching %-3s: %7.0f calls/s  p50 %6.0f us  p99 %6.0f us",
+                                 n, side, r["throughput"], r["p50_us"], r["p99_us"])  # fmt: skip
+                for side in sides:
+                    r = clients.round(max(levels), f"dropout {side}", 10**9, args.duration)
+                    unbatchable[side].append(r)
+                    log.info("not batchable, batching %-3s: p50 %6.0f us", side, r["p50_us"])
         finally:
             clients.close()
         # Launches of the batched graphs (each counts once, whatever its batch size).
@@ -86,9 +117,8 @@ def _setting(args: argparse.Namespace, window_us: int, levels: list[int]) -> dic
         batched = {k for v in info.batching for k in v.batched_variants}
         launches = sum(a.fused_runs + a.fallback_runs for a in info.arg_specs if a.variant in batched)
     return {
-        "window_us": window_us,
-        "rounds": rounds,
-        "unbatchable": unbatchable,
+        "rounds": {side: {n: _mean(rs) for n, rs in by.items()} for side, by in rounds.items()},
+        "unbatchable": {side: _mean(rs) for side, rs in unbatchable.items()},
         "batched_launches": launches,
     }
 
@@ -97,51 +127,52 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--clients", default="16,32,64", help="client process counts (comma-separated)")
-    p.add_argument("--window-us", type=int, default=500, help="--batch-window-us of the 'on' server")
+    p.add_argument("--window-us", type=int, default=500, help="the server's --batch-window-us")
     p.add_argument("--max-batch", type=int, default=64)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per round")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per round")
+    p.add_argument("--repeats", type=int, default=2, help="rounds per side and client count (the order alternates)")
     p.add_argument("--warm-up-seconds", type=float, default=600.0)
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     levels = sorted({int(n) for n in args.clients.split(",")})
-    off = _setting(args, 0, levels)
-    on = _setting(args, args.window_us, levels)
+    result = _measure(args, levels)
     device = (
         torch.cuda.get_device_name()
         if args.device.startswith("cuda")
         else f"cpu ({torch.get_num_threads()} threads)"
     )
     print(
-        f"\nbatching on (window {args.window_us} us, max batch {args.max_batch}) vs off, {device}, 1 KiB input"
+        f"\nbatching on (window {args.window_us} us, max batch {args.max_batch}) vs off (the same server, "
+        f"ExecuteOptions.no_batching), {device}, 1 KiB input, {args.repeats} rounds of {args.duration} s each"
     )
     print(
         f"{'clients':>7} {'off/s':>9} {'on/s':>9} {'ratio':>6} {'p50 off':>9} {'p50 on':>9} {'p99 off':>9} {'p99 on':>9}  (us)"
     )
     rows = []
     for n in levels:
-        a, b = off["rounds"][n], on["rounds"][n]
+        a, b = result["rounds"]["off"][n], result["rounds"]["on"][n]
         ratio = b["throughput"] / a["throughput"]
         rows.append({"clients": n, "off": a, "on": b, "throughput_ratio": ratio})
         print(
             f"{n:>7} {a['throughput']:>9.0f} {b['throughput']:>9.0f} {ratio:>6.2f} {a['p50_us']:>9.0f} "
             f"{b['p50_us']:>9.0f} {a['p99_us']:>9.0f} {b['p99_us']:>9.0f}"
         )
-    ua, ub = off["unbatchable"], on["unbatchable"]
+    ua, ub = result["unbatchable"]["off"], result["unbatchable"]["on"]
     p50_ratio = ub["p50_us"] / ua["p50_us"]
     print(
         f"not batchable (dropout), {max(levels)} clients: p50 {ua['p50_us']:.0f} us off, {ub['p50_us']:.0f} us on "
         f"(ratio {p50_ratio:.3f}); throughput {ua['throughput']:.0f}/s off, {ub['throughput']:.0f}/s on"
     )
-    for name, result in (("off", off), ("on", on)):
+    for side in ("off", "on"):
         paths: dict[str, int] = {}
         for n in levels:
-            for k, v in result["rounds"][n].get("paths", {}).items():
+            for k, v in result["rounds"][side][n]["paths"].items():
                 paths[k] = paths.get(k, 0) + v
-        print(f"paths ({name}): {paths}")
-    launches = on["batched_launches"]
+        print(f"paths ({side}): {paths}")
     print(
-        f"batched launches (on, warm-up rounds included): {launches}; calls batched or alone: see fuseport_batch_size"
+        f"batched launches (warm-up rounds included): {result['batched_launches']}; "
+        "calls batched or alone: see fuseport_batch_size"
     )
     if args.json:
         with open(args.json, "w") as f:
