@@ -30,10 +30,9 @@ log = logging.getLogger(__name__)
 _STAGING_CHUNK = 8 << 20
 # Below this, a plain copy is cheaper than arranging a staged one.
 _STAGING_MIN = 256 << 10
-# Small tensors are packed into a thread's pinned buffer at this alignment, the caching
-# allocator's own: a kernel compiled for aligned inputs (Triton's 16-byte vector loads)
-# keeps its fast path, and every dtype's view of the bytes is legal.
-_ALIGN = 512
+# Small tensors are packed into a thread's pinned buffer at this alignment (a cache
+# line), so that a view of their bytes as any dtype (16 bytes at most) is legal.
+_ALIGN = 64
 # A thread's pinned buffers start this small (most calls need a few KiB) and grow to
 # Placement's staging_bytes.
 _STAGING_FIRST = 64 << 10
@@ -223,9 +222,14 @@ class Placement:
             self._local.staging.landed()
 
     def _stage_in(self, values: list[Any]) -> list[Any] | None:
-        """`values` on the device, the small host tensors among them through the
-        thread's pinned buffer in one copy into one device block, each a view of it;
-        None when there is none or they are more than staging_bytes."""
+        """`values` on the device, the small host tensors among them packed into the
+        thread's pinned buffer and copied from there asynchronously, none waiting;
+        None when there is none or they are more than staging_bytes.
+
+        Each gets a device allocation of its own, exactly its bytes, as a decoded input
+        has a storage of its own: the server's checks bound what a view may reach
+        (as_strided, a storage offset) by the input's storage, so inputs that were views
+        of one block could read each other's bytes, or the buffer's earlier contents."""
         picked = []
         total = 0
         for i, v in enumerate(values):
@@ -246,14 +250,12 @@ class Placement:
         base = buf.data_ptr()
         for _, v, offset, n in picked:
             ctypes.memmove(base + offset, v.data_ptr(), n)
-        block = torch.empty(total, dtype=torch.uint8, device=self.device)
-        block.copy_(buf[:total], non_blocking=True)
-        staging.sent = True
         out = list(values)
         staged = set()
         for i, v, offset, n in picked:
-            out[i] = block[offset : offset + n].view(v.dtype).view(v.shape)
+            out[i] = buf[offset : offset + n].view(v.dtype).view(v.shape).to(self.device, non_blocking=True)
             staged.add(i)
+        staging.sent = True
         for i, v in enumerate(values):
             if i not in staged:
                 out[i] = self.to_device(v)
@@ -262,16 +264,20 @@ class Placement:
     def _stage_out(self, value: torch.Tensor) -> torch.Tensor | None:
         """A host tensor that `synchronize` fills with the small device tensor
         `value`, copied meanwhile into the thread's pinned buffer; None when the
-        buffer has no room left in this call."""
+        call's small results are over staging_bytes, or `value` is not contiguous
+        (`.cpu()` keeps a transposed result's strides, which the response carries)
+        or has a lazy conjugate or negation bit (which a CUDA copy resolves on the
+        destination right after queueing the copy: before the bytes land)."""
         n = value.numel() * value.element_size()
         staging: _Staging = self._local.staging
         offset = staging.used
         end = offset + -(-n // _ALIGN) * _ALIGN
-        if n == 0 or end > self.staging_bytes or value.layout != torch.strided:
+        if n == 0 or end > self.staging_bytes or not _plain(value):
             return None
         if staging.outbound is None or staging.outbound.numel() < end:
-            if staging.pending:
-                return None  # copies into the buffer are queued: it cannot be replaced now
+            # A larger buffer, copies into the old one queued or not: their pending views
+            # keep it alive, and torch's pinned allocator reuses it only once the stream
+            # is past them.
             staging.outbound = _pinned(staging.outbound, end, self.staging_bytes)
         src = staging.outbound[offset : offset + n].view(value.dtype).view(value.shape)
         src.copy_(value, non_blocking=True)
@@ -308,7 +314,9 @@ class Placement:
 
 
 class _Staging:
-    """A thread's pinned buffers for small copies (Placement._stage_in / _stage_out).
+    """A thread's pinned buffers for small copies (Placement._stage_in / _stage_out):
+    a call's small inputs are packed into one and copied to the device without a wait,
+    its small results copied into the other; the one wait is `synchronize`'s.
 
     `sent`: the inbound buffer's content was queued for the device and the stream
     has not been waited on since. `pending`: the host tensors `to_host` returned

@@ -95,8 +95,8 @@ def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client
     """A call's small tensors go to the device packed in its thread's pinned buffer and come
     back the same way (Placement._stage_in/_stage_out): concurrent callers on the same
     serving threads, both paths, mixed dtypes and sizes (at n = 60,000 the int64 input is
-    over the staging size and goes on its own beside the staged ones), each call's results
-    exactly its own inputs' results."""
+    over the 256 KiB a staged tensor may have and goes on its own beside the staged ones),
+    each call's results exactly its own inputs' results."""
     key = gpu.register(_mixed, _mixed_inputs(8, 0))
     sizes = (2, 7, 100, 3000, 60_000)
     for n in sizes:  # fused variants ready for every size first
@@ -123,16 +123,17 @@ def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client
     # Kept on the device, from staged inputs: the handles hold their own values.
     inputs = _mixed_inputs(100, 7)
     handles = gpu.execute(key, inputs, wait=True, keep=True)
-    gpu.execute(key, _mixed_inputs(100, 8), wait=True)  # the thread's buffers written again
+    gpu.execute(key, _mixed_inputs(100, 8), wait=True)  # staging buffers written again
     assert torch.equal(handles[0].fetch(), _mixed(*inputs)[0]) and torch.equal(handles[4].fetch(), inputs[0])
     gpu.free(handles)
 
 
 def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size() -> None:
-    """Placement alone: what `to_device` packs (aligned views of one device block) and
-    what it leaves to plain copies (non-contiguous, empty, conjugate-bit, large, nested
-    lists, everything past staging_bytes) all arrive equal; `to_host`'s results are right
-    after `synchronize`, also when a call before failed between the two."""
+    """Placement alone: what `to_device` packs (each input then a device tensor with a
+    storage of exactly its own bytes, as a decoded input has) and what it leaves to plain
+    copies (non-contiguous, empty, conjugate-bit, large, nested lists, everything past
+    staging_bytes) all arrive equal; `to_host`'s results are right after `synchronize`,
+    also those of a call that failed between the two."""
     from fuseport.server.devices import Placement
 
     dev = torch.device("cuda", 0)
@@ -148,13 +149,17 @@ def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size
         7,
         torch.rand(9, generator=g) > 0.5,
     ]
-    for staging_bytes in (1 << 20, 1024, 0):
+    for staging_bytes in (1 << 20, 100, 0):
         p = Placement(dev, staging_bytes=staging_bytes)
         with p.request_scope():
             moved = p.to_device(values)
+            staging = p._local.staging  # noqa: SLF001 - whether it staged at all
+            # 100 bytes: the small ones take 3 x 64 bytes at the top and 2 x 64 in the list.
+            assert staging.sent == (staging_bytes == 1 << 20)
             for want, got in zip(values, moved):
                 if isinstance(want, torch.Tensor):
-                    assert got.device == dev and got.data_ptr() % 16 == 0 or got.numel() == 0
+                    assert got.device == dev and (got.data_ptr() % 16 == 0 or got.numel() == 0)
+                    assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
                     assert torch.equal(got.cpu(), want.resolve_conj())
                 elif isinstance(want, list):
                     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
@@ -163,11 +168,14 @@ def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size
             outputs = [m * 2 for m in moved if isinstance(m, torch.Tensor)]
             dropped = p.to_host(outputs)  # a call that failed before synchronize
             host = p.to_host([o + 1 for o in outputs])
+            assert bool(staging.pending) == (staging_bytes > 0)
             p.synchronize()
-            expected = [v.resolve_conj() * 2 + 1 for v in values if isinstance(v, torch.Tensor)]
-            for got, want in zip(host, expected):
+            assert not staging.pending and not staging.sent
+            tensors = [v.resolve_conj() for v in values if isinstance(v, torch.Tensor)]
+            for got, want in zip(host, [t * 2 + 1 for t in tensors]):
                 assert got.device.type == "cpu" and torch.equal(got, want)
-            assert len(dropped) == len(host)
+            for got, want in zip(dropped, [t * 2 for t in tensors]):
+                assert torch.equal(got, want)
 
 
 def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: Client) -> None:
