@@ -162,10 +162,10 @@ class Settings:
     cuda_staging_bytes: int = field(
         default=1 << 20,
         metadata={
-            "help": "CUDA: a call's small inputs (each under 256 KiB) go to the device through one pinned "
-            "buffer per serving thread, in one copy, and its small results come back the same way, so "
-            "the call waits on the device once, not once per tensor; a call with more than this many "
-            "bytes of them copies them one by one; 0: off"
+            "help": "CUDA: a call's small inputs (each under 256 KiB) go to the device through a pinned "
+            "buffer of the serving thread, without waiting, and its small results come back through "
+            "another, so the call waits on the device once, not once per tensor; a call with more than "
+            "this many bytes of them copies them one by one; 0: off"
         },
     )
     grace_seconds: float = field(
