@@ -114,12 +114,13 @@ def main() -> None:
                     server.append((s.decode_us, s.queue_us, s.run_us, s.encode_us))
             client_us = (time.thread_time_ns() - c0) / 1000 / args.n
             t1 = _thread_cpu_us(serving)
+            roles = _roles(serving)
             threads[name] = {}
             # Threads alive at both ends only: a process that came or went meanwhile
             # (a compile's worker pool) is not the serving process's cost.
             for tid, (comm, us) in t1.items():
                 if tid in t0:
-                    label = f"{comm} ({'main' if tid in serving else 'thread'})"
+                    label = f"{comm} ({'main' if tid in serving else 'thread'}, {roles.get(tid, '?')})"
                     threads[name][label] = threads[name].get(label, 0.0) + (us - t0[tid][1]) / args.n
             cpu[name] = (sum(threads[name].values()), client_us)
         gc.enable()
@@ -134,7 +135,7 @@ def main() -> None:
                   f"{p50(xs) / floor:5.2f}x echo   CPU per call: server {sv:6.0f} us, client {cl:6.0f} us")  # fmt: skip
         print("server CPU per call by thread name (us):")
         for name, by in threads.items():
-            top = sorted(by.items(), key=lambda kv: -kv[1])[:6]
+            top = sorted(by.items(), key=lambda kv: -kv[1])[:8]
             print(f"{name:>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in top if v >= 1))
         d, q, r, e = (p50([s[i] for s in server]) for i in range(4))
         print(f"server Timings p50: decode {d:.0f} queue {q:.0f} run {r:.0f} encode {e:.0f} us")
@@ -168,6 +169,31 @@ def _tree(pid: int) -> list[int]:
         p = todo.pop()
         out.append(p)
         todo.extend(children.get(p, ()))
+    return out
+
+
+def _roles(pids: list[int]) -> dict[int, str]:
+    """Each thread's process by its part in the tree (from its command line), so that CPU
+    spent outside the serving process that answers (a compile worker, Inductor's pool,
+    the other serving processes) shows where it is."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "--child" in cmd:
+                role = "serving " + cmd.split("--child", 1)[1].split()[0]
+            elif "resource_tracker" in cmd:
+                role = "resource tracker"
+            elif "multiprocessing.spawn" in cmd or "multiprocessing.forkserver" in cmd:
+                role = "compile worker"
+            elif "compile_worker" in cmd or "_inductor" in cmd:
+                role = "inductor pool"
+            elif "serve" in cmd:
+                role = "server"
+            else:
+                role = f"pid {pid}"
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                out[int(task.name)] = role
     return out
 
 

@@ -9,6 +9,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh probe    # echo floor matrix + per-stage server costs
 #   device run --carry .whl -- bash scripts/gpu_check.sh perf     # Triton's perf_analyzer (KServe) + the echo
 #   device run --carry .whl -- bash scripts/gpu_check.sh hot      # a small call: device part, stages, bench rows (~3 min)
+#   device run --carry .whl -- bash scripts/gpu_check.sh staging  # --cuda-staging-bytes off vs on, in process (~3 min)
 #   device run --carry .whl -- bash scripts/gpu_check.sh isolation  # other callers' calls while one runs ~20 s (issue 20)
 #   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
 #   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
@@ -75,16 +76,21 @@ if [[ $PART == hot ]]; then
     rc=$(( rc || PIPESTATUS[0] ))
     python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" 2>&1 | tee "$OUT/call-stages-cuda.log"
     rc=$(( rc || PIPESTATUS[0] ))
-    # The same with the small-tensor staging off (each tensor copied, and waited for, on
-    # its own), then on again: the change's effect beside the machine's drift.
-    for staging in 0 1048576; do
-        python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-3000}" \
-            --server-flags "CUDA_STAGING_BYTES=$staging" 2>&1 | tee "$OUT/call-stages-cuda-staging-$staging.log"
-        rc=$(( rc || PIPESTATUS[0] ))
-    done
     python3 -m fuseport.cli bench --device cuda --sections transport,resident --sizes 1K ${BENCH_ARGS:-} \
         --json "$OUT/bench-hot.json" --no-plot 2>&1 | tee "$OUT/bench-hot.log"
     rc=$(( rc || PIPESTATUS[0] ))
+fi
+if [[ $PART == staging ]]; then
+    # --cuda-staging-bytes off and on, in process (no gRPC, so no server instance's noise:
+    # end to end, three fresh servers differed more than the change), alternating. The
+    # first run compiles (about a minute on a fresh machine); the others load from
+    # Inductor's cache.
+    for staging in 0 1048576 0 1048576; do
+        echo "== FUSEPORT_CUDA_STAGING_BYTES=$staging" | tee -a "$OUT/profile-small-staging.log"
+        FUSEPORT_CUDA_STAGING_BYTES=$staging timeout 240 python3 "$REPO/scripts/profile_small.py" cuda 2>&1 \
+            | sed -n 1,14p | tee -a "$OUT/profile-small-staging.log"
+        rc=$(( rc || PIPESTATUS[0] ))
+    done
 fi
 if [[ $PART == isolation ]]; then
     # Issue 20 on the device: another token's small calls and health while one token's
