@@ -174,7 +174,7 @@ class Placement:
         """A stack's values on the device (call inside request_scope).
 
         On CUDA, a list's small host tensors go together: packed into the thread's
-        pinned buffer and copied in one asynchronous copy, where a copy of each from
+        pinned buffer and copied from it asynchronously, where a copy of each from
         pageable memory would wait for the device, once per tensor. Each wait on a GPU
         that idled costs 40-50 us (docs/perf.md, H100), more than a small kernel."""
         if isinstance(value, torch.Tensor):
