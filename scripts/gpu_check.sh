@@ -128,13 +128,10 @@ if [[ $PART == mps ]]; then
     cp -r "$CUDA_MPS_LOG_DIRECTORY" "$OUT/mps-log" 2>/dev/null
 fi
 if [[ $PART == perf ]]; then
-    # Triton's perf_analyzer against the KServe endpoint, then the echo at the same
-    # client counts (the bench's concurrency section), one after the other.
+    # Triton's perf_analyzer against the KServe endpoint, and the echo at the same
+    # caller counts right after (the script prints both side by side).
     export PATH=/tmp/site/bin:$PATH
     python3 "$REPO/scripts/perf_analyzer_run.py" --device cuda 2>&1 | tee "$OUT/perf-analyzer.log"
-    rc=$(( rc || PIPESTATUS[0] ))
-    python3 -m fuseport.cli bench --device cuda --sections concurrency --sizes 1K --json "$OUT/bench-concurrency.json" \
-        --no-plot 2>&1 | tee "$OUT/bench-concurrency.log"
     rc=$(( rc || PIPESTATUS[0] ))
 fi
 if [[ $PART == gpus2 ]]; then
