@@ -28,7 +28,7 @@ import torch
 
 from fuseport.bench.context import Context
 from fuseport.bench.kernels import identity, pointwise_chain
-from fuseport.bench.stats import Row, Section, fmt_bytes, summary, time_host
+from fuseport.bench.stats import Row, Section, fmt_bytes, summary, time_host, time_interleaved
 
 __all__ = ["run"]
 
@@ -128,6 +128,7 @@ def run(ctx: Context) -> Section:
     paths: dict[str, str] = {}
     run_us: dict[str, list[float]] = {}
     for case, (key, stack) in cases.items():
+        pair = {}
         for name, runner in (("execute", c.execute_detailed), ("fallback", c.fallback_detailed)):
             label = f"{case}_{name}"
             paths[label] = runner(key, stack, keep=True, timeout=o.timeout).path
@@ -140,7 +141,12 @@ def run(ctx: Context) -> Section:
                 # Its output dropped here: the next call frees it (ExecuteOptions.free_handles),
                 # as in a user's loop; a free() would add a FreeHandles call to each one.
 
-            times[label] = time_host(once, iterations, 1)
+            pair[label] = once
+        # Fused and unfused in turn: their ratio is the row, and on the GPU machine
+        # (H100, 2026-12-07) one block after the other saw different moments of a noisy
+        # machine (the LayerNorm-GELU's fused calls 1.5x the unfused end to end, its
+        # run_us 0.9x).
+        times.update(time_interleaved(pair, iterations, 1))
     c.free([resident_x, *ln_resident])
 
     med = {k: summary(v)["p50_us"] for k, v in times.items()}

@@ -22,6 +22,7 @@ __all__ = [
     "percentile",
     "summary",
     "time_host",
+    "time_interleaved",
 ]
 
 
@@ -141,6 +142,24 @@ def time_host(fn: Callable[[], Any], iterations: int, warmup: int, sync: Callabl
             if sync:
                 sync()
             out.append((time.perf_counter_ns() - t0) / 1000)
+    return out
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], iterations: int, warmup: int) -> dict[str, list[float]]:
+    """Wall-clock microseconds of each of `fns`, one call of each in turn per iteration
+    (the order turning each time): rows whose ratio is the result see the same moments of
+    a noisy machine, where one block after the other would each see its own."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    with no_gc():
+        for i in range(iterations):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                t0 = time.perf_counter_ns()
+                fns[name]()
+                out[name].append((time.perf_counter_ns() - t0) / 1000)
     return out
 
 
