@@ -29,7 +29,6 @@ sweep sets the client's DEFAULT_SHARED_ABOVE (unary against shm, 16 KiB-1 MiB).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 
 from fuseport.bench.context import Context
 from fuseport.bench.echo import echo_channel, echo_stream_stub, echo_stream_whole_stub, echo_stub
-from fuseport.bench.stats import Row, Section, fmt_bytes, gbps, no_gc, summary
+from fuseport.bench.stats import Row, Section, fmt_bytes, gbps, summary, time_interleaved
 from fuseport.client import Client
 from fuseport.wire.stream import CHUNK_BYTES
 
@@ -57,23 +56,6 @@ def _iterations(size: int, ctx: Context) -> int:
     if ctx.options.quick:
         return 3
     return 20 if size <= 16 << 20 else 6
-
-
-def _rotate(calls: dict[str, Callable[[], Any]], n: int, warmup: int) -> dict[str, list[float]]:
-    """Microseconds per call of each, interleaved so that drift falls on all alike."""
-    names = list(calls)
-    for _ in range(warmup):
-        for name in names:
-            calls[name]()
-    lat: dict[str, list[float]] = {m: [] for m in names}
-    with no_gc():
-        for i in range(n):
-            for j in range(len(names)):
-                name = names[(i + j) % len(names)]
-                t0 = time.perf_counter_ns()
-                calls[name]()
-                lat[name].append((time.perf_counter_ns() - t0) / 1000)
-    return lat
 
 
 def run(ctx: Context) -> Section:
@@ -158,7 +140,7 @@ def _point(
     if ctx.on_gpu and torch.cuda.is_available():
         # A client holding the tensor on the server's GPU: by CUDA IPC handle (the results come back to the host).
         calls["execute cuda ipc"] = execute(shared, "execute cuda ipc", tensor.cuda())
-    lat = _rotate(calls, n, warmup=1 if size > 64 << 20 else 2)
+    lat = time_interleaved(calls, n, warmup=1 if size > 64 << 20 else 2)
     point: dict[str, Any] = {"size": size, "iterations": n, "transports": transports, "methods": {}}
     for name, values in lat.items():
         s = summary(values)
@@ -210,7 +192,7 @@ def _chunk_sweep(ctx: Context, key: int) -> list[dict[str, Any]]:
     }
     try:
         calls = {fmt_bytes(c): (lambda cl=cl: cl.execute(key, [tensor])) for c, cl in clients.items()}
-        lat = _rotate(calls, 6, warmup=1)
+        lat = time_interleaved(calls, 6, warmup=1)
     finally:
         for cl in clients.values():
             cl.close()
@@ -222,7 +204,7 @@ def _threshold_sweep(ctx: Context, key: int, unary: Client, streamed: Client) ->
     out = []
     for size in THRESHOLDS:
         tensor = torch.full((size,), 7, dtype=torch.uint8)
-        lat = _rotate(
+        lat = time_interleaved(
             {
                 "unary": lambda t=tensor: unary.execute(key, [t]),
                 "stream": lambda t=tensor: streamed.execute(key, [t]),
@@ -239,7 +221,7 @@ def _shared_sweep(key: int, unary: Client, shared: Client) -> list[dict[str, Any
     out = []
     for size in (16 << 10, 64 << 10, 256 << 10, 1 << 20):
         tensor = torch.full((size,), 7, dtype=torch.uint8)
-        lat = _rotate(
+        lat = time_interleaved(
             {"unary": lambda t=tensor: unary.execute(key, [t]), "shm": lambda t=tensor: shared.execute(key, [t])},
             40,
             warmup=5,
