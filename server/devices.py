@@ -237,7 +237,7 @@ class Placement:
                 n = v.numel() * v.element_size()
                 if 0 < n < _STAGING_MIN:
                     picked.append((i, v, total, n))
-                    total += -(-n // _ALIGN) * _ALIGN
+                    total += _aligned(n)
         if not picked or total > self.staging_bytes:
             return None
         staging: _Staging = self._local.staging
@@ -250,16 +250,12 @@ class Placement:
         base = buf.data_ptr()
         for _, v, offset, n in picked:
             ctypes.memmove(base + offset, v.data_ptr(), n)
-        out = list(values)
-        staged = set()
-        for i, v, offset, n in picked:
-            out[i] = buf[offset : offset + n].view(v.dtype).view(v.shape).to(self.device, non_blocking=True)
-            staged.add(i)
+        staged = {
+            i: buf[offset : offset + n].view(v.dtype).view(v.shape).to(self.device, non_blocking=True)
+            for i, v, offset, n in picked
+        }
         staging.sent = True
-        for i, v in enumerate(values):
-            if i not in staged:
-                out[i] = self.to_device(v)
-        return out
+        return [staged[i] if i in staged else self.to_device(v) for i, v in enumerate(values)]
 
     def _stage_out(self, value: torch.Tensor) -> torch.Tensor | None:
         """A host tensor that `synchronize` fills with the small device tensor
@@ -271,7 +267,7 @@ class Placement:
         n = value.numel() * value.element_size()
         staging: _Staging = self._local.staging
         offset = staging.used
-        end = offset + -(-n // _ALIGN) * _ALIGN
+        end = offset + _aligned(n)
         if n == 0 or end > self.staging_bytes or not _plain(value):
             return None
         if staging.outbound is None or staging.outbound.numel() < end:
@@ -339,6 +335,11 @@ class _Staging:
             ctypes.memmove(host.data_ptr(), src.data_ptr(), host.numel() * host.element_size())
         self.pending.clear()
         self.used = 0
+
+
+def _aligned(n: int) -> int:
+    """`n` bytes rounded up to the staging buffers' alignment."""
+    return -(-n // _ALIGN) * _ALIGN
 
 
 def _plain(t: torch.Tensor) -> bool:
