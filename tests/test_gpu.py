@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from fuseport.client import Client, ResourceExhausted
+from fuseport.client import Client, ExecutionFailed, ResourceExhausted
 
 from .conftest import ServerProcess
 
@@ -126,6 +126,29 @@ def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client
     gpu.execute(key, _mixed_inputs(100, 8), wait=True)  # staging buffers written again
     assert torch.equal(handles[0].fetch(), _mixed(*inputs)[0]) and torch.equal(handles[4].fetch(), inputs[0])
     gpu.free(handles)
+
+
+def _offset_view(x, y):
+    return torch.as_strided(y, (3,), (1,), 1) + x[:3] * 0
+
+
+def test_a_staged_input_is_its_own_storage_for_as_strided(gpu: Client) -> None:
+    """as_strided's offset counts from its input's storage. Staged inputs were once views of one
+    device block (the second at 64 bytes into it): the fallback read the first input's bytes, and
+    the bound on what a view may reach (the input's storage) let a read past the input through.
+    Both paths: the input's own values, and a view one element past it refused."""
+    x, y = torch.full((5,), -1.0), torch.arange(5.0)
+    key = gpu.register(_offset_view, [x, y])
+    for res in (gpu.execute_detailed(key, [x, y], wait=True), gpu.fallback_detailed(key, [x, y])):
+        assert torch.equal(res.stack[0], torch.tensor([1.0, 2.0, 3.0])), (res.path, res.stack[0])
+
+    def past(x, y):
+        return torch.as_strided(y, (5,), (1,), 1) + x[:5] * 0
+
+    key = gpu.register(past, [torch.zeros(6), torch.zeros(6)])
+    for run in (gpu.execute, gpu.fallback):
+        with pytest.raises(ExecutionFailed, match="storage holds"):
+            run(key, [x, y])
 
 
 def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size() -> None:
