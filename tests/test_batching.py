@@ -427,3 +427,76 @@ def test_opting_out_per_kernel_and_per_call(batch_server: ServerProcess) -> None
         # Registered again with batching=True: its calls may be batched from then on.
         client.register(fn, [torch.randn(7)], batching=True)
         assert client.describe(key).batching_off == ""
+
+
+# ---------------------------------------------------------------- on the device (gpu: scripts/gpu_check.sh)
+
+
+@pytest.fixture(scope="module")
+def cuda_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
+    return Registry(tmp_path_factory.mktemp("batching-store-cuda"), torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=st.lists(_step, min_size=1, max_size=5), shape=_shapes)
+def test_random_graphs_batched_on_cuda_equal_each_call_alone(
+    cuda_registry: Registry, steps: list, shape: tuple
+) -> None:
+    # The same differential as on the CPU, with the proof traced and both sides run on
+    # the device: CUDA's kernels, not the CPU's, decide what "equal" means here.
+    f = _program(steps)
+    gen = torch.Generator().manual_seed(len(steps) * 1000 + shape[0])
+    args = [torch.randn(shape, generator=gen).cuda(), torch.randn(shape, generator=gen).cuda()]
+    variant = _variant(cuda_registry, f, args)
+    verdict = prove(variant, args, cuda_registry.build_variant)
+    _check_batched(variant, verdict, args, calls=3)
+
+
+@pytest.fixture(scope="module")
+def cuda_batch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
+    # As batch_server, on the device and with the default compile mode: a batched
+    # launch is the compile worker's kernel once compiled, the fallback graph before.
+    # One serving process, so every caller's call meets the same batcher.
+    s = start_server(
+        tmp_path_factory.mktemp("batching-cuda"), None, "--device", "cuda", "--processes", "1",
+        "--batch-window-us", "1000000", "--max-batch", "4", "--metrics-port", "0",
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+@pytest.mark.gpu
+def test_concurrent_callers_on_cuda_are_batched_and_each_gets_its_own_result(
+    cuda_batch_server: ServerProcess,
+) -> None:
+    with Client(cuda_batch_server.target, timeout=300) as client:
+        key = client.register(_mm, [torch.randn(4, 8), torch.randn(8, 3)])
+        k2 = client.register(lambda x: torch.tanh(x) - x, [torch.randn(5, 6)])
+        y = torch.randn(8, 3)
+        _verdict(client, key, [torch.randn(4, 8), y])
+        _verdict(client, k2, [torch.randn(5, 6)])
+        for rounds in range(3):  # the first rounds may meet the batched graph's compile
+            before = _batch_counts(cuda_batch_server)
+            jobs = [(key, [torch.ones(1), torch.randn(4, 8), y], 120.0) for _ in range(4)]
+            jobs += [(k2, [torch.randn(5, 6)], 120.0) for _ in range(4)]
+            results = _concurrently(cuda_batch_server.target, jobs)
+            for (k, stack, _), r in zip(jobs, results):
+                assert not isinstance(r, BaseException), r
+                if k == key:
+                    assert torch.equal(r.stack[0], torch.ones(1))
+                    torch.testing.assert_close(r.stack[1], _mm(stack[1], stack[2]), **TOL)
+                else:
+                    torch.testing.assert_close(r.stack[0], torch.tanh(stack[0]) - stack[0], **TOL)
+            launches, calls = (a - b for a, b in zip(_batch_counts(cuda_batch_server), before))
+            assert calls == 8 and launches < 8, (rounds, launches, calls)
+        assert client.health() == "SERVING"
