@@ -395,7 +395,8 @@ class Batcher:
         self.events = BatchEvents()
         self._verdicts: OrderedDict[tuple[Any, ...], Verdict] = OrderedDict()
         self._proving: set[tuple[Any, ...]] = set()
-        self._proven: dict[int, int] = {}  # variant key -> proofs made (_MAX_SIZES_PER_VARIANT)
+        # (namespace, kernel, variant) -> proofs made (_MAX_SIZES_PER_VARIANT)
+        self._proven: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
         # One proof (and one capture of a padded size) at a time, off the event loop.
         self._prover = ThreadPoolExecutor(1, thread_name_prefix="fuseport-batch-proof")
@@ -408,7 +409,15 @@ class Batcher:
         """The group this call may join, or None: run it as it is."""
         if not call.fused or call.keep or call.handles or call.plan.unfused:
             return None
-        bkey = (call.variant.key, sizes_key(call.args))
+        if not all(a.is_contiguous() for a in call.args if isinstance(a, torch.Tensor)):
+            # Stacking makes every call's slice contiguous: a kernel whose values depend on
+            # its input's layout (as_strided, the order a sum adds in) would be given
+            # another tensor than its caller sent, and the proof saw one layout only.
+            return None
+        # Per caller's namespace and kernel, not only per graph: the opt-out is a kernel's
+        # (Register's batching=False, in its namespace), one namespace's calls never share
+        # a launch with another's, and Describe shows a namespace only its own verdicts.
+        bkey = (call.owner.tenant, call.key, call.variant.key, sizes_key(call.args))
         verdict = self._verdicts.get(bkey)
         if verdict is None:
             self._start_proof(bkey, call)
@@ -419,7 +428,7 @@ class Batcher:
         with self._lock:
             if bkey in self._proving or len(self._proving) >= _MAX_PENDING_PROOFS:
                 return
-            if self._proven.get(bkey[0], 0) >= _MAX_SIZES_PER_VARIANT:
+            if self._proven.get(bkey[:3], 0) >= _MAX_SIZES_PER_VARIANT:
                 return
             self._proving.add(bkey)
         self._prover.submit(self._prove, bkey, call)
@@ -443,7 +452,7 @@ class Batcher:
                 if verdict.batchable and (off := self.core.batching_off(call.key, registry)):
                     verdict = Verdict(False, off, sizes=verdict.sizes)
                 self._verdicts[bkey] = verdict
-                self._proven[bkey[0]] = self._proven.get(bkey[0], 0) + 1
+                self._proven[bkey[:3]] = self._proven.get(bkey[:3], 0) + 1
                 while len(self._verdicts) > _MAX_VERDICTS:
                     self._verdicts.popitem(last=False)
             if verdict.batchable:
@@ -465,22 +474,24 @@ class Batcher:
             with self._lock:
                 self._proving.discard((bkey, size))
 
-    def verdicts(self, variants: Sequence[int]) -> list[tuple[int, Verdict]]:
-        """(variant key, verdict) for each verdict of these variants, for Describe."""
+    def verdicts(self, tenant: bytes, key: int, variants: Sequence[int]) -> list[tuple[int, Verdict]]:
+        """(variant key, verdict) for each verdict of kernel `key`'s calls from namespace
+        `tenant` on these variants, for Describe."""
         wanted = set(variants)
         with self._lock:
-            return [(k[0], v) for k, v in self._verdicts.items() if k[0] in wanted]
+            return [(k[2], v) for k, v in self._verdicts.items() if k[:2] == (tenant, key) and k[2] in wanted]
 
     def forget(self, variants: Sequence[int]) -> list[int]:
         """Drops the verdicts of these variants (their kernel's batching changed, or it
-        is gone); returns the keys of their batched graphs, whose compiled kernels go too."""
+        is gone), in every namespace; returns the keys of their batched graphs, whose
+        compiled kernels go too."""
         gone = set(variants)
         batched: list[int] = []
         with self._lock:
-            for k in [k for k in self._verdicts if k[0] in gone]:
+            for k in [k for k in self._verdicts if k[2] in gone]:
                 batched += [v.key for v in self._verdicts.pop(k).variants.values() if v is not None]
-            for vkey in gone:
-                self._proven.pop(vkey, None)
+            for k in [k for k in self._proven if k[2] in gone]:
+                del self._proven[k]
         return batched
 
     def close(self) -> None:

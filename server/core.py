@@ -550,7 +550,7 @@ class Core:
     def describe(self, key: int, include_source: bool = False, tenant: bytes = b"") -> _pb.service.KernelInfo:
         registry = self.tenants.find(tenant, key)
         kernel = registry.get(key)
-        return self._info(key, kernel.variants, include_source, with_arg_specs=True, registry=registry)
+        return self._info(key, kernel.variants, include_source, True, registry=registry, tenant=tenant)
 
     def list(self, tenant: bytes = b"") -> list[_pb.service.KernelInfo]:
         """The kernels `tenant` sees: its own, and the shared ones its own do not shadow."""
@@ -764,6 +764,7 @@ class Core:
         include_source: bool,
         with_arg_specs: bool,
         registry: Registry | None = None,
+        tenant: bytes = b"",
     ) -> _pb.service.KernelInfo:
         fused, fallback = self.executor.counts(key)
         first = variants[0]
@@ -783,7 +784,7 @@ class Core:
         )
         batched: set[int] = set()
         if self.batcher is not None and with_arg_specs:
-            for vkey, verdict in self.batcher.verdicts([v.key for v in variants]):
+            for vkey, verdict in self.batcher.verdicts(tenant, key, [v.key for v in variants]):
                 keys = sorted(v.key for v in verdict.variants.values() if v is not None)
                 batched.update(keys)
                 info.batching.add(
@@ -944,7 +945,9 @@ def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:
         return value, f"expected {expected}, got {_kind_name(value)}"
     if decl.kind == "float":
         value = float(value)
-    if decl.static and value != decl.static_value:
+    # NaN is not equal to itself: a graph specialised on a NaN scalar accepts NaN.
+    nan = value != value and decl.static_value != decl.static_value
+    if decl.static and value != decl.static_value and not nan:
         return value, (
             f"this input is static (the graph was specialised on it when captured): "
             f"only {decl.static_value!r} is accepted, got {value!r}"

@@ -264,9 +264,66 @@ def test_a_client_that_sends_ever_new_sizes_gets_a_bounded_number_of_proofs(
             call = core.prepare(key, [torch.randn(n)])
             core.batcher.batch_key(call)
             core.batcher._prover.submit(lambda: None).result()  # that proof, if one started, is done
-        sizes = sorted(v.sizes for _, v in core.batcher.verdicts([call.variant.key]))
+        sizes = sorted(v.sizes for _, v in core.batcher.verdicts(b"", key, [call.variant.key]))
         assert sizes == ["[4]", "[5]"]  # sizes 6 and 7 run unbatched, unproven
         assert core.batcher.batch_key(core.prepare(key, [torch.randn(5)])) is not None
+    finally:
+        core.close()
+
+
+def _settled_key(core: Core, key: int, stack: list[Any], owner: Any = None) -> Any:
+    """The call's batch key once the proof its first call starts has ended (None: run alone)."""
+    from fuseport.server.resident import NO_OWNER
+
+    call = core.prepare(key, stack, owner=owner or NO_OWNER)
+    assert core.batcher is not None
+    core.batcher.batch_key(call)
+    core.batcher._prover.submit(lambda: None).result()  # the proof, if one started, is done
+    return core.batcher.batch_key(call)
+
+
+def test_a_call_whose_input_is_not_contiguous_runs_alone(tmp_path: Path) -> None:
+    # Stacking makes every slice contiguous: as_strided on a transposed input would read
+    # other values in a batch than alone (found by an adversarial probe of the server).
+    core = Core(Settings(store_dir=tmp_path, device="cpu", compile_mode="off", batch_window_us=1000))
+    try:
+        key = core.register(capture(lambda x: x.as_strided((5,), (1,)) * 1, [torch.randn(4, 5)]))[0]
+        assert _settled_key(core, key, [torch.randn(4, 5)]) is not None
+        assert _settled_key(core, key, [torch.randn(5, 4).t()]) is None
+    finally:
+        core.close()
+
+
+def test_opt_outs_and_verdicts_are_each_namespaces_and_kernels_own(tmp_path: Path) -> None:
+    from fuseport.server.resident import owner_of
+
+    core = Core(Settings(store_dir=tmp_path, device="cpu", compile_mode="off", batch_window_us=1000))
+    try:
+        f = lambda x, a: x * a  # noqa: E731
+        graph = capture(f, [torch.randn(4), 0.5])
+        a, b = owner_of(None, b"token-a", b"A"), owner_of(None, b"token-b", b"B")
+        key = core.register(graph, batching=False, tenant=b"A")[0]
+        assert core.register(graph, tenant=b"B")[0] == key  # the same graph: the same key, two kernels
+        secret = [torch.randn(11), 0.8675309]
+        bkey = _settled_key(core, key, secret, b)
+        assert bkey is not None
+        # A's opt-out holds although B's calls proved the same graph, and the two never share a launch.
+        assert _settled_key(core, key, secret, a) is None
+        assert [(v.sizes, v.batchable) for v in core.describe(key, tenant=b"B").batching] == [
+            ("[11], 0.8675309", True)
+        ]
+        assert [v.batchable for v in core.describe(key, tenant=b"A").batching] == [False]
+        # A namespace that registered the graph and never called it sees no one's sizes or values.
+        assert core.register(graph, tenant=b"C")[0] == key
+        assert not core.describe(key, tenant=b"C").batching
+        # In one namespace: kernel K1 opted out, whose float64 variant is kernel K2's whole graph.
+        k1 = core.register(capture(lambda x: x * 2 + 1, [torch.randn(4)]), batching=False)[0]
+        wide = capture(lambda x: x * 2 + 1, [torch.randn(4, dtype=torch.float64)])
+        core.register(wide, variant_of=k1)
+        k2 = core.register(wide)[0]
+        x64 = [torch.randn(4, dtype=torch.float64)]
+        assert _settled_key(core, k2, x64) is not None
+        assert _settled_key(core, k1, x64) is None
     finally:
         core.close()
 
@@ -389,6 +446,21 @@ def test_a_bad_call_fails_alone_and_a_callers_deadline_is_its_own(batch_server: 
         assert isinstance(results[1], FuseportError) and "out of" in str(results[1]).lower(), results[1]
         assert isinstance(results[2], DeadlineExceeded), results[2]
         assert client.health() == "SERVING"
+
+
+def test_callers_of_one_kernel_with_inputs_in_other_layouts_each_get_their_own_result(
+    batch_server: ServerProcess,
+) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x.as_strided((5,), (1,)) * 1
+
+    with Client(batch_server.target, timeout=120) as client:
+        key = client.register(f, [torch.randn(4, 5)])
+        _verdict(client, key, [torch.randn(4, 5)])
+        xs = [torch.randn(4, 5), torch.randn(5, 4).t(), torch.randn(4, 5), torch.randn(5, 4).t()]
+        for x, r in zip(xs, _concurrently(batch_server.target, [(key, [x], 60.0) for x in xs])):
+            assert not isinstance(r, BaseException), r
+            assert torch.equal(r.stack[0], f(x)), (x.stride(), r.stack[0], f(x))
 
 
 def test_a_kernel_that_is_not_batchable_never_batches(batch_server: ServerProcess) -> None:

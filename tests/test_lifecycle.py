@@ -114,6 +114,13 @@ def test_client_with_the_function_captures_a_variant_for_another_dtype(client: C
         client.execute(key, [torch.ones(3), "two"])
 
 
+def test_a_graph_specialised_on_a_nan_scalar_accepts_nan(client: Client) -> None:
+    # NaN is not equal to itself: the static check compared with != and refused NaN for NaN.
+    key = client.register(lambda x, a: x * a, [torch.ones(3), float("nan")])
+    out = client.execute(key, [torch.ones(3), float("nan")])[0]
+    assert out.shape == (3,) and bool(out.isnan().all()), out
+
+
 def test_static_input_accepts_only_its_captured_value(client: Client) -> None:
     def f(x, double):
         return x * 2 if double else x + 0
