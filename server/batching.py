@@ -495,7 +495,9 @@ class Batcher:
         return batched
 
     def close(self) -> None:
-        self._prover.shutdown(wait=False, cancel_futures=True)
+        # Waits for a proof or capture under way (a second or two at most): tracing
+        # must not run on against the torch state of whatever this process does next.
+        self._prover.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ batching
 
