@@ -103,6 +103,8 @@ if [[ $PART == batch ]]; then
     # Issue 24: the same small kernel from 16 and 64 client processes, batched and not
     # (per call, on one server per window of $BATCH_WINDOWS), and a kernel that is not
     # batchable. Each round is logged as it ends: a run cut short still tells something.
+    # Give it about 300 s for 16,64: on the H100 the server's start and the batched graph's
+    # compile took 105 s before the first round, and two runs cut at 170-200 s printed no summary.
     for w in ${BATCH_WINDOWS:-200}; do
         python3 "$REPO/scripts/batch_bench.py" --device cuda --clients "${BATCH_CLIENTS:-16,64}" --window-us "$w" \
             --json "$OUT/batch-cuda-$w.json" 2>&1 | tee "$OUT/batch-cuda-$w.log"
