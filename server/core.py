@@ -945,9 +945,8 @@ def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:
         return value, f"expected {expected}, got {_kind_name(value)}"
     if decl.kind == "float":
         value = float(value)
-    # NaN is not equal to itself: a graph specialised on a NaN scalar accepts NaN.
-    nan = value != value and decl.static_value != decl.static_value
-    if decl.static and value != decl.static_value and not nan:
+    # NaN is not equal to itself (value != value): a graph specialised on NaN accepts NaN.
+    if decl.static and value != decl.static_value and not (value != value and decl.static_value != decl.static_value):
         return value, (
             f"this input is static (the graph was specialised on it when captured): "
             f"only {decl.static_value!r} is accepted, got {value!r}"
