@@ -1238,6 +1238,7 @@ class Client(_Base):
         self._bind(aio=False)
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call)
+        self._leases.calls_carry = not self._pool.many
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
 
     def __enter__(self) -> Client:
@@ -1716,6 +1717,7 @@ class AsyncClient(_Base):
         self._loop: asyncio.AbstractEventLoop | None = None
         # Random per client: the server binds the handles this client makes to it.
         self._leases = Leases(self._call_from_thread, self._refuse_on_loop)
+        self._leases.calls_carry = not self._pool.many
         self._metadata = (*self._metadata, (CLIENT_ID_KEY, self._leases.client_id))
         # Per connection: one opener of its shared-memory session at a time
         # (`opening`, and `pending`: a session still opening); and the session's

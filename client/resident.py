@@ -122,6 +122,13 @@ class RemoteTensor:
     def __exit__(self, *exc: object) -> None:
         self.free()
 
+    def __copy__(self) -> RemoteTensor:
+        # One handle, one object: a copy dropped would free the handle the original names.
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RemoteTensor:
+        return self
+
     def __del__(self) -> None:
         # No call from here (a finaliser may run anywhere): the lease thread frees it.
         if not getattr(self, "_freed", True):
@@ -159,6 +166,9 @@ class Leases:
         # The server frees the dropped handles a call carries (ResidentUsage.frees_with_calls,
         # learnt at the first renewal): they wait for the client's next call, up to _CARRY_SECONDS.
         self.frees_with_calls = False
+        # False for a client of several connections: a free must reach the process that holds
+        # the handle, so no call carries frees and the lease thread sends them at once.
+        self.calls_carry = True
         self._dropped_at = 0.0  # when the oldest id in _dropped was dropped
 
     # ------------------------------------------------------------------ stacks
@@ -212,7 +222,7 @@ class Leases:
         def renewed(raw: bytes) -> _pb.service.ResidentUsage:
             usage = _pb.service.RenewLeaseResponse.FromString(raw).usage
             self.lease_seconds = usage.lease_seconds or None
-            self.frees_with_calls = usage.frees_with_calls
+            self.frees_with_calls = usage.frees_with_calls and self.calls_carry
             return usage
 
         return "RenewLease", _pb.service.RenewLeaseRequest().SerializeToString(), renewed

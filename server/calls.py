@@ -7,7 +7,7 @@ that neither imports the other for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -68,3 +68,6 @@ class Result:
     detail: str
     run_us: int
     variant: int
+    # The ids of the handles this call kept (keep=True): freed again should its response
+    # never reach the caller (encoding failed, the caller gave up while it ran).
+    kept: list[str] = field(default_factory=list)

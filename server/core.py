@@ -7,7 +7,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from fuseport.server.streams import Hold, StreamBuffers, default_buffer_bytes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog, past_limit
 from fuseport.wire import _pb
-from fuseport.wire.codec import Buffer, message_room
+from fuseport.wire.codec import Buffer, Handle, message_room
 from fuseport.wire.errors import (
     DeadlineExceeded,
     ExecutionFailed,
@@ -239,7 +239,11 @@ class Core:
         result = self.run(call, wait=wait, deadline=deadline, answer=answer)
         if shared is not None and shared.slot:
             started = time.perf_counter_ns()
-            result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack, shared.fresh_output)
+            try:
+                result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack, shared.fresh_output)
+            except BaseException:
+                self.release_handles(owner, result.kept)  # a call that fails keeps nothing
+                raise
             shared.place_ns = time.perf_counter_ns() - started
         return result
 
@@ -445,7 +449,10 @@ class Core:
         # wait between preparing and running: that is queue_us): every microsecond
         # the server spends is in exactly one of the call's timings.
         run_us = (call.prepare_ns + time.perf_counter_ns() - started) // 1000
-        return Result(call.below + outputs, outcome.path, outcome.reason, outcome.detail, run_us, call.variant.key)
+        kept = [h.id for h in _handles(outputs)] if keep else []
+        return Result(
+            call.below + outputs, outcome.path, outcome.reason, outcome.detail, run_us, call.variant.key, kept
+        )
 
     def check_stream(self, sizes: Sequence[int], hold: Hold | None = None) -> None:
         """Refuses a streamed stack from its header alone, before any of it is
@@ -922,6 +929,15 @@ _SCALARS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
     "float": ("a float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
 }
+
+
+def _handles(values: Sequence[Any]) -> Iterator[Handle]:
+    """The Handles in `values` (lists too)."""
+    for v in values:
+        if isinstance(v, Handle):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _handles(v)
 
 
 def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import secrets
@@ -283,3 +284,22 @@ def test_handles_expire_when_the_client_is_gone(
         time.sleep(0.2)
     with pytest.raises(HandleNotFound, match="no live handle"):
         execute_raw(server, kernels["affine"], [codec.Handle(h.id)], client_id)
+
+
+def test_a_kept_call_its_caller_cancels_keeps_nothing(server: ServerProcess) -> None:
+    # The kernel runs on (a worker is not interrupted), and its outputs were kept for a
+    # caller that never hears their ids; the lease thread renewed them with the client's
+    # other handles for as long as the client lived (found by an adversarial probe).
+    async def main() -> None:
+        async with AsyncClient(server.target, timeout=120) as c:
+            key = await c.register(lambda x: x @ x @ x @ x, [torch.randn(8, 8)])
+            (h,) = await c.execute(key, [torch.randn(1000, 1000)], keep=True)  # a worker's call, not the loop's
+            for _ in range(3):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(c.execute(key, [h], keep=True), 0.02)
+            deadline = time.monotonic() + 60
+            while (held := (await c.resident()).caller.handles) != 1 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # the cancelled calls' kernels end, then what they kept goes
+            assert held == 1
+
+    asyncio.run(main())

@@ -537,3 +537,48 @@ def test_a_client_closed_during_its_lease_renewal_ends_the_lease_thread_quietly(
     finally:
         threading.excepthook = hook
     assert raised == []
+
+
+def test_a_chain_on_a_client_of_several_connections_frees_as_it_goes(server: ServerProcess) -> None:
+    # With several connections no call carries frees (a free must reach the process that
+    # holds its handle): the lease thread sends them at once. It waited 0.1 s for a call to
+    # carry them, and a chain reached the handle limit (found by an adversarial probe).
+    with Client(server.target, timeout=60, token=USER, connections=2) as c:
+        key = c.register(lambda t: t + 1, [torch.zeros(4)])
+        h = c.execute(key, [torch.zeros(4)], keep=True)[0]
+        for _ in range(3 * MAX_HANDLES):
+            h = c.execute(key, [h], keep=True)[0]
+        assert torch.equal(h.fetch(), torch.full((4,), 3.0 * MAX_HANDLES + 1))
+
+
+def test_a_copy_of_a_remote_tensor_is_the_same_handle(server: ServerProcess) -> None:
+    import copy
+
+    with user(server) as c:
+        key = c.register(lambda t: t * 2, [torch.ones(4)])
+        h = c.execute(key, [torch.ones(4)], keep=True)[0]
+        for dup in (copy.copy(h), copy.deepcopy(h), copy.deepcopy([h])[0]):
+            assert dup is h
+        del dup
+        gc.collect()  # a dropped copy freed the handle its original still named
+        torch.testing.assert_close(c.execute(key, [h])[0], torch.full((4,), 4.0))
+
+
+def test_a_kept_call_whose_response_is_refused_keeps_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The outputs were kept before the response was encoded; a response over the message
+    # limit (values below the inputs come back in it) failed the call and left them kept.
+    s = start_server(
+        tmp_path_factory.mktemp("resident-small-messages"), None,
+        "--compile-mode", "off", "--max-message-bytes", str(4 * MiB),
+    )  # fmt: skip
+    try:
+        with Client(s.target, timeout=60) as c:
+            key = c.register(lambda t: t + 1, [torch.zeros(4)])
+            below = torch.zeros(2 * MiB)  # 8 MiB: sent by shared memory, answered in the message
+            with pytest.raises(ResourceExhausted, match="over the"):
+                c.execute(key, [below, torch.zeros(4)], keep=True)
+            assert c.resident().caller.handles == 0
+            h = c.execute(key, [torch.zeros(4)], keep=True)[0]  # and the server serves on
+            assert c.resident().caller.handles == 1 and torch.equal(h.fetch(), torch.ones(4))
+    finally:
+        s.stop()

@@ -78,6 +78,9 @@ class CallRecord:
     # For a call run on a worker: how the core answers it at once when its deadline or
     # --max-call-seconds passes while its kernel runs on (Plumbing.off_loop).
     answer: Callable[[FuseportError], None] | None = None
+    # Undoes what the call left on the server for its caller (the handles it kept), should
+    # its handler give up before the response is sent (Plumbing.on_worker, off_loop).
+    drop: Callable[[], None] | None = None
 
 
 class CallObserver:
@@ -365,7 +368,7 @@ class Plumbing:
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            work.add_done_callback(_retrieve)
+            work.add_done_callback(functools.partial(_abandoned, record))
             raise
 
     async def off_loop(
@@ -392,7 +395,7 @@ class Plumbing:
             if not work.done():
                 # The handler goes on without it (answered, or cancelled by gRPC): what the
                 # worker ends with is retrieved, and dropped, whenever that is.
-                work.add_done_callback(_retrieve)
+                work.add_done_callback(functools.partial(_abandoned, record))
         if work.done():
             return work.result()
         error = answered.exception() if not answered.cancelled() else None
@@ -417,6 +420,12 @@ def _settle(future: asyncio.Future[Any], error: FuseportError) -> None:
         future.set_exception(error)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: asyncio logs no "never retrieved"
+def _abandoned(record: CallRecord, future: asyncio.Future[Any]) -> None:
+    """A worker's call whose handler gave up on it ended: what it ends with is retrieved
+    and dropped, and what it kept for a caller that will never hear of it goes too."""
+    if future.cancelled() or future.exception() is not None or record.drop is None:
+        return
+    try:
+        record.drop()
+    except Exception:  # noqa: BLE001 - a done callback must not raise
+        log.exception("dropping what an abandoned call kept failed")

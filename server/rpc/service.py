@@ -276,17 +276,24 @@ class KernelService:
         )
         if shared is not None and shared.slot:
             timings.encode_us = shared.place_ns // 1000  # the response's encoding adds to it
-        out = codec.encode_execute_response(
-            result.stack,
-            result.path,
-            result.reason,
-            result.detail,
-            timings,
-            limit=self.limit,
-            clock=time.perf_counter_ns,
-            variant=result.variant,
-            registered=registered,
-        )
+        try:
+            out = codec.encode_execute_response(
+                result.stack,
+                result.path,
+                result.reason,
+                result.detail,
+                timings,
+                limit=self.limit,
+                clock=time.perf_counter_ns,
+                variant=result.variant,
+                registered=registered,
+            )
+        except BaseException:
+            self.core.release_handles(record.owner, result.kept)  # a call that fails keeps nothing
+            raise
+        if result.kept:
+            # Should the caller give up before this response reaches it, what it kept goes too.
+            record.drop = functools.partial(self.core.release_handles, record.owner, result.kept)
         record.path, record.reason, record.timings = result.path, result.reason, timings
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
