@@ -127,6 +127,9 @@ class _Session:
     # Retired regions the client reads no more and keeps mapped: a slot that needs a
     # new output region takes one of these first (warm pages, no new memfd).
     spares: dict[int, shm.Region] = field(default_factory=dict)
+    # Between a call retiring its slot's region (place) and the socket's thread looking
+    # for a region the client hands back (SPARE), so that the region is always found.
+    outputs_lock: threading.Lock = field(default_factory=threading.Lock)
     next_output: int = 1
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -426,9 +429,10 @@ class SharedMemory:
         check_slot(slot)
         session = self._session(owner, sid)
         if fresh:
-            old = session.outputs.pop(slot, None)
-            if old is not None:
-                session.retired[old.id] = old
+            with session.outputs_lock:
+                old = session.outputs.pop(slot, None)
+                if old is not None:
+                    session.retired[old.id] = old
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
         need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
@@ -707,7 +711,16 @@ class SharedMemory:
                 os.close(p.fd)
         elif p.kind == shm.SPARE:
             # A retired region whose tensors are gone, kept mapped by the client for reuse.
-            region = session.retired.pop(p.id, None)
+            # The client retires a region when it sends the call that asks for a fresh one;
+            # that call may not have reached place() yet (its tensors died meanwhile), or
+            # failed before it: then the region is still its slot's, and leaves the slot
+            # here (else it was retired later and never handed back: a leak of the budget).
+            with session.outputs_lock:
+                region = session.retired.pop(p.id, None)
+                if region is None:
+                    for slot, r in list(session.outputs.items()):
+                        if r.id == p.id:
+                            region = session.outputs.pop(slot)
             if region is not None and len(session.spares) < MAX_SLOTS:
                 session.spares[p.id] = region
             elif region is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import mmap
 import os
 import re
@@ -30,7 +31,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from fuseport.client import AsyncClient, Client, ExecuteResult, RemoteTensor
+from fuseport.client import AsyncClient, Client, ExecuteResult, FuseportError, RemoteTensor
 from fuseport.wire import _pb, codec, shm
 from fuseport.wire.errors import ERROR_METADATA_KEY, DeadlineExceeded
 
@@ -549,7 +550,7 @@ def test_open_shared_memory_needs_a_client_id(server: ServerProcess) -> None:
 
 _DYING_CLIENT = r"""
 import sys, time, torch
-from fuseport.client import AsyncClient, Client, ExecuteResult, RemoteTensor
+from fuseport.client import AsyncClient, Client, ExecuteResult, FuseportError, RemoteTensor
 c = Client(sys.argv[1])
 a = torch.randn(2 << 20)
 for _ in range(3):
@@ -1329,3 +1330,30 @@ def test_a_large_call_through_shared_memory_holds_only_its_result_in_server_memo
         assert grown <= 1.5 * x.nbytes, f"the server grew by {grown >> 20} MiB for a {x.nbytes >> 20} MiB call"
     finally:
         s.stop()
+
+
+def test_a_region_handed_back_before_its_call_retired_it_is_not_lost(server: ServerProcess) -> None:
+    # The client retires its slot's output region when it sends a call that asks for a
+    # fresh one; if that call fails on the server (or has not placed its results yet) when
+    # the last result over the region dies, the client's SPARE found it still the slot's.
+    # The server dropped the SPARE and retired the region later for good: each such call
+    # left an output region counted against the session's budget until it ended (found by
+    # an adversarial probe: 12 MiB grew to 40 MiB).
+    with Client(server.target) as c:
+        key = c.register(lambda x, y: x + y, [torch.randn(4, 8), torch.randn(4, 8)])
+        x = torch.randn(1024, 256)  # 1 MiB: by shared memory
+        bad = torch.randn(1023, 256)  # the server refuses the call (its sizes differ)
+        r = c.execute(key, [x, x])[0]
+        del r
+        gc.collect()
+        c.execute(key, [x, x])
+        _, before = _gauges(server)
+        for _ in range(6):
+            r = c.execute(key, [x, x])[0]  # a result over the slot's region, kept
+            with pytest.raises(FuseportError):
+                c.execute(key, [x, bad])  # retires that region on the client
+            del r
+            gc.collect()  # its last tensor dies: SPARE
+        assert torch.equal(c.execute(key, [x, x])[0], x + x)
+        _, after = _gauges(server)
+        assert after - before <= 2 * (1 << 20), (before, after)
