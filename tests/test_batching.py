@@ -173,20 +173,30 @@ def test_a_write_into_an_input_is_refused() -> None:
 # ---------------------------------------------------------------- differential: random graphs of the op harness
 
 
-@settings(
+_DIFFERENTIAL = settings(
     max_examples=6,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(steps=st.lists(_step, min_size=1, max_size=5), shape=_shapes)
-def test_random_graphs_batched_equal_each_call_alone(registry: Registry, steps: list, shape: tuple) -> None:
+_PROGRAMS = given(steps=st.lists(_step, min_size=1, max_size=5), shape=_shapes)
+
+
+def _random_graph_batched(registry: Registry, steps: list, shape: tuple) -> None:
+    """A program of the op harness proven, batched, and each call compared with itself alone,
+    on the registry's device."""
     f = _program(steps)
     gen = torch.Generator().manual_seed(len(steps) * 1000 + shape[0])
-    args = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)]
+    args = [torch.randn(shape, generator=gen).to(registry.device) for _ in range(2)]
     variant = _variant(registry, f, args)
     verdict = prove(variant, args, registry.build_variant)
     _check_batched(variant, verdict, args, calls=3)
+
+
+@_DIFFERENTIAL
+@_PROGRAMS
+def test_random_graphs_batched_equal_each_call_alone(registry: Registry, steps: list, shape: tuple) -> None:
+    _random_graph_batched(registry, steps, shape)
 
 
 # One-op graphs as a hostile client sends them (every dim -1, no conditions), with the
@@ -512,24 +522,14 @@ def cuda_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 
 
 @pytest.mark.gpu
-@settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(steps=st.lists(_step, min_size=1, max_size=5), shape=_shapes)
+@_DIFFERENTIAL
+@_PROGRAMS
 def test_random_graphs_batched_on_cuda_equal_each_call_alone(
     cuda_registry: Registry, steps: list, shape: tuple
 ) -> None:
     # The same differential as on the CPU, with the proof traced and both sides run on
     # the device: CUDA's kernels, not the CPU's, decide what "equal" means here.
-    f = _program(steps)
-    gen = torch.Generator().manual_seed(len(steps) * 1000 + shape[0])
-    args = [torch.randn(shape, generator=gen).cuda(), torch.randn(shape, generator=gen).cuda()]
-    variant = _variant(cuda_registry, f, args)
-    verdict = prove(variant, args, cuda_registry.build_variant)
-    _check_batched(variant, verdict, args, calls=3)
+    _random_graph_batched(cuda_registry, steps, shape)
 
 
 @pytest.fixture(scope="module")
