@@ -509,7 +509,8 @@ class Core:
 
         The result is bounded by the path it goes back on (`transport`): one
         message ("unary": --max-message-bytes, ResultTooLarge so that the client
-        sends the call again as a stream), a stream ("stream": --max-stream-bytes),
+        sends the call again as a stream; "kserve": the same limit, and no stream to
+        name), a stream ("stream": --max-stream-bytes),
         or nothing here ("shm": the servicer checks the session's room for
         results, which the core does not know)."""
         if plan.overflow:
@@ -542,11 +543,16 @@ class Core:
                 f"kernel {key}: the result would be {out} bytes, over the streamed result limit of "
                 f"{self.settings.max_stream_bytes} bytes (--max-stream-bytes); refused before running"
             )
-        if out is not None and transport == "unary" and out > message:
+        if out is not None and transport in ("unary", "kserve") and out > message:
+            way = (
+                "(a stream carries it: ExecuteStream/FallbackStream)"
+                if transport == "unary"
+                else "(KServe's ModelInfer answers in one message: call it through fuseport's client, "
+                "which streams large results, or raise --max-message-bytes)"
+            )
             raise ResultTooLarge(
                 f"kernel {key}: the result would be {out} bytes, over the message limit of "
-                f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running "
-                "(a stream carries it: ExecuteStream/FallbackStream)"
+                f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running {way}"
             )
         if plan.largest_bytes > self.capacity:
             raise ResourceExhausted(

@@ -553,3 +553,55 @@ def test_a_client_that_heals_a_lost_kernel_gives_it_its_alias_again(served: Serv
         torch.testing.assert_close(c.execute(key, [x])[0], x * 5)
         assert served.stub.ModelReady(pb.ModelReadyRequest(name="healed"), timeout=30).ready
         assert c.unregister(key)
+
+
+def test_an_int_input_sent_as_uint64_past_int64_is_refused_not_wrapped(served: Served) -> None:
+    # Found by an adversarial probe: 2**64 - 1 reached the kernel as -1 (x + n gave x - 1).
+    with Client(served.server.target, timeout=120) as c:
+        key = c.register(lambda x, n: x + n, [torch.ones(4, dtype=torch.int64), 2])
+    for n, ok in ((2**63 - 1, True), (2**63, False), (2**64 - 1, False)):
+        req = pb.ModelInferRequest(model_name=str(key))
+        req.inputs.add(name="x", datatype="INT64", shape=[4]).contents.int64_contents.extend([0] * 4)
+        req.inputs.add(name="n", datatype="UINT64", shape=[1]).contents.uint64_contents.append(n)
+        if ok:
+            assert torch.equal(_output(served.stub.ModelInfer(req, timeout=60), 0), torch.full((4,), n))
+        else:
+            code, details, _ = _refused(served.stub.ModelInfer, req)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "does not fit in int64" in details, details
+    _still_serves(served)
+
+
+def test_a_model_with_an_output_kserve_cannot_type_is_described_and_its_other_outputs_served(
+    served: Served,
+) -> None:
+    with Client(served.server.target, timeout=120) as c:
+        key = c.register(lambda x: (x * 2, x.to(torch.complex64)), [torch.ones(4)])
+    name = str(key)
+    meta = served.stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=30)
+    assert [(t.name, t.datatype) for t in meta.outputs] == [("output0", "FP32"), ("output1", "")]
+    config = served.stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=30).config
+    assert [pb.DataType.Name(t.data_type) for t in config.output] == ["TYPE_FP32", "TYPE_INVALID"]
+    req = pb.ModelInferRequest(model_name=name)
+    req.inputs.add(name="x", datatype="FP32", shape=[3])
+    req.raw_input_contents.append(_raw(torch.tensor([1.0, 2.0, 3.0])))
+    req.outputs.add(name="output0")
+    assert torch.equal(_output(served.stub.ModelInfer(req, timeout=60), 0), torch.tensor([2.0, 4.0, 6.0]))
+
+
+def test_a_result_over_the_message_limit_names_what_a_kserve_caller_can_do(tmp_path: Path) -> None:
+    server = start_server(tmp_path, None, "--compile-mode", "off", "--max-message-bytes", str(1 << 20))
+    try:
+        with Client(server.target, timeout=120) as c:
+            key = c.register(lambda x: x.repeat(4), [torch.ones(4)])
+        req = pb.ModelInferRequest(model_name=str(key))
+        req.inputs.add(name="x", datatype="FP32", shape=[1 << 17])  # 512 KiB in, 2 MiB out
+        req.raw_input_contents.append(_raw(torch.ones(1 << 17)))
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(req, timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-message-bytes" in e.value.details() and "ExecuteStream" not in e.value.details()
+        assert "KServe's ModelInfer answers in one message" in e.value.details()
+    finally:
+        server.stop()
