@@ -605,3 +605,15 @@ def test_a_result_over_the_message_limit_names_what_a_kserve_caller_can_do(tmp_p
         assert "KServe's ModelInfer answers in one message" in e.value.details()
     finally:
         server.stop()
+
+
+def test_an_empty_fp16_input_needs_no_raw_contents(served: Served) -> None:
+    # FP16 and BF16 have no typed contents field; an input with no element has no bytes to
+    # send, and was refused for not sending them in raw_input_contents.
+    with Client(served.server.target, timeout=120) as c:
+        key = c.register(lambda x: x * 2, [torch.ones(0, dtype=torch.float16)])  # captured empty
+    req = pb.ModelInferRequest(model_name=str(key))
+    req.inputs.add(name="x", datatype="FP16", shape=[0])
+    resp = served.stub.ModelInfer(req, timeout=60)
+    assert (resp.outputs[0].datatype, list(resp.outputs[0].shape)) == ("FP16", [0])
+    assert resp.raw_output_contents[0] == b""

@@ -403,6 +403,8 @@ def _tensor(tensor: Any, raw: bytes | None, where: str) -> torch.Tensor:
     contents = tensor.contents
     given = [f for f in _CONTENT_FIELDS if getattr(contents, f)]
     if field is None:
+        if not given and math.prod(shape) == 0:  # no element: no bytes to send either way
+            return codec.tensor_from_bytes(code, shape, b"", where)
         raise InvalidStack(f"{where}: {datatype} has no typed contents field; send it in raw_input_contents")
     if any(f != field for f in given):
         raise InvalidStack(f"{where}: {datatype} contents go in {field}, got {', '.join(given)}")
