@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 
 from fuseport.bench.context import fuseport_server
 from fuseport.bench.echo import echo_channel, echo_server, echo_stub
+from fuseport.bench.stats import time_interleaved
 from fuseport.client import Client
 
 
@@ -71,19 +70,7 @@ def main() -> None:
         if args.before:
             before, _bpid = stack.enter_context(fuseport_server("cpu", python=args.before))
             calls.update(_shm_calls(before, x, " (before)", clients))
-        for _ in range(3):
-            for f in calls.values():
-                f()
-        lat: dict[str, list[float]] = {k: [] for k in calls}
-        names = list(calls)
-        gc.disable()
-        for i in range(args.rounds):
-            for j in range(len(names)):
-                name = names[(i + j) % len(names)]
-                t0 = time.perf_counter()
-                calls[name]()
-                lat[name].append((time.perf_counter() - t0) * 1e3)
-        gc.enable()
+        lat = {name: [us / 1e3 for us in v] for name, v in time_interleaved(calls, args.rounds, 3).items()}
         echo_ms = statistics.median(lat["echo"])
         print(f"{args.mib} MiB of {args.dtype}, {args.rounds} rounds", flush=True)
         for name, values in lat.items():
