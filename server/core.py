@@ -563,7 +563,9 @@ class Core:
     def describe(self, key: int, include_source: bool = False, tenant: bytes = b"") -> _pb.service.KernelInfo:
         registry = self.tenants.find(tenant, key)
         kernel = registry.get(key)
-        return self._info(key, kernel.variants, include_source, True, registry=registry, tenant=tenant)
+        return self._info(
+            key, kernel.variants, include_source, with_arg_specs=True, registry=registry, tenant=tenant
+        )
 
     def list(self, tenant: bytes = b"") -> list[_pb.service.KernelInfo]:
         """The kernels `tenant` sees: its own, and the shared ones its own do not shadow."""
@@ -946,6 +948,11 @@ def _handles(values: Sequence[Any]) -> Iterator[Handle]:
             yield from _handles(v)
 
 
+def _both_nan(a: Any, b: Any) -> bool:
+    """NaN is not equal to itself: a graph specialised on NaN accepts NaN."""
+    return bool(a != a and b != b)
+
+
 def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:
     """The stack value as the input takes it, or why it does not fit the declared input."""
     if decl.kind == "tensor":
@@ -967,8 +974,7 @@ def _check_input(decl: InputSpec, value: Any) -> tuple[Any, str | None]:
         return value, f"expected {expected}, got {_kind_name(value)}"
     if decl.kind == "float":
         value = float(value)
-    # NaN is not equal to itself (value != value): a graph specialised on NaN accepts NaN.
-    if decl.static and value != decl.static_value and not (value != value and decl.static_value != decl.static_value):
+    if decl.static and value != decl.static_value and not _both_nan(value, decl.static_value):
         return value, (
             f"this input is static (the graph was specialised on it when captured): "
             f"only {decl.static_value!r} is accepted, got {value!r}"
