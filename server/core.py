@@ -305,6 +305,8 @@ class Core:
         handles = any(self.residents.has_handles(v) for v in values)
         if handles:
             values = [self.residents.resolve(owner, v, f"stack[{base + i}]") for i, v in enumerate(values)]
+            with self.placement.request_scope():
+                self.placement.adopt(values)  # the checks below may read them on this thread's stream
         try:
             variant, args = _select(kernel, values, base, variants)
         except NoMatchingVariant:
@@ -385,6 +387,8 @@ class Core:
         holding = self.placement.holding() if heavy else _NOT_HOLDING
         try:
             with holding, self.placement.request_scope():
+                if call.handles:
+                    self.placement.adopt(args)  # prepared on another thread maybe (the loop)
                 device_args = self.placement.to_device(args)
                 entry = call.entry
                 if wait and entry is None and call.fused and not call.plan.unfused:
@@ -419,10 +423,21 @@ class Core:
                         and self.placement.cuda
                         and self.settings.compile_mode in ("reduce-overhead", "max-autotune")
                     )
-                    outputs = self.residents.keep(owner, outcome.outputs, args, f"kernel {key}", copy=copy)
+                    made = self.placement.made()
+                    outputs = self.residents.keep(
+                        owner, outcome.outputs, args, f"kernel {key}", copy=copy, mark=made and made.mark
+                    )
+                    if made is not None and watch is None and not heavy:
+                        # Nothing goes to the host, so the answer need not wait for the device:
+                        # the next call on this stream is queued behind this one, and a call on
+                        # another waits for `made` (Placement.adopt). A heavy call waits: while
+                        # it runs, it holds light calls off the loop (Placement.holding).
+                        made.unwaited()
+                    else:
+                        self.placement.synchronize()
                 else:
                     outputs = self.placement.to_host(outcome.outputs)
-                self.placement.synchronize()
+                    self.placement.synchronize()
         except _Overran as e:
             log.info("kernel %d: its run ended %.2f s after its call was answered; the results were dropped",
                      key, time.monotonic() - e.watch.limit)  # fmt: skip
@@ -602,6 +617,7 @@ class Core:
                 "(--max-message-bytes); fetch fewer at once"
             )
         with self.placement.request_scope():
+            self.placement.adopt(tensors)
             host = self.placement.to_host(tensors)
             self.placement.synchronize()
         if free:

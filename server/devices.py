@@ -15,6 +15,7 @@ from fuseport.wire.stream import HostSink
 
 __all__ = [
     "DeviceSink",
+    "Made",
     "Placement",
     "break_device",
     "is_device_failure",
@@ -282,6 +283,32 @@ class Placement:
         staging.used = end
         return host
 
+    def made(self) -> Made | None:
+        """Where tensors this thread's call keeps on the device are made: its stream
+        (call inside request_scope); None on the CPU. Mark each with `Made.mark`, then
+        `Made.unwaited()` if the call answers without waiting for its stream."""
+        return Made(self._local.stream) if self.cuda else None
+
+    def adopt(self, values: list[Any]) -> None:
+        """Before this thread's stream uses resident tensors (call inside request_scope):
+        for each made on another stream, this one waits on the device for the work that
+        made it where its call did not (Made.unwaited), and the allocator learns that this
+        stream uses it too, so that, freed, its memory is not reused while this stream's
+        kernels may still read it (a call that keeps its results does not wait for them)."""
+        if not self.cuda:
+            return
+        stream = self._local.stream
+        for t in values:
+            if isinstance(t, list):
+                self.adopt(t)
+                continue
+            made: Made | None = getattr(t, _MADE, None)
+            if made is None or made.stream is stream:
+                continue  # a stream runs its work in order
+            if made.event is not None:
+                stream.wait_event(made.event)
+            t.record_stream(stream)
+
     def release_memory(self) -> None:
         """After an out-of-memory error: give cached blocks back to the driver."""
         if self.cuda:
@@ -307,6 +334,31 @@ class Placement:
             staging[start:stop].copy_(src[start:stop])
             dst[start:stop].copy_(staging[start:stop], non_blocking=True)
         return dst.view(t.dtype).view(t.shape)
+
+
+class Made:
+    """Where resident tensors were made (Placement.made): the stream whose work made
+    them and, when their call answered without waiting for it, an event recorded
+    after that work, which a call on another stream waits for (Placement.adopt)."""
+
+    __slots__ = ("event", "stream")
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        self.event: torch.cuda.Event | None = None
+
+    def mark(self, t: torch.Tensor) -> None:
+        setattr(t, _MADE, self)
+
+    def unwaited(self) -> None:
+        """The call that made them does not wait for its stream: their users on other
+        streams wait for this point of it instead."""
+        self.event = torch.cuda.Event()
+        self.event.record(self.stream)
+
+
+# The attribute a kept tensor carries its Made under.
+_MADE = "_fuseport_made"
 
 
 class _Staging:

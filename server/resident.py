@@ -23,7 +23,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,11 +173,18 @@ class Residents:
             self._check(holder, nbytes, 0, what)
 
     def keep(
-        self, owner: Owner, values: Sequence[Any], inputs: Sequence[Any], what: str, copy: bool = False
+        self,
+        owner: Owner,
+        values: Sequence[Any],
+        inputs: Sequence[Any],
+        what: str,
+        copy: bool = False,
+        mark: Callable[[torch.Tensor], None] | None = None,
     ) -> list[Any]:
         """`values` with each tensor in it (lists too) kept here and replaced by
         its Handle (a copy of each, with `copy`); all or none: over a limit,
-        nothing is kept."""
+        nothing is kept. `mark` is called with each tensor kept (where it was made:
+        devices.Made)."""
         self._require(owner)
         held = {_storage_ptr(t) for t in _tensors(inputs)}
         kept: list[tuple[str, torch.Tensor, int]] = []
@@ -193,6 +200,8 @@ class Residents:
         def convert(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
                 t = own(v.detach())
+                if mark is not None:
+                    mark(t)
                 hid = f"{self.server}.{secrets.token_urlsafe(32)}"
                 nbytes = t.untyped_storage().nbytes()
                 kept.append((hid, t, nbytes))

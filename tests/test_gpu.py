@@ -201,6 +201,49 @@ def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size
                 assert torch.equal(got, want)
 
 
+def test_a_kept_tensor_whose_call_did_not_wait_is_waited_for_by_another_streams_user() -> None:
+    """A call that keeps its results answers without waiting for its stream (Core.run):
+    a user of such a tensor on another thread's stream (a worker, a fetch) must wait on
+    the device for the work that made it (Placement.adopt). The maker's stream sleeps
+    first, so its kernel has not run when the others read: read without `adopt` the
+    tensor still holds the -1s it was filled with (so the test can tell), read after it
+    holds the kernel's values."""
+    from fuseport.server.devices import Placement
+
+    dev = torch.device("cuda", 0)
+    p = Placement(dev, staging_bytes=0)
+    x = torch.randn(4096)
+
+    def make() -> torch.Tensor:
+        with p.request_scope():
+            xd = x.to(dev)  # before the sleep: a copy from pageable memory waits for the stream
+            out = torch.full((4096,), -1.0, device=dev)
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of this stream, GPU-side
+            torch.mul(xd, 2.0, out=out)
+            made = p.made()
+            assert made is not None
+            made.mark(out)
+            made.unwaited()
+            return out
+
+    def read(adopt: bool) -> torch.Tensor:
+        with p.request_scope():
+            if adopt:
+                p.adopt([out])
+            host = out.cpu()  # a copy on this thread's own stream, waited for
+            p.synchronize()
+            return host
+
+    with ThreadPoolExecutor(1) as maker, ThreadPoolExecutor(1) as reader:
+        out = maker.submit(make).result()
+        early = reader.submit(read, False).result()
+        late = reader.submit(read, True).result()
+        again = maker.submit(read, False).result()  # the maker's own stream: in order anyway
+    assert not torch.equal(early, x * 2), "the reader did not overtake the sleeping stream: the test tells nothing"
+    assert torch.equal(late, x * 2)
+    assert torch.equal(again, x * 2)
+
+
 def test_device_out_of_memory_is_resource_exhausted_and_memory_is_released(gpu: Client) -> None:
     def blow_up(x):
         return (x.reshape(1, -1).expand(2**21, -1) * 2).sum()  # 8 TiB in the middle
