@@ -124,6 +124,17 @@ def main() -> None:
                     threads[name][label] = threads[name].get(label, 0.0) + (us - t0[tid][1]) / args.n
             cpu[name] = (sum(threads[name].values()), client_us)
         gc.enable()
+        # The tree at rest: CPU a serving tree burns with no call in flight (a spinning
+        # thread or process shows here as CPU per second, not per call).
+        t0 = _thread_cpu_us(_tree(pid))
+        time.sleep(2.0)
+        t1 = _thread_cpu_us(_tree(pid))
+        roles = _roles(_tree(pid))
+        idle: dict[str, float] = {}
+        for tid, (comm, us) in t1.items():
+            if tid in t0:
+                label = f"{comm} ({'main' if tid in _tree(pid) else 'thread'}, {roles.get(tid, '?')})"
+                idle[label] = idle.get(label, 0.0) + (us - t0[tid][1]) / 2.0
         if spy is not None:
             spy.send_signal(2)
             spy.wait(30)
@@ -137,6 +148,9 @@ def main() -> None:
         for name, by in threads.items():
             top = sorted(by.items(), key=lambda kv: -kv[1])[:8]
             print(f"{name:>20}: " + ", ".join(f"{k} {v:.0f}" for k, v in top if v >= 1))
+        print("server CPU at rest, no call in flight (us per second): "
+              + (", ".join(f"{k} {v:.0f}" for k, v in sorted(idle.items(), key=lambda kv: -kv[1])[:8] if v >= 1)
+                 or "none"))  # fmt: skip
         d, q, r, e = (p50([s[i] for s in server]) for i in range(4))
         print(f"server Timings p50: decode {d:.0f} queue {q:.0f} run {r:.0f} encode {e:.0f} us")
         resp = raw(request, timeout=600, metadata=md)
