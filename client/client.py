@@ -976,7 +976,10 @@ class _Base:
                 return (yield _InSlot(session, functools.partial(self._shared_flow, job, session)))
             except ResultTooLarge as e:
                 # Nothing ran: the results would not fit the session's room nor one
-                # message. The stream carries them (the session stays).
+                # message. The stream carries them (the session stays), unless the call
+                # cannot stream (results kept, handles in the stack: see _execute_flow).
+                if job.keep or job.remote:
+                    raise
                 log.info("results over what shared memory can take (%s); sending the call as a stream", e)
                 return (yield from self._execute_flow(job, stream=True))
             except SharedMemoryUnavailable as e:

@@ -322,7 +322,7 @@ class Core:
             return None
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args, transport, keep)
+        self._check_budget(key, plan, args, transport, keep, _nbytes(stack[:base]))
         if who and (who.startswith(TOKEN_IDENTITY) or not light_work(plan)):
             # A penalised token is refused every call: a plan may take for light what is
             # not. Without tokens the identity is a host, where other callers may be:
@@ -517,7 +517,13 @@ class Core:
             )
 
     def _check_budget(
-        self, key: int, plan: Plan, args: Sequence[Any], transport: str = "unary", keep: bool = False
+        self,
+        key: int,
+        plan: Plan,
+        args: Sequence[Any],
+        transport: str = "unary",
+        keep: bool = False,
+        below: int = 0,
     ) -> None:
         """Refuses, before anything is allocated, what could only fail later or
         take more than one call may.
@@ -527,7 +533,8 @@ class Core:
         sends the call again as a stream; "kserve": the same limit, and no stream to
         name), a stream ("stream": --max-stream-bytes),
         or nothing here ("shm": the servicer checks the session's room for
-        results, which the core does not know)."""
+        results, which the core does not know). `below`: the bytes of the tensors
+        below the kernel's inputs, which go back with the results (also with `keep`)."""
         if plan.overflow:
             # Checked first: the other checks' numbers would count it as a size the data decides.
             raise ResourceExhausted(
@@ -551,11 +558,13 @@ class Core:
                     f"kernel {key}: this call needs at least {needs} bytes ({what}), over the {budget} "
                     "bytes one call may use (--max-call-bytes); refused before running"
                 )
-        out = None if keep else plan.output_bytes
+        results = 0 if keep else plan.output_bytes
+        out = None if results is None else results + below
+        sent_back = f" (of which {below} are the values below the kernel's inputs, sent back too)" if below else ""
         message = message_room(self.settings.max_message_bytes)
         if out is not None and transport == "stream" and out > self.settings.max_stream_bytes:
             raise ResourceExhausted(
-                f"kernel {key}: the result would be {out} bytes, over the streamed result limit of "
+                f"kernel {key}: the result would be {out} bytes{sent_back}, over the streamed result limit of "
                 f"{self.settings.max_stream_bytes} bytes (--max-stream-bytes); refused before running"
             )
         if out is not None and transport in ("unary", "kserve") and out > message:
@@ -566,7 +575,7 @@ class Core:
                 "which streams large results, or raise --max-message-bytes)"
             )
             raise ResultTooLarge(
-                f"kernel {key}: the result would be {out} bytes, over the message limit of "
+                f"kernel {key}: the result would be {out} bytes{sent_back}, over the message limit of "
                 f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running {way}"
             )
         if plan.largest_bytes > self.capacity:
@@ -962,6 +971,17 @@ def _handles(values: Sequence[Any]) -> Iterator[Handle]:
             yield v
         elif isinstance(v, (list, tuple)):
             yield from _handles(v)
+
+
+def _nbytes(values: Sequence[Any]) -> int:
+    """The bytes of the tensors in `values` (lists too)."""
+    n = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            n += v.numel() * v.element_size()
+        elif isinstance(v, (list, tuple)):
+            n += _nbytes(v)
+    return n
 
 
 def _both_nan(a: Any, b: Any) -> bool:

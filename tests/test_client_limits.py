@@ -117,6 +117,23 @@ def test_one_message_takes_stacks_and_results_up_to_the_message_and_streams_past
 
 
 @CLIENTS
+def test_values_below_the_inputs_count_toward_the_response_and_a_stream_carries_them(
+    server: ServerProcess, keys: dict[str, int], kind: str
+) -> None:
+    # They come back with the results: a response over one message with them is refused
+    # before running (it was refused only once encoded, after the kernel ran), and the
+    # client sends the call again as a stream, which carries them.
+    below = ints(ROOM // 2)
+    a, b = outer_of(180 * 4096)  # the request fits one message, the response does not
+    r = call(kind, server, keys["outer"], [below, a, b], **UNARY)
+    assert r.transport == "stream"
+    assert torch.equal(r.stack[0], below) and torch.equal(r.stack[1], _outer(a, b))
+    a, b = outer_of(100 * 4096)  # both fit
+    r = call(kind, server, keys["outer"], [below, a, b], **UNARY)
+    assert r.transport == "unary" and torch.equal(r.stack[0], below) and torch.equal(r.stack[1], _outer(a, b))
+
+
+@CLIENTS
 def test_a_stream_takes_stacks_and_results_up_to_max_stream_bytes_and_names_it_past_them(
     server: ServerProcess, keys: dict[str, int], kind: str
 ) -> None:

@@ -567,6 +567,7 @@ def test_a_copy_of_a_remote_tensor_is_the_same_handle(server: ServerProcess) -> 
 def test_a_kept_call_whose_response_is_refused_keeps_nothing(tmp_path_factory: pytest.TempPathFactory) -> None:
     # The outputs were kept before the response was encoded; a response over the message
     # limit (values below the inputs come back in it) failed the call and left them kept.
+    # Now the values below count toward the message from the start: refused before running.
     s = start_server(
         tmp_path_factory.mktemp("resident-small-messages"), None,
         "--compile-mode", "off", "--max-message-bytes", str(4 * MiB),
@@ -575,8 +576,11 @@ def test_a_kept_call_whose_response_is_refused_keeps_nothing(tmp_path_factory: p
         with Client(s.target, timeout=60) as c:
             key = c.register(lambda t: t + 1, [torch.zeros(4)])
             below = torch.zeros(2 * MiB)  # 8 MiB: sent by shared memory, answered in the message
-            with pytest.raises(ResourceExhausted, match="over the"):
+            with pytest.raises(ResourceExhausted, match="values below the kernel's inputs") as e:
                 c.execute(key, [below, torch.zeros(4)], keep=True)
+            assert "refused before running" in str(e.value)
+            info = c.describe(key)
+            assert info.fused_runs + info.fallback_runs == 0  # refused from its sizes: nothing ran
             assert c.resident().caller.handles == 0
             h = c.execute(key, [torch.zeros(4)], keep=True)[0]  # and the server serves on
             assert c.resident().caller.handles == 1 and torch.equal(h.fetch(), torch.ones(4))
