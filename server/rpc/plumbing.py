@@ -278,12 +278,18 @@ class Plumbing:
         self,
         body: Callable[[AsyncIterator[bytes], Streamed], AsyncIterator[bytes]],
         method: str,
+        idle: float,
+        on_idle: Callable[[], None],
     ) -> grpc.RpcMethodHandler:
         """`body(requests, call)` as a stream-stream handler of raw bytes: it
         yields the response messages and keeps `call.received` up to date (it
-        runs on the event loop; it hands its own work to `self.pool`)."""
+        runs on the event loop; it hands its own work to `self.pool`). A client
+        that takes none of the response for `idle` seconds (flow control holds the
+        next message back) is ended, DEADLINE_EXCEEDED, and `on_idle` called: else
+        a client that stops reading would hold its result for as long as it keeps
+        the call open (without a deadline: for ever)."""
 
-        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
             arrived = state.arrived
             error: FuseportError
@@ -293,14 +299,21 @@ class Plumbing:
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
-                    yield message
+                    try:
+                        await asyncio.wait_for(context.write(message), idle)
+                    except TimeoutError:
+                        on_idle()
+                        raise DeadlineExceeded(
+                            f"the client took none of its result for {idle:g} s (--stream-idle-seconds); "
+                            "the call is ended and its result freed"
+                        ) from None
                 self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, state.sent)
                 return
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 error = error_of(e, method)
             finally:
-                # A client that went away closes this generator at its yield: the
-                # body's own clean-up (its finally) runs now, not when it is collected.
+                # A client that went away cancels this call at its write: the body's
+                # own clean-up (its finally) runs now, not when it is collected.
                 if responses is not None:
                     await responses.aclose()  # type: ignore[attr-defined]
             self.observe(state.record, status_for(error), arrived, state.received, 0)

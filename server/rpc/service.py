@@ -76,7 +76,9 @@ class KernelService:
             for name, fn in methods.items()
         }
         for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
-            handlers[name] = self.plumbing.streamed(functools.partial(self._streamed, fused), name)
+            handlers[name] = self.plumbing.streamed(
+                functools.partial(self._streamed, fused), name, self.core.settings.stream_idle_seconds, self._idle_end
+            )
         handlers["RegisterStream"] = self.plumbing.streamed_in(self._register_stream, "RegisterStream")
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -424,11 +426,15 @@ class KernelService:
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            self.core.stream_buffers.idle_ends += 1  # on the event loop only
+            self._idle_end()
             raise DeadlineExceeded(
                 f"the client sent nothing for {idle:g} s before its stream was complete "
                 "(--stream-idle-seconds); the call is ended and what it sent is freed"
             ) from None
+
+    def _idle_end(self) -> None:
+        """A stream ended by --stream-idle-seconds, either way (on the event loop only)."""
+        self.core.stream_buffers.idle_ends += 1
 
     def _stream_sink(self, nbytes: int) -> Any:
         # Past the keep-for-reuse budget a buffer is not kept anyway: give it
