@@ -23,7 +23,7 @@ def main() -> None:
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         # FUSEPORT_CUDA_STAGING_BYTES: the small-tensor staging's size, as the server reads it (0: off).
-        staging = int(os.environ.get("FUSEPORT_CUDA_STAGING_BYTES", 1 << 20))
+        staging = int(os.environ.get("FUSEPORT_CUDA_STAGING_BYTES", 0))
         core = Core(Settings(device=device, store_dir=tmp, cuda_staging_bytes=staging))
         key, _, _ = core.register(capture(lambda x: x + 0, [torch.zeros(256)]))
         x = torch.randn(256)

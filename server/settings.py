@@ -159,13 +159,17 @@ class Settings:
             "after a call that moved more, freed memory goes back to the OS"
         },
     )
+    # Off by default: on the H100 a 1 KiB call's core.execute took 72-77 us with it off and
+    # 85 us on (in process, alternating runs, 2026-12-07), and end to end three fresh servers
+    # gave off the lower ratio too: packing costs more than the waits it saves there.
     cuda_staging_bytes: int = field(
-        default=1 << 20,
+        default=0,
         metadata={
             "help": "CUDA: a call's small inputs (each under 256 KiB) go to the device through a pinned "
             "buffer of the serving thread, without waiting, and its small results come back through "
             "another, so the call waits on the device once, not once per tensor; a call with more than "
-            "this many bytes of them copies them one by one; 0: off"
+            "this many bytes of them copies them one by one; 0 (the default: measured slower for a "
+            "call of one small input on an H100): off"
         },
     )
     grace_seconds: float = field(

@@ -127,6 +127,18 @@ def cuda_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def cuda_staging_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A CUDA server with small-tensor staging on (--cuda-staging-bytes; off by default)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
+    s = start_server(tmp_path_factory.mktemp("cuda-staging"), None, "--device", "cuda", "--cuda-staging-bytes", "1048576")
+    yield s
+    s.stop()
+
+
 @pytest.fixture()
 def client(server: ServerProcess) -> Iterator[Client]:
     with Client(server.target, timeout=120) as c:

@@ -91,23 +91,31 @@ def _mixed_inputs(n: int, seed: int) -> list[torch.Tensor]:
     ]
 
 
-def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client, cuda_server: ServerProcess) -> None:
+@pytest.fixture()
+def staged(cuda_staging_server: ServerProcess) -> Iterator[Client]:
+    with Client(cuda_staging_server.target, timeout=300) as c:
+        yield c
+
+
+def test_small_inputs_and_results_staged_together_are_each_calls_own(
+    staged: Client, cuda_staging_server: ServerProcess
+) -> None:
     """A call's small tensors go to the device packed in its thread's pinned buffer and come
     back the same way (Placement._stage_in/_stage_out): concurrent callers on the same
     serving threads, both paths, mixed dtypes and sizes (at n = 60,000 the int64 input is
     over the 256 KiB a staged tensor may have and goes on its own beside the staged ones),
     each call's results exactly its own inputs' results."""
-    key = gpu.register(_mixed, _mixed_inputs(8, 0))
+    key = staged.register(_mixed, _mixed_inputs(8, 0))
     sizes = (2, 7, 100, 3000, 60_000)
     for n in sizes:  # fused variants ready for every size first
-        res = gpu.execute_detailed(key, _mixed_inputs(n, 1), wait=True)
+        res = staged.execute_detailed(key, _mixed_inputs(n, 1), wait=True)
         assert res.path == "fused", (n, res.reason, res.detail)
 
     def call(seed: int) -> None:
         n = sizes[seed % len(sizes)]
         inputs = _mixed_inputs(n, seed)
         expected = _mixed(*inputs)
-        with Client(cuda_server.target, timeout=300) as c:
+        with Client(cuda_staging_server.target, timeout=300) as c:
             for res in (c.execute_detailed(key, inputs), c.fallback_detailed(key, inputs)):
                 assert res.path in ("fused", "fallback")
                 assert len(res.stack) == len(expected)
@@ -122,33 +130,36 @@ def test_small_inputs_and_results_staged_together_are_each_calls_own(gpu: Client
         list(pool.map(call, range(200)))
     # Kept on the device, from staged inputs: the handles hold their own values.
     inputs = _mixed_inputs(100, 7)
-    handles = gpu.execute(key, inputs, wait=True, keep=True)
-    gpu.execute(key, _mixed_inputs(100, 8), wait=True)  # staging buffers written again
+    handles = staged.execute(key, inputs, wait=True, keep=True)
+    staged.execute(key, _mixed_inputs(100, 8), wait=True)  # staging buffers written again
     assert torch.equal(handles[0].fetch(), _mixed(*inputs)[0]) and torch.equal(handles[4].fetch(), inputs[0])
-    gpu.free(handles)
+    staged.free(handles)
 
 
 def _offset_view(x, y):
     return torch.as_strided(y, (3,), (1,), 1) + x[:3] * 0
 
 
-def test_a_staged_input_is_its_own_storage_for_as_strided(gpu: Client) -> None:
+@pytest.mark.parametrize("server", ["cuda_server", "cuda_staging_server"])
+def test_a_staged_input_is_its_own_storage_for_as_strided(server: str, request: pytest.FixtureRequest) -> None:
     """as_strided's offset counts from its input's storage. Staged inputs were once views of one
     device block (the second at 64 bytes into it): the fallback read the first input's bytes, and
     the bound on what a view may reach (the input's storage) let a read past the input through.
-    Both paths: the input's own values, and a view one element past it refused."""
+    Both paths, staging off (the default) and on: the input's own values, and a view one element
+    past it refused."""
     x, y = torch.full((5,), -1.0), torch.arange(5.0)
-    key = gpu.register(_offset_view, [x, y])
-    for res in (gpu.execute_detailed(key, [x, y], wait=True), gpu.fallback_detailed(key, [x, y])):
-        assert torch.equal(res.stack[0], torch.tensor([1.0, 2.0, 3.0])), (res.path, res.stack[0])
 
     def past(x, y):
         return torch.as_strided(y, (5,), (1,), 1) + x[:5] * 0
 
-    key = gpu.register(past, [torch.zeros(6), torch.zeros(6)])
-    for run in (gpu.execute, gpu.fallback):
-        with pytest.raises(ExecutionFailed, match="storage holds"):
-            run(key, [x, y])
+    with Client(request.getfixturevalue(server).target, timeout=300) as gpu:
+        key = gpu.register(_offset_view, [x, y])
+        for res in (gpu.execute_detailed(key, [x, y], wait=True), gpu.fallback_detailed(key, [x, y])):
+            assert torch.equal(res.stack[0], torch.tensor([1.0, 2.0, 3.0])), (res.path, res.stack[0])
+        key = gpu.register(past, [torch.zeros(6), torch.zeros(6)])
+        for run in (gpu.execute, gpu.fallback):
+            with pytest.raises(ExecutionFailed, match="storage holds"):
+                run(key, [x, y])
 
 
 def test_placement_stages_small_tensors_in_one_copy_and_falls_back_past_its_size() -> None:
