@@ -63,6 +63,9 @@ def main() -> None:
         "sleep 500 us": lambda: time.sleep(0.0005),
         "spin 500 us": lambda: spin(500),
         "sleep 2 ms": lambda: time.sleep(0.002),
+        # Spinning through the same idle time: if the slow call after 2 ms is the CPU's deep
+        # idle state (a halted core, a descheduled vCPU), this one is fast; if the GPU's, slow too.
+        "spin 2 ms": lambda: spin(2000),
     }
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; p50/p90 us of one call, {args.n} calls")
     variants = (("plain (.to, .cpu)", plain), ("pinned, non_blocking", pinned), ("pinned per call", pinned_per_call))
