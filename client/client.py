@@ -134,10 +134,10 @@ _SERVICE_CONFIG = json.dumps(
                 # removed (Closed on fork)" (tests/test_shm_hostile.py, once under a busy
                 # suite): its session is then had on the second try, not given up on.
                 "name": [{"service": SERVICE, "method": "OpenSharedMemory"}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "0.5s",
+                "retryPolicy": {  # the service's own, UNKNOWN added (method configs do not merge)
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE", "UNKNOWN"],
                 },
