@@ -376,7 +376,9 @@ class Core:
         still runs (called from the watchdog's thread; the kernel runs on, what it
         returns is dropped, and past --overrun-grace-seconds the process retires):
         see server/watchdog.py. A light call (on the loop, or batched) is not
-        watched: its plan bounds its work below a millisecond."""
+        watched: its plan bounds its work below a millisecond. Without `answer` (on
+        the loop) a light call that keeps its results returns before its kernel ends
+        (see below), so its inputs must be this thread's stream's or adopted ones."""
         key, args, owner, keep = call.key, call.args, call.owner, call.keep
         started = time.perf_counter_ns()
         budget = self.settings.max_call_seconds
@@ -427,11 +429,15 @@ class Core:
                     outputs = self.residents.keep(
                         owner, outcome.outputs, args, f"kernel {key}", copy=copy, mark=made and made.mark
                     )
-                    if made is not None and watch is None and not heavy:
-                        # Nothing goes to the host, so the answer need not wait for the device:
-                        # the next call on this stream is queued behind this one, and a call on
-                        # another waits for `made` (Placement.adopt). A heavy call waits: while
-                        # it runs, it holds light calls off the loop (Placement.holding).
+                    if made is not None and answer is None and not heavy:
+                        # On the event loop, nothing to the host: the answer need not wait for
+                        # the device. The next call on this stream is queued behind this one, and
+                        # a use on another stream waits for `made` (Placement.adopt). Only here:
+                        # the loop's inputs were made on its stream (decoded, then copied) or
+                        # adopted; a worker's may be another stream's memory (a streamed stack's
+                        # sink, shared memory), freed when the call returns while this stream's
+                        # kernel may still read it. A heavy call waits: while it runs, it holds
+                        # light calls off the loop (Placement.holding).
                         made.unwaited()
                     else:
                         self.placement.synchronize()
@@ -568,12 +574,15 @@ class Core:
                 f"{self.settings.max_stream_bytes} bytes (--max-stream-bytes); refused before running"
             )
         if out is not None and transport in ("unary", "kserve") and out > message:
-            way = (
-                "(a stream carries it: ExecuteStream/FallbackStream)"
-                if transport == "unary"
-                else "(KServe's ModelInfer answers in one message: call it through fuseport's client, "
-                "which streams large results, or raise --max-message-bytes)"
-            )
+            if transport == "kserve":
+                way = (
+                    "(KServe's ModelInfer answers in one message: call it through fuseport's client, "
+                    "which streams large results, or raise --max-message-bytes)"
+                )
+            elif keep:  # only the values below come back: the client sends a kept call as one message
+                way = "(the values below the kernel's inputs come back with its handles: send fewer of them)"
+            else:
+                way = "(a stream carries it: ExecuteStream/FallbackStream)"
             raise ResultTooLarge(
                 f"kernel {key}: the result would be {out} bytes{sent_back}, over the message limit of "
                 f"{self.settings.max_message_bytes} bytes (--max-message-bytes); refused before running {way}"
