@@ -261,7 +261,7 @@ class _StateCollector:
         )
         yield CounterMetricFamily(
             "fuseport_stream_idle_ends",
-            "Streamed calls ended because their client sent nothing, or took none of its result, for --stream-idle-seconds",
+            "Streamed calls ended by --stream-idle-seconds (a client that stopped sending, or reading)",
             value=buffers.idle_ends,
         )
         watchdog = self.core.watchdog

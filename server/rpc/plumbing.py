@@ -155,6 +155,11 @@ async def _fail(context: grpc.aio.ServicerContext, error: FuseportError) -> None
     await abort(context, error)
 
 
+# The slowest reading of a streamed result that the idle limit allows on top of
+# --stream-idle-seconds per message (bytes a second): 4 MiB chunks at 64 KiB/s.
+_SLOWEST_READ = 64 << 10
+
+
 def _no_tenant(metadata: Any) -> bytes:
     return b""
 
@@ -284,10 +289,13 @@ class Plumbing:
         """`body(requests, call)` as a stream-stream handler of raw bytes: it
         yields the response messages and keeps `call.received` up to date (it
         runs on the event loop; it hands its own work to `self.pool`). A client
-        that takes none of the response for `idle` seconds (flow control holds the
-        next message back) is ended, DEADLINE_EXCEEDED, and `on_idle` called: else
-        a client that stops reading would hold its result for as long as it keeps
-        the call open (without a deadline: for ever)."""
+        that takes not one response message in `idle` seconds, plus a second per
+        _SLOWEST_READ bytes of it (flow control holds it back), is ended,
+        DEADLINE_EXCEEDED, and `on_idle` called: else a client that stops reading
+        would hold its result for as long as it keeps the call open (without a
+        deadline: for ever). The body's result is freed then; the status itself
+        reaches the client once it reads again or goes away (gRPC queues it behind
+        the message flow control holds)."""
 
         async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
             state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
@@ -299,13 +307,17 @@ class Plumbing:
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
+                    # A write ends once flow control let the whole message through: a slow
+                    # reader that is still reading gets a second per _SLOWEST_READ of it more.
+                    limit = idle + len(message) / _SLOWEST_READ
                     try:
-                        await asyncio.wait_for(context.write(message), idle)
+                        await asyncio.wait_for(context.write(message), limit)
                     except TimeoutError:
                         on_idle()
                         raise DeadlineExceeded(
-                            f"the client took none of its result for {idle:g} s (--stream-idle-seconds); "
-                            "the call is ended and its result freed"
+                            f"the client took not one message of its result in {limit:g} s (--stream-idle-seconds "
+                            f"{idle:g} s, and a second per {_SLOWEST_READ // 1024} KiB of the message); the call "
+                            "is ended and its result freed"
                         ) from None
                 self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, state.sent)
                 return
