@@ -13,6 +13,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh isolation  # other callers' calls while one runs ~20 s (issue 20)
 #   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
 #   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
+#   device run --carry .whl -- bash scripts/gpu_check.sh ab       # call_stages, BASE's wheel vs this tree's, alternating (~5 min)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -109,6 +110,28 @@ if [[ $PART == batch ]]; then
         python3 "$REPO/scripts/batch_bench.py" --device cuda --clients "${BATCH_CLIENTS:-16,64}" --window-us "$w" \
             --json "$OUT/batch-cuda-$w.json" 2>&1 | tee "$OUT/batch-cuda-$w.log"
         rc=$(( rc || PIPESTATUS[0] ))
+    done
+fi
+if [[ $PART == ab ]]; then
+    # The small call's stages (call_stages.py) with the base wheel (BASE=<commit> for
+    # gpu_prepare.sh) and this tree's, alternating on this one machine: a change's effect
+    # end to end, which separate machines (their echo differs 2x) cannot show.
+    if ! compgen -G "$REPO/.whl/base/*.whl" >/dev/null; then
+        echo "gpu_check.sh ab: no base wheel: run BASE=<commit> scripts/gpu_prepare.sh first" | tee "$OUT/ab.log" >&2
+        exit 2
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-base \
+        "$REPO"/.whl/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-base \
+        "$REPO"/.whl/base/*.whl || exit 1
+    for round in 1 2; do
+        for side in base this; do
+            site=/tmp/site; [[ $side == base ]] && site=/tmp/site-base
+            echo "== round $round, $side $(date -u +%T)" | tee -a "$OUT/ab.log"
+            PYTHONPATH=$site python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-1000}" 2>&1 \
+                | grep -v INFO | tee -a "$OUT/ab.log"
+            rc=$(( rc || PIPESTATUS[0] ))
+        done
     done
 fi
 if [[ $PART == mps ]]; then

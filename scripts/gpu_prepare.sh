@@ -8,6 +8,15 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exc
 mkdir -p .whl
 rm -f .whl/fuseport-*.whl
 python3 -m pip wheel -q --no-deps -w .whl .
+# BASE=<commit>: that commit's wheel too, in .whl/base/, for `gpu_check.sh ab` (the same rows
+# against both, alternating on one machine: the only comparison these machines allow).
+rm -rf .whl/base
+if [[ -n ${BASE:-} ]]; then
+    tree=$(mktemp -d)
+    git worktree add -q --detach "$tree" "$BASE"
+    python3 -m pip wheel -q --no-deps -w .whl/base "$tree"
+    git worktree remove --force "$tree"
+fi
 for req in grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 \
     prometheus-client==0.26.0 crc32c==2.9.post0 uvloop==0.23.0 \
     pytest==9.2.0 pluggy iniconfig hypothesis==6.170.17 sortedcontainers attrs \
