@@ -311,7 +311,9 @@ class Plumbing:
                     # reader that is still reading gets a second per _SLOWEST_READ of it more.
                     limit = idle + len(message) / _SLOWEST_READ
                     try:
-                        await asyncio.wait_for(context.write(message), limit)
+                        # Not wait_for: on 3.11 it may swallow a cancel that comes as the write ends.
+                        async with asyncio.timeout(limit):
+                            await context.write(message)
                     except TimeoutError:
                         on_idle()
                         raise DeadlineExceeded(
