@@ -422,7 +422,8 @@ class KernelService:
         CANCELLED: a time limit passed, and the status table has no CANCELLED."""
         idle = self.core.settings.stream_idle_seconds
         try:
-            return await asyncio.wait_for(anext(messages), idle)
+            async with asyncio.timeout(idle):  # not wait_for: on 3.11 it may swallow a cancel
+                return await anext(messages)
         except StopAsyncIteration:
             return None
         except TimeoutError:
