@@ -51,6 +51,7 @@ from fuseport.wire.errors import (
     Unavailable,
 )
 from fuseport.wire.graph import InputSpec, Signature
+from fuseport.wire.stream import payload_bytes
 
 __all__ = ["Call", "Core", "Result"]
 
@@ -322,7 +323,7 @@ class Core:
             return None
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args, transport, keep, _nbytes(stack[:base]))
+        self._check_budget(key, plan, args, transport, keep, payload_bytes(stack[:base]))
         if who and (who.startswith(TOKEN_IDENTITY) or not light_work(plan)):
             # A penalised token is refused every call: a plan may take for light what is
             # not. Without tokens the identity is a host, where other callers may be:
@@ -980,17 +981,6 @@ def _handles(values: Sequence[Any]) -> Iterator[Handle]:
             yield v
         elif isinstance(v, (list, tuple)):
             yield from _handles(v)
-
-
-def _nbytes(values: Sequence[Any]) -> int:
-    """The bytes of the tensors in `values` (lists too)."""
-    n = 0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            n += v.numel() * v.element_size()
-        elif isinstance(v, (list, tuple)):
-            n += _nbytes(v)
-    return n
 
 
 def _both_nan(a: Any, b: Any) -> bool:
