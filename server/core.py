@@ -36,7 +36,7 @@ from fuseport.server.streams import Hold, StreamBuffers, default_buffer_bytes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog, past_limit
 from fuseport.wire import _pb
-from fuseport.wire.codec import Buffer, Handle, message_room
+from fuseport.wire.codec import Buffer, Handle, encode_stack, message_room
 from fuseport.wire.errors import (
     DeadlineExceeded,
     ExecutionFailed,
@@ -51,7 +51,6 @@ from fuseport.wire.errors import (
     Unavailable,
 )
 from fuseport.wire.graph import InputSpec, Signature
-from fuseport.wire.stream import payload_bytes
 
 __all__ = ["Call", "Core", "Result"]
 
@@ -323,7 +322,7 @@ class Core:
             return None
         if plan.error is not None:
             raise ExecutionFailed(f"kernel {key} failed on these inputs: {plan.error}")
-        self._check_budget(key, plan, args, transport, keep, payload_bytes(stack[:base]))
+        self._check_budget(key, plan, args, transport, keep, _response_bytes(stack[:base]), handles)
         if who and (who.startswith(TOKEN_IDENTITY) or not light_work(plan)):
             # A penalised token is refused every call: a plan may take for light what is
             # not. Without tokens the identity is a host, where other callers may be:
@@ -531,6 +530,7 @@ class Core:
         transport: str = "unary",
         keep: bool = False,
         below: int = 0,
+        handles: bool = False,
     ) -> None:
         """Refuses, before anything is allocated, what could only fail later or
         take more than one call may.
@@ -540,8 +540,9 @@ class Core:
         sends the call again as a stream; "kserve": the same limit, and no stream to
         name), a stream ("stream": --max-stream-bytes),
         or nothing here ("shm": the servicer checks the session's room for
-        results, which the core does not know). `below`: the bytes of the tensors
-        below the kernel's inputs, which go back with the results (also with `keep`)."""
+        results, which the core does not know). `below`: at most the bytes the values
+        below the kernel's inputs take in the response, which they go back in (also with
+        `keep`); `handles`: the stack names resident values (no stream can carry it)."""
         if plan.overflow:
             # Checked first: the other checks' numbers would count it as a size the data decides.
             raise ResourceExhausted(
@@ -567,7 +568,7 @@ class Core:
                 )
         results = 0 if keep else plan.output_bytes
         out = None if results is None else results + below
-        sent_back = f" (of which {below} are the values below the kernel's inputs, sent back too)" if below else ""
+        sent_back = f" (of which up to {below} are the values below the kernel's inputs, sent back too)" if below else ""
         message = message_room(self.settings.max_message_bytes)
         if out is not None and transport == "stream" and out > self.settings.max_stream_bytes:
             raise ResourceExhausted(
@@ -580,8 +581,11 @@ class Core:
                     "(KServe's ModelInfer answers in one message: call it through fuseport's client, "
                     "which streams large results, or raise --max-message-bytes)"
                 )
-            elif keep:  # only the values below come back: the client sends a kept call as one message
-                way = "(the values below the kernel's inputs come back with its handles: send fewer of them)"
+            elif keep or handles:  # the values below are what is over: no stream carries such a call
+                way = (
+                    "(a call that keeps its results or takes handles answers in one message: send fewer "
+                    "values below the kernel's inputs)"
+                )
             else:
                 way = "(a stream carries it: ExecuteStream/FallbackStream)"
             raise ResultTooLarge(
@@ -981,6 +985,25 @@ def _handles(values: Sequence[Any]) -> Iterator[Handle]:
             yield v
         elif isinstance(v, (list, tuple)):
             yield from _handles(v)
+
+
+# Room for a tensor's header in a message (dtype, shape, dim order): at most this
+# plus 10 bytes a dimension.
+_TENSOR_HEADER = 32
+
+
+def _response_bytes(values: Sequence[Any]) -> int:
+    """At most what `values` take in a response message: a tensor's bytes and room for
+    its header, anything else as encoded (a string below the inputs counts as its bytes)."""
+    n = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            n += v.numel() * v.element_size() + _TENSOR_HEADER + 10 * v.dim()
+        elif isinstance(v, (list, tuple)):
+            n += _response_bytes(v) + 16
+        else:
+            n += len(encode_stack([v]))
+    return n
 
 
 def _both_nan(a: Any, b: Any) -> bool:

@@ -261,7 +261,7 @@ class _StateCollector:
         )
         yield CounterMetricFamily(
             "fuseport_stream_idle_ends",
-            "Streamed calls ended by --stream-idle-seconds (a client that stopped sending, or reading)",
+            "Streamed calls ended because their client sent nothing for --stream-idle-seconds",
             value=buffers.idle_ends,
         )
         watchdog = self.core.watchdog

@@ -236,8 +236,7 @@ class Settings:
         default=30.0,
         metadata={
             "help": "a streamed call whose client sends no message for this long before its stack is "
-            "complete, or takes not one message of its result in this long (plus a second per 64 KiB of "
-            "the message), is ended (DEADLINE_EXCEEDED) and what it held is freed"
+            "complete is ended (DEADLINE_EXCEEDED) and what it received is freed"
         },
     )
     max_stream_buffer_bytes: int | None = field(

@@ -131,6 +131,15 @@ def test_values_below_the_inputs_count_toward_the_response_and_a_stream_carries_
     a, b = outer_of(100 * 4096)  # both fit
     r = call(kind, server, keys["outer"], [below, a, b], **UNARY)
     assert r.transport == "unary" and torch.equal(r.stack[0], below) and torch.equal(r.stack[1], _outer(a, b))
+    # Not only tensors' bytes: a string, and the framing of many small tensors, count too.
+    a, b = outer_of(180 * 4096)
+    text = "x" * (ROOM // 2)
+    r = call(kind, server, keys["outer"], [text, a, b], **UNARY)
+    assert (r.transport, r.stack[0]) == ("stream", text) and torch.equal(r.stack[1], _outer(a, b))
+    small = [torch.full((1,), i % 256, dtype=torch.uint8) for i in range(20_000)]  # ~320 KB framed, 20 KB of bytes
+    r = call(kind, server, keys["outer"], [small, a, b], **UNARY)
+    assert r.transport == "stream" and torch.equal(r.stack[1], _outer(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(r.stack[0], small, strict=True))
 
 
 @CLIENTS

@@ -7,7 +7,6 @@ KServe v2 protocol's); health and reflection stay open for probes.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -139,7 +138,7 @@ class Gate(grpc.GenericRpcHandler):
                 except FuseportError as e:
                     await abort(context, e, process or ())
 
-        if streams and inspect.isasyncgenfunction(behaviour):
+        if streams:
 
             async def stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
                 await admit(context, None)
@@ -148,16 +147,6 @@ class Gate(grpc.GenericRpcHandler):
 
             return grpc.stream_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        if streams:  # a handler that writes its responses itself (context.write)
-
-            async def writes(requests: Any, context: grpc.aio.ServicerContext) -> None:
-                await admit(context, None)
-                await behaviour(requests, context)
-
-            return grpc.stream_stream_rpc_method_handler(
-                writes, handler.request_deserializer, handler.response_serializer
             )
 
         if streams_in:

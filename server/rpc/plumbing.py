@@ -155,11 +155,6 @@ async def _fail(context: grpc.aio.ServicerContext, error: FuseportError) -> None
     await abort(context, error)
 
 
-# The slowest reading of a streamed result that the idle limit allows on top of
-# --stream-idle-seconds per message (bytes a second): 4 MiB chunks at 64 KiB/s.
-_SLOWEST_READ = 64 << 10
-
-
 def _no_tenant(metadata: Any) -> bytes:
     return b""
 
@@ -283,21 +278,12 @@ class Plumbing:
         self,
         body: Callable[[AsyncIterator[bytes], Streamed], AsyncIterator[bytes]],
         method: str,
-        idle: float,
-        on_idle: Callable[[], None],
     ) -> grpc.RpcMethodHandler:
         """`body(requests, call)` as a stream-stream handler of raw bytes: it
         yields the response messages and keeps `call.received` up to date (it
-        runs on the event loop; it hands its own work to `self.pool`). A client
-        that takes not one response message in `idle` seconds, plus a second per
-        _SLOWEST_READ bytes of it (flow control holds it back), is ended,
-        DEADLINE_EXCEEDED, and `on_idle` called: else a client that stops reading
-        would hold its result for as long as it keeps the call open (without a
-        deadline: for ever). The body's result is freed then; the status itself
-        reaches the client once it reads again or goes away (gRPC queues it behind
-        the message flow control holds)."""
+        runs on the event loop; it hands its own work to `self.pool`)."""
 
-        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
             arrived = state.arrived
             error: FuseportError
@@ -307,27 +293,14 @@ class Plumbing:
                 responses = body(requests, state)
                 async for message in responses:
                     state.sent += len(message)
-                    # A write ends once flow control let the whole message through: a slow
-                    # reader that is still reading gets a second per _SLOWEST_READ of it more.
-                    limit = idle + len(message) / _SLOWEST_READ
-                    try:
-                        # Not wait_for: on 3.11 it may swallow a cancel that comes as the write ends.
-                        async with asyncio.timeout(limit):
-                            await context.write(message)
-                    except TimeoutError:
-                        on_idle()
-                        raise DeadlineExceeded(
-                            f"the client took not one message of its result in {limit:g} s (--stream-idle-seconds "
-                            f"{idle:g} s, and a second per {_SLOWEST_READ // 1024} KiB of the message); the call "
-                            "is ended and its result freed"
-                        ) from None
+                    yield message
                 self.observe(state.record, grpc.StatusCode.OK, arrived, state.received, state.sent)
                 return
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 error = error_of(e, method)
             finally:
-                # A client that went away cancels this call at its write: the body's
-                # own clean-up (its finally) runs now, not when it is collected.
+                # A client that went away closes this generator at its yield: the
+                # body's own clean-up (its finally) runs now, not when it is collected.
                 if responses is not None:
                     await responses.aclose()  # type: ignore[attr-defined]
             self.observe(state.record, status_for(error), arrived, state.received, 0)

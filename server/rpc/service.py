@@ -76,9 +76,7 @@ class KernelService:
             for name, fn in methods.items()
         }
         for name, fused in (("ExecuteStream", True), ("FallbackStream", False)):
-            handlers[name] = self.plumbing.streamed(
-                functools.partial(self._streamed, fused), name, self.core.settings.stream_idle_seconds, self._idle_end
-            )
+            handlers[name] = self.plumbing.streamed(functools.partial(self._streamed, fused), name)
         handlers["RegisterStream"] = self.plumbing.streamed_in(self._register_stream, "RegisterStream")
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
@@ -427,15 +425,11 @@ class KernelService:
         except StopAsyncIteration:
             return None
         except TimeoutError:
-            self._idle_end()
+            self.core.stream_buffers.idle_ends += 1  # on the event loop only
             raise DeadlineExceeded(
                 f"the client sent nothing for {idle:g} s before its stream was complete "
                 "(--stream-idle-seconds); the call is ended and what it sent is freed"
             ) from None
-
-    def _idle_end(self) -> None:
-        """A stream ended by --stream-idle-seconds, either way (on the event loop only)."""
-        self.core.stream_buffers.idle_ends += 1
 
     def _stream_sink(self, nbytes: int) -> Any:
         # Past the keep-for-reuse budget a buffer is not kept anyway: give it
