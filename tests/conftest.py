@@ -115,28 +115,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     s.stop()
 
 
-@pytest.fixture(scope="session")
-def cuda_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One CUDA server for the `gpu` tests of the session."""
+def _cuda_server(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str) -> Iterator[ServerProcess]:
     import torch
 
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
-    s = start_server(tmp_path_factory.mktemp("cuda"), None, "--device", "cuda")
+    s = start_server(tmp_path_factory.mktemp(name), None, "--device", "cuda", *flags)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def cuda_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One CUDA server for the `gpu` tests of the session."""
+    yield from _cuda_server(tmp_path_factory, "cuda")
 
 
 @pytest.fixture(scope="session")
 def cuda_staging_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A CUDA server with small-tensor staging on (--cuda-staging-bytes; off by default)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.fail("the gpu tests need a CUDA device (run them with scripts/gpu_check.sh)")
-    s = start_server(tmp_path_factory.mktemp("cuda-staging"), None, "--device", "cuda", "--cuda-staging-bytes", "1048576")
-    yield s
-    s.stop()
+    yield from _cuda_server(tmp_path_factory, "cuda-staging", "--cuda-staging-bytes", "1048576")
 
 
 @pytest.fixture()
