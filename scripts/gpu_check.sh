@@ -14,6 +14,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
 #   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh ab       # call_stages, BASE's wheel vs this tree's, alternating (~5 min)
+#   device run --carry .whl -- bash scripts/gpu_check.sh poll     # call_stages, --busy-poll-us 0 vs its default, alternating (~5 min)
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -130,6 +131,19 @@ if [[ $PART == ab ]]; then
             echo "== round $round, $side $(date -u +%T)" | tee -a "$OUT/ab.log"
             PYTHONPATH=$site python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-1000}" 2>&1 \
                 | grep -v INFO | tee -a "$OUT/ab.log"
+            rc=$(( rc || PIPESTATUS[0] ))
+        done
+    done
+fi
+if [[ $PART == poll ]]; then
+    # The serving loop's busy poll (--busy-poll-us, server/rpc/poll.py) off and at its
+    # default, alternating, one server each: the small call's stages beside the echo.
+    for round in 1 2; do
+        for us in 0 default; do
+            echo "== round $round, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
+            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_BUSY_POLL_US=$us")
+            python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-1000}" "${env[@]}" 2>&1 \
+                | grep -v INFO | tee -a "$OUT/poll.log"
             rc=$(( rc || PIPESTATUS[0] ))
         done
     done

@@ -113,6 +113,7 @@ class Server:
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             per_identity=settings.worker_share,
             max_waiting=settings.max_waiting_calls_per_identity,
+            busy_poll_us=settings.busy_poll_us,
         )
         self.service = KernelService(
             self.core,
@@ -152,7 +153,7 @@ class Server:
         if settings.metrics_port is not None:
             from fuseport.server.metrics import Metrics
 
-            self.metrics = Metrics(self.core, self.core.shared, self.plumbing.share)
+            self.metrics = Metrics(self.core, self.core.shared, self.plumbing.share, self.plumbing.poll)
             self.plumbing.observer = self.metrics
             self.core.executor.events = self.metrics
             if self.core.batcher is not None:

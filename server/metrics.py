@@ -29,6 +29,7 @@ from fuseport.wire import _pb
 
 if TYPE_CHECKING:
     from fuseport.server.core import Core
+    from fuseport.server.rpc.poll import BusyPoll
     from fuseport.server.rpc.share import WorkerShare
     from fuseport.server.shm import SharedMemory
 
@@ -71,7 +72,11 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
     global one: several servers in one process, as in tests, each count their own)."""
 
     def __init__(
-        self, core: Core, shared: SharedMemory | None = None, share: WorkerShare | None = None
+        self,
+        core: Core,
+        shared: SharedMemory | None = None,
+        share: WorkerShare | None = None,
+        poll: BusyPoll | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -125,7 +130,7 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
             self.compiles.labels(outcome)
         for outcome in ("ok", "refused"):
             self.artifact_loads.labels(outcome)
-        r.register(_StateCollector(core, shared, share))
+        r.register(_StateCollector(core, shared, share, poll))
         # process_resident_memory_bytes and friends (Linux: read from /proc; elsewhere none).
         ProcessCollector(registry=r)
         self._http: WSGIServer | None = None
@@ -183,10 +188,17 @@ class Metrics(CallObserver, ExecutorEvents, BatchEvents):
 class _StateCollector:
     """What is read at scrape time: kernels registered, the compiled-kernel cache, memory."""
 
-    def __init__(self, core: Core, shared: SharedMemory | None, share: WorkerShare | None = None) -> None:
+    def __init__(
+        self,
+        core: Core,
+        shared: SharedMemory | None,
+        share: WorkerShare | None = None,
+        poll: BusyPoll | None = None,
+    ) -> None:
         self.core = core
         self.shared = shared
         self.share = share
+        self.poll = poll
 
     def describe(self) -> list[Any]:
         # Declared empty so that registering does not call collect() (and read the
@@ -291,6 +303,28 @@ class _StateCollector:
                 "fuseport_worker_calls_waiting",
                 "Calls waiting for a worker, queued per caller (the caller holding fewest goes first)",
                 value=self.share.waiting,
+            )
+        if self.poll is not None and self.poll.max:
+            # Read from the scrape's thread: numbers the event loop sets (a scrape mid-poll
+            # counts that poll's seconds at its end).
+            poll = self.poll
+            calls = CounterMetricFamily(
+                "fuseport_busy_poll_calls",
+                "Calls that found the serving loop polling for them (caught), and polls that ended with no call "
+                "(missed) (--busy-poll-us)",
+                labels=["outcome"],
+            )
+            calls.add_metric(["caught"], poll.caught)
+            calls.add_metric(["missed"], poll.missed)
+            yield calls
+            yield CounterMetricFamily(
+                "fuseport_busy_poll_seconds", "CPU seconds the serving loop spent polling for calls", value=poll.polled
+            )
+            yield GaugeMetricFamily(
+                "fuseport_busy_poll_window_seconds",
+                "How long the serving loop polls after its last call now (adapted to the gaps between calls, "
+                "at most --busy-poll-us)",
+                value=poll.window,
             )
         if self.shared is not None and self.shared.enabled:
             sessions, mapped = self.shared.stats()

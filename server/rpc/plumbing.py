@@ -27,6 +27,7 @@ import grpc
 from fuseport.server.devices import is_out_of_memory
 from fuseport.server.penalties import TOKEN_IDENTITY
 from fuseport.server.resident import CLIENT_ID_KEY, NO_OWNER, Owner, owner_of
+from fuseport.server.rpc.poll import BusyPoll
 from fuseport.server.rpc.share import WorkerShare
 from fuseport.server.security import presented_token_digest
 from fuseport.wire import _pb
@@ -199,10 +200,12 @@ class Plumbing:
         release_above: int | None = None,
         per_identity: int | None = None,
         max_waiting: int = 64,
+        busy_poll_us: int = 0,
     ) -> None:
         """`per_identity`: the most workers one identity's calls hold at once
         (server/rpc/share.py; None: `workers` minus one, at least 1); `max_waiting`:
-        the most of its calls that may wait for one."""
+        the most of its calls that may wait for one; `busy_poll_us`: how long the loop
+        may poll for the next call once the last one ends (server/rpc/poll.py)."""
         # Decoding, running and encoding happen here unless a method runs inline
         # (so large messages never block the event loop).
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
@@ -216,6 +219,7 @@ class Plumbing:
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
         self.release_above = release_above
         self.observer = CallObserver()
+        self.poll = BusyPoll(busy_poll_us)
         # The kernel namespace of a call, from its metadata (set by the app where
         # tokens are checked: a user token's own; b"" the shared one).
         self.tenant_of: Callable[[Any], bytes] = _no_tenant
@@ -236,9 +240,10 @@ class Plumbing:
             arrived = time.perf_counter_ns()
             record = CallRecord(method)
             error: FuseportError
+            loop = asyncio.get_running_loop()
+            self.poll.begin()
             try:
                 deadline = self._admit(record, context)
-                loop = asyncio.get_running_loop()
                 if inline is not None and len(request) <= inline_max_bytes:
                     out = await inline(loop, request, deadline, record)
                 elif watched:
@@ -257,6 +262,8 @@ class Plumbing:
                 return out
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 error = error_of(e, name)
+            finally:
+                self.poll.end(loop)
             self.observe(record, status_for(error), arrived, len(request), 0)
             await _fail(context, error)
             raise AssertionError("unreachable")  # context.abort raises
@@ -288,6 +295,7 @@ class Plumbing:
             arrived = state.arrived
             error: FuseportError
             responses: AsyncIterator[bytes] | None = None
+            self.poll.begin()
             try:
                 state.deadline = self._admit(state.record, context)
                 responses = body(requests, state)
@@ -301,8 +309,11 @@ class Plumbing:
             finally:
                 # A client that went away closes this generator at its yield: the
                 # body's own clean-up (its finally) runs now, not when it is collected.
-                if responses is not None:
-                    await responses.aclose()  # type: ignore[attr-defined]
+                try:
+                    if responses is not None:
+                        await responses.aclose()  # type: ignore[attr-defined]
+                finally:
+                    self.poll.end(asyncio.get_running_loop())
             self.observe(state.record, status_for(error), arrived, state.received, 0)
             await _fail(context, error)
 
@@ -323,6 +334,7 @@ class Plumbing:
             state = Streamed(CallRecord(method), None, time.perf_counter_ns(), context)
             arrived = state.arrived
             error: FuseportError
+            self.poll.begin()
             try:
                 state.deadline = self._admit(state.record, context)
                 out = await body(requests, state)
@@ -331,9 +343,10 @@ class Plumbing:
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 error = error_of(e, method)
             finally:
+                loop = asyncio.get_running_loop()
+                self.poll.end(loop)
                 if self.release_above is not None and state.received > self.release_above:
                     # gRPC's buffers of the received chunks, and a failed call's own.
-                    loop = asyncio.get_running_loop()
                     context.add_done_callback(lambda _: loop.call_soon(release_host_memory))
             self.observe(state.record, status_for(error), arrived, state.received, 0)
             await _fail(context, error)

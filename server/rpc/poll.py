@@ -1,0 +1,97 @@
+"""The serving loop's busy poll: after its last call ends, the event loop keeps
+turning (a callback that queues itself again) for a while instead of sleeping in
+epoll, so that the next call of a client calling back to back finds it awake.
+
+Why: a thread that slept pays for its wake-up and for its cold caches. On the 2-core
+CPU machine a small call's own work (decode, core.execute, encode; in process, no
+gRPC) costs 64-86 us back to back, 140-256 us after a sleep of 0.5-2 ms and 81-128
+us after the same time spinning; end to end, a 2 ms poll took a 1 KiB Execute from
+1.58-1.76x to 0.83-0.99x the echo (docs/perf.md, "The serving loop polls").
+
+What it costs is CPU while calls come close together: a poll that catches the next
+call spends the gap, one that misses spends its whole window. So the window adapts,
+the way Linux's halt polling does for a vCPU: a call that came after the window but
+within --busy-poll-us doubles it, one that came later than that halves it (to 0
+below _START), and a caught one leaves it. A server whose calls come further apart
+than --busy-poll-us stops polling within a few calls; at rest it polls not at all.
+It polls only while no call of this process is in flight: one on a worker (a heavy
+call, a large message) is answered through call_soon_threadsafe, which wakes the loop
+anyway, and the worker needs the GIL that a spinning loop would contend for."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+# The smallest window worth polling, and where a window that grows starts.
+_START = 50e-6
+
+
+class BusyPoll:
+    """Told of each call's start (`begin`) and end (`end`) on the serving loop."""
+
+    __slots__ = (
+        "active", "caught", "clock", "idle_since", "max", "missed", "polled", "spinning", "started", "until", "window",
+    )  # fmt: skip
+
+    def __init__(self, max_us: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.max = max_us / 1e6
+        self.window = self.max  # optimistic: a first burst of calls is caught at once
+        self.active = 0
+        self.idle_since: float | None = None  # when the last call in flight ended
+        self.until = 0.0
+        self.spinning = False
+        self.started: float | None = None  # when polling began, while no call is in flight
+        # What it did, for the metrics (fuseport_busy_poll_*): calls that found the loop
+        # polling, polls that ended with no call, and the seconds spent polling.
+        self.caught = 0
+        self.missed = 0
+        self.polled = 0.0
+
+    def begin(self) -> None:
+        self.active += 1
+        now = self.clock()
+        if self.started is not None:  # polling: the call's own time is not
+            self.polled += now - self.started
+            self.started = None
+        if self.idle_since is None:
+            return
+        gap = now - self.idle_since
+        self.idle_since = None
+        if gap <= self.window:
+            self.caught += 1
+            return
+        if self.window:
+            self.missed += 1
+        if gap <= self.max:
+            self.window = min(self.max, max(2 * self.window, _START))
+        else:
+            self.window = self.window / 2 if self.window / 2 >= _START else 0.0
+
+    def end(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.active -= 1
+        if self.active > 0 or not self.max:
+            return
+        now = self.clock()
+        self.idle_since = now
+        if not self.window:
+            return
+        self.until = now + self.window
+        self.started = now
+        if not self.spinning:
+            self.spinning = True
+            loop.call_soon(self._turn, loop)
+
+    def _turn(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Each turn of the loop between two of these polls its file descriptors
+        # without waiting: the poller thread's wake-up for a new call is seen at once.
+        now = self.clock()
+        if self.active == 0 and now < self.until:
+            loop.call_soon(self._turn, loop)
+        else:
+            self.spinning = False
+            if self.started is not None:
+                self.polled += now - self.started
+                self.started = None

@@ -1,0 +1,173 @@
+"""The serving loop's busy poll (--busy-poll-us, server/rpc/poll.py): it polls after
+a call while calls come close together, stops while they come far apart, and burns
+nothing at rest. What it saves is measured in scripts/call_stages.py (docs/perf.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuseport.client import Client
+from fuseport.server.rpc.poll import BusyPoll
+from fuseport.server.settings import Settings
+
+from .conftest import ServerProcess, start_server
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def idle_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop never run: a poll's turns are queued on it, not taken."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def _gap(poll: BusyPoll, clock: Clock, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    """One call after `seconds` of rest."""
+    clock.now += seconds
+    poll.begin()
+    poll.end(loop)
+
+
+def test_the_window_closes_while_calls_come_further_apart_than_its_limit(
+    idle_loop: asyncio.AbstractEventLoop,
+) -> None:
+    clock = Clock()
+    poll = BusyPoll(2000, clock)
+    _gap(poll, clock, idle_loop, 0)
+    windows = []
+    for _ in range(8):
+        _gap(poll, clock, idle_loop, 0.005)  # 5 ms apart: past 2 ms, a poll would only burn
+        windows.append(poll.window)
+    assert windows[0] == pytest.approx(0.001)
+    assert windows == sorted(windows, reverse=True)
+    assert poll.window == 0.0, windows
+    assert poll.caught == 0 and poll.missed == windows.index(0.0) + 1
+
+
+def test_the_window_grows_back_until_it_catches_calls_that_come_close_together(
+    idle_loop: asyncio.AbstractEventLoop,
+) -> None:
+    clock = Clock()
+    poll = BusyPoll(2000, clock)
+    poll.window = 0.0
+    _gap(poll, clock, idle_loop, 0)
+    for _ in range(10):
+        _gap(poll, clock, idle_loop, 0.0007)
+    assert 0.0007 <= poll.window <= 0.002
+    caught = poll.caught
+    for _ in range(5):
+        _gap(poll, clock, idle_loop, 0.0007)
+    assert poll.caught == caught + 5
+
+
+def test_a_poll_stops_at_its_window_or_when_a_call_arrives() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        poll = BusyPoll(2000)
+        poll.begin()
+        poll.end(loop)
+        assert poll.spinning
+        while poll.spinning:
+            await asyncio.sleep(0.001)
+        assert poll.polled >= 0.002  # the window's length, at least
+
+        poll.begin()
+        poll.end(loop)  # polling again, for at most 2 ms
+        poll.begin()  # a call: its own time is not polling, and the poll stops at its next turn
+        polled = poll.polled
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not poll.spinning
+        assert poll.polled == polled
+        poll.end(loop)
+
+    asyncio.run(main())
+
+
+def test_no_poll_when_it_is_off() -> None:
+    async def main() -> None:
+        poll = BusyPoll(0)
+        poll.begin()
+        poll.end(asyncio.get_running_loop())
+        assert not poll.spinning
+
+    asyncio.run(main())
+
+
+def test_busy_poll_us_is_bounded() -> None:
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        Settings(busy_poll_us=-1)
+    with pytest.raises(ValueError, match="busy_poll_us"):
+        Settings(busy_poll_us=2_000_000)
+
+
+@pytest.fixture(scope="module")
+def polling(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One serving process (its loop is the one measured), default busy poll, metrics on."""
+    s = start_server(tmp_path_factory.mktemp("poll"), None, "--processes", "1", "--metrics-port", "0")
+    yield s
+    s.stop()
+
+
+def _metrics(server: ServerProcess) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as resp:  # noqa: S310 - loopback
+        return str(resp.read().decode())
+
+
+def _sample(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found, f"no {name} in the metrics"
+    return float(found.group(1))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU, from /proc (clock ticks of 1/100 s)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
+def test_a_server_polls_between_calls_back_to_back_and_burns_nothing_at_rest(polling: ServerProcess) -> None:
+    with Client(polling.target) as c:
+        key = c.register(lambda x: x * 2.0 + 1.0, [torch.zeros(256)])
+        x = torch.randn(256)
+        for _ in range(200):
+            assert torch.equal(c.execute(key, [x])[0], x * 2.0 + 1.0)
+    text = _metrics(polling)
+    # Back to back over loopback, the next call comes well within 2 ms, nearly always.
+    assert _sample(text, 'fuseport_busy_poll_calls_total{outcome="caught"}') > 0
+    assert _sample(text, "fuseport_busy_poll_seconds_total") > 0
+    assert 0 < _sample(text, "fuseport_busy_poll_window_seconds") <= 0.002
+    # At rest, no call in flight: a loop that went on polling would use the whole second.
+    before = _cpu_seconds(polling.proc.pid)
+    time.sleep(1.0)
+    assert _cpu_seconds(polling.proc.pid) - before < 0.3
+
+
+def test_a_server_told_not_to_poll_has_no_poll_metrics(tmp_path: Path) -> None:
+    s = start_server(
+        tmp_path, None, "--processes", "1", "--metrics-port", "0", env={"FUSEPORT_BUSY_POLL_US": "0"}
+    )
+    try:
+        with Client(s.target) as c:
+            key = c.register(lambda x: x + 1, [torch.zeros(4)])
+            for _ in range(20):
+                c.execute(key, [torch.zeros(4)])
+        assert "fuseport_busy_poll" not in _metrics(s)
+    finally:
+        s.stop()
