@@ -137,13 +137,21 @@ if [[ $PART == ab ]]; then
 fi
 if [[ $PART == poll ]]; then
     # The serving loop's busy poll (--busy-poll-us, server/rpc/poll.py) off and at its
-    # default, alternating, one server each: the small call's stages beside the echo.
-    for round in 1 2; do
+    # default, alternating, one server each: the small call's stages beside the echo,
+    # then the bench's transport rows at 1 KiB. Each row is logged as it ends.
+    for round in $(seq "${POLL_ROUNDS:-2}"); do
         for us in 0 default; do
-            echo "== round $round, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
+            echo "== round $round, call_stages, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
             env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_BUSY_POLL_US=$us")
             python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-1000}" "${env[@]}" 2>&1 \
                 | grep -v INFO | tee -a "$OUT/poll.log"
+            rc=$(( rc || PIPESTATUS[0] ))
+        done
+        for us in 0 default; do
+            echo "== round $round, bench, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
+            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_BUSY_POLL_US=$us")
+            python3 -m fuseport.cli bench --device cuda --sections transport --sizes 1K "${env[@]}" \
+                --json "$OUT/bench-poll-$round-$us.json" --no-plot 2>&1 | grep -v INFO | tee -a "$OUT/poll.log"
             rc=$(( rc || PIPESTATUS[0] ))
         done
     done
