@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -113,7 +114,7 @@ class Server:
             settings.keep_host_memory_bytes if settings.keep_host_memory else None,
             per_identity=settings.worker_share,
             max_waiting=settings.max_waiting_calls_per_identity,
-            busy_poll_us=settings.busy_poll_us,
+            busy_poll_us=settings.busy_poll_us or 0,
         )
         self.service = KernelService(
             self.core,
@@ -270,7 +271,13 @@ EXIT_DEVICE_FAILED = 3
 EXIT_RUNAWAY_KERNEL = 4
 
 
+# --busy-poll-us when unset, in a process that only serves (see Settings.busy_poll_us).
+SERVE_BUSY_POLL_US = 2000
+
+
 async def _serve(settings: Settings, security: Security | None, process: int | None) -> NoReturn:
+    if settings.busy_poll_us is None:
+        settings = dataclasses.replace(settings, busy_poll_us=SERVE_BUSY_POLL_US)
     server, port = await create_server(settings, security, process)
     await server.start()
     stop = asyncio.Event()

@@ -171,3 +171,23 @@ def test_a_server_told_not_to_poll_has_no_poll_metrics(tmp_path: Path) -> None:
         assert "fuseport_busy_poll" not in _metrics(s)
     finally:
         s.stop()
+
+
+def test_an_embedded_server_does_not_poll_unless_told(tmp_path: Path) -> None:
+    """In a program's own process the polling loop would contend for the GIL with the
+    program's threads (its caller among them): create_server's default is no poll."""
+    from fuseport.server import create_server
+
+    async def polls(**kw: int) -> float:
+        settings = Settings(
+            host="127.0.0.1", port=0, store_dir=tmp_path, device="cpu", compile_mode="off", **kw
+        )
+        server, _ = await create_server(settings)
+        await server.start()
+        try:
+            return server.plumbing.poll.max
+        finally:
+            await server.stop(0)
+
+    assert asyncio.run(polls()) == 0
+    assert asyncio.run(polls(busy_poll_us=500)) == pytest.approx(0.0005)
