@@ -1,14 +1,17 @@
 """A co-located client's shared-memory Execute against the unary echo of the same bytes.
 
-    python scripts/shm_echo_ratio.py [MiB] [rounds] [--dtype float32] [--before PYTHON]
+    python scripts/shm_echo_ratio.py [MiB] [rounds] [--dtype float32] [--device cuda]
+        [--before PYTHON | --beside K=V]
 
-Starts a CPU `fuseport serve` and the raw gRPC echo server, then times, interleaved
+Starts a `fuseport serve` (CPU unless --device) and the raw gRPC echo server, then times, interleaved
 round by round (drift falls on all alike): the unary echo of MiB bytes; `x + 0` on a
 tensor of MiB (uint8 unless --dtype) through shared memory with the caller keeping each
 result until the next call (`out = c.execute(...)` in a loop); and the same with the
 result dropped before the next call. `--before PYTHON`: a second server run by another
 checkout's interpreter (e.g. /work/main/.venv/bin/python), timed the same way in the
-same rounds, so that a change is measured before and after in one run. Prints each p50
+same rounds, so that a change is measured before and after in one run; `--beside K=V`: a
+second server of this checkout with that FUSEPORT_* setting (a setting off against on, e.g.
+FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false on CUDA), timed the same way. Prints each p50
 and its ratio to the echo's (docs/perf.md, issue 21)."""
 
 from __future__ import annotations
@@ -53,14 +56,17 @@ def main() -> None:
     ap.add_argument("mib", type=int, nargs="?", default=16)
     ap.add_argument("rounds", type=int, nargs="?", default=30)
     ap.add_argument("--dtype", default="uint8")
-    ap.add_argument("--before", help="the interpreter of another checkout, for a second server to compare")
+    ap.add_argument("--device", default="cpu")
+    second = ap.add_mutually_exclusive_group()
+    second.add_argument("--before", help="the interpreter of another checkout, for a second server to compare")
+    second.add_argument("--beside", metavar="K=V", help="a second server of this checkout with this setting")
     args = ap.parse_args()
     size = args.mib << 20
     dtype = getattr(torch, args.dtype)
     x = torch.full((size // dtype.itemsize,), 7, dtype=dtype)
     clients: list[Client] = []
     with contextlib.ExitStack() as stack:
-        target, _pid = stack.enter_context(fuseport_server("cpu"))
+        target, _pid = stack.enter_context(fuseport_server(args.device))
         echo_target, _epid = stack.enter_context(echo_server())
         channel = echo_channel(echo_target)
         echo = echo_stub(channel)
@@ -68,14 +74,18 @@ def main() -> None:
         calls: dict[str, Callable[[], Any]] = {"echo": lambda: echo(payload, timeout=300)}
         calls.update(_shm_calls(target, x, "", clients))
         if args.before:
-            before, _bpid = stack.enter_context(fuseport_server("cpu", python=args.before))
+            before, _bpid = stack.enter_context(fuseport_server(args.device, python=args.before))
             calls.update(_shm_calls(before, x, " (before)", clients))
+        elif args.beside:
+            name, _, value = args.beside.partition("=")
+            beside, _bpid = stack.enter_context(fuseport_server(args.device, env={name: value}))
+            calls.update(_shm_calls(beside, x, f" ({args.beside})", clients))
         lat = {name: [us / 1e3 for us in v] for name, v in time_interleaved(calls, args.rounds, 3).items()}
         echo_ms = statistics.median(lat["echo"])
-        print(f"{args.mib} MiB of {args.dtype}, {args.rounds} rounds", flush=True)
+        print(f"{args.mib} MiB of {args.dtype} on {args.device}, {args.rounds} rounds", flush=True)
         for name, values in lat.items():
             p50 = statistics.median(values)
-            print(f"{name:22s} p50 {p50:8.2f} ms  {p50 / echo_ms:5.2f}x the unary echo", flush=True)
+            print(f"{name:50s} p50 {p50:8.2f} ms  {p50 / echo_ms:5.2f}x the unary echo", flush=True)
         for c in clients:
             c.close()
         channel.close()

@@ -137,6 +137,9 @@ class Core:
             # CUDA IPC only where this process serves on CUDA: asking a CPU
             # server's driver for device UUIDs would make it a CUDA context.
             self.placement.device if settings.cuda_ipc and self.placement.device.type == "cuda" else None,
+            page_lock=self.placement.device
+            if settings.shared_memory_page_lock and self.placement.device.type == "cuda"
+            else None,
             max_sessions=settings.shared_memory_sessions,
             per_identity=settings.shared_memory_sessions_per_identity,
             ticket_seconds=settings.shared_memory_ticket_seconds,

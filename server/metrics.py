@@ -336,4 +336,9 @@ class _StateCollector:
                 "Bytes of shared-memory regions mapped for those sessions (the clients' and the server's)",
                 value=mapped,
             )
+            yield GaugeMetricFamily(
+                "fuseport_shared_memory_locked_bytes",
+                "Of those, bytes page-locked for the GPU (--shared-memory-page-lock; 0 on a CPU server)",
+                value=self.shared.locked_bytes,
+            )
 

@@ -337,6 +337,14 @@ class Settings:
             "handles (copied on the device; no host copy)"
         },
     )
+    shared_memory_page_lock: bool = field(
+        default=True,
+        metadata={
+            "help": "on a CUDA server, page-lock (cudaHostRegister) every shared-memory region it maps, so that "
+            "copies between a region and the GPU run at the bus's speed; their bytes are locked host memory while "
+            "mapped (bounded by --shared-memory-max-bytes)"
+        },
+    )
 
     # --processes (procs): several serving processes on one port, under a supervisor.
     processes: int = field(

@@ -43,6 +43,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,13 +186,17 @@ class SharedMemory:
         max_bytes: int,
         cuda_device: torch.device | None = None,
         *,
+        page_lock: torch.device | None = None,
         max_sessions: int = MAX_SESSIONS,
         per_identity: int = SESSIONS_PER_IDENTITY,
         ticket_seconds: float = TICKET_SECONDS,
         idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         """`cuda_device`: the CUDA device this process serves on, whose allocations
-        sessions may name by CUDA IPC handle (None: no CUDA IPC).
+        sessions may name by CUDA IPC handle (None: no CUDA IPC). `page_lock`: the
+        CUDA device whose driver page-locks every region mapped here (None: none), so
+        that copies between a region and the device are DMA at the bus's speed, not
+        staged through the driver's bounce buffer.
 
         Sessions are bounded per process (`max_sessions`, pending and connected)
         and per identity (`per_identity`): a caller's token; without tokens, its
@@ -216,6 +221,9 @@ class SharedMemory:
         self._cuda_ordinal = 0 if cuda_device is None else cuda_device.index or 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
+        self._page_lock = page_lock
+        self.locked_bytes = 0  # page-locked now (fuseport_shared_memory_locked_bytes)
+        self._lock_failed = False  # said once in the log
         # Connections yet to say HELLO, oldest first: their peer's uid (see PENDING_PER_UID).
         self._pending: dict[socket.socket, int] = {}
         self._listener: socket.socket | None = None
@@ -513,6 +521,7 @@ class SharedMemory:
             ident = session.next_output
             session.next_output += 1
             region, fd = shm.create_region(ident, size, f"fuseport-out-{slot}")
+            self._lock_pages(region)
             try:
                 if session.conn is None:
                     raise SharedMemoryUnavailable("shared-memory session closed")
@@ -754,8 +763,42 @@ class SharedMemory:
                 f"{e} (a session may map {self.max_bytes} bytes, all sessions "
                 f"{TOTAL_SESSIONS_OF_BUDGET * self.max_bytes}; {max(0, room)} left)"
             )
+        self._lock_pages(region)
         session.regions[p.id] = region
         self._reply(session, shm.Packet(shm.OK, id=p.id))
+
+    def _lock_pages(self, region: shm.Region) -> None:
+        """Page-locks a region's memory for the serving device (see __init__) until the
+        Region object is collected, whichever of the session's tables dropped it last.
+        The finalizer holds the mapping, so it is unregistered before it can be unmapped:
+        memory mapped later at the same address must not be read through the stale lock.
+        A region that cannot be locked (the host's locked-memory limit, a driver that
+        refuses) is used as it is, at pageable speed."""
+        device = self._page_lock
+        drv = cuda_ipc.driver() if device is not None else None
+        if drv is None or device is None:
+            return
+        ordinal, ptr, size = device.index or 0, region.bytes.data_ptr(), region.size
+        try:
+            drv.host_register(ordinal, ptr, size)
+        except cuda_ipc.CudaError as e:
+            if not self._lock_failed:
+                self._lock_failed = True
+                log.warning("cannot page-lock a shared-memory region of %d bytes (%s): such regions are copied "
+                            "at pageable speed", size, e)  # fmt: skip
+            return
+        with self._lock:
+            self.locked_bytes += size
+        weakref.finalize(region, self._unlock_pages, drv, ordinal, ptr, size, region.mapping)
+
+    def _unlock_pages(self, drv: cuda_ipc.Driver, ordinal: int, ptr: int, size: int, mapping: object) -> None:
+        try:
+            drv.host_unregister(ordinal, ptr)
+        except cuda_ipc.CudaError as e:  # a context torn down at exit: the process is ending
+            log.debug("unregistering a shared-memory region: %s", e)
+        with self._lock:
+            self.locked_bytes -= size
+        del mapping  # only now may the mapping go
 
     def _reply(self, session: _Session, p: shm.Packet) -> None:
         with session.send_lock:

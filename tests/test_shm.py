@@ -273,6 +273,7 @@ def test_metrics_count_sessions_and_mapped_bytes(server: ServerProcess, key: int
         sessions, mapped = _gauges(server)
         assert sessions == 1
         assert mapped == (1 << 20) + (1 << 20)  # a 1 MiB input region and a 1 MiB output region
+        assert server.metric("fuseport_shared_memory_locked_bytes") == 0  # page-locked for a GPU only
     assert _until(server, (0, 0)) == (0, 0)
 
 
@@ -604,6 +605,41 @@ def test_shared_memory_to_a_cuda_server_matches_eager_on_the_device(
             r = c.fallback_detailed(k, inputs)
             assert r.transport == transport
             assert all(torch.equal(x, y) for x, y in zip(r.stack, want))
+
+
+@pytest.mark.gpu
+def test_a_cuda_servers_regions_are_page_locked_while_mapped_and_unlocked_when_the_session_ends(
+    tmp_path: Path,
+) -> None:
+    """--shared-memory-page-lock (on by default): the client's input regions and the
+    server's output regions are registered with the GPU's driver as they are mapped,
+    and unregistered when the session drops them. Results stay right call after call,
+    through the same regions and through a fresh one."""
+    s = start_server(tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0",
+                     "--compile-mode", "off")  # fmt: skip
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(4 << 20, generator=g)  # 16 MiB
+        with Client(s.target, timeout=300) as c:
+            k = c.register(lambda x: x * 2.0 + 1.0, [torch.ones(4)])
+            want = (x.cuda() * 2.0 + 1.0).cpu()
+            kept = []
+            for i in range(4):
+                r = c.execute_detailed(k, [x])
+                assert r.transport == "shm"
+                assert torch.equal(r.stack[0], want), f"call {i}"
+                kept.append(r)  # results alive: the next call writes a fresh output region
+            locked = s.metric("fuseport_shared_memory_locked_bytes")
+            mapped = s.metric("fuseport_shared_memory_bytes")
+            assert locked == mapped >= 2 * x.nbytes, (locked, mapped)
+            del kept, r
+        deadline = time.monotonic() + 30
+        while s.metric("fuseport_shared_memory_locked_bytes") and time.monotonic() < deadline:
+            time.sleep(0.05)  # a closed client's session ends when the server reads its EOF
+        assert s.metric("fuseport_shared_memory_locked_bytes") == 0
+        assert s.metric("fuseport_shared_memory_bytes") == 0
+    finally:
+        s.stop()
 
 
 def _cuda_inputs(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""CUDA IPC between a client and a server on one GPU host: what both sides share.
+"""CUDA IPC between a client and a server on one GPU host: what both sides share (and the
+server's page-locking of shared-memory regions, through the same driver).
 
 A CUDA tensor of a co-located client travels as a legacy CUDA IPC handle
 (cuIpcGetMemHandle: 64 opaque bytes naming the client's whole allocation), the
@@ -30,6 +31,7 @@ __all__ = ["HANDLE_BYTES", "UNUSABLE_HANDLE", "UUID_BYTES", "CudaError", "Driver
 HANDLE_BYTES = codec.CUDA_HANDLE_BYTES
 UUID_BYTES = codec.CUDA_UUID_BYTES
 _LAZY_ENABLE_PEER_ACCESS = 1
+_HOST_REGISTER_PORTABLE = 1  # CU_MEMHOSTREGISTER_PORTABLE
 
 
 # What cuIpcOpenMemHandle answers for a handle the importer cannot use, as opposed
@@ -76,6 +78,8 @@ class Driver:
             (("cuIpcGetMemHandle",), [ctypes.POINTER(_Handle), ctypes.c_uint64]),
             (("cuIpcOpenMemHandle_v2", "cuIpcOpenMemHandle"), [u64p, _Handle, ctypes.c_uint]),
             (("cuIpcCloseMemHandle",), [ctypes.c_uint64]),
+            (("cuMemHostRegister_v2", "cuMemHostRegister"), [vp, ctypes.c_size_t, ctypes.c_uint]),
+            (("cuMemHostUnregister",), [vp]),
         ):
             fn = self._fn(*names)
             fn.argtypes, fn.restype = args, ctypes.c_int
@@ -176,6 +180,22 @@ class Driver:
     def close(self, ordinal: int, ptr: int) -> None:
         with self.on(ordinal):
             self._check("cuIpcCloseMemHandle", self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(ptr)))
+
+
+    def host_register(self, ordinal: int, ptr: int, nbytes: int) -> None:
+        """Page-locks `nbytes` of host memory at `ptr` for every context (portable), so that
+        copies between it and a device run as DMA at the bus's speed. Through the driver
+        API: a failure here leaves no error behind in the runtime's per-thread state, where
+        torch's next kernel launch on this thread would find it and fail."""
+        with self.on(ordinal):
+            rc = self._fn("cuMemHostRegister_v2", "cuMemHostRegister")(
+                ctypes.c_void_p(ptr), nbytes, _HOST_REGISTER_PORTABLE
+            )
+            self._check("cuMemHostRegister", rc)
+
+    def host_unregister(self, ordinal: int, ptr: int) -> None:
+        with self.on(ordinal):
+            self._check("cuMemHostUnregister", self._lib.cuMemHostUnregister(ctypes.c_void_p(ptr)))
 
 
 class _Blob:

@@ -124,7 +124,7 @@ class Region:
     """A mapped region: its bytes as a flat uint8 tensor. The mapping lives as
     long as any tensor viewing it (dropping the Region unmaps nothing early)."""
 
-    __slots__ = ("bytes", "id", "mapping", "size")
+    __slots__ = ("__weakref__", "bytes", "id", "mapping", "size")  # weakref: server/shm.py's page lock
 
     def __init__(self, ident: int, size: int, mapping: mmap.mmap) -> None:
         self.id = ident
