@@ -14,7 +14,8 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh batch    # 16 and 64 client processes, batching off vs on (issue 24)
 #   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh ab       # call_stages, BASE's wheel vs this tree's, alternating (~5 min)
-#   device run --carry .whl -- bash scripts/gpu_check.sh poll     # call_stages, --busy-poll-us 0 vs its default, alternating (~5 min)
+#   device run --carry .whl -- bash scripts/gpu_check.sh poll     # call_stages + bench rows, --busy-poll-us 0 vs default (~8 min; POLL_ROUNDS=1: ~4)
+#   device run --carry .whl -- bash scripts/gpu_check.sh shm      # shared memory 16/256 MiB vs the echo, regions page-locked or not
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
 set -uo pipefail
@@ -154,6 +155,16 @@ if [[ $PART == poll ]]; then
                 --json "$OUT/bench-poll-$round-$us.json" --no-plot 2>&1 | grep -v INFO | tee -a "$OUT/poll.log"
             rc=$(( rc || PIPESTATUS[0] ))
         done
+    done
+fi
+if [[ $PART == shm ]]; then
+    # Shared memory against the unary echo, with the regions page-locked (the default) and
+    # not (FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false), two servers timed in the same rounds.
+    for mib in ${SHM_MIB:-16 256}; do
+        rounds=30; (( mib > 64 )) && rounds=8
+        python3 "$REPO/scripts/shm_echo_ratio.py" "$mib" "$rounds" --dtype float32 --device cuda \
+            --beside FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false 2>&1 | grep -v INFO | tee -a "$OUT/shm.log"
+        rc=$(( rc || PIPESTATUS[0] ))
     done
 fi
 if [[ $PART == mps ]]; then
