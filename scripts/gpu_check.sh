@@ -159,11 +159,11 @@ if [[ $PART == poll ]]; then
 fi
 if [[ $PART == shm ]]; then
     # Shared memory against the unary echo, with the regions page-locked (the default) and
-    # not (FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false), two servers timed in the same rounds.
+    # not (FUSEPORT_SHARED_MEMORY_PAGE_LOCK_BYTES=0), two servers timed in the same rounds.
     for mib in ${SHM_MIB:-16 256}; do
         rounds=30; (( mib > 64 )) && rounds=8
         python3 "$REPO/scripts/shm_echo_ratio.py" "$mib" "$rounds" --dtype float32 --device cuda \
-            --beside FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false 2>&1 | grep -v INFO | tee -a "$OUT/shm.log"
+            --beside FUSEPORT_SHARED_MEMORY_PAGE_LOCK_BYTES=0 2>&1 | grep -v INFO | tee -a "$OUT/shm.log"
         rc=$(( rc || PIPESTATUS[0] ))
     done
 fi

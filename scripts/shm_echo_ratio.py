@@ -11,7 +11,7 @@ result dropped before the next call. `--before PYTHON`: a second server run by a
 checkout's interpreter (e.g. /work/main/.venv/bin/python), timed the same way in the
 same rounds, so that a change is measured before and after in one run; `--beside K=V`: a
 second server of this checkout with that FUSEPORT_* setting (a setting off against on, e.g.
-FUSEPORT_SHARED_MEMORY_PAGE_LOCK=false on CUDA), timed the same way. Prints each p50
+FUSEPORT_SHARED_MEMORY_PAGE_LOCK_BYTES=0 on CUDA), timed the same way. Prints each p50
 and its ratio to the echo's (docs/perf.md, issue 21)."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from fuseport.server.penalties import TOKEN_IDENTITY, Penalties
 from fuseport.server.registry import Kernel, Quotas, Registry, Summary, Variant
 from fuseport.server.resident import NO_OWNER, Owner, Residents
 from fuseport.server.settings import Settings
-from fuseport.server.shm import SharedCall, SharedMemory, check_slot, shared_sizes
+from fuseport.server.shm import SharedCall, SharedMemory, check_slot, default_page_lock_bytes, shared_sizes
 from fuseport.server.streams import Hold, StreamBuffers, default_buffer_bytes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog, past_limit
@@ -137,9 +137,12 @@ class Core:
             # CUDA IPC only where this process serves on CUDA: asking a CPU
             # server's driver for device UUIDs would make it a CUDA context.
             self.placement.device if settings.cuda_ipc and self.placement.device.type == "cuda" else None,
-            page_lock=self.placement.device
-            if settings.shared_memory_page_lock and self.placement.device.type == "cuda"
-            else None,
+            page_lock=self.placement.device if self.placement.device.type == "cuda" else None,
+            page_lock_bytes=(
+                default_page_lock_bytes()
+                if settings.shared_memory_page_lock_bytes is None
+                else settings.shared_memory_page_lock_bytes
+            ),
             max_sessions=settings.shared_memory_sessions,
             per_identity=settings.shared_memory_sessions_per_identity,
             ticket_seconds=settings.shared_memory_ticket_seconds,

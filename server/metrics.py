@@ -338,7 +338,7 @@ class _StateCollector:
             )
             yield GaugeMetricFamily(
                 "fuseport_shared_memory_locked_bytes",
-                "Of those, bytes page-locked for the GPU (--shared-memory-page-lock; 0 on a CPU server)",
+                "Of those, bytes page-locked for the GPU (up to --shared-memory-page-lock-bytes; 0 on a CPU server)",
                 value=self.shared.locked_bytes,
             )
 

@@ -337,12 +337,13 @@ class Settings:
             "handles (copied on the device; no host copy)"
         },
     )
-    shared_memory_page_lock: bool = field(
-        default=True,
+    shared_memory_page_lock_bytes: int | None = field(
+        default=None,
         metadata={
-            "help": "on a CUDA server, page-lock (cudaHostRegister) every shared-memory region it maps, so that "
-            "copies between a region and the GPU run at the bus's speed; their bytes are locked host memory while "
-            "mapped (bounded by --shared-memory-max-bytes)"
+            "help": "on a CUDA server, bytes of shared-memory regions it page-locks at most (cudaHostRegister), so "
+            "that copies between a region and the GPU run at the bus's speed; regions past it are copied at "
+            "pageable speed; 0: none; unset: a quarter of the host memory the server may use, shared among its "
+            "serving processes"
         },
     )
 
@@ -452,6 +453,8 @@ class Settings:
             raise ValueError("compile_timeout_seconds must be > 0")
         if self.max_call_bytes < 0:
             raise ValueError("max_call_bytes must be >= 0 (0: no limit of its own)")
+        if self.shared_memory_page_lock_bytes is not None and self.shared_memory_page_lock_bytes < 0:
+            raise ValueError("shared_memory_page_lock_bytes must be >= 0 (0: no region is page-locked)")
         if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError("busy_poll_us must be in 0..1000000 (0: the loop sleeps at once)")
         if not 0 <= self.batch_window_us <= 1_000_000:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from fuseport.server.resident import Owner
+from fuseport.server.streams import host_memory_bytes
 from fuseport.wire import codec, cuda_ipc, dtypes, shm
 from fuseport.wire.codec import message_room
 from fuseport.wire.errors import (
@@ -61,7 +62,7 @@ from fuseport.wire.errors import (
     SharedMemoryUnavailable,
 )
 
-__all__ = ["MAX_SLOTS", "SharedCall", "SharedMemory", "check_slot", "shared_sizes"]
+__all__ = ["MAX_SLOTS", "SharedCall", "SharedMemory", "check_slot", "default_page_lock_bytes", "shared_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class SharedMemory:
         cuda_device: torch.device | None = None,
         *,
         page_lock: torch.device | None = None,
+        page_lock_bytes: int = 0,
         max_sessions: int = MAX_SESSIONS,
         per_identity: int = SESSIONS_PER_IDENTITY,
         ticket_seconds: float = TICKET_SECONDS,
@@ -194,9 +196,9 @@ class SharedMemory:
     ) -> None:
         """`cuda_device`: the CUDA device this process serves on, whose allocations
         sessions may name by CUDA IPC handle (None: no CUDA IPC). `page_lock`: the
-        CUDA device whose driver page-locks every region mapped here (None: none), so
-        that copies between a region and the device are DMA at the bus's speed, not
-        staged through the driver's bounce buffer.
+        CUDA device whose driver page-locks the regions mapped here (None: none), up to
+        `page_lock_bytes` in all, so that copies between a region and the device are DMA
+        at the bus's speed, not staged through the driver's bounce buffer.
 
         Sessions are bounded per process (`max_sessions`, pending and connected)
         and per identity (`per_identity`): a caller's token; without tokens, its
@@ -222,6 +224,7 @@ class SharedMemory:
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._page_lock = page_lock
+        self.page_lock_bytes = page_lock_bytes
         self.locked_bytes = 0  # page-locked now (fuseport_shared_memory_locked_bytes)
         self._lock_failed = False  # said once in the log
         # Connections yet to say HELLO, oldest first: their peer's uid (see PENDING_PER_UID).
@@ -779,16 +782,20 @@ class SharedMemory:
         if drv is None or device is None:
             return
         ordinal, ptr, size = device.index or 0, region.bytes.data_ptr(), region.size
+        with self._lock:
+            if self.locked_bytes + size > self.page_lock_bytes:
+                return  # locked memory is the host's to lose: past the bound, pageable
+            self.locked_bytes += size
         try:
             drv.host_register(ordinal, ptr, size)
         except cuda_ipc.CudaError as e:
+            with self._lock:
+                self.locked_bytes -= size
             if not self._lock_failed:
                 self._lock_failed = True
                 log.warning("cannot page-lock a shared-memory region of %d bytes (%s): such regions are copied "
                             "at pageable speed", size, e)  # fmt: skip
             return
-        with self._lock:
-            self.locked_bytes += size
         weakref.finalize(region, self._unlock_pages, drv, ordinal, ptr, size, region.mapping)
 
     def _unlock_pages(self, drv: cuda_ipc.Driver, ordinal: int, ptr: int, size: int, mapping: object) -> None:
@@ -830,6 +837,12 @@ class SharedMemory:
             # Said before the hang-up: whoever sees the connection end finds the reason logged.
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
             _hang_up(conn)
+
+
+def default_page_lock_bytes(processes: int = 1) -> int:
+    """--shared-memory-page-lock-bytes when unset: a quarter of the memory this host lets
+    the server use, shared among its serving processes (each locks its own regions)."""
+    return host_memory_bytes() // 4 // max(1, processes)
 
 
 def check_slot(slot: int) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fuseport.server.settings import Settings
+from fuseport.server.shm import default_page_lock_bytes
 from fuseport.server.streams import default_buffer_bytes
 from fuseport.wire._local import read_named_port, write_port_file
 
@@ -198,6 +199,7 @@ class Supervisor:
     def _child_settings(self, slot: _Slot, port: int) -> Settings:
         # Unset: the host's share, divided among the processes (each holds its own streams).
         buffers = self.settings.max_stream_buffer_bytes or default_buffer_bytes(self.processes)
+        locked = self.settings.shared_memory_page_lock_bytes
         return self.settings.replace(
             port=port,
             port_file=slot.port_file,
@@ -205,6 +207,7 @@ class Supervisor:
             processes=1,
             metrics_port=None if self.settings.metrics_port is None else 0,
             max_stream_buffer_bytes=buffers,
+            shared_memory_page_lock_bytes=default_page_lock_bytes(self.processes) if locked is None else locked,
         )
 
     def _start(self, slot: _Slot, port: int) -> None:

@@ -611,9 +611,9 @@ def test_shared_memory_to_a_cuda_server_matches_eager_on_the_device(
 def test_a_cuda_servers_regions_are_page_locked_while_mapped_and_unlocked_when_the_session_ends(
     tmp_path: Path,
 ) -> None:
-    """--shared-memory-page-lock (on by default): the client's input regions and the
-    server's output regions are registered with the GPU's driver as they are mapped,
-    and unregistered when the session drops them. Results stay right call after call,
+    """Within --shared-memory-page-lock-bytes (a quarter of host memory by default),
+    the client's input regions and the server's output regions are registered with the
+    GPU's driver as they are mapped, and unregistered when the session drops them. Results stay right call after call,
     through the same regions and through a fresh one."""
     s = start_server(tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0",
                      "--compile-mode", "off")  # fmt: skip
@@ -638,6 +638,23 @@ def test_a_cuda_servers_regions_are_page_locked_while_mapped_and_unlocked_when_t
             time.sleep(0.05)  # a closed client's session ends when the server reads its EOF
         assert s.metric("fuseport_shared_memory_locked_bytes") == 0
         assert s.metric("fuseport_shared_memory_bytes") == 0
+    finally:
+        s.stop()
+
+
+@pytest.mark.gpu
+def test_regions_past_the_page_lock_bound_are_used_unlocked_and_results_stay_right(tmp_path: Path) -> None:
+    s = start_server(tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0",
+                     "--compile-mode", "off", "--shared-memory-page-lock-bytes", str(24 << 20))  # fmt: skip
+    try:
+        x = torch.randn(4 << 20)  # 16 MiB: its input region fits the bound, the output region does not
+        with Client(s.target, timeout=300) as c:
+            k = c.register(lambda x: x - 1.0, [torch.ones(4)])
+            for _ in range(3):
+                r = c.execute_detailed(k, [x])
+                assert r.transport == "shm" and torch.equal(r.stack[0], x - 1.0)
+            assert s.metric("fuseport_shared_memory_locked_bytes") <= 24 << 20
+            assert s.metric("fuseport_shared_memory_bytes") >= 2 * x.nbytes
     finally:
         s.stop()
 
