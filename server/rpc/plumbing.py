@@ -82,6 +82,8 @@ class CallRecord:
     # Undoes what the call left on the server for its caller (the handles it kept), should
     # its handler give up before the response is sent (Plumbing.on_worker, off_loop).
     drop: Callable[[], None] | None = None
+    # It handed work to a worker thread (the loop does not poll after it: server/rpc/poll.py).
+    on_worker: bool = False
 
 
 class CallObserver:
@@ -263,7 +265,7 @@ class Plumbing:
             except Exception as e:  # noqa: BLE001 - the last line of defence
                 error = error_of(e, name)
             finally:
-                self.poll.end(loop)
+                self.poll.end(loop, not record.on_worker)
             self.observe(record, status_for(error), arrived, len(request), 0)
             await _fail(context, error)
             raise AssertionError("unreachable")  # context.abort raises
@@ -313,7 +315,7 @@ class Plumbing:
                     if responses is not None:
                         await responses.aclose()  # type: ignore[attr-defined]
                 finally:
-                    self.poll.end(asyncio.get_running_loop())
+                    self.poll.end(asyncio.get_running_loop(), ran_on_loop=False)
             self.observe(state.record, status_for(error), arrived, state.received, 0)
             await _fail(context, error)
 
@@ -344,7 +346,7 @@ class Plumbing:
                 error = error_of(e, method)
             finally:
                 loop = asyncio.get_running_loop()
-                self.poll.end(loop)
+                self.poll.end(loop, ran_on_loop=False)
                 if self.release_above is not None and state.received > self.release_above:
                     # gRPC's buffers of the received chunks, and a failed call's own.
                     context.add_done_callback(lambda _: loop.call_soon(release_host_memory))
@@ -361,6 +363,7 @@ class Plumbing:
         """`fn` started on a worker once the caller's share gives it a place, which
         stays the caller's until `fn` returns."""
         identity = record.identity
+        record.on_worker = True
         await self.share.acquire(identity, deadline)
         try:
             work = loop.run_in_executor(self.pool, fn)

@@ -1,12 +1,13 @@
-"""The serving loop's busy poll: after its last call ends, the event loop keeps
-turning (a callback that queues itself again) for a while instead of sleeping in
-epoll, so that the next call of a client calling back to back finds it awake.
+"""The serving loop's busy poll: after a call that ran on the event loop ends, the
+loop keeps turning (a callback that queues itself again) for a while instead of
+sleeping in epoll, so that the next call of a client calling back to back finds it
+awake.
 
 Why: a thread that slept pays for its wake-up and for its cold caches. On the 2-core
 CPU machine a small call's own work (decode, core.execute, encode; in process, no
 gRPC) costs 64-86 us back to back, 140-256 us after a sleep of 0.5-2 ms and 81-128
 us after the same time spinning; end to end, a 2 ms poll took a 1 KiB Execute from
-1.58-1.76x to 0.83-0.99x the echo (docs/perf.md, "The serving loop polls").
+1.53-1.76x to 0.94-1.04x the echo (docs/perf.md, "The serving loop polls").
 
 What it costs is CPU while calls come close together: a poll that catches the next
 call spends the gap, one that misses spends its whole window. So the window adapts,
@@ -14,9 +15,12 @@ the way Linux's halt polling does for a vCPU: a call that came after the window 
 within --busy-poll-us doubles it, one that came later than that halves it (to 0
 below _START), and a caught one leaves it. A server whose calls come further apart
 than --busy-poll-us stops polling within a few calls; at rest it polls not at all.
-It polls only while no call of this process is in flight: one on a worker (a heavy
-call, a large message) is answered through call_soon_threadsafe, which wakes the loop
-anyway, and the worker needs the GIL that a spinning loop would contend for."""
+
+It polls only after a call that ran on the loop, and only while no call of this
+process is in flight. Threads need the GIL that each turn of a polling loop takes:
+a call on a worker (a heavy kernel, a large message, shared memory, whose socket
+thread also handles the client's packets between calls) measured no faster with
+polling and 40-70% more server CPU per call, and a streamed call is many messages."""
 
 from __future__ import annotations
 
@@ -40,12 +44,16 @@ class BusyPoll:
         self.max = max_us / 1e6
         self.window = self.max  # optimistic: a first burst of calls is caught at once
         self.active = 0
-        self.idle_since: float | None = None  # when the last call in flight ended
+        # When the last call in flight ended, if it may poll after it: the next call's
+        # gap from it adapts the window.
+        self.idle_since: float | None = None
         self.until = 0.0
         self.spinning = False
-        self.started: float | None = None  # when polling began, while no call is in flight
+        # The first turn of the current poll: time before it is the call's own (its
+        # response sent, its bookkeeping), not polling.
+        self.started: float | None = None
         # What it did, for the metrics (fuseport_busy_poll_*): calls that found the loop
-        # polling, polls that ended with no call, and the seconds spent polling.
+        # polling, polls whose window ran out with no call, and seconds spent polling.
         self.caught = 0
         self.missed = 0
         self.polled = 0.0
@@ -53,7 +61,7 @@ class BusyPoll:
     def begin(self) -> None:
         self.active += 1
         now = self.clock()
-        if self.started is not None:  # polling: the call's own time is not
+        if self.started is not None:
             self.polled += now - self.started
             self.started = None
         if self.idle_since is None:
@@ -62,24 +70,24 @@ class BusyPoll:
         self.idle_since = None
         if gap <= self.window:
             self.caught += 1
-            return
-        if self.window:
-            self.missed += 1
-        if gap <= self.max:
+        elif gap <= self.max:
             self.window = min(self.max, max(2 * self.window, _START))
         else:
             self.window = self.window / 2 if self.window / 2 >= _START else 0.0
 
-    def end(self, loop: asyncio.AbstractEventLoop) -> None:
+    def end(self, loop: asyncio.AbstractEventLoop, ran_on_loop: bool = True) -> None:
+        """A call ended; `ran_on_loop`: it did all its work on the loop (see the module doc)."""
         self.active -= 1
         if self.active > 0 or not self.max:
+            return
+        if not ran_on_loop:
+            self.idle_since = None  # the next call's gap says nothing of a poll
             return
         now = self.clock()
         self.idle_since = now
         if not self.window:
             return
         self.until = now + self.window
-        self.started = now
         if not self.spinning:
             self.spinning = True
             loop.call_soon(self._turn, loop)
@@ -89,9 +97,13 @@ class BusyPoll:
         # without waiting: the poller thread's wake-up for a new call is seen at once.
         now = self.clock()
         if self.active == 0 and now < self.until:
+            if self.started is None:
+                self.started = now
             loop.call_soon(self._turn, loop)
-        else:
-            self.spinning = False
-            if self.started is not None:
-                self.polled += now - self.started
-                self.started = None
+            return
+        self.spinning = False
+        if self.active == 0:
+            self.missed += 1  # the window ran out with no call
+        if self.started is not None:
+            self.polled += now - self.started
+            self.started = None
