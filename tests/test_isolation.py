@@ -8,6 +8,7 @@ event loop (or GIL) the call held misses those polls. The kernel is the probe's
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -674,3 +675,28 @@ def test_a_heavy_call_on_cuda_leaves_health_and_another_callers_calls_answered(t
     assert heavy_result == [0.0] and small == [0.0, 0.0, 0.0]
     assert seconds > 1.0, f"the heavy call took {seconds:.2f} s: too quick to show anything"
     assert len(latencies) >= 3 and max(latencies) < 1.0, latencies
+
+
+def test_a_call_cancelled_while_it_waits_for_a_worker_gives_its_place_back_even_if_one_frees_meanwhile() -> None:
+    """A cancelled call's waiter is cancelled at once, its handler runs a step later: a
+    place freed in between (another call's worker ending) went to the cancelled waiter
+    and never came back, so a caller lost --workers-per-identity places for good (an
+    adversarial probe: 2 of 8 places held, nothing in flight, after cancelled calls)."""
+    import asyncio
+
+    from fuseport.server.rpc.share import WorkerShare
+
+    async def main() -> tuple[int, int, int]:
+        share = WorkerShare(workers=1, per_identity=1)
+        await share.acquire(b"a", None)  # the one place, held
+        waiting = asyncio.ensure_future(share.acquire(b"b", None))
+        await asyncio.sleep(0)  # b waits for it
+        assert share.waiting == 1
+        waiting.cancel()
+        share.release(b"a")  # a's worker ends before b's handler has seen its cancel
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        await share.acquire(b"c", None)  # and the place is there for the next caller
+        return share.running, share.waiting, share.held(b"b")
+
+    assert asyncio.run(main()) == (1, 0, 0)

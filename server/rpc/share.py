@@ -129,5 +129,9 @@ class WorkerShare:
             self.waiting -= 1
             if queue:
                 self._queues[chosen] = queue  # to the end of the turn
+            if waiter.done():
+                # Cancelled (its call's task was, while it awaited the waiter), and its
+                # handler not yet run to drop it: a place given to it would never come back.
+                continue
             self._take(chosen)
             waiter.set_result(None)
