@@ -310,7 +310,7 @@ class _StateCollector:
             poll = self.poll
             calls = CounterMetricFamily(
                 "fuseport_busy_poll_calls",
-                "Calls that found the serving loop polling for them (caught), and polls that ended with no call "
+                "Calls that found the serving loop polling for them (caught), and polls whose window ran out with no call "
                 "(missed) (--busy-poll-us)",
                 labels=["outcome"],
             )
@@ -318,7 +318,9 @@ class _StateCollector:
             calls.add_metric(["missed"], poll.missed)
             yield calls
             yield CounterMetricFamily(
-                "fuseport_busy_poll_seconds", "CPU seconds the serving loop spent polling for calls", value=poll.polled
+                "fuseport_busy_poll_seconds",
+                "Seconds the serving loop spent polling for calls (a core busy meanwhile)",
+                value=poll.polled,
             )
             yield GaugeMetricFamily(
                 "fuseport_busy_poll_window_seconds",
