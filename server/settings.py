@@ -153,11 +153,12 @@ class Settings:
     busy_poll_us: int | None = field(
         default=None,
         metadata={
-            "help": "after its last call ends, the serving loop keeps polling for the next one for up to this many "
-            "microseconds instead of sleeping (a 1 KiB call back to back: 0.94-1.04x the gRPC echo's time against "
-            "1.53-1.76x, CPU machine); it adapts, polling less while calls come further apart, and not at all at "
-            "rest; 0: sleep at once (no CPU spent waiting); unset: 2000 under fuseport serve, 0 in a server "
-            "embedded with create_server (its polling would contend for the GIL with the program's threads)"
+            "help": "after a call that ran on the event loop ends (a small one), with none other in flight, the "
+            "serving loop keeps polling for the next call for up to this many microseconds instead of sleeping (a "
+            "1 KiB call back to back: 0.93-1.06x the gRPC echo's time against 1.42-1.76x, CPU machine); it adapts, "
+            "polling less while calls come further apart, and not at all at rest; 0: sleep at once (no CPU spent "
+            "waiting); unset: 2000 under fuseport serve, 0 in a server embedded with create_server (its polling "
+            "would contend for the GIL with the program's threads)"
         },
     )
     keep_host_memory: bool = field(
