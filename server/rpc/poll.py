@@ -7,7 +7,7 @@ Why: a thread that slept pays for its wake-up and for its cold caches. On the 2-
 CPU machine a small call's own work (decode, core.execute, encode; in process, no
 gRPC) costs 64-86 us back to back, 140-256 us after a sleep of 0.5-2 ms and 81-128
 us after the same time spinning; end to end, a 2 ms poll took a 1 KiB Execute from
-1.53-1.76x to 0.94-1.04x the echo (docs/perf.md, "the serving loop polls for the next call").
+1.42-1.76x to 0.93-1.06x the echo (docs/perf.md, "the serving loop polls for the next call").
 
 What it costs is CPU while calls come close together: a poll that catches the next
 call spends the gap, one that misses spends its whole window. So the window adapts,
