@@ -58,6 +58,21 @@ def main() -> None:
         while time.perf_counter_ns() < end:
             pass
 
+    warm = torch.empty(1, device=dev)
+
+    def spin_gpu_warm(us: float, every_us: float = 200) -> None:
+        # Spinning, and a one-element kernel every `every_us` on another stream: if the price
+        # after an idle gap is the GPU's (its clocks or power state), a GPU kept a little busy
+        # through the gap does not pay it. What a server's busy poll could do between calls.
+        end = time.perf_counter_ns() + us * 1000
+        nxt = 0
+        with torch.cuda.stream(side):
+            while (now := time.perf_counter_ns()) < end:
+                if now >= nxt:
+                    warm.add_(1)
+                    nxt = now + every_us * 1000
+
+    side = torch.cuda.Stream(dev)
     gaps = {
         "back to back": lambda: None,
         "sleep 500 us": lambda: time.sleep(0.0005),
@@ -66,6 +81,7 @@ def main() -> None:
         # Spinning through the same idle time: if the slow call after 2 ms is the CPU's deep
         # idle state (a halted core, a descheduled vCPU), this one is fast; if the GPU's, slow too.
         "spin 2 ms": lambda: spin(2000),
+        "spin 2 ms, GPU warm": lambda: spin_gpu_warm(2000),
     }
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}; p50/p90 us of one call, {args.n} calls")
     variants = (("plain (.to, .cpu)", plain), ("pinned, non_blocking", pinned), ("pinned per call", pinned_per_call))
@@ -81,7 +97,7 @@ def main() -> None:
                 fn()
                 ts.append((time.perf_counter_ns() - t) / 1000)
             ts.sort()
-            print(f"{fname:>22} | {gname:<13}: p50 {statistics.median(ts):7.1f}  p90 {ts[int(len(ts) * 0.9)]:7.1f}")
+            print(f"{fname:>22} | {gname:<19}: p50 {statistics.median(ts):7.1f}  p90 {ts[int(len(ts) * 0.9)]:7.1f}")
 
 
 if __name__ == "__main__":
