@@ -27,6 +27,7 @@ import torch
 
 from fuseport.bench.context import Context, minor_faults, sync_fn
 from fuseport.bench.echo import echo_channel, echo_stub
+from fuseport.bench.procs import serving_cpu_us
 from fuseport.bench.stats import Row, Section, fmt_bytes, gbps, no_gc, percentile, summary, time_host
 
 __all__ = ["run"]
@@ -161,6 +162,10 @@ def _point(ctx: Context, echo: Any, key: int, size: int) -> dict[str, Any]:
         for j in range(len(names))
         for _ in range(start, min(start + block, n))
     ]
+    # Each server's CPU over the whole run, per call it served: what a call costs the host
+    # besides its time (a busy poll's time between calls included; a compile's is not).
+    pids = (ctx.server_pid, ctx.echo_pid) if size <= SMALL and ctx.server_pid and ctx.echo_pid else None
+    cpu0 = [serving_cpu_us(pid) for pid in pids] if pids else None
     with no_gc():
         for name in turns:
             before = _faults(ctx) if count_faults else None
@@ -176,10 +181,16 @@ def _point(ctx: Context, echo: Any, key: int, size: int) -> dict[str, Any]:
             if res is not None:
                 results[name].append(res)
             del res  # large responses: free before the next call allocates
+    cpu1 = [serving_cpu_us(pid) for pid in pids] if pids else None
     if resident is not None:
         resident.free()
 
     point: dict[str, Any] = {"size": size, "iterations": n, "warmup": warmup, "methods": {}}
+    if cpu0 is not None and cpu1 is not None:
+        point["server_cpu_us_per_call"] = {
+            "fuseport": (cpu1[0] - cpu0[0]) / (n * (len(names) - 1)),
+            "echo": (cpu1[1] - cpu0[1]) / n,
+        }
     for name in names:
         s = summary(lat[name])
         s["gbps_p50"] = gbps(size, s["p50_us"] / 1e6)
@@ -244,6 +255,13 @@ def _rows(point: dict[str, Any]) -> list[Row]:
             Row("transport", f"Execute {label} on a resident value p50", s["p50_us"], "us", "echo p50",
                 echo["p50_us"], target="<= 1.5x",
                 note=f"keep=True, output dropped (freed by the next call); p99 {s['p99_us']:.0f} us").judge()
+        )  # fmt: skip
+    cpu = point.get("server_cpu_us_per_call")
+    if cpu is not None:
+        rows.append(
+            Row("transport", f"server CPU per {label} call", cpu["fuseport"], "us", "echo server's",
+                cpu["echo"], note="the serving processes' CPU over the run (a busy poll between calls included) "
+                "per Execute, Fallback and resident call").judge()
         )  # fmt: skip
     return rows
 

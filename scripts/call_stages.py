@@ -34,6 +34,7 @@ import torch
 
 from fuseport.bench.context import fuseport_server
 from fuseport.bench.echo import echo_channel, echo_server, echo_stub
+from fuseport.bench.procs import roles, thread_cpu_us, tree
 from fuseport.client import Client
 from fuseport.wire import codec
 
@@ -102,8 +103,8 @@ def main() -> None:
         for name, fn in calls.items():
             # `fuseport serve` may be a supervisor over serving processes (--processes):
             # the server's CPU is that of the whole tree.
-            serving = [echo_pid] if name == "echo" else _tree(pid)
-            t0 = _thread_cpu_us(serving)
+            serving = [echo_pid] if name == "echo" else tree(pid)
+            t0 = thread_cpu_us(serving)
             c0 = time.thread_time_ns()
             for _ in range(args.n):
                 t = time.perf_counter_ns()
@@ -113,27 +114,27 @@ def main() -> None:
                     s = r.timings
                     server.append((s.decode_us, s.queue_us, s.run_us, s.encode_us))
             client_us = (time.thread_time_ns() - c0) / 1000 / args.n
-            t1 = _thread_cpu_us(serving)
-            roles = _roles(serving)
+            t1 = thread_cpu_us(serving)
+            by_role = roles(serving)
             threads[name] = {}
             # Threads alive at both ends only: a process that came or went meanwhile
             # (a compile's worker pool) is not the serving process's cost.
             for tid, (comm, us) in t1.items():
                 if tid in t0:
-                    label = f"{comm} ({'main' if tid in serving else 'thread'}, {roles.get(tid, '?')})"
+                    label = f"{comm} ({'main' if tid in serving else 'thread'}, {by_role.get(tid, '?')})"
                     threads[name][label] = threads[name].get(label, 0.0) + (us - t0[tid][1]) / args.n
             cpu[name] = (sum(threads[name].values()), client_us)
         gc.enable()
         # The tree at rest: CPU a serving tree burns with no call in flight (a spinning
         # thread or process shows here as CPU per second, not per call).
-        t0 = _thread_cpu_us(_tree(pid))
+        t0 = thread_cpu_us(tree(pid))
         time.sleep(2.0)
-        t1 = _thread_cpu_us(_tree(pid))
-        roles = _roles(_tree(pid))
+        t1 = thread_cpu_us(tree(pid))
+        by_role = roles(tree(pid))
         idle: dict[str, float] = {}
         for tid, (comm, us) in t1.items():
             if tid in t0:
-                label = f"{comm} ({'main' if tid in _tree(pid) else 'thread'}, {roles.get(tid, '?')})"
+                label = f"{comm} ({'main' if tid in tree(pid) else 'thread'}, {by_role.get(tid, '?')})"
                 idle[label] = idle.get(label, 0.0) + (us - t0[tid][1]) / 2.0
         if spy is not None:
             spy.send_signal(2)
@@ -168,61 +169,6 @@ def main() -> None:
                 _summarise(out)
             else:
                 print("py-spy wrote nothing:", out.with_suffix(".err").read_text()[-2000:])
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (a supervisor's serving and compile processes)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
-                children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, ()))
-    return out
-
-
-def _roles(pids: list[int]) -> dict[int, str]:
-    """Each thread's process by its part in the tree (from its command line), so that CPU
-    spent outside the serving process that answers (a compile worker, Inductor's pool,
-    the other serving processes) shows where it is."""
-    out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "--child" in cmd:
-                role = "serving " + cmd.split("--child", 1)[1].split()[0]
-            elif "resource_tracker" in cmd:
-                role = "resource tracker"
-            elif "multiprocessing.spawn" in cmd or "multiprocessing.forkserver" in cmd:
-                role = "compile worker"
-            elif "compile_worker" in cmd or "_inductor" in cmd:
-                role = "inductor pool"
-            elif "serve" in cmd:
-                role = "server"
-            else:
-                role = f"pid {pid}"
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                out[int(task.name)] = role
-    return out
-
-
-def _thread_cpu_us(pids: list[int]) -> dict[int, tuple[str, float]]:
-    """Each thread's name and CPU time so far (us): which of the server's threads
-    burns the CPU (OpenMP's spinning workers are not Python threads; py-spy misses them)."""
-    out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):
-                    comm = (task / "comm").read_text().strip()
-                    f = (task / "stat").read_text().rpartition(")")[2].split()
-                    out[int(task.name)] = (comm, (int(f[11]) + int(f[12])) * 1e6 / os.sysconf("SC_CLK_TCK"))
-    return out
 
 
 def _summarise(path: Path) -> None:

@@ -69,6 +69,9 @@ def test_quick_bench_execute_rows_ran_the_fused_kernel(quick_results: dict[str, 
         assert p["methods"]["execute"]["paths"] == {"fused": n}
         assert p["methods"]["fallback"]["paths"] == {"fallback/requested": n}
         assert p["methods"]["echo"]["p50_us"] > 0
+        # Each server's CPU per call (small sizes): both burn some for their calls.
+        cpu = p["server_cpu_us_per_call"]
+        assert cpu["fuseport"] > 0 and cpu["echo"] > 0, cpu
     for name, case in quick_results["sections"]["device"]["cases"].items():
         assert set(case["execute"]["paths"]) == {"fused"}, name
         assert set(case["fallback"]["paths"]) == {"fallback/requested"}, name
