@@ -261,7 +261,7 @@ def _rows(point: dict[str, Any]) -> list[Row]:
         rows.append(
             Row("transport", f"server CPU per {label} call", cpu["fuseport"], "us", "echo server's",
                 cpu["echo"], note="the serving processes' CPU over the run (a busy poll between calls included) "
-                "per Execute, Fallback and resident call").judge()
+                "per fuseport call of the rows above").judge()
         )  # fmt: skip
     return rows
 

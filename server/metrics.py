@@ -340,7 +340,8 @@ class _StateCollector:
             )
             yield GaugeMetricFamily(
                 "fuseport_shared_memory_locked_bytes",
-                "Of those, bytes page-locked for the GPU (up to --shared-memory-page-lock-bytes; 0 on a CPU server)",
+                "Bytes of shared-memory regions page-locked for the GPU (up to --shared-memory-page-lock-bytes; "
+                "an ended session's regions until the server lets go of them; 0 on a CPU server)",
                 value=self.shared.locked_bytes,
             )
 

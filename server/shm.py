@@ -38,6 +38,7 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import secrets
 import select
 import socket
@@ -225,6 +226,9 @@ class SharedMemory:
         self._lock = threading.Lock()
         self._page_lock = page_lock
         self.page_lock_bytes = page_lock_bytes
+        # Regions to unregister, from their finalizers, and the thread that does it.
+        self._unlocks: queue.SimpleQueue[tuple[int, int, int, object]] = queue.SimpleQueue()
+        self._unlocker: threading.Thread | None = None
         self.locked_bytes = 0  # page-locked now (fuseport_shared_memory_locked_bytes)
         self._lock_failed = False  # said once in the log
         # Connections yet to say HELLO, oldest first: their peer's uid (see PENDING_PER_UID).
@@ -524,7 +528,6 @@ class SharedMemory:
             ident = session.next_output
             session.next_output += 1
             region, fd = shm.create_region(ident, size, f"fuseport-out-{slot}")
-            self._lock_pages(region)
             try:
                 if session.conn is None:
                     raise SharedMemoryUnavailable("shared-memory session closed")
@@ -537,6 +540,7 @@ class SharedMemory:
             finally:
                 os.close(fd)
         session.outputs[slot] = region
+        self._lock_pages(region)  # once the client has it: a failed send locks nothing
         return region
 
     # ------------------------------------------------------------------ socket side
@@ -773,10 +777,12 @@ class SharedMemory:
     def _lock_pages(self, region: shm.Region) -> None:
         """Page-locks a region's memory for the serving device (see __init__) until the
         Region object is collected, whichever of the session's tables dropped it last.
-        The finalizer holds the mapping, so it is unregistered before it can be unmapped:
-        memory mapped later at the same address must not be read through the stale lock.
-        A region that cannot be locked (the host's locked-memory limit, a driver that
-        refuses) is used as it is, at pageable speed."""
+        Registering faults in and locks every page of the region at once (a sparse memfd
+        costs the server its whole size, within the bound). The finalizer holds the
+        mapping, so it is unregistered before it can be unmapped: memory mapped later at
+        the same address must not be read through the stale lock. A region that cannot be
+        locked (the bound, the host's locked-memory limit, a driver that refuses) is used
+        as it is, at pageable speed."""
         device = self._page_lock
         drv = cuda_ipc.driver() if device is not None else None
         if drv is None or device is None:
@@ -796,16 +802,29 @@ class SharedMemory:
                 log.warning("cannot page-lock a shared-memory region of %d bytes (%s): such regions are copied "
                             "at pageable speed", size, e)  # fmt: skip
             return
-        weakref.finalize(region, self._unlock_pages, drv, ordinal, ptr, size, region.mapping)
-
-    def _unlock_pages(self, drv: cuda_ipc.Driver, ordinal: int, ptr: int, size: int, mapping: object) -> None:
-        try:
-            drv.host_unregister(ordinal, ptr)
-        except cuda_ipc.CudaError as e:  # a context torn down at exit: the process is ending
-            log.debug("unregistering a shared-memory region: %s", e)
         with self._lock:
-            self.locked_bytes -= size
-        del mapping  # only now may the mapping go
+            if self._unlocker is None:
+                self._unlocker = threading.Thread(target=self._unlock_loop, args=(drv,),
+                                                  name="fuseport-shm-unlock", daemon=True)  # fmt: skip
+                self._unlocker.start()
+        # Only a put: a finalizer may run in any thread when the garbage collector takes a
+        # cycle, one holding self._lock among them; SimpleQueue.put is safe there.
+        weakref.finalize(region, self._unlocks.put, (ordinal, ptr, size, region.mapping))
+
+    def _unlock_loop(self, drv: cuda_ipc.Driver) -> None:
+        while True:
+            ordinal, ptr, size, mapping = self._unlocks.get()
+            try:
+                drv.host_unregister(ordinal, ptr)
+            except cuda_ipc.CudaError as e:
+                # Still registered, maybe: its mapping is kept for good, so that nothing
+                # else is ever mapped at that address and read through the lock.
+                _UNUNLOCKED.append(mapping)
+                log.warning("cannot unregister a page-locked shared-memory region of %d bytes (%s): its mapping "
+                            "is kept", size, e)  # fmt: skip
+            with self._lock:
+                self.locked_bytes -= size
+            del mapping  # only now may the mapping go (unless kept above)
 
     def _reply(self, session: _Session, p: shm.Packet) -> None:
         with session.send_lock:
@@ -837,6 +856,10 @@ class SharedMemory:
             # Said before the hang-up: whoever sees the connection end finds the reason logged.
             log.info("shared-memory session %s… of %s ended (%s): %d bytes unmapped", session.id[:8], session.peer, why, mapped)
             _hang_up(conn)
+
+
+# Mappings of regions whose unregistering failed: kept mapped for the process's life.
+_UNUNLOCKED: list[object] = []
 
 
 def default_page_lock_bytes(processes: int = 1) -> int:

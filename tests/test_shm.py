@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -653,7 +654,7 @@ def test_regions_past_the_page_lock_bound_are_used_unlocked_and_results_stay_rig
             for _ in range(3):
                 r = c.execute_detailed(k, [x])
                 assert r.transport == "shm" and torch.equal(r.stack[0], x - 1.0)
-            assert s.metric("fuseport_shared_memory_locked_bytes") <= 24 << 20
+            assert 0 < s.metric("fuseport_shared_memory_locked_bytes") <= 24 << 20  # the input region's
             assert s.metric("fuseport_shared_memory_bytes") >= 2 * x.nbytes
     finally:
         s.stop()
@@ -1410,3 +1411,55 @@ def test_a_region_handed_back_before_its_call_retired_it_is_not_lost(server: Ser
         assert torch.equal(c.execute(key, [x, x])[0], x + x)
         _, after = _gauges(server)
         assert after - before <= 2 * (1 << 20), (before, after)
+
+
+def test_a_page_locked_region_is_unregistered_off_the_collecting_thread_before_it_is_unmapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page lock's bookkeeping with the CUDA driver replaced by a recorder (no GPU
+    here; the gpu tests run the real one): a region collected as part of a cycle, by a
+    collection that happens while this thread holds the SharedMemory's lock (as any
+    allocation under it may trigger), is queued, not unregistered there (that deadlocked);
+    the unregistering thread finds its mapping still open; a region past the bound is
+    not locked."""
+    from fuseport.server.shm import SharedMemory
+    from fuseport.wire import cuda_ipc
+
+    events: list[tuple[str, int, bool]] = []
+    mappings: dict[int, Any] = {}  # weak: the test itself must not keep a mapping alive
+
+    class Recorder:
+        def host_register(self, ordinal: int, ptr: int, nbytes: int) -> None:
+            events.append(("register", nbytes, True))
+
+        def host_unregister(self, ordinal: int, ptr: int) -> None:
+            mapping = mappings[ptr]()
+            events.append(("unregister", ptr, mapping is not None and not mapping.closed))
+
+    monkeypatch.setattr(cuda_ipc, "driver", lambda: Recorder())
+    shared = SharedMemory(True, 1 << 30, page_lock=torch.device("cuda", 0), page_lock_bytes=3 << 20)
+    region, fd = shm.create_region(1, 2 << 20, "test-lock")
+    os.close(fd)
+    over, fd = shm.create_region(2, 2 << 20, "test-over")
+    os.close(fd)
+    mappings[region.bytes.data_ptr()] = weakref.ref(region.mapping)
+    shared._lock_pages(region)
+    shared._lock_pages(over)  # 2 + 2 MiB: past the 3 MiB bound
+    assert events == [("register", 2 << 20, True)] and shared.locked_bytes == 2 << 20
+    cycle: list[Any] = [region]
+    cycle.append(cycle)
+    del region, cycle, over
+
+    def collect() -> None:
+        with shared._lock:
+            gc.collect()  # the finalizer runs here, under the lock
+
+    collecting = threading.Thread(target=collect, daemon=True)
+    collecting.start()
+    collecting.join(10)
+    assert not collecting.is_alive(), "the finalizer waited for the lock its own thread holds"
+    deadline = time.monotonic() + 10
+    while shared.locked_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shared.locked_bytes == 0
+    assert events[1:] == [("unregister", next(iter(mappings)), True)]
