@@ -5,7 +5,6 @@ nothing at rest. What it saves is measured in scripts/call_stages.py (docs/perf.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fuseport.bench.procs import serving_cpu_us
 from fuseport.client import Client
 from fuseport.server.rpc.poll import BusyPoll
 from fuseport.server.settings import Settings
@@ -139,43 +139,29 @@ def _metrics(server: ServerProcess) -> str:
         return str(resp.read().decode())
 
 
-def _sample(text: str, name: str) -> float:
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert found, f"no {name} in the metrics"
-    return float(found.group(1))
-
-
-def _cpu_seconds(pid: int) -> float:
-    """The process's user + system CPU, from /proc (clock ticks of 1/100 s)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / 100
-
-
 def test_a_server_polls_between_calls_back_to_back_and_burns_nothing_at_rest(polling: ServerProcess) -> None:
     with Client(polling.target) as c:
         key = c.register(lambda x: x * 2.0 + 1.0, [torch.zeros(256)])
         x = torch.randn(256)
         for _ in range(200):
             assert torch.equal(c.execute(key, [x])[0], x * 2.0 + 1.0)
-    text = _metrics(polling)
     # Back to back over loopback, the next call comes well within 2 ms, nearly always.
-    assert _sample(text, 'fuseport_busy_poll_calls_total{outcome="caught"}') > 0
-    assert _sample(text, "fuseport_busy_poll_seconds_total") > 0
-    assert 0 < _sample(text, "fuseport_busy_poll_window_seconds") <= 0.002
+    caught = polling.metric('fuseport_busy_poll_calls_total{outcome="caught"}')
+    assert caught > 0
+    assert polling.metric("fuseport_busy_poll_seconds_total") > 0
+    assert 0 < polling.metric("fuseport_busy_poll_window_seconds") <= 0.002
     # A call through shared memory runs on a worker: the loop polls after none of them
     # (the first may be caught by the poll after the last small call).
-    caught = _sample(text, 'fuseport_busy_poll_calls_total{outcome="caught"}')
     with Client(polling.target, shared_above=0) as c:
         key = c.register(lambda x: x * 2.0 + 1.0, [torch.zeros(256)])
         for _ in range(20):
             r = c.execute_detailed(key, [x])
             assert r.transport == "shm" and torch.equal(r.stack[0], x * 2.0 + 1.0)
-    text = _metrics(polling)
-    assert _sample(text, 'fuseport_busy_poll_calls_total{outcome="caught"}') <= caught + 2
+    assert polling.metric('fuseport_busy_poll_calls_total{outcome="caught"}') <= caught + 2
     # At rest, no call in flight: a loop that went on polling would use the whole second.
-    before = _cpu_seconds(polling.proc.pid)
+    before = serving_cpu_us(polling.proc.pid)
     time.sleep(1.0)
-    assert _cpu_seconds(polling.proc.pid) - before < 0.3
+    assert serving_cpu_us(polling.proc.pid) - before < 300_000
 
 
 def test_a_server_told_not_to_poll_has_no_poll_metrics(tmp_path: Path) -> None:
