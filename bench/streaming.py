@@ -124,9 +124,11 @@ def _point(
     tensor = torch.full((size,), 7, dtype=torch.uint8)
     transports: dict[str, str] = {}
 
-    def execute(client: Client, name: str, t: torch.Tensor = tensor) -> Callable[[], None]:
+    def execute(
+        client: Client, name: str, t: torch.Tensor = tensor, results_on: str | None = None
+    ) -> Callable[[], None]:
         def call() -> None:
-            r = client.execute_detailed(key, [t], timeout=timeout)
+            r = client.execute_detailed(key, [t], timeout=timeout, results_on=results_on)
             transports[name] = r.transport
             if r.stack[0].numel() != size:
                 raise RuntimeError("Execute lost bytes")
@@ -137,9 +139,15 @@ def _point(
     calls["execute unary"] = execute(unary, "execute unary")
     calls["execute stream"] = execute(streamed, "execute stream")
     calls["execute shm"] = execute(shared, "execute shm")
+    # The input made by Client.empty: in shared memory already, named, not copied.
+    placed = shared.empty(size, dtype=torch.uint8)
+    placed.copy_(tensor)
+    calls["execute shm in place"] = execute(shared, "execute shm in place", placed)
     if ctx.on_gpu and torch.cuda.is_available():
-        # A client holding the tensor on the server's GPU: by CUDA IPC handle (the results come back to the host).
+        # A client holding the tensor on the server's GPU: by CUDA IPC handle, the results
+        # back to the host, or kept on the device (results_on: device to device).
         calls["execute cuda ipc"] = execute(shared, "execute cuda ipc", tensor.cuda())
+        calls["execute cuda ipc, cuda out"] = execute(shared, "execute cuda ipc, cuda out", tensor.cuda(), "cuda")
     lat = time_interleaved(calls, n, warmup=1 if size > 64 << 20 else 2)
     point: dict[str, Any] = {"size": size, "iterations": n, "transports": transports, "methods": {}}
     for name, values in lat.items():
@@ -174,10 +182,22 @@ def _rows(point: dict[str, Any]) -> list[Row]:
             target="<= 0.2x" if size in (16 << 20, 256 << 20) else "",
             note=f"transport {point['transports'].get('execute shm')}").judge(),
     ]  # fmt: skip
+    if "execute shm in place" in ms:
+        rows.append(
+            Row("stream", f"Execute shm {label} time, input from Client.empty", ms["execute shm in place"], "ms",
+                "unary echo ms", ms["echo"], note=f"transport {point['transports'].get('execute shm in place')}").judge()
+        )  # fmt: skip
     if "execute cuda ipc" in ms:
         rows.append(
             Row("stream", f"Execute {label} from a CUDA tensor, time", ms["execute cuda ipc"], "ms", "unary echo ms",
                 ms["echo"], note=f"transport {point['transports'].get('execute cuda ipc')}").judge()
+        )  # fmt: skip
+    if "execute cuda ipc, cuda out" in ms:
+        target = {16 << 20: "<= 0.1x", 256 << 20: "<= 0.05x"}.get(size, "")
+        rows.append(
+            Row("stream", f"Execute {label} from a CUDA tensor, results on the GPU, time",
+                ms["execute cuda ipc, cuda out"], "ms", "unary echo ms", ms["echo"], target=target,
+                note=f"transport {point['transports'].get('execute cuda ipc, cuda out')}").judge()
         )  # fmt: skip
     return rows
 

@@ -24,7 +24,7 @@ from fuseport.client.connections import HANDLE_METHODS, SERVICE, Connection, Con
 from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
-from fuseport.wire import _pb, codec
+from fuseport.wire import _pb, codec, shm
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -183,7 +183,7 @@ class ExecuteResult:
     # How the stacks travelled: "unary" (one Execute/Fallback message each way),
     # "stream" (ExecuteStream/FallbackStream chunks, for large stacks), "shm"
     # (shared memory, with a server on this host) or "cuda_ipc" (shared memory,
-    # and CUDA inputs passed by CUDA IPC handle, on the server's GPU host).
+    # and CUDA inputs or results passed device to device, on the server's GPU host).
     transport: str = "unary"
     # The serving process that answered, "INDEX PID", under `fuseport serve
     # --processes N` (its "fuseport-process" trailing metadata); "" for a server
@@ -200,6 +200,7 @@ class _Shared:
     session: str
     slot: int
     fresh: bool = False  # ExecuteOptions.shared_memory_fresh_output (see SharedSession.fresh_output)
+    cuda: bool = False  # ExecuteOptions.shared_memory_cuda_outputs (see SharedSession.device_results)
 
 
 class _AsyncSlot:
@@ -330,16 +331,75 @@ class _Job:
     holds: its tensor bytes (what decides the transport) and whether it names
     RemoteTensors (which only a unary call carries), found in one walk."""
 
-    __slots__ = ("key", "keep", "method", "remote", "size", "stack", "started", "wait")
+    __slots__ = ("key", "keep", "method", "remote", "results_on", "size", "stack", "started", "wait")
 
-    def __init__(self, method: str, key: int, stack: Stack, wait: bool, keep: bool) -> None:
+    def __init__(
+        self, method: str, key: int, stack: Stack, wait: bool, keep: bool, results_on: torch.device | None = None
+    ) -> None:
         self.started = time.perf_counter_ns()  # for Timings.total_us
         self.method = method  # "Execute" or "Fallback"
         self.key = key
         self.stack = stack
         self.wait = wait
         self.keep = keep
+        self.results_on = results_on  # a CUDA device of this process, or None: host memory
         self.size, self.remote = _survey(stack)
+
+
+def _results_device(results_on: str | torch.device | None, keep: bool) -> torch.device | None:
+    """`results_on` as a CUDA device with its index, or None for host memory; ValueError for anything else."""
+    if results_on is None:
+        return None
+    try:
+        device = torch.device(results_on)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"results_on={results_on!r} is not a device: {e}") from None
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"results_on={results_on!r}: results go to host memory (None, 'cpu') or a CUDA device")
+    if keep:
+        raise ValueError("results_on= with keep=True: kept results stay on the server, as RemoteTensors")
+    if not torch.cuda.is_available():
+        raise ValueError(f"results_on={results_on!r}: this process sees no CUDA device")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(f"results_on={results_on!r}: this process sees {torch.cuda.device_count()} CUDA devices")
+    return torch.device("cuda", index)
+
+
+def _shape_of(size: tuple[Any, ...]) -> torch.Size:
+    """torch.empty's shape arguments (dims, or one sequence of them) as a Size."""
+    return torch.Size(size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size)
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, session: SharedSession | None) -> torch.Tensor:
+    """Client.empty's tensor: in `session`'s shared memory where it takes one (blocks: it
+    waits for the server's OK), else an ordinary one."""
+    if session is not None and not session.closed:
+        try:
+            t = session.empty(shape, dtype)
+        except SharedMemoryUnavailable as e:
+            log.info("no tensor in shared memory (%s): an ordinary one", e)
+        else:
+            if t is not None:
+                return t
+    return torch.empty(shape, dtype=dtype)
+
+
+def _moved(result: ExecuteResult, device: torch.device | None) -> ExecuteResult:
+    """The result with every tensor on `device` (None: as it came)."""
+    if device is None:
+        return result
+
+    def to(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v if v.device == device else v.to(device)
+        if isinstance(v, (list, tuple)):
+            return [to(x) for x in v]
+        return v
+
+    return dataclasses.replace(result, stack=[to(v) for v in result.stack])
 
 
 def _survey(stack: Stack) -> tuple[int, bool]:
@@ -723,6 +783,7 @@ class _Base:
             shm_session=shared.session if shared else "",
             shm_slot=shared.slot if shared else 0,
             shm_fresh_output=shared.fresh if shared else False,
+            shm_cuda_outputs=shared.cuda if shared else False,
             no_batching=not self.batching,
             free_handles=free_handles,
         )
@@ -802,6 +863,10 @@ class _Base:
         where a session can be had."""
         return self._shared_wanted and size >= self.shared_above
 
+    def _empty_wants(self, shape: torch.Size, dtype: torch.dtype) -> int:
+        """The stack size to open a session for, for Client.empty: at least what shared memory is used for."""
+        return max(self.shared_above, shape.numel() * dtype.itemsize)
+
     @staticmethod
     def _shared_now(conn: Connection) -> SharedSession | bool | None:
         """The session a large stack on `conn` goes through; None: the network;
@@ -837,13 +902,15 @@ class _Base:
         conn.shared_retry_at = time.monotonic() + _SHARED_RETRY_SECONDS
 
     @staticmethod
-    def _shared_write(session: SharedSession, slot: int, stack: Stack, keep: bool) -> tuple[_Shared, bool]:
+    def _shared_write(session: SharedSession, slot: int, job: _Job) -> tuple[_Shared, bool]:
         """The call as sent through `slot` (blocks: copies), and whether CUDA
         inputs went by CUDA IPC handle. Tensor outputs come back through the
-        slot's region, unless kept."""
-        written, by_cuda = session.write(slot, list(stack))
-        fresh = not keep and session.fresh_output(slot)
-        return _Shared(written, session.id, 0 if keep else slot, fresh), by_cuda
+        slot's region (its device one, for results asked for on the server's
+        GPU), unless kept."""
+        written, by_cuda = session.write(slot, list(job.stack))
+        fresh = not job.keep and session.fresh_output(slot)
+        cuda = job.results_on is not None and session.device_results(job.results_on)
+        return _Shared(written, session.id, 0 if job.keep else slot, fresh, cuda), by_cuda
 
     @staticmethod
     def _no_cuda_ipc(session: SharedSession, e: CudaIpcUnavailable) -> None:
@@ -854,10 +921,21 @@ class _Base:
         session.cuda_devices = frozenset()
 
     @staticmethod
+    def _no_cuda_outputs(session: SharedSession, e: CudaIpcUnavailable) -> None:
+        # The server's device output region cannot be mapped here: the call runs again
+        # (a result is a pure function of the call), and the session's results come
+        # through host memory from now on.
+        log.info("results cannot come device to device (%s); they come through host memory", e)
+        session.cuda_outputs = False
+
+    @staticmethod
     def _shared_read(session: SharedSession, result: ExecuteResult, by_cuda: bool) -> ExecuteResult:
         """The result with its tensors over the slot's region (or copied out of it,
-        from a server without `fresh_outputs`); blocks until the region is here."""
-        transport = "cuda_ipc" if by_cuda else "shm"
+        from a server without `fresh_outputs`; results in the slot's device region
+        copied out of it); blocks until the region is here."""
+        on_device: list[bool] = []
+        shm.replace(result.stack, lambda v, _where: on_device.append(bool(v.cuda_device)), codec.Shared)
+        transport = "cuda_ipc" if by_cuda or any(on_device) else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
     def _shared_abandoned(self, session: SharedSession, e: BaseException) -> None:
@@ -1007,22 +1085,24 @@ class _Base:
 
     def _shared_flow(self, job: _Job, session: SharedSession, slot: int) -> _Flow[ExecuteResult]:
         """The call through `slot` of `session`: inputs copied in, the call, outputs copied out."""
-        shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
-        try:
-            result = yield from self._execute_flow(job, shared)
-        except CudaIpcUnavailable as e:
-            if not by_cuda:
-                raise
-            self._no_cuda_ipc(session, e)
-            shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job.stack, job.keep))
-            result = yield from self._execute_flow(job, shared)
-        if session.views:
-            # Only the wait for the regions blocks; the tensors over them are made here, not
-            # handed back through a thread's future (a worker that has not yet dropped it
-            # would keep them alive, and the region from being written again).
-            yield _Blocking(session.wait_outputs, (result.stack,))
-            return self._shared_read(session, result, by_cuda)
-        return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
+        while True:  # at most three times: each CudaIpcUnavailable turns one way off for good
+            shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job))
+            try:
+                result = yield from self._execute_flow(job, shared)
+                if session.views:
+                    # Only the wait for the regions blocks; the tensors over them are made here, not
+                    # handed back through a thread's future (a worker that has not yet dropped it
+                    # would keep them alive, and the region from being written again).
+                    yield _Blocking(session.wait_outputs, (result.stack,))
+                    return self._shared_read(session, result, by_cuda)
+                return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
+            except CudaIpcUnavailable as e:
+                if by_cuda:
+                    self._no_cuda_ipc(session, e)  # inputs by handle refused (nothing ran), or results
+                elif shared.cuda:
+                    self._no_cuda_outputs(session, e)
+                else:
+                    raise
 
     def _unary(self, job: _Job) -> _First | None:
         """The first request of a call that goes as one message (no shared memory,
@@ -1390,7 +1470,14 @@ class Client(_Base):
                 self._pool.release(held)
 
     def execute_detailed(
-        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
         """Runs a kernel on a stack, fused where it can; says how it went.
 
@@ -1407,6 +1494,11 @@ class Client(_Base):
             keep: Leave the tensor outputs on the server's device and return
                 them as RemoteTensors.
             timeout: Seconds for the call; None: the client's `timeout`.
+            results_on: A CUDA device of this process ("cuda", "cuda:1"): every
+                tensor of the resulting stack is there. Where the server runs on
+                that very GPU and shared memory is on, they come device to
+                device (`transport` "cuda_ipc"); otherwise through host memory,
+                copied there by the client. None or "cpu": host memory.
 
         Returns:
             The resulting stack, which path ran (fused or fallback) and why,
@@ -1427,21 +1519,36 @@ class Client(_Base):
             PermissionDenied: The token's role may not call the method.
             Unavailable: The server cannot be reached or is shutting down.
             DeadlineExceeded: No answer within the timeout.
+            ValueError: `results_on` is no CUDA device of this process, or
+                given with `keep`.
         """
-        return self._run("Execute", key, stack, wait, timeout, keep)
+        return self._run("Execute", key, stack, wait, timeout, keep, results_on)
 
     def fallback_detailed(
-        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
         """Runs a kernel's unfused graph on a stack; says how it went.
 
         Args, return value and errors: as `execute_detailed` (no `wait`: the
         fallback never compiles).
         """
-        return self._run("Fallback", key, stack, False, timeout, keep)
+        return self._run("Fallback", key, stack, False, timeout, keep, results_on)
 
     def execute(
-        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> list[Any]:
         """Runs a kernel on a stack, fused where it can.
 
@@ -1451,24 +1558,37 @@ class Client(_Base):
             The resulting stack: the kernel's inputs on top replaced by its
             outputs (RemoteTensors for tensor outputs, with `keep`).
         """
-        return self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout).stack
+        return self.execute_detailed(key, stack, wait=wait, keep=keep, timeout=timeout, results_on=results_on).stack
 
     def fallback(
-        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> list[Any]:
         """Runs a kernel's unfused graph on a stack; returns the resulting stack.
 
         Args, errors: as `execute_detailed`.
         """
-        return self.fallback_detailed(key, stack, keep=keep, timeout=timeout).stack
+        return self.fallback_detailed(key, stack, keep=keep, timeout=timeout, results_on=results_on).stack
 
     def _run(
-        self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
+        self,
+        method: str,
+        key: int,
+        stack: Stack,
+        wait: bool,
+        timeout: float | None,
+        keep: bool = False,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
-        job = _Job(method, key, stack, wait, keep)
+        job = _Job(method, key, stack, wait, keep, _results_device(results_on, keep))
         pool = self._pool
         if not pool.many:
-            return self._job(job, timeout, pool.first)
+            return _moved(self._job(job, timeout, pool.first), job.results_on)
         # Every step of the call on one connection: its shared-memory session is that connection's.
         conn = pool.acquire(stack)
         try:
@@ -1477,7 +1597,7 @@ class Client(_Base):
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
-        return result
+        return _moved(result, job.results_on)
 
     def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
         """The call on `conn`: a unary one made here, its failure (and any other
@@ -1554,6 +1674,27 @@ class Client(_Base):
                 return None
             conn.shared = self._shared_open(conn, opened, timeout)
             return conn.shared
+
+    def empty(self, *size: int, dtype: torch.dtype = torch.float32, timeout: float | None = None) -> torch.Tensor:
+        """An uninitialized host tensor that calls pass to a server on this host without
+        copying it: it lies in shared memory handed to the server when made, so a stack
+        that holds it names its bytes where they are (fill it once, call many times).
+
+        Elsewhere (a server on another host, shared memory off on either side, the
+        server's budget or region count reached) it is an ordinary tensor, and calls
+        copy it as they copy any other. Its memory is freed, on both sides, when the
+        last tensor over it dies. Calls on this client's first connection only find it
+        (with `connections` > 1, the others copy it). A kernel may read it while you
+        write it: as with any shared-memory input, that changes only your own result.
+
+        Args:
+            size: Its shape, as for `torch.empty`.
+            dtype: Its dtype (one the wire carries).
+            timeout: Seconds for opening the session, if this opens it.
+        """
+        shape = _shape_of(size)
+        return _empty(shape, dtype, self._shared_session(self._empty_wants(shape, dtype), timeout, self._pool.first))
+
 
     # Device-resident values -------------------------------------------------
 
@@ -1926,36 +2067,69 @@ class AsyncClient(_Base):
                 self._pool.release(held)
 
     async def execute_detailed(
-        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
         """As [Client.execute_detailed][fuseport.client.client.Client.execute_detailed]."""
-        return await self._run("Execute", key, stack, wait, timeout, keep)
+        return await self._run("Execute", key, stack, wait, timeout, keep, results_on)
 
     async def fallback_detailed(
-        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
         """As [Client.fallback_detailed][fuseport.client.client.Client.fallback_detailed]."""
-        return await self._run("Fallback", key, stack, False, timeout, keep)
+        return await self._run("Fallback", key, stack, False, timeout, keep, results_on)
 
     async def execute(
-        self, key: int, stack: Stack, *, wait: bool = False, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        wait: bool = False,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> list[Any]:
         """As [Client.execute][fuseport.client.client.Client.execute]."""
-        return (await self._run("Execute", key, stack, wait, timeout, keep)).stack
+        return (await self._run("Execute", key, stack, wait, timeout, keep, results_on)).stack
 
     async def fallback(
-        self, key: int, stack: Stack, *, keep: bool = False, timeout: float | None = None
+        self,
+        key: int,
+        stack: Stack,
+        *,
+        keep: bool = False,
+        timeout: float | None = None,
+        results_on: str | torch.device | None = None,
     ) -> list[Any]:
         """As [Client.fallback][fuseport.client.client.Client.fallback]."""
-        return (await self._run("Fallback", key, stack, False, timeout, keep)).stack
+        return (await self._run("Fallback", key, stack, False, timeout, keep, results_on)).stack
 
     async def _run(
-        self, method: str, key: int, stack: Stack, wait: bool, timeout: float | None, keep: bool = False
+        self,
+        method: str,
+        key: int,
+        stack: Stack,
+        wait: bool,
+        timeout: float | None,
+        keep: bool = False,
+        results_on: str | torch.device | None = None,
     ) -> ExecuteResult:
-        job = _Job(method, key, stack, wait, keep)
+        job = _Job(method, key, stack, wait, keep, _results_device(results_on, keep))
         pool = self._pool
         if not pool.many:
-            return await self._job(job, timeout, pool.first)
+            return _moved(await self._job(job, timeout, pool.first), job.results_on)
         conn = pool.acquire(stack)  # as Client._run: the whole call on one connection
         try:
             result = await self._job(job, timeout, conn)
@@ -1963,7 +2137,7 @@ class AsyncClient(_Base):
             pool.release(conn)
         if keep:
             pool.learn(conn, result.stack)
-        return result
+        return _moved(result, job.results_on)
 
     async def _job(self, job: _Job, timeout: float | None, conn: Connection) -> ExecuteResult:
         """As Client._job."""
@@ -2098,6 +2272,14 @@ class AsyncClient(_Base):
         return conn.gate[1]  # type: ignore[no-any-return]
 
     # Device-resident values -------------------------------------------------
+
+    async def empty(self, *size: int, dtype: torch.dtype = torch.float32, timeout: float | None = None) -> torch.Tensor:
+        """As [Client.empty][fuseport.client.client.Client.empty]."""
+        shape = _shape_of(size)
+        session = await self._shared_session(self._empty_wants(shape, dtype), timeout, self._pool.first)
+        if session is None:
+            return _empty(shape, dtype, None)
+        return await asyncio.get_running_loop().run_in_executor(None, _empty, shape, dtype, session)
 
     async def fetch(
         self, tensors: Sequence[RemoteTensor], *, free: bool = False, timeout: float | None = None

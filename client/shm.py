@@ -23,6 +23,17 @@ region itself (where the server offers `fresh_outputs`). Their lifetime rules:
 * A fork copies the mappings into the child (MAP_SHARED): every region with live
   tensors at the fork is never written again by this process's session, even once
   the parent's own tensors are gone, so the child's copies stay unchanged too.
+
+Tensors made by `Client.empty` live in regions of their own, handed to the server
+when made: passed as inputs, they are named where they lie, not copied into the
+slot's input region (the caller writes its data there once, instead of the client
+copying it for every call). Such a region is dropped (DROP) when its last tensor dies.
+
+Results asked for on a CUDA device (`Client.execute(..., results_on="cuda")`) of
+the GPU the server runs on come through the slot's device output region instead
+(the server's CUDA allocation, mapped here from the descriptor it sent): they are
+copied once, device to device, into tensors of this process's own, and the copy
+is waited for before the call returns, since the slot's next call writes there.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from typing import Any
 import torch
 
 from fuseport.wire import _pb, codec, cuda_ipc, dtypes, shm
-from fuseport.wire.errors import InvalidStack, SharedMemoryUnavailable
+from fuseport.wire.errors import CudaIpcUnavailable, InvalidStack, SharedMemoryUnavailable
 
 __all__ = ["SLOTS", "SharedSession"]
 
@@ -47,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SLOTS = 8  # calls one client runs through shared memory at once; more wait for a slot
 _STEP = 1 << 20  # regions are sized in whole MiB
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 # The sessions of this process, for the fork hook (_before_fork).
 _SESSIONS: weakref.WeakSet[SharedSession] = weakref.WeakSet()
@@ -59,6 +71,14 @@ def _before_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork)
+
+
+def _owned_gone(session_ref: weakref.ref[SharedSession], region: int) -> None:
+    """The last tensor over a region made by `SharedSession.empty` died (a finalizer)."""
+    session = session_ref()
+    if session is not None:
+        session._owned.pop(region, None)
+        session._tell(shm.DROP, region)
 
 
 def _view_gone(session_ref: weakref.ref[SharedSession], region: int) -> None:
@@ -90,6 +110,13 @@ class SharedSession:
         # open a process's own handles, and its tensors need no IPC to get there.
         in_process = shm.peer_creds(self._sock)[0] == self.pid
         self.cuda_devices = frozenset() if in_process else frozenset(opened.cuda_devices)
+        # Results on the server's device (ExecuteOptions.shared_memory_cuda_outputs): by region
+        # id, the device output regions mapped here (or why one could not be); by slot, its
+        # current one; and the ordinal, in this process, of the server's device.
+        self.cuda_outputs = opened.cuda_outputs and bool(self.cuda_devices)
+        self._devices: dict[int, cuda_ipc.DeviceMemory | str] = {}
+        self._slot_devices: dict[int, int] = {}
+        self._cuda_ordinal: int | None = None
         self._held: dict[int, list[torch.Tensor]] = {}
         # Results handed out as tensors over the output regions (module doc): by
         # region id, the memoryview those tensors hold (alive exactly while any is).
@@ -102,6 +129,9 @@ class SharedSession:
         # Handed back: the server names one of these for a slot that needs a new region.
         self._spares: dict[int, shm.Region] = {}
         self._next_id = 1
+        # Regions of Client.empty's tensors, by id: where their bytes start and how many
+        # (the lookup of `write`). An entry goes when its last tensor dies (_owned_gone).
+        self._owned: dict[int, tuple[int, int]] = {}
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self.slots = slots  # how many calls run through it at once
         self._free = list(range(slots, 0, -1))
@@ -129,6 +159,7 @@ class SharedSession:
         self._outputs.clear()
         self._inputs.clear()
         self._spares.clear()
+        self._devices.clear()  # unmapped here (every copy out of them was waited for)
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[int]:
@@ -158,7 +189,8 @@ class SharedSession:
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
         exports = self._export_cuda(slot, tensors)
-        need = sum(shm.align(t.numel() * t.element_size()) for t in tensors if id(t) not in exports)
+        owned = self._in_owned(tensors)
+        need = sum(shm.align(t.numel() * t.element_size()) for t in tensors if id(t) not in exports and id(t) not in owned)
         if need > self.max_bytes:
             raise SharedMemoryUnavailable(f"a stack of {need} bytes is over the session's {self.max_bytes}")
         region = self._inputs.get(slot)
@@ -176,6 +208,9 @@ class SharedSession:
             e = exports.get(id(t))
             if e is not None:
                 return codec.Shared(0, e.offset, t.dtype, tuple(t.shape), n, e.handle, e.device_uuid)
+            where_owned = owned.get(id(t))
+            if where_owned is not None:
+                return codec.Shared(where_owned[0], where_owned[1], t.dtype, tuple(t.shape), n)
             assert region is not None
             shm.copy_into(region.bytes[offset : offset + n], t)
             ref = codec.Shared(region.id, offset, t.dtype, tuple(t.shape), n)
@@ -183,6 +218,50 @@ class SharedSession:
             return ref
 
         return shm.replace(stack, put, torch.Tensor), bool(exports)
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor of `shape` and `dtype` in a region of its own, handed to the server;
+        None where the server takes no more regions (its count or the session's budget)."""
+        if dtypes.code_for(dtype) is None:
+            raise InvalidStack(f"dtype {dtype} cannot travel on the wire")
+        nbytes = shape.numel() * dtype.itemsize
+        size = -(-max(nbytes, 1) // _PAGE) * _PAGE
+        with self._io:
+            ident, self._next_id = self._next_id, self._next_id + 1
+        region, fd = shm.create_region(ident, size, "fuseport-tensor")
+        try:
+            self._send(shm.Packet(shm.REGION, 0, ident, size, fd=fd))
+        finally:
+            os.close(fd)
+        reply = self._wait(lambda: self._replies.pop(ident, None))
+        if reply.kind != shm.OK:
+            log.info("a tensor in shared memory was refused (%s): made in private memory", reply.text)
+            return None
+        # The tensor holds a memoryview of its own, which holds the mapping: the region is
+        # dropped (on the server too) exactly when the last tensor over it dies.
+        view = memoryview(region.mapping)
+        base = torch.frombuffer(view, dtype=torch.uint8)
+        self._owned[ident] = (base.data_ptr(), size)
+        weakref.finalize(view, _owned_gone, weakref.ref(self), ident)
+        del view
+        return base[:nbytes].view(dtype).view(shape)
+
+    def _in_owned(self, tensors: list[torch.Tensor]) -> dict[int, tuple[int, int]]:
+        """By id() of the tensor, (region, offset) of the host tensors that lie whole in
+        a region of `empty`'s: their bytes are named, not copied."""
+        if not self._owned:
+            return {}
+        out: dict[int, tuple[int, int]] = {}
+        owned = list(self._owned.items())
+        for t in tensors:
+            if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
+                continue
+            ptr, n = t.data_ptr(), t.numel() * t.element_size()
+            for ident, (start, size) in owned:
+                if start <= ptr and ptr + n <= start + size and (ptr - start) % t.element_size() == 0:
+                    out[id(t)] = (ident, ptr - start)
+                    break
+        return out
 
     def _export_cuda(self, slot: int, tensors: list[torch.Tensor]) -> dict[int, cuda_ipc.Export]:
         """CUDA IPC exports of the CUDA tensors whose device the server offered, by id()
@@ -292,13 +371,52 @@ class SharedSession:
         with self._lend:
             self._pinned.update(r for r in list(self._lent) if self._alive(r))
 
+    def device_results(self, device: torch.device) -> bool:
+        """Whether results for CUDA `device` of this process can come in device output
+        regions: the server offers them, on that very GPU."""
+        if not self.cuda_outputs or device.type != "cuda":
+            return False
+        drv = cuda_ipc.driver()
+        if drv is None:
+            return False
+        ordinal = device.index if device.index is not None else torch.cuda.current_device()
+        try:
+            ok = drv.uuid(ordinal) in self.cuda_devices
+        except cuda_ipc.CudaError:
+            ok = False
+        if ok:
+            self._cuda_ordinal = ordinal  # one server device, so one ordinal here
+        return ok
+
     def wait_outputs(self, stack: list[Any]) -> None:
         """Blocks until every output region the result stack names is here (its
-        OUTPUT packet read): then `read` does not block where the session lends."""
-        regions: list[int] = []
-        shm.replace(stack, lambda v, _where: regions.append(v.region) if v.nbytes else None, codec.Shared)
-        for region in regions:
-            self._wait(lambda region=region: self._outputs.get(region))
+        OUTPUT or CUDA_OUTPUT packet read): then `read` does not block where the session lends."""
+        regions: list[tuple[int, bool]] = []
+        shm.replace(
+            stack, lambda v, _where: regions.append((v.region, bool(v.cuda_device))) if v.nbytes else None, codec.Shared
+        )
+        for region, on_device in regions:
+            table = self._devices if on_device else self._outputs
+            self._wait(lambda region=region, table=table: table.get(region))
+
+    def _from_device(self, v: codec.Shared, where: str, sources: list[torch.Tensor]) -> torch.Tensor:
+        """A result in a device output region, copied into a tensor of this process's (on
+        the current stream; the caller waits for it, holding `sources` until then: the
+        region's memory stays mapped while a tensor over it lives, close() or not)."""
+        got = self._devices.get(v.region) or self._wait(lambda: self._devices.get(v.region))
+        if isinstance(got, str):
+            raise CudaIpcUnavailable(f"{where}: cannot map the server's device output region {v.region} ({got})")
+        out = torch.empty(v.shape, dtype=v.dtype, device=torch.device("cuda", got.ordinal))
+        if v.nbytes:
+            if v.offset + v.nbytes > got.size:
+                raise InvalidStack(
+                    f"{where}: bytes [{v.offset}, {v.offset + v.nbytes}) lie outside device output region "
+                    f"{v.region} of {got.size} bytes"
+                )
+            src = got.tensor()[v.offset : v.offset + v.nbytes]
+            sources.append(src)
+            shm.copy_into(out, src)
+        return out
 
     def read(self, stack: list[Any]) -> list[Any]:
         """The result stack with each Shared value made a tensor: over the
@@ -334,7 +452,46 @@ class SharedSession:
                 shm.copy_into(out, region.view(v.offset, v.nbytes, where))
             return out
 
-        return shm.replace(stack, lent if self.views else copied, codec.Shared)
+        host = lent if self.views else copied
+        sources: list[torch.Tensor] = []
+
+        def either(v: codec.Shared, where: str) -> torch.Tensor:
+            return self._from_device(v, where, sources) if v.cuda_device else host(v, where)
+
+        try:
+            return shm.replace(stack, either, codec.Shared)
+        finally:
+            # The slot's next call writes its device region again: the copies out of it
+            # are done before this returns (and before `sources` lets the memory go).
+            for ordinal in {t.device.index or 0 for t in sources}:
+                torch.cuda.current_stream(ordinal).synchronize()
+            sources.clear()
+
+    def _take_device(self, p: shm.Packet) -> None:
+        """A CUDA_OUTPUT packet: the slot's new device output region, mapped here. One that
+        cannot be (another driver, a descriptor that is no allocation) is recorded with
+        the reason, which the call reading it raises (CudaIpcUnavailable: see Client)."""
+        got: cuda_ipc.DeviceMemory | str
+        try:
+            drv = cuda_ipc.driver()
+            if p.fd is None:
+                got = "no descriptor came with it"
+            elif drv is None or self._cuda_ordinal is None:
+                got = f"no CUDA driver here ({cuda_ipc.why_not()})" if drv is None else "results were not asked for on a device"
+            elif not 0 < p.size <= self.max_bytes:
+                got = f"{p.size} bytes, not within 1..{self.max_bytes}"
+            else:
+                got = drv.import_fd(self._cuda_ordinal, p.fd, p.size)
+        except cuda_ipc.CudaError as e:
+            got = str(e)
+        finally:
+            if p.fd is not None:
+                os.close(p.fd)  # the mapping keeps the memory
+        old = self._slot_devices.get(p.slot)
+        if old is not None:
+            self._devices.pop(old, None)  # every copy out of it was waited for
+        self._slot_devices[p.slot] = p.id
+        self._devices[p.id] = got
 
     # ------------------------------------------------------------------ socket
 
@@ -380,6 +537,8 @@ class SharedSession:
                         self._lent.pop(old, None)
                         self._slot_outputs[p.slot] = p.id
                         self._outputs[p.id] = region
+                elif p.kind == shm.CUDA_OUTPUT:
+                    self._take_device(p)
                 elif p.kind in (shm.OK, shm.ERROR):
                     self._replies[p.id] = p
                 elif p.kind == shm.RETURN:  # a spare the server let go of (for room, or enough of them)

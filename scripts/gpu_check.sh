@@ -159,7 +159,8 @@ if [[ $PART == poll ]]; then
 fi
 if [[ $PART == shm ]]; then
     # Shared memory against the unary echo, with the regions page-locked (the default) and
-    # not (FUSEPORT_SHARED_MEMORY_PAGE_LOCK_BYTES=0), two servers timed in the same rounds.
+    # not (FUSEPORT_SHARED_MEMORY_PAGE_LOCK_BYTES=0), two servers timed in the same rounds;
+    # also from a CUDA tensor, results in host memory and on the GPU (results_on="cuda").
     for mib in ${SHM_MIB:-16 256}; do
         rounds=30; (( mib > 64 )) && rounds=8
         python3 "$REPO/scripts/shm_echo_ratio.py" "$mib" "$rounds" --dtype float32 --device cuda \

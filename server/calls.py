@@ -56,6 +56,9 @@ class Call:
     handles: bool = False  # some inputs were resident handles (never batched: see server/batching.py)
     # Who the caller is for fair shares and penalties (plumbing.identity_of; b"": nobody in particular).
     who: bytes = b""
+    # Results stay where the kernel made them (a device): the caller writes them into a
+    # shared-memory region itself (SharedMemory.place), one copy instead of two.
+    on_device: bool = False
 
 
 @dataclass

@@ -240,13 +240,22 @@ class Core:
             assert shared is not None
             self.shared.check_results(
                 owner, shared.session, shared.slot, [*call.below, *call.plan.outputs],
-                self.settings.max_message_bytes, shared.fresh_output,
+                self.settings.max_message_bytes, shared.fresh_output, shared.cuda_outputs,
             )  # fmt: skip
+        # Results for the slot's region stay on the device until place() copies them there
+        # (into page-locked memory: DMA), not through a pinned buffer of torch's first.
+        call.on_device = to_slot
         result = self.run(call, wait=wait, deadline=deadline, answer=answer)
         if shared is not None and shared.slot:
             started = time.perf_counter_ns()
             try:
-                result.stack = self.shared.place(owner, shared.session, shared.slot, result.stack, shared.fresh_output)
+                result.stack = self.shared.place(
+                    owner, shared.session, shared.slot, result.stack, shared.fresh_output, shared.cuda_outputs
+                )
+                if to_slot and self.placement.cuda:
+                    # What place() left as tensors (over the session's budget) travels as bytes.
+                    result.stack = self.placement.to_host(result.stack)
+                    self.placement.synchronize()
             except BaseException:
                 self.release_handles(owner, result.kept)  # a call that fails keeps nothing
                 raise
@@ -448,7 +457,7 @@ class Core:
                     else:
                         self.placement.synchronize()
                 else:
-                    outputs = self.placement.to_host(outcome.outputs)
+                    outputs = outcome.outputs if call.on_device else self.placement.to_host(outcome.outputs)
                     self.placement.synchronize()
         except _Overran as e:
             log.info("kernel %d: its run ended %.2f s after its call was answered; the results were dropped",

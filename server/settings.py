@@ -335,7 +335,8 @@ class Settings:
         default=True,
         metadata={
             "help": "with shared memory, let a client's CUDA tensors on this server's GPUs travel as CUDA IPC "
-            "handles (copied on the device; no host copy)"
+            "handles, and results it asks for on that GPU come back in device allocations of the server's "
+            "(copied on the device; no host copy)"
         },
     )
     shared_memory_page_lock_bytes: int | None = field(

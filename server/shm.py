@@ -104,6 +104,9 @@ class SharedCall:
     # The client asks for a fresh output region: its last results still live as
     # tensors over the slot's current one (see client/shm.py).
     fresh_output: bool = False
+    # Tensor results stay on the server's device, in the slot's device output region
+    # (ExecuteOptions.shared_memory_cuda_outputs), where this server offers it.
+    cuda_outputs: bool = False
     # The inputs left in the client's region (views, by id()): what
     # Core._own_inputs copies where the plan's checks read them.
     views: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -130,6 +133,9 @@ class _Session:
     # Retired regions the client reads no more and keeps mapped: a slot that needs a
     # new output region takes one of these first (warm pages, no new memfd).
     spares: dict[int, shm.Region] = field(default_factory=dict)
+    # Per slot, its device output region (ExecuteOptions.shared_memory_cuda_outputs): its
+    # id and the allocation. Replaced by a larger one when results outgrow it.
+    devices: dict[int, tuple[int, cuda_ipc.DeviceMemory]] = field(default_factory=dict)
     # Between a call retiring its slot's region (place) and the socket's thread looking
     # for a region the client hands back (SPARE), so that the region is always found.
     outputs_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -167,6 +173,7 @@ class _Session:
             + sum(r.size for r in list(self.outputs.values()))
             + sum(r.size for r in list(self.retired.values()))
             + sum(r.size for r in list(self.spares.values()))
+            + sum(m.size for _, m in list(self.devices.values()))
         )
 
     def identity(self) -> tuple[str, bytes | int]:
@@ -222,6 +229,10 @@ class SharedMemory:
         self._cuda_device = cuda_device
         # resolve_device gives CUDA devices an index; a bare "cuda" is device 0 as there.
         self._cuda_ordinal = 0 if cuda_device is None else cuda_device.index or 0
+        # Whether results may stay on that device, in allocations handed to the client
+        # (OpenSharedMemoryResponse.cuda_outputs), and what their sizes are multiples of.
+        self.cuda_outputs = False
+        self._granularity = 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._page_lock = page_lock
@@ -268,6 +279,22 @@ class SharedMemory:
             else:
                 self.cuda_devices = [drv.uuid(self._cuda_ordinal)]
                 log.info("CUDA IPC for co-located clients' CUDA tensors on %s", self._cuda_device)
+                self._offer_cuda_outputs(drv)
+
+    def _offer_cuda_outputs(self, drv: cuda_ipc.Driver) -> None:
+        """Offers results on the device where one allocation can be made, exported and
+        released here: a driver or device without the calls (virtual memory management,
+        POSIX file descriptor handles) keeps them in host memory, as before."""
+        ordinal = self._cuda_ordinal
+        try:
+            granularity = drv.granularity(ordinal)
+            probe = drv.allocate(ordinal, granularity)
+            os.close(probe.export_fd())
+            del probe
+        except (cuda_ipc.CudaError, OSError) as e:
+            log.info("results of co-located clients stay in host memory: no exportable device allocations (%s)", e)
+            return
+        self._granularity, self.cuda_outputs = granularity, True
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -371,6 +398,8 @@ class SharedMemory:
         def value(v: codec.Shared, where: str) -> torch.Tensor:
             if v.cuda_handle:
                 return self._from_cuda(v, where)
+            if v.cuda_device:
+                raise InvalidStack(f"{where}: names a device output region; only a response does")
             region = session.regions.get(v.region)
             if region is None:
                 raise InvalidStack(f"{where}: shared-memory region {v.region} was not handed over in this session")
@@ -435,12 +464,18 @@ class SharedMemory:
 
         return codec._make_tensor(dtypes.code_for(v.dtype), list(v.shape), [], v.nbytes, where, copy)
 
-    def place(self, owner: Owner, sid: str, slot: int, stack: list[Any], fresh: bool = False) -> list[Any]:
+    def place(
+        self, owner: Owner, sid: str, slot: int, stack: list[Any], fresh: bool = False, cuda: bool = False
+    ) -> list[Any]:
         """The result stack with each tensor written into the slot's output
         region and replaced by a Shared value naming it. A region too small is
         replaced by a larger one, handed to the client before this returns.
         `fresh`: the client still reads the slot's region (it handed results out
-        as tensors over it): that one is retired and the results go to a new one."""
+        as tensors over it): that one is retired and the results go to a new one.
+        `cuda`: into the slot's device output region instead, where this server
+        offers one and the session's budget has room (else the host region).
+        Tensors on the device are copied by this thread's stream, waited for
+        before this returns; tensors left in the stack travel as bytes."""
         check_slot(slot)
         session = self._session(owner, sid)
         if fresh:
@@ -448,9 +483,12 @@ class SharedMemory:
                 old = session.outputs.pop(slot, None)
                 if old is not None:
                     session.retired[old.id] = old
-        tensors: list[torch.Tensor] = []
-        shm.walk(stack, tensors.append)
+        tensors = _tensors(stack)
         need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
+        if need and cuda and self.cuda_outputs:
+            placed = self._place_on_device(session, slot, stack, need)
+            if placed is not None:
+                return placed
         region = session.outputs.get(slot)
         if region is None or region.size < need:
             region = self._new_output(session, slot, need)
@@ -466,8 +504,83 @@ class SharedMemory:
 
         return shm.replace(stack, write, torch.Tensor)
 
+    def _place_on_device(
+        self, session: _Session, slot: int, stack: list[Any], need: int
+    ) -> list[Any] | None:
+        """place() into the slot's device output region; None where the session has no room for it."""
+        got = session.devices.get(slot)
+        if got is None or got[1].size < need:
+            got = self._new_device_output(session, slot, need)
+            if got is None:
+                return None
+        ident, memory = got
+        dst = memory.tensor()  # holds the allocation until the copies below are done
+        offsets = iter(_offsets(_tensors(stack)))
+        uuid = self.cuda_devices[0]
+
+        def write(v: torch.Tensor, where: str) -> codec.Shared:
+            offset, n = next(offsets)
+            if n:
+                shm.copy_into(dst[offset : offset + n], v)
+            return codec.Shared(ident, offset, v.dtype, tuple(v.shape), n, b"", uuid)
+
+        try:
+            return shm.replace(stack, write, torch.Tensor)
+        finally:
+            # The client reads the region once it has the answer, from its own process: the
+            # copies are done first. And a client that ran two calls on one slot at once may
+            # have had this allocation replaced meanwhile: it goes only once they are done.
+            torch.cuda.current_stream(dst.device).synchronize()
+
+    def _new_device_output(self, session: _Session, slot: int, need: int) -> tuple[int, cuda_ipc.DeviceMemory] | None:
+        """A new device output region for `slot`, handed to the client (CUDA_OUTPUT); the
+        slot's old one, if any, is let go (the client reads a region only before its
+        slot's next call). None where the session's budget has no room for it, or the
+        device no memory: the results go through the host region then."""
+        drv = cuda_ipc.driver()
+        assert drv is not None  # cuda_outputs is offered only with it
+        old = session.devices.pop(slot, None)
+        size = max(self._granularity, -(-need // self._granularity) * self._granularity)
+        if size > self._room(session):  # the old one's bytes count as room: it goes
+            log.info("shared-memory session %s…: device results of %d bytes over its budget "
+                     "(--shared-memory-max-bytes, %d): through host memory", session.id[:8], need, self.max_bytes)  # fmt: skip
+            if old is not None:
+                session.devices[slot] = old
+            return None
+        try:
+            memory = drv.allocate(self._cuda_ordinal, size)
+            fd = memory.export_fd()
+        except cuda_ipc.CudaError as e:
+            log.info("shared-memory session %s…: no device output region of %d bytes (%s): through host memory",
+                     session.id[:8], size, e)  # fmt: skip
+            if old is not None:
+                session.devices[slot] = old
+            return None
+        del old
+        with session.send_lock:
+            ident = session.next_output
+            session.next_output += 1
+            try:
+                if session.conn is None:
+                    raise SharedMemoryUnavailable("shared-memory session closed")
+                shm.send_packet(session.conn, shm.Packet(shm.CUDA_OUTPUT, slot, ident, size, fd=fd), _NO_WAIT)
+            except OSError as e:
+                self._end(session, f"cannot send to the client: {e}")
+                raise SharedMemoryUnavailable(f"shared-memory session lost: {e}") from None
+            finally:
+                os.close(fd)
+        session.devices[slot] = (ident, memory)
+        return ident, memory
+
     def check_results(
-        self, owner: Owner, sid: str, slot: int, results: list[Any], message_limit: int, fresh: bool = False
+        self,
+        owner: Owner,
+        sid: str,
+        slot: int,
+        results: list[Any],
+        message_limit: int,
+        fresh: bool = False,
+        cuda: bool = False,
     ) -> None:
         """Refuses, before the call runs, results (as planned: `results` may hold
         meta tensors) that neither fit the slot's output region, nor a new one
@@ -478,10 +591,13 @@ class SharedMemory:
         session = self._session(owner, sid)
         if fresh:
             session.settle()  # regions the client handed back before this call count as room
-        tensors: list[torch.Tensor] = []
-        shm.walk(results, tensors.append)
-        sizes = [t.numel() * t.element_size() for t in tensors]
+        sizes = [t.numel() * t.element_size() for t in _tensors(results)]
         need = sum(shm.align(n) for n in sizes)
+        if cuda and self.cuda_outputs:
+            got = session.devices.get(slot)
+            held = got[1].size if got is not None else 0
+            if held >= need or max(self._granularity, need) <= self._room(session) + held:
+                return  # the device region takes them (else the host region, or bytes, below)
         # With `fresh` the slot's region is retired, not reused: it stays counted.
         current = None if fresh else session.outputs.get(slot)
         if current is not None and current.size >= need:
@@ -851,6 +967,7 @@ class SharedMemory:
         session.outputs.clear()
         session.retired.clear()
         session.spares.clear()
+        session.devices.clear()  # each allocation goes once a call still writing it is done
         conn, session.conn = session.conn, None
         if conn is not None:
             # Said before the hang-up: whoever sees the connection end finds the reason logged.
@@ -879,6 +996,12 @@ def shared_sizes(stack: list[Any]) -> list[int]:
     sizes: list[int] = []
     shm.replace(stack, lambda v, _where: sizes.append(v.nbytes), codec.Shared)
     return sizes
+
+
+def _tensors(stack: list[Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    shm.walk(stack, out.append)
+    return out
 
 
 def _offsets(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

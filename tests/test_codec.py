@@ -1126,3 +1126,16 @@ def test_a_small_request_with_a_tensor_over_16_kib_encodes_and_round_trips(n: in
     assert req.key == 7 and torch.equal(req.stack[0], x) and req.stack[1] == 3
     resp = codec.decode_execute_response(codec.encode_execute_response([x], 1, 0, "", _pb.service.Timings()))
     assert torch.equal(resp.stack[0], x)
+
+
+def test_a_device_region_shared_tensor_round_trips_and_a_wrong_uuid_is_invalid() -> None:
+    """A response's SharedTensor in the server's device output region (cuda_device, no
+    handle) comes back as it went; one whose device UUID is not 16 bytes is refused."""
+    uuid = bytes(range(16))
+    value = codec.Shared(3, 128, torch.float32, (2, 4), 32, b"", uuid)
+    for framing, got in roundtrips([value, 7]).items():
+        assert got == [value, 7], framing
+    req = decode_execute_request(encode_execute_request(1, [value], shm_session="s", shm_slot=2, shm_cuda_outputs=True))
+    assert (req.shm_slot, req.shm_cuda_outputs) == (2, True)
+    with pytest.raises(InvalidStack, match="16-byte cuda_device"):
+        decode_stack(encode_stack([codec.Shared(3, 0, torch.float32, (4,), 16, b"", b"abc")]))

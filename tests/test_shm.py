@@ -103,6 +103,61 @@ def test_a_large_stack_travels_through_shared_memory_and_comes_back_right(server
     assert torch.equal(small.stack[0], a[:8] * 2 + b[:8])
 
 
+def _until_true(check: Any, what: str, seconds: float = 10.0) -> None:
+    """Waits for a condition another process brings about (the server handling a packet)."""
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, what
+        time.sleep(0.01)
+
+
+def test_a_tensor_from_client_empty_is_named_in_place_and_freed_with_its_last_tensor(
+    server: ServerProcess, key: int
+) -> None:
+    """Client.empty's tensors lie in regions of their own, handed over when made: a call
+    names their bytes (no input region, no copy), contiguous views of them too; what
+    the caller writes there between calls is what the next call reads; a strided view
+    is copied as any tensor is. When the last tensor over a region dies, the server
+    unmaps it. Without shared memory, empty() is an ordinary tensor."""
+    pid = server.proc.pid
+    with Client(server.target) as c:
+        x, y = c.empty(BIG), c.empty((BIG,), dtype=torch.float32)
+        assert (x.shape, y.shape, x.dtype) == ((BIG,), (BIG,), torch.float32)
+        session = c._pool.first.shared
+        assert session is not None and session._owned  # both regions handed over
+        assert sum("fuseport-tensor" in m for m in _mappings(pid)) == 2
+        for seed in (1, 2):
+            x.copy_(torch.randn(BIG, generator=torch.Generator().manual_seed(seed)))
+            y.copy_(x * 3)
+            r = c.execute_detailed(key, [x, y])
+            assert r.transport == "shm"
+            assert torch.equal(r.stack[0], x * 2 + y) and torch.equal(r.stack[1], (x - y).abs())
+        part = x[16 : BIG - 16]
+        r = c.execute_detailed(key, [part, y[16 : BIG - 16]])
+        assert torch.equal(r.stack[0], part * 2 + y[16 : BIG - 16])
+        assert session._inputs == {}  # nothing was copied into an input region
+        strided = x[::2]
+        r = c.execute_detailed(key, [strided, strided])
+        assert torch.equal(r.stack[0], strided * 3)
+        assert session._inputs  # that one was
+        del x, y, part, strided, r
+        _until_true(lambda: not any("fuseport-tensor" in m for m in _mappings(pid)), "the server unmapped them")
+        assert not session._owned
+    with Client(server.target, shared_memory=False) as c:
+        z = c.empty(2, 3, dtype=torch.int64)
+        assert z.shape == (2, 3) and c._pool.first.shared is None
+
+    async def run() -> ExecuteResult:
+        async with AsyncClient(server.target) as ac:
+            a = await ac.empty(BIG)
+            a.fill_(2.0)
+            return await ac.execute_detailed(key, [a, a])
+
+    r = asyncio.run(run())
+    assert r.transport == "shm" and torch.equal(r.stack[0], torch.full((BIG,), 6.0))
+    still_serves(server, key)
+
+
 def _pick(x: torch.Tensor, i: torch.Tensor, e: torch.Tensor, flag: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return x.flip(0), i & flag, e + n, flag.logical_not()
 
@@ -523,6 +578,60 @@ def test_a_cpu_server_offers_no_cuda_ipc_and_refuses_cuda_handles_naming_why(raw
     assert raw.execute([host, host])[0] == grpc.StatusCode.OK
 
 
+def test_a_cpu_server_offers_no_device_results_and_refuses_a_request_naming_a_device_region(
+    raw: RawSession,
+) -> None:
+    """Results stay in host memory on a CPU server (no `cuda_outputs`; a call asking for
+    them on the device gets them in the host region); a request naming a device output
+    region, which only a response does, is InvalidStack; the session goes on."""
+    assert raw.opened.cuda_outputs is False
+    assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
+    fd, _m = _sealed(1 << 20)
+    assert raw.hand_over(fd, 1, 1 << 20).kind == shm.OK  # type: ignore[union-attr]
+    f32 = torch.float32
+    host = codec.Shared(1, 0, f32, (4,), 16)
+    code, kind, details = raw.execute([codec.Shared(1, 0, f32, (4,), 16, b"", os.urandom(16)), host])
+    assert (code, kind) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidStack"), details
+    assert "names a device output region" in details
+    request = codec.encode_execute_request(
+        raw.key, [host, host], shm_session=raw.opened.session, shm_slot=1, shm_cuda_outputs=True  # type: ignore[attr-defined]
+    )
+    got = codec.decode_execute_response(
+        raw.channel.unary_unary(SERVICE + "Execute")(request, metadata=raw.metadata, timeout=30)
+    )
+    assert got.stack and all(isinstance(v, codec.Shared) and not v.cuda_device for v in got.stack)
+
+
+def test_results_on_is_checked_before_anything_is_sent_and_cpu_means_host_memory(
+    server: ServerProcess, key: int
+) -> None:
+    x = torch.randn(1 << 18)
+    want = _mix(x, x * 2)
+    bad = [
+        (dict(results_on="meta"), "host memory (None, 'cpu') or a CUDA device"),
+        (dict(results_on="not a device"), "is not a device"),
+        (dict(results_on="cuda:99"), "CUDA device"),
+        (dict(results_on="cuda", keep=True), "kept results stay on the server"),
+    ]
+    with Client(server.target) as c:
+        for kwargs, why in bad:
+            with pytest.raises(ValueError, match=re.escape(why)):
+                c.execute(key, [x, x * 2], **kwargs)  # type: ignore[arg-type]
+        for results_on in ("cpu", torch.device("cpu"), None):
+            r = c.execute_detailed(key, [x, x * 2], results_on=results_on)
+            assert r.transport == "shm" and all(t.device.type == "cpu" for t in r.stack)
+            assert all(torch.equal(a, b) for a, b in zip(r.stack, want))
+
+    async def run() -> list[Any]:
+        async with AsyncClient(server.target) as ac:
+            with pytest.raises(ValueError, match="kept results"):
+                await ac.execute(key, [x, x * 2], keep=True, results_on="cuda")
+            return await ac.execute(key, [x, x * 2], results_on="cpu")
+
+    assert all(torch.equal(a, b) for a, b in zip(asyncio.run(run()), want))
+    still_serves(server, key)
+
+
 def test_a_session_is_usable_only_by_its_client_on_its_server(server: ServerProcess, raw: RawSession) -> None:
     assert raw.hello().kind == shm.OK  # type: ignore[union-attr]
     fd, _m = _sealed(1 << 20)
@@ -826,6 +935,101 @@ def test_with_cuda_ipc_off_cuda_tensors_go_through_host_memory(tmp_path: Path) -
             assert all(torch.equal(x, y.cpu()) for x, y in zip(r.stack, _mix(a, b)))
     finally:
         s.stop()
+
+
+def _grow(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.repeat(n), x * 3
+
+
+@pytest.mark.gpu
+def test_results_asked_for_on_the_servers_gpu_come_device_to_device_and_match_eager(
+    cuda_server: ServerProcess,
+) -> None:
+    """results_on="cuda": from CUDA inputs (by handle) and from host inputs (through the
+    input region) alike, the results come from the slot's device region as tensors of
+    the client's own on its GPU; a region outgrown is replaced; values below the inputs
+    stay as they are; results stay right after later calls and after the client closes;
+    threads of one client each get their own."""
+    with Client(cuda_server.target, timeout=300) as c:
+        k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+        kept: list[tuple[list[Any], list[torch.Tensor]]] = []
+        for a, b in _cuda_inputs(7):
+            want = list(_mix(a.cuda(), b.cuda()))
+            r = c.fallback_detailed(k, ["below", 5, a, b], results_on="cuda")
+            assert r.transport == "cuda_ipc"
+            assert r.stack[:2] == ["below", 5]
+            assert all(t.is_cuda and torch.equal(t, w) for t, w in zip(r.stack[2:], want))
+            kept.append((r.stack[2:], [w.clone() for w in want]))
+        host = torch.randn(1 << 20)
+        r = c.fallback_detailed(k, [host, host * 2], results_on="cuda:0")
+        assert r.transport == "cuda_ipc" and all(t.is_cuda for t in r.stack)
+        assert all(torch.equal(t, w) for t, w in zip(r.stack, _mix(host.cuda(), host.cuda() * 2)))
+        g = c.register(_grow, [torch.ones(4), 2])
+        for n in (1, 4, 16, 2):  # results of 4 MiB to 64 MiB: the slot's region grows, then is reused
+            x = torch.randn(1 << 18, device="cuda")
+            r = c.fallback_detailed(g, [x, n], results_on="cuda")
+            assert r.transport == "cuda_ipc"
+            assert all(torch.equal(t, w) for t, w in zip(r.stack, _grow(x, n)))
+        pairs = _cuda_inputs(8) * 3
+        got: list[Any] = [None] * len(pairs)
+
+        def one(i: int) -> None:
+            got[i] = c.fallback_detailed(k, list(pairs[i]), results_on="cuda")
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(pairs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r, (a, b) in zip(got, pairs):
+            assert r.transport == "cuda_ipc"
+            assert all(torch.equal(t, w) for t, w in zip(r.stack, _mix(a.cuda(), b.cuda())))
+    for results, want in kept:  # copies of the client's own: later calls and the close changed nothing
+        assert all(torch.equal(t, w) for t, w in zip(results, want))
+
+
+@pytest.mark.gpu
+def test_device_results_where_they_cannot_come_device_to_device_come_through_host_memory_onto_the_gpu(
+    tmp_path: Path,
+) -> None:
+    """Past the session's budget, from a server with --cuda-ipc off, and from an
+    AsyncClient: results_on="cuda" always gives tensors on the GPU, right."""
+    budget = start_server(tmp_path / "b", None, "--device", "cuda", "--compile-mode", "off",
+                          "--shared-memory-max-bytes", str(12 << 20))  # fmt: skip
+    off = start_server(tmp_path / "o", None, "--device", "cuda", "--compile-mode", "off", "--cuda-ipc", "off")
+    try:
+        a, b = torch.randn(1 << 20), torch.randn(1 << 20)  # 8 MiB in, 8 MiB out
+        want = _mix(a.cuda(), b.cuda())
+        for s, transport in ((budget, "shm"), (off, "shm")):
+            with Client(s.target, timeout=300) as c:
+                k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+                r = c.fallback_detailed(k, [a, b], results_on="cuda")
+                assert r.transport == transport
+                assert all(t.is_cuda and torch.equal(t, w) for t, w in zip(r.stack, want))
+
+        async def run() -> ExecuteResult:
+            async with AsyncClient(off.target, timeout=300) as ac:
+                k = await ac.register(_mix, [torch.ones(4), torch.ones(4)])
+                return await ac.fallback_detailed(k, [a.cuda(), b.cuda()], results_on="cuda")
+
+        r = asyncio.run(run())
+        assert all(t.is_cuda and torch.equal(t, w) for t, w in zip(r.stack, want))
+    finally:
+        budget.stop()
+        off.stop()
+
+
+@pytest.mark.gpu
+def test_an_async_clients_results_come_device_to_device_too(cuda_server: ServerProcess) -> None:
+    async def run() -> list[ExecuteResult]:
+        async with AsyncClient(cuda_server.target, timeout=300) as ac:
+            k = await ac.register(_mix, [torch.ones(4), torch.ones(4)])
+            return list(await asyncio.gather(*(ac.fallback_detailed(k, [a, b], results_on="cuda")
+                                               for a, b in _cuda_inputs(9))))  # fmt: skip
+
+    for r, (a, b) in zip(asyncio.run(run()), _cuda_inputs(9)):
+        assert r.transport == "cuda_ipc"
+        assert all(t.is_cuda and torch.equal(t, w) for t, w in zip(r.stack, _mix(a.cuda(), b.cuda())))
 
 
 # --------------------------------------------------------------------------- AsyncClient

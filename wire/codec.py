@@ -89,7 +89,8 @@ class Handle:
 class Shared:
     """A SharedTensor on a stack: a tensor whose bytes lie in a shared-memory
     region (wire/shm.py), or with `cuda_handle`, in a client's CUDA allocation
-    (wire/cuda_ipc.py); checked as a Tensor header is (dtype, rank, dims)."""
+    (wire/cuda_ipc.py), or with `cuda_device` alone, in a server's device output
+    region; checked as a Tensor header is (dtype, rank, dims)."""
 
     region: int
     offset: int
@@ -404,7 +405,14 @@ def _shared_of(msg: _pb.values.SharedTensor, where: str) -> Shared:
         raise InvalidStack(
             f"{where}: offset {msg.offset} is not a multiple of {dtypes.name_for(msg.dtype)}'s size"
         )
-    if msg.cuda_handle or msg.cuda_device:
+    if msg.cuda_device and not msg.cuda_handle and msg.region:
+        # A server's device output region (a response's; a server refuses it in a request).
+        if len(msg.cuda_device) != CUDA_UUID_BYTES:
+            raise InvalidStack(
+                f"{where}: a SharedTensor in a device region needs a {CUDA_UUID_BYTES}-byte cuda_device, "
+                f"got {len(msg.cuda_device)}"
+            )
+    elif msg.cuda_handle or msg.cuda_device:
         if len(msg.cuda_handle) != CUDA_HANDLE_BYTES or len(msg.cuda_device) != CUDA_UUID_BYTES:
             raise InvalidStack(
                 f"{where}: a CUDA IPC SharedTensor needs a {CUDA_HANDLE_BYTES}-byte cuda_handle and a "
@@ -696,6 +704,7 @@ class ExecuteRequest:
     shm_session: str = ""
     shm_slot: int = 0
     shm_fresh_output: bool = False  # ExecuteOptions.shared_memory_fresh_output
+    shm_cuda_outputs: bool = False  # ExecuteOptions.shared_memory_cuda_outputs
     no_batching: bool = False  # never batched with other calls (ExecuteOptions.no_batching)
     free_handles: tuple[str, ...] = ()  # the caller's handles to free first (ExecuteOptions.free_handles)
 
@@ -739,6 +748,7 @@ def execute_request_head(
     no_batching: bool = False,
     shm_fresh_output: bool = False,
     free_handles: Sequence[str] = (),
+    shm_cuda_outputs: bool = False,
 ) -> bytes:
     """An ExecuteRequest's key and options, serialized: what comes before its stack.
     A caller that sends many calls with the same options makes it once and hands
@@ -753,6 +763,8 @@ def execute_request_head(
         head.options.shared_memory_slot = shm_slot
         if shm_fresh_output:
             head.options.shared_memory_fresh_output = True
+        if shm_cuda_outputs:
+            head.options.shared_memory_cuda_outputs = True
     if wait_for_compile:
         head.options.wait_for_compile = True
     if keep_outputs:
@@ -777,6 +789,7 @@ def encode_execute_request(
     shm_fresh_output: bool = False,
     free_handles: Sequence[str] = (),
     head: bytes | None = None,
+    shm_cuda_outputs: bool = False,
 ) -> bytes:
     """Frames an ExecuteRequest. `head`: execute_request_head's bytes for this key
     and these options, made once by the caller (the key and options given here are
@@ -792,6 +805,7 @@ def encode_execute_request(
             no_batching=no_batching,
             shm_fresh_output=shm_fresh_output,
             free_handles=free_handles,
+            shm_cuda_outputs=shm_cuda_outputs,
         )
     tail = b""
     if graphs:  # fields 30 and 31: after the stack, where protobuf writes them
@@ -948,6 +962,7 @@ def decode_execute_request(buf: Buffer) -> ExecuteRequest:
         shm_session=options.shared_memory_session,
         shm_slot=options.shared_memory_slot,
         shm_fresh_output=options.shared_memory_fresh_output,
+        shm_cuda_outputs=options.shared_memory_cuda_outputs,
         no_batching=options.no_batching,
         free_handles=tuple(options.free_handles),
     )

@@ -250,7 +250,11 @@ class KernelService:
         if call is not None:
             result = self.core.run(call, wait=req.wait_for_compile, deadline=deadline, answer=record.answer)
             return self._respond(req, result, decode_ns, queue_ns, record, registered)
-        shared = SharedCall(req.shm_session, req.shm_slot, req.shm_fresh_output) if req.shm_session else None
+        shared = (
+            SharedCall(req.shm_session, req.shm_slot, req.shm_fresh_output, req.shm_cuda_outputs)
+            if req.shm_session
+            else None
+        )
         result = self.core.execute(
             req.key, req.stack, fused=fused, wait=req.wait_for_compile, deadline=deadline, variants=req.variants,
             owner=record.owner, keep=req.keep_outputs, shared=shared, answer=record.answer, who=record.identity,
@@ -475,6 +479,7 @@ class KernelService:
             max_slots=MAX_SLOTS,
             fresh_outputs=True,
             cuda_devices=shared.cuda_devices,
+            cuda_outputs=shared.cuda_outputs,
         ).SerializeToString()
 
     def _renew_lease(self, request: bytes, deadline: float | None, arrived: int, record: CallRecord) -> bytes:

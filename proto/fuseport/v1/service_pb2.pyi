@@ -72,7 +72,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, key: _Optional[int] = ..., created: bool = ..., variant: _Optional[int] = ...) -> None: ...
 
 class ExecuteOptions(_message.Message):
-    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "free_handles", "no_batching", "shared_memory_session", "shared_memory_slot", "shared_memory_fresh_output")
+    __slots__ = ("wait_for_compile", "variants", "keep_outputs", "free_handles", "no_batching", "shared_memory_session", "shared_memory_slot", "shared_memory_fresh_output", "shared_memory_cuda_outputs")
     WAIT_FOR_COMPILE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class ExecuteOptions(_message.Message):
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SLOT_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FRESH_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     wait_for_compile: bool
     variants: _containers.RepeatedScalarFieldContainer[int]
     keep_outputs: bool
@@ -89,7 +90,8 @@ class ExecuteOptions(_message.Message):
     shared_memory_session: str
     shared_memory_slot: int
     shared_memory_fresh_output: bool
-    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., free_handles: _Optional[_Iterable[str]] = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ..., shared_memory_fresh_output: bool = ...) -> None: ...
+    shared_memory_cuda_outputs: bool
+    def __init__(self, wait_for_compile: bool = ..., variants: _Optional[_Iterable[int]] = ..., keep_outputs: bool = ..., free_handles: _Optional[_Iterable[str]] = ..., no_batching: bool = ..., shared_memory_session: _Optional[str] = ..., shared_memory_slot: _Optional[int] = ..., shared_memory_fresh_output: bool = ..., shared_memory_cuda_outputs: bool = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("key", "options", "stack", "graphs", "alias")
@@ -408,7 +410,7 @@ class OpenSharedMemoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenSharedMemoryResponse(_message.Message):
-    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots", "cuda_devices", "fresh_outputs")
+    __slots__ = ("socket", "ticket", "session", "max_bytes", "max_slots", "cuda_devices", "fresh_outputs", "cuda_outputs")
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -416,6 +418,7 @@ class OpenSharedMemoryResponse(_message.Message):
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
     CUDA_DEVICES_FIELD_NUMBER: _ClassVar[int]
     FRESH_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     socket: str
     ticket: str
     session: str
@@ -423,4 +426,5 @@ class OpenSharedMemoryResponse(_message.Message):
     max_slots: int
     cuda_devices: _containers.RepeatedScalarFieldContainer[bytes]
     fresh_outputs: bool
-    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[bytes]] = ..., fresh_outputs: bool = ...) -> None: ...
+    cuda_outputs: bool
+    def __init__(self, socket: _Optional[str] = ..., ticket: _Optional[str] = ..., session: _Optional[str] = ..., max_bytes: _Optional[int] = ..., max_slots: _Optional[int] = ..., cuda_devices: _Optional[_Iterable[bytes]] = ..., fresh_outputs: bool = ..., cuda_outputs: bool = ...) -> None: ...
