@@ -221,9 +221,12 @@ class SharedSession:
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
         """A tensor of `shape` and `dtype` in a region of its own, handed to the server;
-        None where the server takes no more regions (its count or the session's budget)."""
+        None where the server takes no more regions (its count, less what the slots need,
+        or the session's budget)."""
         if dtypes.code_for(dtype) is None:
             raise InvalidStack(f"dtype {dtype} cannot travel on the wire")
+        if len(self._owned) >= shm.MAX_REGIONS - SLOTS:
+            return None  # the slots' input regions must still fit the server's count
         nbytes = shape.numel() * dtype.itemsize
         size = -(-max(nbytes, 1) // _PAGE) * _PAGE
         with self._io:

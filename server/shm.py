@@ -68,7 +68,7 @@ __all__ = ["MAX_SLOTS", "SharedCall", "SharedMemory", "check_slot", "default_pag
 log = logging.getLogger(__name__)
 
 MAX_SLOTS = 64  # output slots per session: calls one client runs at once through it
-MAX_REGIONS = 128  # input regions a session may hand over
+MAX_REGIONS = shm.MAX_REGIONS  # input regions a session may hand over
 MAX_SESSIONS = 256  # sessions per serving process, pending and connected (--shared-memory-sessions)
 SESSIONS_PER_IDENTITY = 64  # of those, one identity's (--shared-memory-sessions-per-identity)
 MAX_PENDING = 32  # connections that have not yet said HELLO

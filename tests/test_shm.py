@@ -158,6 +158,32 @@ def test_a_tensor_from_client_empty_is_named_in_place_and_freed_with_its_last_te
     still_serves(server, key)
 
 
+def test_client_empty_past_the_servers_region_count_gives_ordinary_tensors_and_other_sessions_copy(
+    server: ServerProcess, key: int
+) -> None:
+    """Past the 128 regions a session may hand over, less the slots' input regions,
+    empty() makes ordinary tensors, and calls still go through shared memory; a tensor of one client's session passed by another
+    client is copied into that one's input region; both give the right results."""
+    with Client(server.target) as c, Client(server.target) as other:
+        made = [c.empty(BIG // 64) for _ in range(140)]
+        session = c._pool.first.shared
+        assert session is not None
+        in_shm = [t for t in made if any(s <= t.data_ptr() < s + n for s, n in session._owned.values())]
+        assert len(in_shm) == shm.MAX_REGIONS - 8  # the rest ordinary: the slots' regions still fit
+        for t in (made[0], made[-1]):
+            t.fill_(1.5)
+        a = torch.cat([made[0], made[-1]] * 32)  # a plain tensor beside them
+        for client in (c, other):
+            r = client.execute_detailed(key, [made[0].repeat(64), a])
+            assert r.transport == "shm" and torch.equal(r.stack[0], torch.full((BIG,), 4.5))
+        x = c.empty(BIG)
+        x.fill_(2.0)
+        r = other.execute_detailed(key, [x, x])
+        assert torch.equal(r.stack[0], torch.full((BIG,), 6.0))
+        assert other._pool.first.shared is not None and other._pool.first.shared._inputs  # copied there
+    still_serves(server, key)
+
+
 def _pick(x: torch.Tensor, i: torch.Tensor, e: torch.Tensor, flag: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return x.flip(0), i & flag, e + n, flag.logical_not()
 

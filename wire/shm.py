@@ -46,6 +46,7 @@ __all__ = [
 AVAILABLE = sys.platform == "linux" and hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 
 ALIGN = 64  # every tensor starts on a cache line (and on any dtype's size)
+MAX_REGIONS = 128  # regions a client's session may hand over (its slots' inputs and Client.empty's)
 HELLO, REGION, DROP, OK, ERROR, OUTPUT, RETURN, SPARE, CUDA_OUTPUT = 1, 2, 3, 4, 5, 6, 7, 8, 9
 MAX_TEXT = 1024
 _HEADER = struct.Struct("<4sIIQQ")
