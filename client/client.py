@@ -387,6 +387,13 @@ def _empty(shape: torch.Size, dtype: torch.dtype, session: SharedSession | None)
     return torch.empty(shape, dtype=dtype)
 
 
+def _on_device(stack: list[Any]) -> bool:
+    """Whether a shared-memory result names the slot's device output region."""
+    found: list[bool] = []
+    shm.replace(stack, lambda v, _where: found.append(bool(v.cuda_device)), codec.Shared)
+    return any(found)
+
+
 def _moved(result: ExecuteResult, device: torch.device | None) -> ExecuteResult:
     """The result with every tensor on `device` (None: as it came)."""
     if device is None:
@@ -933,9 +940,7 @@ class _Base:
         """The result with its tensors over the slot's region (or copied out of it,
         from a server without `fresh_outputs`; results in the slot's device region
         copied out of it); blocks until the region is here."""
-        on_device: list[bool] = []
-        shm.replace(result.stack, lambda v, _where: on_device.append(bool(v.cuda_device)), codec.Shared)
-        transport = "cuda_ipc" if by_cuda or any(on_device) else "shm"
+        transport = "cuda_ipc" if by_cuda or _on_device(result.stack) else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
     def _shared_abandoned(self, session: SharedSession, e: BaseException) -> None:
@@ -1089,20 +1094,24 @@ class _Base:
             shared, by_cuda = yield _Blocking(self._shared_write, (session, slot, job))
             try:
                 result = yield from self._execute_flow(job, shared)
-                if session.views:
+            except CudaIpcUnavailable as e:
+                if not by_cuda:
+                    raise
+                self._no_cuda_ipc(session, e)  # the server could not open an input's handle: nothing ran
+                continue
+            try:
+                if session.views and not _on_device(result.stack):
                     # Only the wait for the regions blocks; the tensors over them are made here, not
                     # handed back through a thread's future (a worker that has not yet dropped it
                     # would keep them alive, and the region from being written again).
                     yield _Blocking(session.wait_outputs, (result.stack,))
                     return self._shared_read(session, result, by_cuda)
+                # Results on the device are copies of the caller's own, made (and waited for) off the loop.
                 return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
             except CudaIpcUnavailable as e:
-                if by_cuda:
-                    self._no_cuda_ipc(session, e)  # inputs by handle refused (nothing ran), or results
-                elif shared.cuda:
-                    self._no_cuda_outputs(session, e)
-                else:
+                if not shared.cuda:
                     raise
+                self._no_cuda_outputs(session, e)  # its device region cannot be mapped here: run it again
 
     def _unary(self, job: _Job) -> _First | None:
         """The first request of a call that goes as one message (no shared memory,

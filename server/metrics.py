@@ -344,4 +344,10 @@ class _StateCollector:
                 "an ended session's regions until the server lets go of them; 0 on a CPU server)",
                 value=self.shared.locked_bytes,
             )
+            yield GaugeMetricFamily(
+                "fuseport_shared_memory_device_output_bytes",
+                "Bytes of device output regions (results on the client's GPU) of those sessions, at most an "
+                "eighth of the device's memory; 0 on a CPU server",
+                value=self.shared.device_output_bytes,
+            )
 

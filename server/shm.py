@@ -88,6 +88,9 @@ _SETTLE_SECONDS = 0.5
 # budget: a client that hands over a sparse memfd costs itself nothing, but the
 # pages the server faults in reading it are the server's while it is mapped.
 TOTAL_SESSIONS_OF_BUDGET = 4
+# Device output regions (results on the client's GPU) of all sessions of a serving process
+# together: at most this fraction of the device's memory (1/8).
+DEVICE_OUTPUTS_OF_MEMORY = 8
 # Sends after HELLO never wait: a client's unread packets fill its socket only
 # if it stopped reading, and then the session ends instead.
 _NO_WAIT = socket.MSG_DONTWAIT
@@ -136,6 +139,9 @@ class _Session:
     # Per slot, its device output region (ExecuteOptions.shared_memory_cuda_outputs): its
     # id and the allocation. Replaced by a larger one when results outgrow it.
     devices: dict[int, tuple[int, cuda_ipc.DeviceMemory]] = field(default_factory=dict)
+    # Between a call putting a new device region in `devices` and the session's end
+    # taking them all (and their bytes off SharedMemory.device_output_bytes).
+    devices_lock: threading.Lock = field(default_factory=threading.Lock)
     # Between a call retiring its slot's region (place) and the socket's thread looking
     # for a region the client hands back (SPARE), so that the region is always found.
     outputs_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -233,6 +239,11 @@ class SharedMemory:
         # (OpenSharedMemoryResponse.cuda_outputs), and what their sizes are multiples of.
         self.cuda_outputs = False
         self._granularity = 0
+        # Device output regions of all sessions together: at most DEVICE_OUTPUTS_OF_MEMORY of
+        # the device's memory (set at start), reserved before each allocation, so that no
+        # client's results can take the memory other callers' kernels run in.
+        self.device_output_bytes = 0
+        self._device_output_cap = 0
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._page_lock = page_lock
@@ -294,6 +305,7 @@ class SharedMemory:
         except (cuda_ipc.CudaError, OSError) as e:
             log.info("results of co-located clients stay in host memory: no exportable device allocations (%s)", e)
             return
+        self._device_output_cap = torch.cuda.get_device_properties(ordinal).total_memory // DEVICE_OUTPUTS_OF_MEMORY
         self._granularity, self.cuda_outputs = granularity, True
 
     def close(self) -> None:
@@ -532,45 +544,69 @@ class SharedMemory:
             # have had this allocation replaced meanwhile: it goes only once they are done.
             torch.cuda.current_stream(dst.device).synchronize()
 
+    def _device_size(self, need: int) -> int:
+        """A device output region's size for results of `need` bytes: whole granules."""
+        return max(self._granularity, -(-need // self._granularity) * self._granularity)
+
+    def _device_room(self, session: _Session, slot: int, size: int) -> bool:
+        """Whether `slot` may have a device output region of `size` bytes in place of its own."""
+        got = session.devices.get(slot)
+        held = got[1].size if got is not None else 0
+        return size <= self._room(session) + held and self.device_output_bytes - held + size <= self._device_output_cap
+
     def _new_device_output(self, session: _Session, slot: int, need: int) -> tuple[int, cuda_ipc.DeviceMemory] | None:
-        """A new device output region for `slot`, handed to the client (CUDA_OUTPUT); the
-        slot's old one, if any, is let go (the client reads a region only before its
-        slot's next call). None where the session's budget has no room for it, or the
-        device no memory: the results go through the host region then."""
+        """A new device output region for `slot`, zeroed, handed to the client (CUDA_OUTPUT);
+        the slot's old one, if any, is let go (the client reads a region only before its
+        slot's next call, and unmaps it when it hears of the new one). None where the
+        session's budget, the process's cap on device output regions or the device's
+        memory has no room for it: the results go through the host region then."""
         drv = cuda_ipc.driver()
         assert drv is not None  # cuda_outputs is offered only with it
-        old = session.devices.pop(slot, None)
-        size = max(self._granularity, -(-need // self._granularity) * self._granularity)
-        if size > self._room(session):  # the old one's bytes count as room: it goes
-            log.info("shared-memory session %s…: device results of %d bytes over its budget "
-                     "(--shared-memory-max-bytes, %d): through host memory", session.id[:8], need, self.max_bytes)  # fmt: skip
-            if old is not None:
-                session.devices[slot] = old
-            return None
+        size = self._device_size(need)
+        with self._lock:  # reserved before allocating: concurrent calls cannot all pass the check
+            if not self._device_room(session, slot, size):
+                log.info("shared-memory session %s…: device results of %d bytes over its budget "
+                         "(--shared-memory-max-bytes, %d) or the device output regions' cap (%d bytes): through "
+                         "host memory", session.id[:8], need, self.max_bytes, self._device_output_cap)  # fmt: skip
+                return None
+            self.device_output_bytes += size
         try:
             memory = drv.allocate(self._cuda_ordinal, size)
+            # Fresh device memory is not zeroed: it may hold what this process freed before
+            # (another session's results), and the client maps all of it.
+            memory.tensor().zero_()
+            torch.cuda.current_stream(self._cuda_ordinal).synchronize()
             fd = memory.export_fd()
-        except cuda_ipc.CudaError as e:
+        except (cuda_ipc.CudaError, RuntimeError) as e:  # RuntimeError: torch's, out of memory zeroing
+            with self._lock:
+                self.device_output_bytes -= size
             log.info("shared-memory session %s…: no device output region of %d bytes (%s): through host memory",
                      session.id[:8], size, e)  # fmt: skip
-            if old is not None:
-                session.devices[slot] = old
             return None
-        del old
         with session.send_lock:
-            ident = session.next_output
-            session.next_output += 1
             try:
-                if session.conn is None:
-                    raise SharedMemoryUnavailable("shared-memory session closed")
+                if session.conn is None or session.closed:
+                    raise OSError("the session ended")
+                ident = session.next_output
+                session.next_output += 1
                 shm.send_packet(session.conn, shm.Packet(shm.CUDA_OUTPUT, slot, ident, size, fd=fd), _NO_WAIT)
             except OSError as e:
+                with self._lock:
+                    self.device_output_bytes -= size
                 self._end(session, f"cannot send to the client: {e}")
                 raise SharedMemoryUnavailable(f"shared-memory session lost: {e}") from None
             finally:
                 os.close(fd)
-        session.devices[slot] = (ident, memory)
-        return ident, memory
+        with session.devices_lock:
+            ended = session.closed
+            old = None if ended else session.devices.get(slot)
+            if not ended:
+                session.devices[slot] = (ident, memory)
+        let_go = size if ended else old[1].size if old is not None else 0
+        if let_go:
+            with self._lock:
+                self.device_output_bytes -= let_go
+        return ident, memory  # after an end, the call still writes it (and the client never reads it)
 
     def check_results(
         self,
@@ -593,10 +629,9 @@ class SharedMemory:
             session.settle()  # regions the client handed back before this call count as room
         sizes = [t.numel() * t.element_size() for t in _tensors(results)]
         need = sum(shm.align(n) for n in sizes)
-        if cuda and self.cuda_outputs:
+        if need and cuda and self.cuda_outputs:
             got = session.devices.get(slot)
-            held = got[1].size if got is not None else 0
-            if held >= need or max(self._granularity, need) <= self._room(session) + held:
+            if (got is not None and got[1].size >= need) or self._device_room(session, slot, self._device_size(need)):
                 return  # the device region takes them (else the host region, or bytes, below)
         # With `fresh` the slot's region is retired, not reused: it stays counted.
         current = None if fresh else session.outputs.get(slot)
@@ -967,7 +1002,11 @@ class SharedMemory:
         session.outputs.clear()
         session.retired.clear()
         session.spares.clear()
-        session.devices.clear()  # each allocation goes once a call still writing it is done
+        with session.devices_lock:  # a call making a region now either put it here already, or sees `closed`
+            devices = sum(m.size for _, m in session.devices.values())
+            session.devices.clear()  # each allocation goes once a call still writing it is done
+        with self._lock:
+            self.device_output_bytes -= devices
         conn, session.conn = session.conn, None
         if conn is not None:
             # Said before the hang-up: whoever sees the connection end finds the reason logged.

@@ -356,6 +356,7 @@ def test_metrics_count_sessions_and_mapped_bytes(server: ServerProcess, key: int
         assert sessions == 1
         assert mapped == (1 << 20) + (1 << 20)  # a 1 MiB input region and a 1 MiB output region
         assert server.metric("fuseport_shared_memory_locked_bytes") == 0  # page-locked for a GPU only
+        assert server.metric("fuseport_shared_memory_device_output_bytes") == 0  # results on a GPU only
     assert _until(server, (0, 0)) == (0, 0)
 
 
@@ -991,7 +992,7 @@ def test_results_asked_for_on_the_servers_gpu_come_device_to_device_and_match_ea
         assert r.transport == "cuda_ipc" and all(t.is_cuda for t in r.stack)
         assert all(torch.equal(t, w) for t, w in zip(r.stack, _mix(host.cuda(), host.cuda() * 2)))
         g = c.register(_grow, [torch.ones(4), 2])
-        for n in (1, 4, 16, 2):  # results of 4 MiB to 64 MiB: the slot's region grows, then is reused
+        for n in (1, 4, 16, 2):  # results of 2 to 17 MiB: the slot's region grows, then is reused
             x = torch.randn(1 << 18, device="cuda")
             r = c.fallback_detailed(g, [x, n], results_on="cuda")
             assert r.transport == "cuda_ipc"
@@ -1018,12 +1019,30 @@ def test_results_asked_for_on_the_servers_gpu_come_device_to_device_and_match_ea
 def test_device_results_where_they_cannot_come_device_to_device_come_through_host_memory_onto_the_gpu(
     tmp_path: Path,
 ) -> None:
-    """Past the session's budget, from a server with --cuda-ipc off, and from an
-    AsyncClient: results_on="cuda" always gives tensors on the GPU, right."""
+    """A new device region is zeroed, and counted while its session lives; past the
+    session's budget, from a server with --cuda-ipc off, and from an AsyncClient:
+    results_on="cuda" always gives tensors on the GPU, right."""
     budget = start_server(tmp_path / "b", None, "--device", "cuda", "--compile-mode", "off",
-                          "--shared-memory-max-bytes", str(12 << 20))  # fmt: skip
+                          "--shared-memory-max-bytes", str(12 << 20), "--metrics-port", "0")  # fmt: skip
     off = start_server(tmp_path / "o", None, "--device", "cuda", "--compile-mode", "off", "--cuda-ipc", "off")
     try:
+        with Client(budget.target, timeout=300, shared_above=0) as c:
+            k = c.register(_mix, [torch.ones(4), torch.ones(4)])
+            small = torch.randn(1000, device="cuda")
+            r = c.fallback_detailed(k, [small, small], results_on="cuda")
+            assert r.transport == "cuda_ipc"
+            session = c._pool.first.shared
+            assert session is not None
+            (region,) = [m for m in session._devices.values() if not isinstance(m, str)]
+            seen = region.tensor()
+            # A fresh region is zeroed before the client gets it: past the results, nothing of anyone's.
+            assert seen.numel() >= 2 << 20 and not seen[8064:].any().item()
+            del seen, region
+            assert budget.metric("fuseport_shared_memory_device_output_bytes") == 2 << 20  # the H100's granule
+        end = time.monotonic() + 10  # the server ends the session when the client's socket closes
+        while budget.metric("fuseport_shared_memory_device_output_bytes") and time.monotonic() < end:
+            time.sleep(0.05)
+        assert budget.metric("fuseport_shared_memory_device_output_bytes") == 0
         a, b = torch.randn(1 << 20), torch.randn(1 << 20)  # 8 MiB in, 8 MiB out
         want = _mix(a.cuda(), b.cuda())
         for s, transport in ((budget, "shm"), (off, "shm")):
