@@ -542,17 +542,19 @@ class SharedMemory:
             # The client reads the region once it has the answer, from its own process: the
             # copies are done first. And a client that ran two calls on one slot at once may
             # have had this allocation replaced meanwhile: it goes only once they are done.
-            torch.cuda.current_stream(dst.device).synchronize()
+            _wait_for(dst)
 
     def _device_size(self, need: int) -> int:
         """A device output region's size for results of `need` bytes: whole granules."""
         return max(self._granularity, -(-need // self._granularity) * self._granularity)
 
-    def _device_room(self, session: _Session, slot: int, size: int) -> bool:
-        """Whether `slot` may have a device output region of `size` bytes in place of its own."""
+    def _device_room(self, session: _Session, slot: int, size: int, room: int | None = None) -> bool:
+        """Whether `slot` may have a device output region of `size` bytes in place of its
+        own. `room`: the session's, taken already (_room takes self._lock)."""
         got = session.devices.get(slot)
         held = got[1].size if got is not None else 0
-        return size <= self._room(session) + held and self.device_output_bytes - held + size <= self._device_output_cap
+        room = self._room(session) if room is None else room
+        return size <= room + held and self.device_output_bytes - held + size <= self._device_output_cap
 
     def _new_device_output(self, session: _Session, slot: int, need: int) -> tuple[int, cuda_ipc.DeviceMemory] | None:
         """A new device output region for `slot`, zeroed, handed to the client (CUDA_OUTPUT);
@@ -563,8 +565,9 @@ class SharedMemory:
         drv = cuda_ipc.driver()
         assert drv is not None  # cuda_outputs is offered only with it
         size = self._device_size(need)
-        with self._lock:  # reserved before allocating: concurrent calls cannot all pass the check
-            if not self._device_room(session, slot, size):
+        room = self._room(session)
+        with self._lock:  # reserved before allocating: concurrent calls cannot all pass the cap
+            if not self._device_room(session, slot, size, room):
                 log.info("shared-memory session %s…: device results of %d bytes over its budget "
                          "(--shared-memory-max-bytes, %d) or the device output regions' cap (%d bytes): through "
                          "host memory", session.id[:8], need, self.max_bytes, self._device_output_cap)  # fmt: skip
@@ -574,8 +577,7 @@ class SharedMemory:
             memory = drv.allocate(self._cuda_ordinal, size)
             # Fresh device memory is not zeroed: it may hold what this process freed before
             # (another session's results), and the client maps all of it.
-            memory.tensor().zero_()
-            torch.cuda.current_stream(self._cuda_ordinal).synchronize()
+            _wait_for(memory.tensor().zero_())
             fd = memory.export_fd()
         except (cuda_ipc.CudaError, RuntimeError) as e:  # RuntimeError: torch's, out of memory zeroing
             with self._lock:
@@ -1035,6 +1037,12 @@ def shared_sizes(stack: list[Any]) -> list[int]:
     sizes: list[int] = []
     shm.replace(stack, lambda v, _where: sizes.append(v.nbytes), codec.Shared)
     return sizes
+
+
+def _wait_for(t: torch.Tensor) -> None:
+    """Waits for the work this thread's stream queued on `t`'s device (none on the CPU)."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
 
 
 def _tensors(stack: list[Any]) -> list[torch.Tensor]:

@@ -1712,3 +1712,84 @@ def test_a_page_locked_region_is_unregistered_off_the_collecting_thread_before_i
         time.sleep(0.01)
     assert shared.locked_bytes == 0
     assert events[1:] == [("unregister", next(iter(mappings)), True)]
+
+
+def test_device_output_regions_bookkeeping_with_a_stand_in_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results on the client's GPU, the server's side, with the CUDA driver replaced by a
+    stand-in whose allocations are host memory (no GPU here; the gpu tests run the real
+    one): each slot gets a zeroed region, sent once (CUDA_OUTPUT with a descriptor) and
+    reused until outgrown; calls on many slots at once, from threads, neither hang nor
+    leave the count of device bytes off; past the process's cap the results go through
+    the host region; the session's end takes the count back to 0."""
+    from fuseport.server.resident import Owner
+    from fuseport.server.shm import SharedMemory
+    from fuseport.wire import cuda_ipc
+
+    made: list[torch.Tensor] = []
+
+    class Memory:
+        def __init__(self, size: int) -> None:
+            self.size = size
+            self.bytes = torch.full((size,), 0xAB, dtype=torch.uint8)  # fresh memory is not zeroed
+            made.append(self.bytes)
+
+        def tensor(self) -> torch.Tensor:
+            return self.bytes
+
+        def export_fd(self) -> int:
+            return os.memfd_create("stand-in", os.MFD_CLOEXEC)
+
+    class StandIn:
+        def allocate(self, ordinal: int, size: int) -> Memory:
+            return Memory(size)
+
+    monkeypatch.setattr(cuda_ipc, "driver", lambda: StandIn())
+    shared = SharedMemory(True, 64 << 20)
+    shared.start()
+    uuid = os.urandom(16)
+    shared.cuda_devices, shared.cuda_outputs = [uuid], True
+    shared._granularity, shared._device_output_cap = 1 << 20, 6 << 20
+    owner = Owner(b"client", True)
+    address, ticket, sid = shared.open(owner)
+    sock = shm.connect(address, 10)
+    try:
+        shm.send_packet(sock, shm.Packet(shm.HELLO, text=ticket))
+        assert shm.recv_packet(sock).kind == shm.OK  # type: ignore[union-attr]
+        x = torch.arange(1000, dtype=torch.float32)
+        out = shared.place(owner, sid, 1, [7, x, x * 2], cuda=True)
+        assert out[0] == 7 and all(v.cuda_device == uuid for v in out[1:])
+        region = shared._sessions[sid].devices[1][1]
+        assert torch.equal(region.bytes[:4000].view(torch.float32), x)
+        assert not region.bytes[8064:].any()  # zeroed before it was handed over
+        p = shm.recv_packet(sock)
+        assert p is not None and (p.kind, p.slot, p.size) == (shm.CUDA_OUTPUT, 1, 1 << 20) and p.fd is not None
+        os.close(p.fd)
+        again = shared.place(owner, sid, 1, [x], cuda=True)
+        assert again[0].region == out[1].region  # reused: nothing sent
+        errors: list[BaseException] = []
+
+        def calls(slot: int) -> None:
+            try:
+                for n in (1 << 18, 1 << 19, 1 << 18):  # 1, 2, 1 MiB of float32: grows once
+                    (v,) = shared.place(owner, sid, slot, [torch.ones(n)], cuda=True)
+                    assert isinstance(v, codec.Shared)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=calls, args=(slot,), daemon=True) for slot in range(2, 10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), "a call hung"
+        assert not errors, errors
+        session = shared._sessions[sid]
+        held = sum(m.size for _, m in session.devices.values())
+        assert shared.device_output_bytes == held <= 6 << 20
+        placed = [shared.place(owner, sid, slot, [torch.ones(1 << 20)], cuda=True)[0] for slot in range(2, 10)]
+        assert any(not v.cuda_device for v in placed)  # 4 MiB each: past the cap, the host region
+        shared._end(session, "test")
+        assert shared.device_output_bytes == 0 and not session.devices
+    finally:
+        sock.close()
+        shared.close()
