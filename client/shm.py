@@ -409,14 +409,14 @@ class SharedSession:
         got = self._devices.get(v.region) or self._wait(lambda: self._devices.get(v.region))
         if isinstance(got, str):
             raise CudaIpcUnavailable(f"{where}: cannot map the server's device output region {v.region} ({got})")
-        out = torch.empty(v.shape, dtype=v.dtype, device=torch.device("cuda", got.ordinal))
+        if v.offset + v.nbytes > got.size:
+            raise InvalidStack(
+                f"{where}: bytes [{v.offset}, {v.offset + v.nbytes}) lie outside device output region "
+                f"{v.region} of {got.size} bytes"
+            )
+        src = got.tensor()[v.offset : v.offset + v.nbytes]
+        out = torch.empty(v.shape, dtype=v.dtype, device=src.device)  # the region's device, in this process
         if v.nbytes:
-            if v.offset + v.nbytes > got.size:
-                raise InvalidStack(
-                    f"{where}: bytes [{v.offset}, {v.offset + v.nbytes}) lie outside device output region "
-                    f"{v.region} of {got.size} bytes"
-                )
-            src = got.tensor()[v.offset : v.offset + v.nbytes]
             sources.append(src)
             shm.copy_into(out, src)
         return out
@@ -466,8 +466,8 @@ class SharedSession:
         finally:
             # The slot's next call writes its device region again: the copies out of it
             # are done before this returns (and before `sources` lets the memory go).
-            for ordinal in {t.device.index or 0 for t in sources}:
-                torch.cuda.current_stream(ordinal).synchronize()
+            for device in {t.device for t in sources if t.is_cuda}:
+                torch.cuda.current_stream(device).synchronize()
             sources.clear()
 
     def _take_device(self, p: shm.Packet) -> None:

@@ -1793,3 +1793,83 @@ def test_device_output_regions_bookkeeping_with_a_stand_in_driver(monkeypatch: p
     finally:
         sock.close()
         shared.close()
+
+
+def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides of results on the client's GPU in one process, with the CUDA driver
+    replaced by a stand-in whose allocations are memfds (an export is the descriptor, an
+    import maps it: what the driver does with device memory): the client maps each
+    region it is sent, copies the results out (copies: the slot's next call changes
+    nothing of them), lets a region go when its slot gets a larger one, and a region it
+    cannot map is CudaIpcUnavailable naming it (the client then runs the call again
+    through host memory: see Client._shared_flow)."""
+    from fuseport.client.shm import SharedSession
+    from fuseport.server.resident import Owner
+    from fuseport.server.shm import SharedMemory
+    from fuseport.wire import cuda_ipc
+    from fuseport.wire.errors import CudaIpcUnavailable
+
+    uuid = os.urandom(16)
+    fds: list[int] = []
+
+    class Memory:
+        def __init__(self, size: int, fd: int | None = None) -> None:
+            self.size, self.ordinal = size, 0
+            self.fd = os.dup(fd) if fd is not None else os.memfd_create("stand-in-device", os.MFD_CLOEXEC)
+            fds.append(self.fd)
+            if fd is None:
+                os.ftruncate(self.fd, size)
+            self.bytes = torch.frombuffer(mmap.mmap(self.fd, size), dtype=torch.uint8)
+
+        def tensor(self) -> torch.Tensor:
+            return self.bytes
+
+        def export_fd(self) -> int:
+            return os.dup(self.fd)
+
+    class StandIn:
+        fail = False
+
+        def allocate(self, ordinal: int, size: int) -> Memory:
+            return Memory(size)
+
+        def import_fd(self, ordinal: int, fd: int, size: int) -> Memory:
+            if self.fail:
+                raise cuda_ipc.CudaError("cuMemImportFromShareableHandle", 1, "CUDA_ERROR_INVALID_VALUE")
+            return Memory(size, fd)
+
+        def uuid(self, ordinal: int) -> bytes:
+            return uuid
+
+    driver = StandIn()
+    monkeypatch.setattr(cuda_ipc, "driver", lambda: driver)
+    shared = SharedMemory(True, 64 << 20)
+    shared.start()
+    shared.cuda_devices, shared.cuda_outputs = [uuid], True
+    shared._granularity, shared._device_output_cap = 1 << 20, 16 << 20
+    owner = Owner(b"client", True)
+    address, ticket, sid = shared.open(owner)
+    opened = _pb.service.OpenSharedMemoryResponse(
+        socket=address, ticket=ticket, session=sid, max_bytes=64 << 20, max_slots=8, fresh_outputs=True,
+        cuda_devices=[uuid], cuda_outputs=True,
+    )  # fmt: skip
+    session = SharedSession(opened, 10)
+    try:
+        session.cuda_devices, session.cuda_outputs = frozenset([uuid]), True  # in this process it would not try
+        assert session.device_results(torch.device("cuda", 0))
+        x = torch.arange(1000, dtype=torch.float32)
+        first = session.read(shared.place(owner, sid, 1, [7, x, x * 2], cuda=True))
+        assert first[0] == 7 and torch.equal(first[1], x) and torch.equal(first[2], x * 2)
+        second = session.read(shared.place(owner, sid, 1, [x + 1], cuda=True))
+        assert torch.equal(second[0], x + 1) and torch.equal(first[1], x)  # the first call's results: copies
+        big = torch.ones(1 << 19)  # 2 MiB: the slot's 1 MiB region is outgrown
+        assert torch.equal(session.read(shared.place(owner, sid, 1, [big], cuda=True))[0], big)
+        assert len(session._devices) == 1 and session._slot_devices[1] in session._devices
+        driver.fail = True
+        with pytest.raises(CudaIpcUnavailable, match="cannot map the server's device output region"):
+            session.read(shared.place(owner, sid, 2, [x], cuda=True))
+    finally:
+        session.close()
+        shared.close()
+        for fd in fds:
+            os.close(fd)  # the mappings keep their memory
