@@ -24,7 +24,7 @@ from fuseport.client.connections import HANDLE_METHODS, SERVICE, Connection, Con
 from fuseport.client.info import KernelInfo
 from fuseport.client.resident import CLIENT_ID_KEY, Leases, RemoteTensor, Request
 from fuseport.client.shm import SharedSession
-from fuseport.wire import _pb, codec, shm
+from fuseport.wire import _pb, codec, dtypes, shm
 from fuseport.wire.capture import capture
 from fuseport.wire.errors import (
     ERROR_METADATA_KEY,
@@ -33,6 +33,7 @@ from fuseport.wire.errors import (
     FuseportError,
     InternalError,
     InvalidArgument,
+    InvalidStack,
     KernelNotFound,
     NoMatchingVariant,
     ResourceExhausted,
@@ -369,17 +370,22 @@ def _results_device(results_on: str | torch.device | None, keep: bool) -> torch.
 
 
 def _shape_of(size: tuple[Any, ...]) -> torch.Size:
-    """torch.empty's shape arguments (dims, or one sequence of them) as a Size."""
-    return torch.Size(size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size)
+    """torch.empty's shape arguments (dims, or one sequence of them) as a Size; ValueError for a negative dim."""
+    shape = torch.Size(size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size)
+    if any(d < 0 for d in shape):
+        raise ValueError(f"empty(): negative dimension in {list(shape)}")
+    return shape
 
 
 def _empty(shape: torch.Size, dtype: torch.dtype, session: SharedSession | None) -> torch.Tensor:
     """Client.empty's tensor: in `session`'s shared memory where it takes one (blocks: it
     waits for the server's OK), else an ordinary one."""
+    if dtypes.code_for(dtype) is None:
+        raise InvalidStack(f"empty(): dtype {dtype} cannot travel on the wire")
     if session is not None and not session.closed:
         try:
             t = session.empty(shape, dtype)
-        except SharedMemoryUnavailable as e:
+        except (SharedMemoryUnavailable, OSError) as e:  # OSError: no memory for the region here
             log.info("no tensor in shared memory (%s): an ordinary one", e)
         else:
             if t is not None:

@@ -38,6 +38,7 @@ is waited for before the call returns, since the slot's next call writes there.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -73,12 +74,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork)
 
 
-def _owned_gone(session_ref: weakref.ref[SharedSession], region: int) -> None:
-    """The last tensor over a region made by `SharedSession.empty` died (a finalizer)."""
+def _owned_gone(session_ref: weakref.ref[SharedSession], region: int, mapping: object) -> None:
+    """The last tensor over a region made by `SharedSession.empty` died (a finalizer). It
+    holds `mapping`, so the region leaves `_owned` before its memory is unmapped: memory
+    mapped later at the same address must never be taken for it (a wrong result)."""
     session = session_ref()
     if session is not None:
         session._owned.pop(region, None)
         session._tell(shm.DROP, region)
+    del mapping
 
 
 def _view_gone(session_ref: weakref.ref[SharedSession], region: int) -> None:
@@ -132,6 +136,9 @@ class SharedSession:
         # Regions of Client.empty's tensors, by id: where their bytes start and how many
         # (the lookup of `write`). An entry goes when its last tensor dies (_owned_gone).
         self._owned: dict[int, tuple[int, int]] = {}
+        self._owning = 0  # regions of `empty` asked for, not yet answered
+        # Packets `_tell` could not send at once (the socket full): sent before the next call.
+        self._untold: collections.deque[tuple[int, int]] = collections.deque()
         slots = max(1, min(SLOTS, opened.max_slots or SLOTS))
         self.slots = slots  # how many calls run through it at once
         self._free = list(range(slots, 0, -1))
@@ -186,6 +193,7 @@ class SharedSession:
         replaced by a Shared value naming it (other values, and tensors without
         elements, as they are); and whether any CUDA tensor went by CUDA IPC
         handle instead (only where the server offered its device)."""
+        self._flush_untold()
         tensors: list[torch.Tensor] = []
         shm.walk(stack, tensors.append)
         exports = self._export_cuda(slot, tensors)
@@ -225,27 +233,33 @@ class SharedSession:
         or the session's budget)."""
         if dtypes.code_for(dtype) is None:
             raise InvalidStack(f"dtype {dtype} cannot travel on the wire")
-        if len(self._owned) >= shm.MAX_REGIONS - SLOTS:
-            return None  # the slots' input regions must still fit the server's count
-        nbytes = shape.numel() * dtype.itemsize
-        size = -(-max(nbytes, 1) // _PAGE) * _PAGE
-        with self._io:
-            ident, self._next_id = self._next_id, self._next_id + 1
-        region, fd = shm.create_region(ident, size, "fuseport-tensor")
+        with self._lend:  # reserved first: threads making tensors at once stay within the count
+            if len(self._owned) + self._owning >= shm.MAX_REGIONS - SLOTS:
+                return None  # the slots' input regions must still fit the server's count
+            self._owning += 1
         try:
-            self._send(shm.Packet(shm.REGION, 0, ident, size, fd=fd))
+            nbytes = shape.numel() * dtype.itemsize
+            size = -(-max(nbytes, 1) // _PAGE) * _PAGE
+            with self._io:
+                ident, self._next_id = self._next_id, self._next_id + 1
+            region, fd = shm.create_region(ident, size, "fuseport-tensor")
+            try:
+                self._send(shm.Packet(shm.REGION, 0, ident, size, fd=fd))
+            finally:
+                os.close(fd)
+            reply = self._wait(lambda: self._replies.pop(ident, None))
+            if reply.kind != shm.OK:
+                log.info("a tensor in shared memory was refused (%s): made in private memory", reply.text)
+                return None
         finally:
-            os.close(fd)
-        reply = self._wait(lambda: self._replies.pop(ident, None))
-        if reply.kind != shm.OK:
-            log.info("a tensor in shared memory was refused (%s): made in private memory", reply.text)
-            return None
+            with self._lend:
+                self._owning -= 1
         # The tensor holds a memoryview of its own, which holds the mapping: the region is
         # dropped (on the server too) exactly when the last tensor over it dies.
         view = memoryview(region.mapping)
         base = torch.frombuffer(view, dtype=torch.uint8)
         self._owned[ident] = (base.data_ptr(), size)
-        weakref.finalize(view, _owned_gone, weakref.ref(self), ident)
+        weakref.finalize(view, _owned_gone, weakref.ref(self), ident, region.mapping)
         del view
         return base[:nbytes].view(dtype).view(shape)
 
@@ -363,10 +377,24 @@ class SharedSession:
         self._tell(shm.RETURN, region)
 
     def _tell(self, kind: int, region: int) -> None:
+        """Sends a packet without waiting (from finalizers: any thread, an event loop's
+        too). One the socket has no room for now is kept and sent before the next call."""
         if self.closed or os.getpid() != self.pid:
             return  # the server forgot it with the session; a forked child's socket is its parent's
-        with contextlib.suppress(OSError):  # a session that broke: the server forgot it anyway
-            shm.send_packet(self._sock, shm.Packet(kind, id=region), socket.MSG_DONTWAIT)
+        try:
+            # os.write, not the socket's send: a socket with a timeout waits for room first,
+            # whatever the flags. Its descriptor is non-blocking (the timeout's emulation).
+            os.write(self._sock.fileno(), shm.packet_bytes(shm.Packet(kind, id=region)))
+        except BlockingIOError:
+            self._untold.append((kind, region))
+        except OSError:
+            pass  # a session that broke: the server forgot it anyway
+
+    def _flush_untold(self) -> None:
+        """Sends what `_tell` could not (before a call: the server sees its regions handed back)."""
+        while self._untold:
+            kind, region = self._untold.popleft()
+            self._send(shm.Packet(kind, id=region))
 
     def _pin_lent(self) -> None:
         """Before a fork: the child keeps tensors over the regions lent now, so

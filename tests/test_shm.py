@@ -146,6 +146,10 @@ def test_a_tensor_from_client_empty_is_named_in_place_and_freed_with_its_last_te
     with Client(server.target, shared_memory=False) as c:
         z = c.empty(2, 3, dtype=torch.int64)
         assert z.shape == (2, 3) and c._pool.first.shared is None
+        with pytest.raises(ValueError, match="negative dimension"):
+            c.empty(-1, 4)
+        with pytest.raises(FuseportError, match="cannot travel on the wire"):
+            c.empty(3, dtype=torch.quint8)
 
     async def run() -> ExecuteResult:
         async with AsyncClient(server.target) as ac:
@@ -156,6 +160,48 @@ def test_a_tensor_from_client_empty_is_named_in_place_and_freed_with_its_last_te
     r = asyncio.run(run())
     assert r.transport == "shm" and torch.equal(r.stack[0], torch.full((BIG,), 6.0))
     still_serves(server, key)
+
+
+def test_a_client_empty_region_leaves_the_clients_table_before_its_memory_is_unmapped(
+    server: ServerProcess, key: int
+) -> None:
+    """Else memory mapped later at the same address (another tensor) would be taken for
+    the dead region's and named to the server: a wrong result (an adversarial probe got
+    one in 60 s of threads). Also: threads making tensors at once stay within the count."""
+    from fuseport.client import shm as client_shm
+
+    seen: list[bool] = []
+    real = client_shm._owned_gone
+
+    def spy(session_ref: Any, region: int, mapping: Any) -> None:
+        session = session_ref()
+        start, _size = session._owned[region]
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        seen.append(any(int(a, 16) <= start < int(b, 16) for a, b in (m.split()[0].split("-") for m in maps)))
+        real(session_ref, region, mapping)
+
+    client_shm._owned_gone = spy  # type: ignore[assignment]
+    try:
+        with Client(server.target) as c:
+            for _ in range(3):
+                x = c.empty(BIG)
+                del x
+            made: list[torch.Tensor] = []
+
+            def make() -> None:
+                made.extend(c.empty(16) for _ in range(10))
+
+            threads = [threading.Thread(target=make) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            session = c._pool.first.shared
+            assert session is not None and len(session._owned) == shm.MAX_REGIONS - 8 < len(made)
+            assert c.execute_detailed(key, [torch.randn(BIG), torch.randn(BIG)]).transport == "shm"
+    finally:
+        client_shm._owned_gone = real  # type: ignore[assignment]
+    assert seen[:3] == [True, True, True]
 
 
 def test_client_empty_past_the_servers_region_count_gives_ordinary_tensors_and_other_sessions_copy(

@@ -70,8 +70,13 @@ class Packet:
     fd: int | None = None  # received with the packet (the receiver owns it)
 
 
+def packet_bytes(p: Packet) -> bytes:
+    """A packet without a descriptor, as it goes on the socket."""
+    return _HEADER.pack(_MAGIC, p.kind, p.slot, p.id, p.size) + p.text.encode("utf-8")[:MAX_TEXT]
+
+
 def send_packet(sock: socket.socket, p: Packet, flags: int = 0) -> None:
-    data = _HEADER.pack(_MAGIC, p.kind, p.slot, p.id, p.size) + p.text.encode("utf-8")[:MAX_TEXT]
+    data = packet_bytes(p)
     if p.fd is None:
         sock.sendall(data, flags)
     else:
