@@ -404,15 +404,8 @@ def _moved(result: ExecuteResult, device: torch.device | None) -> ExecuteResult:
     """The result with every tensor on `device` (None: as it came)."""
     if device is None:
         return result
-
-    def to(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v if v.device == device else v.to(device)
-        if isinstance(v, (list, tuple)):
-            return [to(x) for x in v]
-        return v
-
-    return dataclasses.replace(result, stack=[to(v) for v in result.stack])
+    moved = shm.replace(result.stack, lambda t, _where: t if t.device == device else t.to(device), torch.Tensor)
+    return dataclasses.replace(result, stack=moved)
 
 
 def _survey(stack: Stack) -> tuple[int, bool]:

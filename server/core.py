@@ -35,7 +35,7 @@ from fuseport.server.shm import SharedCall, SharedMemory, check_slot, default_pa
 from fuseport.server.streams import Hold, StreamBuffers, default_buffer_bytes
 from fuseport.server.tenants import Tenants
 from fuseport.server.watchdog import Watch, Watchdog, past_limit
-from fuseport.wire import _pb
+from fuseport.wire import _pb, shm
 from fuseport.wire.codec import Buffer, Handle, encode_stack, message_room
 from fuseport.wire.errors import (
     DeadlineExceeded,
@@ -252,7 +252,7 @@ class Core:
                 result.stack = self.shared.place(
                     owner, shared.session, shared.slot, result.stack, shared.fresh_output, shared.cuda_outputs
                 )
-                if to_slot and self.placement.cuda:
+                if to_slot and self.placement.cuda and _holds_tensors(result.stack):
                     # What place() left as tensors (over the session's budget) travels as bytes.
                     result.stack = self.placement.to_host(result.stack)
                     self.placement.synchronize()
@@ -991,6 +991,13 @@ _SCALARS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "int": ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
     "float": ("a float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
 }
+
+
+def _holds_tensors(values: list[Any]) -> bool:
+    """Whether `values` (lists too) hold a tensor."""
+    found: list[torch.Tensor] = []
+    shm.walk(values, found.append)
+    return bool(found)
 
 
 def _handles(values: Sequence[Any]) -> Iterator[Handle]:

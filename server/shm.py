@@ -498,7 +498,7 @@ class SharedMemory:
         tensors = _tensors(stack)
         need = sum(shm.align(t.numel() * t.element_size()) for t in tensors)
         if need and cuda and self.cuda_outputs:
-            placed = self._place_on_device(session, slot, stack, need)
+            placed = self._place_on_device(session, slot, stack, tensors, need)
             if placed is not None:
                 return placed
         region = session.outputs.get(slot)
@@ -517,7 +517,7 @@ class SharedMemory:
         return shm.replace(stack, write, torch.Tensor)
 
     def _place_on_device(
-        self, session: _Session, slot: int, stack: list[Any], need: int
+        self, session: _Session, slot: int, stack: list[Any], tensors: list[torch.Tensor], need: int
     ) -> list[Any] | None:
         """place() into the slot's device output region; None where the session has no room for it."""
         got = session.devices.get(slot)
@@ -527,7 +527,7 @@ class SharedMemory:
                 return None
         ident, memory = got
         dst = memory.tensor()  # holds the allocation until the copies below are done
-        offsets = iter(_offsets(_tensors(stack)))
+        offsets = iter(_offsets(tensors))
         uuid = self.cuda_devices[0]
 
         def write(v: torch.Tensor, where: str) -> codec.Shared:

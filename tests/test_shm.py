@@ -1760,6 +1760,54 @@ def test_a_page_locked_region_is_unregistered_off_the_collecting_thread_before_i
     assert events[1:] == [("unregister", next(iter(mappings)), True)]
 
 
+class _StandInMemory:
+    """A stand-in for cuda_ipc.DeviceMemory: a memfd mapped here (an export is its
+    descriptor, an import maps it, as the driver does with device memory). Fresh
+    memory is not zeroed: it is filled with 0xAB."""
+
+    def __init__(self, size: int, fds: list[int], fd: int | None = None) -> None:
+        self.size, self.ordinal = size, 0
+        self.fd = os.dup(fd) if fd is not None else os.memfd_create("stand-in-device", os.MFD_CLOEXEC)
+        fds.append(self.fd)
+        if fd is None:
+            os.ftruncate(self.fd, size)
+        self.bytes = torch.frombuffer(mmap.mmap(self.fd, size), dtype=torch.uint8)
+        if fd is None:
+            self.bytes.fill_(0xAB)
+
+    def tensor(self) -> torch.Tensor:
+        return self.bytes
+
+    def export_fd(self) -> int:
+        return os.dup(self.fd)
+
+
+class _StandInDriver:
+    """A stand-in for cuda_ipc.Driver (no GPU here; the gpu tests run the real one)."""
+
+    def __init__(self) -> None:
+        self.fail = False  # import_fd raises, as for a descriptor the driver cannot map
+        self.fds: list[int] = []
+        self._uuid = os.urandom(16)
+
+    def allocate(self, ordinal: int, size: int) -> _StandInMemory:
+        return _StandInMemory(size, self.fds)
+
+    def import_fd(self, ordinal: int, fd: int, size: int) -> _StandInMemory:
+        from fuseport.wire import cuda_ipc
+
+        if self.fail:
+            raise cuda_ipc.CudaError("cuMemImportFromShareableHandle", 1, "CUDA_ERROR_INVALID_VALUE")
+        return _StandInMemory(size, self.fds, fd)
+
+    def uuid(self, ordinal: int) -> bytes:
+        return self._uuid
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)  # the mappings keep their memory
+
+
 def test_device_output_regions_bookkeeping_with_a_stand_in_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     """Results on the client's GPU, the server's side, with the CUDA driver replaced by a
     stand-in whose allocations are host memory (no GPU here; the gpu tests run the real
@@ -1771,28 +1819,11 @@ def test_device_output_regions_bookkeeping_with_a_stand_in_driver(monkeypatch: p
     from fuseport.server.shm import SharedMemory
     from fuseport.wire import cuda_ipc
 
-    made: list[torch.Tensor] = []
-
-    class Memory:
-        def __init__(self, size: int) -> None:
-            self.size = size
-            self.bytes = torch.full((size,), 0xAB, dtype=torch.uint8)  # fresh memory is not zeroed
-            made.append(self.bytes)
-
-        def tensor(self) -> torch.Tensor:
-            return self.bytes
-
-        def export_fd(self) -> int:
-            return os.memfd_create("stand-in", os.MFD_CLOEXEC)
-
-    class StandIn:
-        def allocate(self, ordinal: int, size: int) -> Memory:
-            return Memory(size)
-
-    monkeypatch.setattr(cuda_ipc, "driver", lambda: StandIn())
+    driver = _StandInDriver()
+    monkeypatch.setattr(cuda_ipc, "driver", lambda: driver)
     shared = SharedMemory(True, 64 << 20)
     shared.start()
-    uuid = os.urandom(16)
+    uuid = driver.uuid(0)
     shared.cuda_devices, shared.cuda_outputs = [uuid], True
     shared._granularity, shared._device_output_cap = 1 << 20, 6 << 20
     owner = Owner(b"client", True)
@@ -1839,6 +1870,7 @@ def test_device_output_regions_bookkeeping_with_a_stand_in_driver(monkeypatch: p
     finally:
         sock.close()
         shared.close()
+        driver.close()
 
 
 def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1855,40 +1887,9 @@ def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypat
     from fuseport.wire import cuda_ipc
     from fuseport.wire.errors import CudaIpcUnavailable
 
-    uuid = os.urandom(16)
-    fds: list[int] = []
-
-    class Memory:
-        def __init__(self, size: int, fd: int | None = None) -> None:
-            self.size, self.ordinal = size, 0
-            self.fd = os.dup(fd) if fd is not None else os.memfd_create("stand-in-device", os.MFD_CLOEXEC)
-            fds.append(self.fd)
-            if fd is None:
-                os.ftruncate(self.fd, size)
-            self.bytes = torch.frombuffer(mmap.mmap(self.fd, size), dtype=torch.uint8)
-
-        def tensor(self) -> torch.Tensor:
-            return self.bytes
-
-        def export_fd(self) -> int:
-            return os.dup(self.fd)
-
-    class StandIn:
-        fail = False
-
-        def allocate(self, ordinal: int, size: int) -> Memory:
-            return Memory(size)
-
-        def import_fd(self, ordinal: int, fd: int, size: int) -> Memory:
-            if self.fail:
-                raise cuda_ipc.CudaError("cuMemImportFromShareableHandle", 1, "CUDA_ERROR_INVALID_VALUE")
-            return Memory(size, fd)
-
-        def uuid(self, ordinal: int) -> bytes:
-            return uuid
-
-    driver = StandIn()
+    driver = _StandInDriver()
     monkeypatch.setattr(cuda_ipc, "driver", lambda: driver)
+    uuid = driver.uuid(0)
     shared = SharedMemory(True, 64 << 20)
     shared.start()
     shared.cuda_devices, shared.cuda_outputs = [uuid], True
@@ -1917,5 +1918,4 @@ def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypat
     finally:
         session.close()
         shared.close()
-        for fd in fds:
-            os.close(fd)  # the mappings keep their memory
+        driver.close()

@@ -355,9 +355,7 @@ class DeviceMemory:
 
     def tensor(self) -> torch.Tensor:
         """All of its bytes as a flat uint8 tensor, which keeps this object alive."""
-        blob = _Blob(self.ptr, self.size)
-        blob.owner = self
-        return torch.as_tensor(blob, device=torch.device("cuda", self.ordinal))
+        return as_bytes(self.ptr, self.size, self.ordinal, owner=self)
 
 
 def _release(lib: ctypes.CDLL, ctx: ctypes.c_void_p, ptr: int, size: int, handle: int, mapped: bool, pid: int) -> None:
@@ -390,9 +388,12 @@ class _Blob:
         }
 
 
-def as_bytes(ptr: int, nbytes: int, ordinal: int) -> torch.Tensor:
-    """A uint8 tensor over `nbytes` device bytes at `ptr` (the memory stays the caller's to keep alive)."""
-    return torch.as_tensor(_Blob(ptr, nbytes), device=torch.device("cuda", ordinal))
+def as_bytes(ptr: int, nbytes: int, ordinal: int, owner: object = None) -> torch.Tensor:
+    """A uint8 tensor over `nbytes` device bytes at `ptr`; the tensor holds `owner` (else the
+    memory stays the caller's to keep alive)."""
+    blob = _Blob(ptr, nbytes)
+    blob.owner = owner
+    return torch.as_tensor(blob, device=torch.device("cuda", ordinal))
 
 
 _driver: Driver | None = None
