@@ -15,6 +15,7 @@
 #   device run --carry .whl -- bash scripts/gpu_check.sh mps      # the concurrency section under CUDA MPS, 1 and 4 processes
 #   device run --carry .whl -- bash scripts/gpu_check.sh ab       # call_stages, BASE's wheel vs this tree's, alternating (~5 min)
 #   device run --carry .whl -- bash scripts/gpu_check.sh poll     # call_stages + bench rows, --busy-poll-us 0 vs default (~8 min; POLL_ROUNDS=1: ~4)
+#   ... POLL_SETTING=BUSY_POLL_GPU_US POLL_VALUES="0 200" POLL_BENCH=0 gpu_check.sh poll   # the poll's keep-warm kernel off/on
 #   device run --carry .whl -- bash scripts/gpu_check.sh shm      # shared memory 16/256 MiB vs the echo, regions page-locked or not
 #   ... gpu_check.sh tests tests/test_ops.py                      # some test files only
 # Logs, JSON and the plot land in $OUT (the device tool brings that folder back).
@@ -140,17 +141,22 @@ if [[ $PART == poll ]]; then
     # The serving loop's busy poll (--busy-poll-us, server/rpc/poll.py) off and at its
     # default, alternating, one server each: the small call's stages beside the echo,
     # then the bench's transport rows at 1 KiB. Each row is logged as it ends.
+    # POLL_SETTING/POLL_VALUES compare another setting the same way, e.g. the poll's
+    # keep-warm kernel: POLL_SETTING=BUSY_POLL_GPU_US POLL_VALUES="0 200" (POLL_BENCH=0:
+    # the call_stages rows only).
+    setting=${POLL_SETTING:-BUSY_POLL_US}
     for round in $(seq "${POLL_ROUNDS:-2}"); do
-        for us in 0 default; do
-            echo "== round $round, call_stages, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
-            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_BUSY_POLL_US=$us")
+        for us in ${POLL_VALUES:-0 default}; do
+            echo "== round $round, call_stages, FUSEPORT_$setting=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
+            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_$setting=$us")
             python3 "$REPO/scripts/call_stages.py" --device cuda --n "${STAGES_N:-1000}" "${env[@]}" 2>&1 \
                 | grep -v INFO | tee -a "$OUT/poll.log"
             rc=$(( rc || PIPESTATUS[0] ))
         done
-        for us in 0 default; do
-            echo "== round $round, bench, FUSEPORT_BUSY_POLL_US=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
-            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_BUSY_POLL_US=$us")
+        [[ ${POLL_BENCH:-1} == 0 ]] && continue
+        for us in ${POLL_VALUES:-0 default}; do
+            echo "== round $round, bench, FUSEPORT_$setting=$us $(date -u +%T)" | tee -a "$OUT/poll.log"
+            env=(); [[ $us != default ]] && env=(--server-env "FUSEPORT_$setting=$us")
             python3 -m fuseport.cli bench --device cuda --sections transport --sizes 1K "${env[@]}" \
                 --json "$OUT/bench-poll-$round-$us.json" --no-plot 2>&1 | grep -v INFO | tee -a "$OUT/poll.log"
             rc=$(( rc || PIPESTATUS[0] ))

@@ -115,6 +115,8 @@ class Server:
             per_identity=settings.worker_share,
             max_waiting=settings.max_waiting_calls_per_identity,
             busy_poll_us=settings.busy_poll_us or 0,
+            warm=self.core.placement.keep_warm if self.core.placement.cuda else None,
+            warm_every_us=settings.busy_poll_gpu_us,
         )
         self.service = KernelService(
             self.core,

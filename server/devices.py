@@ -152,6 +152,16 @@ class Placement:
             self._local.staging = _Staging()
         return _SAME_SCOPE
 
+    def keep_warm(self) -> None:
+        """Queues a one-element kernel on this thread's stream, never waited for: the
+        busy poll's way of keeping the GPU from idling between a client's calls
+        (server/rpc/poll.py, --busy-poll-gpu-us). CUDA only."""
+        self.request_scope()
+        warm = getattr(self._local, "warm", None)
+        if warm is None:
+            warm = self._local.warm = torch.empty(1, device=self.device)
+        warm.zero_()
+
     def share(self, values: list[Any]) -> Callable[[], None]:
         """Hands tensors made on this thread's stream to another thread: returns
         what that thread calls (inside its request_scope) before using them. It

@@ -328,6 +328,12 @@ class _StateCollector:
                 "at most --busy-poll-us)",
                 value=poll.window,
             )
+            if poll.warm_every:
+                yield CounterMetricFamily(
+                    "fuseport_busy_poll_gpu_kernels",
+                    "One-element kernels the polling loop queued to keep the GPU from idling (--busy-poll-gpu-us)",
+                    value=poll.warmed,
+                )
         if self.shared is not None and self.shared.enabled:
             sessions, mapped = self.shared.stats()
             yield GaugeMetricFamily(

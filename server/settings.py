@@ -161,6 +161,16 @@ class Settings:
             "would contend for the GIL with the program's threads)"
         },
     )
+    # Whether a GPU kept busy between a client's calls answers the next one sooner than one
+    # that idled (the device round trip: 32 us back to back, 118 us after 2 ms idle, H100).
+    busy_poll_gpu_us: int = field(
+        default=0,
+        metadata={
+            "help": "on a CUDA server, while the serving loop polls for the next call (--busy-poll-us), it queues a "
+            "one-element kernel on its stream every this many microseconds, never waited for, so that the GPU does "
+            "not idle between a client's calls; 0: off"
+        },
+    )
     keep_host_memory: bool = field(
         default=True,
         metadata={
@@ -459,6 +469,8 @@ class Settings:
             raise ValueError("shared_memory_page_lock_bytes must be >= 0 (0: no region is page-locked)")
         if self.busy_poll_us is not None and not 0 <= self.busy_poll_us <= 1_000_000:
             raise ValueError("busy_poll_us must be in 0..1000000 (0: the loop sleeps at once)")
+        if not 0 <= self.busy_poll_gpu_us <= 1_000_000:
+            raise ValueError("busy_poll_gpu_us must be in 0..1000000 (0: off)")
         if not 0 <= self.batch_window_us <= 1_000_000:
             raise ValueError("batch_window_us must be in 0..1000000 (0: batching off)")
         if not 1 <= self.max_batch <= 1024:

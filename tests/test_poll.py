@@ -119,6 +119,44 @@ def test_no_poll_when_it_is_off_or_after_a_call_that_used_a_worker() -> None:
     asyncio.run(main())
 
 
+def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_only_itself() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        clock = Clock()
+        warmed: list[float] = []
+        poll = BusyPoll(2000, clock, warm=lambda: warmed.append(clock.now), warm_every_us=200)
+        poll.begin()
+        poll.end(loop)
+        for _ in range(30):  # 30 turns 50 us apart: 1.5 ms of polling
+            clock.now += 50e-6
+            await asyncio.sleep(0)
+        # Not at once (the call that just ended kept the device busy), then every 200 us.
+        assert len(warmed) == 7 and poll.warmed == 7, warmed
+        assert all(b - a == pytest.approx(200e-6) for a, b in zip(warmed, warmed[1:]))
+        assert warmed[0] - 100.0 == pytest.approx(200e-6)
+        poll.begin()
+        poll.end(loop)
+
+        def broken() -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        poll.warm = broken
+        for _ in range(10):
+            clock.now += 50e-6
+            await asyncio.sleep(0)
+        assert poll.warm is None and poll.spinning  # it polls on without warming
+        clock.now += 0.01
+        await asyncio.sleep(0)
+        assert not poll.spinning
+
+    asyncio.run(main())
+    # Off by default, and bounded.
+    assert BusyPoll(2000, warm=lambda: None).warm is None
+    assert Settings().busy_poll_gpu_us == 0
+    with pytest.raises(ValueError, match="busy_poll_gpu_us"):
+        Settings(busy_poll_gpu_us=-1)
+
+
 def test_busy_poll_us_is_bounded() -> None:
     with pytest.raises(ValueError, match="busy_poll_us"):
         Settings(busy_poll_us=-1)
@@ -196,3 +234,23 @@ def test_an_embedded_server_does_not_poll_unless_told(tmp_path: Path) -> None:
 
     assert asyncio.run(polls()) == 0
     assert asyncio.run(polls(busy_poll_us=500)) == pytest.approx(0.0005)
+
+
+@pytest.mark.gpu
+def test_a_cuda_servers_poll_keeps_the_gpu_warm_when_told_and_results_stay_right(tmp_path: Path) -> None:
+    s = start_server(
+        tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0", "--busy-poll-gpu-us", "200"
+    )
+    try:
+        with Client(s.target) as c:
+            key = c.register(lambda x: x * 2.0 + 1.0, [torch.zeros(256)])
+            x = torch.randn(256)
+            c.execute(key, [x], wait=True, timeout=600)
+            for i in range(300):
+                y = x + i
+                assert torch.equal(c.execute(key, [y])[0], y * 2.0 + 1.0)
+                if i % 50 == 0:
+                    time.sleep(0.0015)  # a gap the poll spans: it warms the GPU meanwhile
+        assert s.metric("fuseport_busy_poll_gpu_kernels_total") > 0
+    finally:
+        s.stop()

@@ -203,11 +203,14 @@ class Plumbing:
         per_identity: int | None = None,
         max_waiting: int = 64,
         busy_poll_us: int = 0,
+        warm: Callable[[], None] | None = None,
+        warm_every_us: int = 0,
     ) -> None:
         """`per_identity`: the most workers one identity's calls hold at once
         (server/rpc/share.py; None: `workers` minus one, at least 1); `max_waiting`:
         the most of its calls that may wait for one; `busy_poll_us`: how long the loop
-        may poll for the next call once the last one ends (server/rpc/poll.py)."""
+        may poll for the next call once the last one ends (server/rpc/poll.py); `warm`
+        called every `warm_every_us` meanwhile (the GPU's keep-warm kernel)."""
         # Decoding, running and encoding happen here unless a method runs inline
         # (so large messages never block the event loop).
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fuseport-worker")
@@ -221,7 +224,7 @@ class Plumbing:
         # once it is over (see wire.hostmem); None: memory is left to the allocator.
         self.release_above = release_above
         self.observer = CallObserver()
-        self.poll = BusyPoll(busy_poll_us)
+        self.poll = BusyPoll(busy_poll_us, warm=warm, warm_every_us=warm_every_us)
         # The kernel namespace of a call, from its metadata (set by the app where
         # tokens are checked: a user token's own; b"" the shared one).
         self.tenant_of: Callable[[Any], bytes] = _no_tenant
