@@ -40,7 +40,9 @@ def _role(pid: int) -> str:
         return "resource tracker"
     if "multiprocessing.spawn" in cmd or "multiprocessing.forkserver" in cmd:
         return "compile worker"
-    if "compile_worker" in cmd or "_inductor" in cmd:
+    # Its script (torch/_inductor/compile_worker/__main__.py), not any path naming it: a
+    # store directory under a test's temporary directory may hold those words.
+    if "_inductor/compile_worker" in cmd or "_inductor.compile_worker" in cmd:
         return "inductor pool"
     if "serve" in cmd:
         return "server"

@@ -96,6 +96,7 @@ class Core:
                 ),
                 timeout=settings.compile_timeout_seconds,
                 budget=settings.max_call_seconds,
+                threads=settings.compile_threads,
             )
         self.executor = Executor(
             self.placement,

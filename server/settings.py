@@ -398,6 +398,18 @@ class Settings:
             "help": "a compile running longer is killed (its worker replaced) and its ArgSpec served unfused"
         },
     )
+    # Inductor's own default is a pool of up to one process per core, each importing torch
+    # and Triton when it starts: on the H100 machine such a pool kept 1.3-2 cores busy for
+    # the minute and a half after a server's first compile, beside the serving processes.
+    compile_threads: int = field(
+        default=1,
+        metadata={
+            "help": "processes Inductor compiles a graph's kernels in (its compile pool, started by the first "
+            "compile); 1: one after the other in the compile worker, with no pool, which suits the few kernels "
+            "of a fused graph; more compiles a graph of many kernels sooner, at the cost of a pool whose start "
+            "takes cores from the serving processes"
+        },
+    )
     batch_window_us: int = field(
         default=0,
         metadata={
@@ -461,6 +473,8 @@ class Settings:
             raise ValueError(f"compiler must be one of {', '.join(COMPILERS)}, not {self.compiler!r}")
         if self.artifact_cache_bytes < 1:
             raise ValueError("artifact_cache_bytes must be at least 1")
+        if not 1 <= self.compile_threads <= 256:
+            raise ValueError("compile_threads must be in 1..256")
         if self.compile_timeout_seconds <= 0:
             raise ValueError("compile_timeout_seconds must be > 0")
         if self.max_call_bytes < 0:

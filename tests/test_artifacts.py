@@ -369,3 +369,27 @@ def test_inprocess_compiler_on_cuda_still_fuses(tmp_path: Path) -> None:
             assert c.describe(key).arg_specs[0].compiled_by.startswith("torch.compile")
     finally:
         server.stop()
+
+
+def test_the_compile_worker_starts_no_inductor_pool_unless_told(tmp_path: Path) -> None:
+    """Inductor's compile pool (a process per thread, each importing torch) kept 1.3-2 cores
+    busy beside the serving processes after a first compile on the H100 machine: by default
+    the worker compiles its kernels one after the other, with no pool (--compile-threads 1)."""
+    from fuseport.bench.procs import roles, tree
+
+    for threads in (None, "3"):
+        flags = ("--compile-threads", threads) if threads else ()
+        server = start_server(tmp_path / f"t{threads}", None, "--processes", "1", *flags)
+        try:
+            with Client(server.target, timeout=300) as c:
+                x = torch.randn(6, 5)
+                key = c.register(lambda t: (t * 5 + 1).sin(), [x])
+                r = c.execute_detailed(key, [x], wait=True)
+                assert r.path == "fused", (r.reason, r.detail)
+                torch.testing.assert_close(r.stack[0], (x * 5 + 1).sin())
+            assert f"Inductor compile threads: {threads or 1})" in server.log()
+            if threads is None:
+                pool = {tid for tid, role in roles(tree(server.proc.pid)).items() if role == "inductor pool"}
+                assert not pool
+        finally:
+            server.stop()

@@ -1068,7 +1068,9 @@ def test_device_results_where_they_cannot_come_device_to_device_come_through_hos
     """A new device region is zeroed, and counted while its session lives; past the
     session's budget, from a server with --cuda-ipc off, and from an AsyncClient:
     results_on="cuda" always gives tensors on the GPU, right."""
-    budget = start_server(tmp_path / "b", None, "--device", "cuda", "--compile-mode", "off",
+    # One serving process: with several (the default on a many-core GPU machine) the
+    # supervisor serves the metrics, each labelled with its process.
+    budget = start_server(tmp_path / "b", None, "--device", "cuda", "--compile-mode", "off", "--processes", "1",
                           "--shared-memory-max-bytes", str(12 << 20), "--metrics-port", "0")  # fmt: skip
     off = start_server(tmp_path / "o", None, "--device", "cuda", "--compile-mode", "off", "--cuda-ipc", "off")
     try:

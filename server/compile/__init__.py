@@ -48,10 +48,12 @@ def make_compiler(
     artifacts: ArtifactCache | None,
     timeout: float,
     budget: float = 0.0,
+    threads: int = 1,
 ) -> Compiler:
     """The settings' strategy: "standalone" (needs the artifact cache) or "inprocess".
-    `budget`: --max-call-seconds (0: none), which bounds the compile worker's test runs."""
+    `budget`: --max-call-seconds (0: none), which bounds the compile worker's test runs;
+    `threads`: --compile-threads, Inductor's compile processes."""
     if strategy == "inprocess":
-        return InProcessCompiler(placement, mode)
+        return InProcessCompiler(placement, mode, threads)
     assert artifacts is not None
-    return StandaloneCompiler(placement, mode, artifacts, timeout, budget)
+    return StandaloneCompiler(placement, mode, artifacts, timeout, budget, threads)

@@ -79,15 +79,22 @@ class StandaloneCompiler(Compiler):
     name = "inductor standalone (compile worker)"
 
     def __init__(
-        self, placement: Placement, mode: str, artifacts: ArtifactCache, timeout: float, budget: float = 0.0
+        self,
+        placement: Placement,
+        mode: str,
+        artifacts: ArtifactCache,
+        timeout: float,
+        budget: float = 0.0,
+        threads: int = 1,
     ) -> None:
-        """`budget`: --max-call-seconds, which bounds the worker's test runs at the caller's sizes."""
+        """`budget`: --max-call-seconds, which bounds the worker's test runs at the caller's sizes;
+        `threads`: Inductor's compile processes in the worker (--compile-threads)."""
         self.placement = placement
         self.mode = mode
         self.artifacts = artifacts
         self.budget = budget
         self._capability = device_capability(placement.device)
-        self._worker = CompileWorker(timeout)
+        self._worker = CompileWorker(timeout, threads)
         self._worker.start()
 
     def _name(self, job: Job) -> str:

@@ -60,8 +60,9 @@ class CompileWorker:
     """One worker process, started on first use and replaced when it dies or hangs.
     `compile` is called from one thread at a time (the executor's compile thread)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, threads: int = 1) -> None:
         self.timeout = timeout
+        self.threads = threads  # Inductor's compile processes in the worker (--compile-threads)
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._lock = threading.Lock()
@@ -75,7 +76,7 @@ class CompileWorker:
             self._stop_locked()
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child,), name="fuseport-compile-worker")
+            proc = ctx.Process(target=_worker_main, args=(child, self.threads), name="fuseport-compile-worker")
             proc.start()
             child.close()
             self._proc, self._conn = proc, parent
@@ -139,7 +140,7 @@ class CompileWorker:
             proc.join(10)
 
 
-def _worker_main(conn: Connection) -> None:
+def _worker_main(conn: Connection, threads: int = 1) -> None:
     """The worker process: compile requests, one at a time, until the pipe closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s compile-worker %(levelname)s %(message)s")
     fault = os.environ.get(FAULT_ENV, "")
@@ -159,7 +160,7 @@ def _worker_main(conn: Connection) -> None:
         configure_compiler()
         import torch._inductor.config as inductor_config
 
-        inductor_config.compile_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        inductor_config.compile_threads = threads
         _warm_up()
     from fuseport.server.compile.build import EagerRefuses, compile_job
 
@@ -201,6 +202,9 @@ def _warm_up() -> None:
     start = time.perf_counter()
     try:
         torch.compile(lambda t: t * 2 + 1, dynamic=True, fullgraph=True)(torch.ones(8))
-        log.info("warmed up in %.1f s", time.perf_counter() - start)
+        import torch._inductor.config as inductor_config
+
+        log.info("warmed up in %.1f s (Inductor compile threads: %d)", time.perf_counter() - start,
+                 inductor_config.compile_threads)  # fmt: skip
     except Exception as e:  # noqa: BLE001 - a real compile will report the problem
         log.warning("warm-up failed: %s", e)
