@@ -150,9 +150,9 @@ def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_on
         assert not poll.spinning
 
     asyncio.run(main())
-    # Off by default, and bounded.
+    # Nothing to call without an interval; bounded.
     assert BusyPoll(2000, warm=lambda: None).warm is None
-    assert Settings().busy_poll_gpu_us == 0
+    assert Settings().busy_poll_gpu_us == 200
     with pytest.raises(ValueError, match="busy_poll_gpu_us"):
         Settings(busy_poll_gpu_us=-1)
 

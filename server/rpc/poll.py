@@ -22,10 +22,11 @@ a call on a worker (a heavy kernel, a large message, shared memory, whose socket
 thread also handles the client's packets between calls) measured no faster with
 polling and 40-70% more server CPU per call, and a streamed call is many messages.
 
-On a CUDA server a poll may also keep the GPU from idling (`warm`, --busy-poll-gpu-us):
+On a CUDA server a poll also keeps the GPU from idling (`warm`, --busy-poll-gpu-us):
 every so often a turn queues a one-element kernel on the loop's stream, never waited
-for. On the H100 a small call's device round trip took 32 us back to back and 118 us
-after the GPU idled 2 ms, whatever the CPU did meanwhile (scripts/cuda_small_call.py)."""
+for. On the H100 a small call's device round trip took 43 us back to back, 197 us after
+2 ms of idle with the CPU spinning, and 62 us when the spin also queued such a kernel every
+200 us (scripts/cuda_small_call.py): the price of an idle gap is the GPU's, not the CPU's."""
 
 from __future__ import annotations
 
