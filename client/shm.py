@@ -220,7 +220,7 @@ class SharedSession:
             if where_owned is not None:
                 return codec.Shared(where_owned[0], where_owned[1], t.dtype, tuple(t.shape), n)
             assert region is not None
-            shm.copy_into(region.bytes[offset : offset + n], t)
+            shm.copy_into(region.bytes[offset : offset + n], t, split=True)
             ref = codec.Shared(region.id, offset, t.dtype, tuple(t.shape), n)
             offset += shm.align(n)
             return ref

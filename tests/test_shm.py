@@ -1921,3 +1921,38 @@ def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypat
         session.close()
         shared.close()
         driver.close()
+
+
+def test_a_split_copy_is_exact_at_every_size_and_in_a_forked_child() -> None:
+    """The client's copies into its input region from SPLIT_FROM go in pieces over
+    threads of its own (wire.shm.copy_into(split=True)): byte for byte at sizes that
+    do not divide, across dtypes, and in a child forked after the parent used them
+    (the parent's threads are not there: it must not wait for them)."""
+    for n in (1, shm.SPLIT_FROM - 1, shm.SPLIT_FROM, shm.SPLIT_FROM + 3, (17 << 20) + 5, (65 << 20) + 1):
+        src = torch.frombuffer(bytearray(os.urandom(n)), dtype=torch.uint8)
+        dst = torch.frombuffer(bytearray(n), dtype=torch.uint8)
+        shm.copy_into(dst, src, split=True)
+        assert torch.equal(dst, src), n
+    x = torch.randn(3 << 20)
+    region = torch.zeros(x.numel() * 4, dtype=torch.uint8)
+    shm.copy_into(region, x, split=True)
+    assert torch.equal(region.view(torch.float32), x)
+    pid = os.fork()
+    if pid == 0:  # the child: no torch op that may start a thread pool, only the copy
+        code = 1
+        try:
+            raw = bytearray(os.urandom(9 << 20))
+            out = bytearray(len(raw))
+            shm.copy_into(torch.frombuffer(out, dtype=torch.uint8), torch.frombuffer(raw, dtype=torch.uint8),
+                          split=True)  # fmt: skip
+            code = 0 if out == raw else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's split copy did not finish in 60 s")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
