@@ -152,6 +152,7 @@ def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_on
     asyncio.run(main())
     # Nothing to call without an interval; bounded.
     assert BusyPoll(2000, warm=lambda: None).warm is None
+    assert BusyPoll(2000, warm=None, warm_every_us=200).warm_every == 0  # a CPU server: no metric either
     assert Settings().busy_poll_gpu_us == 200
     with pytest.raises(ValueError, match="busy_poll_gpu_us"):
         Settings(busy_poll_gpu_us=-1)
@@ -188,6 +189,7 @@ def test_a_server_polls_between_calls_back_to_back_and_burns_nothing_at_rest(pol
     assert caught > 0
     assert polling.metric("fuseport_busy_poll_seconds_total") > 0
     assert 0 < polling.metric("fuseport_busy_poll_window_seconds") <= 0.002
+    assert "fuseport_busy_poll_gpu_kernels" not in _metrics(polling)  # a CPU server has no GPU to keep warm
     # A call through shared memory runs on a worker: the loop polls after none of them
     # (the first may be caught by the poll after the last small call).
     with Client(polling.target, shared_above=0) as c:

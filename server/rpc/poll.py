@@ -60,7 +60,7 @@ class BusyPoll:
         device's keep-warm kernel, see the module doc)."""
         self.clock = clock
         self.warm = warm if warm_every_us else None
-        self.warm_every = warm_every_us / 1e6
+        self.warm_every = warm_every_us / 1e6 if self.warm is not None else 0.0  # 0: never (a CPU server)
         self.next_warm = 0.0
         self.warmed = 0  # keep-warm kernels queued, for the metrics
         self.max = max_us / 1e6
