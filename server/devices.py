@@ -149,18 +149,23 @@ class Placement:
             torch.cuda.set_device(self.device)
             self._local.stream = torch.cuda.Stream(self.device)
             torch.cuda.set_stream(self._local.stream)
+            # keep_warm's: made here, so that the poll never allocates (under memory
+            # pressure the allocator frees its cache, and that waits for the device).
+            self._local.warm = torch.empty(1, device=self.device)
             self._local.staging = _Staging()
         return _SAME_SCOPE
 
-    def keep_warm(self) -> None:
+    def keep_warm(self) -> bool:
         """Queues a one-element kernel on this thread's stream, never waited for: the
         busy poll's way of keeping the GPU from idling between a client's calls
-        (server/rpc/poll.py, --busy-poll-gpu-us). CUDA only."""
-        self.request_scope()
+        (server/rpc/poll.py, --busy-poll-gpu-us). Nothing on a thread that has run no
+        call, nor while heavy work holds the device (it is busy then). CUDA only.
+        Whether it queued one."""
         warm = getattr(self._local, "warm", None)
-        if warm is None:
-            warm = self._local.warm = torch.empty(1, device=self.device)
+        if warm is None or self.held:
+            return False
         warm.zero_()
+        return True
 
     def share(self, values: list[Any]) -> Callable[[], None]:
         """Hands tensors made on this thread's stream to another thread: returns

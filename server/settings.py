@@ -162,15 +162,13 @@ class Settings:
         },
     )
     # A GPU kept busy between a client's calls answers the next one sooner than one that
-    # idled: on the H100 a small call's device round trip took 43 us back to back, 197 us
-    # after 2 ms of idle, 62 us after 2 ms with such a kernel every 200 us (docs/perf.md).
+    # idled (docs/perf.md, "the price of an idle GPU").
     busy_poll_gpu_us: int = field(
         default=200,
         metadata={
             "help": "on a CUDA server, while the serving loop polls for the next call (--busy-poll-us), it queues a "
             "one-element kernel on its stream every this many microseconds, never waited for, so that the GPU does "
-            "not idle between a client's calls (a 1 KiB Execute's p50 on the H100: 1,128-1,162 us against "
-            "1,450-1,502 us without); 0: off"
+            "not idle between a client's calls (a small call's p50 on an H100: a fifth lower); 0: off"
         },
     )
     keep_host_memory: bool = field(
@@ -400,16 +398,16 @@ class Settings:
             "help": "a compile running longer is killed (its worker replaced) and its ArgSpec served unfused"
         },
     )
-    # Inductor's own default is a pool of up to one process per core, each importing torch
-    # and Triton when it starts: on the H100 machine such a pool kept 1.3-2 cores busy for
-    # the minute and a half after a server's first compile, beside the serving processes.
+    # A pool (Inductor's default: min(32, cores) processes) starts with the worker's warm-up,
+    # each process importing torch and Triton: fuseport's earlier min(8, cores // 2) kept
+    # 1.3-2 cores of the H100 machine busy beside the serving processes after a start.
     compile_threads: int = field(
         default=1,
         metadata={
-            "help": "processes Inductor compiles a graph's kernels in (its compile pool, started by the first "
-            "compile); 1: one after the other in the compile worker, with no pool, which suits the few kernels "
-            "of a fused graph; more compiles a graph of many kernels sooner, at the cost of a pool whose start "
-            "takes cores from the serving processes"
+            "help": "processes Inductor compiles a graph's kernels in (its compile pool, started when the "
+            "compile worker starts); 1: one after the other, with no pool, which suits the few kernels of a fused "
+            "graph; more compiles a graph of many kernels sooner, at the cost of a pool whose start takes cores "
+            "from the serving processes"
         },
     )
     batch_window_us: int = field(

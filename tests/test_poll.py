@@ -124,7 +124,7 @@ def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_on
         loop = asyncio.get_running_loop()
         clock = Clock()
         warmed: list[float] = []
-        poll = BusyPoll(2000, clock, warm=lambda: warmed.append(clock.now), warm_every_us=200)
+        poll = BusyPoll(2000, clock, warm=lambda: warmed.append(clock.now) is None, warm_every_us=200)
         poll.begin()
         poll.end(loop)
         for _ in range(30):  # 30 turns 50 us apart: 1.5 ms of polling
@@ -137,7 +137,7 @@ def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_on
         poll.begin()
         poll.end(loop)
 
-        def broken() -> None:
+        def broken() -> bool:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
         poll.warm = broken
@@ -151,7 +151,7 @@ def test_a_poll_keeps_the_gpu_warm_every_so_often_and_a_warm_that_fails_stops_on
 
     asyncio.run(main())
     # Nothing to call without an interval; bounded.
-    assert BusyPoll(2000, warm=lambda: None).warm is None
+    assert BusyPoll(2000, warm=lambda: True).warm is None
     assert BusyPoll(2000, warm=None, warm_every_us=200).warm_every == 0  # a CPU server: no metric either
     assert Settings().busy_poll_gpu_us == 200
     with pytest.raises(ValueError, match="busy_poll_gpu_us"):
@@ -239,10 +239,8 @@ def test_an_embedded_server_does_not_poll_unless_told(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_a_cuda_servers_poll_keeps_the_gpu_warm_when_told_and_results_stay_right(tmp_path: Path) -> None:
-    s = start_server(
-        tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0", "--busy-poll-gpu-us", "200"
-    )
+def test_a_cuda_servers_poll_keeps_the_gpu_warm_by_default_and_results_stay_right(tmp_path: Path) -> None:
+    s = start_server(tmp_path, None, "--device", "cuda", "--processes", "1", "--metrics-port", "0")
     try:
         with Client(s.target) as c:
             key = c.register(lambda x: x * 2.0 + 1.0, [torch.zeros(256)])

@@ -1923,11 +1923,31 @@ def test_results_on_the_device_reach_the_client_with_a_stand_in_driver(monkeypat
         driver.close()
 
 
-def test_a_split_copy_is_exact_at_every_size_and_in_a_forked_child() -> None:
+def test_a_split_copy_is_exact_at_every_size_and_in_a_forked_child(
+    server: ServerProcess, key: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The client's copies into its input region from SPLIT_FROM go in pieces over
     threads of its own (wire.shm.copy_into(split=True)): byte for byte at sizes that
-    do not divide, across dtypes, and in a child forked after the parent used them
-    (the parent's threads are not there: it must not wait for them)."""
+    do not divide, across dtypes, from threads at once, and in a child forked after the
+    parent used them (the parent's threads are not there: it must not wait for them)."""
+    splits: list[int] = []
+    split_memmove = shm._split_memmove
+    monkeypatch.setattr(shm, "_split_memmove", lambda d, s, n: (splits.append(n), split_memmove(d, s, n)))
+    with Client(server.target, shared_above=0) as c:  # the client's own copies go this way
+        x, y = torch.randn((5 << 20) // 4 + 3), torch.randn((5 << 20) // 4 + 3)
+        r = c.execute_detailed(key, [x, y])
+        assert r.transport == "shm"
+        assert all(torch.equal(a, b) for a, b in zip(r.stack, _mix(x, y)))
+    assert splits.count(x.numel() * 4) == 2
+    monkeypatch.undo()
+    sources = [torch.frombuffer(bytearray(os.urandom((9 << 20) + i)), dtype=torch.uint8) for i in range(6)]
+    outs = [torch.zeros_like(t) for t in sources]
+    threads = [threading.Thread(target=shm.copy_into, args=(o, t, True)) for o, t in zip(outs, sources)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(o, t) for o, t in zip(outs, sources))
     for n in (1, shm.SPLIT_FROM - 1, shm.SPLIT_FROM, shm.SPLIT_FROM + 3, (17 << 20) + 5, (65 << 20) + 1):
         src = torch.frombuffer(bytearray(os.urandom(n)), dtype=torch.uint8)
         dst = torch.frombuffer(bytearray(n), dtype=torch.uint8)

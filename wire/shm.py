@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,27 +172,52 @@ _MEMMOVE_MAX = 64 << 20
 # 8.4 to 11.4 ms with it, and to 8.2 ms with these threads, which sleep when idle).
 SPLIT_FROM = 4 << 20
 _SPLIT_WAYS = 4
-_splitter: tuple[int, ThreadPoolExecutor] | None = None
+_splitter: ThreadPoolExecutor | None = None
 _splitter_lock = threading.Lock()
 
 
+def _forget_splitter() -> None:
+    """In a forked child: the parent's threads are not here, and its lock may be held."""
+    global _splitter, _splitter_lock
+    _splitter, _splitter_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_splitter)
+
+
 def _split_memmove(dst: int, src: int, nbytes: int) -> None:
-    """memmove in up to _SPLIT_WAYS pieces at once (ctypes releases the GIL)."""
+    """memmove in up to _SPLIT_WAYS pieces at once (ctypes releases the GIL). The caller
+    copies the first piece, then each other one that no thread has started yet (another
+    caller's pieces may hold them: it never waits behind those), and returns only once
+    every piece is done, whatever interrupts it: no piece writes after it returns."""
     global _splitter
     ways = min(_SPLIT_WAYS, os.cpu_count() or 1)
-    if ways < 2:
-        ctypes.memmove(dst, src, nbytes)
-        return
-    with _splitter_lock:
-        # A forked child has the executor but not its threads: one of its own.
-        if _splitter is None or _splitter[0] != os.getpid():
-            _splitter = (os.getpid(), ThreadPoolExecutor(ways - 1, thread_name_prefix="fuseport-copy"))
-        pool = _splitter[1]
     step = -(-nbytes // ways)
-    rest = [pool.submit(ctypes.memmove, dst + o, src + o, min(step, nbytes - o)) for o in range(step, nbytes, step)]
-    ctypes.memmove(dst, src, step)
-    for f in rest:
-        f.result()
+    pieces: list[tuple[Future[Any], int]] = []
+    if ways > 1:
+        with _splitter_lock:
+            if _splitter is None:
+                _splitter = ThreadPoolExecutor(ways - 1, thread_name_prefix="fuseport-copy")
+            pool = _splitter
+        try:
+            for o in range(step, nbytes, step):
+                pieces.append((pool.submit(ctypes.memmove, dst + o, src + o, min(step, nbytes - o)), o))
+        except RuntimeError:  # the interpreter is shutting down: the rest is copied here
+            pass
+    try:
+        done = step + len(pieces) * step
+        ctypes.memmove(dst, src, min(step, nbytes))
+        if done < nbytes:
+            ctypes.memmove(dst + done, src + done, nbytes - done)
+    finally:
+        started = []
+        for f, o in pieces:
+            if f.cancel():
+                ctypes.memmove(dst + o, src + o, min(step, nbytes - o))
+            else:
+                started.append(f)
+        for f in started:
+            f.result()
 
 
 def copy_into(dst: torch.Tensor, src: torch.Tensor, split: bool = False) -> None:

@@ -32,6 +32,7 @@ from fuseport.server.compile.interface import (
     short_error,
 )
 from fuseport.server.compile.standalone import StandaloneCompiler
+from fuseport.server.compile.torch_config import set_compile_threads
 
 if TYPE_CHECKING:
     from fuseport.server.artifacts import ArtifactCache
@@ -52,8 +53,10 @@ def make_compiler(
 ) -> Compiler:
     """The settings' strategy: "standalone" (needs the artifact cache) or "inprocess".
     `budget`: --max-call-seconds (0: none), which bounds the compile worker's test runs;
-    `threads`: --compile-threads, Inductor's compile processes."""
+    `threads`: --compile-threads, Inductor's compile processes, in the worker and (for
+    torch.compile in process, whichever thread compiles) in this process."""
+    set_compile_threads(threads)
     if strategy == "inprocess":
-        return InProcessCompiler(placement, mode, threads)
+        return InProcessCompiler(placement, mode)
     assert artifacts is not None
     return StandaloneCompiler(placement, mode, artifacts, timeout, budget, threads)

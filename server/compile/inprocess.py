@@ -26,10 +26,9 @@ class InProcessCompiler(Compiler):
 
     name = "torch.compile (in-process)"
 
-    def __init__(self, placement: Placement, mode: str, threads: int = 1) -> None:
+    def __init__(self, placement: Placement, mode: str) -> None:
         self.placement = placement
         self.mode = mode
-        self.threads = threads  # Inductor's compile processes (--compile-threads)
 
     def compile(self, job: Job, sample: list[Any], receive: Callable[[], None]) -> Compiled:
         prepare_inductor()
@@ -41,15 +40,12 @@ class InProcessCompiler(Compiler):
         built = job.variant.module
         module = torch.fx.GraphModule(built, copy.deepcopy(built.graph))
         mode = None if self.mode == "default" else self.mode
-        import torch._inductor.config as inductor_config
         from torch._inductor.graph import GraphLowering
 
         try:
             with (
                 TRACE_LOCK,
                 mock.patch.object(GraphLowering, "save_output_code", sources.append),
-                # A pool of compile processes in the serving process itself: only if asked.
-                inductor_config.patch(compile_threads=self.threads),
                 self.placement.request_scope(),
             ):
                 # Inside the lock too: torch.compile made while another thread

@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-__all__ = ["CACHE_TAG", "EAGER_KERNELS", "configure_compiler", "prepare_inductor"]
+__all__ = ["CACHE_TAG", "EAGER_KERNELS", "configure_compiler", "prepare_inductor", "set_compile_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,16 @@ EAGER_KERNELS = (
 CACHE_TAG = "fuseport-kernels-4"
 _prepared = False
 _prepare_lock = threading.Lock()
+# Inductor's compile processes (--compile-threads), for every thread of this process
+# (configure_compiler applies it): Inductor's settings are per thread, and each entry
+# into its Dynamo backend on a thread whose setting is over 1 starts its pool.
+_compile_threads = 1
+
+
+def set_compile_threads(threads: int) -> None:
+    """The process's --compile-threads, applied by configure_compiler on each thread."""
+    global _compile_threads
+    _compile_threads = threads
 
 # How Inductor's generated Python binding calls a C++ kernel (CPU): the
 # arguments are read from their Python objects first, with the GIL, then the
@@ -82,8 +92,14 @@ def configure_compiler() -> None:
     is not seen by another, so every thread that compiles or calls a compiled
     kernel (where a guard failure recompiles) runs this first; it costs one read
     when the settings are already in place."""
-    if torch._dynamo.config.specialize_float:
+    import torch._inductor.config as inductor_config
+
+    if torch._dynamo.config.specialize_float and inductor_config.compile_threads == _compile_threads:
         return
+    # Inductor's own default is a pool of min(32, cores) processes, each importing torch
+    # and Triton as it starts (fuseport's earlier min(8, cores // 2) kept 1.3-2 cores of the
+    # H100 machine busy after a server started: docs/perf.md).
+    inductor_config.compile_threads = _compile_threads
     # A guard failure past the recompile limit must raise, not silently run
     # eager code that we would report as FUSED.
     torch._dynamo.config.fail_on_recompile_limit_hit = True

@@ -154,13 +154,15 @@ def _worker_main(conn: Connection, threads: int = 1) -> None:
     with contextlib.suppress(OSError):
         os.nice(10)
     if not fault:  # a worker that only crashes or hangs need not spend seconds on imports
-        from fuseport.server.compile.torch_config import configure_compiler, prepare_inductor
+        from fuseport.server.compile.torch_config import (
+            configure_compiler,
+            prepare_inductor,
+            set_compile_threads,
+        )
 
+        set_compile_threads(threads)
         prepare_inductor()
         configure_compiler()
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = threads
         _warm_up()
     from fuseport.server.compile.build import EagerRefuses, compile_job
 

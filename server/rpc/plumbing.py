@@ -203,7 +203,7 @@ class Plumbing:
         per_identity: int | None = None,
         max_waiting: int = 64,
         busy_poll_us: int = 0,
-        warm: Callable[[], None] | None = None,
+        warm: Callable[[], bool] | None = None,
         warm_every_us: int = 0,
     ) -> None:
         """`per_identity`: the most workers one identity's calls hold at once

@@ -24,9 +24,8 @@ polling and 40-70% more server CPU per call, and a streamed call is many message
 
 On a CUDA server a poll also keeps the GPU from idling (`warm`, --busy-poll-gpu-us):
 every so often a turn queues a one-element kernel on the loop's stream, never waited
-for. On the H100 a small call's device round trip took 43 us back to back, 197 us after
-2 ms of idle with the CPU spinning, and 62 us when the spin also queued such a kernel every
-200 us (scripts/cuda_small_call.py): the price of an idle gap is the GPU's, not the CPU's."""
+for: the price a small call pays after an idle gap is the GPU's, not the CPU's (docs/perf.md,
+"the price of an idle GPU", scripts/cuda_small_call.py)."""
 
 from __future__ import annotations
 
@@ -53,11 +52,11 @@ class BusyPoll:
         self,
         max_us: int,
         clock: Callable[[], float] = time.monotonic,
-        warm: Callable[[], None] | None = None,
+        warm: Callable[[], bool] | None = None,
         warm_every_us: int = 0,
     ) -> None:
         """`warm`, with `warm_every_us`: called every `warm_every_us` while polling (the
-        device's keep-warm kernel, see the module doc)."""
+        device's keep-warm kernel, see the module doc); it says whether it queued one."""
         self.clock = clock
         self.warm = warm if warm_every_us else None
         self.warm_every = warm_every_us / 1e6 if self.warm is not None else 0.0  # 0: never (a CPU server)
@@ -124,9 +123,9 @@ class BusyPoll:
                 self.started = now
             if self.warm is not None and now >= self.next_warm:
                 self.next_warm = now + self.warm_every
-                self.warmed += 1
                 try:
-                    self.warm()
+                    if self.warm():
+                        self.warmed += 1
                 except Exception as e:  # a device that faulted: the poll goes on without it
                     log.warning("the busy poll stops keeping the GPU warm: %s", e)
                     self.warm = None
