@@ -935,11 +935,12 @@ class _Base:
         session.cuda_outputs = False
 
     @staticmethod
-    def _shared_read(session: SharedSession, result: ExecuteResult, by_cuda: bool) -> ExecuteResult:
+    def _shared_read(session: SharedSession, result: ExecuteResult, device_to_device: bool) -> ExecuteResult:
         """The result with its tensors over the slot's region (or copied out of it,
         from a server without `fresh_outputs`; results in the slot's device region
-        copied out of it); blocks until the region is here."""
-        transport = "cuda_ipc" if by_cuda or _on_device(result.stack) else "shm"
+        copied out of it); blocks until the region is here. `device_to_device`: CUDA
+        inputs went by handle or results came in the device region (transport "cuda_ipc")."""
+        transport = "cuda_ipc" if device_to_device else "shm"
         return dataclasses.replace(result, stack=session.read(result.stack), transport=transport)
 
     def _shared_abandoned(self, session: SharedSession, e: BaseException) -> None:
@@ -1098,15 +1099,16 @@ class _Base:
                     raise
                 self._no_cuda_ipc(session, e)  # the server could not open an input's handle: nothing ran
                 continue
+            on_device = _on_device(result.stack)
             try:
-                if session.views and not _on_device(result.stack):
+                if session.views and not on_device:
                     # Only the wait for the regions blocks; the tensors over them are made here, not
                     # handed back through a thread's future (a worker that has not yet dropped it
                     # would keep them alive, and the region from being written again).
                     yield _Blocking(session.wait_outputs, (result.stack,))
                     return self._shared_read(session, result, by_cuda)
                 # Results on the device are copies of the caller's own, made (and waited for) off the loop.
-                return (yield _Blocking(self._shared_read, (session, result, by_cuda)))
+                return (yield _Blocking(self._shared_read, (session, result, by_cuda or on_device)))
             except CudaIpcUnavailable as e:
                 if not shared.cuda:
                     raise

@@ -228,11 +228,9 @@ class SharedSession:
         return shm.replace(stack, put, torch.Tensor), bool(exports)
 
     def empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
-        """A tensor of `shape` and `dtype` in a region of its own, handed to the server;
-        None where the server takes no more regions (its count, less what the slots need,
-        or the session's budget)."""
-        if dtypes.code_for(dtype) is None:
-            raise InvalidStack(f"dtype {dtype} cannot travel on the wire")
+        """A tensor of `shape` and `dtype` (one the wire carries: Client's `_empty` checks)
+        in a region of its own, handed to the server; None where the server takes no more
+        regions (its count, less what the slots need, or the session's budget)."""
         with self._lend:  # reserved first: threads making tensors at once stay within the count
             if len(self._owned) + self._owning >= shm.MAX_REGIONS - SLOTS:
                 return None  # the slots' input regions must still fit the server's count
